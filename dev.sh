@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# edgewise developer entry point: the README's two commands.
+#   ./dev.sh demo [edgewise demo options]   set up and run the demo
+#   ./dev.sh test [pytest options]          set up and run lint, type checks and the tests
+# Set-up is automatic and idempotent: a virtualenv in .venv with the project installed, and for
+# the tests the Mosquitto broker and clients (from Debian's packages when running as root).
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV="${EDGEWISE_VENV:-.venv}"
+
+die() { echo "dev.sh: $*" >&2; exit 2; }
+
+pick_python() {
+  for py in "${PYTHON:-}" python3.13 python3.12 python3.11 python3; do
+    [ -n "$py" ] || continue
+    if command -v "$py" >/dev/null 2>&1 &&
+       "$py" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; then
+      echo "$py"; return 0
+    fi
+  done
+  die "Python 3.11 or newer is required (apt-get install python3)"
+}
+
+apt_install() {
+  if [ "$(id -u)" -ne 0 ]; then return 1; fi
+  command -v apt-get >/dev/null 2>&1 || return 1
+  echo "dev.sh: installing $* from the distribution's packages" >&2
+  if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null 2>&1; then
+    apt-get update -qq >/dev/null 2>&1 || true
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+  fi
+}
+
+ensure_venv() {
+  local extras="$1" py stamp want
+  if [ ! -x "$VENV/bin/python" ]; then
+    py=$(pick_python)
+    if ! "$py" -m venv "$VENV" >/dev/null 2>&1; then
+      rm -rf "$VENV"
+      apt_install python3-venv || die "cannot create a virtualenv: apt-get install python3-venv"
+      "$py" -m venv "$VENV"
+    fi
+  fi
+  stamp="$VENV/.edgewise-installed"
+  want="$(cat pyproject.toml | sha256sum | cut -c1-16) $extras"
+  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    echo "dev.sh: installing edgewise${extras:+[$extras]} into $VENV" >&2
+    "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+    "$VENV/bin/python" -m pip install -q -e ".${extras:+[$extras]}"
+    echo "$want" > "$stamp"
+  fi
+}
+
+ensure_mosquitto() {
+  if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then
+    command -v mosquitto_pub >/dev/null 2>&1 && return 0
+  fi
+  apt_install mosquitto mosquitto-clients ||
+    die "the tests need Mosquitto: run 'sudo apt-get install mosquitto mosquitto-clients'"
+}
+
+cmd="${1:-}"; [ $# -gt 0 ] && shift
+case "$cmd" in
+  demo)
+    ensure_venv ""
+    exec "$VENV/bin/edgewise" demo "$@"
+    ;;
+  test)
+    ensure_venv "test"
+    ensure_mosquitto
+    export PATH="$PATH:/usr/sbin"
+    "$VENV/bin/ruff" check .
+    "$VENV/bin/mypy"
+    exec "$VENV/bin/python" -m pytest "$@"
+    ;;
+  *)
+    echo "usage: ./dev.sh demo [options] | ./dev.sh test [pytest options]" >&2
+    exit 2
+    ;;
+esac

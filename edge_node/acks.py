@@ -1,0 +1,56 @@
+"""Acknowledge received QoS 1 messages in arrival order, once each is finished.
+
+MQTT requires PUBACKs in the order the PUBLISH packets arrived. A frame is finished when its
+result has been acknowledged upstream, or at once when it is rejected; a finished frame behind an
+unfinished one waits. Messages from a connection that has since dropped are forgotten: the broker
+redelivers them on the next connection (persistent session).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from mqtt_session import Inbound, MqttSession
+
+
+class Ticket:
+    __slots__ = ("done", "message")
+
+    def __init__(self, message: Inbound) -> None:
+        self.message = message
+        self.done = False
+
+
+class InOrderAcker:
+    def __init__(self, session: MqttSession) -> None:
+        self._session = session
+        self._queue: deque[Ticket] = deque()
+        self.acked = 0
+
+    def track(self, message: Inbound) -> Ticket:
+        ticket = Ticket(message)
+        if message.qos > 0:
+            self._queue.append(ticket)
+        return ticket
+
+    def finish(self, ticket: Ticket) -> None:
+        ticket.done = True
+        self._flush()
+
+    def finish_all(self, tickets: list[Ticket]) -> None:
+        for t in tickets:
+            t.done = True
+        self._flush()
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._queue)
+
+    def _flush(self) -> None:
+        q = self._queue
+        current = self._session.connection
+        while q and (q[0].done or q[0].message.connection != current):
+            t = q.popleft()
+            if t.message.connection == current:
+                self._session.ack(t.message)
+                self.acked += 1

@@ -1,0 +1,81 @@
+"""Micro-batching: gather items until the batch is full or the oldest has waited long enough.
+
+While one batch is being processed, new items keep arriving, so under load batches grow by
+themselves (up to ``max_batch_size``) and the fixed wait only applies when traffic is light.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class MicroBatcher(Generic[T]):
+    def __init__(
+        self,
+        process: Callable[[list[T]], Awaitable[None]],
+        *,
+        max_batch_size: int,
+        max_wait_s: float,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        self._process = process
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self._items: deque[T] = deque()
+        self._first_at = 0.0
+        self._nonempty = asyncio.Event()
+        self._full = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.batches = 0
+        self.items = 0
+
+    def add(self, item: T) -> None:
+        if not self._items:
+            self._first_at = time.monotonic()
+            self._nonempty.set()
+        self._items.append(item)
+        self._idle.clear()
+        if len(self._items) >= self.max_batch_size:
+            self._full.set()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    async def wait_idle(self) -> None:
+        """Return once every added item has been processed."""
+        await self._idle.wait()
+
+    async def run(self) -> None:
+        while True:
+            await self._nonempty.wait()
+            if len(self._items) < self.max_batch_size and self.max_wait_s > 0:
+                deadline = self._first_at + self.max_wait_s
+                delay = deadline - time.monotonic()
+                if delay > 0:
+                    try:
+                        async with asyncio.timeout(delay):
+                            await self._full.wait()
+                    except TimeoutError:
+                        pass
+            n = min(len(self._items), self.max_batch_size)
+            batch = [self._items.popleft() for _ in range(n)]
+            if self._items:
+                self._first_at = time.monotonic()
+                if len(self._items) < self.max_batch_size:
+                    self._full.clear()
+            else:
+                self._nonempty.clear()
+                self._full.clear()
+            self.batches += 1
+            self.items += n
+            await self._process(batch)
+            if not self._items:
+                self._idle.set()

@@ -1,0 +1,204 @@
+"""The edge node's settings: typed, frozen, from a TOML file and ``EDGEWISE_*`` variables.
+
+Precedence, highest first: explicit overrides (command-line flags), environment variables
+(``EDGEWISE_NODE_ID``, ``EDGEWISE_MQTT__HOST``, ``EDGEWISE_BATCHING__MAX_BATCH_SIZE``, ... — ``__``
+separates nested keys), the TOML file, defaults. An invalid or unknown key fails at start with a
+message naming it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from edge_node.errors import ConfigError
+from mqtt_session import MqttConfig
+from schemas import ContractError, Limits, Topics, validate_filter, validate_level
+
+_FROZEN = ConfigDict(frozen=True, extra="forbid")
+_S = TypeVar("_S", bound=BaseSettings)
+
+
+def bundled_asset(name: str) -> Path:
+    """Path of a file shipped in ``edgewise/assets`` (the demo model and held-out frames)."""
+    import edgewise.assets as assets
+
+    return Path(assets.__file__).parent / name
+
+
+class ModelConfig(BaseModel):
+    model_config = _FROZEN
+
+    path: Path | None = Field(None, description="model file; empty = the bundled digits model")
+    name: str = "digits"
+    release: int = Field(1, ge=0)
+    output: Literal["probabilities", "logits"] = "probabilities"
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    intra_op_threads: int = Field(1, ge=1, le=64)
+
+    def resolved_path(self) -> Path:
+        return self.path if self.path is not None else bundled_asset("digits_edge.onnx")
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_topic_level(cls, v: str) -> str:
+        return _level(v)
+
+
+class BatchingConfig(BaseModel):
+    model_config = _FROZEN
+
+    max_batch_size: int = Field(64, ge=1, le=4096)
+    max_wait_ms: float = Field(1.0, ge=0, le=1000)
+
+
+class LimitsConfig(BaseModel):
+    model_config = _FROZEN
+
+    max_payload_bytes: int = Field(1_048_576, ge=64, le=64 * 1_048_576)
+    max_tensor_elements: int = Field(262_144, ge=1)
+    max_rank: int = Field(4, ge=1, le=8)
+    max_str_len: int = Field(128, ge=8, le=4096)
+
+    def to_limits(self) -> Limits:
+        return Limits(
+            max_payload_bytes=self.max_payload_bytes,
+            max_tensor_elements=self.max_tensor_elements,
+            max_rank=self.max_rank,
+            max_str_len=self.max_str_len,
+        )
+
+
+class TopicsConfig(BaseModel):
+    model_config = _FROZEN
+
+    sensors_root: str = "sensors"
+    edge_root: str = "edge"
+    cloud_root: str = "cloud"
+    fleet_root: str = "fleet"
+    models_root: str = "models"
+    subscriptions: tuple[str, ...] = Field(
+        (), description="sensor topic filters; empty = {sensors_root}/+/+"
+    )
+
+    @field_validator("subscriptions")
+    @classmethod
+    def _filters(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for f in v:
+            try:
+                validate_filter(f)
+            except ContractError as exc:
+                raise ValueError(exc.detail) from None
+        return v
+
+    def to_topics(self) -> Topics:
+        return Topics(
+            sensors_root=self.sensors_root,
+            edge_root=self.edge_root,
+            cloud_root=self.cloud_root,
+            fleet_root=self.fleet_root,
+            models_root=self.models_root,
+        )
+
+    def sensor_filters(self) -> tuple[str, ...]:
+        return self.subscriptions or (self.to_topics().sensor_filter(),)
+
+
+def _level(v: str) -> str:
+    try:
+        return validate_level(v)
+    except ContractError as exc:
+        raise ValueError(exc.detail) from None
+
+
+class NodeConfig(BaseSettings):
+    """Everything an edge node needs; see ``docs/configuration.md`` for each key."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="EDGEWISE_",
+        env_nested_delimiter="__",
+        frozen=True,
+        extra="forbid",
+    )
+
+    node_id: str = Field(default_factory=lambda: socket.gethostname().split(".")[0] or "node")
+    mqtt: MqttConfig = MqttConfig()
+    model: ModelConfig = ModelConfig()
+    batching: BatchingConfig = BatchingConfig()
+    limits: LimitsConfig = LimitsConfig()
+    topics: TopicsConfig = TopicsConfig()
+    results_encoding: Literal["msgpack", "json"] = Field(
+        "msgpack", description="wire format of result batches; json for plain MQTT tools"
+    )
+    deadletter_max_per_s: float = Field(
+        100.0, ge=0, description="dead letters published per second"
+    )
+    drain_timeout_s: float = Field(10.0, gt=0, le=600)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("node_id")
+    @classmethod
+    def _node_id(cls, v: str) -> str:
+        return _level(v)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    @classmethod
+    def load(cls, path: Path | str | None = None, **overrides: Any) -> NodeConfig:
+        """Read settings; raise :class:`ConfigError` naming the bad key."""
+        return load_settings(cls, path, overrides)
+
+
+def load_settings(cls: type[_S], path: Path | str | None, overrides: dict[str, Any]) -> _S:
+    """Instantiate a settings class from an optional TOML file, the environment and overrides."""
+    source = "defaults and EDGEWISE_* variables"
+    target: type[_S] = cls
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist (pass --config PATH)")
+        source = f"{path} and EDGEWISE_* variables"
+        target = type(
+            cls.__name__, (cls,), {"model_config": {**cls.model_config, "toml_file": path}}
+        )
+    try:
+        return target(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, source)) from None
+    except (OSError, ValueError) as exc:  # unreadable or malformed TOML
+        raise ConfigError(f"cannot read config {path}: {exc}") from None
+
+
+def _explain(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration (from {source}):"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        env = "EDGEWISE_" + "__".join(str(p).upper() for p in err["loc"])
+        given = err.get("input")
+        shown = "" if isinstance(given, dict) else f" (got {given!r})"
+        lines.append(f"  {key}: {err['msg']}{shown}  [set it in the file or with {env}]")
+    return "\n".join(lines)
+
+
+def env_names() -> list[str]:
+    """The EDGEWISE_* variables currently set (for diagnostics)."""
+    return sorted(k for k in os.environ if k.startswith("EDGEWISE_"))

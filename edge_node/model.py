@@ -1,0 +1,69 @@
+"""The model a node serves: a runtime backend plus its name, release and output kind."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from edge_node.errors import ModelLoadError
+from edge_node.runtime import Runtime, RuntimeLoadError, load_runtime
+from edge_node.verdict import finite_rows, verdicts
+from schemas import ContractError
+
+
+@dataclass(slots=True)
+class Prediction:
+    labels: np.ndarray
+    confidences: np.ndarray
+    finite: np.ndarray
+
+
+class ServedModel:
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        name: str,
+        release: int,
+        output: Literal["probabilities", "logits"],
+    ) -> None:
+        self.runtime = runtime
+        self.name = name
+        self.release = release
+        self.output: Literal["probabilities", "logits"] = output
+        self._dtype = runtime.input_spec.dtype
+
+    @classmethod
+    def load(
+        cls,
+        path: str,
+        *,
+        name: str,
+        release: int,
+        output: Literal["probabilities", "logits"],
+        providers: tuple[str, ...],
+        intra_op_threads: int,
+    ) -> ServedModel:
+        try:
+            runtime = load_runtime(path, providers=providers, intra_op_threads=intra_op_threads)
+        except RuntimeLoadError as exc:
+            raise ModelLoadError(f"cannot load model {path}: {exc}") from exc
+        return cls(runtime, name=name, release=release, output=output)
+
+    def check(self, sample: np.ndarray) -> None:
+        """Raise ContractError if one input sample does not fit the model's input."""
+        problem = self.runtime.input_spec.accepts(sample)
+        if problem is not None:
+            raise ContractError(
+                "bad_dtype" if sample.dtype != self._dtype else "bad_shape", problem
+            )
+
+    def predict(self, batch: np.ndarray) -> Prediction:
+        scores = self.runtime.run(batch)
+        labels, confidences = verdicts(scores, self.output)
+        return Prediction(labels, confidences, finite_rows(scores))
+
+    def close(self) -> None:
+        self.runtime.close()

@@ -1,0 +1,320 @@
+"""The edge node: sensor frames in, local inference, result batches out.
+
+Per frame: parse the topic, decode and validate the frame (size cap first), check it fits the
+model, micro-batch, run the model on an inference thread, publish one results message per batch
+(QoS 1), and acknowledge the frames to the broker, in arrival order, once the broker has
+acknowledged their results. Anything that breaks the contract is dead-lettered and acknowledged
+at once; nothing from the network can stop the node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Literal, Self
+
+import numpy as np
+
+from edge_node.acks import InOrderAcker, Ticket
+from edge_node.batcher import MicroBatcher
+from edge_node.config import NodeConfig
+from edge_node.deadletter import DeadLetters
+from edge_node.model import ServedModel
+from mqtt_session import (
+    ConnectInfo,
+    Inbound,
+    MqttError,
+    MqttSession,
+    PublishRejected,
+    Will,
+)
+from schemas import (
+    ContractError,
+    Frame,
+    Result,
+    ResultBatch,
+    Status,
+    decode_frame,
+    encode_results,
+    encode_status,
+    new_id,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Pending:
+    ticket: Ticket
+    device: str
+    sensor: str
+    frame: Frame
+
+
+@dataclass(slots=True)
+class NodeStats:
+    """Counters since start; a snapshot is cheap to take."""
+
+    frames_in: int = 0
+    frames_ignored_draining: int = 0
+    results_out: int = 0
+    results_acked: int = 0
+    result_messages: int = 0
+    publish_failures: int = 0
+    inference_errors: int = 0
+    rejects: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def rejected(self) -> int:
+        return sum(self.rejects.values())
+
+
+class EdgeNode:
+    """An edge node bound to one broker; use as ``async with EdgeNode(config) as node``."""
+
+    def __init__(self, config: NodeConfig, *, model: ServedModel | None = None) -> None:
+        self.config = config
+        self.node_id = config.node_id
+        self.topics = config.topics.to_topics()
+        self.limits = config.limits.to_limits()
+        self._model = model
+        self.boot_id = str(uuid.uuid4())
+        self.stats = NodeStats()
+        self.state: Literal["online", "offline", "degraded"] = "online"
+        self.reasons: list[str] = []
+        self._seq = 0
+        self._results_as_json = config.results_encoding == "json"
+        self._draining = False
+        self._results_in_flight: set[asyncio.Future[None]] = set()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._tasks: asyncio.TaskGroup | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self.session = MqttSession(
+            config.mqtt,
+            client_id=f"edgewise-node-{self.node_id}",
+            on_message=self._on_message,
+            on_connect=self._on_connect,
+            will=Will(
+                self.topics.status(self.node_id),
+                self._status_payload("offline", ["connection_lost"]),
+            ),
+        )
+        self._acker = InOrderAcker(self.session)
+        self._batcher: MicroBatcher[_Pending] = MicroBatcher(
+            self._process,
+            max_batch_size=config.batching.max_batch_size,
+            max_wait_s=config.batching.max_wait_ms / 1000.0,
+        )
+        self.deadletters = DeadLetters(
+            self.node_id,
+            self.topics.deadletter(self.node_id),
+            self._publish_quietly,
+            max_per_s=config.deadletter_max_per_s,
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def model(self) -> ServedModel:
+        assert self._model is not None, "the node's model is loaded on entering the context"
+        return self._model
+
+    async def __aenter__(self) -> Self:
+        if self._model is None:
+            m = self.config.model
+            self._model = ServedModel.load(
+                str(m.resolved_path()),
+                name=m.name,
+                release=m.release,
+                output=m.output,
+                providers=m.providers,
+                intra_op_threads=m.intra_op_threads,
+            )
+        log.info(
+            "node %s serving %s release %d on %s (%s)",
+            self.node_id,
+            self.model.name,
+            self.model.release,
+            self.model.runtime.name,
+            self.model.runtime.provider,
+        )
+        await self.session.__aenter__()
+        for f in self.config.topics.sensor_filters():
+            self.session.subscribe(f, qos=1)
+        self._runner = asyncio.create_task(self._batcher.run(), name="edge-node-batcher")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+        await self.session.__aexit__(exc_type, exc, tb)
+        self._pool.shutdown(wait=True)
+        if self._model is not None:
+            self._model.close()
+
+    async def drain(self, timeout_s: float | None = None) -> bool:
+        """Stop taking frames, finish the ones in hand, say offline; True if all finished in time.
+
+        Frames that arrive from now on are left unacknowledged: the broker keeps them in the
+        node's persistent session and redelivers them when the node comes back.
+        """
+        self._draining = True
+        timeout_s = self.config.drain_timeout_s if timeout_s is None else timeout_s
+        finished = True
+        try:
+            async with asyncio.timeout(timeout_s):
+                await asyncio.shield(self._finish_in_flight())
+        except TimeoutError:
+            finished = False
+            log.warning(
+                "drain timed out after %.1f s; unfinished frames will be redelivered", timeout_s
+            )
+        if self.session.connected:
+            with contextlib.suppress(MqttError, TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await self.session.publish(
+                        self.topics.status(self.node_id),
+                        self._status_payload("offline", ["shutdown"]),
+                        retain=True,
+                    )
+        return finished
+
+    async def _finish_in_flight(self) -> None:
+        await self._batcher.wait_idle()
+        while self._results_in_flight:
+            await asyncio.gather(*list(self._results_in_flight), return_exceptions=True)
+
+    # ------------------------------------------------------------------ status
+    def _status_payload(
+        self, state: Literal["online", "offline", "degraded"], reasons: list[str]
+    ) -> bytes:
+        m = self._model
+        return encode_status(
+            Status(
+                node=self.node_id,
+                state=state,
+                ts=time.time(),
+                reasons=reasons,
+                model=m.name if m else self.config.model.name,
+                release=m.release if m else self.config.model.release,
+                runtime=m.runtime.name if m else None,
+                provider=m.runtime.provider if m else None,
+                boot_id=self.boot_id,
+            )
+        )
+
+    async def _on_connect(self, info: ConnectInfo) -> None:
+        await self.session.publish(
+            self.topics.status(self.node_id),
+            self._status_payload(self.state, self.reasons),
+            retain=True,
+        )
+
+    # ------------------------------------------------------------------ hot path
+    def _on_message(self, msg: Inbound) -> None:
+        if self._draining:
+            self.stats.frames_ignored_draining += 1
+            return
+        self.stats.frames_in += 1
+        ticket = self._acker.track(msg)
+        try:
+            device, sensor = self.topics.parse_sensor(msg.topic)
+            frame = decode_frame(msg.payload, self.limits)
+            self.model.check(frame.tensor)
+        except ContractError as exc:
+            self._reject(msg, exc.reason, exc.detail)
+            self._acker.finish(ticket)
+            return
+        self._batcher.add(_Pending(ticket, device, sensor, frame))
+
+    def _reject(self, msg: Inbound, reason: str, detail: str) -> None:
+        self.stats.rejects[reason] += 1
+        self.deadletters.reject(msg.topic, msg.payload, reason, detail)
+
+    async def _process(self, batch: list[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        model = self.model
+        try:
+            inputs = np.stack([p.frame.tensor for p in batch])
+            pred = await loop.run_in_executor(self._pool, model.predict, inputs)
+        except Exception as exc:  # a runtime failure must not stop the node
+            self.stats.inference_errors += 1
+            log.exception("inference failed on a batch of %d", len(batch))
+            for p in batch:
+                self._reject(p.ticket.message, "inference_failed", f"{type(exc).__name__}: {exc}")
+            self._acker.finish_all([p.ticket for p in batch])
+            return
+        now = time.monotonic()
+        results: list[Result] = []
+        tickets: list[Ticket] = []
+        rejected: list[Ticket] = []
+        labels = pred.labels.tolist()
+        confidences = pred.confidences.tolist()
+        finite = pred.finite.tolist()
+        for p, label, conf, ok in zip(batch, labels, confidences, finite, strict=True):
+            if not ok:
+                self._reject(p.ticket.message, "non_finite_output", "the model produced NaN or Inf")
+                rejected.append(p.ticket)
+                continue
+            self._seq += 1
+            results.append(
+                Result(
+                    id=new_id(),
+                    seq=self._seq,
+                    device=p.device,
+                    sensor=p.sensor,
+                    frame_seq=p.frame.seq,
+                    frame_ts=p.frame.ts,
+                    model=model.name,
+                    release=model.release,
+                    label=label,
+                    confidence=conf,
+                    source="edge",
+                    latency_ms=(now - p.ticket.message.received_at) * 1000.0,
+                )
+            )
+            tickets.append(p.ticket)
+        if rejected:
+            self._acker.finish_all(rejected)
+        if not results:
+            return
+        payload = encode_results(
+            ResultBatch(node=self.node_id, results=results), as_json=self._results_as_json
+        )
+        fut = self.session.publish_nowait(self.topics.results(self.node_id), payload, qos=1)
+        self.stats.results_out += len(results)
+        self.stats.result_messages += 1
+        self._results_in_flight.add(fut)
+        fut.add_done_callback(lambda f: self._results_settled(f, tickets))
+
+    def _results_settled(self, fut: asyncio.Future[None], tickets: list[Ticket]) -> None:
+        self._results_in_flight.discard(fut)
+        exc = fut.exception()
+        if exc is None:
+            self.stats.results_acked += len(tickets)
+            self._acker.finish_all(tickets)
+        elif isinstance(exc, PublishRejected):
+            # The broker refused the results (e.g. an ACL): retrying cannot help.
+            self.stats.publish_failures += 1
+            log.error("broker refused results on %s: %s", self.topics.results(self.node_id), exc)
+            self._acker.finish_all(tickets)
+        else:
+            # Connection lost: leave the frames unacknowledged; the broker redelivers them.
+            self.stats.publish_failures += 1
+
+    def _publish_quietly(self, topic: str, payload: bytes) -> None:
+        fut = self.session.publish_nowait(topic, payload, qos=1)
+        fut.add_done_callback(lambda f: f.exception())

@@ -1,0 +1,90 @@
+"""The backend-neutral contract every inference runtime implements (ONNX Runtime now; LiteRT and
+Coral Edge TPU later): one input tensor in, one ``[N, C]`` score tensor out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+
+class RuntimeLoadError(Exception):
+    """A model could not be loaded by a backend: missing or unreadable file, not a model, a graph
+    the backend rejects, no usable execution provider, or a model that does not have exactly one
+    tensor input and one tensor output. The message says which, and names the file."""
+
+
+class RuntimeRunError(Exception):
+    """The backend refused or failed one ``run`` call (the batch does not fit the model, or the
+    runtime failed); the runtime stays usable for the next batch."""
+
+
+def format_shape(shape: tuple[int | None, ...]) -> str:
+    """``(8, 8)``, ``(?, 10)``, ``(64,)``: like a tuple, with ``?`` for a dynamic dimension."""
+    dims = ["?" if d is None else str(d) for d in shape]
+    if len(dims) == 1:
+        return f"({dims[0]},)"
+    return f"({', '.join(dims)})"
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """A model input or output: its name, element type and shape.
+
+    ``shape[0]`` is the batch dimension. ``None`` marks a dynamic dimension (the batch is usually
+    dynamic); an integer is fixed.
+    """
+
+    name: str
+    dtype: np.dtype[Any]
+    shape: tuple[int | None, ...]
+
+    @property
+    def sample_shape(self) -> tuple[int | None, ...]:
+        """The shape of one sample: ``shape`` without the batch dimension."""
+        return self.shape[1:]
+
+    def accepts(self, sample: npt.NDArray[Any]) -> str | None:
+        """``None`` if one sample (no batch dimension) fits; otherwise a short reason.
+
+        The dtype must match exactly (no silent casts) and so must every fixed dimension.
+        The dtype is checked first, so a sample wrong in both ways is reported as a dtype problem.
+        """
+        if sample.dtype != self.dtype:
+            return f"dtype {sample.dtype}, model wants {self.dtype}"
+        want = self.sample_shape
+        got: tuple[int, ...] = sample.shape
+        fits = len(got) == len(want) and all(
+            w is None or w == g for g, w in zip(got, want, strict=True)
+        )
+        if not fits:
+            return f"shape {format_shape(got)}, model wants {format_shape(want)}"
+        return None
+
+    def describe(self) -> str:
+        """E.g. ``image float32 (?, 8, 8)``."""
+        return f"{self.name} {self.dtype} {format_shape(self.shape)}"
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    """A loaded model, ready to run batches.
+
+    ``run`` takes a batch ``[N, *input_spec.sample_shape]`` and returns the output ``[N, C]``.
+    One caller at a time: a runtime may be shared between threads as long as calls do not
+    overlap. ``close`` releases the model; ``run`` after ``close`` raises :class:`RuntimeRunError`.
+    """
+
+    name: str
+    """The backend, e.g. ``"onnxruntime"``."""
+    provider: str
+    """The execution provider / delegate that actually serves, e.g. ``"CPUExecutionProvider"``."""
+    input_spec: TensorSpec
+    output_spec: TensorSpec
+
+    def run(self, batch: npt.NDArray[Any]) -> npt.NDArray[Any]: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,223 @@
+"""The ``edgewise`` command: one entry point for every part of the system."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal, NoReturn
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.markup import escape
+
+app = typer.Typer(
+    name="edgewise",
+    help="ML inference at the edge over MQTT.\n\n"
+    "Start with `edgewise demo`: a broker, an edge node and a simulated sensor on this machine.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+sensor_app = typer.Typer(help="Simulated sensors.", no_args_is_help=True)
+app.add_typer(sensor_app, name="sensor")
+
+err = Console(stderr=True)
+
+BrokerOpt = Annotated[
+    str,
+    typer.Option(
+        "--broker", "-b", help="Broker URL, mqtt://HOST[:PORT].", envvar="EDGEWISE_BROKER"
+    ),
+]
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    """Print ``error: message`` (verbatim: no markup, no hard wrapping) and exit with ``code``."""
+    err.print(f"[red]error:[/] {escape(message)}", soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(message)s",
+        datefmt="%H:%M:%S",
+        handlers=[RichHandler(console=err, show_path=False, rich_tracebacks=False)],
+        force=True,
+    )
+
+
+def _mqtt(url: str) -> Any:
+    from local_broker import parse_broker_url
+    from mqtt_session import MqttConfig
+
+    try:
+        host, port = parse_broker_url(url)
+    except ValueError as exc:
+        _fail(str(exc))
+    return MqttConfig(host=host, port=port)
+
+
+@app.command()
+def node(
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="Node config (TOML). See docs/configuration.md."),
+    ] = None,
+    broker: Annotated[
+        str | None,
+        typer.Option("--broker", "-b", help="Override mqtt.host/port: mqtt://HOST[:PORT]."),
+    ] = None,
+    node_id: Annotated[str | None, typer.Option("--node-id", help="Override node_id.")] = None,
+) -> None:
+    """Run an edge node: subscribe to sensor frames, infer locally, publish results.
+
+    Settings come from --config, then EDGEWISE_* environment variables (nested keys joined with
+    `__`, e.g. EDGEWISE_MQTT__HOST), then these flags. SIGTERM drains in-flight frames and exits 0.
+    """
+    from edge_node.config import NodeConfig
+    from edge_node.errors import EdgeNodeError
+    from edge_node.service import run_node
+
+    overrides: dict[str, Any] = {}
+    if node_id:
+        overrides["node_id"] = node_id
+    try:
+        cfg = NodeConfig.load(config, **overrides)
+        if broker:
+            m = _mqtt(broker)
+            cfg = cfg.model_copy(
+                update={"mqtt": cfg.mqtt.model_copy(update={"host": m.host, "port": m.port})}
+            )
+        _logging(cfg.log_level)
+        code = asyncio.run(run_node(cfg))
+    except EdgeNodeError as exc:
+        _fail(str(exc))
+    raise typer.Exit(code)
+
+
+@app.command()
+def demo(
+    duration: Annotated[
+        float, typer.Option("--duration", "-d", min=1, help="Seconds of sensor traffic.")
+    ] = 15.0,
+    rate: Annotated[float, typer.Option("--rate", "-r", min=1, help="Frames per second.")] = 200.0,
+    broker: Annotated[
+        str | None,
+        typer.Option(
+            "--broker", "-b", help="Use this broker (mqtt://HOST[:PORT]) instead of starting one."
+        ),
+    ] = None,
+) -> None:
+    """Run a broker, an edge node and a simulated sensor here, with a live view and a summary.
+
+    Starts Mosquitto from the project's config when `mosquitto` is installed, else an embedded
+    MQTT 3.1.1 broker. Exits 0 when every frame got its result.
+    """
+    from edgewise.demo import run_demo
+
+    _logging("WARNING")
+    console = Console()
+    report = asyncio.run(
+        run_demo(
+            duration_s=duration,
+            rate_hz=rate,
+            broker_url=broker,
+            console=console,
+            live=console.is_terminal,
+        )
+    )
+    if report.sent == 0 or report.results < report.sent:
+        _fail(
+            f"{report.sent - report.results} of {report.sent} frames got no result "
+            "(see the log above)",
+            1,
+        )
+
+
+@sensor_app.command("simulate")
+def sensor_simulate(
+    broker: BrokerOpt = "mqtt://127.0.0.1:1883",
+    rate: Annotated[
+        float, typer.Option("--rate", "-r", min=0.01, help="Frames per second.")
+    ] = 10.0,
+    count: Annotated[
+        int | None, typer.Option("--count", "-n", min=1, help="Stop after N frames.")
+    ] = None,
+    duration: Annotated[
+        float | None, typer.Option("--duration", "-d", min=0.1, help="Stop after S seconds.")
+    ] = None,
+    qos: Annotated[int, typer.Option("--qos", min=0, max=1, help="MQTT QoS of the frames.")] = 1,
+    device: Annotated[str, typer.Option("--device", help="Device id (topic level).")] = "sim-1",
+    sensor: Annotated[str, typer.Option("--sensor", help="Sensor name (topic level).")] = "digits",
+    fmt: Annotated[str, typer.Option("--format", help="msgpack or json.")] = "msgpack",
+) -> None:
+    """Publish the bundled held-out digits frames to sensors/DEVICE/SENSOR at a steady rate."""
+    from edgewise.sensor import simulate
+
+    if fmt not in ("msgpack", "json"):
+        _fail(f"--format must be msgpack or json, not {fmt!r}")
+    _logging("WARNING")
+    kind: Literal["msgpack", "json"] = "json" if fmt == "json" else "msgpack"
+    stats = asyncio.run(
+        simulate(
+            _mqtt(broker),
+            device=device,
+            sensor=sensor,
+            rate_hz=rate,
+            count=count,
+            duration_s=duration,
+            qos=qos,
+            fmt=kind,
+        )
+    )
+    Console().print(
+        f"sent {stats.sent} frames in {stats.elapsed_s:.1f} s "
+        f"({stats.acked} acknowledged, {stats.failed} failed)"
+    )
+    raise typer.Exit(0 if stats.failed == 0 else 1)
+
+
+@app.command()
+def watch(
+    filters: Annotated[
+        list[str] | None, typer.Argument(help="Topic filters (default: edge/#).")
+    ] = None,
+    broker: BrokerOpt = "mqtt://127.0.0.1:1883",
+    count: Annotated[
+        int | None, typer.Option("--count", "-n", min=1, help="Exit after N messages.")
+    ] = None,
+    timeout: Annotated[
+        float | None, typer.Option("--timeout", "-t", min=0.1, help="Exit after S seconds.")
+    ] = None,
+    raw: Annotated[bool, typer.Option("--raw", help="Show raw bytes instead of decoding.")] = False,
+) -> None:
+    """Subscribe and pretty-print decoded MessagePack/JSON messages (results, status, ...)."""
+    from edgewise.watch import watch as run_watch
+
+    _logging("WARNING")
+    seen = asyncio.run(
+        run_watch(
+            _mqtt(broker),
+            filters or ["edge/#"],
+            count=count,
+            timeout_s=timeout,
+            raw=raw,
+            console=Console(),
+        )
+    )
+    raise typer.Exit(0 if count is None or seen >= count else 1)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

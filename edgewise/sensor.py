@@ -1,0 +1,103 @@
+"""A simulated sensor: publishes the held-out digits frames at a steady rate."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from edgewise.frames import LabelledFrames, load_holdout
+from mqtt_session import MqttConfig, MqttError, MqttSession
+from schemas import Frame, Topics, encode_frame
+
+
+@dataclass(slots=True)
+class SimStats:
+    sent: int = 0
+    acked: int = 0
+    failed: int = 0
+    elapsed_s: float = 0.0
+
+
+async def simulate(
+    mqtt: MqttConfig,
+    *,
+    device: str = "sim-1",
+    sensor: str = "digits",
+    rate_hz: float = 100.0,
+    count: int | None = None,
+    duration_s: float | None = None,
+    qos: int = 1,
+    fmt: Literal["msgpack", "json"] = "msgpack",
+    topics: Topics | None = None,
+    frames: LabelledFrames | None = None,
+    on_sent: Callable[[int, int], None] | None = None,
+    stop: asyncio.Event | None = None,
+    start_seq: int = 0,
+) -> SimStats:
+    """Publish frames (cycling through the held-out set) until ``count``/``duration_s``/``stop``.
+
+    ``on_sent(seq, label)`` is called for each frame as it is handed to the client, so a caller
+    can score the results it gets back.
+    """
+    if rate_hz <= 0:
+        raise ValueError("rate_hz must be > 0")
+    frames = frames or load_holdout()
+    topic = (topics or Topics()).sensor(device, sensor)
+    stats = SimStats()
+    pending: set[asyncio.Future[None]] = set()
+
+    def settled(f: asyncio.Future[None]) -> None:
+        pending.discard(f)
+        if f.exception() is None:
+            stats.acked += 1
+        else:
+            stats.failed += 1
+
+    async with MqttSession(
+        mqtt, client_id=f"edgewise-sensor-{device}-{sensor}", persistent=False, manual_ack=False
+    ) as session:
+        await session.wait_connected(mqtt.connect_timeout_s)
+        start = time.monotonic()
+        seq = start_seq
+        interval = 1.0 / rate_hz
+        while True:
+            if stop is not None and stop.is_set():
+                break
+            if count is not None and stats.sent >= count:
+                break
+            now = time.monotonic()
+            if duration_s is not None and now - start >= duration_s:
+                break
+            due = int((now - start) / interval) + 1 - stats.sent
+            if count is not None:
+                due = min(due, count - stats.sent)
+            for _ in range(max(due, 0)):
+                i = seq % len(frames)
+                payload = encode_frame(
+                    Frame(seq=seq, ts=time.time(), tensor=frames.images[i]), as_json=fmt == "json"
+                )
+                if not session.connected:
+                    await session.wait_connected()
+                fut = session.publish_nowait(topic, payload, qos=qos)
+                if on_sent is not None:
+                    on_sent(seq, int(frames.labels[i]))
+                pending.add(fut)
+                fut.add_done_callback(settled)
+                stats.sent += 1
+                seq += 1
+            next_at = start + (stats.sent) * interval
+            await asyncio.sleep(max(0.0, min(next_at - time.monotonic(), 0.05)))
+        if pending:
+            try:
+                async with asyncio.timeout(10):
+                    await asyncio.gather(*list(pending), return_exceptions=True)
+            except TimeoutError:
+                pass
+        stats.elapsed_s = time.monotonic() - start
+    return stats
+
+
+__all__ = ["MqttError", "SimStats", "simulate"]

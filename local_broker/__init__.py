@@ -1,0 +1,63 @@
+"""Local MQTT brokers for tests and ``edgewise demo``.
+
+* :class:`MosquittoProcess` runs a real mosquitto on a free loopback port with a generated
+  config that includes the shared tuning (``tuning.conf``, from ``compose/mosquitto/conf.d``).
+* :class:`EmbeddedBroker` runs amqtt in-process (MQTT 3.1.1 only) where mosquitto is missing.
+* :func:`parse_broker_url` / :class:`BrokerInfo` describe any broker, including external ones.
+* :class:`MqttProbe` is a blocking paho client for tests and smoke checks.
+"""
+
+from local_broker.embedded import (
+    MQTT5_CONNACK_RETURN_CODE,
+    EmbeddedBroker,
+    EmbeddedBrokerThread,
+    quiet_amqtt_logging,
+)
+from local_broker.info import (
+    DEFAULT_MQTT_PORT,
+    LOOPBACK,
+    BrokerInfo,
+    BrokerKind,
+    free_port,
+    parse_broker_url,
+)
+from local_broker.mosquitto import (
+    TUNING_CONF,
+    BrokerStartError,
+    MosquittoProcess,
+    live_processes,
+    mosquitto_path,
+    read_tuning,
+    tuning_conf_path,
+    write_mosquitto_config,
+)
+from local_broker.ping import accepts_mqtt, mqtt_ping
+from local_broker.probe import DisconnectEvent, Message, MqttProbe, ProbeError, unique_client_id
+
+__all__ = [
+    "DEFAULT_MQTT_PORT",
+    "LOOPBACK",
+    "MQTT5_CONNACK_RETURN_CODE",
+    "TUNING_CONF",
+    "BrokerInfo",
+    "BrokerKind",
+    "BrokerStartError",
+    "DisconnectEvent",
+    "EmbeddedBroker",
+    "EmbeddedBrokerThread",
+    "Message",
+    "MosquittoProcess",
+    "MqttProbe",
+    "ProbeError",
+    "accepts_mqtt",
+    "free_port",
+    "live_processes",
+    "mosquitto_path",
+    "mqtt_ping",
+    "parse_broker_url",
+    "quiet_amqtt_logging",
+    "read_tuning",
+    "tuning_conf_path",
+    "unique_client_id",
+    "write_mosquitto_config",
+]

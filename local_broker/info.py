@@ -1,0 +1,92 @@
+"""Broker addresses: :class:`BrokerInfo`, ``mqtt://`` URL parsing and free loopback ports."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from typing import Literal
+from urllib.parse import urlsplit
+
+BrokerKind = Literal["mosquitto", "embedded", "external"]
+
+DEFAULT_MQTT_PORT = 1883
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerInfo:
+    """Where a broker listens and what started it.
+
+    ``kind`` is ``"mosquitto"`` for a :class:`~local_broker.MosquittoProcess`, ``"embedded"``
+    for an in-process amqtt :class:`~local_broker.EmbeddedBroker` (MQTT 3.1.1 only) and
+    ``"external"`` for a broker edgewise did not start (e.g. from ``--broker mqtt://...``).
+    """
+
+    host: str
+    port: int
+    kind: BrokerKind
+
+    @property
+    def url(self) -> str:
+        """``mqtt://host:port``; IPv6 literals are bracketed."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"mqtt://{host}:{self.port}"
+
+    @classmethod
+    def from_url(cls, url: str, kind: BrokerKind = "external") -> BrokerInfo:
+        """Build from an ``mqtt://host[:port]`` URL (see :func:`parse_broker_url`)."""
+        host, port = parse_broker_url(url)
+        return cls(host=host, port=port, kind=kind)
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port on ``host`` that nothing listens on right now.
+
+    The kernel picks it (bind to port 0); the socket is closed before returning, so another
+    process could in principle take it first. :class:`~local_broker.MosquittoProcess` and
+    :class:`~local_broker.EmbeddedBroker` retry with a new port when that happens.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def parse_broker_url(url: str) -> tuple[str, int]:
+    """Split ``mqtt://host[:port]`` into ``(host, port)``; the port defaults to 1883.
+
+    Anything else (another scheme such as ``mqtts://`` or ``tcp://``, no host, credentials,
+    a path, query or fragment, a non-numeric or out-of-range port) raises :class:`ValueError`
+    naming the problem. IPv6 hosts are written bracketed (``mqtt://[::1]:1883``) and returned
+    without brackets.
+    """
+    if not isinstance(url, str):
+        raise ValueError(f"broker URL must be a string like mqtt://host:1883, got {url!r}")
+    text = url.strip()
+    expected = "expected mqtt://host[:port]"
+    if "://" not in text:
+        raise ValueError(f"broker URL {url!r} has no scheme; {expected}")
+    parts = urlsplit(text)
+    if parts.scheme != "mqtt":
+        raise ValueError(
+            f"broker URL {url!r} uses scheme {parts.scheme!r}; only plain mqtt:// is supported"
+            f" ({expected})"
+        )
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"broker URL {url!r} must not carry credentials; {expected}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"broker URL {url!r} must not have a path, query or fragment; {expected}")
+    host = parts.hostname
+    if not host:
+        raise ValueError(f"broker URL {url!r} has no host; {expected}")
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"broker URL {url!r} has an invalid port ({exc}); {expected}") from None
+    if port is None:
+        if parts.netloc.endswith(":"):
+            raise ValueError(f"broker URL {url!r} has an empty port; {expected}")
+        port = DEFAULT_MQTT_PORT
+    if not 1 <= port <= 65535:
+        raise ValueError(f"broker URL {url!r} has port {port}, outside 1-65535")
+    return host, port

@@ -1,0 +1,34 @@
+"""The MQTT session every edgewise service shares: one asyncio loop, paho underneath.
+
+Exceptions live in :mod:`mqtt_session.errors` (tree in its docstring).
+"""
+
+from mqtt_session.backoff import Backoff
+from mqtt_session.config import MqttConfig
+from mqtt_session.errors import (
+    ConnectFailed,
+    Disconnected,
+    MqttError,
+    ProtocolRefused,
+    PublishFailed,
+    PublishRejected,
+)
+from mqtt_session.message import Inbound
+from mqtt_session.session import ConnectInfo, MqttSession, SessionStats, Subscription, Will
+
+__all__ = [
+    "Backoff",
+    "ConnectFailed",
+    "ConnectInfo",
+    "Disconnected",
+    "Inbound",
+    "MqttConfig",
+    "MqttError",
+    "MqttSession",
+    "ProtocolRefused",
+    "PublishFailed",
+    "PublishRejected",
+    "SessionStats",
+    "Subscription",
+    "Will",
+]

@@ -1,0 +1,47 @@
+"""Typed, frozen MQTT connection settings shared by every edgewise service."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class MqttConfig(BaseModel):
+    """How a service reaches its broker.
+
+    Credentials never come from the command line: ``password_file`` names a file, or the
+    ``EDGEWISE_MQTT__PASSWORD`` environment variable sets ``password``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    client_id: str = Field(
+        "", description="stable client id; empty means derived from the service id"
+    )
+    protocol: Literal["auto", "5", "3.1.1"] = "auto"
+    keepalive_s: int = Field(30, ge=5, le=65535)
+    connect_timeout_s: float = Field(10.0, gt=0)
+    session_expiry_s: int = Field(
+        3600, ge=0, description="MQTT 5 session expiry; 0 = clean session"
+    )
+    receive_maximum: int = Field(
+        1000, ge=1, le=65535, description="in-flight QoS>0 messages we accept"
+    )
+    reconnect_first_s: float = Field(0.5, gt=0, le=2.0)
+    reconnect_cap_s: float = Field(30.0, gt=0, le=60.0)
+    username: str | None = None
+    password: str | None = Field(None, repr=False)
+    password_file: Path | None = None
+    tls_ca_file: Path | None = None
+    tls_insecure: bool = False
+
+    def resolved_password(self) -> str | None:
+        if self.password is not None:
+            return self.password
+        if self.password_file is not None:
+            return self.password_file.read_text(encoding="utf-8").strip()
+        return None

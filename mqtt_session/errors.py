@@ -1,0 +1,48 @@
+"""Exceptions raised by :mod:`mqtt_session`.
+
+paho-mqtt's return codes and exceptions are translated here, at one boundary; callers never see
+paho types in an exception.
+
+Tree::
+
+    MqttError
+    ├── ConnectFailed          the broker could not be reached or refused the CONNECT
+    │   └── ProtocolRefused    the broker refused the MQTT version (5 → 3.1.1 fallback)
+    ├── Disconnected           the connection dropped before an awaited acknowledgement arrived
+    ├── PublishFailed          the client refused to queue a publish (e.g. payload too large)
+    └── PublishRejected        the broker's PUBACK carried a failure reason code (MQTT 5)
+"""
+
+from __future__ import annotations
+
+
+class MqttError(Exception):
+    """Base class of every error raised by mqtt_session."""
+
+
+class ConnectFailed(MqttError):
+    """The broker could not be reached, or it refused the connection."""
+
+    def __init__(self, message: str, *, reason_code: int | None = None) -> None:
+        super().__init__(message)
+        self.reason_code = reason_code
+
+
+class ProtocolRefused(ConnectFailed):
+    """The broker refused the requested MQTT protocol version."""
+
+
+class Disconnected(MqttError):
+    """The connection dropped while an acknowledgement was awaited; it may not have arrived."""
+
+
+class PublishFailed(MqttError):
+    """The client refused to queue a publish."""
+
+
+class PublishRejected(MqttError):
+    """The broker answered a publish with an MQTT 5 failure reason code (e.g. not authorized)."""
+
+    def __init__(self, message: str, *, reason_code: int) -> None:
+        super().__init__(message)
+        self.reason_code = reason_code

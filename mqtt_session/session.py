@@ -1,0 +1,630 @@
+"""An MQTT session that lives in one asyncio event loop.
+
+paho-mqtt 2.x does the protocol; this module drives its socket from the event loop (no network
+thread), keeps one connection alive with capped, jittered reconnects, and turns acknowledgements
+into awaitables that fail when the connection drops first.
+
+Why paho and not a higher-level asyncio client: we need manual acknowledgement of received QoS 1
+messages (a frame is acked only once its result is safe), which paho 2.x has and aiomqtt does not
+expose (docs/adr/0002-mqtt-client.md).
+
+Each connection uses a fresh paho client, so nothing unacknowledged hides in a client's memory
+across reconnects: an unacknowledged publish fails with :class:`Disconnected` and its owner sends it
+again; an unacknowledged received message is redelivered by the broker (persistent session).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Literal, Self
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from mqtt_session.backoff import Backoff
+from mqtt_session.config import MqttConfig
+from mqtt_session.errors import (
+    ConnectFailed,
+    Disconnected,
+    MqttError,
+    ProtocolRefused,
+    PublishFailed,
+    PublishRejected,
+)
+from mqtt_session.message import Inbound
+
+log = logging.getLogger(__name__)
+
+Protocol = Literal["5", "3.1.1"]
+_UNSUPPORTED_PROTOCOL = (0x84, 0x01)  # MQTT 5 "Unsupported Protocol Version"; 3.1.1 CONNACK rc 1
+
+
+@dataclass(frozen=True, slots=True)
+class Will:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Subscription:
+    topic_filter: str
+    qos: int = 1
+    no_local: bool = False
+    retain_as_published: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectInfo:
+    """What the broker told us when a connection came up."""
+
+    connection: int
+    protocol: Protocol
+    session_present: bool
+    broker_receive_maximum: int
+
+
+MessageHandler = Callable[[Inbound], None]
+ConnectHook = Callable[[ConnectInfo], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class SessionStats:
+    connects: int = 0
+    reconnects: int = 0
+    connect_failures: int = 0
+    handler_errors: int = 0
+
+
+class MqttSession:
+    """One logical MQTT session, kept connected until the context exits.
+
+    Use::
+
+        async with MqttSession(config, client_id="gw-1", on_message=handle) as session:
+            session.subscribe("sensors/+/+")
+            await session.wait_connected()
+            await session.publish("edge/gw-1/results", payload)
+
+    ``on_message`` is called on the event loop for every received PUBLISH; with ``manual_ack``
+    (the default) the application calls :meth:`ack` when it is done with a QoS 1 message.
+    ``on_connect`` runs after every successful CONNECT (after re-subscribing), e.g. to publish a
+    retained status.
+    """
+
+    def __init__(
+        self,
+        config: MqttConfig,
+        *,
+        client_id: str,
+        on_message: MessageHandler | None = None,
+        on_connect: ConnectHook | None = None,
+        will: Will | None = None,
+        manual_ack: bool = True,
+        persistent: bool = True,
+    ) -> None:
+        self.config = config
+        self.client_id = config.client_id or client_id
+        self._on_message = on_message
+        self._on_connect = on_connect
+        self._will = will
+        self._manual_ack = manual_ack
+        self._persistent = persistent
+        self._protocol: Protocol = "3.1.1" if config.protocol == "3.1.1" else "5"
+        self._subscriptions: dict[str, Subscription] = {}
+        self._client: paho.Client | None = None
+        self._connection = 0
+        self._connected = asyncio.Event()
+        self._lost = asyncio.Event()
+        self._stopping = False
+        self._pending: dict[int, asyncio.Future[None]] = {}
+        self._suback: dict[int, asyncio.Future[list[int]]] = {}
+        self._connack: asyncio.Future[ConnectInfo] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._tasks: asyncio.TaskGroup | None = None
+        self._background: list[asyncio.Task[None]] = []
+        self._backoff = Backoff(config.reconnect_first_s, config.reconnect_cap_s)
+        self.stats = SessionStats()
+        self.broker_receive_maximum = 65535
+        self.last_error: str | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    async def __aenter__(self) -> Self:
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._tasks = asyncio.TaskGroup()
+        await self._tasks.__aenter__()
+        self._background = [
+            self._tasks.create_task(self._run(), name=f"mqtt-session-{self.client_id}"),
+            self._tasks.create_task(self._misc_loop(), name=f"mqtt-misc-{self.client_id}"),
+        ]
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stopping = True
+        client = self._client
+        if client is not None and self._connected.is_set():
+            # A clean DISCONNECT, written now: the broker then discards our will.
+            client.disconnect()
+            with contextlib.suppress(Exception):
+                client.loop_write()
+        self._connected.clear()
+        self._lost.set()
+        self._fail_pending(Disconnected("session closed"))
+        assert self._tasks is not None
+        for task in self._background:
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._tasks.__aexit__(None, None, None)
+        self._close_client()
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def protocol(self) -> Protocol:
+        return self._protocol
+
+    @property
+    def connection(self) -> int:
+        return self._connection
+
+    async def wait_connected(self, timeout_s: float | None = None) -> None:
+        async with asyncio.timeout(timeout_s):
+            await self._connected.wait()
+
+    async def wait_disconnected(self) -> None:
+        while self._connected.is_set():
+            await self._lost.wait()
+
+    def subscribe(
+        self,
+        topic_filter: str,
+        qos: int = 1,
+        *,
+        no_local: bool = False,
+        retain_as_published: bool = False,
+    ) -> None:
+        """Subscribe now (if connected) and after every reconnect that lost the session."""
+        sub = Subscription(topic_filter, qos, no_local, retain_as_published)
+        self._subscriptions[topic_filter] = sub
+        if self._client is not None and self._connected.is_set():
+            self._send_subscribe([sub])
+
+    def publish_nowait(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        properties: Properties | None = None,
+    ) -> asyncio.Future[None]:
+        """Queue a publish; the future resolves at PUBACK (QoS 1) or once written (QoS 0).
+
+        It fails with :class:`Disconnected` if the connection is down now or drops first.
+        """
+        assert self._loop is not None, "use the session inside 'async with'"
+        fut: asyncio.Future[None] = self._loop.create_future()
+        client = self._client
+        if client is None or not self._connected.is_set():
+            fut.set_exception(Disconnected("not connected"))
+            return fut
+        try:
+            info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        except ValueError as exc:
+            fut.set_exception(PublishFailed(f"publish to {topic!r} refused: {exc}"))
+            return fut
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_QUEUE_SIZE):
+            fut.set_exception(Disconnected(f"publish not sent: {paho.error_string(info.rc)}"))
+            return fut
+        if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+            fut.set_exception(PublishFailed("client queue full"))
+            return fut
+        self._pending[info.mid] = fut
+        return fut
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        properties: Properties | None = None,
+    ) -> None:
+        await self.publish_nowait(topic, payload, qos=qos, retain=retain, properties=properties)
+
+    def ack(self, message: Inbound) -> None:
+        """Acknowledge a received QoS 1 message (no-op for QoS 0 or a stale connection)."""
+        if not self._manual_ack or message.qos == 0:
+            return
+        client = self._client
+        if client is None or message.connection != self._connection:
+            return
+        client.ack(message.mid, message.qos)
+
+    # ------------------------------------------------------------------ connection loop
+    async def _run(self) -> None:
+        while not self._stopping:
+            try:
+                info = await self._connect_once()
+            except ProtocolRefused as exc:
+                self._close_client()
+                if self.config.protocol == "auto" and self._protocol == "5":
+                    log.warning("broker refused MQTT 5 (%s); falling back to MQTT 3.1.1", exc)
+                    self._protocol = "3.1.1"
+                    continue
+                await self._after_failure(exc)
+                continue
+            except (ConnectFailed, OSError, TimeoutError) as exc:
+                self._close_client()
+                await self._after_failure(exc)
+                continue
+            self._backoff.reset()
+            self.stats.connects += 1
+            if self.stats.connects > 1:
+                self.stats.reconnects += 1
+            self.last_error = None
+            log.info(
+                "connected to %s:%d as %s (MQTT %s, session present: %s)",
+                self.config.host,
+                self.config.port,
+                self.client_id,
+                info.protocol,
+                info.session_present,
+            )
+            try:
+                await self._after_connect(info)
+            except MqttError as exc:
+                log.warning("connection dropped while setting up: %s", exc)
+            await self._lost.wait()
+            self._connected.clear()
+            self._fail_pending(Disconnected("connection lost"))
+            self._close_client()
+            if not self._stopping:
+                delay = self._backoff.next_delay_s()
+                log.warning("disconnected from broker; reconnecting in %.2f s", delay)
+                await asyncio.sleep(delay)
+
+    async def _after_failure(self, exc: BaseException) -> None:
+        self.stats.connect_failures += 1
+        self.last_error = str(exc) or type(exc).__name__
+        delay = self._backoff.next_delay_s()
+        log.warning(
+            "cannot connect to %s:%d (%s); retrying in %.2f s",
+            self.config.host,
+            self.config.port,
+            self.last_error,
+            delay,
+        )
+        await asyncio.sleep(delay)
+
+    async def _after_connect(self, info: ConnectInfo) -> None:
+        if not info.session_present and self._subscriptions:
+            await self._subscribe_and_wait(list(self._subscriptions.values()))
+        if self._on_connect is not None:
+            await self._on_connect(info)
+
+    def _make_client(self) -> paho.Client:
+        v5 = self._protocol == "5"
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
+            clean_session=None if v5 else not self._persistent,
+            manual_ack=self._manual_ack,
+            reconnect_on_failure=False,
+        )
+        client.max_inflight_messages_set(self.config.receive_maximum)
+        client.max_queued_messages_set(0)
+        client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_socket_register_write
+        client.on_socket_unregister_write = self._on_socket_unregister_write
+        client.on_connect = self._on_connect_cb
+        client.on_disconnect = self._on_disconnect_cb
+        client.on_message = self._on_message_cb
+        client.on_publish = self._on_publish_cb
+        client.on_subscribe = self._on_subscribe_cb
+        if self._will is not None:
+            client.will_set(self._will.topic, self._will.payload, self._will.qos, self._will.retain)
+        if self.config.username is not None:
+            client.username_pw_set(self.config.username, self.config.resolved_password())
+        if self.config.tls_ca_file is not None:
+            client.tls_set(ca_certs=str(self.config.tls_ca_file), cert_reqs=ssl.CERT_REQUIRED)
+            client.tls_insecure_set(self.config.tls_insecure)
+        return client
+
+    async def _connect_once(self) -> ConnectInfo:
+        assert self._loop is not None
+        self._connection += 1
+        self._lost.clear()
+        client = self._make_client()
+        self._client = client
+        self._connack = self._loop.create_future()
+        props: Properties | None = None
+        clean_start: Any = paho.MQTT_CLEAN_START_FIRST_ONLY
+        if self._protocol == "5":
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = self.config.session_expiry_s if self._persistent else 0
+            props.ReceiveMaximum = self.config.receive_maximum
+            clean_start = not self._persistent
+        connect = client.connect
+        try:
+            rc = await asyncio.wait_for(
+                self._loop.run_in_executor(
+                    None,
+                    lambda: connect(
+                        self.config.host,
+                        self.config.port,
+                        self.config.keepalive_s,
+                        clean_start=clean_start,
+                        properties=props,
+                    ),
+                ),
+                self.config.connect_timeout_s,
+            )
+        except (OSError, TimeoutError) as exc:
+            raise ConnectFailed(f"{type(exc).__name__}: {exc}") from exc
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise ConnectFailed(paho.error_string(rc))
+        if await self._unless_lost(self._connack, self.config.connect_timeout_s):
+            info = self._connack.result()
+            self._connected.set()
+            return info
+        if not self._lost.is_set():
+            raise ConnectFailed("no CONNACK before the connect timeout")
+        if self._protocol == "5":
+            # A 3.1.1-only broker may close the socket instead of answering an MQTT 5 CONNECT.
+            raise ProtocolRefused("connection closed before CONNACK")
+        raise ConnectFailed(self.last_error or "connection closed before CONNACK")
+
+    async def _unless_lost(self, fut: asyncio.Future[Any], timeout_s: float | None = None) -> bool:
+        """Wait for ``fut`` unless the connection drops first; True if ``fut`` finished."""
+        lost: asyncio.Task[Any] = asyncio.ensure_future(self._lost.wait())
+        try:
+            done, _ = await asyncio.wait(
+                [fut, lost], timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            lost.cancel()
+        return fut in done
+
+    async def _subscribe_and_wait(self, subs: list[Subscription]) -> None:
+        fut = self._send_subscribe(subs)
+        if fut is None:
+            raise Disconnected("not connected")
+        if not await self._unless_lost(fut):
+            raise Disconnected("connection lost before SUBACK")
+        for sub, code in zip(subs, fut.result(), strict=False):
+            if code >= 0x80:
+                log.error(
+                    "broker refused subscription %r (reason code 0x%02x)", sub.topic_filter, code
+                )
+
+    def _send_subscribe(self, subs: list[Subscription]) -> asyncio.Future[list[int]] | None:
+        client = self._client
+        assert self._loop is not None
+        if client is None:
+            return None
+        if self._protocol == "5":
+            topics: list[tuple[str, Any]] = [
+                (
+                    s.topic_filter,
+                    SubscribeOptions(
+                        qos=s.qos, noLocal=s.no_local, retainAsPublished=s.retain_as_published
+                    ),
+                )
+                for s in subs
+            ]
+        else:
+            topics = [(s.topic_filter, s.qos) for s in subs]
+        rc, mid = client.subscribe(topics)
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            return None
+        fut: asyncio.Future[list[int]] = self._loop.create_future()
+        self._suback[mid] = fut
+        return fut
+
+    async def _misc_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            client = self._client
+            if client is not None:
+                client.loop_misc()
+
+    def _close_client(self) -> None:
+        client = self._client
+        self._client = None
+        if client is None:
+            return
+        client.on_disconnect = None
+        client.on_socket_close = None
+        sock = client.socket()
+        if sock is None:
+            return
+        with contextlib.suppress(Exception):
+            if self._loop is not None:
+                self._loop.remove_reader(sock)
+                self._loop.remove_writer(sock)
+            sock.close()
+
+    def _fail_pending(self, exc: MqttError) -> None:
+        pending, self._pending = self._pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(exc)
+                fut.exception()  # mark retrieved: a caller that gave up must not log noise
+        subacks, self._suback = self._suback, {}
+        for sfut in subacks.values():
+            if not sfut.done():
+                sfut.cancel()
+
+    # ------------------------------------------------------------------ paho callbacks
+    def _in_loop(self, fn: Callable[..., object], *args: object) -> None:
+        assert self._loop is not None
+        if threading.get_ident() == self._loop_thread:
+            fn(*args)
+        else:
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        assert self._loop is not None
+        self._in_loop(self._loop.add_reader, sock, self._read, client)
+
+    def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        assert self._loop is not None
+        self._in_loop(self._loop.remove_reader, sock)
+        self._in_loop(self._loop.remove_writer, sock)
+
+    def _on_socket_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        assert self._loop is not None
+        self._in_loop(self._loop.add_writer, sock, self._write, client)
+
+    def _on_socket_unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        assert self._loop is not None
+        self._in_loop(self._loop.remove_writer, sock)
+
+    def _read(self, client: paho.Client) -> None:
+        if client is self._client:
+            client.loop_read()
+
+    def _write(self, client: paho.Client) -> None:
+        if client is self._client:
+            client.loop_write()
+
+    def _on_connect_cb(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: paho.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        fut = self._connack
+        if fut is None or fut.done() or client is not self._client:
+            return
+        if reason_code.is_failure:
+            value = int(reason_code.value)
+            if self._protocol == "5" and value in _UNSUPPORTED_PROTOCOL:
+                fut.set_exception(ProtocolRefused(str(reason_code), reason_code=value))
+            else:
+                fut.set_exception(
+                    ConnectFailed(
+                        f"broker refused the connection: {reason_code}", reason_code=value
+                    )
+                )
+            return
+        receive_max = 65535
+        if properties is not None and hasattr(properties, "ReceiveMaximum"):
+            receive_max = int(properties.ReceiveMaximum)
+        self.broker_receive_maximum = receive_max
+        if receive_max < self.config.receive_maximum:
+            # paho neither honours the broker's Receive Maximum nor lets it be set once connected.
+            # This client is fresh, so nothing is in flight yet and lowering its window is safe.
+            client._max_inflight_messages = receive_max
+        fut.set_result(
+            ConnectInfo(
+                connection=self._connection,
+                protocol=self._protocol,
+                session_present=bool(flags.session_present),
+                broker_receive_maximum=receive_max,
+            )
+        )
+
+    def _on_disconnect_cb(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: paho.DisconnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if client is not self._client:
+            return
+        if reason_code.is_failure:
+            self.last_error = str(reason_code)
+        self._lost.set()
+
+    def _on_message_cb(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        handler = self._on_message
+        if handler is None or client is not self._client:
+            return
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:  # brokers should refuse these; never trust it
+            topic = bytes(msg._topic).decode("utf-8", "replace")
+        inbound = Inbound(
+            topic=topic,
+            payload=bytes(msg.payload),
+            qos=msg.qos,
+            retain=bool(msg.retain),
+            mid=msg.mid,
+            connection=self._connection,
+            received_at=time.monotonic(),
+            properties=getattr(msg, "properties", None),
+        )
+        try:
+            handler(inbound)
+        except Exception:
+            self.stats.handler_errors += 1
+            log.exception("message handler failed on %r", topic)
+
+    def _on_publish_cb(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if client is not self._client:
+            return
+        fut = self._pending.pop(mid, None)
+        if fut is None or fut.done():
+            return
+        if reason_code.is_failure:
+            fut.set_exception(
+                PublishRejected(
+                    f"broker rejected publish: {reason_code}", reason_code=int(reason_code.value)
+                )
+            )
+        else:
+            fut.set_result(None)
+
+    def _on_subscribe_cb(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        fut = self._suback.pop(mid, None)
+        if fut is not None and not fut.done():
+            fut.set_result([int(rc.value) for rc in reason_codes])

@@ -1,0 +1,102 @@
+"""The edgewise wire contract: every message, tensor and topic name that crosses MQTT.
+
+Pure: no sockets, files, threads or clocks (except :func:`new_id`, whose ids embed the
+time). Everything else in edgewise speaks to the network through these types.
+
+Encoding
+    MessagePack maps with short string keys and ``v``, the schema version (currently 1).
+    Sensor frames may also be JSON (first non-whitespace byte ``{``) so the simplest sensors
+    and ``mosquitto_pub`` can publish them; results batches may be JSON for consumers with
+    only plain tools (``encode_results(..., as_json=True)``). Unknown keys are ignored
+    (forward compatible); ``v`` is required and checked first. Names that become topic
+    levels (node, device, sensor, model) must be valid levels (see Topics).
+
+Messages
+    :class:`Frame` (``decode_frame``/``encode_frame``), :class:`ResultBatch` of
+    :class:`Result` (``decode_results``/``encode_results``), :class:`Status`,
+    :class:`DeadLetter`, and ``decode_any`` for displaying payloads of unknown shape.
+    Tensors are ``{dtype, shape, data}`` with ``data`` raw little-endian bytes (viewed,
+    not copied) or, in JSON, a flat list of numbers; see :mod:`schemas.tensor`.
+
+Decoding untrusted bytes
+    1. size: more than ``limits.max_payload_bytes`` is refused before anything is read;
+    2. structure: an iterative pre-scan (no recursion, no objects built) refuses
+       malformed input, nesting deeper than ``limits.max_depth`` and more values than the
+       schema can need plus ``limits.max_extra_items`` (``limits.max_items`` in all for
+       ``decode_any``). No payload recurses deeply; typed decoding allocates a small
+       multiple of the payload size, and ``decode_any`` at most ``max_items`` Python
+       objects (a few MiB at the defaults), whatever the payload;
+    3. version, then schema (types and ranges, via msgspec), then the tensor.
+    Decoders raise :class:`ContractError` and nothing else, whatever the bytes.
+    Encoders of msgspec structs do not validate; ``encode_frame`` refuses tensors and
+    fields no decoder would accept.
+
+Errors
+    :class:`ContractError` (a ``ValueError``) has a stable ``reason`` and a human
+    ``detail``; ``str(e)`` is ``"reason: detail"``. Reasons:
+
+    ``payload_too_large``  more bytes than ``max_payload_bytes``; nothing decoded
+    ``malformed``          not one valid MessagePack/JSON value: syntax, truncation,
+                           trailing bytes, invalid UTF-8, ext types, non-string map keys,
+                           nesting beyond ``max_depth``, more values than allowed
+    ``bad_schema``         valid encoding, wrong message: missing field, wrong type, value
+                           out of range, string longer than ``max_str_len``, too many results
+    ``bad_version``        ``v`` is not 1
+    ``bad_dtype``          tensor dtype not in :data:`DTYPES`
+    ``bad_shape``          rank not in 1..``max_rank``, a dim < 1, or data length not
+                           matching the shape
+    ``too_many_elements``  shape holds more than ``max_tensor_elements`` elements
+    ``non_finite``         NaN or infinity in float tensor data (JSON numbers beyond the
+                           float range included)
+    ``bad_topic``          a topic, level or filter that is unsafe (see :mod:`schemas.topics`)
+
+Topics
+    :class:`Topics` builds every topic from configurable roots and refuses names that
+    are not safe topic levels; ``validate_level``/``validate_topic``/``validate_filter``
+    check names, topics and subscription filters.
+"""
+
+from .anydecode import decode_any
+from .deadletter import DeadLetter, decode_deadletter, encode_deadletter
+from .errors import REASON_CODES, ContractError, ReasonCode
+from .frame import Frame, decode_frame, encode_frame
+from .ids import new_id
+from .limits import DEFAULT_LIMITS, Limits
+from .results import Result, ResultBatch, Source, decode_results, encode_results
+from .status import State, Status, decode_status, encode_status
+from .tensor import DTYPES, tensor_from_wire, tensor_to_wire
+from .topics import Topics, validate_filter, validate_level, validate_topic
+from .wire import VERSION
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "DTYPES",
+    "REASON_CODES",
+    "VERSION",
+    "ContractError",
+    "DeadLetter",
+    "Frame",
+    "Limits",
+    "ReasonCode",
+    "Result",
+    "ResultBatch",
+    "Source",
+    "State",
+    "Status",
+    "Topics",
+    "decode_any",
+    "decode_deadletter",
+    "decode_frame",
+    "decode_results",
+    "decode_status",
+    "encode_deadletter",
+    "encode_frame",
+    "encode_results",
+    "encode_status",
+    "new_id",
+    "tensor_from_wire",
+    "tensor_to_wire",
+    "validate_filter",
+    "validate_level",
+    "validate_topic",
+]

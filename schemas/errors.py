@@ -1,0 +1,38 @@
+"""The one exception the wire contract raises, and its reason codes."""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+ReasonCode = Literal[
+    "payload_too_large",
+    "malformed",
+    "bad_schema",
+    "bad_version",
+    "bad_dtype",
+    "bad_shape",
+    "too_many_elements",
+    "non_finite",
+    "bad_topic",
+]
+
+REASON_CODES: frozenset[str] = frozenset(get_args(ReasonCode))
+
+
+class ContractError(ValueError):
+    """A message, tensor or topic broke the wire contract.
+
+    ``reason`` is a stable, machine-readable code (count and route on it); ``detail`` is for
+    humans and may change between versions. ``str(e)`` is ``"reason: detail"``.
+    """
+
+    reason: ReasonCode
+    detail: str
+
+    def __init__(self, reason: ReasonCode, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+    def __reduce__(self) -> tuple[type[ContractError], tuple[ReasonCode, str]]:
+        return (type(self), (self.reason, self.detail))

@@ -1,0 +1,87 @@
+"""Run an EdgeNode in-process against a real broker, with a probe that records what it publishes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edge_node.config import NodeConfig
+from edge_node.node import EdgeNode
+from local_broker import BrokerInfo
+from mqtt_session import Inbound, MqttConfig, MqttSession
+from schemas import Frame, encode_frame
+
+
+@dataclass
+class Recorder:
+    """Every message seen, by topic, with an awaitable condition."""
+
+    by_topic: dict[str, list[Inbound]] = field(default_factory=lambda: defaultdict(list))
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    def __call__(self, msg: Inbound) -> None:
+        self.by_topic[msg.topic].append(msg)
+        asyncio.get_running_loop().create_task(self._notify())
+
+    async def _notify(self) -> None:
+        async with self.changed:
+            self.changed.notify_all()
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
+        async with asyncio.timeout(timeout_s), self.changed:
+            await self.changed.wait_for(predicate)
+
+
+@dataclass
+class Harness:
+    node: EdgeNode
+    probe: MqttSession
+    sensor: MqttSession
+    seen: Recorder
+    node_id: str
+
+    def topic(self, kind: str) -> str:
+        return f"edge/{self.node_id}/{kind}"
+
+    def messages(self, kind: str) -> list[Inbound]:
+        return self.seen.by_topic[self.topic(kind)]
+
+    async def send(self, payload: bytes, topic: str = "sensors/cam-1/digits", qos: int = 1) -> None:
+        await self.sensor.publish(topic, payload, qos=qos)
+
+
+def mqtt_for(broker: BrokerInfo) -> MqttConfig:
+    return MqttConfig(host=broker.host, port=broker.port, connect_timeout_s=5)
+
+
+def frame_bytes(seq: int, image: np.ndarray, *, as_json: bool = False) -> bytes:
+    return encode_frame(Frame(seq=seq, ts=None, tensor=image), as_json=as_json)
+
+
+@contextlib.asynccontextmanager
+async def running_node(broker: BrokerInfo, **overrides: Any) -> AsyncIterator[Harness]:
+    node_id = overrides.pop("node_id", f"gw-{uuid.uuid4().hex[:8]}")
+    mqtt = mqtt_for(broker)
+    seen = Recorder()
+    cfg = NodeConfig.load(node_id=node_id, mqtt=mqtt, **overrides)
+    async with (
+        MqttSession(
+            mqtt, client_id=f"probe-{node_id}", on_message=seen, manual_ack=False, persistent=False
+        ) as probe,
+        MqttSession(mqtt, client_id=f"sensor-{node_id}", persistent=False) as sensor,
+    ):
+        probe.subscribe(f"edge/{node_id}/#")
+        await probe.wait_connected(5)
+        await sensor.wait_connected(5)
+        async with EdgeNode(cfg) as node:
+            h = Harness(node, probe, sensor, seen, node_id)
+            # The node publishes its status after subscribing: once we see it, frames will land.
+            await seen.wait_for(lambda: bool(h.messages("status")))
+            yield h

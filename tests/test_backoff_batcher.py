@@ -1,0 +1,89 @@
+"""Unit tests of reconnect backoff, micro-batching and dead-letter rate limiting."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from edge_node.batcher import MicroBatcher
+from edge_node.deadletter import DeadLetters
+from mqtt_session import Backoff
+from schemas import decode_deadletter
+
+
+def test_backoff_grows_to_cap_with_jitter() -> None:
+    b = Backoff(first_s=0.5, cap_s=30.0, rng=random.Random(7))
+    delays = [b.next_delay_s() for _ in range(40)]
+    assert delays[0] <= 0.5
+    assert all(0.25 <= d <= 30.0 for d in delays)
+    assert max(delays[10:]) > 15.0  # reaches the cap region
+    assert len({round(d, 6) for d in delays[10:]}) > 20  # jittered, not a fixed ladder
+    b.reset()
+    assert b.next_delay_s() <= 0.5
+
+
+def test_backoff_rejects_nonsense() -> None:
+    with pytest.raises(ValueError, match="cap_s"):
+        Backoff(first_s=2.0, cap_s=1.0)
+
+
+def _run_batcher(items: int, max_batch: int, max_wait_s: float) -> list[list[int]]:
+    batches: list[list[int]] = []
+
+    async def main() -> None:
+        async def process(batch: list[int]) -> None:
+            batches.append(batch)
+
+        b: MicroBatcher[int] = MicroBatcher(
+            process, max_batch_size=max_batch, max_wait_s=max_wait_s
+        )
+        runner = asyncio.create_task(b.run())
+        for i in range(items):
+            b.add(i)
+        await asyncio.wait_for(b.wait_idle(), 5)
+        runner.cancel()
+
+    asyncio.run(main())
+    return batches
+
+
+def test_batcher_caps_batch_size_and_keeps_order() -> None:
+    batches = _run_batcher(100, max_batch=32, max_wait_s=0.5)
+    assert [len(b) for b in batches] == [32, 32, 32, 4]
+    assert [x for b in batches for x in b] == list(range(100))
+
+
+def test_batcher_flushes_partial_batch_after_wait() -> None:
+    batches = _run_batcher(3, max_batch=64, max_wait_s=0.01)
+    assert batches == [[0, 1, 2]]
+
+
+def test_batcher_zero_wait_sends_what_is_there() -> None:
+    batches = _run_batcher(5, max_batch=64, max_wait_s=0.0)
+    assert [x for b in batches for x in b] == [0, 1, 2, 3, 4]
+
+
+def test_deadletters_are_capped_and_counted() -> None:
+    now = [0.0]
+    sent: list[tuple[str, bytes]] = []
+    d = DeadLetters(
+        "gw-1",
+        "edge/gw-1/deadletter",
+        lambda t, p: sent.append((t, p)),
+        max_per_s=10,
+        clock=lambda: now[0],
+    )
+    for _ in range(50):
+        d.reject("sensors/a/b", b"\x91" * 100, "malformed", "broken")
+    assert d.by_reason["malformed"] == 50
+    assert d.published == 10
+    assert d.suppressed == 40
+    now[0] = 1.0  # a second later the bucket has refilled
+    d.reject("sensors/a/b", b"x", "bad_shape", "wrong")
+    assert d.published == 11
+    letter = decode_deadletter(sent[-1][1])
+    assert (letter.reason, letter.topic, letter.payload_bytes) == ("bad_shape", "sensors/a/b", 1)
+    first = decode_deadletter(sent[0][1])
+    assert first.payload_head == b"\x91" * 64 and first.payload_bytes == 100

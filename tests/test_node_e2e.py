@@ -1,0 +1,158 @@
+"""The edge node in-process against a real Mosquitto: frames in, results out, bad input held."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+import numpy as np
+import pytest
+
+from edgewise.frames import load_holdout
+from local_broker import BrokerInfo
+from schemas import decode_deadletter, decode_results, decode_status
+from tests.nodeharness import Harness, frame_bytes, running_node
+
+HOLDOUT = load_holdout()
+
+
+def _results(h: Harness) -> list:
+    return [r for m in h.messages("results") for r in decode_results(m.payload).results]
+
+
+def test_msgpack_and_json_frames_get_batched_results(mosquitto: BrokerInfo) -> None:
+    async def scenario() -> None:
+        async with running_node(mosquitto, batching={"max_batch_size": 16, "max_wait_ms": 20}) as h:
+            n_msgpack, n_json = 60, 10
+            sends = [h.send(frame_bytes(i, HOLDOUT.images[i])) for i in range(n_msgpack)]
+            sends += [
+                h.send(frame_bytes(i, HOLDOUT.images[i], as_json=True))
+                for i in range(n_msgpack, n_msgpack + n_json)
+            ]
+            await asyncio.gather(*sends)
+            total = n_msgpack + n_json
+            await h.seen.wait_for(lambda: len(_results(h)) >= total)
+            results = _results(h)
+            assert sorted(r.frame_seq for r in results) == list(range(total))
+            assert len({r.id for r in results}) == total
+            seqs = [r.seq for r in results]
+            assert seqs == sorted(seqs) and len(set(seqs)) == total
+            # Batching: fewer messages than results, each carrying 1..16 results.
+            sizes = [len(decode_results(m.payload).results) for m in h.messages("results")]
+            assert len(sizes) < total and max(sizes) <= 16 and min(sizes) >= 1
+            r0 = results[0]
+            assert (r0.device, r0.sensor, r0.model, r0.release, r0.source) == (
+                "cam-1",
+                "digits",
+                "digits",
+                1,
+                "edge",
+            )
+            assert all(0.0 <= r.confidence <= 1.0 and r.latency_ms >= 0.0 for r in results)
+            correct = sum(r.label == int(HOLDOUT.labels[r.frame_seq]) for r in results)
+            assert correct / total > 0.8
+            assert h.node.stats.rejected == 0
+
+    asyncio.run(scenario())
+
+
+def test_status_is_retained_online_then_offline_after_drain(mosquitto: BrokerInfo) -> None:
+    async def scenario() -> None:
+        async with running_node(mosquitto) as h:
+            online = decode_status(h.messages("status")[-1].payload)
+            assert online.state == "online" and online.model == "digits"
+            assert online.runtime == "onnxruntime" and online.provider == "CPUExecutionProvider"
+            assert h.messages("status")[-1].retain is False  # live delivery clears the flag
+            assert await h.node.drain(5)
+            await h.seen.wait_for(
+                lambda: decode_status(h.messages("status")[-1].payload).state == "offline"
+            )
+            offline = decode_status(h.messages("status")[-1].payload)
+            assert offline.reasons == ["shutdown"] and offline.boot_id == online.boot_id
+
+    asyncio.run(scenario())
+
+
+HOSTILE: list[tuple[str, bytes, str]] = [
+    ("sensors/cam-1/digits", b"\x00" * (1_048_576 + 1), "payload_too_large"),
+    ("sensors/cam-1/digits", b"\x91" * 100_000, "malformed"),
+    ("sensors/cam-1/digits", b"\xdd\xff\xff\xff\xff", "malformed"),
+    ("sensors/cam-1/digits", b"{not json", "malformed"),
+    (
+        "sensors/cam-1/digits",
+        b'{"v":1,"seq":1,"dtype":"float32","shape":[8,8],"data":[1.0,2.0]}',
+        "bad_shape",
+    ),
+    (
+        "sensors/cam-1/digits",
+        msgspec.msgpack.encode(
+            {
+                "v": 1,
+                "seq": 2,
+                "dtype": "float32",
+                "shape": [8, 8],
+                "data": np.full(64, np.nan, np.float32).tobytes(),
+            }
+        ),
+        "non_finite",
+    ),
+    (
+        "sensors/cam-1/digits",
+        msgspec.msgpack.encode(
+            {
+                "v": 1,
+                "seq": 3,
+                "dtype": "float32",
+                "shape": [4, 4],
+                "data": np.zeros(16, np.float32).tobytes(),
+            }
+        ),
+        "bad_shape",
+    ),
+    (
+        "sensors/cam-1/digits",
+        msgspec.msgpack.encode(
+            {"v": 1, "seq": 4, "dtype": "int8", "shape": [8, 8], "data": bytes(64)}
+        ),
+        "bad_dtype",
+    ),
+    ("sensors/cam-1/digits/extra", b"{}", "bad_topic"),
+]
+
+
+def test_hostile_input_is_dead_lettered_and_the_node_keeps_serving(mosquitto: BrokerInfo) -> None:
+    async def scenario() -> None:
+        async with running_node(
+            mosquitto, topics={"subscriptions": ["sensors/#"]}, batching={"max_wait_ms": 0}
+        ) as h:
+            for topic, payload, _ in HOSTILE:
+                await h.send(payload, topic=topic)
+            await h.send(frame_bytes(99, HOLDOUT.images[0]))
+            await h.seen.wait_for(
+                lambda: len(h.messages("deadletter")) >= len(HOSTILE) and len(_results(h)) >= 1
+            )
+            letters = [decode_deadletter(m.payload) for m in h.messages("deadletter")]
+            assert [d.reason for d in letters] == [reason for _, _, reason in HOSTILE]
+            assert [d.topic for d in letters] == [t for t, _, _ in HOSTILE]
+            assert letters[0].payload_bytes == 1_048_577 and len(letters[0].payload_head) == 64
+            assert _results(h)[0].frame_seq == 99
+            expected: dict[str, int] = {}
+            for _, _, reason in HOSTILE:
+                expected[reason] = expected.get(reason, 0) + 1
+            assert dict(h.node.stats.rejects) == expected
+            # Every rejected QoS 1 frame was acknowledged: nothing is left for redelivery.
+            assert h.node._acker.outstanding == 0
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("qos", [0, 1])
+def test_qos0_and_qos1_frames_are_both_served(mosquitto: BrokerInfo, qos: int) -> None:
+    async def scenario() -> None:
+        async with running_node(mosquitto) as h:
+            for i in range(5):
+                await h.send(frame_bytes(i, HOLDOUT.images[i]), qos=qos)
+            await h.seen.wait_for(lambda: len(_results(h)) >= 5)
+            assert sorted(r.frame_seq for r in _results(h)) == [0, 1, 2, 3, 4]
+
+    asyncio.run(scenario())
