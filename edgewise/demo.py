@@ -142,7 +142,9 @@ async def run_demo(
     async with contextlib.AsyncExitStack() as stack:
         info = await _start_broker(stack, broker_url, console)
         report.broker = f"{info.kind} {info.url}"
-        mqtt = MqttConfig(host=info.host, port=info.port)
+        # amqtt speaks MQTT 3.1.1 only: say so up front instead of waiting for the fallback.
+        protocol = "3.1.1" if info.kind == "embedded" else "auto"
+        mqtt = MqttConfig(host=info.host, port=info.port, protocol=protocol)
         viewer = await stack.enter_async_context(
             MqttSession(
                 mqtt,

@@ -7,7 +7,8 @@ Tree::
 
     MqttError
     ├── ConnectFailed          the broker could not be reached or refused the CONNECT
-    │   └── ProtocolRefused    the broker refused the MQTT version (5 → 3.1.1 fallback)
+    │   ├── ProtocolRefused    the broker refused the MQTT version (5 → 3.1.1 fallback)
+    │   └── NoConnack          the socket connected but no CONNACK came before the timeout
     ├── Disconnected           the connection dropped before an awaited acknowledgement arrived
     ├── PublishFailed          the client refused to queue a publish (e.g. payload too large)
     └── PublishRejected        the broker's PUBACK carried a failure reason code (MQTT 5)
@@ -30,6 +31,14 @@ class ConnectFailed(MqttError):
 
 class ProtocolRefused(ConnectFailed):
     """The broker refused the requested MQTT protocol version."""
+
+
+class NoConnack(ConnectFailed):
+    """The TCP connection was made but the broker never answered the CONNECT.
+
+    Some MQTT 3.1.1-only brokers (amqtt) misread an MQTT 5 CONNECT and wait for bytes that never
+    come, so in ``protocol = "auto"`` this also triggers one MQTT 3.1.1 attempt.
+    """
 
 
 class Disconnected(MqttError):

@@ -40,6 +40,7 @@ from mqtt_session.errors import (
     ConnectFailed,
     Disconnected,
     MqttError,
+    NoConnack,
     ProtocolRefused,
     PublishFailed,
     PublishRejected,
@@ -125,6 +126,7 @@ class MqttSession:
         self._manual_ack = manual_ack
         self._persistent = persistent
         self._protocol: Protocol = "3.1.1" if config.protocol == "3.1.1" else "5"
+        self._protocol_on_trial = False
         self._subscriptions: dict[str, Subscription] = {}
         self._client: paho.Client | None = None
         self._connection = 0
@@ -277,12 +279,27 @@ class MqttSession:
                     log.warning("broker refused MQTT 5 (%s); falling back to MQTT 3.1.1", exc)
                     self._protocol = "3.1.1"
                     continue
+                self._end_protocol_trial()
+                await self._after_failure(exc)
+                continue
+            except NoConnack as exc:
+                self._close_client()
+                if self.config.protocol == "auto" and self._protocol == "5":
+                    # Silence to an MQTT 5 CONNECT may mean a 3.1.1-only broker: try that once,
+                    # and keep it only if it works.
+                    log.warning("no answer to an MQTT 5 CONNECT; trying MQTT 3.1.1")
+                    self._protocol = "3.1.1"
+                    self._protocol_on_trial = True
+                    continue
+                self._end_protocol_trial()
                 await self._after_failure(exc)
                 continue
             except (ConnectFailed, OSError, TimeoutError) as exc:
                 self._close_client()
+                self._end_protocol_trial()
                 await self._after_failure(exc)
                 continue
+            self._protocol_on_trial = False  # MQTT 3.1.1 on trial worked: keep it
             self._backoff.reset()
             self.stats.connects += 1
             if self.stats.connects > 1:
@@ -308,6 +325,12 @@ class MqttSession:
                 delay = self._backoff.next_delay_s()
                 log.warning("disconnected from broker; reconnecting in %.2f s", delay)
                 await asyncio.sleep(delay)
+
+    def _end_protocol_trial(self) -> None:
+        """MQTT 3.1.1 on trial failed too: the broker was just down, so speak MQTT 5 again."""
+        if self._protocol_on_trial:
+            self._protocol = "5"
+            self._protocol_on_trial = False
 
     async def _after_failure(self, exc: BaseException) -> None:
         self.stats.connect_failures += 1
@@ -396,7 +419,7 @@ class MqttSession:
             self._connected.set()
             return info
         if not self._lost.is_set():
-            raise ConnectFailed("no CONNACK before the connect timeout")
+            raise NoConnack("no CONNACK before the connect timeout")
         if self._protocol == "5":
             # A 3.1.1-only broker may close the socket instead of answering an MQTT 5 CONNECT.
             raise ProtocolRefused("connection closed before CONNACK")

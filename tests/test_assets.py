@@ -104,9 +104,7 @@ def test_graphs_are_valid_and_loadable_by_onnxruntime_1_17(key: str) -> None:
 def test_the_build_script_reproduces_the_heldout_split(
     holdout: tuple[np.ndarray, np.ndarray], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Regenerate the split the way the build script does (needs the build-models extra)."""
-    pytest.importorskip("sklearn", reason="scikit-learn (the build-models extra) is not installed")
-    pytest.importorskip("skl2onnx", reason="skl2onnx (the build-models extra) is not installed")
+    """Regenerate the split the way the build script does (scikit-learn is in the test extra)."""
     spec = importlib.util.spec_from_file_location(
         "build_digits_models", REPO / "scripts" / "build_digits_models.py"
     )
