@@ -60,6 +60,12 @@ class BatchingConfig(BaseModel):
 
     max_batch_size: int = Field(64, ge=1, le=4096)
     max_wait_ms: float = Field(1.0, ge=0, le=1000)
+    max_pending_frames: int = Field(
+        10_000,
+        ge=1,
+        description="frames waiting for inference before QoS 0 frames are refused (overloaded);"
+        " QoS 1 frames are bounded by mqtt.receive_maximum",
+    )
 
 
 class LimitsConfig(BaseModel):

@@ -37,6 +37,7 @@ from mqtt_session import (
 )
 from schemas import (
     ContractError,
+    DeadLetterReason,
     Frame,
     Result,
     ResultBatch,
@@ -91,6 +92,7 @@ class EdgeNode:
         self.reasons: list[str] = []
         self._seq = 0
         self._results_as_json = config.results_encoding == "json"
+        self._max_pending = config.batching.max_pending_frames
         self._draining = False
         self._results_in_flight: set[asyncio.Future[None]] = set()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
@@ -230,6 +232,10 @@ class EdgeNode:
             return
         self.stats.frames_in += 1
         ticket = self._acker.track(msg)
+        if msg.qos == 0 and len(self._batcher) >= self._max_pending:
+            # QoS 1 input is bounded by the Receive Maximum we give the broker; QoS 0 is not.
+            self._reject(msg, "overloaded", f"{len(self._batcher)} frames wait for inference")
+            return
         try:
             device, sensor = self.topics.parse_sensor(msg.topic)
             frame = decode_frame(msg.payload, self.limits)
@@ -240,7 +246,7 @@ class EdgeNode:
             return
         self._batcher.add(_Pending(ticket, device, sensor, frame))
 
-    def _reject(self, msg: Inbound, reason: str, detail: str) -> None:
+    def _reject(self, msg: Inbound, reason: DeadLetterReason, detail: str) -> None:
         self.stats.rejects[reason] += 1
         self.deadletters.reject(msg.topic, msg.payload, reason, detail)
 

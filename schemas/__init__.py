@@ -58,7 +58,14 @@ Topics
 
 from .anydecode import decode_any
 from .deadletter import DeadLetter, decode_deadletter, encode_deadletter
-from .errors import REASON_CODES, ContractError, ReasonCode
+from .errors import (
+    DEADLETTER_REASONS,
+    REASON_CODES,
+    ContractError,
+    DeadLetterReason,
+    NodeRejectReason,
+    ReasonCode,
+)
 from .frame import Frame, decode_frame, encode_frame
 from .ids import new_id
 from .limits import DEFAULT_LIMITS, Limits
@@ -69,14 +76,17 @@ from .topics import Topics, validate_filter, validate_level, validate_topic
 from .wire import VERSION
 
 __all__ = [
+    "DEADLETTER_REASONS",
     "DEFAULT_LIMITS",
     "DTYPES",
     "REASON_CODES",
     "VERSION",
     "ContractError",
     "DeadLetter",
+    "DeadLetterReason",
     "Frame",
     "Limits",
+    "NodeRejectReason",
     "ReasonCode",
     "Result",
     "ResultBatch",

@@ -18,6 +18,17 @@ ReasonCode = Literal[
 
 REASON_CODES: frozenset[str] = frozenset(get_args(ReasonCode))
 
+NodeRejectReason = Literal[
+    "inference_failed",
+    "non_finite_output",
+    "overloaded",
+]
+"""Why a node refuses a frame that kept the contract (its own state, not the input's fault)."""
+
+DeadLetterReason = ReasonCode | NodeRejectReason
+DEADLETTER_REASONS: frozenset[str] = REASON_CODES | frozenset(get_args(NodeRejectReason))
+"""Every ``reason`` a dead letter can carry."""
+
 
 class ContractError(ValueError):
     """A message, tensor or topic broke the wire contract.

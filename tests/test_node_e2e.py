@@ -158,3 +158,28 @@ def test_qos0_and_qos1_frames_are_both_served(mosquitto: BrokerInfo, qos: int) -
             assert sorted(r.frame_seq for r in _results(h)) == [0, 1, 2, 3, 4]
 
     asyncio.run(scenario())
+
+
+def test_qos0_flood_beyond_the_pending_bound_is_refused_as_overloaded(
+    mosquitto: BrokerInfo,
+) -> None:
+    async def scenario() -> None:
+        # One frame may wait; the batcher holds it for up to a second, so the rest find it full.
+        batching = {"max_pending_frames": 1, "max_wait_ms": 1000, "max_batch_size": 64}
+        async with running_node(mosquitto, batching=batching) as h:
+            for i in range(5):
+                await h.send(frame_bytes(i, HOLDOUT.images[i]), qos=0)
+            await h.seen.wait_for(
+                lambda: len(h.messages("deadletter")) >= 4 and len(_results(h)) >= 1
+            )
+            letters = [decode_deadletter(m.payload) for m in h.messages("deadletter")]
+            assert [d.reason for d in letters] == ["overloaded"] * 4
+            assert [r.frame_seq for r in _results(h)] == [0]
+            # QoS 1 frames are bounded by the broker's flow control, never refused this way.
+            for i in range(5, 10):
+                await h.send(frame_bytes(i, HOLDOUT.images[i]), qos=1)
+            await h.seen.wait_for(lambda: len(_results(h)) >= 6)
+            assert sorted(r.frame_seq for r in _results(h)) == [0, 5, 6, 7, 8, 9]
+            assert h.node.stats.rejects == {"overloaded": 4}
+
+    asyncio.run(scenario())
