@@ -13,11 +13,19 @@ import socket
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -45,6 +53,11 @@ class ModelConfig(BaseModel):
     output: Literal["probabilities", "logits"] = "probabilities"
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     intra_op_threads: int = Field(1, ge=1, le=64)
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _empty_path_is_bundled(cls, v: object) -> object:
+        return None if v == "" else v
 
     def resolved_path(self) -> Path:
         return self.path if self.path is not None else bundled_asset("digits_edge.onnx")
@@ -106,6 +119,14 @@ class TopicsConfig(BaseModel):
             except ContractError as exc:
                 raise ValueError(exc.detail) from None
         return v
+
+    @model_validator(mode="after")
+    def _roots_are_topic_levels(self) -> TopicsConfig:
+        try:
+            self.to_topics()
+        except ContractError as exc:
+            raise ValueError(exc.detail) from None
+        return self
 
     def to_topics(self) -> Topics:
         return Topics(
@@ -190,6 +211,11 @@ def load_settings(cls: type[_S], path: Path | str | None, overrides: dict[str, A
         return target(**overrides)
     except ValidationError as exc:
         raise ConfigError(_explain(exc, source)) from None
+    except SettingsError as exc:  # an EDGEWISE_* value that is not valid JSON for a list/dict
+        raise ConfigError(
+            f"invalid configuration (from {source}): {exc}; list and table values in EDGEWISE_*"
+            " variables are JSON, e.g. EDGEWISE_MODEL__PROVIDERS='[\"CPUExecutionProvider\"]'"
+        ) from None
     except (OSError, ValueError) as exc:  # unreadable or malformed TOML
         raise ConfigError(f"cannot read config {path}: {exc}") from None
 
@@ -205,6 +231,17 @@ def _explain(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def env_names() -> list[str]:
-    """The EDGEWISE_* variables currently set (for diagnostics)."""
-    return sorted(k for k in os.environ if k.startswith("EDGEWISE_"))
+OTHER_COMMANDS_ENV = frozenset({"EDGEWISE_BROKER", "EDGEWISE_VENV"})
+"""EDGEWISE_* variables read by other commands (``watch``, ``dev.sh``), not by the node."""
+
+
+def unknown_env_names(cls: type[BaseSettings] = NodeConfig) -> list[str]:
+    """EDGEWISE_* variables set now that no setting reads (typos such as EDGEWISE_NODEID).
+
+    Unknown nested keys (``EDGEWISE_MQTT__HOSTT``) already fail validation; a top-level name
+    that matches no field is silently ignored by pydantic-settings, so the node warns about it.
+    """
+    known = {f"EDGEWISE_{name.upper()}" for name in cls.model_fields} | OTHER_COMMANDS_ENV
+    return sorted(
+        k for k in os.environ if k.startswith("EDGEWISE_") and k.split("__")[0] not in known
+    )

@@ -32,7 +32,9 @@ class DeadLetters:
         self._topic = topic
         self._publish = publish
         self._rate = max_per_s
-        self._tokens = max_per_s
+        # A bucket holds at least one token, so a rate below 1/s still lets letters through.
+        self._capacity = max(1.0, max_per_s) if max_per_s > 0 else 0.0
+        self._tokens = self._capacity
         self._clock = clock
         self._last_refill = clock()
         self._log_interval_s = log_interval_s
@@ -51,7 +53,7 @@ class DeadLetters:
         self.by_reason[reason] += 1
         now = self._clock()
         self._log(reason, topic, detail, now)
-        self._tokens = min(self._rate, self._tokens + (now - self._last_refill) * self._rate)
+        self._tokens = min(self._capacity, self._tokens + (now - self._last_refill) * self._rate)
         self._last_refill = now
         if self._tokens < 1.0:
             self.suppressed += 1

@@ -78,7 +78,7 @@ def node(
     Settings come from --config, then EDGEWISE_* environment variables (nested keys joined with
     `__`, e.g. EDGEWISE_MQTT__HOST), then these flags. SIGTERM drains in-flight frames and exits 0.
     """
-    from edge_node.config import NodeConfig
+    from edge_node.config import NodeConfig, unknown_env_names
     from edge_node.errors import EdgeNodeError
     from edge_node.service import run_node
 
@@ -93,6 +93,10 @@ def node(
                 update={"mqtt": cfg.mqtt.model_copy(update={"host": m.host, "port": m.port})}
             )
         _logging(cfg.log_level)
+        for name in unknown_env_names():
+            logging.getLogger("edgewise").warning(
+                "%s is set but no setting reads it (a typo?); see docs/configuration.md", name
+            )
         code = asyncio.run(run_node(cfg))
     except EdgeNodeError as exc:
         _fail(str(exc))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class MqttConfig(BaseModel):
@@ -38,6 +38,15 @@ class MqttConfig(BaseModel):
     password_file: Path | None = None
     tls_ca_file: Path | None = None
     tls_insecure: bool = False
+
+    @model_validator(mode="after")
+    def _cap_not_below_first(self) -> MqttConfig:
+        if self.reconnect_cap_s < self.reconnect_first_s:
+            raise ValueError(
+                f"reconnect_cap_s ({self.reconnect_cap_s}) must be >= reconnect_first_s"
+                f" ({self.reconnect_first_s})"
+            )
+        return self
 
     def resolved_password(self) -> str | None:
         if self.password is not None:

@@ -12,6 +12,8 @@ class Inbound:
 
     ``connection`` is the number of the connection it arrived on; acknowledging a message from a
     connection that has since dropped does nothing (the broker redelivers it on the new one).
+    ``dup`` is the DUP flag: the broker may have delivered this message before (a redelivery
+    after a reconnect), so an application that keeps state per message should look it up.
     """
 
     topic: str
@@ -22,3 +24,4 @@ class Inbound:
     connection: int
     received_at: float
     properties: Any = None
+    dup: bool = False

@@ -611,6 +611,7 @@ class MqttSession:
             connection=self._connection,
             received_at=time.monotonic(),
             properties=getattr(msg, "properties", None),
+            dup=bool(msg.dup),
         )
         try:
             handler(inbound)

@@ -87,3 +87,16 @@ def test_deadletters_are_capped_and_counted() -> None:
     assert (letter.reason, letter.topic, letter.payload_bytes) == ("bad_shape", "sensors/a/b", 1)
     first = decode_deadletter(sent[0][1])
     assert first.payload_head == b"\x91" * 64 and first.payload_bytes == 100
+
+
+def test_deadletter_rate_below_one_per_second_still_publishes() -> None:
+    sent: list[str] = []
+    now = [0.0]
+    letters = DeadLetters("n", "edge/n/deadletter", lambda t, p: sent.append(t),
+                          max_per_s=0.5, clock=lambda: now[0])  # fmt: skip
+    letters.reject("sensors/a/b", b"x", "malformed", "x")
+    letters.reject("sensors/a/b", b"x", "malformed", "x")
+    assert (len(sent), letters.suppressed) == (1, 1)
+    now[0] += 2.0  # one token back after 2 s at 0.5/s
+    letters.reject("sensors/a/b", b"x", "malformed", "x")
+    assert len(sent) == 2

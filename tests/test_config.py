@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_node.config import NodeConfig
+from edge_node.config import NodeConfig, unknown_env_names
 from edge_node.errors import ConfigError
 
 
@@ -54,6 +54,8 @@ def test_config_is_frozen() -> None:
         ('node_id = "gw+"\n', "node_id"),
         ('[topics]\nsubscriptions = ["sensors/#/x"]\n', "topics.subscriptions"),
         ('[model]\noutput = "softmax"\n', "model.output"),
+        ('[topics]\nedge_root = "a/+"\n', "topics"),
+        ("[mqtt]\nreconnect_first_s = 2.0\nreconnect_cap_s = 1.0\n", "mqtt"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, text: str, key: str) -> None:
@@ -71,8 +73,28 @@ def test_bad_env_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "EDGEWISE_BATCHING__MAX_BATCH_SIZE" in str(info.value)
 
 
+def test_list_env_value_that_is_not_json_says_how(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGEWISE_MODEL__PROVIDERS", "CPUExecutionProvider")
+    with pytest.raises(ConfigError, match="are JSON") as info:
+        NodeConfig.load()
+    assert "EDGEWISE_MODEL__PROVIDERS" in str(info.value)
+
+
+def test_empty_model_path_means_the_bundled_model(tmp_path: Path) -> None:
+    cfg = NodeConfig.load(_write(tmp_path, '[model]\npath = ""\n'))
+    assert cfg.model.path is None
+    assert cfg.model.resolved_path().name == "digits_edge.onnx"
+
+
 def test_missing_and_malformed_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         NodeConfig.load(tmp_path / "nope.toml")
     with pytest.raises(ConfigError, match="cannot read config"):
         NodeConfig.load(_write(tmp_path, "node_id = [unclosed\n"))
+
+
+def test_unknown_top_level_env_names_are_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGEWISE_NODEID", "typo")
+    monkeypatch.setenv("EDGEWISE_MQTT__HOST", "10.0.0.9")
+    monkeypatch.setenv("EDGEWISE_BROKER", "mqtt://x")
+    assert unknown_env_names() == ["EDGEWISE_NODEID"]
