@@ -72,7 +72,13 @@ class BatchingConfig(BaseModel):
     model_config = _FROZEN
 
     max_batch_size: int = Field(64, ge=1, le=4096)
-    max_wait_ms: float = Field(1.0, ge=0, le=1000)
+    max_wait_ms: float = Field(
+        0.0,
+        ge=0,
+        le=1000,
+        description="how long the first frame of a batch waits for more; 0 = run at once"
+        " (under load batches still fill while the previous one runs)",
+    )
     max_pending_frames: int = Field(
         10_000,
         ge=1,

@@ -26,7 +26,8 @@ from edge_node.acks import InOrderAcker, Ticket
 from edge_node.batcher import MicroBatcher
 from edge_node.config import NodeConfig
 from edge_node.deadletter import DeadLetters
-from edge_node.model import ServedModel
+from edge_node.inference import AdaptiveRunner
+from edge_node.model import Prediction, ServedModel
 from mqtt_session import (
     ConnectInfo,
     Inbound,
@@ -96,6 +97,8 @@ class EdgeNode:
         self._draining = False
         self._results_in_flight: set[asyncio.Future[None]] = set()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._inference: AdaptiveRunner[np.ndarray, Prediction] | None = None
+        self._inference_for: ServedModel | None = None
         self._tasks: asyncio.TaskGroup | None = None
         self._runner: asyncio.Task[None] | None = None
         self.session = MqttSession(
@@ -122,6 +125,13 @@ class EdgeNode:
         )
 
     # ------------------------------------------------------------------ lifecycle
+    async def _infer(self, inputs: np.ndarray) -> Prediction:
+        model = self.model
+        if self._inference is None or self._inference_for is not model:
+            self._inference = AdaptiveRunner(model.predict, self._pool)
+            self._inference_for = model
+        return await self._inference(inputs)
+
     @property
     def model(self) -> ServedModel:
         assert self._model is not None, "the node's model is loaded on entering the context"
@@ -251,11 +261,10 @@ class EdgeNode:
         self.deadletters.reject(msg.topic, msg.payload, reason, detail)
 
     async def _process(self, batch: list[_Pending]) -> None:
-        loop = asyncio.get_running_loop()
         model = self.model
         try:
             inputs = np.stack([p.frame.tensor for p in batch])
-            pred = await loop.run_in_executor(self._pool, model.predict, inputs)
+            pred = await self._infer(inputs)
         except Exception as exc:  # a runtime failure must not stop the node
             self.stats.inference_errors += 1
             log.exception("inference failed on a batch of %d", len(batch))

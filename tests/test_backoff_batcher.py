@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from edge_node.batcher import MicroBatcher
 from edge_node.deadletter import DeadLetters
+from edge_node.inference import AdaptiveRunner
 from mqtt_session import Backoff
 from schemas import decode_deadletter
 
@@ -100,3 +104,31 @@ def test_deadletter_rate_below_one_per_second_still_publishes() -> None:
     now[0] += 2.0  # one token back after 2 s at 0.5/s
     letters.reject("sensors/a/b", b"x", "malformed", "x")
     assert len(sent) == 2
+
+
+def test_adaptive_runner_moves_slow_calls_to_a_thread_and_back() -> None:
+    cost_s = [0.0]
+    threads: list[str] = []
+
+    def model(x: int) -> int:
+        threads.append(threading.current_thread().name)
+        time.sleep(cost_s[0])  # stands in for the model's own work
+        return x * 2
+
+    async def scenario() -> None:
+        with ThreadPoolExecutor(1, thread_name_prefix="infer") as pool:
+            runner = AdaptiveRunner(model, pool, thread_above_s=0.002, smoothing=1.0)
+            assert await runner(1) == 2
+            assert not runner.on_thread
+            cost_s[0] = 0.01
+            assert await runner(2) == 4  # measured slow: the next call goes to the thread
+            assert runner.on_thread
+            cost_s[0] = 0.0
+            assert await runner(3) == 6  # ran on the thread, measured fast: back inline
+            assert not runner.on_thread
+            assert await runner(4) == 8
+
+    asyncio.run(scenario())
+    main = threading.main_thread().name
+    assert threads == [main, main, threads[2], main]
+    assert threads[2].startswith("infer")
