@@ -128,6 +128,9 @@ class MqttSession:
         self._protocol: Protocol = "3.1.1" if config.protocol == "3.1.1" else "5"
         self._protocol_on_trial = False
         self._subscriptions: dict[str, Subscription] = {}
+        # Not yet confirmed by a SUBACK: a session the broker kept (Session Present = 1) may lack
+        # them, so they are sent again on reconnect.
+        self._unconfirmed: dict[str, Subscription] = {}
         self._client: paho.Client | None = None
         self._connection = 0
         self._connected = asyncio.Event()
@@ -209,9 +212,11 @@ class MqttSession:
         no_local: bool = False,
         retain_as_published: bool = False,
     ) -> None:
-        """Subscribe now (if connected) and after every reconnect that lost the session."""
+        """Subscribe now (if connected) and after every reconnect that lost the session (or that
+        came before this subscription's SUBACK)."""
         sub = Subscription(topic_filter, qos, no_local, retain_as_published)
         self._subscriptions[topic_filter] = sub
+        self._unconfirmed[topic_filter] = sub
         if self._client is not None and self._connected.is_set():
             self._send_subscribe([sub])
 
@@ -231,7 +236,7 @@ class MqttSession:
         assert self._loop is not None, "use the session inside 'async with'"
         fut: asyncio.Future[None] = self._loop.create_future()
         client = self._client
-        if client is None or not self._connected.is_set():
+        if client is None or not self._connected.is_set() or self._lost.is_set():
             fut.set_exception(Disconnected("not connected"))
             return fut
         try:
@@ -346,8 +351,12 @@ class MqttSession:
         await asyncio.sleep(delay)
 
     async def _after_connect(self, info: ConnectInfo) -> None:
-        if not info.session_present and self._subscriptions:
-            await self._subscribe_and_wait(list(self._subscriptions.values()))
+        if info.session_present and self.stats.connects == 1:
+            # A session kept from an earlier run holds the service's subscriptions (ADR 0002).
+            self._unconfirmed.clear()
+        subs = self._unconfirmed if info.session_present else self._subscriptions
+        if subs:
+            await self._subscribe_and_wait(list(subs.values()))
         if self._on_connect is not None:
             await self._on_connect(info)
 
@@ -416,13 +425,17 @@ class MqttSession:
             raise ConnectFailed(paho.error_string(rc))
         if await self._unless_lost(self._connack, self.config.connect_timeout_s):
             info = self._connack.result()
+            if self._lost.is_set():  # CONNACK, then the socket closed at once
+                raise ConnectFailed(self.last_error or "connection closed right after CONNACK")
             self._connected.set()
             return info
         if not self._lost.is_set():
             raise NoConnack("no CONNACK before the connect timeout")
         if self._protocol == "5":
-            # A 3.1.1-only broker may close the socket instead of answering an MQTT 5 CONNECT.
-            raise ProtocolRefused("connection closed before CONNACK")
+            # A 3.1.1-only broker may close the socket instead of answering an MQTT 5 CONNECT, but
+            # so does a broker going down or a proxy without a broker: not a refusal, so MQTT 3.1.1
+            # gets one try and is kept only if it works.
+            raise NoConnack("connection closed before CONNACK")
         raise ConnectFailed(self.last_error or "connection closed before CONNACK")
 
     async def _unless_lost(self, fut: asyncio.Future[Any], timeout_s: float | None = None) -> bool:
@@ -440,7 +453,7 @@ class MqttSession:
         fut = self._send_subscribe(subs)
         if fut is None:
             raise Disconnected("not connected")
-        if not await self._unless_lost(fut):
+        if not await self._unless_lost(fut) or fut.cancelled():
             raise Disconnected("connection lost before SUBACK")
         for sub, code in zip(subs, fut.result(), strict=False):
             if code >= 0x80:
@@ -470,7 +483,15 @@ class MqttSession:
             return None
         fut: asyncio.Future[list[int]] = self._loop.create_future()
         self._suback[mid] = fut
+        fut.add_done_callback(lambda f: self._confirmed(f, subs))
         return fut
+
+    def _confirmed(self, suback: asyncio.Future[list[int]], subs: list[Subscription]) -> None:
+        if suback.cancelled():
+            return
+        for sub in subs:
+            if self._unconfirmed.get(sub.topic_filter) is sub:
+                del self._unconfirmed[sub.topic_filter]
 
     async def _misc_loop(self) -> None:
         while True:
@@ -536,10 +557,25 @@ class MqttSession:
     def _read(self, client: paho.Client) -> None:
         if client is self._client:
             client.loop_read()
+        else:
+            self._drop_stale(client)
 
     def _write(self, client: paho.Client) -> None:
         if client is self._client:
             client.loop_write()
+        else:
+            self._drop_stale(client)
+
+    def _drop_stale(self, client: paho.Client) -> None:
+        """Close the socket of a connect given up on (it finished in the executor after
+        connect_timeout_s): left registered, it would wake the loop on every iteration."""
+        sock = client.socket()
+        if sock is None or self._loop is None:
+            return
+        with contextlib.suppress(Exception):
+            self._loop.remove_reader(sock)
+            self._loop.remove_writer(sock)
+            sock.close()
 
     def _on_connect_cb(
         self,
@@ -592,7 +628,11 @@ class MqttSession:
             return
         if reason_code.is_failure:
             self.last_error = str(reason_code)
+        # Now, not when _run gets to it: _run may itself be awaiting one of these futures (an
+        # on_connect hook that publishes), and `connected` must not outlive the connection.
+        self._connected.clear()
         self._lost.set()
+        self._fail_pending(Disconnected("session closed" if self._stopping else "connection lost"))
 
     def _on_message_cb(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         handler = self._on_message
