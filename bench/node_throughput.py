@@ -276,6 +276,7 @@ class NodeProcess:
             EDGEWISE_NODE_ID=node_id,
             EDGEWISE_MQTT__HOST=host,
             EDGEWISE_MQTT__PORT=str(port),
+            EDGEWISE_STORAGE__STATE_DIR=str(workdir / "state"),
             **extra_env,
         )
         self.env = env
@@ -1020,7 +1021,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max-wait-ms",
         type=float,
         default=None,
-        help="node's EDGEWISE_BATCHING__MAX_WAIT_MS (default: the node's own, 1.0)",
+        help="node's EDGEWISE_BATCHING__MAX_WAIT_MS (default: the node's own, 0.0)",
     )
     p.add_argument("--write", type=Path, default=None, help="update this Markdown file")
     p.add_argument("--label", default="default", help="which generated block of --write to replace")

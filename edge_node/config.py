@@ -31,6 +31,8 @@ from pydantic_settings import (
 
 from edge_node.errors import ConfigError
 from mqtt_session import MqttConfig
+from outbox import OutboxConfig
+from outbox.config import MIN_MAX_BYTES
 from schemas import ContractError, Limits, Topics, validate_filter, validate_level
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
@@ -80,10 +82,10 @@ class BatchingConfig(BaseModel):
         " (under load batches still fill while the previous one runs)",
     )
     max_pending_frames: int = Field(
-        10_000,
+        2_000,
         ge=1,
-        description="frames waiting for inference before QoS 0 frames are refused (overloaded);"
-        " QoS 1 frames are bounded by mqtt.receive_maximum",
+        description="frames waiting for inference before the node stops reading from the"
+        " broker (TCP backpressure) until half of them are done",
     )
 
 
@@ -147,6 +149,49 @@ class TopicsConfig(BaseModel):
         return self.subscriptions or (self.to_topics().sensor_filter(),)
 
 
+class StorageConfig(BaseModel):
+    """Where the node keeps what must survive it: the outbox of results waiting for the broker."""
+
+    model_config = _FROZEN
+
+    state_dir: Path = Field(
+        Path("edgewise-state"),
+        description="directory of the node's outbox file ({node_id}.outbox.db); created if missing",
+    )
+    outbox_max_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=MIN_MAX_BYTES,
+        description="bound of the outbox file (database + write-ahead log) on disk",
+    )
+    synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = Field(
+        "FULL", description="SQLite synchronous mode: FULL survives power loss, NORMAL a crash"
+    )
+    eviction_order: tuple[str, ...] = Field(
+        ("telemetry", "hard_example", "event", "result"),
+        min_length=1,
+        description="record kinds, evicted first to last when the outbox is full",
+    )
+    answered_keep: int = Field(
+        100_000, ge=0, description="frame keys remembered so a redelivered frame is not re-answered"
+    )
+    uplink_window: int = Field(
+        256,
+        ge=1,
+        le=65535,
+        description="outbox records in flight to the broker at once (also capped by the"
+        " broker's Receive Maximum)",
+    )
+
+    def outbox_config(self, node_id: str) -> OutboxConfig:
+        return OutboxConfig(
+            path=self.state_dir / f"{node_id}.outbox.db",
+            max_bytes=self.outbox_max_bytes,
+            synchronous=self.synchronous,
+            eviction_order=self.eviction_order,
+            answered_keep=self.answered_keep,
+        )
+
+
 def _level(v: str) -> str:
     try:
         return validate_level(v)
@@ -170,6 +215,7 @@ class NodeConfig(BaseSettings):
     batching: BatchingConfig = BatchingConfig()
     limits: LimitsConfig = LimitsConfig()
     topics: TopicsConfig = TopicsConfig()
+    storage: StorageConfig = StorageConfig()
     results_encoding: Literal["msgpack", "json"] = Field(
         "msgpack", description="wire format of result batches; json for plain MQTT tools"
     )

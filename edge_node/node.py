@@ -1,10 +1,14 @@
-"""The edge node: sensor frames in, local inference, result batches out.
+"""The edge node: sensor frames in, local inference, result batches out through a durable outbox.
 
 Per frame: parse the topic, decode and validate the frame (size cap first), check it fits the
-model, micro-batch, run the model on an inference thread, publish one results message per batch
-(QoS 1), and acknowledge the frames to the broker, in arrival order, once the broker has
-acknowledged their results. Anything that breaks the contract is dead-lettered and acknowledged
-at once; nothing from the network can stop the node.
+model, micro-batch, run the model on an inference thread, and store one results message per
+batch in the SQLite outbox. A frame is acknowledged to the broker (in arrival order, in batches)
+only once its result is durable; the forwarder then publishes the outbox to the broker and
+deletes each record after its PUBACK. Anything that breaks the contract is dead-lettered and
+acknowledged at once; nothing from the network can stop the node.
+
+A frame the broker redelivers (DUP flag, after a reconnect or a crash) whose result is already
+in the outbox is acknowledged without a second inference, so each frame gets one result id.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from edge_node.acks import InOrderAcker, Ticket
 from edge_node.batcher import MicroBatcher
 from edge_node.config import NodeConfig
 from edge_node.deadletter import DeadLetters
+from edge_node.errors import ConfigError
 from edge_node.inference import AdaptiveRunner
 from edge_node.model import Prediction, ServedModel
 from mqtt_session import (
@@ -36,6 +41,7 @@ from mqtt_session import (
     PublishRejected,
     Will,
 )
+from outbox import AsyncOutbox, Forwarder, Record, StorageFull
 from schemas import (
     ContractError,
     DeadLetterReason,
@@ -51,6 +57,8 @@ from schemas import (
 
 log = logging.getLogger(__name__)
 
+State = Literal["online", "offline", "degraded"]
+
 
 @dataclass(slots=True)
 class _Pending:
@@ -59,6 +67,11 @@ class _Pending:
     sensor: str
     frame: Frame
 
+    @property
+    def key(self) -> str:
+        """What identifies the frame across redeliveries: where it came from and its seq/ts."""
+        return f"{self.ticket.message.topic}\x00{self.frame.seq}\x00{self.frame.ts!r}"
+
 
 @dataclass(slots=True)
 class NodeStats:
@@ -66,7 +79,9 @@ class NodeStats:
 
     frames_in: int = 0
     frames_ignored_draining: int = 0
+    frames_already_answered: int = 0
     results_out: int = 0
+    results_stored: int = 0
     results_acked: int = 0
     result_messages: int = 0
     publish_failures: int = 0
@@ -89,18 +104,18 @@ class EdgeNode:
         self._model = model
         self.boot_id = str(uuid.uuid4())
         self.stats = NodeStats()
-        self.state: Literal["online", "offline", "degraded"] = "online"
         self.reasons: list[str] = []
         self._seq = 0
         self._results_as_json = config.results_encoding == "json"
         self._max_pending = config.batching.max_pending_frames
+        self._results_topic = self.topics.results(self.node_id)
         self._draining = False
+        self._storing: set[asyncio.Task[None]] = set()
         self._results_in_flight: set[asyncio.Future[None]] = set()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._inference: AdaptiveRunner[np.ndarray, Prediction] | None = None
         self._inference_for: ServedModel | None = None
-        self._tasks: asyncio.TaskGroup | None = None
-        self._runner: asyncio.Task[None] | None = None
+        self._stack: contextlib.AsyncExitStack | None = None
         self.session = MqttSession(
             config.mqtt,
             client_id=f"edgewise-node-{self.node_id}",
@@ -111,6 +126,10 @@ class EdgeNode:
                 self._status_payload("offline", ["connection_lost"]),
             ),
         )
+        outbox_config = config.storage.outbox_config(self.node_id)
+        self._outbox_path = outbox_config.path
+        self.outbox = AsyncOutbox(outbox_config)
+        self.forwarder = Forwarder(self.outbox, self.session, window=config.storage.uplink_window)
         self._acker = InOrderAcker(self.session)
         self._batcher: MicroBatcher[_Pending] = MicroBatcher(
             self._process,
@@ -137,6 +156,10 @@ class EdgeNode:
         assert self._model is not None, "the node's model is loaded on entering the context"
         return self._model
 
+    @property
+    def state(self) -> State:
+        return "degraded" if self.reasons else "online"
+
     async def __aenter__(self) -> Self:
         if self._model is None:
             m = self.config.model
@@ -156,10 +179,36 @@ class EdgeNode:
             self.model.runtime.name,
             self.model.runtime.provider,
         )
-        await self.session.__aenter__()
-        for f in self.config.topics.sensor_filters():
-            self.session.subscribe(f, qos=1)
-        self._runner = asyncio.create_task(self._batcher.run(), name="edge-node-batcher")
+        try:
+            self._outbox_path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"storage.state_dir {self._outbox_path.parent} cannot be created: {exc}"
+            ) from None
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(self.outbox)
+            stored = self.outbox.stats()
+            if self.outbox.recovered_from is not None:
+                log.error(
+                    "the outbox was unreadable: kept it as %s and started a fresh one",
+                    self.outbox.recovered_from,
+                )
+            log.info(
+                "outbox %s: %d records (%d bytes) waiting from earlier runs",
+                self._outbox_path,
+                stored.rows,
+                stored.bytes,
+            )
+            await stack.enter_async_context(self.session)
+            for f in self.config.topics.sensor_filters():
+                self.session.subscribe(f, qos=1)
+            tasks = await stack.enter_async_context(asyncio.TaskGroup())
+            loops = [
+                tasks.create_task(self._batcher.run(), name="edge-node-batcher"),
+                tasks.create_task(self.forwarder.run(), name="edge-node-forwarder"),
+            ]
+            stack.callback(lambda: [t.cancel() for t in loops])
+            self._stack = stack.pop_all()
         return self
 
     async def __aexit__(
@@ -168,23 +217,25 @@ class EdgeNode:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._runner is not None:
-            self._runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._runner
-        await self.session.__aexit__(exc_type, exc, tb)
-        self._pool.shutdown(wait=True)
-        if self._model is not None:
-            self._model.close()
+        try:
+            if self._stack is not None:
+                await self._stack.__aexit__(exc_type, exc, tb)
+        finally:
+            self._pool.shutdown(wait=True)
+            if self._model is not None:
+                self._model.close()
 
     async def drain(self, timeout_s: float | None = None) -> bool:
         """Stop taking frames, finish the ones in hand, say offline; True if all finished in time.
 
         Frames that arrive from now on are left unacknowledged: the broker keeps them in the
-        node's persistent session and redelivers them when the node comes back.
+        node's persistent session and redelivers them when the node comes back. Results that are
+        stored but not yet delivered are sent while time remains and otherwise stay in the outbox
+        for the next start.
         """
         self._draining = True
         timeout_s = self.config.drain_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
         finished = True
         try:
             async with asyncio.timeout(timeout_s):
@@ -195,6 +246,12 @@ class EdgeNode:
                 "drain timed out after %.1f s; unfinished frames will be redelivered", timeout_s
             )
         if self.session.connected:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    await self.forwarder.wait_idle()
+            left = self.outbox.stats().rows
+            if left:
+                log.info("%d records stay in the outbox for the next start", left)
             with contextlib.suppress(MqttError, TimeoutError):
                 async with asyncio.timeout(2.0):
                     await self.session.publish(
@@ -206,13 +263,13 @@ class EdgeNode:
 
     async def _finish_in_flight(self) -> None:
         await self._batcher.wait_idle()
-        while self._results_in_flight:
-            await asyncio.gather(*list(self._results_in_flight), return_exceptions=True)
+        while self._storing or self._results_in_flight:
+            await asyncio.gather(
+                *list(self._storing), *list(self._results_in_flight), return_exceptions=True
+            )
 
     # ------------------------------------------------------------------ status
-    def _status_payload(
-        self, state: Literal["online", "offline", "degraded"], reasons: list[str]
-    ) -> bytes:
+    def _status_payload(self, state: State, reasons: list[str]) -> bytes:
         m = self._model
         return encode_status(
             Status(
@@ -235,6 +292,23 @@ class EdgeNode:
             retain=True,
         )
 
+    def _set_reason(self, reason: str, present: bool) -> None:
+        """Add or clear a degradation reason; say so on the retained status when it changes."""
+        if (reason in self.reasons) == present:
+            return
+        if present:
+            self.reasons.append(reason)
+            log.warning("degraded: %s", reason)
+        else:
+            self.reasons.remove(reason)
+            log.info("recovered: %s", reason)
+        fut = self.session.publish_nowait(
+            self.topics.status(self.node_id),
+            self._status_payload(self.state, self.reasons),
+            retain=True,
+        )
+        fut.add_done_callback(lambda f: f.exception())
+
     # ------------------------------------------------------------------ hot path
     def _on_message(self, msg: Inbound) -> None:
         if self._draining:
@@ -242,10 +316,6 @@ class EdgeNode:
             return
         self.stats.frames_in += 1
         ticket = self._acker.track(msg)
-        if msg.qos == 0 and len(self._batcher) >= self._max_pending:
-            # QoS 1 input is bounded by the Receive Maximum we give the broker; QoS 0 is not.
-            self._reject(msg, "overloaded", f"{len(self._batcher)} frames wait for inference")
-            return
         try:
             device, sensor = self.topics.parse_sensor(msg.topic)
             frame = decode_frame(msg.payload, self.limits)
@@ -255,12 +325,29 @@ class EdgeNode:
             self._acker.finish(ticket)
             return
         self._batcher.add(_Pending(ticket, device, sensor, frame))
+        if len(self._batcher) >= self._max_pending:
+            # Backpressure that does not rely on the broker honouring our Receive Maximum.
+            self.session.pause_reading()
+
+    def _resume_if_drained(self) -> None:
+        if self.session.reading_paused and len(self._batcher) <= self._max_pending // 2:
+            self.session.resume_reading()
 
     def _reject(self, msg: Inbound, reason: DeadLetterReason, detail: str) -> None:
         self.stats.rejects[reason] += 1
         self.deadletters.reject(msg.topic, msg.payload, reason, detail)
 
     async def _process(self, batch: list[_Pending]) -> None:
+        try:
+            await self._answer(batch)
+        finally:
+            self._resume_if_drained()
+
+    async def _answer(self, batch: list[_Pending]) -> None:
+        if any(p.ticket.message.dup for p in batch):
+            batch = await self._skip_answered(batch)
+            if not batch:
+                return
         model = self.model
         try:
             inputs = np.stack([p.frame.tensor for p in batch])
@@ -274,6 +361,7 @@ class EdgeNode:
             return
         now = time.monotonic()
         results: list[Result] = []
+        answered: list[tuple[str, str]] = []
         tickets: list[Ticket] = []
         rejected: list[Ticket] = []
         labels = pred.labels.tolist()
@@ -285,22 +373,22 @@ class EdgeNode:
                 rejected.append(p.ticket)
                 continue
             self._seq += 1
-            results.append(
-                Result(
-                    id=new_id(),
-                    seq=self._seq,
-                    device=p.device,
-                    sensor=p.sensor,
-                    frame_seq=p.frame.seq,
-                    frame_ts=p.frame.ts,
-                    model=model.name,
-                    release=model.release,
-                    label=label,
-                    confidence=conf,
-                    source="edge",
-                    latency_ms=(now - p.ticket.message.received_at) * 1000.0,
-                )
+            result = Result(
+                id=new_id(),
+                seq=self._seq,
+                device=p.device,
+                sensor=p.sensor,
+                frame_seq=p.frame.seq,
+                frame_ts=p.frame.ts,
+                model=model.name,
+                release=model.release,
+                label=label,
+                confidence=conf,
+                source="edge",
+                latency_ms=(now - p.ticket.message.received_at) * 1000.0,
             )
+            results.append(result)
+            answered.append((p.key, result.id))
             tickets.append(p.ticket)
         if rejected:
             self._acker.finish_all(rejected)
@@ -309,9 +397,49 @@ class EdgeNode:
         payload = encode_results(
             ResultBatch(node=self.node_id, results=results), as_json=self._results_as_json
         )
-        fut = self.session.publish_nowait(self.topics.results(self.node_id), payload, qos=1)
         self.stats.results_out += len(results)
         self.stats.result_messages += 1
+        # Storing runs beside the next batch's inference; appends commit in call order.
+        task = asyncio.create_task(self._store(payload, answered, tickets))
+        self._storing.add(task)
+        task.add_done_callback(self._storing.discard)
+
+    async def _skip_answered(self, batch: list[_Pending]) -> list[_Pending]:
+        """Acknowledge redelivered frames whose result is already stored; return the rest."""
+        dups = [p.key for p in batch if p.ticket.message.dup]
+        found = await asyncio.gather(*(self.outbox.answered(k) for k in dups))
+        known = {k for k, result_id in zip(dups, found, strict=True) if result_id is not None}
+        if not known:
+            return batch
+        fresh: list[_Pending] = []
+        done: list[Ticket] = []
+        for p in batch:
+            if p.ticket.message.dup and p.key in known:
+                done.append(p.ticket)
+            else:
+                fresh.append(p)
+        self.stats.frames_already_answered += len(done)
+        self._acker.finish_all(done)
+        return fresh
+
+    async def _store(
+        self, payload: bytes, answered: list[tuple[str, str]], tickets: list[Ticket]
+    ) -> None:
+        try:
+            await self.outbox.append([Record("result", self._results_topic, payload)], answered)
+        except StorageFull as exc:
+            self._set_reason("storage_full", True)
+            log.error("outbox full (%s): publishing results without a durable copy", exc)
+            self._publish_direct(payload, tickets)
+            return
+        self._set_reason("storage_full", False)
+        self.stats.results_stored += len(tickets)
+        self._acker.finish_all(tickets)
+        self.forwarder.kick()
+
+    def _publish_direct(self, payload: bytes, tickets: list[Ticket]) -> None:
+        """Degraded path: the frames are acknowledged only once the broker has the results."""
+        fut = self.session.publish_nowait(self._results_topic, payload, qos=1)
         self._results_in_flight.add(fut)
         fut.add_done_callback(lambda f: self._results_settled(f, tickets))
 
@@ -324,7 +452,7 @@ class EdgeNode:
         elif isinstance(exc, PublishRejected):
             # The broker refused the results (e.g. an ACL): retrying cannot help.
             self.stats.publish_failures += 1
-            log.error("broker refused results on %s: %s", self.topics.results(self.node_id), exc)
+            log.error("broker refused results on %s: %s", self._results_topic, exc)
             self._acker.finish_all(tickets)
         else:
             # Connection lost: leave the frames unacknowledged; the broker redelivers them.

@@ -157,8 +157,10 @@ async def run_demo(
         viewer.subscribe(topics.results(node_id))
         viewer.subscribe(topics.status(node_id))
         await viewer.wait_connected(mqtt.connect_timeout_s)
+        # The demo's outbox is thrown away with the run; a real node keeps its state_dir.
+        state_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="edgewise-demo-"))
         node = await stack.enter_async_context(
-            EdgeNode(NodeConfig.load(node_id=node_id, mqtt=mqtt))
+            EdgeNode(NodeConfig.load(node_id=node_id, mqtt=mqtt, storage={"state_dir": state_dir}))
         )
         report.model = f"{node.model.name} r{node.model.release} ({node.model.runtime.provider})"
         async with asyncio.timeout(15):

@@ -89,6 +89,7 @@ class SessionStats:
     reconnects: int = 0
     connect_failures: int = 0
     handler_errors: int = 0
+    read_pauses: int = 0
 
 
 class MqttSession:
@@ -104,7 +105,12 @@ class MqttSession:
     ``on_message`` is called on the event loop for every received PUBLISH; with ``manual_ack``
     (the default) the application calls :meth:`ack` when it is done with a QoS 1 message.
     ``on_connect`` runs after every successful CONNECT (after re-subscribing), e.g. to publish a
-    retained status.
+    retained status. ``keep_properties`` keeps each message's MQTT 5 properties on
+    :attr:`Inbound.properties` (about 6 KB each in paho, so only for those who read them).
+
+    :meth:`pause_reading` stops reading from the socket until :meth:`resume_reading`: the
+    kernel's buffers fill and TCP makes the broker wait. That bounds what an application holds
+    even where the broker does not honour our Receive Maximum (Mosquitto before 2.0.13).
     """
 
     def __init__(
@@ -117,6 +123,7 @@ class MqttSession:
         will: Will | None = None,
         manual_ack: bool = True,
         persistent: bool = True,
+        keep_properties: bool = False,
     ) -> None:
         self.config = config
         self.client_id = config.client_id or client_id
@@ -125,6 +132,8 @@ class MqttSession:
         self._will = will
         self._manual_ack = manual_ack
         self._persistent = persistent
+        self._keep_properties = keep_properties
+        self._reading_paused = False
         self._protocol: Protocol = "3.1.1" if config.protocol == "3.1.1" else "5"
         self._protocol_on_trial = False
         self._subscriptions: dict[str, Subscription] = {}
@@ -539,7 +548,32 @@ class MqttSession:
         with contextlib.suppress(OSError, AttributeError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         assert self._loop is not None
+        self._reading_paused = False  # a new connection must read its CONNACK
         self._in_loop(self._loop.add_reader, sock, self._read, client)
+
+    # ------------------------------------------------------------------ backpressure
+    @property
+    def reading_paused(self) -> bool:
+        return self._reading_paused
+
+    def pause_reading(self) -> None:
+        """Stop reading from the broker until :meth:`resume_reading` (or the next connection)."""
+        client = self._client
+        sock = client.socket() if client is not None else None
+        if self._reading_paused or sock is None or self._loop is None:
+            return
+        self._reading_paused = True
+        self.stats.read_pauses += 1
+        self._loop.remove_reader(sock)
+
+    def resume_reading(self) -> None:
+        client = self._client
+        if not self._reading_paused:
+            return
+        self._reading_paused = False
+        sock = client.socket() if client is not None else None
+        if client is not None and sock is not None and self._loop is not None:
+            self._loop.add_reader(sock, self._read, client)
 
     def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         assert self._loop is not None
@@ -650,7 +684,7 @@ class MqttSession:
             mid=msg.mid,
             connection=self._connection,
             received_at=time.monotonic(),
-            properties=getattr(msg, "properties", None),
+            properties=getattr(msg, "properties", None) if self._keep_properties else None,
             dup=bool(msg.dup),
         )
         try:

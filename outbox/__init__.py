@@ -3,19 +3,24 @@
 A record leaves only after its owner deletes it (after the broker's PUBACK); it survives
 ``kill -9`` and reboots; the file has a byte bound, and the outbox evicts by priority, counting
 every eviction. :class:`Outbox` is synchronous (one thread); :class:`AsyncOutbox` runs one on a
-dedicated thread with group commit. Design notes: :mod:`outbox.store`. Exceptions live in
-:mod:`outbox.errors` (tree in its docstring).
+dedicated thread with group commit; :class:`Forwarder` publishes what it holds through an
+:class:`mqtt_session.MqttSession` and deletes each record after the broker's PUBACK. Design
+notes: :mod:`outbox.store`, docs/adr/0004-outbox.md. Exceptions live in :mod:`outbox.errors`
+(tree in its docstring).
 """
 
 from outbox.async_outbox import AsyncOutbox
 from outbox.config import OutboxConfig
 from outbox.errors import OutboxCorrupt, OutboxError, StorageFull
+from outbox.forwarder import Forwarder, ForwarderStats
 from outbox.record import Kind, Record, Stored
 from outbox.store import ROW_OVERHEAD, Outbox, OutboxStats, budget_for, record_cost
 
 __all__ = [
     "ROW_OVERHEAD",
     "AsyncOutbox",
+    "Forwarder",
+    "ForwarderStats",
     "Kind",
     "Outbox",
     "OutboxConfig",

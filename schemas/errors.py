@@ -21,7 +21,6 @@ REASON_CODES: frozenset[str] = frozenset(get_args(ReasonCode))
 NodeRejectReason = Literal[
     "inference_failed",
     "non_finite_output",
-    "overloaded",
 ]
 """Why a node refuses a frame that kept the contract (its own state, not the input's fault)."""
 

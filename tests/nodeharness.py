@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import tempfile
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
@@ -70,7 +71,20 @@ async def running_node(broker: BrokerInfo, **overrides: Any) -> AsyncIterator[Ha
     node_id = overrides.pop("node_id", f"gw-{uuid.uuid4().hex[:8]}")
     mqtt = mqtt_for(broker)
     seen = Recorder()
-    cfg = NodeConfig.load(node_id=node_id, mqtt=mqtt, **overrides)
+    with contextlib.ExitStack() as stack:
+        if "storage" not in overrides:
+            state = stack.enter_context(tempfile.TemporaryDirectory(prefix="edgewise-test-"))
+            overrides["storage"] = {"state_dir": state}
+        cfg = NodeConfig.load(node_id=node_id, mqtt=mqtt, **overrides)
+        async with _node_and_probes(cfg, mqtt, seen) as h:
+            yield h
+
+
+@contextlib.asynccontextmanager
+async def _node_and_probes(
+    cfg: NodeConfig, mqtt: MqttConfig, seen: Recorder
+) -> AsyncIterator[Harness]:
+    node_id = cfg.node_id
     async with (
         MqttSession(
             mqtt, client_id=f"probe-{node_id}", on_message=seen, manual_ack=False, persistent=False

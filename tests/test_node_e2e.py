@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import msgspec
 import numpy as np
 import pytest
 
 from edgewise.frames import load_holdout
-from local_broker import BrokerInfo
+from local_broker import BrokerInfo, MosquittoProcess
 from schemas import decode_deadletter, decode_results, decode_status
 from tests.nodeharness import Harness, frame_bytes, running_node
 
@@ -160,26 +161,52 @@ def test_qos0_and_qos1_frames_are_both_served(mosquitto: BrokerInfo, qos: int) -
     asyncio.run(scenario())
 
 
-def test_qos0_flood_beyond_the_pending_bound_is_refused_as_overloaded(
-    mosquitto: BrokerInfo,
-) -> None:
+def test_a_backlog_at_the_bound_pauses_reading_and_loses_nothing(mosquitto: BrokerInfo) -> None:
     async def scenario() -> None:
-        # One frame may wait; the batcher holds it for up to a second, so the rest find it full.
-        batching = {"max_pending_frames": 1, "max_wait_ms": 1000, "max_batch_size": 64}
+        # Two frames may wait; the batcher holds them 300 ms, so the node must stop reading.
+        batching = {"max_pending_frames": 2, "max_wait_ms": 300, "max_batch_size": 64}
         async with running_node(mosquitto, batching=batching) as h:
-            for i in range(5):
-                await h.send(frame_bytes(i, HOLDOUT.images[i]), qos=0)
-            await h.seen.wait_for(
-                lambda: len(h.messages("deadletter")) >= 4 and len(_results(h)) >= 1
-            )
-            letters = [decode_deadletter(m.payload) for m in h.messages("deadletter")]
-            assert [d.reason for d in letters] == ["overloaded"] * 4
-            assert [r.frame_seq for r in _results(h)] == [0]
-            # QoS 1 frames are bounded by the broker's flow control, never refused this way.
-            for i in range(5, 10):
-                await h.send(frame_bytes(i, HOLDOUT.images[i]), qos=1)
-            await h.seen.wait_for(lambda: len(_results(h)) >= 6)
-            assert sorted(r.frame_seq for r in _results(h)) == [0, 5, 6, 7, 8, 9]
-            assert h.node.stats.rejects == {"overloaded": 4}
+            for i in range(40):
+                await h.send(frame_bytes(i, HOLDOUT.images[i]), qos=i % 2)
+            await h.seen.wait_for(lambda: len(_results(h)) >= 40)
+            assert sorted(r.frame_seq for r in _results(h)) == list(range(40))
+            assert h.node.session.stats.read_pauses >= 1
+            assert not h.node.session.reading_paused
+            assert h.messages("deadletter") == []
 
     asyncio.run(scenario())
+
+
+def test_a_frame_redelivered_after_its_result_was_stored_gets_no_second_result(
+    tmp_path: Path,
+) -> None:
+    """The crash window between 'result durable' and 'PUBACK sent', made deterministic."""
+    broker_dir = tmp_path / "broker"
+    broker = MosquittoProcess(
+        broker_dir, extra_config=f"persistence true\npersistence_location {broker_dir}/\n"
+    )
+    info = broker.start()
+
+    async def scenario() -> None:
+        async with running_node(info) as h:
+            finish_all = h.node._acker.finish_all
+            h.node._acker.finish_all = lambda tickets: None  # type: ignore[method-assign]
+            for i in range(5):
+                await h.send(frame_bytes(i, HOLDOUT.images[i]))
+            await h.seen.wait_for(lambda: len(_results(h)) >= 5)
+            first = {r.frame_seq: r.id for r in _results(h)}
+            h.node._acker.finish_all = finish_all  # type: ignore[method-assign]
+            # The broker keeps the node's session and redelivers the five unacknowledged frames.
+            await asyncio.to_thread(broker.restart)
+            await h.seen.wait_for(lambda: len(h.messages("status")) >= 2, 20)
+            await h.sensor.wait_connected(20)
+            await h.send(frame_bytes(99, HOLDOUT.images[99]))
+            await h.seen.wait_for(lambda: any(r.frame_seq == 99 for r in _results(h)), 20)
+            assert h.node.stats.frames_already_answered == 5
+            again = [r for r in _results(h) if r.frame_seq != 99]
+            assert {(r.frame_seq, r.id) for r in again} == set(first.items())
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        broker.stop()

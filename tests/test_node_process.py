@@ -22,13 +22,14 @@ from tests.nodeharness import frame_bytes
 HOLDOUT = load_holdout()
 
 
-def _node_env(broker: BrokerInfo, node_id: str, **extra: str) -> dict[str, str]:
+def _node_env(broker: BrokerInfo, node_id: str, state_dir: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEWISE_")}
     env.update(
         EDGEWISE_NODE_ID=node_id,
         EDGEWISE_MQTT__HOST=broker.host,
         EDGEWISE_MQTT__PORT=str(broker.port),
         EDGEWISE_LOG_LEVEL="INFO",
+        EDGEWISE_STORAGE__STATE_DIR=str(state_dir),
         **extra,
     )
     return env
@@ -51,7 +52,7 @@ def node_process(
         log = open(tmp_path / f"{node_id}-{len(procs)}.log", "wb")  # noqa: SIM115 - closed with the process
         p = subprocess.Popen(
             [sys.executable, "-m", "edgewise.cli", "node", *args],
-            env=_node_env(mosquitto, node_id, **env),
+            env=_node_env(mosquitto, node_id, tmp_path, **env),
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -139,7 +140,7 @@ def test_bad_config_fails_at_start_naming_the_key(tmp_path: Path, mosquitto: Bro
     cfg.write_text("[batching]\nmax_batch_size = -3\n", encoding="utf-8")
     out = subprocess.run(
         [sys.executable, "-m", "edgewise.cli", "node", "--config", str(cfg)],
-        env=_node_env(mosquitto, "bad-config"),
+        env=_node_env(mosquitto, "bad-config", tmp_path),
         capture_output=True,
         text=True,
         timeout=60,
