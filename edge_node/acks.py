@@ -43,6 +43,11 @@ class InOrderAcker:
         self._flush()
 
     @property
+    def head(self) -> Ticket | None:
+        """The oldest ticket not yet acknowledged (it holds back every later one)."""
+        return self._queue[0] if self._queue else None
+
+    @property
     def outstanding(self) -> int:
         return len(self._queue)
 

@@ -219,7 +219,9 @@ class EdgeNode:
     ) -> None:
         try:
             if self._stack is not None:
-                await self._stack.__aexit__(exc_type, exc, tb)
+                # The caller's exception goes on by itself: handing it to the TaskGroup inside
+                # the stack would wrap it in an ExceptionGroup.
+                await self._stack.__aexit__(None, None, None)
         finally:
             self._pool.shutdown(wait=True)
             if self._model is not None:
@@ -267,6 +269,26 @@ class EdgeNode:
             await asyncio.gather(
                 *list(self._storing), *list(self._results_in_flight), return_exceptions=True
             )
+
+    def describe(self) -> dict[str, object]:
+        """Where the node's work stands (logged on SIGUSR1, for an operator chasing a stall)."""
+        head = self._acker.head
+        return {
+            "connected": self.session.connected,
+            "connection": self.session.connection,
+            "reading_paused": self.session.reading_paused,
+            "waiting_for_inference": len(self._batcher),
+            "storing": len(self._storing),
+            "unacknowledged_frames": self._acker.outstanding,
+            "oldest_unacknowledged": None
+            if head is None
+            else f"mid {head.message.mid} conn {head.message.connection} done {head.done}",
+            "uplink_in_flight": self.forwarder.in_flight,
+            "outbox_rows": self.outbox.stats().rows,
+            "frames_in": self.stats.frames_in,
+            "results_stored": self.stats.results_stored,
+            "already_answered": self.stats.frames_already_answered,
+        }
 
     # ------------------------------------------------------------------ status
     def _status_payload(self, state: State, reasons: list[str]) -> bytes:

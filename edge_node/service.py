@@ -22,6 +22,10 @@ async def run_node(config: NodeConfig, *, stop: asyncio.Event | None = None) -> 
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     async with EdgeNode(config) as node:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(
+                signal.SIGUSR1, lambda: log.warning("node state: %s", node.describe())
+            )
         await stop.wait()
         log.info("stopping: draining in-flight frames (up to %.0f s)", config.drain_timeout_s)
         finished = await node.drain()

@@ -117,10 +117,10 @@ def test_adaptive_runner_moves_slow_calls_to_a_thread_and_back() -> None:
 
     async def scenario() -> None:
         with ThreadPoolExecutor(1, thread_name_prefix="infer") as pool:
-            runner = AdaptiveRunner(model, pool, thread_above_s=0.002, smoothing=1.0)
+            runner = AdaptiveRunner(model, pool, thread_above_s=0.05, smoothing=1.0)
             assert await runner(1) == 2
             assert not runner.on_thread
-            cost_s[0] = 0.01
+            cost_s[0] = 0.2
             assert await runner(2) == 4  # measured slow: the next call goes to the thread
             assert runner.on_thread
             cost_s[0] = 0.0

@@ -17,6 +17,10 @@ from tests.nodeharness import Harness, frame_bytes, running_node
 HOLDOUT = load_holdout()
 
 
+def _online_count(h: Harness) -> int:
+    return sum(decode_status(m.payload).state == "online" for m in h.messages("status"))
+
+
 def _results(h: Harness) -> list:
     return [r for m in h.messages("results") for r in decode_results(m.payload).results]
 
@@ -198,7 +202,9 @@ def test_a_frame_redelivered_after_its_result_was_stored_gets_no_second_result(
             h.node._acker.finish_all = finish_all  # type: ignore[method-assign]
             # The broker keeps the node's session and redelivers the five unacknowledged frames.
             await asyncio.to_thread(broker.restart)
-            await h.seen.wait_for(lambda: len(h.messages("status")) >= 2, 20)
+            # A second "online" reaches the probe only once its subscription is back (the broker
+            # sends the node's will, "offline", while it shuts down).
+            await h.seen.wait_for(lambda: _online_count(h) >= 2, 20)
             await h.sensor.wait_connected(20)
             await h.send(frame_bytes(99, HOLDOUT.images[99]))
             await h.seen.wait_for(lambda: any(r.frame_seq == 99 for r in _results(h)), 20)

@@ -75,15 +75,21 @@ def nodes(mosquitto: BrokerInfo, tmp_path: Path) -> Iterator[NodeProcesses]:
 
 
 class ResultLedger:
-    """Which result ids the consumer saw for each frame seq, fed from a probe's messages."""
+    """Which result ids the consumer saw for each frame seq, fed from a probe's messages.
+
+    A probe's ``wait_for`` runs its predicate over every message received so far each time one
+    arrives; decoding each message once keeps that linear.
+    """
 
     def __init__(self) -> None:
         self.ids: dict[int, set[str]] = defaultdict(set)
         self.node_seqs: set[int] = set()
+        self._fed: set[int] = set()
 
     def feed(self, m: Message) -> None:
-        if not m.topic.endswith("/results"):
+        if id(m) in self._fed or not m.topic.endswith("/results"):
             return
+        self._fed.add(id(m))
         for r in decode_results(m.payload).results:
             self.ids[r.frame_seq].add(r.id)
             self.node_seqs.add(r.seq)
