@@ -41,7 +41,7 @@ from mqtt_session import (
     PublishRejected,
     Will,
 )
-from outbox import AsyncOutbox, Forwarder, Record, StorageFull
+from outbox import AsyncOutbox, Forwarder, OutboxError, Record, StorageFull
 from schemas import (
     ContractError,
     DeadLetterReason,
@@ -449,12 +449,15 @@ class EdgeNode:
     ) -> None:
         try:
             await self.outbox.append([Record("result", self._results_topic, payload)], answered)
-        except StorageFull as exc:
-            self._set_reason("storage_full", True)
-            log.error("outbox full (%s): publishing results without a durable copy", exc)
+        except OutboxError as exc:
+            reason = "storage_full" if isinstance(exc, StorageFull) else "storage_error"
+            if reason not in self.reasons:  # once per episode, not once per batch
+                log.error("outbox write failed (%s): results go out without a durable copy", exc)
+            self._set_reason(reason, True)
             self._publish_direct(payload, tickets)
             return
         self._set_reason("storage_full", False)
+        self._set_reason("storage_error", False)
         self.stats.results_stored += len(tickets)
         self._acker.finish_all(tickets)
         self.forwarder.kick()

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from mqtt_session import Disconnected, MqttSession, PublishFailed, PublishRejected
 from outbox.async_outbox import AsyncOutbox
+from outbox.errors import OutboxError
 from outbox.record import Stored
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class Forwarder:
         *,
         window: int = 256,
         delete_batch: int = 256,
+        retry_s: float = 1.0,
     ) -> None:
         if window < 1 or delete_batch < 1:
             raise ValueError("window and delete_batch must be >= 1")
@@ -49,6 +51,8 @@ class Forwarder:
         self._session = session
         self._window = window
         self._delete_batch = delete_batch
+        self._retry_s = retry_s
+        self._deletes_failing = False
         self._wake = asyncio.Event()
         self._in_flight: dict[int, asyncio.Future[None]] = {}
         self._done: list[int] = []
@@ -73,8 +77,14 @@ class Forwarder:
             await self._session.wait_connected()
             connection = self._session.connection
             await self._flush_deletes()
-            with contextlib.suppress(Disconnected):
-                await self._serve(connection)
+            try:
+                with contextlib.suppress(Disconnected):
+                    await self._serve(connection)
+            except OutboxError as exc:
+                log.error("reading the outbox failed (%s); retrying in %.0f s", exc, self._retry_s)
+                self._abandon_in_flight()
+                await asyncio.sleep(self._retry_s)
+                continue
             self._abandon_in_flight()
 
     async def _serve(self, connection: int) -> None:
@@ -89,7 +99,12 @@ class Forwarder:
                     self._send(record)
                     after = record.id
             if len(self._done) >= self._delete_batch or (not batch and self._done):
-                await self._flush_deletes()
+                if not await self._flush_deletes():
+                    # Delivered but not deletable (a full disk: deletes need log space too).
+                    # Try again later; meanwhile the records are only resent after a reconnect.
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self._retry_s):
+                            await self._wake.wait()
                 continue
             if not batch:
                 if not self._in_flight:
@@ -125,8 +140,20 @@ class Forwarder:
                 fut.cancel()
         self._in_flight.clear()
 
-    async def _flush_deletes(self) -> None:
+    async def _flush_deletes(self) -> bool:
+        """Delete what the broker acknowledged; False (ids kept for later) if the outbox can't."""
         if not self._done:
-            return
+            return True
         ids, self._done = self._done, []
-        await self._outbox.delete(ids)
+        try:
+            await self._outbox.delete(ids)
+        except OutboxError as exc:
+            self._done = ids + self._done
+            if not self._deletes_failing:
+                log.warning("cannot delete delivered records from the outbox yet: %s", exc)
+            self._deletes_failing = True
+            return False
+        if self._deletes_failing:
+            log.info("deleting delivered records from the outbox works again")
+            self._deletes_failing = False
+        return True

@@ -18,6 +18,9 @@ about the real broker, so they never skip.
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -113,6 +116,31 @@ def mqtt_probe(request: pytest.FixtureRequest) -> Iterator[ProbeFactory]:
             errors.append(exc)
     if errors:
         raise errors[0]
+
+
+@pytest.fixture
+def small_filesystem(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """``small_filesystem("512k")`` mounts a real tmpfs of that size (needs root; else skips)."""
+    mounts: list[Path] = []
+
+    def mount(size: str) -> Path:
+        where = tmp_path / f"fs{len(mounts)}"
+        where.mkdir()
+        if os.geteuid() != 0 or shutil.which("mount") is None:
+            pytest.skip("mounting a tmpfs needs root")
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+            capture_output=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            pytest.skip(f"mount -t tmpfs not permitted here: {done.stderr.decode().strip()}")
+        mounts.append(where)
+        return where
+
+    yield mount
+    for where in mounts:
+        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -216,3 +218,37 @@ def test_a_frame_redelivered_after_its_result_was_stored_gets_no_second_result(
         asyncio.run(scenario())
     finally:
         broker.stop()
+
+
+def test_a_full_disk_degrades_the_node_keeps_answering_and_recovers(
+    mosquitto: BrokerInfo, small_filesystem: Callable[[str], Path]
+) -> None:
+    state = small_filesystem("1m")
+
+    def status_reasons(h: Harness) -> list[list[str]]:
+        return [decode_status(m.payload).reasons for m in h.messages("status")]
+
+    async def scenario() -> None:
+        async with running_node(mosquitto, storage={"state_dir": str(state)}) as h:
+            await h.send(frame_bytes(0, HOLDOUT.images[0]))
+            await h.seen.wait_for(lambda: len(_results(h)) >= 1)
+            filler = state / "filler"
+            # Take every free byte of the file system (the last write or the close fails).
+            with contextlib.suppress(OSError), filler.open("wb") as f:
+                while True:
+                    f.write(b"\0" * 4096)
+                    f.flush()
+            for i in range(1, 6):
+                await h.send(frame_bytes(i, HOLDOUT.images[i]))
+            await h.seen.wait_for(lambda: len(_results(h)) >= 6)
+            await h.seen.wait_for(lambda: ["storage_full"] in status_reasons(h))
+            assert h.node.state == "degraded"
+            assert sorted(r.frame_seq for r in _results(h)) == list(range(6))
+            filler.unlink()
+            await h.send(frame_bytes(6, HOLDOUT.images[6]))
+            await h.seen.wait_for(lambda: len(_results(h)) >= 7)
+            await h.seen.wait_for(lambda: status_reasons(h)[-1] == [])
+            assert h.node.state == "online"
+            assert h.node.stats.results_stored >= 2  # frame 0 and frame 6 went through the outbox
+
+    asyncio.run(scenario())
