@@ -413,6 +413,8 @@ class Bench:
             self.extra_env["EDGEWISE_BATCHING__MAX_BATCH_SIZE"] = str(args.max_batch_size)
         if args.max_wait_ms is not None:
             self.extra_env["EDGEWISE_BATCHING__MAX_WAIT_MS"] = str(args.max_wait_ms)
+        if args.synchronous is not None:
+            self.extra_env["EDGEWISE_STORAGE__SYNCHRONOUS"] = args.synchronous
         self.node: NodeProcess | None = None
         self.node_id = f"bench-{os.getpid()}"
         self.frames_to_node = 0
@@ -632,7 +634,8 @@ def run(args: argparse.Namespace, command: str) -> Figures:
             "steady_rate": args.steady_rate,
             "steady_frames": args.steady_frames,
             "max_batch_size": args.max_batch_size or "default (64)",
-            "max_wait_ms": args.max_wait_ms if args.max_wait_ms is not None else "default (1.0)",
+            "max_wait_ms": args.max_wait_ms if args.max_wait_ms is not None else "default (0.0)",
+            "synchronous": args.synchronous or "default (FULL)",
         },
     )
     figures.busy_before = psutil.cpu_percent(interval=1.0)
@@ -907,7 +910,8 @@ def markdown(f: Figures) -> str:
         f"Settings: floods of {c['flood_frames']:,} frames x {c['reps']} per case "
         f"(publisher window {c['window']} QoS 1 messages in flight); latency at "
         f"{c['rate_hz']:,.0f} frames/s for {c['latency_s']} s; node batching "
-        f"max_batch_size {c['max_batch_size']}, max_wait_ms {c['max_wait_ms']}; memory after "
+        f"max_batch_size {c['max_batch_size']}, max_wait_ms {c['max_wait_ms']}; outbox"
+        f" synchronous {c['synchronous']}; memory after "
         f"{c['memory_frames']:,} frames on the node of the floods, and after "
         f"{c['steady_frames']:,} frames at a steady {c['steady_rate']:,.0f}/s on a fresh node.\n"
     )
@@ -1022,6 +1026,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=None,
         help="node's EDGEWISE_BATCHING__MAX_WAIT_MS (default: the node's own, 0.0)",
+    )
+    p.add_argument(
+        "--synchronous",
+        choices=["OFF", "NORMAL", "FULL", "EXTRA"],
+        default=None,
+        help="node's EDGEWISE_STORAGE__SYNCHRONOUS (default: the node's own, FULL)",
     )
     p.add_argument("--write", type=Path, default=None, help="update this Markdown file")
     p.add_argument("--label", default="default", help="which generated block of --write to replace")

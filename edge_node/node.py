@@ -251,6 +251,7 @@ class EdgeNode:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                     await self.forwarder.wait_idle()
+                    await self.forwarder.flush()
             left = self.outbox.stats().rows
             if left:
                 log.info("%d records stay in the outbox for the next start", left)
@@ -447,8 +448,9 @@ class EdgeNode:
     async def _store(
         self, payload: bytes, answered: list[tuple[str, str]], tickets: list[Ticket]
     ) -> None:
+        record = Record("result", self._results_topic, payload)
         try:
-            await self.outbox.append([Record("result", self._results_topic, payload)], answered)
+            (record_id,) = await self.outbox.append([record], answered)
         except OutboxError as exc:
             reason = "storage_full" if isinstance(exc, StorageFull) else "storage_error"
             if reason not in self.reasons:  # once per episode, not once per batch
@@ -460,7 +462,7 @@ class EdgeNode:
         self._set_reason("storage_error", False)
         self.stats.results_stored += len(tickets)
         self._acker.finish_all(tickets)
-        self.forwarder.kick()
+        self.forwarder.offer([record.stored(record_id, time.time())])
 
     def _publish_direct(self, payload: bytes, tickets: list[Ticket]) -> None:
         """Degraded path: the frames are acknowledged only once the broker has the results."""

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 from dataclasses import dataclass
 
 from mqtt_session import Disconnected, MqttSession, PublishFailed, PublishRejected
@@ -34,7 +35,13 @@ class ForwarderStats:
 
 
 class Forwarder:
-    """Run :meth:`run` as a task beside the session; call :meth:`kick` after every append."""
+    """Run :meth:`run` as a task beside the session; after every append call :meth:`offer`
+    with what was stored (or :meth:`kick`).
+
+    While nothing older waits in the outbox, offered records are published at once from memory,
+    saving a read back through the outbox's thread (which is busy committing the next group);
+    otherwise they are read in order like any backlog.
+    """
 
     def __init__(
         self,
@@ -43,6 +50,7 @@ class Forwarder:
         *,
         window: int = 256,
         delete_batch: int = 256,
+        delete_linger_s: float = 0.5,
         retry_s: float = 1.0,
     ) -> None:
         if window < 1 or delete_batch < 1:
@@ -52,17 +60,44 @@ class Forwarder:
         self._window = window
         self._delete_batch = delete_batch
         self._retry_s = retry_s
+        self._delete_linger_s = delete_linger_s
+        self._done_since: float | None = None
         self._deletes_failing = False
         self._wake = asyncio.Event()
         self._in_flight: dict[int, asyncio.Future[None]] = {}
         self._done: list[int] = []
         self._idle = asyncio.Event()
+        self._serving = 0  # the connection _serve works for; 0 while none
+        self._after = 0  # every record up to this id was sent on that connection
+        self._at_tail = False  # the last read found nothing stored after _after
+        self._kicks = 0  # appends announced by kick(), to tell whether a read is still the tail
         self.stats = ForwarderStats()
 
     def kick(self) -> None:
         """New records were appended: look at the outbox again."""
+        self._at_tail = False
+        self._kicks += 1
         self._idle.clear()
         self._wake.set()
+
+    def offer(self, records: list[Stored]) -> None:
+        """Records just appended, ids ascending: sent now if they are next in line, else read."""
+        session = self._session
+        room = min(self._window, session.broker_receive_maximum) - len(self._in_flight)
+        if not (
+            records
+            and self._at_tail
+            and records[0].id == self._after + 1
+            and self._serving == session.connection
+            and session.connected
+            and room >= len(records)
+        ):
+            self.kick()
+            return
+        for record in records:
+            self._send(record)
+        self._after = records[-1].id
+        self._idle.clear()
 
     @property
     def in_flight(self) -> int:
@@ -88,17 +123,30 @@ class Forwarder:
             self._abandon_in_flight()
 
     async def _serve(self, connection: int) -> None:
-        after = 0  # a new connection resends everything still stored, oldest first
+        # A new connection resends everything still stored, oldest first.
+        self._serving, self._after, self._at_tail = connection, 0, False
+        try:
+            await self._serve_loop(connection)
+        finally:
+            self._serving = 0
+
+    async def _serve_loop(self, connection: int) -> None:
         while self._session.connected and self._session.connection == connection:
             self._wake.clear()
             room = min(self._window, self._session.broker_receive_maximum) - len(self._in_flight)
             batch: list[Stored] = []
-            if room > 0:
-                batch = await self._outbox.pending(room, after_id=after)
+            if room > 0 and not self._at_tail:
+                kicks = self._kicks
+                read = await self._outbox.pending(room, after_id=self._after)
+                # offer() may have sent some of these while the read was under way.
+                batch = [r for r in read if r.id > self._after]
                 for record in batch:
                     self._send(record)
-                    after = record.id
-            if len(self._done) >= self._delete_batch or (not batch and self._done):
+                    self._after = record.id
+                if len(read) < room and kicks == self._kicks:
+                    self._at_tail = True
+            linger_left = self._delete_linger_left()
+            if self._done and (len(self._done) >= self._delete_batch or linger_left <= 0):
                 if not await self._flush_deletes():
                     # Delivered but not deletable (a full disk: deletes need log space too).
                     # Try again later; meanwhile the records are only resent after a reconnect.
@@ -109,7 +157,18 @@ class Forwarder:
             if not batch:
                 if not self._in_flight:
                     self._idle.set()
-                await self._wake.wait()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(linger_left if self._done else None):
+                        await self._wake.wait()
+
+    def _delete_linger_left(self) -> float:
+        if self._done_since is None:
+            return self._delete_linger_s
+        return self._done_since + self._delete_linger_s - time.monotonic()
+
+    async def flush(self) -> bool:
+        """Delete what the broker has acknowledged now (e.g. before shutting down)."""
+        return await self._flush_deletes()
 
     def _send(self, record: Stored) -> None:
         fut = self._session.publish_nowait(
@@ -126,13 +185,18 @@ class Forwarder:
         exc = fut.exception()
         if exc is None:
             self.stats.delivered += 1
-            self._done.append(record_id)
+            self._mark_done(record_id)
         elif isinstance(exc, PublishRejected | PublishFailed):
             # Retrying cannot help and would block everything behind it.
             self.stats.refused += 1
             log.error("dropping outbox record %d: %s", record_id, exc)
-            self._done.append(record_id)
+            self._mark_done(record_id)
         self._wake.set()
+
+    def _mark_done(self, record_id: int) -> None:
+        if not self._done:
+            self._done_since = time.monotonic()
+        self._done.append(record_id)
 
     def _abandon_in_flight(self) -> None:
         for fut in self._in_flight.values():
@@ -145,10 +209,12 @@ class Forwarder:
         if not self._done:
             return True
         ids, self._done = self._done, []
+        since, self._done_since = self._done_since, None
         try:
             await self._outbox.delete(ids)
         except OutboxError as exc:
             self._done = ids + self._done
+            self._done_since = since
             if not self._deletes_failing:
                 log.warning("cannot delete delivered records from the outbox yet: %s", exc)
             self._deletes_failing = True

@@ -19,6 +19,10 @@ class Record:
     qos: int = 1
     retain: bool = False
 
+    def stored(self, id: int, created_at: float) -> Stored:
+        """This record as the outbox holds it once ``append`` gave it ``id``."""
+        return Stored(id, self.kind, self.topic, self.payload, self.qos, self.retain, created_at)
+
     def __post_init__(self) -> None:
         if self.qos not in (0, 1, 2):
             raise ValueError(f"qos must be 0, 1 or 2, not {self.qos!r}")
