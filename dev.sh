@@ -75,6 +75,7 @@ case "$cmd" in
     ensure_mosquitto
     export PATH="$PATH:/usr/sbin"
     "$VENV/bin/ruff" check .
+    "$VENV/bin/ruff" format --check .
     "$VENV/bin/mypy"
     exec "$VENV/bin/python" -m pytest "$@"
     ;;
