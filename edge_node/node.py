@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 import uuid
@@ -38,7 +39,6 @@ from mqtt_session import (
     Inbound,
     MqttError,
     MqttSession,
-    PublishRejected,
     Will,
 )
 from outbox import AsyncOutbox, Forwarder, OutboxError, Record, StorageFull
@@ -66,11 +66,15 @@ class _Pending:
     device: str
     sensor: str
     frame: Frame
+    key: str
+    """What identifies the frame across redeliveries: where it came from and its seq/ts."""
 
-    @property
-    def key(self) -> str:
-        """What identifies the frame across redeliveries: where it came from and its seq/ts."""
-        return f"{self.ticket.message.topic}\x00{self.frame.seq}\x00{self.frame.ts!r}"
+
+def _frame_key(topic: str, frame: Frame, payload: bytes) -> str:
+    # seq and ts alone repeat when a sensor without a clock restarts its counter; the payload's
+    # digest keeps such a new frame from being taken for an answered one.
+    digest = hashlib.blake2b(payload, digest_size=8).hexdigest()
+    return f"{topic}\x00{frame.seq}\x00{frame.ts!r}\x00{digest}"
 
 
 @dataclass(slots=True)
@@ -111,6 +115,8 @@ class EdgeNode:
         self._results_topic = self.topics.results(self.node_id)
         self._draining = False
         self._storing: set[asyncio.Task[None]] = set()
+        # Frames being answered, by key -> redelivered copies waiting to be acknowledged with them.
+        self._in_progress: dict[str, list[Ticket]] = {}
         self._results_in_flight: set[asyncio.Future[None]] = set()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._inference: AdaptiveRunner[np.ndarray, Prediction] | None = None
@@ -347,7 +353,19 @@ class EdgeNode:
             self._reject(msg, exc.reason, exc.detail)
             self._acker.finish(ticket)
             return
-        self._batcher.add(_Pending(ticket, device, sensor, frame))
+        except Exception as exc:  # a bug must not hold back every later acknowledgement
+            log.exception("unexpected error on a frame from %r", msg.topic[:128])
+            self._reject(msg, "internal_error", f"{type(exc).__name__}: {exc}")
+            self._acker.finish(ticket)
+            return
+        key = _frame_key(msg.topic, frame, msg.payload)
+        waiting = self._in_progress.get(key)
+        if waiting is not None and msg.dup:
+            # The first copy is still being answered: acknowledge this one with it.
+            waiting.append(ticket)
+            return
+        self._in_progress.setdefault(key, [])
+        self._batcher.add(_Pending(ticket, device, sensor, frame, key))
         if len(self._batcher) >= self._max_pending:
             # Backpressure that does not rely on the broker honouring our Receive Maximum.
             self.session.pause_reading()
@@ -360,9 +378,27 @@ class EdgeNode:
         self.stats.rejects[reason] += 1
         self.deadletters.reject(msg.topic, msg.payload, reason, detail)
 
+    def _finish(self, batch: list[_Pending]) -> None:
+        """These frames are done (answered, stored or rejected): acknowledge them and any
+        redelivered copies that arrived meanwhile."""
+        tickets = [p.ticket for p in batch]
+        for p in batch:
+            tickets.extend(self._in_progress.pop(p.key, ()))
+        self._acker.finish_all(tickets)
+
+    def _forget(self, batch: list[_Pending]) -> None:
+        """These frames stay unacknowledged (the broker redelivers them): drop their state."""
+        for p in batch:
+            self._in_progress.pop(p.key, None)
+
     async def _process(self, batch: list[_Pending]) -> None:
         try:
             await self._answer(batch)
+        except Exception as exc:  # a bug must not stop the batcher, and with it the node
+            log.exception("unexpected error on a batch of %d frames", len(batch))
+            for p in batch:
+                self._reject(p.ticket.message, "internal_error", f"{type(exc).__name__}: {exc}")
+            self._finish(batch)
         finally:
             self._resume_if_drained()
 
@@ -380,20 +416,20 @@ class EdgeNode:
             log.exception("inference failed on a batch of %d", len(batch))
             for p in batch:
                 self._reject(p.ticket.message, "inference_failed", f"{type(exc).__name__}: {exc}")
-            self._acker.finish_all([p.ticket for p in batch])
+            self._finish(batch)
             return
         now = time.monotonic()
         results: list[Result] = []
         answered: list[tuple[str, str]] = []
-        tickets: list[Ticket] = []
-        rejected: list[Ticket] = []
+        served: list[_Pending] = []
+        rejected: list[_Pending] = []
         labels = pred.labels.tolist()
         confidences = pred.confidences.tolist()
         finite = pred.finite.tolist()
         for p, label, conf, ok in zip(batch, labels, confidences, finite, strict=True):
             if not ok:
                 self._reject(p.ticket.message, "non_finite_output", "the model produced NaN or Inf")
-                rejected.append(p.ticket)
+                rejected.append(p)
                 continue
             self._seq += 1
             result = Result(
@@ -412,9 +448,9 @@ class EdgeNode:
             )
             results.append(result)
             answered.append((p.key, result.id))
-            tickets.append(p.ticket)
+            served.append(p)
         if rejected:
-            self._acker.finish_all(rejected)
+            self._finish(rejected)
         if not results:
             return
         payload = encode_results(
@@ -423,67 +459,76 @@ class EdgeNode:
         self.stats.results_out += len(results)
         self.stats.result_messages += 1
         # Storing runs beside the next batch's inference; appends commit in call order.
-        task = asyncio.create_task(self._store(payload, answered, tickets))
+        task = asyncio.create_task(self._store(payload, answered, served))
         self._storing.add(task)
         task.add_done_callback(self._storing.discard)
 
     async def _skip_answered(self, batch: list[_Pending]) -> list[_Pending]:
         """Acknowledge redelivered frames whose result is already stored; return the rest."""
         dups = [p.key for p in batch if p.ticket.message.dup]
-        found = await asyncio.gather(*(self.outbox.answered(k) for k in dups))
+        try:
+            found = await asyncio.gather(*(self.outbox.answered(k) for k in dups))
+        except OutboxError as exc:
+            log.warning("cannot look up redelivered frames (%s): answering them again", exc)
+            return batch
         known = {k for k, result_id in zip(dups, found, strict=True) if result_id is not None}
         if not known:
             return batch
         fresh: list[_Pending] = []
-        done: list[Ticket] = []
+        done: list[_Pending] = []
         for p in batch:
             if p.ticket.message.dup and p.key in known:
-                done.append(p.ticket)
+                done.append(p)
             else:
                 fresh.append(p)
         self.stats.frames_already_answered += len(done)
-        self._acker.finish_all(done)
+        self._finish(done)
         return fresh
 
     async def _store(
-        self, payload: bytes, answered: list[tuple[str, str]], tickets: list[Ticket]
+        self, payload: bytes, answered: list[tuple[str, str]], served: list[_Pending]
     ) -> None:
         record = Record("result", self._results_topic, payload)
         try:
             (record_id,) = await self.outbox.append([record], answered)
-        except OutboxError as exc:
+        except Exception as exc:  # OutboxError, or anything unexpected: degrade, never stall
             reason = "storage_full" if isinstance(exc, StorageFull) else "storage_error"
             if reason not in self.reasons:  # once per episode, not once per batch
                 log.error("outbox write failed (%s): results go out without a durable copy", exc)
             self._set_reason(reason, True)
-            self._publish_direct(payload, tickets)
+            self._publish_direct(payload, served)
             return
         self._set_reason("storage_full", False)
         self._set_reason("storage_error", False)
-        self.stats.results_stored += len(tickets)
-        self._acker.finish_all(tickets)
+        self.stats.results_stored += len(served)
+        self._finish(served)
         self.forwarder.offer([record.stored(record_id, time.time())])
 
-    def _publish_direct(self, payload: bytes, tickets: list[Ticket]) -> None:
+    def _publish_direct(self, payload: bytes, served: list[_Pending]) -> None:
         """Degraded path: the frames are acknowledged only once the broker has the results."""
+        connection = self.session.connection
         fut = self.session.publish_nowait(self._results_topic, payload, qos=1)
         self._results_in_flight.add(fut)
-        fut.add_done_callback(lambda f: self._results_settled(f, tickets))
+        fut.add_done_callback(lambda f: self._results_settled(f, served, connection))
 
-    def _results_settled(self, fut: asyncio.Future[None], tickets: list[Ticket]) -> None:
+    def _results_settled(
+        self, fut: asyncio.Future[None], served: list[_Pending], connection: int
+    ) -> None:
         self._results_in_flight.discard(fut)
         exc = fut.exception()
         if exc is None:
-            self.stats.results_acked += len(tickets)
-            self._acker.finish_all(tickets)
-        elif isinstance(exc, PublishRejected):
-            # The broker refused the results (e.g. an ACL): retrying cannot help.
-            self.stats.publish_failures += 1
-            log.error("broker refused results on %s: %s", self._results_topic, exc)
-            self._acker.finish_all(tickets)
+            self.stats.results_acked += len(served)
+            self._finish(served)
+            return
+        self.stats.publish_failures += 1
+        if self.session.connected and self.session.connection == connection:
+            # Refused by the broker (e.g. an ACL) or by the client while the link is up:
+            # waiting would hold back every later acknowledgement, and retrying cannot help.
+            log.error("results on %s not delivered: %s", self._results_topic, exc)
+            self._finish(served)
         else:
             # Connection lost: leave the frames unacknowledged; the broker redelivers them.
-            self.stats.publish_failures += 1
+            self._forget(served)
 
     def _publish_quietly(self, topic: str, payload: bytes) -> None:
         fut = self.session.publish_nowait(topic, payload, qos=1)

@@ -46,7 +46,11 @@ class Disconnected(MqttError):
 
 
 class PublishFailed(MqttError):
-    """The client refused to queue a publish."""
+    """The client refused to queue a publish; ``transient`` if trying again later may work."""
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class PublishRejected(MqttError):

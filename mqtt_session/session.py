@@ -257,7 +257,7 @@ class MqttSession:
             fut.set_exception(Disconnected(f"publish not sent: {paho.error_string(info.rc)}"))
             return fut
         if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
-            fut.set_exception(PublishFailed("client queue full"))
+            fut.set_exception(PublishFailed("client queue full", transient=True))
             return fut
         self._pending[info.mid] = fut
         return fut

@@ -186,11 +186,17 @@ class Forwarder:
         if exc is None:
             self.stats.delivered += 1
             self._mark_done(record_id)
-        elif isinstance(exc, PublishRejected | PublishFailed):
+        elif isinstance(exc, PublishRejected) or (
+            isinstance(exc, PublishFailed) and not exc.transient
+        ):
             # Retrying cannot help and would block everything behind it.
             self.stats.refused += 1
             log.error("dropping outbox record %d: %s", record_id, exc)
             self._mark_done(record_id)
+        elif self._session.connected and self._serving == self._session.connection:
+            # Not sent, yet the link is up (a transient client refusal): send it again.
+            self._after = min(self._after, record_id - 1)
+            self._at_tail = False
         self._wake.set()
 
     def _mark_done(self, record_id: int) -> None:

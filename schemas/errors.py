@@ -21,6 +21,7 @@ REASON_CODES: frozenset[str] = frozenset(get_args(ReasonCode))
 NodeRejectReason = Literal[
     "inference_failed",
     "non_finite_output",
+    "internal_error",
 ]
 """Why a node refuses a frame that kept the contract (its own state, not the input's fault)."""
 

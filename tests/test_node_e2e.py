@@ -11,6 +11,7 @@ import msgspec
 import numpy as np
 import pytest
 
+from edge_node.model import Prediction
 from edgewise.frames import load_holdout
 from local_broker import BrokerInfo, MosquittoProcess
 from schemas import decode_deadletter, decode_results, decode_status
@@ -252,3 +253,52 @@ def test_a_full_disk_degrades_the_node_keeps_answering_and_recovers(
             assert h.node.stats.results_stored >= 2  # frame 0 and frame 6 went through the outbox
 
     asyncio.run(scenario())
+
+
+def test_a_copy_redelivered_while_the_first_is_being_answered_gets_no_second_result(
+    tmp_path: Path,
+) -> None:
+    broker_dir = tmp_path / "broker"
+    broker = MosquittoProcess(
+        broker_dir, extra_config=f"persistence true\npersistence_location {broker_dir}/\n"
+    )
+    info = broker.start()
+
+    async def scenario() -> None:
+        async with running_node(info) as h:
+            # Hold inference until the link has dropped, come back, and the broker has
+            # redelivered the frames (DUP) while their first copies are still being answered.
+            gate, entered = asyncio.Event(), asyncio.Event()
+            infer = h.node._infer
+
+            async def gated(inputs: np.ndarray) -> Prediction:
+                entered.set()
+                await gate.wait()
+                return await infer(inputs)
+
+            h.node._infer = gated  # type: ignore[method-assign]
+            for i in range(3):
+                await h.send(frame_bytes(i, HOLDOUT.images[i]))
+            await asyncio.wait_for(entered.wait(), 10)
+            await asyncio.to_thread(broker.restart)
+            async with asyncio.timeout(20):
+                while h.node.stats.frames_in < 6:  # noqa: ASYNC110 - no event to await in the node
+                    await asyncio.sleep(0.01)
+            gate.set()
+            await h.seen.wait_for(lambda: _online_count(h) >= 2, 20)
+            await h.sensor.wait_connected(20)
+            await h.send(frame_bytes(99, HOLDOUT.images[99]))
+            await h.seen.wait_for(lambda: any(r.frame_seq == 99 for r in _results(h)), 20)
+            ids: dict[int, set[str]] = {}
+            for r in _results(h):
+                ids.setdefault(r.frame_seq, set()).add(r.id)
+            assert ids.keys() == {0, 1, 2, 99}
+            assert all(len(v) == 1 for v in ids.values()), ids
+            assert h.node.stats.frames_in == 7  # three frames, their three copies, the marker
+            assert h.node.stats.results_out == 4
+            assert h.node._acker.outstanding <= 1  # at most the marker's, awaiting its commit
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        broker.stop()
