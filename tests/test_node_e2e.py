@@ -284,8 +284,9 @@ def test_a_copy_redelivered_while_the_first_is_being_answered_gets_no_second_res
             async with asyncio.timeout(20):
                 while h.node.stats.frames_in < 6:  # noqa: ASYNC110 - no event to await in the node
                     await asyncio.sleep(0.01)
-            gate.set()
+            # Results go out once the gate opens: the probe must be subscribed again by then.
             await h.seen.wait_for(lambda: _online_count(h) >= 2, 20)
+            gate.set()
             await h.sensor.wait_connected(20)
             await h.send(frame_bytes(99, HOLDOUT.images[99]))
             await h.seen.wait_for(lambda: any(r.frame_seq == 99 for r in _results(h)), 20)
