@@ -80,6 +80,21 @@ def fresh_mosquitto(tmp_path: Path) -> Iterator[MosquittoProcess]:
 
 
 @pytest.fixture
+def persistent_mosquitto(tmp_path: Path) -> Iterator[MosquittoProcess]:
+    """A started Mosquitto of the test's own that keeps sessions across ``restart()``."""
+    _require_mosquitto()
+    workdir = tmp_path / "persistent-mosquitto"
+    proc = MosquittoProcess(
+        workdir, extra_config=f"persistence true\npersistence_location {workdir}/\n"
+    )
+    try:
+        proc.start()
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
 def embedded_broker() -> Iterator[BrokerInfo]:
     broker = EmbeddedBrokerThread()
     try:

@@ -185,14 +185,11 @@ def test_a_backlog_at_the_bound_pauses_reading_and_loses_nothing(mosquitto: Brok
 
 
 def test_a_frame_redelivered_after_its_result_was_stored_gets_no_second_result(
-    tmp_path: Path,
+    persistent_mosquitto: MosquittoProcess,
 ) -> None:
     """The crash window between 'result durable' and 'PUBACK sent', made deterministic."""
-    broker_dir = tmp_path / "broker"
-    broker = MosquittoProcess(
-        broker_dir, extra_config=f"persistence true\npersistence_location {broker_dir}/\n"
-    )
-    info = broker.start()
+    broker = persistent_mosquitto
+    info = broker.info
 
     async def scenario() -> None:
         async with running_node(info) as h:
@@ -215,10 +212,7 @@ def test_a_frame_redelivered_after_its_result_was_stored_gets_no_second_result(
             again = [r for r in _results(h) if r.frame_seq != 99]
             assert {(r.frame_seq, r.id) for r in again} == set(first.items())
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        broker.stop()
+    asyncio.run(scenario())
 
 
 def test_a_full_disk_degrades_the_node_keeps_answering_and_recovers(
@@ -256,13 +250,10 @@ def test_a_full_disk_degrades_the_node_keeps_answering_and_recovers(
 
 
 def test_a_copy_redelivered_while_the_first_is_being_answered_gets_no_second_result(
-    tmp_path: Path,
+    persistent_mosquitto: MosquittoProcess,
 ) -> None:
-    broker_dir = tmp_path / "broker"
-    broker = MosquittoProcess(
-        broker_dir, extra_config=f"persistence true\npersistence_location {broker_dir}/\n"
-    )
-    info = broker.start()
+    broker = persistent_mosquitto
+    info = broker.info
 
     async def scenario() -> None:
         async with running_node(info) as h:
@@ -299,7 +290,4 @@ def test_a_copy_redelivered_while_the_first_is_being_answered_gets_no_second_res
             assert h.node.stats.results_out == 4
             assert h.node._acker.outstanding <= 1  # at most the marker's, awaiting its commit
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        broker.stop()
+    asyncio.run(scenario())
