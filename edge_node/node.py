@@ -120,7 +120,6 @@ class EdgeNode:
         self._results_in_flight: set[asyncio.Future[None]] = set()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._inference: AdaptiveRunner[np.ndarray, Prediction] | None = None
-        self._inference_for: ServedModel | None = None
         self._stack: contextlib.AsyncExitStack | None = None
         self.session = MqttSession(
             config.mqtt,
@@ -151,10 +150,7 @@ class EdgeNode:
 
     # ------------------------------------------------------------------ lifecycle
     async def _infer(self, inputs: np.ndarray) -> Prediction:
-        model = self.model
-        if self._inference is None or self._inference_for is not model:
-            self._inference = AdaptiveRunner(model.predict, self._pool)
-            self._inference_for = model
+        assert self._inference is not None, "made with the model on entering the context"
         return await self._inference(inputs)
 
     @property
@@ -177,6 +173,7 @@ class EdgeNode:
                 providers=m.providers,
                 intra_op_threads=m.intra_op_threads,
             )
+        self._inference = AdaptiveRunner(self.model.predict, self._pool)
         log.info(
             "node %s serving %s release %d on %s (%s)",
             self.node_id,

@@ -24,6 +24,13 @@ def _online_count(h: Harness) -> int:
     return sum(decode_status(m.payload).state == "online" for m in h.messages("status"))
 
 
+async def _marker_answered(h: Harness, seq: int = 99) -> None:
+    """Send one more frame and await its result: the node has handled every frame before it."""
+    await h.sensor.wait_connected(20)
+    await h.send(frame_bytes(seq, HOLDOUT.images[seq]))
+    await h.seen.wait_for(lambda: any(r.frame_seq == seq for r in _results(h)), 20)
+
+
 def _results(h: Harness) -> list:
     return [r for m in h.messages("results") for r in decode_results(m.payload).results]
 
@@ -205,9 +212,7 @@ def test_a_frame_redelivered_after_its_result_was_stored_gets_no_second_result(
             # A second "online" reaches the probe only once its subscription is back (the broker
             # sends the node's will, "offline", while it shuts down).
             await h.seen.wait_for(lambda: _online_count(h) >= 2, 20)
-            await h.sensor.wait_connected(20)
-            await h.send(frame_bytes(99, HOLDOUT.images[99]))
-            await h.seen.wait_for(lambda: any(r.frame_seq == 99 for r in _results(h)), 20)
+            await _marker_answered(h)
             assert h.node.stats.frames_already_answered == 5
             again = [r for r in _results(h) if r.frame_seq != 99]
             assert {(r.frame_seq, r.id) for r in again} == set(first.items())
@@ -278,9 +283,7 @@ def test_a_copy_redelivered_while_the_first_is_being_answered_gets_no_second_res
             # Results go out once the gate opens: the probe must be subscribed again by then.
             await h.seen.wait_for(lambda: _online_count(h) >= 2, 20)
             gate.set()
-            await h.sensor.wait_connected(20)
-            await h.send(frame_bytes(99, HOLDOUT.images[99]))
-            await h.seen.wait_for(lambda: any(r.frame_seq == 99 for r in _results(h)), 20)
+            await _marker_answered(h)
             ids: dict[int, set[str]] = {}
             for r in _results(h):
                 ids.setdefault(r.frame_seq, set()).add(r.id)

@@ -148,15 +148,12 @@ def test_kill_9_of_the_node_loses_no_frame_and_gives_each_one_result_id(
 
 @pytest.mark.slow
 def test_results_made_while_the_broker_is_away_wait_on_disk_and_arrive_later(
-    tmp_path: Path, mqtt_probe: ProbeFactory
+    tmp_path: Path, mqtt_probe: ProbeFactory, persistent_mosquitto: MosquittoProcess
 ) -> None:
     # A broker that keeps its sessions across a restart (persistence, graceful stop): the
     # consumer misses nothing the broker accepted, so whatever is missing would be the node's.
-    broker_dir = tmp_path / "broker"
-    broker = MosquittoProcess(
-        broker_dir, extra_config=f"persistence true\npersistence_location {broker_dir}/\n"
-    )
-    info = broker.start()
+    broker = persistent_mosquitto
+    info = broker.info
     state = tmp_path / "node"
     state.mkdir()
     total = 3_000
@@ -197,4 +194,3 @@ def test_results_made_while_the_broker_is_away_wait_on_disk_and_arrive_later(
         assert "disconnected from broker" in log
     finally:
         n.stop_all()
-        broker.stop()

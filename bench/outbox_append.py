@@ -1,4 +1,4 @@
-"""Append throughput of the outbox: ``python -m outbox.bench [--rows N] [--dir DIR]``.
+"""Append throughput of the outbox: ``python -m bench.outbox_append [--rows N] [--dir DIR]``.
 
 Batched appends of ``Record("result", …, 300-byte payload)`` into a fresh database per case
 (default bound, so nothing is evicted), for each synchronous mode and batch size, plus the
