@@ -189,7 +189,7 @@ class StorageConfig(BaseModel):
         " broker's Receive Maximum)",
     )
     drain_max_msgs_per_s: float = Field(
-        1000.0,
+        5000.0,
         ge=0,
         description="after an outage, the backlog is sent at most this many messages per"
         " second, behind live results; 0 = no cap",
