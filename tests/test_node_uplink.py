@@ -20,11 +20,10 @@ import psutil
 import pytest
 
 from edgewise.frames import load_holdout
-from local_broker import BrokerInfo, Message, MqttProbe
+from local_broker import BrokerInfo, Message, MqttProbe, TcpProxy
 from schemas import decode_results, decode_status
 from tests.nodeharness import Harness, frame_bytes, running_node
 from tests.nodeprocs import NodeProcesses, ResultLedger, online
-from tests.tcpproxy import TcpProxy
 
 HOLDOUT = load_holdout()
 ProbeFactory = Callable[..., MqttProbe]
