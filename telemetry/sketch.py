@@ -13,8 +13,16 @@ from typing import Final, Self
 
 from ddsketch import LogCollapsingLowestDenseDDSketch
 
-from schemas import DEFAULT_LIMITS, ContractError, Limits, SketchWire, decode_sketch
-from schemas import SKETCH_BINS_MAX, SKETCH_MAX_BYTES, encode_sketch
+from schemas import (
+    DEFAULT_LIMITS,
+    SKETCH_BINS_MAX,
+    SKETCH_MAX_BYTES,
+    ContractError,
+    Limits,
+    SketchWire,
+    decode_sketch,
+    encode_sketch,
+)
 
 from .errors import BadSketch
 
@@ -46,7 +54,8 @@ class LatencySketch:
 
     @property
     def count(self) -> int:
-        return round(self._sketch.count)
+        count: float = self._sketch.count
+        return round(count)
 
     @property
     def min(self) -> float | None:
@@ -63,14 +72,18 @@ class LatencySketch:
     def quantile(self, q: float) -> float | None:
         """The value at quantile ``q`` (0..1), within 1 %; ``None`` when the sketch is empty.
 
-        Clamped to the exact min and max, so ``quantile(0)``/``quantile(1)`` are exact.
+        ``quantile(0)``/``quantile(1)`` are the exact min/max; others are clamped to them.
         """
         if not 0.0 <= q <= 1.0:
             raise ValueError(f"a quantile is in 0..1, got {q!r}")
         if self.count == 0:
             return None
-        value = float(self._sketch.get_quantile_value(q))
-        return min(max(value, self._sketch._min), self._sketch._max)
+        if q in (0.0, 1.0):
+            return float(self._sketch._min if q == 0.0 else self._sketch._max)
+        value = self._sketch.get_quantile_value(q)
+        if value is None:  # pragma: no cover - only for an empty sketch, handled above
+            return None
+        return min(max(float(value), self._sketch._min), self._sketch._max)
 
     # ------------------------------------------------------------------ wire
     def to_wire(self) -> SketchWire:
