@@ -54,7 +54,7 @@ async def listen(
                 await asyncio.sleep(duration_s)
         else:
             await asyncio.sleep(duration_s)
-        return view, session.connection > 0
+        return view, session.stats.connects > 0
 
 
 def _ms(value: float | None) -> str:
