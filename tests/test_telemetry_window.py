@@ -130,3 +130,19 @@ def test_no_thermal_zone_means_none(tmp_path: Path) -> None:
     assert zone_temp_c(tmp_path / "missing") is None
     _zone(tmp_path, 0, "cpu", "999999999")  # implausible: ignored
     assert zone_temp_c(tmp_path) is None
+
+
+def test_the_merge_example_in_the_docs_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    text = (Path(__file__).resolve().parent.parent / "docs" / "telemetry.md").read_text()
+    example = text.split("```python\n", 1)[1].split("```", 1)[0]
+    payloads = []
+    for node, ms in (("a", 1.0), ("b", 100.0)):
+        w = TelemetryWindow(node=node, boot_id="b", started_at=0.0)
+        for _ in range(50):
+            w.observe_latency(ms)
+        payloads.append(encode_telemetry(build(w, 10.0)))
+    exec(example, {"payloads": payloads})
+    count, p50, p99 = capsys.readouterr().out.split()
+    assert count == "100"
+    assert float(p50) == pytest.approx(1.0, rel=0.01)
+    assert float(p99) == pytest.approx(100.0, rel=0.01)
