@@ -7,16 +7,17 @@ import asyncio
 import json
 import time
 import uuid
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from edgewise.fleet_view import FleetView
-from mqtt_session import Inbound, MqttConfig, MqttSession
-from schemas import ContractError, Limits, Topics
+if TYPE_CHECKING:  # imported when the command runs: `edgewise --help` stays quick
+    from edgewise.fleet_view import FleetView
+    from mqtt_session import Inbound, MqttConfig
+    from schemas import Limits, Topics
 
 fleet_app = typer.Typer(help="The fleet: what every node reports.", no_args_is_help=True)
 
@@ -32,6 +33,10 @@ async def listen(
     console: Console | None = None,
 ) -> tuple[FleetView, bool]:
     """Collect status (retained) and telemetry for ``duration_s``; (view, ever connected)."""
+    from edgewise.fleet_view import FleetView
+    from mqtt_session import MqttSession
+    from schemas import Limits, Topics
+
     view = FleetView(topics or Topics(), limits or Limits())
 
     def on_message(msg: Inbound) -> None:
@@ -161,6 +166,8 @@ def status(
     Malformed messages are counted in a footer. Exits 1 if the broker could not be reached.
     """
     from local_broker import parse_broker_url
+    from mqtt_session import MqttConfig
+    from schemas import ContractError, Topics
 
     try:
         host, port = parse_broker_url(broker)
