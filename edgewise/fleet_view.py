@@ -32,8 +32,6 @@ class NodeState:
     status: Status | None = None
     telemetry: Telemetry | None = None
     sketch: LatencySketch | None = None
-    windows: int = 0
-    """Distinct windows seen while listening (stale ones included)."""
 
 
 def newer_window(new: Telemetry, old: Telemetry | None) -> bool:
@@ -101,7 +99,6 @@ class FleetView:
             self.malformed["telemetry: node_mismatch"] += 1
             return
         node = self._node(name)
-        node.windows += 1
         if newer_window(window, node.telemetry):
             node.telemetry, node.sketch = window, sketch
         elif node.telemetry is not None and window.id != node.telemetry.id:
