@@ -49,11 +49,14 @@ from schemas import (
     Result,
     ResultBatch,
     Status,
+    Telemetry,
     decode_frame,
     encode_results,
     encode_status,
+    encode_telemetry,
     new_id,
 )
+from telemetry import TelemetryWindow
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +94,7 @@ class NodeStats:
     publish_failures: int = 0
     inference_errors: int = 0
     session_recycles: int = 0
+    telemetry_windows: int = 0
     rejects: Counter[str] = field(default_factory=Counter)
 
     @property
@@ -109,6 +113,10 @@ class EdgeNode:
         self._model = model
         self.boot_id = str(uuid.uuid4())
         self.stats = NodeStats()
+        self._window = TelemetryWindow(
+            node=self.node_id, boot_id=self.boot_id, started_at=time.time()
+        )
+        self._telemetry_topic = self.topics.telemetry(self.node_id)
         self.reasons: list[str] = []
         self._seq = 0
         self._results_as_json = config.results_encoding == "json"
@@ -237,6 +245,7 @@ class EdgeNode:
                 tasks.create_task(self._batcher.run(), name="edge-node-batcher"),
                 tasks.create_task(self.forwarder.run(), name="edge-node-forwarder"),
                 tasks.create_task(self._health_loop(), name="edge-node-health"),
+                tasks.create_task(self._telemetry_loop(), name="edge-node-telemetry"),
             ]
             stack.callback(lambda: [t.cancel() for t in loops])
             self._stack = stack.pop_all()
@@ -278,6 +287,8 @@ class EdgeNode:
             log.warning(
                 "drain timed out after %.1f s; unfinished frames will be redelivered", timeout_s
             )
+        with contextlib.suppress(Exception):  # the last, partial window
+            await self.close_window()
         if self.uplink.connected:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
@@ -413,6 +424,73 @@ class EdgeNode:
             if recycle_s > 0 and now - loaded_at >= recycle_s and not self._draining:
                 await self.recycle_session()
                 loaded_at = time.monotonic()
+
+    async def _telemetry_loop(self) -> None:
+        window_s = self.config.telemetry.window_s
+        next_at = time.monotonic() + window_s
+        while True:
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            next_at += window_s
+            if not self._draining:
+                await self.close_window()
+
+    async def close_window(self) -> None:
+        """End the current telemetry window: check the latency SLO, store the window's message
+        in the outbox (kind ``telemetry``) and hand it to the forwarder."""
+        slo_ms = self.config.health.latency_slo_p99_ms
+        if slo_ms > 0:
+            p99 = self._window.sketch.quantile(0.99)
+            self._set_reason("latency_slo", p99 is not None and p99 > slo_ms)
+        payload = encode_telemetry(self._telemetry_message())
+        self.stats.telemetry_windows += 1
+        record = Record("telemetry", self._telemetry_topic, payload)
+        try:
+            (record_id,) = await self.outbox.append([record])
+        except Exception as exc:  # a full disk shows here even when no frame comes
+            self._set_reason(
+                "storage_full" if isinstance(exc, StorageFull) else "storage_error", True
+            )
+            fut = self.uplink.publish_nowait(self._telemetry_topic, payload, qos=1)
+            fut.add_done_callback(lambda f: f.exception())
+            return
+        self._set_reason("storage_full", False)
+        self._set_reason("storage_error", False)
+        self.forwarder.offer([record.stored(record_id, time.time())])
+
+    def _telemetry_message(self) -> Telemetry:
+        stats = self.stats
+        st = self.outbox.stats()
+        reconnects = sum(s.stats.reconnects for s in self._sessions)
+        m = self.model
+        return self._window.build(
+            time.time(),
+            counts_total={
+                "frames": stats.frames_in,
+                "results": stats.results_out,
+                "results_stored": stats.results_stored,
+                "rejected": stats.rejected,
+                "already_answered": stats.frames_already_answered,
+                "deadletters": self.deadletters.published,
+                "deadletters_suppressed": self.deadletters.suppressed,
+                "inference_errors": stats.inference_errors,
+                "publish_failures": stats.publish_failures,
+                "reconnects": reconnects,
+                "session_recycles": stats.session_recycles,
+                "uplink_published": self.forwarder.stats.published,
+                "uplink_delivered": self.forwarder.stats.delivered,
+            },
+            rejects_total=dict(stats.rejects),
+            evictions=st.evicted_items,
+            outbox_rows=st.rows,
+            outbox_bytes=st.file_bytes,
+            state=self.state,
+            reasons=self.reasons,
+            model=m.name,
+            release=m.release,
+            runtime=m.runtime.name,
+            provider=m.runtime.provider,
+            hardware_class=self.config.hardware_class,
+        )
 
     async def recycle_session(self) -> bool:
         """Load the model into a fresh inference session and swap it in between two batches.
@@ -597,7 +675,8 @@ class EdgeNode:
             self._store_task = None
 
     def _telemetry_observe(self, latency_ms: float) -> None:
-        pass
+        with contextlib.suppress(ValueError):  # a clock step could make one negative
+            self._window.observe_latency(latency_ms)
 
     async def _skip_answered(self, batch: list[_Pending]) -> list[_Pending]:
         """Acknowledge redelivered frames whose result is already stored; return the rest."""

@@ -37,7 +37,8 @@ def _results(h: Harness) -> list:
 
 def test_msgpack_and_json_frames_get_batched_results(mosquitto: BrokerInfo) -> None:
     async def scenario() -> None:
-        async with running_node(mosquitto, batching={"max_batch_size": 16, "max_wait_ms": 20}) as h:
+        batching = {"max_batch_size": 16, "max_wait_ms": 20, "max_results_per_message": 16}
+        async with running_node(mosquitto, batching=batching) as h:
             n_msgpack, n_json = 60, 10
             sends = [h.send(frame_bytes(i, HOLDOUT.images[i])) for i in range(n_msgpack)]
             sends += [
@@ -52,7 +53,8 @@ def test_msgpack_and_json_frames_get_batched_results(mosquitto: BrokerInfo) -> N
             assert len({r.id for r in results}) == total
             seqs = [r.seq for r in results]
             assert seqs == sorted(seqs) and len(set(seqs)) == total
-            # Batching: fewer messages than results, each carrying 1..16 results.
+            # Batching: fewer messages than results, each carrying 1..16 results (results of
+            # batches made while a commit runs share a message, up to max_results_per_message).
             sizes = [len(decode_results(m.payload).results) for m in h.messages("results")]
             assert len(sizes) < total and max(sizes) <= 16 and min(sizes) >= 1
             r0 = results[0]

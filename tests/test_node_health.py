@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
 
 from edgewise.frames import load_holdout
-from local_broker import BrokerInfo
-from schemas import decode_results
+from local_broker import BrokerInfo, TcpProxy
+from schemas import Telemetry, decode_results, decode_status, decode_telemetry
+from telemetry import LatencySketch, merged
 from tests.nodeharness import Harness, frame_bytes, running_node
 
 HOLDOUT = load_holdout()
@@ -35,5 +43,203 @@ def test_the_inference_session_is_recycled_while_frames_keep_being_served(
             assert h.node.stats.inference_errors == 0
             assert h.node.stats.rejected == 0
             assert h.node.model is not first_model  # a fresh session serves now
+
+    asyncio.run(scenario())
+
+
+async def _until(check: Callable[[], bool], timeout_s: float) -> None:
+    """Await a condition on the in-process node's own state (checked every 20 ms)."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            if check():
+                return
+            await asyncio.sleep(0.02)
+
+
+def _windows(h: Harness) -> list[Telemetry]:
+    return [decode_telemetry(m.payload) for m in h.messages("telemetry")]
+
+
+def _frames_counted(h: Harness) -> int:
+    return sum(t.counts.get("frames", 0) for t in _windows(h))
+
+
+def test_telemetry_windows_carry_counts_and_a_sketch_that_matches_the_results(
+    mosquitto: BrokerInfo,
+) -> None:
+    async def scenario() -> None:
+        async with running_node(
+            mosquitto, telemetry={"window_s": 0.3}, hardware_class="x86-cpu-gateway"
+        ) as h:
+            total = 300
+            for i in range(total):
+                await h.send(frame_bytes(i, HOLDOUT.images[i % len(HOLDOUT.images)]))
+            await h.send(b"not a frame")
+            await h.seen.wait_for(lambda: len(_answered(h)) >= total, 20)
+            await h.seen.wait_for(lambda: _frames_counted(h) >= total + 1, 20)
+            windows = _windows(h)
+            status = decode_status(h.messages("status")[-1].payload)
+            assert [t.seq for t in windows] == list(range(len(windows)))
+            assert {t.boot_id for t in windows} == {status.boot_id}
+            assert {(t.model, t.hardware_class, t.runtime) for t in windows} == {
+                ("digits", "x86-cpu-gateway", "onnxruntime")
+            }
+            assert sum(t.counts.get("results", 0) for t in windows) == total
+            assert sum(t.rejects.get("malformed", 0) for t in windows) == 1
+            assert all(t.rss_bytes > 0 and t.uptime_s > 0 for t in windows)
+            # The merged sketches hold exactly the results' latencies, to within 1 %.
+            merged_sketch = merged([LatencySketch.from_bytes(t.latency) for t in windows])
+            latencies = np.array(
+                [
+                    r.latency_ms
+                    for m in h.messages("results")
+                    for r in decode_results(m.payload).results
+                ]
+            )
+            assert merged_sketch.count == total == len(latencies)
+            for q in (0.5, 0.99):
+                got = merged_sketch.quantile(q)
+                assert got is not None
+                lo = np.quantile(latencies, q, method="lower") * 0.99
+                hi = np.quantile(latencies, q, method="higher") * 1.01
+                assert lo <= got <= hi, (q, got, lo, hi)
+
+    asyncio.run(scenario())
+
+
+def test_latency_over_the_slo_degrades_the_status_and_clears_when_it_goes(
+    mosquitto: BrokerInfo,
+) -> None:
+    def last_status(h: Harness) -> tuple[str, list[str]]:
+        s = decode_status(h.messages("status")[-1].payload)
+        return s.state, list(s.reasons)
+
+    async def scenario() -> None:
+        # An SLO no real latency meets (1 ns): every window with a frame breaks it.
+        async with running_node(
+            mosquitto, telemetry={"window_s": 0.3}, health={"latency_slo_p99_ms": 1e-6}
+        ) as h:
+            assert last_status(h) == ("online", [])
+            await h.send(frame_bytes(0, HOLDOUT.images[0]))
+            await h.seen.wait_for(lambda: last_status(h) == ("degraded", ["latency_slo"]), 10)
+            await h.seen.wait_for(lambda: any(t.counts.get("frames") for t in _windows(h)), 10)
+            window_with_frame = max(t.seq for t in _windows(h) if t.counts.get("frames"))
+            # No frames, no latency over the SLO: the next empty window clears it.
+            await h.seen.wait_for(lambda: last_status(h) == ("online", []), 10)
+            await h.seen.wait_for(
+                lambda: any(t.seq > window_with_frame and not t.latency_count for t in _windows(h))
+            )
+
+    asyncio.run(scenario())
+
+
+def test_telemetry_made_while_the_uplink_is_cut_is_stored_and_arrives_later(
+    mosquitto: BrokerInfo,
+) -> None:
+    async def scenario() -> None:
+        with TcpProxy(mosquitto.host, mosquitto.port) as proxy:
+            uplink = {
+                "host": proxy.host,
+                "port": proxy.port,
+                "connect_timeout_s": 2,
+                "reconnect_first_s": 0.1,
+                "reconnect_cap_s": 0.5,
+            }
+            async with running_node(
+                mosquitto,
+                uplink=uplink,
+                telemetry={"window_s": 0.3},
+                health={"uplink_grace_s": 0.3},
+            ) as h:
+                await h.seen.wait_for(lambda: len(_windows(h)) >= 1, 10)
+                proxy.cut()
+                await _until(lambda: "uplink_down" in h.node.reasons, 10)
+                said_at = h.node.stats.telemetry_windows
+                await _until(lambda: h.node.stats.telemetry_windows >= said_at + 2, 10)
+                seen_during_cut = {t.seq for t in _windows(h)}
+                proxy.restore()
+                made = h.node.stats.telemetry_windows
+                await h.seen.wait_for(lambda: {t.seq for t in _windows(h)} >= set(range(made)), 20)
+                late = [t for t in _windows(h) if t.seq not in seen_during_cut]
+                assert any("uplink_down" in t.reasons for t in late), "no window said uplink_down"
+                assert {t.seq for t in _windows(h)} >= set(range(made))
+
+    asyncio.run(scenario())
+
+
+def test_a_full_disk_is_reported_by_the_next_telemetry_window_without_any_frame(
+    mosquitto: BrokerInfo, small_filesystem: Callable[[str], Path]
+) -> None:
+    state = small_filesystem("1m")
+
+    async def scenario() -> None:
+        async with running_node(
+            mosquitto, storage={"state_dir": str(state)}, telemetry={"window_s": 1.0}
+        ) as h:
+            filler = state / "filler"
+            with contextlib.suppress(OSError), filler.open("wb") as f:
+                while True:
+                    f.write(b"\0" * 4096)
+                    f.flush()
+            reasons = lambda: decode_status(h.messages("status")[-1].payload).reasons  # noqa: E731
+            # One window (1 s) plus a margin: no frame is sent, the window's write finds it.
+            await h.seen.wait_for(lambda: reasons() == ["storage_full"], 10)
+            # Published directly while it cannot be stored.
+            await h.seen.wait_for(lambda: bool(_windows(h)), 10)
+            filler.unlink()
+            await h.seen.wait_for(lambda: reasons() == [], 10)
+
+    asyncio.run(scenario())
+
+
+def test_fleet_status_lists_two_real_nodes_and_merges_their_sketches(
+    mosquitto: BrokerInfo,
+) -> None:
+    async def scenario() -> None:
+        async with (
+            running_node(mosquitto, telemetry={"window_s": 0.3}) as a,
+            running_node(mosquitto, telemetry={"window_s": 0.3}) as b,
+        ):
+            stop = asyncio.Event()
+
+            async def traffic() -> None:
+                i = 0
+                while not stop.is_set():
+                    for h in (a, b):
+                        await h.send(frame_bytes(i, HOLDOUT.images[i % len(HOLDOUT.images)]))
+                    i += 1
+                    await asyncio.sleep(0.005)
+
+            sender = asyncio.create_task(traffic())
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "edgewise.cli",
+                "fleet",
+                "status",
+                "--broker",
+                mosquitto.url,
+                "--duration",
+                "2",
+                "--json",
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            out, err = await proc.communicate()
+            stop.set()
+            await sender
+            assert proc.returncode == 0, err.decode()
+            report = json.loads(out)
+            rows = {r["node"]: r for r in report["nodes"]}
+            for h in (a, b):
+                row = rows[h.node_id]
+                assert (row["state"], row["model"], row["boot_id"]) == (
+                    "online",
+                    "digits",
+                    h.node.boot_id,
+                )
+                assert row["frames_per_s"] > 0
+                assert row["p99_ms"] is not None and row["p99_ms"] >= row["p50_ms"] > 0
+            assert report["fleet"]["p99_ms"] >= min(rows[h.node_id]["p99_ms"] for h in (a, b))
 
     asyncio.run(scenario())
