@@ -42,7 +42,6 @@ import os
 import shlex
 import shutil
 import sqlite3
-import statistics
 import sys
 import tempfile
 import threading
@@ -715,11 +714,8 @@ def summary_rows(f: OutageFigures) -> list[list[str]]:
     """Rows of the main table: figure, target, one column per run, same-run baseline."""
     rows: list[list[str]] = []
     runs = f.runs
-    out_results = f.output_rate_proxy * (
-        statistics.fmean(r.record_items / r.records for r in runs if r.records)
-        if any(r.records for r in runs)
-        else 0.0
-    )
+    # the baseline's message holds output_items results: convert with that, not a mean
+    out_results = f.output_rate_proxy * f.output_items
 
     def row(name: str, target: str, cells: list[str], base: str) -> None:
         rows.append([name, target, *cells, base])
@@ -870,7 +866,7 @@ def markdown(f: OutageFigures) -> str:
         f"Output baseline: a bare paho publisher (window {DEFAULT_WINDOW}, the node's "
         f"`storage.uplink_window`) floods a bare subscriber with the node's median stored "
         f"results message ({f.output_payload_bytes:,} bytes, {f.output_items:g} results); "
-        f"results/s = messages/s x the mean results per record.\n"
+        f"results/s = messages/s x the results in that message.\n"
     )
     out.append("CPU % over each phase (100 = one core):\n")
     out.append("| run | phase | " + "CPU % by process |")
