@@ -980,10 +980,10 @@ def markdown(f: Figures) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_markdown(path: Path, body: str, label: str) -> None:
+def write_markdown(path: Path, body: str, label: str, marker: str = MARKER) -> None:
     """Replace the block between this label's markers (or append one)."""
-    begin = MARKER.format(label=label, end="begin")
-    end = MARKER.format(label=label, end="end")
+    begin = marker.format(label=label, end="begin")
+    end = marker.format(label=label, end="end")
     block = f"{begin}\n{body}{end}"
     if path.exists():
         text = path.read_text()

@@ -138,6 +138,8 @@ class FloodSpec:
     client_id: str
     window: int = 1000
     """QoS 1 publishes in flight (sent, not yet PUBACKed); capped by the broker's Receive Max."""
+    payload: bytes | None = None
+    """Publish these bytes every time instead of digit frames (e.g. a node's results message)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,7 +219,8 @@ def publish_flood(spec: FloodSpec, ready: Event, go: Event, out: Queue[PublishRe
         while acks.acked < spec.count:
             limit = min(spec.count, acks.acked + window)
             while sent < limit:
-                info = client.publish(spec.topic, _payload(sent, images[sent % n]), qos=1)
+                data = spec.payload or _payload(sent, images[sent % n])
+                info = client.publish(spec.topic, data, qos=1)
                 if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                     raise ConnectionError(f"publish failed: {mqtt.error_string(info.rc)}")
                 sent += 1
@@ -234,8 +237,15 @@ def publish_flood(spec: FloodSpec, ready: Event, go: Event, out: Queue[PublishRe
     out.put(report)
 
 
-def publish_paced(spec: PacedSpec, ready: Event, go: Event, out: Queue[PublishReport]) -> None:
-    """Publish at a steady ``spec.rate_hz`` for ``spec.duration_s``, one frame per tick."""
+def publish_paced(
+    spec: PacedSpec,
+    ready: Event,
+    go: Event,
+    out: Queue[PublishReport],
+    stop: Event | None = None,
+) -> None:
+    """Publish at a steady ``spec.rate_hz`` for ``spec.duration_s``, one frame per tick, or
+    until ``stop`` is set."""
     report = PublishReport()
     try:
         images = load_holdout().images
@@ -252,6 +262,9 @@ def publish_paced(spec: PacedSpec, ready: Event, go: Event, out: Queue[PublishRe
         start = time.monotonic() + 0.01
         max_lag = 0.0
         for i in range(total):
+            if stop is not None and stop.is_set():
+                total = i
+                break
             due = start + i * interval
             now = time.monotonic()
             while now < due:
@@ -384,6 +397,130 @@ def consume(spec: ConsumeSpec, ready: Event, out: Queue[ConsumeReport]) -> None:
             client.loop(0.1)
             now = time.monotonic()
             if now > deadline or (report.last and now - report.last > spec.idle_timeout_s):
+                report.timed_out = True
+                break
+        _close(client)
+    except Exception:
+        report.error = traceback.format_exc(limit=3)
+    out.put(report)
+
+
+# ---------------------------------------------------------------------------- drain consumer
+@dataclass(frozen=True, slots=True)
+class DrainSpec:
+    """A node's results after an outage: the backlog of one device, live results of another."""
+
+    host: str
+    port: int
+    topic: str
+    client_id: str
+    backlog_device: str
+    backlog_expect: int
+    live_device: str
+    deadline_s: float = 600.0
+    finish_wait_s: float = 10.0
+    """after ``finish``: how long to wait for the live results still to come"""
+
+
+@dataclass(slots=True)
+class DrainReport:
+    messages: int = 0
+    backlog_received: int = 0
+    """distinct backlog results (by frame seq)"""
+    backlog_duplicates: int = 0
+    backlog_first: float = 0.0
+    """monotonic time the first backlog result arrived"""
+    backlog_last: float = 0.0
+    backlog_inversions: int = 0
+    """backlog results that arrived after one with a higher frame seq (0: in order)"""
+    live_seq: array[int] = field(default_factory=lambda: array("q"))
+    live_ts: array[float] = field(default_factory=lambda: array("d"))
+    """each live result's frame ``ts`` (``time.time()`` at publish)"""
+    live_arrived: array[float] = field(default_factory=lambda: array("d"))
+    """``time.time()`` when its results message arrived"""
+    live_duplicates: int = 0
+    other_results: int = 0
+    """results of other devices (e.g. resent warm-up results)"""
+    undecodable: int = 0
+    timed_out: bool = False
+    error: str | None = None
+
+
+class _DrainCounter:
+    def __init__(self, spec: DrainSpec, report: DrainReport) -> None:
+        self.spec = spec
+        self.report = report
+        self.backlog_seen: set[int] = set()
+        self.live_seen: set[int] = set()
+        self.top = -1
+
+    def __call__(self, c: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        now = time.monotonic()
+        wall = time.time()
+        r = self.report
+        try:
+            batch = decode_results(cast(bytes, msg.payload))
+        except ContractError:
+            r.undecodable += 1
+            return
+        r.messages += 1
+        for res in batch.results:
+            if res.device == self.spec.backlog_device:
+                if res.frame_seq in self.backlog_seen:
+                    r.backlog_duplicates += 1
+                    continue
+                self.backlog_seen.add(res.frame_seq)
+                if res.frame_seq < self.top:
+                    r.backlog_inversions += 1
+                self.top = max(self.top, res.frame_seq)
+                if r.backlog_received == 0:
+                    r.backlog_first = now
+                r.backlog_received += 1
+                r.backlog_last = now
+            elif res.device == self.spec.live_device:
+                if res.frame_seq in self.live_seen:
+                    r.live_duplicates += 1
+                    continue
+                self.live_seen.add(res.frame_seq)
+                r.live_seq.append(res.frame_seq)
+                r.live_ts.append(res.frame_ts if res.frame_ts is not None else float("nan"))
+                r.live_arrived.append(wall)
+            else:
+                r.other_results += 1
+
+
+def consume_drain(
+    spec: DrainSpec,
+    ready: Event,
+    backlog_done: Event,
+    finish: Event,
+    live_expect: Any,
+    out: Queue[DrainReport],
+) -> None:
+    """Count a node's backlog and live results; set ``backlog_done`` once the whole backlog is
+    in; stop once ``finish`` is set and ``live_expect.value`` live results arrived."""
+    report = DrainReport()
+    try:
+        client, _ = connect(spec.host, spec.port, spec.client_id)
+        counter = _DrainCounter(spec, report)
+        client.on_message = counter
+        subscribe(client, spec.topic)
+        ready.set()
+        deadline = time.monotonic() + spec.deadline_s
+        finish_seen = 0.0
+        while True:
+            client.loop(0.05)
+            now = time.monotonic()
+            if report.backlog_received >= spec.backlog_expect and not backlog_done.is_set():
+                backlog_done.set()
+            if finish.is_set():
+                finish_seen = finish_seen or now
+                if len(report.live_seq) >= live_expect.value:
+                    break
+                if now - finish_seen > spec.finish_wait_s:
+                    report.timed_out = True
+                    break
+            if now > deadline:
                 report.timed_out = True
                 break
         _close(client)
