@@ -14,7 +14,9 @@ Encoding
 Messages
     :class:`Frame` (``decode_frame``/``encode_frame``), :class:`ResultBatch` of
     :class:`Result` (``decode_results``/``encode_results``), :class:`Status`,
-    :class:`DeadLetter`, and ``decode_any`` for displaying payloads of unknown shape.
+    :class:`DeadLetter`, :class:`Escalation` and its :class:`Reply`
+    (``decode_escalation``/``decode_reply``), and ``decode_any`` for displaying payloads
+    of unknown shape.
     Tensors are ``{dtype, shape, data}`` with ``data`` raw little-endian bytes (viewed,
     not copied) or, in JSON, a flat list of numbers; see :mod:`schemas.tensor`.
 
@@ -66,6 +68,16 @@ from .errors import (
     NodeRejectReason,
     ReasonCode,
 )
+from .escalation import (
+    EdgeVerdict,
+    Escalation,
+    Reply,
+    decode_escalation,
+    decode_reply,
+    encode_escalation,
+    encode_reply,
+    make_escalation,
+)
 from .frame import Frame, decode_frame, encode_frame
 from .ids import new_id
 from .limits import DEFAULT_LIMITS, Limits
@@ -84,10 +96,13 @@ __all__ = [
     "ContractError",
     "DeadLetter",
     "DeadLetterReason",
+    "EdgeVerdict",
+    "Escalation",
     "Frame",
     "Limits",
     "NodeRejectReason",
     "ReasonCode",
+    "Reply",
     "Result",
     "ResultBatch",
     "Source",
@@ -96,13 +111,18 @@ __all__ = [
     "Topics",
     "decode_any",
     "decode_deadletter",
+    "decode_escalation",
     "decode_frame",
+    "decode_reply",
     "decode_results",
     "decode_status",
     "encode_deadletter",
+    "encode_escalation",
     "encode_frame",
+    "encode_reply",
     "encode_results",
     "encode_status",
+    "make_escalation",
     "new_id",
     "tensor_from_wire",
     "tensor_to_wire",
