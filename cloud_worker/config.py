@@ -89,7 +89,11 @@ class WorkerConfig(BaseSettings):
         default_factory=lambda: f"worker-{socket.gethostname().split('.')[0] or 'host'}"
     )
     group: str = Field("workers", description="shared-subscription group")
-    mqtt: MqttConfig = MqttConfig()
+    mqtt: MqttConfig = Field(
+        default_factory=lambda: MqttConfig(session_expiry_s=60),
+        description="the broker; a worker's session (and its share of the escalations) outlives"
+        " a crash by session_expiry_s, default 60 s",
+    )
     cloud_root: str = "cloud"
     models: dict[str, ModelConfig] = Field(default_factory=lambda: {"digits": ModelConfig()})
     batching: BatchingConfig = BatchingConfig()

@@ -158,8 +158,8 @@ class HardExampleStore:
             return fut
         self._rows.append((row, fut))
         self._idle.clear()
-        if len(self._rows) >= self.config.commit_max_rows:
-            self._wake.set()
+        if len(self._rows) == 1 or len(self._rows) >= self.config.commit_max_rows:
+            self._wake.set()  # the first row starts the commit interval; a full batch ends it
         return fut
 
     async def flush(self) -> None:
@@ -179,6 +179,8 @@ class HardExampleStore:
                 continue
             if len(self._rows) < self.config.commit_max_rows and not self._closing:
                 self._wake.clear()
+                if len(self._rows) >= self.config.commit_max_rows:  # filled meanwhile
+                    self._wake.set()
                 try:
                     async with asyncio.timeout(interval):
                         await self._wake.wait()
