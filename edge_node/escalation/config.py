@@ -26,18 +26,22 @@ class PolicyConfig(BaseModel):
         return self
 
 
-def _default_policies() -> dict[str, PolicyConfig]:
+class DefaultPolicyConfig(PolicyConfig):
+    """The policy of every model without an entry in ``escalation.policies``."""
+
     # Chosen on the held-out digits (README, "Hybrid inference"): ~16 % escalated.
-    return {"digits": PolicyConfig(max_softmax_below=0.95)}
+    max_softmax_below: float | None = Field(0.95, ge=0, le=1)
 
 
 class EscalationConfig(BaseModel):
     model_config = _FROZEN
 
     enabled: bool = Field(False, description="escalate unsure verdicts to cloud workers")
+    policy: DefaultPolicyConfig = DefaultPolicyConfig()
     policies: dict[str, PolicyConfig] = Field(
-        default_factory=_default_policies,
-        description="per model name: max_softmax_below, margin_below, entropy_above, deadline_ms",
+        {},
+        description="per model name, replacing `policy` for that model: max_softmax_below,"
+        " margin_below, entropy_above, deadline_ms",
     )
     uplink: MqttConfig | None = Field(
         None, description="broker of the cloud workers; empty = the node's own mqtt settings"

@@ -231,13 +231,13 @@ class Escalator:
             await self._settled.wait()
 
     # ------------------------------------------------------------------ node API
-    def policy(self, model: str) -> PolicyConfig | None:
-        return self.config.policies.get(model)
+    def policy(self, model: str) -> PolicyConfig:
+        return self.config.policies.get(model, self.config.policy)
 
     def triage(self, model: str, scores: np.ndarray, output: str) -> Triage:
         """Which rows of ``scores`` ``[N, C]`` the policy for ``model`` sends to the cloud."""
         policy = self.policy(model)
-        if policy is None or scores.ndim != 2 or len(scores) == 0:
+        if scores.ndim != 2 or len(scores) == 0:
             return Triage([], [])
         probs = probabilities(scores, output)
         a = assess(probs, policy)
@@ -269,7 +269,7 @@ class Escalator:
                 decided.append(self._final(c, "edge_fallback"))
             else:
                 policy = self.policy(c.result.model)
-                deadline_s = (policy.deadline_ms if policy else 2000.0) / 1000.0
+                deadline_s = policy.deadline_ms / 1000.0
                 entries.append(_Entry(c, secrets.token_hex(8), key, now + deadline_s))
         if uploads:
             await self._store_uploads(uploads)
