@@ -185,6 +185,10 @@ class Escalator:
             ]
             stack.callback(lambda: [t.cancel() for t in loops])
             self._recover(left)
+            # A moment for the uplink to come up, so the first unsure frames are not taken
+            # for offline ones; a cloud that is away does not hold up the node for long.
+            with contextlib.suppress(TimeoutError):
+                await self.uplink.wait_connected(min(2.0, self.uplink.config.connect_timeout_s))
             self._stack = stack.pop_all()
         return self
 
