@@ -395,3 +395,25 @@ def test_readme_worker_example_runs(mosquitto: BrokerInfo, tmp_path: Path) -> No
             await client.__aexit__(None, None, None)
 
     asyncio.run(scenario())
+
+
+def test_every_worker_setting_is_documented(tmp_path: Path) -> None:
+    doc = (REPO / "docs" / "cloud-worker.md").read_text(encoding="utf-8")
+    keys: list[str] = []
+    for name, f in WorkerConfig.model_fields.items():
+        ann = f.annotation
+        if isinstance(ann, type) and name in ("batching", "store"):
+            keys += [f"{name}.{sub}" for sub in ann.model_fields]  # type: ignore[attr-defined]
+        else:
+            keys.append(name)
+    missing = [
+        k
+        for k in keys
+        if f"`{k}`" not in doc or "EDGEWISE_WORKER_" + k.replace(".", "__").upper() not in doc
+    ]
+    assert not missing, missing
+    example = re.search(r"```toml\n(.*?)```", doc, re.S)
+    assert example
+    path = tmp_path / "worker.toml"
+    path.write_text(example.group(1), encoding="utf-8")
+    assert WorkerConfig.load(path).worker_id == "gpu-1"
