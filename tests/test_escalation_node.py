@@ -298,3 +298,28 @@ def _check_offline(h: Harness, unsure: set[int], sure: set[int]) -> list[Result]
     assert {by_frame[s].source for s in unsure} == {"edge_offline"}
     assert {by_frame[s].source for s in sure} == {"edge"}
     return [by_frame[s] for s in unsure]
+
+
+def test_demo_summary_shows_the_hybrid_gain(mosquitto: BrokerInfo) -> None:
+    from rich.console import Console
+
+    from edgewise.demo import run_demo
+
+    console = Console(record=True, width=120)
+    report = asyncio.run(
+        run_demo(
+            duration_s=3.0,
+            rate_hz=200,
+            broker_url=mosquitto.url,
+            console=console,
+            live=False,
+            node_id=f"demo-{uuid.uuid4().hex[:6]}",
+        )
+    )
+    text = console.export_text()
+    for row in ("edge-only accuracy", "hybrid accuracy", "escalation rate", "round trip"):
+        assert row in text
+    assert report.results == report.sent >= 540
+    assert 0.05 < report.escalation_rate < 0.30
+    assert report.accuracy > report.edge_accuracy + 0.02
+    assert report.round_trips_ms and report.sources["cloud"] > 0
