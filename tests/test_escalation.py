@@ -400,3 +400,19 @@ def test_pending_escalations_survive_a_restart_as_edge_fallback(
         assert {f.result.source for f in second.got} == {"edge_fallback"}
 
     asyncio.run(scenario())
+
+
+def test_default_policy_figures_in_the_readme_hold() -> None:
+    """Hybrid accuracy and escalation rate of the default policy on the held-out digits, as the
+    README's table states them (edge and cloud models run with ONNX Runtime)."""
+    images, labels = HOLDOUT.images, HOLDOUT.labels
+    edge = ort.InferenceSession(str(bundled_asset("digits_edge.onnx")))
+    (edge_probs,) = edge.run(None, {"image": images})
+    cloud = _cloud_labels(images)
+    a = assess(np.asarray(edge_probs, dtype=np.float64), EscalationConfig().policy)
+    hybrid = np.where(a.escalate, cloud, np.asarray(edge_probs).argmax(axis=1))
+    correct, sent = int((hybrid == labels).sum()), int(a.escalate.sum())
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    assert f"{correct / 540:.1%}".replace("%", " %") + f" ({correct}/540)" in readme
+    assert f"{sent / 540:.1%}".replace("%", " %") + f" ({sent}/540)" in readme
+    assert sent / 540 < 0.30 and correct >= 528
