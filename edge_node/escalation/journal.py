@@ -4,7 +4,8 @@ A frame whose verdict went to the cloud is acknowledged once its provisional res
 verdict, with its result id already fixed) is committed here; the final result replaces the
 entry once the node's outbox holds it. After a crash, every entry left is answered at once as
 ``edge_fallback`` with the same result id (docs/adr/0031-escalation-acks.md). A small SQLite file
-of its own, written on one thread, one transaction per call.
+of its own, written on one thread; inserts and deletes queued while a commit runs share the next
+transaction, in queue order.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ class Journal:
         self._synchronous = synchronous
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="escalation-journal")
         self._conn: sqlite3.Connection | None = None
+        self._ops: list[tuple[str, list[Any], asyncio.Future[None]]] = []
+        self._committing = False
+        self._last: asyncio.Future[None] | None = None
+        self.commits = 0
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -54,35 +59,60 @@ class Journal:
         return [(str(r[0]), str(r[1]), bytes(r[2])) for r in rows]
 
     async def add(self, entries: list[tuple[str, str, bytes]]) -> None:
-        if entries:
-            await self._run(self._add, entries)
+        await self.add_nowait(entries)
 
     def add_nowait(self, entries: list[tuple[str, str, bytes]]) -> asyncio.Future[None]:
-        """Submit the insert now (it runs before anything submitted later); await the result."""
-        inner = asyncio.get_running_loop().run_in_executor(self._pool, self._add, entries)
-        return asyncio.ensure_future(self._translate(inner))
+        """Queue an insert now (it commits before anything queued later); await the result.
 
-    async def _translate(self, fut: asyncio.Future[None]) -> None:
-        try:
-            await fut
-        except sqlite3.Error as exc:
-            raise JournalError(f"escalation journal {self.path}: {exc}") from exc
-
-    def _add(self, entries: list[tuple[str, str, bytes]]) -> None:
-        conn = self._require()
-        with conn:
-            conn.execute("BEGIN")
-            conn.executemany("INSERT OR REPLACE INTO pending VALUES (?, ?, ?)", entries)
+        Inserts and deletes queued while a commit runs go together into the next transaction,
+        in the order they were queued (group commit)."""
+        return self._queue("add", entries)
 
     async def remove(self, result_ids: list[str]) -> None:
-        if result_ids:
-            await self._run(self._remove, result_ids)
+        await self._queue("remove", result_ids)
 
-    def _remove(self, result_ids: list[str]) -> None:
+    def _queue(self, kind: str, rows: list[Any]) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if not rows:
+            fut.set_result(None)
+            return fut
+        self._ops.append((kind, rows, fut))
+        if not self._committing:
+            self._start_commit()
+        return fut
+
+    def _start_commit(self) -> None:
+        ops, self._ops = self._ops, []
+        self._committing = True
+        inner = asyncio.get_running_loop().run_in_executor(self._pool, self._apply, ops)
+        inner.add_done_callback(lambda f: self._committed(f, ops))
+        self._last = ops[-1][2]
+
+    def _committed(self, inner: asyncio.Future[None], ops: list[Any]) -> None:
+        self._committing = False
+        exc = inner.exception()
+        for _, _, fut in ops:
+            if fut.done():
+                continue
+            if exc is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(JournalError(f"escalation journal {self.path}: {exc}"))
+        self.commits += 1
+        if self._ops:
+            self._start_commit()
+
+    def _apply(self, ops: list[tuple[str, list[Any], Any]]) -> None:
         conn = self._require()
         with conn:
             conn.execute("BEGIN")
-            conn.executemany("DELETE FROM pending WHERE result_id = ?", [(i,) for i in result_ids])
+            for kind, rows, _ in ops:
+                if kind == "add":
+                    conn.executemany("INSERT OR REPLACE INTO pending VALUES (?, ?, ?)", rows)
+                else:
+                    conn.executemany(
+                        "DELETE FROM pending WHERE result_id = ?", [(i,) for i in rows]
+                    )
 
     async def count(self) -> int:
         n: int = await self._run(
@@ -96,6 +126,8 @@ class Journal:
         return self._conn
 
     async def close(self) -> None:
+        while self._committing and self._last is not None:  # queued work commits first
+            await asyncio.gather(self._last, return_exceptions=True)
         conn, self._conn = self._conn, None
         if conn is not None:
             await asyncio.get_running_loop().run_in_executor(self._pool, conn.close)
