@@ -150,6 +150,11 @@ class HardExampleStore:
         except sqlite3.Error as exc:
             raise StoreError(f"hard-example store {self.config.path}: {exc}") from exc
 
+    @property
+    def queued(self) -> int:
+        """Rows added and not yet committed."""
+        return len(self._rows)
+
     def add(self, row: dict[str, Any]) -> asyncio.Future[None]:
         """Queue one row; the future resolves once it is committed (or fails with StoreError)."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()

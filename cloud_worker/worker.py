@@ -206,16 +206,32 @@ class Worker:
         the time runs out are not acknowledged either: the broker hands both out again (to this
         worker's next run, as its session persists), unless they expire first.
         """
+        # New escalations are left unacknowledged from now on; reading goes on, since the
+        # PUBACKs of replies in flight must still come in.
         self._draining = True
-        self.session.pause_reading()
         timeout_s = self.config.drain_timeout_s if timeout_s is None else timeout_s
         try:
             async with asyncio.timeout(timeout_s):
                 await asyncio.shield(self._finish_in_hand())
         except TimeoutError:
-            log.warning("drain timed out after %.1f s; unanswered work is handed back", timeout_s)
+            log.warning(
+                "drain timed out after %.1f s; unanswered work is handed back (%s)",
+                timeout_s,
+                self.describe(),
+            )
             return False
         return True
+
+    def describe(self) -> dict[str, object]:
+        """Where the worker's work stands (for an operator chasing a stall)."""
+        return {
+            "connected": self.session.connected,
+            "waiting_for_a_batch": {k: len(b) for k, b in self._batchers.items()},
+            "in_progress": len(self._in_progress),
+            "replying": len(self._settling),
+            "rows_to_commit": self.store.queued,
+            "unacknowledged": self._acker.outstanding,
+        }
 
     async def _finish_in_hand(self) -> None:
         for b in self._batchers.values():

@@ -118,7 +118,7 @@ def test_duplicate_escalation_gets_the_same_answer_also_after_restart(
                 await replies.wait_for(lambda: len(replies.got) >= 3)
                 await client.publish("cloud/escalations/digits", payload)
                 await replies.wait_for(lambda: len(replies.got) >= 4)
-                await worker.drain()
+                assert await worker.drain()  # all in hand finished (no reply left unconfirmed)
                 assert worker.stats.answered == 1
                 assert worker.stats.duplicates == 3
             # A new worker on the same store: its cache is empty, the store remembers.
