@@ -18,6 +18,9 @@ class Prediction:
     labels: np.ndarray
     confidences: np.ndarray
     finite: np.ndarray
+    scores: np.ndarray | None = None
+    """The model's raw output ``[N, C]`` (probabilities or logits, see ``ServedModel.output``):
+    what the escalation policy reads (margin, entropy)."""
 
 
 class ServedModel:
@@ -67,7 +70,7 @@ class ServedModel:
     def predict(self, batch: np.ndarray) -> Prediction:
         scores = self.runtime.run(batch)
         labels, confidences = verdicts(scores, self.output)
-        return Prediction(labels, confidences, finite_rows(scores))
+        return Prediction(labels, confidences, finite_rows(scores), scores)
 
     def close(self) -> None:
         self.runtime.close()

@@ -20,11 +20,13 @@ import logging
 import time
 import uuid
 from collections import Counter, deque
+from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
+import msgspec
 import numpy as np
 
 from edge_node.acks import InOrderAcker, Ticket
@@ -32,6 +34,7 @@ from edge_node.batcher import MicroBatcher
 from edge_node.config import NodeConfig
 from edge_node.deadletter import DeadLetters
 from edge_node.errors import ConfigError
+from edge_node.escalation import Case, Escalator, Final
 from edge_node.inference import AdaptiveRunner
 from edge_node.model import Prediction, ServedModel
 from mqtt_session import (
@@ -45,6 +48,7 @@ from outbox import AsyncOutbox, Forwarder, OutboxError, Record, StorageFull
 from schemas import (
     ContractError,
     DeadLetterReason,
+    EdgeVerdict,
     Frame,
     Result,
     ResultBatch,
@@ -170,6 +174,18 @@ class EdgeNode:
             drain_max_per_s=config.storage.drain_max_msgs_per_s,
         )
         self._acker = InOrderAcker(self.session)
+        # Hybrid inference (docs/adr/0030-escalation.md): unsure verdicts go to cloud workers.
+        self.escalator: Escalator | None = None
+        if config.escalation.enabled:
+            self.escalator = Escalator(
+                config.escalation,
+                node_id=self.node_id,
+                node_mqtt=config.uplink or config.mqtt,
+                topics=self.topics,
+                state_dir=config.storage.state_dir,
+                deliver=self._store_finals,
+                synchronous=config.storage.synchronous,
+            )
         self._batcher: MicroBatcher[_Pending] = MicroBatcher(
             self._process,
             max_batch_size=config.batching.max_batch_size,
@@ -238,6 +254,8 @@ class EdgeNode:
             )
             for session in self._sessions:
                 await stack.enter_async_context(session)
+            if self.escalator is not None:
+                await stack.enter_async_context(self.escalator)
             for f in self.config.topics.sensor_filters():
                 self.session.subscribe(f, qos=1)
             tasks = await stack.enter_async_context(asyncio.TaskGroup())
@@ -309,6 +327,9 @@ class EdgeNode:
 
     async def _finish_in_flight(self) -> None:
         await self._batcher.wait_idle()
+        if self.escalator is not None:  # pending cases end by their deadline at the latest
+            await asyncio.gather(*list(self._storing), return_exceptions=True)
+            await self.escalator.wait_settled()
         while self._storing or self._results_in_flight:
             await asyncio.gather(
                 *list(self._storing), *list(self._results_in_flight), return_exceptions=True
@@ -461,6 +482,19 @@ class EdgeNode:
         stats = self.stats
         st = self.outbox.stats()
         reconnects = sum(s.stats.reconnects for s in self._sessions)
+        esc = self.escalator.stats if self.escalator is not None else None
+        escalation_counts = (
+            {}
+            if esc is None
+            else {
+                "escalations": esc.escalated,
+                "cloud": esc.cloud,
+                "cloud_cached": esc.cached,
+                "edge_fallback": esc.fallback,
+                "edge_offline": esc.offline,
+                "late_replies": esc.late_replies,
+            }
+        )
         m = self.model
         return self._window.build(
             time.time(),
@@ -478,6 +512,7 @@ class EdgeNode:
                 "session_recycles": stats.session_recycles,
                 "uplink_published": self.forwarder.stats.published,
                 "uplink_delivered": self.forwarder.stats.delivered,
+                **escalation_counts,
             },
             rejects_total=dict(stats.rejects),
             evictions=st.evicted_items,
@@ -613,7 +648,12 @@ class EdgeNode:
         labels = pred.labels.tolist()
         confidences = pred.confidences.tolist()
         finite = pred.finite.tolist()
-        for p, label, conf, ok in zip(batch, labels, confidences, finite, strict=True):
+        unsure = self._triage(pred)
+        cases: list[Case] = []
+        escalated: list[_Pending] = []
+        for i, (p, label, conf, ok) in enumerate(
+            zip(batch, labels, confidences, finite, strict=True)
+        ):
             if not ok:
                 self._reject(p.ticket.message, "non_finite_output", "the model produced NaN or Inf")
                 rejected.append(p)
@@ -633,11 +673,18 @@ class EdgeNode:
                 source="edge",
                 latency_ms=(now - p.ticket.message.received_at) * 1000.0,
             )
+            if i in unsure:
+                received = p.ticket.message.received_at
+                cases.append(Case(result, p.key, p.frame.tensor, unsure[i], received))
+                escalated.append(p)
+                continue
             results.append(result)
             answered.append((p.key, result.id))
             served.append(p)
         if rejected:
             self._finish(rejected)
+        if cases:
+            self._track(self._escalate(cases, escalated))
         if not results:
             return
         self.stats.results_out += len(results)
@@ -687,6 +734,8 @@ class EdgeNode:
             log.warning("cannot look up redelivered frames (%s): answering them again", exc)
             return batch
         known = {k for k, result_id in zip(dups, found, strict=True) if result_id is not None}
+        if self.escalator is not None:  # answered already, the final result still to come
+            known |= {k for k in dups if self.escalator.pending_result_id(k) is not None}
         if not known:
             return batch
         fresh: list[_Pending] = []
@@ -699,6 +748,62 @@ class EdgeNode:
         self.stats.frames_already_answered += len(done)
         self._finish(done)
         return fresh
+
+    # ------------------------------------------------------------------ escalation
+    def _triage(self, pred: Prediction) -> dict[int, EdgeVerdict]:
+        """Rows of this batch the escalation policy sends to the cloud, with their summaries."""
+        if self.escalator is None or pred.scores is None:
+            return {}
+        t = self.escalator.triage(self.model.name, pred.scores, self.model.output)
+        return dict(zip(t.rows, t.verdicts, strict=True))
+
+    def _track(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._storing.add(task)
+        task.add_done_callback(self._storing.discard)
+
+    async def _escalate(self, cases: list[Case], escalated: list[_Pending]) -> None:
+        """Hand unsure frames to the escalator. A frame is acknowledged once its case is in the
+        journal (final result to come) or, if decided at once, once that result is stored
+        (docs/adr/0031-escalation-acks.md)."""
+        assert self.escalator is not None
+        try:
+            decided = await self.escalator.escalate(cases)
+        except Exception as exc:  # journal trouble: answer now with the edge verdict
+            log.error("escalation failed (%s): %d frames answered edge_fallback", exc, len(cases))
+            decided = [
+                Final(c.frame_key, msgspec.structs.replace(c.result, source="edge_fallback"))
+                for c in cases
+            ]
+        now = {f.frame_key for f in decided}
+        waiting = [p for p in escalated if p.key not in now]
+        if waiting:
+            self._finish(waiting)
+        if decided:
+            results = [f.result for f in decided]
+            payload = encode_results(
+                ResultBatch(node=self.node_id, results=results), as_json=self._results_as_json
+            )
+            self.stats.results_out += len(results)
+            self.stats.result_messages += 1
+            answered = [(f.frame_key, f.result.id) for f in decided]
+            await self._store(payload, answered, [p for p in escalated if p.key in now])
+
+    async def _store_finals(self, finals: list[Final]) -> None:
+        """The escalator's final results (cloud, edge_fallback): durable in the outbox before
+        the escalator lets go of them (their frames were acknowledged already)."""
+        payload = encode_results(
+            ResultBatch(node=self.node_id, results=[f.result for f in finals]),
+            as_json=self._results_as_json,
+        )
+        record = Record("result", self._results_topic, payload, items=len(finals))
+        (record_id,) = await self.outbox.append(
+            [record], [(f.frame_key, f.result.id) for f in finals]
+        )
+        self.stats.results_out += len(finals)
+        self.stats.result_messages += 1
+        self.stats.results_stored += len(finals)
+        self.forwarder.offer([record.stored(record_id, time.time())])
 
     async def _store(
         self, payload: bytes, answered: list[tuple[str, str]], served: list[_Pending]

@@ -26,6 +26,9 @@ app.add_typer(sensor_app, name="sensor")
 from edgewise.fleet_cmd import fleet_app  # noqa: E402
 
 app.add_typer(fleet_app, name="fleet")
+from edgewise.worker_cmd import worker_app  # noqa: E402
+
+app.add_typer(worker_app, name="worker")
 
 err = Console(stderr=True)
 

@@ -1,8 +1,11 @@
-"""``edgewise demo``: a broker, an edge node and a simulated sensor on this machine.
+"""``edgewise demo``: a broker, an edge node, a cloud worker and a simulated sensor here.
 
-The sensor publishes the held-out digits frames; the node classifies them with the bundled ONNX
-model; a live view shows throughput, end-to-end latency (sensor publish to result received) and
-accuracy so far; a summary table closes the run.
+The sensor publishes the held-out digits frames; the node classifies them with the small bundled
+edge model and escalates the ones it is unsure of to the cloud worker, which answers with the
+bigger cloud model; a live view shows throughput, end-to-end latency (sensor publish to result
+received), accuracy so far and the escalations; a summary table closes the run with edge-only
+accuracy (the edge model alone on the same frames), hybrid accuracy (the results received),
+escalation rate and escalation round trip (escalation seen on the broker to reply seen).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import contextlib
 import logging
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +24,9 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from edge_node.config import NodeConfig
+from cloud_worker import Worker, WorkerConfig
+from edge_node.config import NodeConfig, bundled_asset
+from edge_node.model import ServedModel
 from edge_node.node import EdgeNode
 from edgewise.frames import load_holdout
 from edgewise.sensor import simulate
@@ -32,9 +38,33 @@ from local_broker import (
     parse_broker_url,
 )
 from mqtt_session import Inbound, MqttConfig, MqttSession
-from schemas import ContractError, Topics, decode_results, decode_status
+from schemas import (
+    ContractError,
+    Topics,
+    decode_escalation,
+    decode_reply,
+    decode_results,
+    decode_status,
+)
 
 log = logging.getLogger(__name__)
+
+
+def _edge_labels(images: np.ndarray) -> np.ndarray:
+    """What the edge model alone says for each held-out image (the edge-only baseline)."""
+    model = ServedModel.load(
+        str(bundled_asset("digits_edge.onnx")),
+        name="digits",
+        release=0,
+        output="probabilities",
+        providers=("CPUExecutionProvider",),
+        intra_op_threads=1,
+    )
+    try:
+        labels: np.ndarray = model.predict(images).labels
+        return labels
+    finally:
+        model.close()
 
 
 @dataclass(slots=True)
@@ -49,6 +79,11 @@ class DemoReport:
     batches: int = 0
     elapsed_s: float = 0.0
     model: str = ""
+    cloud: bool = True
+    edge_correct: int = 0
+    sources: Counter[str] = field(default_factory=Counter)
+    escalated_at: dict[str, float] = field(default_factory=dict)
+    round_trips_ms: list[float] = field(default_factory=list)
 
     @property
     def results(self) -> int:
@@ -60,6 +95,18 @@ class DemoReport:
 
     def quantile_ms(self, q: float) -> float:
         return float(np.quantile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
+
+    @property
+    def edge_accuracy(self) -> float:
+        return self.edge_correct / self.results if self.results else 0.0
+
+    @property
+    def escalation_rate(self) -> float:
+        return 1.0 - self.sources["edge"] / self.results if self.results else 0.0
+
+    def round_trip_ms(self, q: float) -> float:
+        rt = self.round_trips_ms
+        return float(np.quantile(rt, q)) if rt else float("nan")
 
 
 def _table(report: DemoReport, *, title: str, elapsed_s: float) -> Table:
@@ -76,6 +123,15 @@ def _table(report: DemoReport, *, title: str, elapsed_s: float) -> Table:
         "latency p50 / p99", f"{report.quantile_ms(0.5):.2f} / {report.quantile_ms(0.99):.2f} ms"
     )
     t.add_row("accuracy so far", f"{report.accuracy:.1%}")
+    if report.cloud:
+        t.add_row("edge-only accuracy", f"{report.edge_accuracy:.1%}")
+        t.add_row("hybrid accuracy", f"{report.accuracy:.1%}")
+        t.add_row("escalation rate", f"{report.escalation_rate:.1%}")
+        t.add_row(
+            "escalation round trip p50 / p99",
+            f"{report.round_trip_ms(0.5):.2f} / {report.round_trip_ms(0.99):.2f} ms",
+        )
+        t.add_row("sources", ", ".join(f"{k} {v:,}" for k, v in sorted(report.sources.items())))
     t.add_row("rejected frames", f"{report.rejected:,}")
     return t
 
@@ -110,15 +166,27 @@ async def run_demo(
     console: Console | None = None,
     live: bool = True,
     node_id: str = "demo-gw",
+    cloud: bool = True,
 ) -> DemoReport:
     console = console or Console()
-    report = DemoReport()
+    report = DemoReport(cloud=cloud)
     frames = load_holdout()
     labels: dict[int, int] = {}
     topics = Topics()
     online = asyncio.Event()
+    edge_labels = _edge_labels(frames.images)
 
     def on_message(msg: Inbound) -> None:
+        if msg.topic.startswith(f"{topics.cloud_root}/escalations/"):
+            with contextlib.suppress(ContractError):
+                report.escalated_at.setdefault(decode_escalation(msg.payload).id, msg.received_at)
+            return
+        if msg.topic == topics.reply(node_id):
+            with contextlib.suppress(ContractError):
+                sent_at = report.escalated_at.pop(decode_reply(msg.payload).id, None)
+                if sent_at is not None:
+                    report.round_trips_ms.append((msg.received_at - sent_at) * 1000.0)
+            return
         if msg.topic == topics.status(node_id):
             with contextlib.suppress(ContractError):
                 if decode_status(msg.payload).state == "online":
@@ -134,8 +202,11 @@ async def run_demo(
                 report.duplicates += 1
                 continue
             report.answered.add(r.frame_seq)
+            report.sources[r.source] += 1
             if labels.get(r.frame_seq) == r.label:
                 report.correct += 1
+            if labels.get(r.frame_seq) == edge_labels[r.frame_seq % len(edge_labels)]:
+                report.edge_correct += 1
             if r.frame_ts is not None:
                 report.latencies_ms.append((now - r.frame_ts) * 1000.0)
 
@@ -156,11 +227,32 @@ async def run_demo(
         )
         viewer.subscribe(topics.results(node_id))
         viewer.subscribe(topics.status(node_id))
-        await viewer.wait_connected(mqtt.connect_timeout_s)
-        # The demo's outbox is thrown away with the run; a real node keeps its state_dir.
+        # The demo's outbox and hard examples are thrown away with the run.
         state_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="edgewise-demo-"))
+        if cloud:
+            viewer.subscribe(topics.escalations_filter(None))
+            viewer.subscribe(topics.reply(node_id))
+            worker = Worker(
+                WorkerConfig.load(
+                    worker_id=f"{node_id}-worker",
+                    group=f"{node_id}-workers",
+                    mqtt=mqtt,
+                    store={"path": str(Path(state_dir) / "hard_examples.db")},
+                    log_level="WARNING",
+                )
+            )
+            await stack.enter_async_context(worker)
+            console.print(f"[green]started a cloud worker[/] on {worker.subscription}")
+        await viewer.wait_connected(mqtt.connect_timeout_s)
         node = await stack.enter_async_context(
-            EdgeNode(NodeConfig.load(node_id=node_id, mqtt=mqtt, storage={"state_dir": state_dir}))
+            EdgeNode(
+                NodeConfig.load(
+                    node_id=node_id,
+                    mqtt=mqtt,
+                    storage={"state_dir": state_dir},
+                    escalation={"enabled": cloud},
+                )
+            )
         )
         report.model = f"{node.model.name} r{node.model.release} ({node.model.runtime.provider})"
         async with asyncio.timeout(15):

@@ -14,9 +14,11 @@ Encoding
 Messages
     :class:`Frame` (``decode_frame``/``encode_frame``), :class:`ResultBatch` of
     :class:`Result` (``decode_results``/``encode_results``), :class:`Status`,
-    :class:`DeadLetter`, :class:`Telemetry` (``decode_telemetry``/``encode_telemetry``) with its
-    latency sketch :class:`SketchWire` (``decode_sketch``/``encode_sketch``),
-    and ``decode_any`` for displaying payloads of unknown shape.
+    :class:`DeadLetter`, :class:`Escalation` and its :class:`Reply`
+    (``decode_escalation``/``decode_reply``), :class:`Telemetry`
+    (``decode_telemetry``/``encode_telemetry``) with its latency sketch :class:`SketchWire`
+    (``decode_sketch``/``encode_sketch``), and ``decode_any`` for displaying payloads of
+    unknown shape.
     Tensors are ``{dtype, shape, data}`` with ``data`` raw little-endian bytes (viewed,
     not copied) or, in JSON, a flat list of numbers; see :mod:`schemas.tensor`.
 
@@ -68,6 +70,16 @@ from .errors import (
     NodeRejectReason,
     ReasonCode,
 )
+from .escalation import (
+    EdgeVerdict,
+    Escalation,
+    Reply,
+    decode_escalation,
+    decode_reply,
+    encode_escalation,
+    encode_reply,
+    make_escalation,
+)
 from .frame import Frame, decode_frame, encode_frame
 from .ids import new_id
 from .limits import DEFAULT_LIMITS, Limits
@@ -91,10 +103,13 @@ __all__ = [
     "ContractError",
     "DeadLetter",
     "DeadLetterReason",
+    "EdgeVerdict",
+    "Escalation",
     "Frame",
     "Limits",
     "NodeRejectReason",
     "ReasonCode",
+    "Reply",
     "Result",
     "ResultBatch",
     "SketchWire",
@@ -105,17 +120,22 @@ __all__ = [
     "Topics",
     "decode_any",
     "decode_deadletter",
+    "decode_escalation",
     "decode_frame",
+    "decode_reply",
     "decode_results",
     "decode_sketch",
     "decode_status",
     "decode_telemetry",
     "encode_deadletter",
+    "encode_escalation",
     "encode_frame",
+    "encode_reply",
     "encode_results",
     "encode_sketch",
     "encode_status",
     "encode_telemetry",
+    "make_escalation",
     "new_id",
     "tensor_from_wire",
     "tensor_to_wire",

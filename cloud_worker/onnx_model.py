@@ -1,0 +1,35 @@
+"""The default handler: a bigger ONNX Runtime model, one call per batch."""
+
+from __future__ import annotations
+
+from cloud_worker.config import ModelConfig
+from cloud_worker.errors import ConfigError
+from cloud_worker.handler import Batch, Handler, Verdict
+from edge_node.errors import ModelLoadError
+from edge_node.model import ServedModel
+
+
+def onnx_handler(name: str, cfg: ModelConfig) -> tuple[Handler, ServedModel]:
+    """A handler running ``cfg``'s model; close the returned model when done."""
+    try:
+        model = ServedModel.load(
+            str(cfg.resolved_path()),
+            name=name,
+            release=0,
+            output=cfg.output,
+            providers=cfg.providers,
+            intra_op_threads=cfg.intra_op_threads,
+        )
+    except ModelLoadError as exc:
+        raise ConfigError(f"models.{name}.path: {exc}") from None
+
+    def run(batch: Batch) -> list[Verdict]:
+        pred = model.predict(batch.inputs)
+        return [
+            Verdict(int(label), float(conf) if ok else 0.0)
+            for label, conf, ok in zip(
+                pred.labels.tolist(), pred.confidences.tolist(), pred.finite.tolist(), strict=True
+            )
+        ]
+
+    return Handler(name, cfg.version, run), model

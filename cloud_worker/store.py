@@ -1,0 +1,276 @@
+"""The hard-example store: every escalation a worker answered, in SQLite, for retraining.
+
+One row per escalation id (the primary key; the first answer wins, so a duplicate finds the
+answer it must repeat): the input tensor, the edge verdict, the cloud verdict, the node, both
+models' versions and the times. Written through ``sqlite-utils`` on one dedicated thread, in
+batches (one transaction per ``commit_max_rows`` rows or ``commit_interval_ms``), WAL mode.
+:meth:`HardExampleStore.add` returns once the row is committed. sqlite3 errors become
+:class:`~cloud_worker.errors.StoreError` here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import sqlite_utils
+
+from cloud_worker.config import StoreConfig
+from cloud_worker.errors import StoreError
+from schemas import Escalation
+
+TABLE = "examples"
+COLUMNS: dict[str, Any] = {
+    "id": str,
+    "node": str,
+    "model": str,
+    "edge_release": int,
+    "device": str,
+    "sensor": str,
+    "frame_seq": int,
+    "sent_at": float,
+    "received_at": float,
+    "offline": int,
+    "dtype": str,
+    "shape": str,
+    "input": bytes,
+    "edge_label": int,
+    "edge_confidence": float,
+    "edge_margin": float,
+    "edge_entropy": float,
+    "cloud_label": int,
+    "cloud_confidence": float,
+    "cloud_model": str,
+    "worker": str,
+    "answered_at": float,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What a worker answered for one escalation id."""
+
+    label: int
+    confidence: float
+    model: str
+    worker: str
+
+
+def example_row(
+    esc: Escalation, answer: Answer, *, received_at: float, answered_at: float
+) -> dict[str, Any]:
+    return {
+        "id": esc.id,
+        "node": esc.node,
+        "model": esc.model,
+        "edge_release": esc.release,
+        "device": esc.device,
+        "sensor": esc.sensor,
+        "frame_seq": esc.frame_seq,
+        "sent_at": esc.ts,
+        "received_at": received_at,
+        "offline": int(esc.offline),
+        "dtype": esc.dtype,
+        "shape": json.dumps(esc.shape),
+        "input": esc.data,
+        "edge_label": esc.edge.label,
+        "edge_confidence": esc.edge.confidence,
+        "edge_margin": esc.edge.margin,
+        "edge_entropy": esc.edge.entropy,
+        "cloud_label": answer.label,
+        "cloud_confidence": answer.confidence,
+        "cloud_model": answer.model,
+        "worker": answer.worker,
+        "answered_at": answered_at,
+    }
+
+
+def _open_db(path: Path) -> sqlite_utils.Database:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+    db = sqlite_utils.Database(conn)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.execute("PRAGMA busy_timeout=5000")
+    if TABLE not in db.table_names():
+        db[TABLE].create(COLUMNS, pk="id", not_null={"id"})  # type: ignore[union-attr]
+        db[TABLE].create_index(["answered_at"])  # type: ignore[union-attr]
+    return db
+
+
+class HardExampleStore:
+    """``async with HardExampleStore(config) as store``: batched, durable inserts."""
+
+    def __init__(self, config: StoreConfig) -> None:
+        self.config = config
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hard-examples")
+        self._db: sqlite_utils.Database | None = None
+        self._rows: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.commits = 0
+        self.rows_written = 0
+
+    async def __aenter__(self) -> Self:
+        self._db = await self._run(_open_db, self.config.path)
+        self._task = asyncio.create_task(self._writer(), name="hard-example-writer")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            await asyncio.shield(self._task)
+        db = self._db
+        self._db = None
+        if db is not None:
+            await asyncio.get_running_loop().run_in_executor(self._pool, db.close)
+        self._pool.shutdown(wait=True)
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._pool, fn, *args)
+        except sqlite3.Error as exc:
+            raise StoreError(f"hard-example store {self.config.path}: {exc}") from exc
+
+    @property
+    def queued(self) -> int:
+        """Rows added and not yet committed."""
+        return len(self._rows)
+
+    def add(self, row: dict[str, Any]) -> asyncio.Future[None]:
+        """Queue one row; the future resolves once it is committed (or fails with StoreError)."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._closing:
+            fut.set_exception(StoreError("store is closing"))
+            return fut
+        self._rows.append((row, fut))
+        self._idle.clear()
+        if len(self._rows) == 1 or len(self._rows) >= self.config.commit_max_rows:
+            self._wake.set()  # the first row starts the commit interval; a full batch ends it
+        return fut
+
+    async def flush(self) -> None:
+        """Wait until every row added so far is committed."""
+        self._wake.set()
+        await self._idle.wait()
+
+    async def _writer(self) -> None:
+        interval = self.config.commit_interval_ms / 1000.0
+        while True:
+            if not self._rows:
+                self._idle.set()
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if len(self._rows) < self.config.commit_max_rows and not self._closing:
+                self._wake.clear()
+                if len(self._rows) >= self.config.commit_max_rows:  # filled meanwhile
+                    self._wake.set()
+                try:
+                    async with asyncio.timeout(interval):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
+            group, self._rows = self._rows, []
+            try:
+                await self._run(self._insert, [r for r, _ in group])
+            except StoreError as exc:
+                for _, fut in group:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            self.commits += 1
+            self.rows_written += len(group)
+            for _, fut in group:
+                if not fut.done():
+                    fut.set_result(None)
+
+    def _insert(self, rows: list[dict[str, Any]]) -> None:
+        db = self._require()
+        with db.conn:
+            db[TABLE].insert_all(rows, pk="id", ignore=True, batch_size=1000)  # type: ignore[union-attr]
+
+    def _require(self) -> sqlite_utils.Database:
+        if self._db is None:
+            raise sqlite3.ProgrammingError("store is closed")
+        return self._db
+
+    async def lookup(self, ids: Sequence[str]) -> dict[str, Answer]:
+        """The stored answers among ``ids`` (one query)."""
+        if not ids:
+            return {}
+        result: dict[str, Answer] = await self._run(self._lookup, list(ids))
+        return result
+
+    def _lookup(self, ids: list[str]) -> dict[str, Answer]:
+        db = self._require()
+        marks = ",".join("?" * len(ids))
+        cursor = db.execute(
+            f"SELECT id, cloud_label, cloud_confidence, cloud_model, worker FROM {TABLE}"
+            f" WHERE id IN ({marks})",
+            ids,
+        )
+        return {row[0]: Answer(row[1], row[2], row[3], row[4]) for row in cursor.fetchall()}
+
+    async def count(self) -> int:
+        n: int = await self._run(lambda: self._require()[TABLE].count)
+        return n
+
+
+def iter_rows(path: Path, batch: int = 1000) -> tuple[int, Iterator[list[dict[str, Any]]]]:
+    """(row count, iterator of row batches oldest first) of the store at ``path``, read-only."""
+    if not path.is_file():
+        raise StoreError(f"no hard-example store at {path} (see store.path in the worker config)")
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        db = sqlite_utils.Database(conn)
+        if TABLE not in db.table_names():
+            raise StoreError(f"{path} holds no {TABLE!r} table: not a hard-example store")
+        total = db[TABLE].count
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read {path}: {exc}") from exc
+
+    def batches() -> Iterator[list[dict[str, Any]]]:
+        try:
+            offset = 0
+            while True:
+                rows = list(
+                    db.query(
+                        f"SELECT * FROM {TABLE} ORDER BY answered_at, id LIMIT ? OFFSET ?",
+                        [batch, offset],
+                    )
+                )
+                if not rows:
+                    return
+                offset += len(rows)
+                yield rows
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read {path}: {exc}") from exc
+        finally:
+            conn.close()
+
+    return total, batches()
+
+
+def now() -> float:
+    return time.time()

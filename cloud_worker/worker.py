@@ -1,0 +1,430 @@
+"""The cloud worker: answers escalations from edge nodes with a bigger model.
+
+Per escalation: size cap, decode and validate (rejects counted), drop it if expired (the broker
+drops it earlier when it carries an MQTT 5 message expiry; the payload's ``deadline`` covers
+MQTT 3.1.1), answer a duplicate id with the answer already given (bounded in-memory cache, then
+the store), else queue it for its model's batcher: concurrent escalations become one model call.
+Each answer is published to the node's reply topic (MQTT 5 response topic and correlation data
+when the escalation came with them, always the in-payload ``reply_to``/``corr``) and written to the
+hard-example store. A message is acknowledged (in arrival order) only once its reply has been
+acknowledged by the broker and its row committed: a worker that dies leaves its unanswered work
+unacknowledged, and the broker hands it out again.
+
+Use::
+
+    worker = Worker(WorkerConfig.load("worker.toml"))
+
+    @worker.handler("digits", version="my-model-2")
+    def classify(batch: Batch) -> list[Verdict]: ...
+
+    async with worker:
+        await stop.wait()
+        await worker.drain()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+
+import numpy as np
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from cloud_worker.cache import BoundedCache
+from cloud_worker.config import WorkerConfig
+from cloud_worker.errors import HandlerError, StoreError
+from cloud_worker.handler import Batch, Handler, HandlerFn, Verdict
+from cloud_worker.onnx_model import onnx_handler
+from cloud_worker.store import Answer, HardExampleStore, example_row
+from edge_node.acks import InOrderAcker, Ticket
+from edge_node.batcher import MicroBatcher
+from edge_node.model import ServedModel
+from mqtt_session import Inbound, MqttError, MqttSession
+from schemas import (
+    ContractError,
+    Escalation,
+    Reply,
+    decode_escalation,
+    encode_reply,
+    validate_topic,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class WorkerStats:
+    received: int = 0
+    answered: int = 0
+    """Escalations answered by a handler (each once)."""
+    replies: int = 0
+    """Replies acknowledged by the broker (duplicates answered again included)."""
+    duplicates: int = 0
+    expired: int = 0
+    uploads: int = 0
+    """Hard-example uploads (no reply wanted) stored."""
+    batches: int = 0
+    handler_errors: int = 0
+    store_errors: int = 0
+    reply_failures: int = 0
+    ignored_draining: int = 0
+    rejects: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def rejected(self) -> int:
+        return sum(self.rejects.values())
+
+
+@dataclass(slots=True)
+class _Job:
+    esc: Escalation
+    msg: Inbound
+    ticket: Ticket
+    answer: Answer | None = None
+
+
+def _is_reply_topic(topic: str, node: str) -> bool:
+    """A worker replies only to ``.../{node}/reply`` of the node that asked: an escalation cannot
+    make it publish anywhere else on the cloud broker."""
+    try:
+        validate_topic(topic)
+    except ContractError:
+        return False
+    return topic.endswith(f"/{node}/reply")
+
+
+class Worker:
+    """A cloud worker bound to one broker; ``async with Worker(config) as worker``."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.worker_id = config.worker_id
+        self.topics = config.topics()
+        self.limits = config.limits()
+        self.stats = WorkerStats()
+        self._handlers: dict[str, Handler] = {}
+        self._models: list[ServedModel] = []
+        self._answered: BoundedCache[Answer] = BoundedCache(config.answered_cache_entries)
+        self._in_progress: dict[str, list[_Job]] = {}
+        self._settling: set[asyncio.Task[None]] = set()
+        self._batchers: dict[str, MicroBatcher[_Job]] = {}
+        self._draining = False
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._tasks: asyncio.TaskGroup | None = None
+        self.subscription = ""
+        self.store = HardExampleStore(config.store)
+        self.session = MqttSession(
+            config.mqtt,
+            client_id=f"edgewise-worker-{self.worker_id}",
+            on_message=self._on_message,
+            keep_properties=True,
+        )
+        self._acker = InOrderAcker(self.session)
+
+    # ------------------------------------------------------------------ handlers
+    def handler(self, model: str, *, version: str = "custom") -> Callable[[HandlerFn], HandlerFn]:
+        """Register ``fn`` as the answer for escalations of ``model`` (before entering)."""
+
+        def register(fn: HandlerFn) -> HandlerFn:
+            self._handlers[model] = Handler(model, version, fn)
+            return fn
+
+        return register
+
+    # ------------------------------------------------------------------ lifecycle
+    async def __aenter__(self) -> Self:
+        for name, cfg in self.config.models.items():
+            if name not in self._handlers:
+                handler, served = onnx_handler(name, cfg)
+                self._handlers[name] = handler
+                self._models.append(served)
+        async with contextlib.AsyncExitStack() as stack:
+            stack.callback(self._close_models)
+            await stack.enter_async_context(self.store)
+            await stack.enter_async_context(self.session)
+            tasks = await stack.enter_async_context(asyncio.TaskGroup())
+            self._tasks = tasks
+            loops = []
+            for name in self._handlers:
+                batcher: MicroBatcher[_Job] = MicroBatcher(
+                    self._make_process(name),
+                    max_batch_size=self.config.batching.max_batch_size,
+                    max_wait_s=self.config.batching.max_wait_ms / 1000.0,
+                )
+                self._batchers[name] = batcher
+                loops.append(tasks.create_task(batcher.run(), name=f"worker-batcher-{name}"))
+            stack.callback(lambda: [t.cancel() for t in loops])
+            await self._subscribe()
+            self._stack = stack.pop_all()
+        log.info(
+            "worker %s answering %s on %s",
+            self.worker_id,
+            ", ".join(f"{h.model} ({h.version})" for h in self._handlers.values()),
+            self.subscription,
+        )
+        return self
+
+    async def _subscribe(self) -> None:
+        await self.session.wait_connected(self.config.mqtt.connect_timeout_s)
+        if self.session.protocol == "5":
+            self.subscription = self.topics.escalations_filter(self.config.group)
+        else:
+            self.subscription = self.topics.escalations_filter(None)
+            log.warning(
+                "the broker speaks MQTT 3.1.1 only: subscribing to %s without a shared"
+                " subscription, so every worker on this broker receives every escalation (run"
+                " one worker, or use an MQTT 5 broker to split the load)",
+                self.subscription,
+            )
+        self.session.subscribe(self.subscription, qos=1)
+
+    def _close_models(self) -> None:
+        for m in self._models:
+            m.close()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._stack is not None:
+            await self._stack.__aexit__(None, None, None)
+
+    async def drain(self, timeout_s: float | None = None) -> bool:
+        """Stop taking escalations, finish (reply, store, acknowledge) the ones in hand.
+
+        Escalations not yet read stay unacknowledged in the worker's session; those in hand when
+        the time runs out are not acknowledged either: the broker hands both out again (to this
+        worker's next run, as its session persists), unless they expire first.
+        """
+        # New escalations are left unacknowledged from now on; reading goes on, since the
+        # PUBACKs of replies in flight must still come in.
+        self._draining = True
+        timeout_s = self.config.drain_timeout_s if timeout_s is None else timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                await asyncio.shield(self._finish_in_hand())
+        except TimeoutError:
+            log.warning(
+                "drain timed out after %.1f s; unanswered work is handed back (%s)",
+                timeout_s,
+                self.describe(),
+            )
+            return False
+        return True
+
+    def describe(self) -> dict[str, object]:
+        """Where the worker's work stands (for an operator chasing a stall)."""
+        return {
+            "connected": self.session.connected,
+            "waiting_for_a_batch": {k: len(b) for k, b in self._batchers.items()},
+            "in_progress": len(self._in_progress),
+            "replying": len(self._settling),
+            "rows_to_commit": self.store.queued,
+            "unacknowledged": self._acker.outstanding,
+        }
+
+    async def _finish_in_hand(self) -> None:
+        for b in self._batchers.values():
+            await b.wait_idle()
+        while self._settling:
+            await asyncio.gather(*list(self._settling), return_exceptions=True)
+        await self.store.flush()
+
+    # ------------------------------------------------------------------ intake
+    def _on_message(self, msg: Inbound) -> None:
+        if self._draining:
+            self.stats.ignored_draining += 1
+            return
+        self.stats.received += 1
+        ticket = self._acker.track(msg)
+        try:
+            esc = decode_escalation(msg.payload, self.limits)
+            if msg.topic != self.topics.escalations(esc.model):
+                raise ContractError("bad_topic", f"escalation for {esc.model!r} on {msg.topic!r}")
+            if esc.reply_to is not None and not _is_reply_topic(esc.reply_to, esc.node):
+                raise ContractError("bad_topic", f"reply_to {esc.reply_to!r} is not node's reply")
+        except ContractError as exc:
+            self.stats.rejects[exc.reason] += 1
+            log.debug("rejected escalation on %r: %s", msg.topic[:128], exc)
+            self._acker.finish(ticket)
+            return
+        if esc.expired(time.time()):
+            self.stats.expired += 1
+            self._acker.finish(ticket)
+            return
+        if esc.model not in self._batchers:
+            self.stats.rejects["no_handler"] += 1
+            self._acker.finish(ticket)
+            return
+        job = _Job(esc, msg, ticket)
+        waiting = self._in_progress.get(esc.id)
+        if waiting is not None:
+            self.stats.duplicates += 1
+            waiting.append(job)  # answered together with the first copy
+            return
+        cached = self._answered.get(esc.id)
+        if cached is not None:
+            self.stats.duplicates += 1
+            job.answer = cached
+            self._settle([job], stored=None)
+            return
+        self._in_progress[esc.id] = [job]
+        self._batchers[esc.model].add(job)
+
+    # ------------------------------------------------------------------ answering
+    def _make_process(self, model: str) -> Callable[[list[_Job]], Any]:
+        async def process(jobs: list[_Job]) -> None:
+            try:
+                await self._answer(model, jobs)
+            except Exception:  # never stop the batcher
+                log.exception("unexpected error answering %d escalations", len(jobs))
+                self._give_up(jobs)
+
+        return process
+
+    async def _answer(self, model: str, jobs: list[_Job]) -> None:
+        handler = self._handlers[model]
+        try:
+            known = await self.store.lookup([j.esc.id for j in jobs])
+        except StoreError as exc:
+            log.warning("cannot look up earlier answers (%s)", exc)
+            known = {}
+        fresh: list[_Job] = []
+        for j in jobs:
+            found = known.get(j.esc.id)
+            if found is not None:
+                self.stats.duplicates += 1
+                j.answer = found
+            else:
+                fresh.append(j)
+        groups: dict[tuple[str, tuple[int, ...]], list[_Job]] = defaultdict(list)
+        for j in fresh:
+            groups[(j.esc.dtype, tuple(j.esc.shape))].append(j)
+        failed: list[_Job] = []
+        for group in groups.values():
+            try:
+                inputs = np.stack([j.esc.tensor(self.limits) for j in group])
+                verdicts = await handler(Batch(model, inputs, [j.esc for j in group]))
+            except Exception as exc:  # a handler failure must not stop the worker
+                self.stats.handler_errors += 1
+                log.error("handler for %r failed on %d inputs: %s", model, len(group), exc)
+                failed.extend(group)
+                continue
+            self.stats.batches += 1
+            for j, v in zip(group, verdicts, strict=True):
+                j.answer = self._answer_of(handler, v)
+        if failed:
+            self._give_up(failed)
+        done = [j for j in jobs if j.answer is not None]
+        rows = []
+        now = time.time()
+        for j in done:
+            assert j.answer is not None
+            self._answered.put(j.esc.id, j.answer)
+            if j in fresh:
+                self.stats.answered += 1
+                rows.append(
+                    example_row(j.esc, j.answer, received_at=j.msg.received_at, answered_at=now)
+                )
+        stored = asyncio.gather(*(self.store.add(r) for r in rows)) if rows else None
+        self._settle(done, stored=stored)
+
+    def _answer_of(self, handler: Handler, v: Verdict) -> Answer:
+        if not isinstance(v, Verdict):
+            raise HandlerError(f"handler for {handler.model!r} returned {type(v).__name__}")
+        confidence = min(1.0, max(0.0, float(v.confidence)))
+        return Answer(int(v.label), confidence, handler.version, self.worker_id)
+
+    def _give_up(self, jobs: list[_Job]) -> None:
+        """No answer (the handler failed): acknowledge, so the node falls back at its deadline
+        instead of the broker handing the same failing input out again and again."""
+        for j in jobs:
+            for copy in self._in_progress.pop(j.esc.id, [j]):
+                self._acker.finish(copy.ticket)
+
+    def _settle(self, jobs: list[_Job], *, stored: asyncio.Future[Any] | None) -> None:
+        task = asyncio.create_task(self._reply_and_ack(jobs, stored))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def _reply_and_ack(self, jobs: list[_Job], stored: asyncio.Future[Any] | None) -> None:
+        copies: list[_Job] = []
+        for j in jobs:
+            copies.extend(self._in_progress.pop(j.esc.id, [j]))
+            for c in copies:
+                if c.answer is None:
+                    c.answer = j.answer
+        now = time.time()
+        sends: list[asyncio.Future[None]] = []
+        uploads = 0
+        for c in copies:
+            if not c.esc.wants_reply:
+                uploads += 1
+                continue
+            if c.esc.expired(now):
+                self.stats.expired += 1
+                continue
+            sends.append(self._send_reply(c))
+        ok = True
+        if stored is not None:
+            try:
+                await stored
+            except StoreError as exc:
+                self.stats.store_errors += 1
+                log.error("hard examples not stored: %s", exc)
+        results = await asyncio.gather(*sends, return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                ok = False
+                self.stats.reply_failures += 1
+            else:
+                self.stats.replies += 1
+        self.stats.uploads += uploads
+        if ok or self.session.connected:
+            # Delivered, or refused for good on a live connection (retrying cannot help).
+            self._acker.finish_all([c.ticket for c in copies])
+        # else: the connection dropped; the broker redelivers the escalations on the next one.
+
+    def _send_reply(self, job: _Job) -> asyncio.Future[None]:
+        esc, answer = job.esc, job.answer
+        assert answer is not None and esc.reply_to is not None and esc.corr is not None
+        reply = Reply(
+            id=esc.id,
+            corr=esc.corr,
+            node=esc.node,
+            label=answer.label,
+            confidence=answer.confidence,
+            worker=answer.worker,
+            model=answer.model,
+            ts=time.time(),
+        )
+        topic = esc.reply_to
+        props: Properties | None = None
+        if self.session.protocol == "5":
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            inbound = job.msg.properties
+            corr = esc.corr.encode()
+            if inbound is not None:
+                corr = getattr(inbound, "CorrelationData", None) or corr
+                response_topic = getattr(inbound, "ResponseTopic", None)
+                if isinstance(response_topic, str) and _is_reply_topic(response_topic, esc.node):
+                    topic = response_topic
+            props.CorrelationData = corr
+            if esc.deadline is not None:
+                props.MessageExpiryInterval = max(1, int(esc.deadline - time.time() + 1))
+        try:
+            return self.session.publish_nowait(topic, encode_reply(reply), qos=1, properties=props)
+        except MqttError as exc:  # pragma: no cover - publish_nowait reports through the future
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            fut.set_exception(exc)
+            return fut

@@ -1,0 +1,40 @@
+"""Hybrid inference, the node's side: policy, pending escalations, replies, verdict cache.
+
+:class:`Escalator` is the one object a node talks to (see its module docstring);
+:mod:`edge_node.escalation.policy` holds the pure tests (max softmax, top-2 margin, entropy);
+:mod:`edge_node.escalation.journal` the durable record of acknowledged, still-pending frames.
+Design: docs/adr/0030-escalation.md, docs/adr/0031-escalation-acks.md.
+"""
+
+from edge_node.escalation.cache import CloudVerdict, VerdictCache, input_key
+from edge_node.escalation.config import EscalationConfig, PolicyConfig
+from edge_node.escalation.escalator import (
+    Case,
+    Deliver,
+    EscalationStats,
+    Escalator,
+    Final,
+    Triage,
+)
+from edge_node.escalation.journal import Journal, JournalError
+from edge_node.escalation.policy import Assessment, assess, edge_verdict, probabilities
+
+__all__ = [
+    "Assessment",
+    "Case",
+    "CloudVerdict",
+    "Deliver",
+    "EscalationConfig",
+    "EscalationStats",
+    "Escalator",
+    "Final",
+    "Journal",
+    "JournalError",
+    "PolicyConfig",
+    "Triage",
+    "VerdictCache",
+    "assess",
+    "edge_verdict",
+    "input_key",
+    "probabilities",
+]

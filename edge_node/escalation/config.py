@@ -1,0 +1,59 @@
+"""Escalation settings of a node (``[escalation]`` in the node config; docs/configuration.md)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from mqtt_session import MqttConfig
+
+_FROZEN = ConfigDict(frozen=True, extra="forbid")
+
+
+class PolicyConfig(BaseModel):
+    """When a model's verdict is too unsure to stand alone; any test that trips escalates."""
+
+    model_config = _FROZEN
+
+    max_softmax_below: float | None = Field(None, ge=0, le=1)
+    margin_below: float | None = Field(None, ge=0, le=1)
+    entropy_above: float | None = Field(None, ge=0)
+    deadline_ms: float = Field(2000.0, gt=0, le=600_000)
+
+    @model_validator(mode="after")
+    def _one_test(self) -> PolicyConfig:
+        if (self.max_softmax_below, self.margin_below, self.entropy_above) == (None, None, None):
+            raise ValueError("set at least one of max_softmax_below, margin_below, entropy_above")
+        return self
+
+
+class DefaultPolicyConfig(PolicyConfig):
+    """The policy of every model without an entry in ``escalation.policies``."""
+
+    # Chosen on the held-out digits (README, "Hybrid inference"): ~16 % escalated.
+    max_softmax_below: float | None = Field(0.95, ge=0, le=1)
+
+
+class EscalationConfig(BaseModel):
+    model_config = _FROZEN
+
+    enabled: bool = Field(False, description="escalate unsure verdicts to cloud workers")
+    policy: DefaultPolicyConfig = DefaultPolicyConfig()
+    policies: dict[str, PolicyConfig] = Field(
+        {},
+        description="per model name, replacing `policy` for that model: max_softmax_below,"
+        " margin_below, entropy_above, deadline_ms",
+    )
+    uplink: MqttConfig | None = Field(
+        None, description="broker of the cloud workers; empty = the node's own mqtt settings"
+    )
+    max_pending: int = Field(
+        10_000, ge=1, description="escalations awaiting a reply; beyond it, edge_fallback at once"
+    )
+    max_reply_bytes: int = Field(4096, ge=256, le=1_048_576)
+    cache_entries: int = Field(10_000, ge=0, description="cloud verdicts kept by input hash")
+    cache_ttl_s: float = Field(600.0, gt=0)
+    hard_example_outbox_max_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="bound of the file holding hard examples made while the uplink was down",
+    )

@@ -1,0 +1,458 @@
+"""The node's side of hybrid inference: send unsure cases to the cloud, always answer.
+
+``async with Escalator(...) as esc`` owns an uplink MQTT session (to the cloud workers' broker;
+by default the node's own), the pending-escalation journal, a verdict cache, and a small outbox
+of hard examples for cases decided while the uplink was down, forwarded once it is back.
+
+The node calls :meth:`Escalator.triage` on each batch's scores to learn which rows are unsure,
+then :meth:`Escalator.escalate` with those cases. ``escalate`` returns once every case is either
+decided already (``cloud_cached``: the cache knew the input; ``edge_offline``: no uplink;
+``edge_fallback``: too many pending) — those results come back to be stored like any other — or
+durable in the journal and on its way to the cloud. Each pending case is resolved exactly once,
+by the first valid reply (``cloud``) or by its deadline (``edge_fallback``), and its final result
+is handed to the ``deliver`` callback, which stores it durably; only then does the journal let
+it go. Late and duplicate replies are ignored; hostile ones (malformed, oversized, for another
+node, wrong correlation id) are rejected and counted. Nothing here blocks other frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import math
+import secrets
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Literal, Self
+
+import msgspec
+import numpy as np
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edge_node.escalation.cache import CloudVerdict, VerdictCache, input_key
+from edge_node.escalation.config import EscalationConfig, PolicyConfig
+from edge_node.escalation.journal import Journal, JournalError
+from edge_node.escalation.policy import assess, edge_verdict, probabilities
+from mqtt_session import Inbound, MqttConfig, MqttSession
+from outbox import AsyncOutbox, Forwarder, OutboxConfig, OutboxError, Record
+from schemas import (
+    ContractError,
+    EdgeVerdict,
+    Limits,
+    Result,
+    Source,
+    Topics,
+    decode_reply,
+    encode_escalation,
+    make_escalation,
+)
+
+log = logging.getLogger(__name__)
+
+_RESOLVED_KEEP = 100_000
+
+
+@dataclass(slots=True)
+class Case:
+    """One unsure verdict, as the node hands it over."""
+
+    result: Result
+    """The provisional result: edge verdict, ``source="edge"``, its final id already given."""
+    frame_key: str
+    tensor: np.ndarray
+    verdict: EdgeVerdict
+    received_at: float
+    """``time.monotonic()`` when the frame arrived (the final result's latency counts from it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Final:
+    frame_key: str
+    result: Result
+
+
+Deliver = Callable[[list[Final]], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class Triage:
+    rows: list[int]
+    verdicts: list[EdgeVerdict]
+
+
+@dataclass(slots=True)
+class _Entry:
+    case: Case
+    corr: str
+    key: str
+    deadline: float
+
+
+@dataclass(slots=True)
+class EscalationStats:
+    escalated: int = 0
+    """Cases sent to the cloud (published)."""
+    cloud: int = 0
+    cached: int = 0
+    fallback: int = 0
+    offline: int = 0
+    overflow: int = 0
+    """Decided ``edge_fallback`` at once because ``max_pending`` cases were waiting."""
+    recovered: int = 0
+    """Pending cases found in the journal at start (decided ``edge_fallback``)."""
+    late_replies: int = 0
+    replies: int = 0
+    hard_examples_stored: int = 0
+    hard_examples_lost: int = 0
+    reply_rejects: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def replies_rejected(self) -> int:
+        return sum(self.reply_rejects.values())
+
+
+class Escalator:
+    def __init__(
+        self,
+        config: EscalationConfig,
+        *,
+        node_id: str,
+        node_mqtt: MqttConfig,
+        topics: Topics,
+        state_dir: Path,
+        deliver: Deliver,
+        synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "FULL",
+    ) -> None:
+        self.config = config
+        self.node_id = node_id
+        self.topics = topics
+        self._deliver = deliver
+        self.reply_topic = topics.reply(node_id)
+        self.stats = EscalationStats()
+        self._limits = Limits(max_payload_bytes=config.max_reply_bytes)
+        self._cache = VerdictCache(config.cache_entries, config.cache_ttl_s)
+        self._pending: dict[str, _Entry] = {}
+        self._by_frame: dict[str, str] = {}
+        self._resolved: OrderedDict[str, None] = OrderedDict()
+        self._heap: list[tuple[float, str]] = []
+        self._deadline_wake = asyncio.Event()
+        self._finals: list[Final] = []
+        self._finals_wake = asyncio.Event()
+        self._settled = asyncio.Event()
+        self._settled.set()
+        self._delivering = False
+        self._stack: contextlib.AsyncExitStack | None = None
+        self.journal = Journal(state_dir / f"{node_id}.escalations.db", synchronous=synchronous)
+        self.uplink = MqttSession(
+            config.uplink or node_mqtt,
+            client_id=f"edgewise-node-{node_id}-uplink",
+            on_message=self._on_reply,
+            manual_ack=False,
+            persistent=False,
+            keep_properties=True,
+        )
+        self.hard_examples = AsyncOutbox(
+            OutboxConfig(
+                path=state_dir / f"{node_id}.hard_examples.db",
+                max_bytes=config.hard_example_outbox_max_bytes,
+                synchronous=synchronous,
+                eviction_order=("hard_example",),
+                answered_keep=0,
+            )
+        )
+        self.forwarder = Forwarder(self.hard_examples, self.uplink, window=64)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def __aenter__(self) -> Self:
+        async with contextlib.AsyncExitStack() as stack:
+            left = await self.journal.open()
+            stack.push_async_callback(self.journal.close)
+            await stack.enter_async_context(self.hard_examples)
+            await stack.enter_async_context(self.uplink)
+            self.uplink.subscribe(self.reply_topic, qos=1)
+            tasks = await stack.enter_async_context(asyncio.TaskGroup())
+            loops = [
+                tasks.create_task(self._deadlines(), name="escalation-deadlines"),
+                tasks.create_task(self._deliveries(), name="escalation-deliveries"),
+                tasks.create_task(self.forwarder.run(), name="hard-example-forwarder"),
+            ]
+            stack.callback(lambda: [t.cancel() for t in loops])
+            self._recover(left)
+            # A moment for the uplink to come up, so the first unsure frames are not taken
+            # for offline ones; a cloud that is away does not hold up the node for long.
+            with contextlib.suppress(TimeoutError):
+                await self.uplink.wait_connected(min(2.0, self.uplink.config.connect_timeout_s))
+            self._stack = stack.pop_all()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._stack is not None:
+            await self._stack.__aexit__(None, None, None)
+
+    def _recover(self, left: list[tuple[str, str, bytes]]) -> None:
+        """Cases pending when an earlier run stopped: their replies cannot be told from late ones,
+        so each is decided now as ``edge_fallback``, under the result id it was given then."""
+        for _rid, frame_key, blob in left:
+            try:
+                result = msgspec.msgpack.decode(blob, type=Result)
+            except msgspec.DecodeError:
+                log.error("unreadable entry in the escalation journal; dropped")
+                continue
+            self.stats.recovered += 1
+            self.stats.fallback += 1
+            final = msgspec.structs.replace(result, source="edge_fallback")
+            self._finals.append(Final(frame_key, final))
+        if self._finals:
+            log.warning("%d escalations pending at the last stop: edge_fallback", len(self._finals))
+            self._settled.clear()
+            self._finals_wake.set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def pending_result_id(self, frame_key: str) -> str | None:
+        """The result id of a frame still waiting for the cloud (a redelivered copy of it is
+        answered already)."""
+        return self._by_frame.get(frame_key)
+
+    async def wait_settled(self) -> None:
+        """Return once nothing is pending and every final result has been delivered."""
+        while self._pending or self._finals or self._delivering:
+            self._settled.clear()
+            await self._settled.wait()
+
+    # ------------------------------------------------------------------ node API
+    def policy(self, model: str) -> PolicyConfig:
+        return self.config.policies.get(model, self.config.policy)
+
+    def triage(self, model: str, scores: np.ndarray, output: str) -> Triage:
+        """Which rows of ``scores`` ``[N, C]`` the policy for ``model`` sends to the cloud."""
+        policy = self.policy(model)
+        if scores.ndim != 2 or len(scores) == 0:
+            return Triage([], [])
+        probs = probabilities(scores, output)
+        a = assess(probs, policy)
+        rows = [int(i) for i in np.flatnonzero(a.escalate & np.isfinite(probs).all(axis=1))]
+        return Triage(rows, [edge_verdict(probs[i], a, i) for i in rows])
+
+    async def escalate(self, cases: list[Case]) -> list[Final]:
+        """Take these cases; returns those decided at once. When it returns, every other case is
+        committed to the journal (its frame may be acknowledged) and sent to the cloud."""
+        now_wall = time.time()
+        now = time.monotonic()
+        online = self.uplink.connected
+        decided: list[Final] = []
+        entries: list[_Entry] = []
+        uploads: list[Record] = []
+        for c in cases:
+            key = input_key(c.result.model, c.result.release, c.tensor)
+            hit = self._cache.get(key, now)
+            if hit is not None:
+                self.stats.cached += 1
+                decided.append(self._final(c, "cloud_cached", hit))
+            elif not online:
+                self.stats.offline += 1
+                decided.append(self._final(c, "edge_offline"))
+                uploads.append(self._upload(c, now_wall))
+            elif len(self._pending) + len(entries) >= self.config.max_pending:
+                self.stats.overflow += 1
+                self.stats.fallback += 1
+                decided.append(self._final(c, "edge_fallback"))
+            else:
+                policy = self.policy(c.result.model)
+                deadline_s = policy.deadline_ms / 1000.0
+                entries.append(_Entry(c, secrets.token_hex(8), key, now + deadline_s))
+        if uploads:
+            await self._store_uploads(uploads)
+        if not entries:
+            return decided
+        journaled = self.journal.add_nowait(
+            [
+                (e.case.result.id, e.case.frame_key, msgspec.msgpack.encode(e.case.result))
+                for e in entries
+            ]
+        )
+        # Pending (and published) before the commit finishes: the journal's thread runs this
+        # insert before any delete a reply could cause, and the frames wait for the commit.
+        self._settled.clear()
+        for e in entries:
+            self._add_pending(e, now_wall, now)
+        try:
+            await journaled
+        except JournalError as exc:
+            log.error("escalation journal write failed (%s); the frames stay unacknowledged", exc)
+            raise
+        return decided
+
+    # ------------------------------------------------------------------ sending
+    def _add_pending(self, e: _Entry, now_wall: float, now: float) -> None:
+        rid = e.case.result.id
+        self._pending[rid] = e
+        self._by_frame[e.case.frame_key] = rid
+        if not self._heap or e.deadline < self._heap[0][0]:
+            self._deadline_wake.set()
+        heapq.heappush(self._heap, (e.deadline, rid))
+        remaining = e.deadline - now
+        esc = make_escalation(
+            id=rid,
+            node=self.node_id,
+            model=e.case.result.model,
+            release=e.case.result.release,
+            device=e.case.result.device,
+            sensor=e.case.result.sensor,
+            frame_seq=e.case.result.frame_seq,
+            ts=now_wall,
+            tensor=e.case.tensor,
+            edge=e.case.verdict,
+            reply_to=self.reply_topic,
+            corr=e.corr,
+            deadline=now_wall + remaining,
+        )
+        props: Properties | None = None
+        if self.uplink.protocol == "5":
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            props.ResponseTopic = self.reply_topic
+            props.CorrelationData = e.corr.encode()
+            props.MessageExpiryInterval = max(1, math.ceil(remaining))
+        fut = self.uplink.publish_nowait(
+            self.topics.escalations(esc.model), encode_escalation(esc), qos=1, properties=props
+        )
+        fut.add_done_callback(lambda f: f.exception())  # a lost one falls back at its deadline
+        self.stats.escalated += 1
+
+    def _upload(self, c: Case, now_wall: float) -> Record:
+        esc = make_escalation(
+            id=c.result.id,
+            node=self.node_id,
+            model=c.result.model,
+            release=c.result.release,
+            device=c.result.device,
+            sensor=c.result.sensor,
+            frame_seq=c.result.frame_seq,
+            ts=now_wall,
+            tensor=c.tensor,
+            edge=c.verdict,
+            offline=True,
+        )
+        return Record("hard_example", self.topics.escalations(esc.model), encode_escalation(esc))
+
+    async def _store_uploads(self, records: list[Record]) -> None:
+        try:
+            ids = await self.hard_examples.append(records)
+        except (OutboxError, ValueError) as exc:
+            self.stats.hard_examples_lost += len(records)
+            log.error("hard examples not kept (%s): the results stand, the examples are lost", exc)
+            return
+        self.stats.hard_examples_stored += len(records)
+        now = time.time()
+        self.forwarder.offer([r.stored(i, now) for r, i in zip(records, ids, strict=True)])
+
+    # ------------------------------------------------------------------ replies
+    def _on_reply(self, msg: Inbound) -> None:
+        if msg.topic != self.reply_topic:
+            self._reject("bad_topic")
+            return
+        try:
+            reply = decode_reply(msg.payload, self._limits)
+        except ContractError as exc:
+            self._reject(exc.reason)
+            return
+        if reply.node != self.node_id:
+            self._reject("wrong_node")
+            return
+        entry = self._pending.get(reply.id)
+        if entry is None:
+            if reply.id in self._resolved:
+                self.stats.late_replies += 1  # late or duplicate: the result is decided
+            else:
+                self._reject("unknown_escalation")
+            return
+        corr_data = getattr(msg.properties, "CorrelationData", None) if msg.properties else None
+        if reply.corr != entry.corr or (
+            corr_data is not None and bytes(corr_data) != entry.corr.encode()
+        ):
+            self._reject("wrong_correlation")
+            return
+        self.stats.replies += 1
+        verdict = CloudVerdict(int(reply.label), float(reply.confidence))
+        self._cache.put(entry.key, verdict)
+        self.stats.cloud += 1
+        self._resolve(entry, "cloud", verdict)
+
+    def _reject(self, reason: str) -> None:
+        self.stats.reply_rejects[reason] += 1
+        log.debug("reply rejected: %s", reason)
+
+    # ------------------------------------------------------------------ resolving
+    def _final(self, c: Case, source: Source, verdict: CloudVerdict | None = None) -> Final:
+        changes: dict[str, object] = {
+            "source": source,
+            "latency_ms": max(0.0, (time.monotonic() - c.received_at) * 1000.0),
+        }
+        if verdict is not None:
+            changes["label"] = verdict.label
+            changes["confidence"] = min(1.0, max(0.0, verdict.confidence))
+        return Final(c.frame_key, msgspec.structs.replace(c.result, **changes))
+
+    def _resolve(self, entry: _Entry, source: Source, verdict: CloudVerdict | None = None) -> None:
+        rid = entry.case.result.id
+        if self._pending.pop(rid, None) is None:
+            return  # already resolved: exactly once
+        self._by_frame.pop(entry.case.frame_key, None)
+        self._resolved[rid] = None
+        while len(self._resolved) > _RESOLVED_KEEP:
+            self._resolved.popitem(last=False)
+        self._finals.append(self._final(entry.case, source, verdict))
+        self._finals_wake.set()
+
+    async def _deadlines(self) -> None:
+        while True:
+            now = time.monotonic()
+            while self._heap and self._heap[0][0] <= now:
+                _, rid = heapq.heappop(self._heap)
+                entry = self._pending.get(rid)
+                if entry is not None:
+                    self.stats.fallback += 1
+                    self._resolve(entry, "edge_fallback")
+            self._deadline_wake.clear()
+            timeout = self._heap[0][0] - now if self._heap else None
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._deadline_wake.wait()
+
+    async def _deliveries(self) -> None:
+        while True:
+            if not self._finals:
+                if not self._pending:
+                    self._settled.set()
+                self._finals_wake.clear()
+                await self._finals_wake.wait()
+                continue
+            batch, self._finals = self._finals, []
+            self._delivering = True
+            try:
+                await self._deliver(batch)
+            except Exception as exc:  # the node could not store them: keep them, try again
+                log.error("storing %d final results failed (%s); retrying", len(batch), exc)
+                self._finals[:0] = batch
+                self._delivering = False
+                await asyncio.sleep(0.5)
+                continue
+            try:
+                await self.journal.remove([f.result.id for f in batch])
+            except JournalError as exc:  # stays journaled: decided again (same id) after restart
+                log.error("escalation journal delete failed: %s", exc)
+            self._delivering = False

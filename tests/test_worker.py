@@ -1,0 +1,419 @@
+"""The cloud worker against a real Mosquitto: answers, idempotency, expiry, rejects, store,
+export, config errors, SIGTERM, and the README's handler example."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from cloud_worker import Batch, ConfigError, HardExampleStore, Verdict, Worker, WorkerConfig
+from cloud_worker.export import export
+from edgewise.frames import load_holdout
+from local_broker import BrokerInfo
+from mqtt_session import MqttSession
+from tests.test_worker_harness import (
+    Replies,
+    escalation_bytes,
+    mqtt_for,
+    start_worker_process,
+    wait_ready,
+    worker_config,
+)
+
+HOLDOUT = load_holdout()
+REPO = Path(__file__).resolve().parent.parent
+
+
+async def _client(broker: BrokerInfo, replies: Replies | None, node: str) -> MqttSession:
+    s = MqttSession(
+        mqtt_for(broker),
+        client_id=f"t-{uuid.uuid4().hex[:6]}",
+        on_message=replies,
+        manual_ack=False,
+        persistent=False,
+        keep_properties=True,
+    )
+    await s.__aenter__()
+    if replies is not None:
+        s.subscribe(f"edge/{node}/reply")
+    await s.wait_connected(5)
+    return s
+
+
+def _random_worker(cfg: WorkerConfig) -> Worker:
+    """A worker whose handler answers at random: equal answers can only come from idempotency."""
+    worker = Worker(cfg)
+
+    @worker.handler("digits", version="random-1")
+    def guess(batch: Batch) -> list[Verdict]:
+        return [Verdict(random.randrange(10), random.random()) for _ in range(len(batch))]
+
+    return worker
+
+
+def test_worker_answers_with_the_cloud_model_and_stores_hard_examples(
+    mosquitto: BrokerInfo, tmp_path: Path
+) -> None:
+    node = f"gw-{uuid.uuid4().hex[:6]}"
+    cfg = worker_config(mosquitto, tmp_path)
+
+    async def scenario() -> None:
+        replies = Replies()
+        async with Worker(cfg) as worker:
+            client = await _client(mosquitto, replies, node)
+            try:
+                for i in range(40):
+                    payload = escalation_bytes(f"e{i}", HOLDOUT.images[i], node=node)
+                    await client.publish("cloud/escalations/digits", payload)
+                await replies.wait_for(lambda: len(replies.got) >= 40)
+            finally:
+                await client.__aexit__(None, None, None)
+            await worker.drain()
+            assert worker.stats.answered == 40
+            assert worker.stats.batches <= 40
+            assert await worker.store.count() == 40
+        by_id = {r.id: r for r in replies.got}
+        correct = sum(by_id[f"e{i}"].label == HOLDOUT.labels[i] for i in range(40))
+        assert correct >= 38  # the cloud model is right on ~99 % of the held-out digits
+        r = by_id["e0"]
+        assert (r.node, r.corr, r.worker, r.model) == (
+            node,
+            "c0ffee",
+            cfg.worker_id,
+            "digits_cloud-1",
+        )
+        # MQTT 5: the reply carries the correlation data too.
+        assert replies.raw[0].properties.CorrelationData == b"c0ffee"
+
+    asyncio.run(scenario())
+
+
+def test_duplicate_escalation_gets_the_same_answer_also_after_restart(
+    mosquitto: BrokerInfo, tmp_path: Path
+) -> None:
+    node = f"gw-{uuid.uuid4().hex[:6]}"
+    cfg = worker_config(mosquitto, tmp_path)
+    payload = escalation_bytes("dup-1", HOLDOUT.images[3], node=node)
+
+    async def scenario() -> None:
+        replies = Replies()
+        client = await _client(mosquitto, replies, node)
+        try:
+            async with _random_worker(cfg) as worker:
+                for _ in range(3):  # back to back: one in progress, then from the cache
+                    await client.publish("cloud/escalations/digits", payload)
+                await replies.wait_for(lambda: len(replies.got) >= 3)
+                await client.publish("cloud/escalations/digits", payload)
+                await replies.wait_for(lambda: len(replies.got) >= 4)
+                assert await worker.drain()  # all in hand finished (no reply left unconfirmed)
+                assert worker.stats.answered == 1
+                assert worker.stats.duplicates == 3
+            # A new worker on the same store: its cache is empty, the store remembers.
+            async with _random_worker(cfg) as again:
+                await client.publish("cloud/escalations/digits", payload)
+                await replies.wait_for(lambda: len(replies.got) >= 5)
+                await again.drain()
+                assert again.stats.answered == 0
+                assert again.stats.duplicates == 1
+                assert await again.store.count() == 1
+        finally:
+            await client.__aexit__(None, None, None)
+        answers = {(r.label, r.confidence, r.worker) for r in replies.got}
+        assert len(answers) == 1, answers
+
+    asyncio.run(scenario())
+
+
+def test_expired_escalation_is_ignored(mosquitto: BrokerInfo, tmp_path: Path) -> None:
+    node = f"gw-{uuid.uuid4().hex[:6]}"
+    cfg = worker_config(mosquitto, tmp_path)
+
+    async def scenario() -> None:
+        replies = Replies()
+        async with Worker(cfg) as worker:
+            client = await _client(mosquitto, replies, node)
+            try:
+                stale = escalation_bytes("old", HOLDOUT.images[0], node=node, deadline_s=-1.0)
+                await client.publish("cloud/escalations/digits", stale)
+                fresh = escalation_bytes("new", HOLDOUT.images[1], node=node)
+                await client.publish("cloud/escalations/digits", fresh)
+                await replies.wait_for(lambda: any(r.id == "new" for r in replies.got))
+            finally:
+                await client.__aexit__(None, None, None)
+            await worker.drain()
+            assert worker.stats.expired == 1
+            assert worker.stats.answered == 1
+            assert await worker.store.count() == 1
+        assert [r.id for r in replies.got] == ["new"]
+
+    asyncio.run(scenario())
+
+
+def test_hostile_escalations_are_rejected_and_counted(
+    mosquitto: BrokerInfo, tmp_path: Path
+) -> None:
+    node = f"gw-{uuid.uuid4().hex[:6]}"
+    cfg = worker_config(mosquitto, tmp_path, max_payload_bytes=4096)
+
+    async def scenario() -> None:
+        replies = Replies()
+        async with Worker(cfg) as worker:
+            client = await _client(mosquitto, replies, node)
+            client.subscribe("edge/victim/#")
+            try:
+                topic = "cloud/escalations/digits"
+                await client.publish(topic, b"\xc1garbage")
+                await client.publish(topic, b"\x80" * 5000)  # oversized
+                await client.publish(topic, b"\x81\xa1v\x01")  # valid msgpack, not an escalation
+                big = np.zeros((64, 64), dtype=np.float32)  # fits the limits, not 4 KiB
+                await client.publish(topic, escalation_bytes("big", big, node=node))
+                # A reply address of another node: the worker must not publish there.
+                evil = escalation_bytes(
+                    "evil", HOLDOUT.images[0], node=node, reply_to="edge/victim/cmd"
+                )
+                await client.publish(topic, evil)
+                # Right payload, wrong topic (model mismatch).
+                await client.publish(
+                    "cloud/escalations/other", escalation_bytes("x", HOLDOUT.images[0], node=node)
+                )
+                await client.publish(topic, escalation_bytes("ok", HOLDOUT.images[2], node=node))
+                await replies.wait_for(lambda: any(r.id == "ok" for r in replies.got))
+            finally:
+                await client.__aexit__(None, None, None)
+            await worker.drain()
+            s = worker.stats
+            assert s.rejects["malformed"] == 1
+            assert s.rejects["payload_too_large"] == 2
+            assert s.rejects["bad_schema"] == 1
+            assert s.rejects["bad_topic"] == 2
+            assert s.answered == 1
+            assert await worker.store.count() == 1
+        assert [r.id for r in replies.got] == ["ok"]
+
+    asyncio.run(scenario())
+
+
+def test_hard_example_upload_is_stored_without_a_reply(
+    mosquitto: BrokerInfo, tmp_path: Path
+) -> None:
+    node = f"gw-{uuid.uuid4().hex[:6]}"
+    cfg = worker_config(mosquitto, tmp_path)
+
+    async def scenario() -> None:
+        replies = Replies()
+        async with Worker(cfg) as worker:
+            client = await _client(mosquitto, replies, node)
+            try:
+                up = escalation_bytes(
+                    "up", HOLDOUT.images[5], node=node, reply=False, deadline_s=None
+                )
+                await client.publish("cloud/escalations/digits", up)
+                await client.publish(
+                    "cloud/escalations/digits", escalation_bytes("m", HOLDOUT.images[6], node=node)
+                )
+                await replies.wait_for(lambda: any(r.id == "m" for r in replies.got))
+            finally:
+                await client.__aexit__(None, None, None)
+            await worker.drain()
+            assert worker.stats.uploads == 1
+            assert await worker.store.count() == 2
+        assert [r.id for r in replies.got] == ["m"]
+
+    asyncio.run(scenario())
+
+
+def test_export_parquet_and_csv(mosquitto: BrokerInfo, tmp_path: Path) -> None:
+    node = f"gw-{uuid.uuid4().hex[:6]}"
+    cfg = worker_config(mosquitto, tmp_path)
+
+    async def fill() -> None:
+        replies = Replies()
+        async with Worker(cfg) as worker:
+            client = await _client(mosquitto, replies, node)
+            try:
+                for i in range(25):
+                    p = escalation_bytes(f"x{i}", HOLDOUT.images[i], node=node)
+                    await client.publish("cloud/escalations/digits", p)
+                await replies.wait_for(lambda: len(replies.got) >= 25)
+            finally:
+                await client.__aexit__(None, None, None)
+            await worker.drain()
+
+    asyncio.run(fill())
+    seen: list[int] = []
+    n = export(cfg.store.path, tmp_path / "out.parquet", "parquet", on_rows=seen.append, batch=10)
+    assert n == 25 and seen == [10, 10, 5]
+    table = pq.read_table(tmp_path / "out.parquet")
+    assert table.num_rows == 25
+    row = table.slice(0, 1).to_pylist()[0]
+    image = np.frombuffer(row["input"], dtype=np.float32).reshape(8, 8)
+    ids = table.column("id").to_pylist()
+    i = int(ids[0][1:])
+    np.testing.assert_array_equal(image, HOLDOUT.images[i])
+    assert (row["node"], row["edge_label"], row["cloud_model"]) == (node, 1, "digits_cloud-1")
+    # The command, with its CSV format.
+    out = subprocess.run(
+        [sys.executable, "-m", "edgewise.cli", "worker", "export", str(tmp_path / "o.csv"),
+         "--format", "csv", "--store", str(cfg.store.path)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "wrote 25 hard examples" in out.stdout
+    with open(tmp_path / "o.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 25 and bytes.fromhex(rows[0]["input"]) == row["input"]
+    missing = subprocess.run(
+        [sys.executable, "-m", "edgewise.cli", "worker", "export", str(tmp_path / "z.csv"),
+         "--store", str(tmp_path / "nope.db")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert missing.returncode == 2 and "no hard-example store" in missing.stderr
+    assert not (tmp_path / "z.csv").exists()
+
+
+def test_bad_worker_config_names_the_key(tmp_path: Path) -> None:
+    bad = tmp_path / "worker.toml"
+    bad.write_text('group = "a/b"\n[batching]\nmax_batch_size = 0\n', encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        WorkerConfig.load(bad)
+    assert "group" in str(err.value) and "batching.max_batch_size" in str(err.value)
+    assert "EDGEWISE_WORKER_BATCHING__MAX_BATCH_SIZE" in str(err.value)
+    out = subprocess.run(
+        [sys.executable, "-m", "edgewise.cli", "worker", "--config", str(bad)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert out.returncode == 2 and "batching.max_batch_size" in out.stderr
+    typo = tmp_path / "typo.toml"
+    typo.write_text("[modelz]\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="modelz"):
+        WorkerConfig.load(typo)
+
+
+def test_sigterm_finishes_in_hand_and_hands_back_the_rest(
+    mosquitto: BrokerInfo, tmp_path: Path
+) -> None:
+    """SIGTERM mid-stream: exit 0, every reply sent was stored; what was not answered is not
+    acknowledged, so the next run of the worker (same session) answers it: nothing is lost."""
+    node = f"gw-{uuid.uuid4().hex[:6]}"
+    wid = f"w-{uuid.uuid4().hex[:6]}"
+    total = 300
+
+    async def scenario() -> None:
+        replies = Replies()
+        client = await _client(mosquitto, replies, node)
+        try:
+            p, log = start_worker_process(tmp_path, mosquitto, wid)
+            await asyncio.to_thread(wait_ready, p, log)
+            for i in range(total):
+                img = HOLDOUT.images[i % len(HOLDOUT)]
+                await client.publish(
+                    "cloud/escalations/digits", escalation_bytes(f"s{i}", img, node=node)
+                )
+            await replies.wait_for(lambda: len(replies.got) >= 1)
+            p.send_signal(signal.SIGTERM)
+            code = await asyncio.to_thread(p.wait, 30)
+            text = log.read_text()
+            assert code == 0, text
+            m = re.search(r"answered=(\d+) replies=(\d+)", text)
+            assert m, text
+            first_run = {r.id for r in replies.got}
+            # The second run picks up the persistent session and answers the rest.
+            p2, log2 = start_worker_process(tmp_path, mosquitto, wid)
+            await asyncio.to_thread(wait_ready, p2, log2)
+            await replies.wait_for(lambda: len({r.id for r in replies.got}) >= total, 40)
+            p2.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(p2.wait, 30) == 0
+        finally:
+            await client.__aexit__(None, None, None)
+        assert {r.id for r in replies.got} == {f"s{i}" for i in range(total)}
+        assert len(first_run) >= 1
+        async with HardExampleStore(
+            WorkerConfig.load(worker_id=wid, store={"path": str(tmp_path / f"{wid}.db")}).store
+        ) as store:
+            assert await store.count() == total
+
+    asyncio.run(scenario())
+
+
+def test_readme_worker_example_runs(mosquitto: BrokerInfo, tmp_path: Path) -> None:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    m = re.search(r"<!-- worker-example -->\n```python\n(.*?)```", readme, re.S)
+    assert m, "README lacks the worker example"
+    code = m.group(1)
+    assert len([line for line in code.splitlines() if line.strip()]) <= 10
+    script = tmp_path / "my_worker.py"
+    script.write_text(code, encoding="utf-8")
+    node = f"gw-{uuid.uuid4().hex[:6]}"
+    env_cfg = tmp_path / "worker.toml"
+    env_cfg.write_text(
+        f'[mqtt]\nhost = "{mosquitto.host}"\nport = {mosquitto.port}\n'
+        f'[store]\npath = "{tmp_path / "readme.db"}"\n',
+        encoding="utf-8",
+    )
+
+    async def scenario() -> None:
+        replies = Replies()
+        client = await _client(mosquitto, replies, node)
+        proc = await asyncio.to_thread(
+            subprocess.Popen,
+            [sys.executable, str(script)],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            sent = 0
+            while not replies.got and time.monotonic() < deadline:
+                sent += 1
+                payload = escalation_bytes(f"r{sent}", HOLDOUT.images[0], node=node)
+                await client.publish("cloud/escalations/digits", payload)
+                with_timeout = asyncio.wait_for(replies.changed.wait(), 0.5)
+                with contextlib.suppress(TimeoutError):
+                    await with_timeout
+            assert replies.got, "the README worker never answered"
+            assert replies.got[0].model == "threshold-1"
+            proc.send_signal(signal.SIGTERM)
+            out, _ = await asyncio.to_thread(proc.communicate, timeout=30)
+            assert proc.returncode == 0, out
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            await client.__aexit__(None, None, None)
+
+    asyncio.run(scenario())
+
+
+def test_every_worker_setting_is_documented(tmp_path: Path) -> None:
+    doc = (REPO / "docs" / "cloud-worker.md").read_text(encoding="utf-8")
+    keys: list[str] = []
+    for name, f in WorkerConfig.model_fields.items():
+        ann = f.annotation
+        if isinstance(ann, type) and name in ("batching", "store"):
+            keys += [f"{name}.{sub}" for sub in ann.model_fields]  # type: ignore[attr-defined]
+        else:
+            keys.append(name)
+    missing = [
+        k
+        for k in keys
+        if f"`{k}`" not in doc or "EDGEWISE_WORKER_" + k.replace(".", "__").upper() not in doc
+    ]
+    assert not missing, missing
+    example = re.search(r"```toml\n(.*?)```", doc, re.S)
+    assert example
+    path = tmp_path / "worker.toml"
+    path.write_text(example.group(1), encoding="utf-8")
+    assert WorkerConfig.load(path).worker_id == "gpu-1"
