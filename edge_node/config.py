@@ -55,6 +55,13 @@ class ModelConfig(BaseModel):
     output: Literal["probabilities", "logits"] = "probabilities"
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     intra_op_threads: int = Field(1, ge=1, le=64)
+    recycle_session_h: float = Field(
+        0.0,
+        ge=0,
+        le=24 * 365,
+        description="reload the inference session this often, in hours (memory fragmentation"
+        " on long runs); frames keep being served during the reload; 0 = never",
+    )
 
     @field_validator("path", mode="before")
     @classmethod
@@ -181,6 +188,12 @@ class StorageConfig(BaseModel):
         description="outbox records in flight to the broker at once (also capped by the"
         " broker's Receive Maximum)",
     )
+    drain_max_msgs_per_s: float = Field(
+        1000.0,
+        ge=0,
+        description="after an outage, the backlog is sent at most this many messages per"
+        " second, behind live results; 0 = no cap",
+    )
 
     def outbox_config(self, node_id: str) -> OutboxConfig:
         return OutboxConfig(
@@ -190,6 +203,34 @@ class StorageConfig(BaseModel):
             eviction_order=self.eviction_order,
             answered_keep=self.answered_keep,
         )
+
+
+class TelemetryConfig(BaseModel):
+    """The node's telemetry windows on ``edge/{node}/telemetry`` (stored and forwarded)."""
+
+    model_config = _FROZEN
+
+    window_s: float = Field(10.0, ge=0.1, le=3600, description="length of one telemetry window")
+
+
+class HealthConfig(BaseModel):
+    """When the node calls itself degraded, besides storage and model trouble."""
+
+    model_config = _FROZEN
+
+    latency_slo_p99_ms: float = Field(
+        0.0,
+        ge=0,
+        description="degraded (latency_slo) while a telemetry window's p99 latency is above"
+        " this; 0 = no SLO",
+    )
+    uplink_grace_s: float = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description="degraded (uplink_down) once the uplink has been disconnected, or a"
+        " PUBACK has been awaited, this long",
+    )
 
 
 def _level(v: str) -> str:
@@ -210,12 +251,22 @@ class NodeConfig(BaseSettings):
     )
 
     node_id: str = Field(default_factory=lambda: socket.gethostname().split(".")[0] or "node")
+    hardware_class: str = Field(
+        "generic-cpu", description="the node's hardware class (reported; models target it)"
+    )
     mqtt: MqttConfig = MqttConfig()
+    uplink: MqttConfig | None = Field(
+        None,
+        description="a separate broker for everything the node publishes (results, telemetry,"
+        " dead letters, status); unset = the sensors' broker",
+    )
     model: ModelConfig = ModelConfig()
     batching: BatchingConfig = BatchingConfig()
     limits: LimitsConfig = LimitsConfig()
     topics: TopicsConfig = TopicsConfig()
     storage: StorageConfig = StorageConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
+    health: HealthConfig = HealthConfig()
     results_encoding: Literal["msgpack", "json"] = Field(
         "msgpack", description="wire format of result batches; json for plain MQTT tools"
     )
@@ -225,7 +276,7 @@ class NodeConfig(BaseSettings):
     drain_timeout_s: float = Field(10.0, gt=0, le=600)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
-    @field_validator("node_id")
+    @field_validator("node_id", "hardware_class")
     @classmethod
     def _node_id(cls, v: str) -> str:
         return _level(v)

@@ -34,6 +34,8 @@ class ServedModel:
         self.release = release
         self.output: Literal["probabilities", "logits"] = output
         self._dtype = runtime.input_spec.dtype
+        self.path: str | None = None
+        """The file it was loaded from (None when built around a runtime directly)."""
 
     @classmethod
     def load(
@@ -50,7 +52,9 @@ class ServedModel:
             runtime = load_runtime(path, providers=providers, intra_op_threads=intra_op_threads)
         except RuntimeLoadError as exc:
             raise ModelLoadError(f"cannot load model {path}: {exc}") from exc
-        return cls(runtime, name=name, release=release, output=output)
+        served = cls(runtime, name=name, release=release, output=output)
+        served.path = path
+        return served
 
     def check(self, sample: np.ndarray) -> None:
         """Raise ContractError if one input sample does not fit the model's input."""

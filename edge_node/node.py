@@ -90,6 +90,7 @@ class NodeStats:
     result_messages: int = 0
     publish_failures: int = 0
     inference_errors: int = 0
+    session_recycles: int = 0
     rejects: Counter[str] = field(default_factory=Counter)
 
     @property
@@ -121,20 +122,42 @@ class EdgeNode:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._inference: AdaptiveRunner[np.ndarray, Prediction] | None = None
         self._stack: contextlib.AsyncExitStack | None = None
+        will = Will(
+            self.topics.status(self.node_id),
+            self._status_payload("offline", ["connection_lost"]),
+        )
         self.session = MqttSession(
             config.mqtt,
             client_id=f"edgewise-node-{self.node_id}",
             on_message=self._on_message,
             on_connect=self._on_connect,
-            will=Will(
-                self.topics.status(self.node_id),
-                self._status_payload("offline", ["connection_lost"]),
-            ),
+            will=will,
         )
+        # Everything the node publishes goes to the uplink: the sensors' broker unless a
+        # separate one is configured (sensors on a site broker, results straight to the cloud).
+        self.uplink = (
+            self.session
+            if config.uplink is None
+            else MqttSession(
+                config.uplink,
+                client_id=f"edgewise-node-{self.node_id}-uplink",
+                on_connect=self._on_uplink_connect,
+                will=will,
+            )
+        )
+        self._sessions = [self.session]
+        if self.uplink is not self.session:
+            self._sessions.append(self.uplink)
+        self._uplink_bad_since: float | None = time.monotonic()
         outbox_config = config.storage.outbox_config(self.node_id)
         self._outbox_path = outbox_config.path
         self.outbox = AsyncOutbox(outbox_config)
-        self.forwarder = Forwarder(self.outbox, self.session, window=config.storage.uplink_window)
+        self.forwarder = Forwarder(
+            self.outbox,
+            self.uplink,
+            window=config.storage.uplink_window,
+            drain_max_per_s=config.storage.drain_max_msgs_per_s,
+        )
         self._acker = InOrderAcker(self.session)
         self._batcher: MicroBatcher[_Pending] = MicroBatcher(
             self._process,
@@ -144,7 +167,7 @@ class EdgeNode:
         self.deadletters = DeadLetters(
             self.node_id,
             self.topics.deadletter(self.node_id),
-            self._publish_quietly,
+            self._store_event,
             max_per_s=config.deadletter_max_per_s,
         )
 
@@ -202,13 +225,15 @@ class EdgeNode:
                 stored.rows,
                 stored.bytes,
             )
-            await stack.enter_async_context(self.session)
+            for session in self._sessions:
+                await stack.enter_async_context(session)
             for f in self.config.topics.sensor_filters():
                 self.session.subscribe(f, qos=1)
             tasks = await stack.enter_async_context(asyncio.TaskGroup())
             loops = [
                 tasks.create_task(self._batcher.run(), name="edge-node-batcher"),
                 tasks.create_task(self.forwarder.run(), name="edge-node-forwarder"),
+                tasks.create_task(self._health_loop(), name="edge-node-health"),
             ]
             stack.callback(lambda: [t.cancel() for t in loops])
             self._stack = stack.pop_all()
@@ -250,21 +275,22 @@ class EdgeNode:
             log.warning(
                 "drain timed out after %.1f s; unfinished frames will be redelivered", timeout_s
             )
-        if self.session.connected:
+        if self.uplink.connected:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                     await self.forwarder.wait_idle()
                     await self.forwarder.flush()
-            left = self.outbox.stats().rows
-            if left:
-                log.info("%d records stay in the outbox for the next start", left)
-            with contextlib.suppress(MqttError, TimeoutError):
-                async with asyncio.timeout(2.0):
-                    await self.session.publish(
-                        self.topics.status(self.node_id),
-                        self._status_payload("offline", ["shutdown"]),
-                        retain=True,
-                    )
+        left = self.outbox.stats().rows
+        if left:
+            log.info("%d records stay in the outbox for the next start", left)
+        offline = self._status_payload("offline", ["shutdown"])
+        for session in self._sessions:
+            if session.connected:
+                with contextlib.suppress(MqttError, TimeoutError):
+                    async with asyncio.timeout(2.0):
+                        await session.publish(
+                            self.topics.status(self.node_id), offline, retain=True
+                        )
         return finished
 
     async def _finish_in_flight(self) -> None:
@@ -280,6 +306,8 @@ class EdgeNode:
         return {
             "connected": self.session.connected,
             "connection": self.session.connection,
+            "uplink_connected": self.uplink.connected,
+            "uplink_oldest_unacked_s": round(self.forwarder.oldest_in_flight_s, 3),
             "reading_paused": self.session.reading_paused,
             "waiting_for_inference": len(self._batcher),
             "storing": len(self._storing),
@@ -312,11 +340,29 @@ class EdgeNode:
         )
 
     async def _on_connect(self, info: ConnectInfo) -> None:
+        if self.uplink is self.session:
+            self._uplink_up()
         await self.session.publish(
             self.topics.status(self.node_id),
             self._status_payload(self.state, self.reasons),
             retain=True,
         )
+
+    async def _on_uplink_connect(self, info: ConnectInfo) -> None:
+        self._uplink_up()
+        await self.uplink.publish(
+            self.topics.status(self.node_id),
+            self._status_payload(self.state, self.reasons),
+            retain=True,
+        )
+
+    def _uplink_up(self) -> None:
+        self._uplink_bad_since = None
+        if "uplink_down" in self.reasons:
+            self.reasons.remove("uplink_down")  # the caller publishes the status
+            log.info("recovered: uplink_down")
+            if self.uplink is not self.session:
+                self._publish_status(self.session)
 
     def _set_reason(self, reason: str, present: bool) -> None:
         """Add or clear a degradation reason; say so on the retained status when it changes."""
@@ -328,12 +374,75 @@ class EdgeNode:
         else:
             self.reasons.remove(reason)
             log.info("recovered: %s", reason)
-        fut = self.session.publish_nowait(
+        for session in self._sessions:
+            self._publish_status(session)
+
+    def _publish_status(self, session: MqttSession) -> None:
+        if not session.connected:
+            return  # said on the next connect
+        fut = session.publish_nowait(
             self.topics.status(self.node_id),
             self._status_payload(self.state, self.reasons),
             retain=True,
         )
         fut.add_done_callback(lambda f: f.exception())
+
+    # ------------------------------------------------------------------ background checks
+    async def _health_loop(self) -> None:
+        """Once a second: is the uplink down or stalled; is the session due for a recycle."""
+        health = self.config.health
+        recycle_s = self.config.model.recycle_session_h * 3600.0
+        loaded_at = time.monotonic()
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            bad = (
+                not self.uplink.connected
+                or self.forwarder.oldest_in_flight_s > health.uplink_grace_s
+            )
+            if not bad:
+                self._uplink_bad_since = None
+                self._set_reason("uplink_down", False)
+            elif self._uplink_bad_since is None:
+                self._uplink_bad_since = now
+            elif now - self._uplink_bad_since >= health.uplink_grace_s:
+                self._set_reason("uplink_down", True)
+            if recycle_s > 0 and now - loaded_at >= recycle_s and not self._draining:
+                await self.recycle_session()
+                loaded_at = time.monotonic()
+
+    async def recycle_session(self) -> bool:
+        """Load the model into a fresh inference session and swap it in between two batches.
+
+        Frames keep being served by the old session while the new one loads; the old one is
+        closed once the calls already handed to it have finished. False if the reload failed
+        (the old session then goes on serving).
+        """
+        old = self.model
+        m = self.config.model
+        if old.path is None:
+            log.warning("the served model was not loaded from a file: nothing to recycle")
+            return False
+        try:
+            new = await asyncio.to_thread(
+                ServedModel.load,
+                old.path,
+                name=old.name,
+                release=old.release,
+                output=m.output,
+                providers=m.providers,
+                intra_op_threads=m.intra_op_threads,
+            )
+        except Exception as exc:  # keep serving with what works
+            log.error("recycling the inference session failed, keeping the old one: %s", exc)
+            return False
+        self._model = new
+        self._inference = AdaptiveRunner(new.predict, self._pool)
+        self.stats.session_recycles += 1
+        # The pool runs one call at a time in order: this runs after every call given to `old`.
+        self._pool.submit(old.close)
+        log.info("inference session recycled (%d so far)", self.stats.session_recycles)
+        return True
 
     # ------------------------------------------------------------------ hot path
     def _on_message(self, msg: Inbound) -> None:
@@ -503,8 +612,8 @@ class EdgeNode:
 
     def _publish_direct(self, payload: bytes, served: list[_Pending]) -> None:
         """Degraded path: the frames are acknowledged only once the broker has the results."""
-        connection = self.session.connection
-        fut = self.session.publish_nowait(self._results_topic, payload, qos=1)
+        connection = self.uplink.connection
+        fut = self.uplink.publish_nowait(self._results_topic, payload, qos=1)
         self._results_in_flight.add(fut)
         fut.add_done_callback(lambda f: self._results_settled(f, served, connection))
 
@@ -518,7 +627,7 @@ class EdgeNode:
             self._finish(served)
             return
         self.stats.publish_failures += 1
-        if self.session.connected and self.session.connection == connection:
+        if self.uplink.connected and self.uplink.connection == connection:
             # Refused by the broker (e.g. an ACL) or by the client while the link is up:
             # waiting would hold back every later acknowledgement, and retrying cannot help.
             log.error("results on %s not delivered: %s", self._results_topic, exc)
@@ -527,6 +636,18 @@ class EdgeNode:
             # Connection lost: leave the frames unacknowledged; the broker redelivers them.
             self._forget(served)
 
-    def _publish_quietly(self, topic: str, payload: bytes) -> None:
-        fut = self.session.publish_nowait(topic, payload, qos=1)
-        fut.add_done_callback(lambda f: f.exception())
+    def _store_event(self, topic: str, payload: bytes) -> None:
+        """Dead letters (and other events) go through the outbox like results."""
+        task = asyncio.get_running_loop().create_task(self._store_event_async(topic, payload))
+        self._storing.add(task)
+        task.add_done_callback(self._storing.discard)
+
+    async def _store_event_async(self, topic: str, payload: bytes) -> None:
+        record = Record("event", topic, payload)
+        try:
+            (record_id,) = await self.outbox.append([record])
+        except Exception:  # storage trouble is reported by the results path; send it anyway
+            fut = self.uplink.publish_nowait(topic, payload, qos=1)
+            fut.add_done_callback(lambda f: f.exception())
+            return
+        self.forwarder.offer([record.stored(record_id, time.time())])

@@ -1,10 +1,15 @@
-"""Forward what an outbox holds to a broker: oldest first, deleted only after the broker's PUBACK.
+"""Forward what an outbox holds to a broker, deleting each record only after the broker's PUBACK.
 
 The outbox owns every unacknowledged message; the MQTT client is only ever handed a window of
 them (never more than the broker's Receive Maximum). On every new connection the forwarder starts
 again from the oldest record still stored, because nothing the previous client had in flight is
 known to have arrived: a record may reach the broker twice, never zero times. Consumers
 deduplicate by the message ids inside the payloads.
+
+Live before backlog: what is stored while a connection is up (and handed to :meth:`Forwarder.offer`)
+goes out at once; whatever waited in the outbox when the connection began (the backlog after an
+outage) drains behind it, oldest first, at a capped rate and in at most half the window, so a
+long outage does not delay fresh results by the time its backlog takes to drain.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import contextlib
 import functools
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from mqtt_session import Disconnected, MqttSession, PublishFailed, PublishRejected
@@ -28,19 +34,50 @@ log = logging.getLogger(__name__)
 class ForwarderStats:
     published: int = 0
     """PUBLISH packets handed to the client (resends after a reconnect count again)."""
+    live_published: int = 0
+    """Of those, records offered while the connection was up, sent ahead of any backlog."""
     delivered: int = 0
     """Records the broker acknowledged (each is then deleted from the outbox)."""
     refused: int = 0
     """Records the broker or the client refused for good (e.g. an ACL); deleted and logged."""
 
 
+class _TokenBucket:
+    """At most ``rate`` takes per second on average, bursts of up to ``rate / 10`` (>= 1)."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.capacity = max(1.0, rate / 10.0)
+        self._tokens = self.capacity
+        self._at = time.monotonic()
+
+    def available(self) -> int:
+        if self.rate <= 0:
+            return 1 << 30
+        now = time.monotonic()
+        self._tokens = min(self.capacity, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        return int(self._tokens)
+
+    def take(self, n: int) -> None:
+        if self.rate > 0:
+            self._tokens -= n
+
+    def wait_s(self) -> float:
+        """Time until one more token is available."""
+        if self.rate <= 0:
+            return 0.0
+        return max(0.0, (1.0 - self._tokens) / self.rate)
+
+
 class Forwarder:
     """Run :meth:`run` as a task beside the session; after every append call :meth:`offer`
-    with what was stored (or :meth:`kick`).
+    with what was stored (or :meth:`kick` when the records are not at hand).
 
-    While nothing older waits in the outbox, offered records are published at once from memory,
-    saving a read back through the outbox's thread (which is busy committing the next group);
-    otherwise they are read in order like any backlog.
+    ``window`` caps the records in flight (further capped by the broker's Receive Maximum);
+    ``drain_max_per_s`` caps how fast the backlog (what was stored before the current
+    connection began) is sent, 0 for no cap; ``live_queue_max`` bounds offered records held in
+    memory while the window is full (beyond it they are read back from the outbox in order).
     """
 
     def __init__(
@@ -49,30 +86,44 @@ class Forwarder:
         session: MqttSession,
         *,
         window: int = 256,
+        drain_max_per_s: float = 0.0,
+        live_queue_max: int = 4096,
         delete_batch: int = 256,
         delete_linger_s: float = 0.5,
         retry_s: float = 1.0,
     ) -> None:
-        if window < 1 or delete_batch < 1:
-            raise ValueError("window and delete_batch must be >= 1")
+        if window < 1 or delete_batch < 1 or live_queue_max < 1:
+            raise ValueError("window, delete_batch and live_queue_max must be >= 1")
+        if drain_max_per_s < 0:
+            raise ValueError("drain_max_per_s must be >= 0")
         self._outbox = outbox
         self._session = session
         self._window = window
+        self._drain = _TokenBucket(drain_max_per_s)
+        self._live_queue_max = live_queue_max
         self._delete_batch = delete_batch
         self._retry_s = retry_s
         self._delete_linger_s = delete_linger_s
         self._done_since: float | None = None
         self._deletes_failing = False
         self._wake = asyncio.Event()
-        self._in_flight: dict[int, asyncio.Future[None]] = {}
+        self._in_flight: dict[int, tuple[asyncio.Future[None], Stored, bool]] = {}
+        self._sent_times: dict[int, float] = {}
+        self._backlog_in_flight = 0
         self._done: list[int] = []
         self._idle = asyncio.Event()
         self._serving = 0  # the connection _serve works for; 0 while none
-        self._after = 0  # every record up to this id was sent on that connection
-        self._at_tail = False  # the last read found nothing stored after _after
-        self._kicks = 0  # appends announced by kick(), to tell whether a read is still the tail
+        # Per connection: live records offered and not yet sent, the ids handed to the live
+        # path (the backlog reader skips them), the backlog cursor and whether it reached the end.
+        self._live: deque[Stored] = deque()
+        self._claimed: set[int] = set()
+        self._retry: deque[Stored] = deque()
+        self._after = 0
+        self._at_tail = False
+        self._kicks = 0
         self.stats = ForwarderStats()
 
+    # ------------------------------------------------------------------ what callers use
     def kick(self) -> None:
         """New records were appended: look at the outbox again."""
         self._at_tail = False
@@ -81,32 +132,54 @@ class Forwarder:
         self._wake.set()
 
     def offer(self, records: list[Stored]) -> None:
-        """Records just appended, ids ascending: sent now if they are next in line, else read."""
+        """Records just appended (ids ascending): sent ahead of any backlog, at once if room."""
+        # The backlog reader may already have read (and sent) what was just committed.
+        records = [r for r in records if r.id > self._after]
+        if not records:
+            return
         session = self._session
-        room = min(self._window, session.broker_receive_maximum) - len(self._in_flight)
-        if not (
-            records
-            and self._at_tail
-            and records[0].id == self._after + 1
-            and self._serving == session.connection
-            and session.connected
-            and room >= len(records)
-        ):
-            self.kick()
+        if not (self._serving and self._serving == session.connection and session.connected):
+            self.kick()  # read back in order once a connection is being served
+            return
+        if len(self._live) + len(records) > self._live_queue_max:
+            self.kick()  # too many waiting in memory: these come back through the reader
+            return
+        self._idle.clear()
+        if not self._live and not self._retry and self._room() >= len(records):
+            for record in records:
+                self._claimed.add(record.id)
+                self._send(record, live=True)
             return
         for record in records:
-            self._send(record)
-        self._after = records[-1].id
-        self._idle.clear()
+            self._claimed.add(record.id)
+            self._live.append(record)
+        self._wake.set()
 
     @property
     def in_flight(self) -> int:
         return len(self._in_flight)
 
+    @property
+    def backlog_in_flight(self) -> int:
+        return self._backlog_in_flight
+
+    @property
+    def oldest_in_flight_s(self) -> float:
+        """How long the oldest unacknowledged PUBLISH has waited for its PUBACK (0 if none)."""
+        if not self._in_flight:
+            return 0.0
+        first = next(iter(self._sent_times.values()), None)  # dicts keep insertion order
+        return 0.0 if first is None else time.monotonic() - first
+
     async def wait_idle(self) -> None:
         """Return once the outbox held nothing to send and nothing was in flight."""
         await self._idle.wait()
 
+    async def flush(self) -> bool:
+        """Delete what the broker has acknowledged now (e.g. before shutting down)."""
+        return await self._flush_deletes()
+
+    # ------------------------------------------------------------------ the loop
     async def run(self) -> None:
         while True:
             await self._session.wait_connected()
@@ -123,28 +196,29 @@ class Forwarder:
             self._abandon_in_flight()
 
     async def _serve(self, connection: int) -> None:
-        # A new connection resends everything still stored, oldest first.
-        self._serving, self._after, self._at_tail = connection, 0, False
+        # A new connection resends everything still stored, oldest first, as backlog.
+        self._live.clear()
+        self._claimed.clear()
+        self._retry.clear()
+        self._after, self._at_tail = 0, False
+        self._serving = connection
         try:
             await self._serve_loop(connection)
         finally:
             self._serving = 0
 
+    def _room(self) -> int:
+        return min(self._window, self._session.broker_receive_maximum) - len(self._in_flight)
+
     async def _serve_loop(self, connection: int) -> None:
         while self._session.connected and self._session.connection == connection:
             self._wake.clear()
-            room = min(self._window, self._session.broker_receive_maximum) - len(self._in_flight)
-            batch: list[Stored] = []
-            if room > 0 and not self._at_tail:
-                kicks = self._kicks
-                read = await self._outbox.pending(room, after_id=self._after)
-                # offer() may have sent some of these while the read was under way.
-                batch = [r for r in read if r.id > self._after]
-                for record in batch:
-                    self._send(record)
-                    self._after = record.id
-                if len(read) < room and kicks == self._kicks:
-                    self._at_tail = True
+            sent = self._send_live()
+            wait_s: float | None = None
+            if not self._at_tail:
+                sent += await self._send_backlog()
+                if not self._at_tail and self._drain.available() < 1:
+                    wait_s = self._drain.wait_s()
             linger_left = self._delete_linger_left()
             if self._done and (len(self._done) >= self._delete_batch or linger_left <= 0):
                 if not await self._flush_deletes():
@@ -154,34 +228,73 @@ class Forwarder:
                         async with asyncio.timeout(self._retry_s):
                             await self._wake.wait()
                 continue
-            if not batch:
-                if not self._in_flight:
-                    self._idle.set()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(linger_left if self._done else None):
-                        await self._wake.wait()
+            if sent:
+                continue
+            if not self._in_flight and not self._live and not self._retry and self._at_tail:
+                self._idle.set()
+            if self._done:
+                wait_s = linger_left if wait_s is None else min(wait_s, linger_left)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait_s):
+                    await self._wake.wait()
 
-    def _delete_linger_left(self) -> float:
-        if self._done_since is None:
-            return self._delete_linger_s
-        return self._done_since + self._delete_linger_s - time.monotonic()
+    def _send_live(self) -> int:
+        sent = 0
+        while (self._retry or self._live) and self._room() > 0:
+            if self._retry:
+                record = self._retry.popleft()
+                self._send(record, live=record.id in self._claimed)
+            else:
+                self._send(self._live.popleft(), live=True)
+            sent += 1
+        return sent
 
-    async def flush(self) -> bool:
-        """Delete what the broker has acknowledged now (e.g. before shutting down)."""
-        return await self._flush_deletes()
+    async def _send_backlog(self) -> int:
+        share = max(1, min(self._window, self._session.broker_receive_maximum) // 2)
+        want = min(self._room(), share - self._backlog_in_flight, self._drain.available())
+        if want <= 0:
+            return 0
+        kicks = self._kicks
+        read = await self._outbox.pending(want, after_id=self._after)
+        sent = 0
+        for record in read:
+            if record.id <= self._after:
+                continue  # a concurrent read already went past it
+            self._after = record.id
+            if record.id in self._claimed:
+                self._claimed.discard(record.id)  # the live path has it
+                continue
+            if record.id in self._in_flight:
+                continue
+            self._send(record, live=False)
+            self._drain.take(1)
+            sent += 1
+        if len(read) < want and kicks == self._kicks:
+            self._at_tail = True
+        return sent
 
-    def _send(self, record: Stored) -> None:
+    def _send(self, record: Stored, *, live: bool) -> None:
         fut = self._session.publish_nowait(
             record.topic, record.payload, qos=record.qos, retain=record.retain
         )
         self.stats.published += 1
-        self._in_flight[record.id] = fut
+        if live:
+            self.stats.live_published += 1
+        else:
+            self._backlog_in_flight += 1
+        self._in_flight[record.id] = (fut, record, live)
+        self._sent_times[record.id] = time.monotonic()
         fut.add_done_callback(functools.partial(self._settled, record.id))
 
     def _settled(self, record_id: int, fut: asyncio.Future[None]) -> None:
-        if self._in_flight.get(record_id) is not fut:
+        entry = self._in_flight.get(record_id)
+        if entry is None or entry[0] is not fut:
             return  # from a connection we already gave up on
         del self._in_flight[record_id]
+        self._sent_times.pop(record_id, None)
+        _, record, live = entry
+        if not live:
+            self._backlog_in_flight -= 1
         exc = fut.exception()
         if exc is None:
             self.stats.delivered += 1
@@ -195,8 +308,7 @@ class Forwarder:
             self._mark_done(record_id)
         elif self._session.connected and self._serving == self._session.connection:
             # Not sent, yet the link is up (a transient client refusal): send it again.
-            self._after = min(self._after, record_id - 1)
-            self._at_tail = False
+            self._retry.append(record)
         self._wake.set()
 
     def _mark_done(self, record_id: int) -> None:
@@ -205,10 +317,17 @@ class Forwarder:
         self._done.append(record_id)
 
     def _abandon_in_flight(self) -> None:
-        for fut in self._in_flight.values():
+        for fut, _, _ in self._in_flight.values():
             if not fut.done():
                 fut.cancel()
         self._in_flight.clear()
+        self._sent_times.clear()
+        self._backlog_in_flight = 0
+
+    def _delete_linger_left(self) -> float:
+        if self._done_since is None:
+            return self._delete_linger_s
+        return self._done_since + self._delete_linger_s - time.monotonic()
 
     async def _flush_deletes(self) -> bool:
         """Delete what the broker acknowledged; False (ids kept for later) if the outbox can't."""

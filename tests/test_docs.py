@@ -60,9 +60,12 @@ def _plain(value: Any) -> Any:
 
 
 def _flatten(table: dict[str, Any], prefix: str = "") -> set[str]:
+    """Dotted keys of a TOML table; a table that is one optional setting (``uplink``) is a key."""
+    leaves = set(_settings())
     keys: set[str] = set()
     for k, v in table.items():
-        keys |= _flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k}
+        nested = isinstance(v, dict) and f"{prefix}{k}" not in leaves
+        keys |= _flatten(v, f"{prefix}{k}.") if nested else {prefix + k}
     return keys
 
 
