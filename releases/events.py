@@ -18,7 +18,6 @@ from schemas.scan_msgpack import scan_msgpack
 EventKind = Literal[
     "keys_updated",
     "keys_rejected",
-    "manifest_rejected",
     "downloading",
     "verified",
     "validating",
