@@ -194,3 +194,15 @@ def write(path: Path, data: bytes) -> Path:
 
 def now() -> float:
     return time.time()
+
+
+def run_async(fn: Any) -> Any:
+    """Run an ``async def`` test with asyncio.run (pytest sees the same fixtures)."""
+    import asyncio
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return asyncio.run(fn(*args, **kwargs))
+
+    return wrapper

@@ -32,6 +32,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -76,6 +77,13 @@ log = logging.getLogger(__name__)
 
 Swap = Callable[[ServedModel], ServedModel]
 CommandHandler = Callable[[Mapping[str, str]], object]
+
+
+@dataclass(slots=True)
+class UpdateStats:
+    manifests_verified: int = 0
+    manifests_skipped: int = 0
+    """Seen again (retained, on every connect) and already judged: not verified again."""
 
 
 class UpdateManager:
@@ -134,6 +142,7 @@ class UpdateManager:
             manual_ack=False,
             persistent=False,
         )
+        self.stats = UpdateStats()
         self.state_changes: list[str] = []
         """Every event kind this run reported, in order (for tests and `describe`)."""
         self.busy = False
@@ -389,7 +398,9 @@ class UpdateManager:
     async def _handle_manifest(self, payload: bytes) -> None:
         manifest_id = envelope_id(payload)
         if self._already_judged(manifest_id):
+            self.stats.manifests_skipped += 1
             return
+        self.stats.manifests_verified += 1
         active = self._state.active
         try:
             verdict = verify_manifest(
