@@ -30,6 +30,7 @@ from pydantic_settings import (
 )
 
 from edge_node.errors import ConfigError
+from edge_node.updates.config import UpdatesConfig
 from mqtt_session import MqttConfig
 from outbox import OutboxConfig
 from outbox.config import MIN_MAX_BYTES
@@ -267,6 +268,7 @@ class NodeConfig(BaseSettings):
     storage: StorageConfig = StorageConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
     health: HealthConfig = HealthConfig()
+    updates: UpdatesConfig = UpdatesConfig()
     results_encoding: Literal["msgpack", "json"] = Field(
         "msgpack", description="wire format of result batches; json for plain MQTT tools"
     )
