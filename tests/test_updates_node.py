@@ -4,6 +4,7 @@ inference; a failing one rolls back; status reports the release served."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import uuid
 from pathlib import Path
 from typing import Any
@@ -104,7 +105,7 @@ async def test_good_update_under_load_has_no_gap_and_no_failed_inference(
         assert h.node.stats.inference_errors == 0
         assert not h.messages("deadletter")
         times = [t for t, _, _ in results]
-        gap = max(b - a for a, b in zip(times, times[1:], strict=False))
+        gap = max(b - a for a, b in itertools.pairwise(times))
         print(f"largest gap between results during the update: {gap * 1000:.0f} ms")
         assert gap <= 1.0
         releases = [r for _, _, r in results]
