@@ -337,3 +337,17 @@ def test_releases_package_touches_no_io() -> None:
             assert not set(names) & forbidden, f"{path.name} imports {names}"
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
                 assert node.func.id not in {"open", "print"}, path.name
+
+
+def test_reason_table_in_the_operator_guide_equals_the_enum() -> None:
+    from releases import Reason
+
+    guide = Path(__file__).resolve().parent.parent / "docs" / "model-updates.md"
+    lines = guide.read_text(encoding="utf-8").splitlines()
+    start = lines.index("| reason | step | meaning |") + 2
+    table: list[str] = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        table.append(line.split("|")[1].strip().strip("`"))
+    assert table == [r.value for r in Reason]
