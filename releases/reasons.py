@@ -53,9 +53,7 @@ TRUST_DEPENDENT: frozenset[Reason] = frozenset(
         Reason.UNKNOWN_KEY,
         Reason.REVOKED_KEY,
         Reason.KEY_SET_EXPIRED,
-        Reason.DOWNLOAD_TIMEOUT,
-        Reason.STORAGE_ERROR,
     }
 )
-"""Rejections that depend on the node's own state (its trusted keys, its link, its disk), not
-on the manifest alone: a node re-examines such a manifest once that state changes."""
+"""Rejections that depend on the node's trusted keys, not on the manifest alone: a node
+re-examines such a manifest once its key set changes."""

@@ -586,3 +586,41 @@ async def test_command_runs_once_and_replay_is_rejected(
         await u.send_command(sign(_command(u.node_id), generate()))
         await u.wait_kind("command_rejected:unknown_key")
         assert calls == [{"escalate_below": "0.7"}]
+
+
+@run_async
+async def test_download_timeout_is_reported_and_retried_after_a_reconnect(
+    persistent_mosquitto: MosquittoProcess, tmp_path: Path, fleet: Fleet
+) -> None:
+    broker = persistent_mosquitto.info
+    async with running_updater(broker, tmp_path, fleet, download_timeout_s=0.5) as u:
+        before = state_digest(u.state_dir)
+        m = manifest(CLOUD_MODEL)
+        await u.publish_manifest(sign(m, fleet.release))  # no chunks anywhere
+        await u.wait_kind("rejected:download_timeout")
+        assert state_digest(u.state_dir) == before
+        assert "seen.json" not in {p.name for p in u.state_dir.iterdir()}  # not remembered
+        await u.publish_chunks(m.sha256, chunks(CLOUD_MODEL))
+        persistent_mosquitto.restart()  # the next connect brings the retained manifest again
+        await u.wait_kind("committed", timeout_s=40)
+        assert _release_of(u) == 2
+
+
+@run_async
+async def test_corrupted_active_artifact_falls_back_at_boot(
+    mosquitto: BrokerInfo, tmp_path: Path, fleet: Fleet
+) -> None:
+    topics = Topics(fleet_root=f"f{uuid.uuid4().hex[:6]}", models_root=f"m{uuid.uuid4().hex[:6]}")
+    node_id = f"gw-{uuid.uuid4().hex[:6]}"
+    m = manifest(CLOUD_MODEL)
+    async with running_updater(mosquitto, tmp_path, fleet, topics=topics, node_id=node_id) as u:
+        await u.release(m, CLOUD_MODEL)
+        await u.wait_kind("committed")
+    artifact = tmp_path / "updates" / "artifacts" / f"{m.sha256}.onnx"
+    artifact.write_bytes(artifact.read_bytes()[:-10])  # a bad sector, a half-written restore
+    async with running_updater(
+        mosquitto, tmp_path, fleet, topics=topics, node_id=node_id, publish_keys=False
+    ) as u:
+        assert _release_of(u) == 1
+        assert u.manager.active is None
+        await u.wait_kind("rolled_back:load_failed")

@@ -76,6 +76,7 @@ from schemas import Topics, new_id
 log = logging.getLogger(__name__)
 
 Swap = Callable[[ServedModel], ServedModel]
+TRANSIENT = frozenset({Reason.DOWNLOAD_TIMEOUT, Reason.STORAGE_ERROR})
 CommandHandler = Callable[[Mapping[str, str]], object]
 
 
@@ -108,6 +109,8 @@ class UpdateManager:
         root = config.root_key_bytes()
         if root is None:
             raise ValueError("updates.root_key is not set: the node has no root key to trust")
+        # Own sessions need their own client ids, whatever mqtt.client_id says.
+        mqtt = mqtt.model_copy(update={"client_id": ""})
         self.config = config
         self.node_id = node_id
         self.hw_class = hw_class
@@ -131,6 +134,8 @@ class UpdateManager:
         self._wake = asyncio.Event()
         self._command_queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=100)
         self._handled: set[str] = set()
+        self._transient: set[str] = set()
+        """Refused for a passing cause (a timeout, the disk): tried again after a reconnect."""
         self._events: collections.deque[tuple[str, bytes]] = collections.deque(maxlen=256)
         self._probation: ProbationWindow | None = None
         self._stack: contextlib.AsyncExitStack | None = None
@@ -284,6 +289,7 @@ class UpdateManager:
             self._wake.set()
 
     async def _on_connect(self, info: ConnectInfo) -> None:
+        self._transient.clear()
         self._flush_events()
 
     # ------------------------------------------------------------------ events
@@ -344,7 +350,7 @@ class UpdateManager:
             log.error("cannot remember a rejection: %s", exc)
 
     def _already_judged(self, manifest_id: str) -> bool:
-        if manifest_id in self._handled:
+        if manifest_id in self._handled or manifest_id in self._transient:
             return True
         got = self._seen.rejected.get(manifest_id)
         if got is None:
@@ -446,7 +452,10 @@ class UpdateManager:
 
     def _reject(self, manifest_id: str, release: int | None, reason: Reason, detail: str) -> None:
         self._handled.discard(manifest_id)
-        self._remember_rejection(manifest_id, reason)
+        if reason in TRANSIENT:
+            self._transient.add(manifest_id)
+        else:
+            self._remember_rejection(manifest_id, reason)
         self._event("rejected", release=release, reason=reason, detail=detail, ref=manifest_id)
 
     async def _apply(self, m: Manifest, manifest_id: str) -> None:
