@@ -89,6 +89,13 @@ class BatchingConfig(BaseModel):
         description="how long the first frame of a batch waits for more; 0 = run at once"
         " (under load batches still fill while the previous one runs)",
     )
+    max_results_per_message: int = Field(
+        1024,
+        ge=1,
+        le=4096,
+        description="results made while the previous message was being stored go out together,"
+        " up to this many per results message",
+    )
     max_pending_frames: int = Field(
         2_000,
         ge=1,
@@ -190,7 +197,7 @@ class StorageConfig(BaseModel):
         " broker's Receive Maximum)",
     )
     drain_max_msgs_per_s: float = Field(
-        1000.0,
+        5000.0,
         ge=0,
         description="after an outage, the backlog is sent at most this many messages per"
         " second, behind live results; 0 = no cap",

@@ -19,7 +19,7 @@ import hashlib
 import logging
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -117,6 +117,9 @@ class EdgeNode:
         self._results_topic = self.topics.results(self.node_id)
         self._draining = False
         self._storing: set[asyncio.Task[None]] = set()
+        self._to_store: deque[tuple[list[Result], list[tuple[str, str]], list[_Pending]]] = deque()
+        self._store_task: asyncio.Task[None] | None = None
+        self._max_results_per_message = config.batching.max_results_per_message
         # Frames being answered, by key -> redelivered copies waiting to be acknowledged with them.
         self._in_progress: dict[str, list[Ticket]] = {}
         self._results_in_flight: set[asyncio.Future[None]] = set()
@@ -601,15 +604,42 @@ class EdgeNode:
             self._finish(rejected)
         if not results:
             return
-        payload = encode_results(
-            ResultBatch(node=self.node_id, results=results), as_json=self._results_as_json
-        )
         self.stats.results_out += len(results)
-        self.stats.result_messages += 1
-        # Storing runs beside the next batch's inference; appends commit in call order.
-        task = asyncio.create_task(self._store(payload, answered, served))
-        self._storing.add(task)
-        task.add_done_callback(self._storing.discard)
+        for r in results:
+            self._telemetry_observe(r.latency_ms)
+        # Storing runs beside the next batch's inference. Results made while a commit is under
+        # way go into the next message together: fewer, fuller messages to store and forward.
+        self._to_store.append((results, answered, served))
+        if self._store_task is None:
+            task = asyncio.create_task(self._store_loop())
+            self._store_task = task
+            self._storing.add(task)
+            task.add_done_callback(self._storing.discard)
+
+    async def _store_loop(self) -> None:
+        try:
+            while self._to_store:
+                results: list[Result] = []
+                answered: list[tuple[str, str]] = []
+                served: list[_Pending] = []
+                while self._to_store and (
+                    not results
+                    or len(results) + len(self._to_store[0][0]) <= self._max_results_per_message
+                ):
+                    r, a, p = self._to_store.popleft()
+                    results += r
+                    answered += a
+                    served += p
+                payload = encode_results(
+                    ResultBatch(node=self.node_id, results=results), as_json=self._results_as_json
+                )
+                self.stats.result_messages += 1
+                await self._store(payload, answered, served)
+        finally:
+            self._store_task = None
+
+    def _telemetry_observe(self, latency_ms: float) -> None:
+        pass
 
     async def _skip_answered(self, batch: list[_Pending]) -> list[_Pending]:
         """Acknowledge redelivered frames whose result is already stored; return the rest."""

@@ -1,0 +1,285 @@
+"""Uplink loss: results wait on disk, the status says so, and the backlog drains behind live data.
+
+The node reads frames from its sensors' broker and publishes through a separate uplink
+connection that goes through a TCP proxy the test controls (cut, stall, flap) — in a deployment,
+sensors on a site broker and results straight to the cloud.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from edgewise.frames import load_holdout
+from local_broker import BrokerInfo, Message, MqttProbe
+from schemas import decode_results, decode_status
+from tests.nodeharness import Harness, frame_bytes, running_node
+from tests.nodeprocs import NodeProcesses, ResultLedger, online
+from tests.tcpproxy import TcpProxy
+
+HOLDOUT = load_holdout()
+ProbeFactory = Callable[..., MqttProbe]
+
+
+def _uplink(proxy: TcpProxy) -> dict[str, object]:
+    return {
+        "host": proxy.host,
+        "port": proxy.port,
+        "connect_timeout_s": 2,
+        "keepalive_s": 5,
+        "reconnect_first_s": 0.1,
+        "reconnect_cap_s": 0.5,
+    }
+
+
+async def _until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Await a condition on the in-process node's state (checked every 20 ms)."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def _statuses(h: Harness) -> list[tuple[str, list[str]]]:
+    out = []
+    for m in h.messages("status"):
+        s = decode_status(m.payload)
+        out.append((s.state, list(s.reasons)))
+    return out
+
+
+class _Ledger:
+    """Results seen by the probe, decoded once each."""
+
+    def __init__(self, h: Harness) -> None:
+        self.h = h
+        self.by_frame: dict[int, set[str]] = {}
+        self.seqs: set[int] = set()
+        self._fed = 0
+
+    def update(self) -> int:
+        msgs = self.h.messages("results")
+        for m in msgs[self._fed :]:
+            for r in decode_results(m.payload).results:
+                self.by_frame.setdefault(r.frame_seq, set()).add(r.id)
+                self.seqs.add(r.seq)
+        self._fed = len(msgs)
+        return len(self.by_frame)
+
+
+async def _send_range(h: Harness, start: int, stop: int) -> None:
+    for i in range(start, stop):
+        await h.send(frame_bytes(i, HOLDOUT.images[i % len(HOLDOUT.images)]))
+
+
+def test_a_stalled_then_flapping_uplink_says_uplink_down_and_loses_no_result(
+    mosquitto: BrokerInfo,
+) -> None:
+    async def scenario() -> None:
+        with TcpProxy(mosquitto.host, mosquitto.port) as proxy:
+            async with running_node(
+                mosquitto, uplink=_uplink(proxy), health={"uplink_grace_s": 0.5}
+            ) as h:
+                ledger = _Ledger(h)
+                await _send_range(h, 0, 50)
+                await h.seen.wait_for(lambda: ledger.update() >= 50, 20)
+
+                # A stall: the connection stays open, nothing moves, PUBACKs never come.
+                proxy.pause()
+                await _send_range(h, 50, 250)
+                await h.seen.wait_for(lambda: ("degraded", ["uplink_down"]) in _statuses(h), 20)
+                assert h.node.stats.results_stored == 250  # inference went on
+                proxy.resume()
+                await h.seen.wait_for(lambda: ledger.update() >= 250, 30)
+                await h.seen.wait_for(lambda: _statuses(h)[-1] == ("online", []), 20)
+
+                # Flaps: the link is reset and refused, then back, three times, under traffic.
+                sent = 250
+                for _ in range(3):
+                    proxy.cut()
+                    await _send_range(h, sent, sent + 100)
+                    sent += 100
+                    await _until(
+                        lambda n=sent: h.node.stats.results_stored >= n, 20, "results stored"
+                    )
+                    proxy.restore()
+                    await _send_range(h, sent, sent + 100)
+                    sent += 100
+                await h.seen.wait_for(lambda: ledger.update() >= sent, 60)
+                assert sorted(ledger.by_frame) == list(range(sent))
+                assert all(len(ids) == 1 for ids in ledger.by_frame.values())
+                assert sorted(ledger.seqs) == list(range(1, sent + 1))
+                assert proxy.connections_refused > 0, "the cuts never refused a reconnect"
+                await h.seen.wait_for(lambda: _statuses(h)[-1] == ("online", []), 20)
+
+    asyncio.run(scenario())
+
+
+def _answered(db: Path) -> int:
+    """Frames the node has answered (durably), read from its outbox like any SQLite reader."""
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+            return int(conn.execute("SELECT count(*) FROM answered").fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0
+
+
+def _last_status_online(probe: MqttProbe) -> bool:
+    statuses = [m for m in probe.messages if m.topic.endswith("/status")]
+    return (
+        bool(statuses) and online(statuses[-1]) and not decode_status(statuses[-1].payload).reasons
+    )
+
+
+class _RssSampler(threading.Thread):
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.proc = psutil.Process(pid)
+        self.peak = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(0.1):
+            try:
+                self.peak = max(self.peak, self.proc.memory_info().rss)
+            except psutil.NoSuchProcess:
+                return
+
+
+@pytest.mark.slow
+def test_a_100k_result_outage_waits_on_disk_and_drains_behind_live_results(
+    mosquitto: BrokerInfo, mqtt_probe: ProbeFactory, tmp_path: Path
+) -> None:
+    backlog = 100_000
+    warm = 2_000
+    with TcpProxy(mosquitto.host, mosquitto.port) as proxy:
+        node_id = f"outage-{uuid.uuid4().hex[:8]}"
+        nodes = NodeProcesses(
+            mosquitto,
+            tmp_path,
+            node_id,
+            env={
+                "EDGEWISE_UPLINK": (
+                    f'{{"host": "{proxy.host}", "port": {proxy.port}, "keepalive_s": 5,'
+                    ' "reconnect_first_s": 0.1, "reconnect_cap_s": 0.5}'
+                ),
+                "EDGEWISE_HEALTH__UPLINK_GRACE_S": "0.5",
+                "EDGEWISE_STORAGE__ANSWERED_KEEP": str(2 * backlog),
+                "EDGEWISE_STORAGE__SYNCHRONOUS": "NORMAL",
+            },
+        )
+        try:
+            consumer = mqtt_probe()
+            consumer.subscribe(f"edge/{node_id}/#")
+            proc = nodes.start()
+            consumer.wait_for(online, 20)
+            ledger = ResultLedger()
+            fed = 0
+            stored_records = 0
+
+            def results_at_least(n: int, timeout_s: float) -> None:
+                # Polled, not probe.wait_for: its predicate runs under the lock the probe's
+                # network thread needs, which would delay (and mis-time) arrivals in a flood.
+                nonlocal fed
+                deadline = time.monotonic() + timeout_s
+                while True:
+                    msgs = consumer.messages
+                    for m in msgs[fed:]:
+                        ledger.feed(m)
+                    fed = len(msgs)
+                    if len(ledger.ids) >= n:
+                        return
+                    assert time.monotonic() < deadline, (
+                        f"{len(ledger.ids)}/{n} results ({stored_records} records)"
+                    )
+                    time.sleep(0.05)
+
+            sensor = mqtt_probe()
+            sensor.publish_many(
+                "sensors/cam-1/digits",
+                [frame_bytes(i, HOLDOUT.images[i % len(HOLDOUT.images)]) for i in range(warm)],
+            )
+            results_at_least(warm, 30)
+
+            db = tmp_path / f"{node_id}.outbox.db"
+            sampler = _RssSampler(proc.pid)
+            baseline = sampler.proc.memory_info().rss
+            sampler.start()
+            proxy.cut()
+
+            def uplink_down(m: Message) -> bool:
+                if not m.topic.endswith("/status"):
+                    return False
+                return "uplink_down" in decode_status(m.payload).reasons
+
+            consumer.wait_for(uplink_down, 20)
+            frames = [
+                frame_bytes(i, HOLDOUT.images[i % len(HOLDOUT.images)])
+                for i in range(warm, warm + backlog)
+            ]
+            for chunk in range(0, backlog, 20_000):  # paho queues at most 65,535 publishes
+                sensor.publish_many(
+                    "sensors/cam-1/digits", frames[chunk : chunk + 20_000], timeout_s=60
+                )
+            deadline = time.monotonic() + 120
+            while _answered(db) < warm + backlog:
+                assert time.monotonic() < deadline, f"only {_answered(db)} frames answered"
+                assert proc.poll() is None
+                time.sleep(0.2)
+            sampler.stop.set()
+            sampler.join()
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+                stored_records = conn.execute("SELECT count(*) FROM records").fetchone()[0]
+            print(f"outage: {stored_records} records hold {backlog} results")
+            growth_mb = (sampler.peak - baseline) / 2**20
+            assert growth_mb < 50, f"RSS grew {growth_mb:.1f} MB during the outage"
+            assert len(ledger.ids) == warm, "results got through a cut uplink"
+
+            # Live frames during the drain: sent at 50/s, their results timed at the consumer.
+            live_sent: dict[int, float] = {}
+            live_start = warm + backlog
+            stop_live = threading.Event()
+
+            def live() -> None:
+                i = live_start
+                while not stop_live.wait(0.02):
+                    live_sent[i] = time.monotonic()
+                    sensor.publish("sensors/cam-2/digits", frame_bytes(i, HOLDOUT.images[0]))
+                    i += 1
+
+            proxy.restore()
+            live_thread = threading.Thread(target=live, daemon=True)
+            live_thread.start()
+            results_at_least(warm + backlog, 120)
+            stop_live.set()
+            live_thread.join()
+            total = warm + backlog + len(live_sent)
+            results_at_least(total, 30)
+            assert sorted(ledger.ids) == list(range(total))
+            assert sorted(ledger.node_seqs) == list(range(1, total + 1))
+            arrived: dict[int, float] = {}
+            for m in consumer.messages:
+                if m.topic.endswith("/results"):
+                    for r in decode_results(m.payload).results:
+                        if r.frame_seq in live_sent:
+                            arrived.setdefault(r.frame_seq, m.received_at)
+            latencies = [arrived[i] - live_sent[i] for i in live_sent]
+            assert len(latencies) >= 10, "the drain was over before live traffic started"
+            p95 = float(np.percentile(latencies, 95))
+            assert p95 <= 2.0, f"live p95 {p95:.2f} s during the drain"
+            deadline = time.monotonic() + 20
+            while not _last_status_online(consumer):
+                assert time.monotonic() < deadline, "the status did not return to online"
+                time.sleep(0.1)
+        finally:
+            nodes.stop_all()
