@@ -217,7 +217,7 @@ class UpdateManager:
     def _load_active(self) -> ServedModel | None:
         active = self._state.active
         while active is not None:
-            path = Path(active.path)
+            path = self.store.artifact_path(active.sha256)
             try:
                 if sha256_file(path) != active.sha256:
                     raise ModelLoadError(f"{path} does not hash to {active.sha256[:16]}…")
