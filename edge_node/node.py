@@ -666,7 +666,7 @@ class EdgeNode:
     async def _store(
         self, payload: bytes, answered: list[tuple[str, str]], served: list[_Pending]
     ) -> None:
-        record = Record("result", self._results_topic, payload)
+        record = Record("result", self._results_topic, payload, items=len(served))
         try:
             (record_id,) = await self.outbox.append([record], answered)
         except Exception as exc:  # OutboxError, or anything unexpected: degrade, never stall

@@ -23,6 +23,9 @@ app = typer.Typer(
 )
 sensor_app = typer.Typer(help="Simulated sensors.", no_args_is_help=True)
 app.add_typer(sensor_app, name="sensor")
+from edgewise.fleet_cmd import fleet_app  # noqa: E402
+
+app.add_typer(fleet_app, name="fleet")
 
 err = Console(stderr=True)
 

@@ -5,6 +5,7 @@
 * :class:`EmbeddedBroker` runs amqtt in-process (MQTT 3.1.1 only) where mosquitto is missing.
 * :func:`parse_broker_url` / :class:`BrokerInfo` describe any broker, including external ones.
 * :class:`MqttProbe` is a blocking paho client for tests and smoke checks.
+* :class:`TcpProxy` sits between a client and a broker and cuts, stalls or flaps the link.
 """
 
 from local_broker.embedded import (
@@ -33,6 +34,7 @@ from local_broker.mosquitto import (
 )
 from local_broker.ping import accepts_mqtt, mqtt_ping
 from local_broker.probe import DisconnectEvent, Message, MqttProbe, ProbeError, unique_client_id
+from local_broker.tcpproxy import TcpProxy
 
 __all__ = [
     "DEFAULT_MQTT_PORT",
@@ -49,6 +51,7 @@ __all__ = [
     "MosquittoProcess",
     "MqttProbe",
     "ProbeError",
+    "TcpProxy",
     "accepts_mqtt",
     "free_port",
     "live_processes",

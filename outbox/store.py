@@ -72,7 +72,7 @@ T = TypeVar("T")
 PAGE_SIZE = 4096
 #: Bytes of one record's cell besides topic and payload: record header, kind, size, qos,
 #: retain, created_at (~28) and the cell's rowid, length and pointer (~6). Measured with dbstat.
-_CELL_OVERHEAD = 34
+_CELL_OVERHEAD = 35
 #: Bytes of one entry of the (kind, id) index, with the index pages' fill (measured: 22-25).
 _INDEX_OVERHEAD = 22
 #: Accounted bytes of one record besides its topic and payload (the two above): 56. Measured
@@ -95,7 +95,9 @@ FIXED_PAGES = 9
 FILL_FACTOR = 0.90
 
 _APPLICATION_ID = 0x45445742  # "EDWB": marks a file as an edgewise outbox
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
+#: Schema 1 lacked the ``items`` columns; it is upgraded in place when opened.
+_UPGRADABLE = {1}
 _BUSY_TIMEOUT_MS = 5000
 _MAX_VARIABLES = 500  # ids per "IN (…)" chunk: well under SQLITE_MAX_VARIABLE_NUMBER
 
@@ -112,7 +114,8 @@ _SCHEMA = (
         retain INTEGER NOT NULL,
         created_at REAL NOT NULL,
         topic TEXT NOT NULL,
-        payload BLOB NOT NULL)""",
+        payload BLOB NOT NULL,
+        items INTEGER NOT NULL DEFAULT 1)""",
     "CREATE INDEX records_by_kind ON records(kind, id)",
     """CREATE TABLE answered(
         n INTEGER PRIMARY KEY,
@@ -123,7 +126,8 @@ _SCHEMA = (
         kind TEXT PRIMARY KEY,
         appended INTEGER NOT NULL DEFAULT 0,
         deleted INTEGER NOT NULL DEFAULT 0,
-        evicted INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID""",
+        evicted INTEGER NOT NULL DEFAULT 0,
+        evicted_items INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID""",
 )
 
 
@@ -199,6 +203,7 @@ class OutboxStats:
     appended: dict[str, int]
     deleted: dict[str, int]  # deleted by the owner (delivered)
     evicted: dict[str, int]  # evicted to stay within the bound
+    evicted_items: dict[str, int]  # what the evicted records carried (Record.items), per kind
     rows_by_kind: dict[str, int]
     budget_bytes: int  # the accounted-bytes budget derived from max_bytes
     answered_keys: int
@@ -219,6 +224,7 @@ class _State:
     appended: dict[str, int] = field(default_factory=dict)
     deleted: dict[str, int] = field(default_factory=dict)
     evicted: dict[str, int] = field(default_factory=dict)
+    evicted_items: dict[str, int] = field(default_factory=dict)
     answered_rows: int = 0
     answered_bytes: int = 0
     answered_max: int = 0
@@ -230,6 +236,7 @@ class _State:
             dict(self.appended),
             dict(self.deleted),
             dict(self.evicted),
+            dict(self.evicted_items),
             self.answered_rows,
             self.answered_bytes,
             self.answered_max,
@@ -348,14 +355,22 @@ class Outbox:
         ):
             state.rows[kind] = rows
             state.bytes[kind] = int(size)
-        for kind, appended, deleted, evicted in conn.execute(
-            "SELECT kind, appended, deleted, evicted FROM counters"
+        for kind, appended, deleted, evicted, evicted_items in conn.execute(
+            "SELECT kind, appended, deleted, evicted, evicted_items FROM counters"
         ):
             state.appended[kind] = appended
             state.deleted[kind] = deleted
             state.evicted[kind] = evicted
+            state.evicted_items[kind] = evicted_items
         for kind in (*self._config.eviction_order, *state.rows, *state.appended):
-            for counter in (state.rows, state.bytes, state.appended, state.deleted, state.evicted):
+            for counter in (
+                state.rows,
+                state.bytes,
+                state.appended,
+                state.deleted,
+                state.evicted,
+                state.evicted_items,
+            ):
                 counter.setdefault(kind, 0)
         rows, size, top = conn.execute(
             "SELECT count(*), total(size), coalesce(max(n), 0) FROM answered"
@@ -418,15 +433,15 @@ class Outbox:
             raise ValueError("limit must be >= 0")
         try:
             rows = self._conn.execute(
-                "SELECT id, kind, topic, payload, qos, retain, created_at FROM records "
+                "SELECT id, kind, topic, payload, qos, retain, created_at, items FROM records "
                 "WHERE id > ? ORDER BY id LIMIT ?",
                 (after_id, limit),
             ).fetchall()
         except sqlite3.Error as exc:
             raise translate(exc, "reading pending records") from exc
         return [
-            Stored(rid, kind, topic, bytes(payload), qos, bool(retain), created_at)
-            for rid, kind, topic, payload, qos, retain, created_at in rows
+            Stored(rid, kind, topic, bytes(payload), qos, bool(retain), created_at, items)
+            for rid, kind, topic, payload, qos, retain, created_at, items in rows
         ]
 
     def delete(self, ids: Iterable[int]) -> int:
@@ -462,6 +477,7 @@ class Outbox:
             appended=dict(st.appended),
             deleted=dict(st.deleted),
             evicted=dict(st.evicted),
+            evicted_items=dict(st.evicted_items),
             rows_by_kind=dict(st.rows),
             budget_bytes=self._budget,
             answered_keys=st.answered_rows,
@@ -532,13 +548,16 @@ class Outbox:
             da = state.appended.get(kind, 0) - old.appended.get(kind, 0)
             dd = state.deleted.get(kind, 0) - old.deleted.get(kind, 0)
             de = state.evicted.get(kind, 0) - old.evicted.get(kind, 0)
-            if da or dd or de:
-                rows.append((kind, da, dd, de))
+            di = state.evicted_items.get(kind, 0) - old.evicted_items.get(kind, 0)
+            if da or dd or de or di:
+                rows.append((kind, da, dd, de, di))
         if rows:
             self._conn.executemany(
-                "INSERT INTO counters(kind, appended, deleted, evicted) VALUES (?, ?, ?, ?) "
+                "INSERT INTO counters(kind, appended, deleted, evicted, evicted_items) "
+                "VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT(kind) DO UPDATE SET appended = appended + excluded.appended, "
-                "deleted = deleted + excluded.deleted, evicted = evicted + excluded.evicted",
+                "deleted = deleted + excluded.deleted, evicted = evicted + excluded.evicted, "
+                "evicted_items = evicted_items + excluded.evicted_items",
                 rows,
             )
 
@@ -586,7 +605,7 @@ class Outbox:
         for kind, n in Counter(r.kind for r in records).items():
             state.add(state.appended, kind, n)
         survivors = [
-            (ids[i], r.kind, costs[i], r.qos, int(r.retain), now, r.topic, r.payload)
+            (ids[i], r.kind, costs[i], r.qos, int(r.retain), now, r.topic, r.payload, r.items)
             for i, r in enumerate(records)
             if i not in evicted
         ]
@@ -599,8 +618,8 @@ class Outbox:
             state.add(state.rows, kind, n)
             state.add(state.bytes, kind, size[kind])
         conn.executemany(
-            "INSERT INTO records(id, kind, size, qos, retain, created_at, topic, payload) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO records(id, kind, size, qos, retain, created_at, topic, payload, items)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             survivors,
         )
         # The newest id was evicted before it was written: consume it anyway.
@@ -656,23 +675,28 @@ class Outbox:
                 break
             stored = state.bytes.get(kind, 0)
             if 0 < stored <= excess:
+                (items,) = conn.execute(
+                    "SELECT total(items) FROM records WHERE kind = ?", (kind,)
+                ).fetchone()
                 conn.execute("DELETE FROM records WHERE kind = ?", (kind,))
                 state.add(state.evicted, kind, state.rows[kind])
+                state.add(state.evicted_items, kind, int(items))
                 state.rows[kind] = state.bytes[kind] = 0
                 excess -= stored
             elif stored > 0:
-                freed, count, cut = 0, 0, 0
+                freed, count, items, cut = 0, 0, 0, 0
                 cursor = conn.execute(
-                    "SELECT id, size FROM records WHERE kind = ? ORDER BY id", (kind,)
+                    "SELECT id, size, items FROM records WHERE kind = ? ORDER BY id", (kind,)
                 )
                 try:
                     while freed < excess:
                         chunk = cursor.fetchmany(256)
                         if not chunk:  # pragma: no cover - the running total says otherwise
                             break
-                        for rid, size in chunk:
+                        for rid, size, n in chunk:
                             freed += size
                             count += 1
+                            items += n
                             cut = rid
                             if freed >= excess:
                                 break
@@ -680,6 +704,7 @@ class Outbox:
                     cursor.close()
                 conn.execute("DELETE FROM records WHERE kind = ? AND id <= ?", (kind, cut))
                 state.add(state.evicted, kind, count)
+                state.add(state.evicted_items, kind, items)
                 state.add(state.rows, kind, -count)
                 state.add(state.bytes, kind, -freed)
                 excess -= freed
@@ -689,6 +714,7 @@ class Outbox:
                 if record.kind == kind:
                     evicted_batch.add(i)
                     state.add(state.evicted, kind, 1)
+                    state.add(state.evicted_items, kind, record.items)
                     excess -= costs[i]
         return evicted_batch
 
@@ -769,6 +795,8 @@ def _connect(path: Path, config: OutboxConfig) -> sqlite3.Connection:
         conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
         if fresh:
             _create_schema(conn)
+        elif conn.execute("PRAGMA user_version").fetchone()[0] in _UPGRADABLE:
+            _upgrade_schema(conn)
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise OutboxError(f"{path}: could not switch to WAL (journal_mode is {mode})")
@@ -817,9 +845,24 @@ def _inspect(path: Path) -> bool:
         return True
     if app_id != _APPLICATION_ID:
         raise OutboxError(f"{path} is a SQLite database of another application: not touched")
-    if version != _SCHEMA_VERSION:
+    if version != _SCHEMA_VERSION and version not in _UPGRADABLE:
         raise OutboxError(f"{path} has outbox schema {version}; this code knows {_SCHEMA_VERSION}")
     return False
+
+
+def _upgrade_schema(conn: sqlite3.Connection) -> None:
+    """Schema 1 → 2: the ``items`` a record carries and the evicted items per kind."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("ALTER TABLE records ADD COLUMN items INTEGER NOT NULL DEFAULT 1")
+        conn.execute("ALTER TABLE counters ADD COLUMN evicted_items INTEGER NOT NULL DEFAULT 0")
+        conn.execute("UPDATE counters SET evicted_items = evicted")
+        conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
 
 
 def _create_schema(conn: sqlite3.Connection) -> None:

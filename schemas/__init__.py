@@ -14,7 +14,9 @@ Encoding
 Messages
     :class:`Frame` (``decode_frame``/``encode_frame``), :class:`ResultBatch` of
     :class:`Result` (``decode_results``/``encode_results``), :class:`Status`,
-    :class:`DeadLetter`, and ``decode_any`` for displaying payloads of unknown shape.
+    :class:`DeadLetter`, :class:`Telemetry` (``decode_telemetry``/``encode_telemetry``) with its
+    latency sketch :class:`SketchWire` (``decode_sketch``/``encode_sketch``),
+    and ``decode_any`` for displaying payloads of unknown shape.
     Tensors are ``{dtype, shape, data}`` with ``data`` raw little-endian bytes (viewed,
     not copied) or, in JSON, a flat list of numbers; see :mod:`schemas.tensor`.
 
@@ -70,16 +72,21 @@ from .frame import Frame, decode_frame, encode_frame
 from .ids import new_id
 from .limits import DEFAULT_LIMITS, Limits
 from .results import Result, ResultBatch, Source, decode_results, encode_results
+from .sketch import SKETCH_BINS_MAX, SKETCH_MAX_BYTES, SketchWire, decode_sketch, encode_sketch
 from .status import State, Status, decode_status, encode_status
+from .telemetry import COUNT_NAMES, Telemetry, decode_telemetry, encode_telemetry
 from .tensor import DTYPES, tensor_from_wire, tensor_to_wire
 from .topics import Topics, validate_filter, validate_level, validate_topic
 from .wire import VERSION
 
 __all__ = [
+    "COUNT_NAMES",
     "DEADLETTER_REASONS",
     "DEFAULT_LIMITS",
     "DTYPES",
     "REASON_CODES",
+    "SKETCH_BINS_MAX",
+    "SKETCH_MAX_BYTES",
     "VERSION",
     "ContractError",
     "DeadLetter",
@@ -90,19 +97,25 @@ __all__ = [
     "ReasonCode",
     "Result",
     "ResultBatch",
+    "SketchWire",
     "Source",
     "State",
     "Status",
+    "Telemetry",
     "Topics",
     "decode_any",
     "decode_deadletter",
     "decode_frame",
     "decode_results",
+    "decode_sketch",
     "decode_status",
+    "decode_telemetry",
     "encode_deadletter",
     "encode_frame",
     "encode_results",
+    "encode_sketch",
     "encode_status",
+    "encode_telemetry",
     "new_id",
     "tensor_from_wire",
     "tensor_to_wire",

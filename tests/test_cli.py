@@ -28,7 +28,7 @@ def edgewise(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[s
 def test_help_lists_every_subcommand() -> None:
     out = edgewise("--help")
     assert out.returncode == 0
-    for name in ("node", "demo", "sensor", "watch"):
+    for name in ("node", "demo", "sensor", "watch", "fleet"):
         assert name in out.stdout
 
 

@@ -20,11 +20,10 @@ import psutil
 import pytest
 
 from edgewise.frames import load_holdout
-from local_broker import BrokerInfo, Message, MqttProbe
+from local_broker import BrokerInfo, Message, MqttProbe, TcpProxy
 from schemas import decode_results, decode_status
 from tests.nodeharness import Harness, frame_bytes, running_node
 from tests.nodeprocs import NodeProcesses, ResultLedger, online
-from tests.tcpproxy import TcpProxy
 
 HOLDOUT = load_holdout()
 ProbeFactory = Callable[..., MqttProbe]
@@ -283,3 +282,33 @@ def test_a_100k_result_outage_waits_on_disk_and_drains_behind_live_results(
                 time.sleep(0.1)
         finally:
             nodes.stop_all()
+
+
+def test_a_full_outbox_evicts_and_the_count_equals_what_is_missing_downstream(
+    mosquitto: BrokerInfo,
+) -> None:
+    async def scenario() -> None:
+        with TcpProxy(mosquitto.host, mosquitto.port) as proxy:
+            async with running_node(
+                mosquitto,
+                uplink=_uplink(proxy),
+                storage={"outbox_max_bytes": 256 * 1024, "synchronous": "NORMAL"},
+            ) as h:
+                node = h.node
+                ledger = _Ledger(h)
+                proxy.cut()
+                total = 5_000
+                await _send_range(h, 0, total)
+                await _until(lambda: node.stats.results_stored >= total, 60, "results stored")
+                evicted = node.outbox.stats().evicted_items.get("result", 0)
+                assert evicted > 0, "the outbox never filled up"
+                proxy.restore()
+                await _until(lambda: node.outbox.stats().rows == 0, 60, "the outbox to drain")
+                await h.seen.wait_for(lambda: ledger.update() >= total - evicted, 30)
+                missing = total - ledger.update()
+                assert missing == evicted == node.outbox.stats().evicted_items["result"]
+                # What is lost is the oldest: everything after the first survivor arrived.
+                first = min(ledger.seqs)
+                assert sorted(ledger.seqs) == list(range(first, total + 1))
+
+    asyncio.run(scenario())

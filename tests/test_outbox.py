@@ -886,3 +886,53 @@ def test_async_outbox_is_unusable_after_close(tmp_path: Path) -> None:
         assert box.stats().rows == 1
 
     run(main())
+
+
+def test_evicted_items_count_what_the_evicted_records_carried(tmp_path: Path) -> None:
+    # A results message carries many results: an operator needs the results lost, not rows.
+    cfg = config(tmp_path / "o.db", max_bytes=256 * KiB)
+    rng = random.Random(7)
+    carried: dict[int, int] = {}
+    with Outbox.open(cfg) as box:
+        for _ in range(400):
+            n = rng.randint(1, 50)
+            (rid,) = box.append([Record("result", "edge/gw-1/results", b"r" * 900, items=n)])
+            carried[rid] = n
+        st = box.stats()
+        assert st.evicted["result"] > 0
+        left = {s.id: s.items for s in box.pending(10**6)}
+        assert all(left[i] == carried[i] for i in left)  # items come back as stored
+        assert st.evicted_items["result"] == sum(n for i, n in carried.items() if i not in left)
+    with Outbox.open(cfg) as box:  # and the count survives a reopen
+        assert box.stats().evicted_items == st.evicted_items
+
+
+def test_a_schema_1_outbox_is_upgraded_in_place_and_keeps_its_records(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA page_size = 4096")
+    conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+    for statement in (
+        "CREATE TABLE records(id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL,"
+        " size INTEGER NOT NULL, qos INTEGER NOT NULL, retain INTEGER NOT NULL,"
+        " created_at REAL NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL)",
+        "CREATE INDEX records_by_kind ON records(kind, id)",
+        "CREATE TABLE answered(n INTEGER PRIMARY KEY, frame_key TEXT NOT NULL UNIQUE,"
+        " result_id TEXT NOT NULL, size INTEGER NOT NULL)",
+        "CREATE TABLE counters(kind TEXT PRIMARY KEY, appended INTEGER NOT NULL DEFAULT 0,"
+        " deleted INTEGER NOT NULL DEFAULT 0, evicted INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID",
+        "INSERT INTO records(kind, size, qos, retain, created_at, topic, payload)"
+        " VALUES ('result', 100, 1, 0, 1.0, 'edge/gw-1/results', x'01')",
+        "INSERT INTO counters(kind, appended, evicted) VALUES ('result', 5, 4)",
+        f"PRAGMA application_id = {0x45445742}",
+        "PRAGMA user_version = 1",
+    ):
+        conn.execute(statement)
+    conn.close()
+    with Outbox.open(config(path)) as box:
+        (old,) = box.pending(10)
+        assert (old.payload, old.items) == (b"\x01", 1)
+        assert box.stats().evicted_items["result"] == 4  # one item per record before
+        box.append([Record("result", "edge/gw-1/results", b"new", items=3)])
+        assert [s.items for s in box.pending(10)] == [1, 3]
+    assert integrity(path) == ["ok"]
