@@ -7,6 +7,8 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from releases import (
     Command,
@@ -351,3 +353,32 @@ def test_reason_table_in_the_operator_guide_equals_the_enum() -> None:
             break
         table.append(line.split("|")[1].strip().strip("`"))
     assert table == [r.value for r in Reason]
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=2048))
+def test_any_bytes_give_a_verdict_never_another_exception(data: bytes) -> None:
+    keys = _FUZZ_FLEET.key_set()
+    with pytest.raises(Rejected):
+        verify_manifest(
+            data, keys=keys, node_id=NODE, hw_class="cpu", floor=1, installed_sha256=None, now=NOW
+        )
+    with pytest.raises(Rejected):
+        verify_command(data, keys=keys, node_id=NODE, hw_class="cpu", seen_ids=set(), now=NOW)
+    with pytest.raises(Rejected):
+        verify_key_set(data, root_public=_FUZZ_FLEET.root_public, held=None, now=NOW)
+
+
+@settings(max_examples=200, deadline=None)
+@given(flip=st.integers(min_value=0))
+def test_any_single_bit_flip_of_a_signed_manifest_is_rejected(flip: int) -> None:
+    data = bytearray(_FUZZ_SIGNED)
+    bit = flip % (len(data) * 8)
+    data[bit // 8] ^= 1 << (bit % 8)
+    with pytest.raises(Rejected):
+        verify_manifest(bytes(data), keys=_FUZZ_FLEET.key_set(), node_id=NODE, hw_class="cpu",
+                        floor=1, installed_sha256=None, now=NOW)  # fmt: skip
+
+
+_FUZZ_FLEET = Fleet()
+_FUZZ_SIGNED = sign(manifest(CLOUD_MODEL, with_golden=False), _FUZZ_FLEET.release)

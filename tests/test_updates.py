@@ -624,3 +624,40 @@ async def test_corrupted_active_artifact_falls_back_at_boot(
         assert _release_of(u) == 1
         assert u.manager.active is None
         await u.wait_kind("rolled_back:load_failed")
+
+
+@run_async
+async def test_widening_the_rollout_reaches_a_node_outside_the_first_cohort(
+    mosquitto: BrokerInfo, tmp_path: Path, fleet: Fleet
+) -> None:
+    async with running_updater(mosquitto, tmp_path, fleet) as u:
+        point = cohort_point(u.node_id, "digits", 2)
+        await u.release(manifest(CLOUD_MODEL, rollout_percent=point), CLOUD_MODEL)
+        await u.wait_kind("rejected:outside_cohort")
+        # `model promote`: the same release re-signed with a wider percent is a new manifest.
+        await u.publish_manifest(sign(manifest(CLOUD_MODEL, rollout_percent=100.0), fleet.release))
+        await u.wait_kind("committed")
+        assert _release_of(u) == 2
+
+
+@run_async
+async def test_rollback_release_reuses_the_kept_previous_artifact(
+    mosquitto: BrokerInfo, tmp_path: Path, fleet: Fleet
+) -> None:
+    three = retagged(CLOUD_MODEL, "release three")
+    async with running_updater(mosquitto, tmp_path, fleet) as u:
+        await u.release(manifest(CLOUD_MODEL, release=2), CLOUD_MODEL)
+        await u.wait_kind("committed")
+        await u.release(manifest(three, release=3), three)
+        await u.wait_kind("committed", count=2)
+        kept = sorted(p.name for p in (u.state_dir / "artifacts").iterdir())
+        assert len(kept) == 2  # active and previous
+        # `model rollback`: release 4 = release 2's bytes. Its chunks are gone from the broker;
+        # the node has them.
+        old = manifest(CLOUD_MODEL, release=4)
+        for i in range(old.chunks):
+            await u.operator.publish(u.topics.model_chunk(old.sha256, i), b"", retain=True)
+        await u.publish_manifest(sign(old, fleet.release))
+        await u.wait_kind("committed", count=3)
+        assert _release_of(u) == 4
+        assert u.manager.active is not None and u.manager.active.sha256 == old.sha256

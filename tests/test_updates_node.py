@@ -134,3 +134,16 @@ async def test_model_that_fails_probation_in_the_node_rolls_back(
         assert h.node.model.release == 1
         assert h.node.stats.inference_errors == 0
         assert decode_status(h.messages("status")[-1].payload).release == 1
+
+
+def test_an_unloadable_root_key_fails_at_start_naming_the_key(tmp_path: Path) -> None:
+    from edge_node.config import NodeConfig
+    from edge_node.errors import ConfigError
+
+    bad = tmp_path / "root.pub"
+    bad.write_text("not a key")
+    for value in (str(bad), str(tmp_path / "missing.pub"), "ab" * 31):
+        with pytest.raises(ConfigError) as info:
+            NodeConfig.load(updates={"root_key": value})
+        assert "updates.root_key" in str(info.value)
+        assert "EDGEWISE_UPDATES__ROOT_KEY" in str(info.value)
