@@ -31,6 +31,7 @@ from pydantic_settings import (
 
 from edge_node.errors import ConfigError
 from edge_node.escalation.config import EscalationConfig
+from edge_node.updates.config import UpdatesConfig
 from mqtt_session import MqttConfig
 from outbox import OutboxConfig
 from outbox.config import MIN_MAX_BYTES
@@ -276,6 +277,7 @@ class NodeConfig(BaseSettings):
     telemetry: TelemetryConfig = TelemetryConfig()
     health: HealthConfig = HealthConfig()
     escalation: EscalationConfig = EscalationConfig()
+    updates: UpdatesConfig = UpdatesConfig()
     results_encoding: Literal["msgpack", "json"] = Field(
         "msgpack", description="wire format of result batches; json for plain MQTT tools"
     )

@@ -37,6 +37,7 @@ from edge_node.errors import ConfigError
 from edge_node.escalation import Case, Escalator, Final
 from edge_node.inference import AdaptiveRunner
 from edge_node.model import Prediction, ServedModel
+from edge_node.updates import UpdateManager
 from mqtt_session import (
     ConnectInfo,
     Inbound,
@@ -191,6 +192,7 @@ class EdgeNode:
             max_batch_size=config.batching.max_batch_size,
             max_wait_s=config.batching.max_wait_ms / 1000.0,
         )
+        self.updates = self._updater()
         self.deadletters = DeadLetters(
             self.node_id,
             self.topics.deadletter(self.node_id),
@@ -213,6 +215,8 @@ class EdgeNode:
         return "degraded" if self.reasons else "online"
 
     async def __aenter__(self) -> Self:
+        if self._model is None and self.updates is not None:
+            self._model = await asyncio.to_thread(self.updates.boot)
         if self._model is None:
             m = self.config.model
             self._model = ServedModel.load(
@@ -258,6 +262,8 @@ class EdgeNode:
                 await stack.enter_async_context(self.escalator)
             for f in self.config.topics.sensor_filters():
                 self.session.subscribe(f, qos=1)
+            if self.updates is not None:
+                await stack.enter_async_context(self.updates)
             tasks = await stack.enter_async_context(asyncio.TaskGroup())
             loops = [
                 tasks.create_task(self._batcher.run(), name="edge-node-batcher"),
@@ -527,6 +533,40 @@ class EdgeNode:
             hardware_class=self.config.hardware_class,
         )
 
+    def _updater(self) -> UpdateManager | None:
+        """The updater, if the node is enrolled with a root key (see docs/model-updates.md)."""
+        c = self.config
+        if c.updates.root_key is None:
+            return None
+        return UpdateManager(
+            c.updates,
+            node_id=self.node_id,
+            hw_class=c.hardware_class,
+            mqtt=c.uplink or c.mqtt,
+            topics=self.topics,
+            state_dir=c.storage.state_dir / f"{self.node_id}.updates",
+            model_name=c.model.name,
+            model_release=c.model.release,
+            model_path=c.model.resolved_path(),
+            providers=c.model.providers,
+            intra_op_threads=c.model.intra_op_threads,
+            swap=self.swap_model,
+            commands={
+                "recycle_session": lambda args: self.recycle_session(),
+                "publish_telemetry": lambda args: self.close_window(),
+            },
+        )
+
+    def swap_model(self, new: ServedModel) -> ServedModel:
+        """Serve ``new`` from the next batch on; return the old model (the caller closes it)."""
+        old = self.model
+        self._model = new
+        self._inference = AdaptiveRunner(new.predict, self._pool)
+        log.info("now serving %s release %d", new.name, new.release)
+        for session in self._sessions:
+            self._publish_status(session)
+        return old
+
     async def recycle_session(self) -> bool:
         """Load the model into a fresh inference session and swap it in between two batches.
 
@@ -634,6 +674,8 @@ class EdgeNode:
             inputs = np.stack([p.frame.tensor for p in batch])
             pred = await self._infer(inputs)
         except Exception as exc:  # a runtime failure must not stop the node
+            if self.updates is not None:
+                self.updates.observe(None, count=len(batch), latency_s=0.0)
             self.stats.inference_errors += 1
             log.exception("inference failed on a batch of %d", len(batch))
             for p in batch:
@@ -641,6 +683,9 @@ class EdgeNode:
             self._finish(batch)
             return
         now = time.monotonic()
+        if self.updates is not None:
+            oldest = min(p.ticket.message.received_at for p in batch)
+            self.updates.observe(pred, count=len(batch), latency_s=now - oldest)
         results: list[Result] = []
         answered: list[tuple[str, str]] = []
         served: list[_Pending] = []

@@ -222,6 +222,15 @@ def watch(
     raise typer.Exit(0 if count is None or seen >= count else 1)
 
 
+from edgewise.cmd_cmd import cmd_app  # noqa: E402 - the subcommands import nothing from here
+from edgewise.keys_cmd import keys_app  # noqa: E402
+from edgewise.model_cmd import model_app  # noqa: E402
+
+app.add_typer(keys_app, name="keys")
+app.add_typer(model_app, name="model")
+app.add_typer(cmd_app, name="cmd")
+
+
 def main() -> None:
     try:
         app()

@@ -1,0 +1,676 @@
+"""The node's updater: signed keys, manifests and commands in; verified models swapped in.
+
+``UpdateManager`` is an async context manager the node enters beside its other resources. It
+owns one MQTT session of its own (clean, so the broker resends the retained key set and
+manifest on every connect: the manifest is desired state, not an event) and two loops in one
+TaskGroup: keys + manifests, and commands. It talks to the node through three things only:
+
+* :meth:`boot` (before the node loads its model): finish or abandon what a crash interrupted
+  and load the model the persisted state says is active (``None``: the configured model);
+* ``swap(new) -> old``: the node serves ``new`` from its next batch; the manager keeps ``old``
+  warm until probation ends (an instant rollback), then closes it;
+* :meth:`observe`: the node's per-batch outcome, the probation window's evidence.
+
+The update state machine (persisted, see :mod:`edge_node.updates.state`)::
+
+    idle ─▶ downloading ─▶ verified ─▶ validating ─▶ swapping ═▶ probation ─▶ committed
+              │               │            │            │           └─▶ rolled_back
+              └───────────────┴────────────┴────────────┴─▶ rejected (reason)
+
+``═▶`` is the one atomic write that activates (state.json); a crash before it leaves the old
+model active and the update is reported ``abandoned`` (the retained manifest then restarts it,
+the download resuming from its chunks); a crash after it, during probation, is a failed
+probation: the node boots the previous model and reports ``rolled_back``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from edge_node.errors import ModelLoadError
+from edge_node.model import Prediction, ServedModel
+from edge_node.updates.config import UpdatesConfig
+from edge_node.updates.download import ChunkDownload
+from edge_node.updates.errors import StateError, StepFailed
+from edge_node.updates.files import fsync_dir, sha256_file
+from edge_node.updates.probation import ProbationWindow
+from edge_node.updates.state import (
+    Installed,
+    NodeState,
+    Pending,
+    Probation,
+    Seen,
+    StateStore,
+    Step,
+)
+from edge_node.updates.validate import validate
+from mqtt_session import ConnectInfo, Inbound, MqttConfig, MqttSession
+from releases import (
+    TRUST_DEPENDENT,
+    KeySet,
+    Manifest,
+    Reason,
+    Rejected,
+    UpdateEvent,
+    decode_document,
+    decode_envelope,
+    encode_event,
+    envelope_id,
+    verify_command,
+    verify_key_set,
+    verify_manifest,
+)
+from releases.events import EventKind
+from schemas import Topics, new_id
+
+log = logging.getLogger(__name__)
+
+Swap = Callable[[ServedModel], ServedModel]
+TRANSIENT = frozenset({Reason.DOWNLOAD_TIMEOUT, Reason.STORAGE_ERROR})
+CommandHandler = Callable[[Mapping[str, str]], object]
+
+
+@dataclass(slots=True)
+class UpdateStats:
+    manifests_verified: int = 0
+    manifests_skipped: int = 0
+    """Seen again (retained, on every connect) and already judged: not verified again."""
+
+
+class UpdateManager:
+    def __init__(
+        self,
+        config: UpdatesConfig,
+        *,
+        node_id: str,
+        hw_class: str,
+        mqtt: MqttConfig,
+        topics: Topics,
+        state_dir: Path,
+        model_name: str,
+        model_release: int,
+        model_path: Path,
+        providers: tuple[str, ...] = ("CPUExecutionProvider",),
+        intra_op_threads: int = 1,
+        swap: Swap | None = None,
+        commands: Mapping[str, CommandHandler] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        root = config.root_key_bytes()
+        if root is None:
+            raise ValueError("updates.root_key is not set: the node has no root key to trust")
+        # Own sessions need their own client ids, whatever mqtt.client_id says.
+        mqtt = mqtt.model_copy(update={"client_id": ""})
+        self.config = config
+        self.node_id = node_id
+        self.hw_class = hw_class
+        self.topics = topics
+        self._mqtt = mqtt
+        self._root = root
+        self._model_name = model_name
+        self._model_release = model_release
+        self._model_path = model_path
+        self._providers = providers
+        self._threads = intra_op_threads
+        self.swap = swap
+        self.commands: dict[str, CommandHandler] = dict(commands or {})
+        self._clock = clock
+        self.store = StateStore(state_dir)
+        self._keys: KeySet | None = None
+        self._state = NodeState()
+        self._seen = Seen()
+        self._manifests: dict[str, bytes] = {}
+        self._key_payload: bytes | None = None
+        self._wake = asyncio.Event()
+        self._command_queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=100)
+        self._handled: set[str] = set()
+        self._transient: set[str] = set()
+        """Refused for a passing cause (a timeout, the disk): tried again after a reconnect."""
+        self._events: collections.deque[tuple[str, bytes]] = collections.deque(maxlen=256)
+        self._probation: ProbationWindow | None = None
+        self._stack: contextlib.AsyncExitStack | None = None
+        self.session = MqttSession(
+            mqtt,
+            client_id=f"edgewise-node-{node_id}-updates",
+            on_message=self._on_message,
+            on_connect=self._on_connect,
+            manual_ack=False,
+            persistent=False,
+        )
+        self.stats = UpdateStats()
+        self.state_changes: list[str] = []
+        """Every event kind this run reported, in order (for tests and `describe`)."""
+        self.busy = False
+
+    # ------------------------------------------------------------------ boot (sync, before serving)
+    @property
+    def floor(self) -> int:
+        held = self._state.floor.get(self._model_name, 0)
+        return max(held, self._model_release)
+
+    @property
+    def active(self) -> Installed | None:
+        return self._state.active
+
+    def boot(self) -> ServedModel | None:
+        """Recover from whatever a crash interrupted; load the active artifact (None: serve the
+        configured model). Raises :class:`StateError` if the state directory is unusable."""
+        store = self.store
+        store.open()
+        self._keys = self._load_keys()
+        self._state = store.state()
+        self._seen = store.seen()
+        state = self._state
+        if state.probation is not None:
+            failed = state.active
+            self._event(
+                "rolled_back",
+                release=state.probation.release,
+                reason=Reason.CRASHED_IN_PROBATION,
+                detail="the node stopped during probation; back on the previous model",
+                ref=state.probation.manifest_id,
+                running=state.previous.release if state.previous else self._model_release,
+            )
+            self._remember_rejection(state.probation.manifest_id, Reason.CRASHED_IN_PROBATION)
+            self._set_state(
+                NodeState(active=state.previous, previous=None, floor=state.floor, probation=None)
+            )
+            log.warning(
+                "update to release %s interrupted in probation: rolled back",
+                failed and failed.release,
+            )
+        pending = store.pending()
+        if pending is not None:
+            self._event(
+                "abandoned",
+                release=pending.release,
+                detail=f"interrupted at step {pending.step}; the retained manifest restarts it",
+                ref=pending.manifest_id,
+            )
+            store.save_pending(None)
+        self._prune()
+        return self._load_active()
+
+    def _load_keys(self) -> KeySet | None:
+        data = self.store.key_set_bytes()
+        if data is None:
+            return None
+        try:
+            # Stored only after verification; checked again against the root (not the clock:
+            # expiry is judged when the keys are used).
+            verify_key_set(data, root_public=self._root, held=None, now=0.0)
+            return decode_document(decode_envelope(data), KeySet)
+        except Rejected as exc:
+            log.error("the stored key set does not verify (%s): holding none", exc)
+            return None
+
+    def _load_active(self) -> ServedModel | None:
+        active = self._state.active
+        while active is not None:
+            path = self.store.artifact_path(active.sha256)
+            try:
+                if sha256_file(path) != active.sha256:
+                    raise ModelLoadError(f"{path} does not hash to {active.sha256[:16]}…")
+                return ServedModel.load(
+                    str(path),
+                    name=active.name,
+                    release=active.release,
+                    output=active.output_kind,
+                    providers=self._providers,
+                    intra_op_threads=self._threads,
+                )
+            except (OSError, ModelLoadError) as exc:
+                previous = self._state.previous
+                log.error("active release %d unusable (%s): falling back", active.release, exc)
+                self._event(
+                    "rolled_back",
+                    release=active.release,
+                    reason=Reason.LOAD_FAILED,
+                    detail=str(exc)[:1000],
+                    ref=active.manifest_id,
+                    running=previous.release if previous else self._model_release,
+                )
+                self._set_state(NodeState(active=previous, previous=None, floor=self._state.floor))
+                active = previous
+        return None
+
+    # ------------------------------------------------------------------ lifecycle
+    async def __aenter__(self) -> Self:
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(self.session)
+            t = self.topics
+            self.session.subscribe(t.fleet_keys(), qos=1)
+            self.session.subscribe(t.fleet_model(self.hw_class, self._model_name), qos=1)
+            self.session.subscribe(t.cmd(self.node_id), qos=1)
+            self.session.subscribe(t.fleet_cmd(self.hw_class), qos=1)
+            tasks = await stack.enter_async_context(asyncio.TaskGroup())
+            loops = [
+                tasks.create_task(self._manifest_loop(), name="updates-manifests"),
+                tasks.create_task(self._command_loop(), name="updates-commands"),
+            ]
+            stack.callback(lambda: [x.cancel() for x in loops])
+            self._stack = stack.pop_all()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._stack is not None:
+            await self._stack.__aexit__(None, None, None)
+
+    # ------------------------------------------------------------------ inbound
+    def _on_message(self, msg: Inbound) -> None:
+        t = self.topics
+        if msg.topic == t.fleet_keys():
+            self._key_payload = msg.payload
+            self._wake.set()
+        elif msg.topic in (t.cmd(self.node_id), t.fleet_cmd(self.hw_class)):
+            if msg.retain:
+                return  # commands are events: a retained one would run on every connect
+            try:
+                self._command_queue.put_nowait(msg.payload)
+            except asyncio.QueueFull:
+                log.warning("command queue full: dropped a command")
+        else:
+            self._manifests[msg.topic] = msg.payload
+            self._wake.set()
+
+    async def _on_connect(self, info: ConnectInfo) -> None:
+        self._transient.clear()
+        self._flush_events()
+
+    # ------------------------------------------------------------------ events
+    def _event(
+        self,
+        kind: EventKind,
+        *,
+        release: int | None = None,
+        reason: Reason | None = None,
+        detail: str = "",
+        ref: str | None = None,
+        running: int | None = None,
+    ) -> None:
+        if running is None:
+            running = self._state.active.release if self._state.active else self._model_release
+        event = UpdateEvent(
+            id=new_id(),
+            node=self.node_id,
+            ts=self._clock(),
+            kind=kind,
+            model=self._model_name,
+            release=release,
+            running_release=running,
+            reason=reason.value if reason else None,
+            detail=detail[:1024],
+            ref=ref,
+        )
+        self.state_changes.append(kind if reason is None else f"{kind}:{reason.value}")
+        log.info("update event %s release=%s reason=%s %s", kind, release, reason, detail)
+        self._events.append((self.topics.events(self.node_id), encode_event(event)))
+        self._flush_events()
+
+    def _flush_events(self) -> None:
+        while self._events and self.session.connected:
+            topic, payload = self._events[0]
+            fut = self.session.publish_nowait(topic, payload, qos=1, retain=True)
+            if fut.done() and fut.exception() is not None:
+                return  # not connected after all: kept for the next connect
+            self._events.popleft()
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    # ------------------------------------------------------------------ state
+    def _set_state(self, state: NodeState) -> None:
+        self.store.save_state(state)
+        self._state = state
+
+    def _set_pending(self, manifest_id: str, release: int, step: Step) -> None:
+        self.store.save_pending(
+            Pending(manifest_id=manifest_id, release=release, step=step, started_at=self._clock())
+        )
+
+    def _remember_rejection(self, manifest_id: str, reason: Reason) -> None:
+        version = self._keys.version if self._keys else 0
+        self._seen.rejected[manifest_id] = (reason.value, version)
+        try:
+            self.store.save_seen(self._seen, self._clock())
+        except StateError as exc:
+            log.error("cannot remember a rejection: %s", exc)
+
+    def _already_judged(self, manifest_id: str) -> bool:
+        if manifest_id in self._handled or manifest_id in self._transient:
+            return True
+        got = self._seen.rejected.get(manifest_id)
+        if got is None:
+            return False
+        reason, version = got
+        still = self._keys.version if self._keys else 0
+        return not (Reason(reason) in TRUST_DEPENDENT and version != still)
+
+    def _prune(self) -> None:
+        keep = {i.sha256 for i in (self._state.active, self._state.previous) if i is not None}
+        self.store.prune_artifacts(keep)
+
+    # ------------------------------------------------------------------ keys and manifests
+    async def _manifest_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            # The retained key set and manifest arrive together after a connect: let the burst
+            # land so a manifest is not judged against keys about to be replaced.
+            await asyncio.sleep(0.1)
+            self._wake.clear()
+            if self._key_payload is not None:
+                payload, self._key_payload = self._key_payload, None
+                self._handle_keys(payload)
+            for payload in list(self._manifests.values()):
+                if payload:
+                    await self._handle_manifest(payload)
+
+    def _handle_keys(self, payload: bytes) -> None:
+        if not payload:
+            return
+        try:
+            verdict = verify_key_set(
+                payload, root_public=self._root, held=self._keys, now=self._clock()
+            )
+        except Rejected as exc:
+            key = f"keys:{envelope_id(payload)}"
+            if key not in self._handled:
+                self._handled.add(key)
+                self._event("keys_rejected", reason=exc.reason, detail=exc.detail)
+            return
+        if verdict.status == "same":
+            return
+        try:
+            self.store.save_key_set(payload)
+        except StateError as exc:
+            log.error("cannot store the new key set: %s", exc)
+            return
+        self._keys = verdict.key_set
+        self._event("keys_updated", ref=str(verdict.key_set.version))
+
+    async def _handle_manifest(self, payload: bytes) -> None:
+        manifest_id = envelope_id(payload)
+        if self._already_judged(manifest_id):
+            self.stats.manifests_skipped += 1
+            return
+        self.stats.manifests_verified += 1
+        active = self._state.active
+        try:
+            verdict = verify_manifest(
+                payload,
+                keys=self._keys,
+                node_id=self.node_id,
+                hw_class=self.hw_class,
+                floor=self.floor,
+                installed_sha256=active.sha256 if active else self._config_sha256(),
+                now=self._clock(),
+            )
+            if verdict.status == "current":
+                self._handled.add(manifest_id)
+                return
+            if verdict.manifest.name != self._model_name:
+                raise Rejected(Reason.MALFORMED, f"model {verdict.manifest.name!r} on this topic")
+            if verdict.manifest.size > self.config.max_artifact_bytes:
+                raise Rejected(
+                    Reason.SIZE_EXCEEDED,
+                    f"{verdict.manifest.size} bytes > updates.max_artifact_bytes",
+                )
+        except Rejected as exc:
+            self._reject(manifest_id, None, exc.reason, exc.detail)
+            return
+        self._handled.add(manifest_id)
+        self.busy = True
+        try:
+            await self._apply(verdict.manifest, manifest_id)
+        except StepFailed as exc:
+            self.store.save_pending(None)
+            self._reject(manifest_id, verdict.manifest.release, exc.reason, exc.detail)
+        except StateError as exc:
+            self.store.save_pending(None)
+            self._reject(manifest_id, verdict.manifest.release, Reason.STORAGE_ERROR, str(exc))
+        finally:
+            self.busy = False
+
+    def _config_sha256(self) -> str | None:
+        try:
+            return sha256_file(self._model_path)
+        except OSError:
+            return None
+
+    def _reject(self, manifest_id: str, release: int | None, reason: Reason, detail: str) -> None:
+        self._handled.discard(manifest_id)
+        if reason in TRANSIENT:
+            self._transient.add(manifest_id)
+        else:
+            self._remember_rejection(manifest_id, reason)
+        self._event("rejected", release=release, reason=reason, detail=detail, ref=manifest_id)
+
+    async def _apply(self, m: Manifest, manifest_id: str) -> None:
+        store = self.store
+        self._set_pending(manifest_id, m.release, "downloading")
+        self._event("downloading", release=m.release, ref=manifest_id, detail=f"{m.size} bytes")
+        staged = store.staged_path(m.sha256)
+        local = store.artifact_path(m.sha256)
+        if local.exists() and await asyncio.to_thread(sha256_file, local) == m.sha256:
+            staged = local  # e.g. a rollback release pointing at the previous artifact
+        else:
+            download = ChunkDownload(
+                m,
+                mqtt=self._mqtt,
+                topics=self.topics,
+                client_id=f"edgewise-node-{self.node_id}-download",
+                partial_root=store.partial,
+                staged=staged,
+            )
+            try:
+                staged = await download.fetch(self.config.download_timeout_s)
+            except StepFailed as exc:
+                if exc.reason is not Reason.DOWNLOAD_TIMEOUT:
+                    download.discard()
+                raise
+            except OSError as exc:
+                raise StepFailed(Reason.STORAGE_ERROR, str(exc)) from None
+        self._set_pending(manifest_id, m.release, "verified")
+        self._event("verified", release=m.release, ref=manifest_id)
+        self._set_pending(manifest_id, m.release, "validating")
+        self._event("validating", release=m.release, ref=manifest_id)
+        try:
+            model = await asyncio.to_thread(
+                validate, staged, m, providers=self._providers, threads=self._threads
+            )
+        except StepFailed:
+            if staged != local:
+                staged.unlink(missing_ok=True)
+            raise
+        try:
+            self._set_pending(manifest_id, m.release, "swapping")
+            if staged != local:
+                await asyncio.to_thread(_move, staged, local)
+            # The model serves from the file it was validated from: reload from its final place
+            # only matters for `path` (recycling); the session itself is the validated one.
+            model.path = str(local)
+            new = Installed(
+                name=m.name,
+                release=m.release,
+                sha256=m.sha256,
+                output_kind=m.output_kind,
+                path=str(local),
+                manifest_id=manifest_id,
+            )
+            old_installed = self._state.active
+            activated = NodeState(
+                active=new,
+                previous=old_installed,
+                floor={**self._state.floor, m.name: m.release},
+                probation=Probation(
+                    manifest_id=manifest_id, release=m.release, started_at=self._clock()
+                ),
+            )
+            self._set_state(activated)  # the one atomic write that activates
+            store.save_pending(None)
+        except BaseException:
+            model.close()
+            raise
+        old_model = self._swap_in(model)
+        self._event("activated", release=m.release, ref=manifest_id)
+        await self._probation_window(m, manifest_id, model, old_model, old_installed)
+
+    def _swap_in(self, model: ServedModel) -> ServedModel | None:
+        if self.swap is None:
+            return None
+        return self.swap(model)
+
+    async def _probation_window(
+        self,
+        m: Manifest,
+        manifest_id: str,
+        model: ServedModel,
+        old_model: ServedModel | None,
+        old_installed: Installed | None,
+    ) -> None:
+        c = self.config
+        window = ProbationWindow(c)
+        self._probation = window
+        started = time.monotonic()
+        try:
+            while True:
+                await asyncio.sleep(min(0.2, max(0.01, c.probation_s / 10)))
+                elapsed = time.monotonic() - started
+                if window.enough and window.verdict() is not None:
+                    break  # failing already: no need to wait the window out
+                if elapsed >= c.probation_s and window.enough:
+                    break
+                if elapsed >= c.probation_max_s:
+                    break
+        finally:
+            self._probation = None
+        problem = window.verdict()
+        if problem is None:
+            self._set_state(
+                NodeState(
+                    active=self._state.active, previous=old_installed, floor=self._state.floor
+                )
+            )
+            self._prune()
+            if old_model is not None:
+                old_model.close()
+            self._event(
+                "committed",
+                release=m.release,
+                ref=manifest_id,
+                detail=f"{window.inferences} inferences in probation",
+            )
+            return
+        # Roll back: the previous session is still warm.
+        if old_model is not None:
+            self._swap_in(old_model)
+        model.close()
+        self._set_state(
+            NodeState(active=old_installed, previous=None, floor=self._state.floor, probation=None)
+        )
+        self._remember_rejection(manifest_id, Reason.PROBATION_FAILED)
+        self._prune()
+        self._event(
+            "rolled_back",
+            release=m.release,
+            reason=Reason.PROBATION_FAILED,
+            detail=problem,
+            ref=manifest_id,
+        )
+
+    # ------------------------------------------------------------------ probation feed
+    def observe(self, pred: Prediction | None, *, count: int, latency_s: float) -> None:
+        """One batch's outcome: ``pred`` None means the batch failed."""
+        window = self._probation
+        if window is None:
+            return
+        if pred is None:
+            window.observe(count=count, failed=count)
+            return
+        finite = pred.finite
+        bad = int(count - int(finite.sum()))
+        window.observe(
+            count=count,
+            non_finite=bad,
+            confidence_sum=float(pred.confidences[finite].sum()),
+            latency_s=latency_s,
+        )
+
+    # ------------------------------------------------------------------ commands
+    async def _command_loop(self) -> None:
+        while True:
+            payload = await self._command_queue.get()
+            await self._handle_command(payload)
+
+    async def _handle_command(self, payload: bytes) -> None:
+        now = self._clock()
+        try:
+            command = verify_command(
+                payload,
+                keys=self._keys,
+                node_id=self.node_id,
+                hw_class=self.hw_class,
+                seen_ids=set(self._seen.commands),
+                now=now,
+            )
+        except Rejected as exc:
+            self._event("command_rejected", reason=exc.reason, detail=exc.detail)
+            return
+        # Remembered before it runs: a crash mid-command must not make it run twice.
+        self._seen.commands[command.id] = command.expires_at
+        try:
+            self.store.save_seen(self._seen, now)
+        except StateError as exc:
+            self._event(
+                "command_rejected", reason=Reason.STORAGE_ERROR, detail=str(exc), ref=command.id
+            )
+            return
+        handler = self.commands.get(command.name)
+        if handler is None:
+            self._event(
+                "command_rejected",
+                reason=Reason.UNSUPPORTED_COMMAND,
+                detail=f"this node does not do {command.name}",
+                ref=command.id,
+            )
+            return
+        try:
+            outcome = handler(command.args)
+            if asyncio.iscoroutine(outcome):
+                outcome = await outcome
+        except Exception as exc:  # a handler's failure is the command's outcome, not ours
+            self._event(
+                "command_rejected",
+                reason=Reason.COMMAND_FAILED,
+                detail=f"{command.name}: {type(exc).__name__}: {exc}",
+                ref=command.id,
+            )
+            return
+        self._event("command_done", detail=f"{command.name}: {outcome}", ref=command.id)
+
+    def describe(self) -> dict[str, object]:
+        active = self._state.active
+        return {
+            "release": active.release if active else self._model_release,
+            "key_set_version": self._keys.version if self._keys else None,
+            "busy": self.busy,
+            "in_probation": self._probation is not None,
+        }
+
+
+def _move(src: Path, dst: Path) -> None:
+    os.replace(src, dst)
+    fsync_dir(dst.parent)

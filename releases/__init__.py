@@ -1,0 +1,78 @@
+"""Signed model releases, trusted keys and operator commands: the pure half of model updates.
+
+No sockets, files or clocks: bytes in, verdict out (the node's I/O lives in
+:mod:`edge_node.updates`, the operator's in ``edgewise keys|model|cmd``). See
+``docs/model-updates.md`` and ADR 0020 (signing and envelope) / 0021 (the node's update state
+machine).
+
+* :mod:`releases.wire`     the envelope, key set, manifest and command types (msgspec, capped)
+* :mod:`releases.signing`  Ed25519 keys, key ids, :func:`sign`
+* :mod:`releases.verify`   :func:`verify_key_set`, :func:`verify_manifest`, :func:`verify_command`
+* :mod:`releases.cohort`   which nodes a staged rollout reaches
+* :mod:`releases.reasons`  :class:`Reason`, one code per rejection
+* :mod:`releases.events`   :class:`UpdateEvent` on ``edge/{node}/events``
+* :mod:`releases.errors`   ``ReleaseError`` > ``Rejected`` | ``BadKey``
+"""
+
+from releases.cohort import cohort_point, in_cohort
+from releases.errors import BadKey, Rejected, ReleaseError
+from releases.events import EVENT_KINDS, UpdateEvent, decode_event, encode_event
+from releases.reasons import TRUST_DEPENDENT, Reason
+from releases.signing import envelope_id, generate, key_id, public_entry, sign
+from releases.verify import (
+    KeySetVerdict,
+    ManifestVerdict,
+    verify_command,
+    verify_key_set,
+    verify_manifest,
+)
+from releases.wire import (
+    DEFAULT_CHUNK_BYTES,
+    Command,
+    Envelope,
+    Golden,
+    KeySet,
+    Manifest,
+    PublicKey,
+    Target,
+    TensorDecl,
+    decode_document,
+    decode_envelope,
+    encode,
+)
+
+__all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "EVENT_KINDS",
+    "TRUST_DEPENDENT",
+    "BadKey",
+    "Command",
+    "Envelope",
+    "Golden",
+    "KeySet",
+    "KeySetVerdict",
+    "Manifest",
+    "ManifestVerdict",
+    "PublicKey",
+    "Reason",
+    "Rejected",
+    "ReleaseError",
+    "Target",
+    "TensorDecl",
+    "UpdateEvent",
+    "cohort_point",
+    "decode_document",
+    "decode_envelope",
+    "decode_event",
+    "encode",
+    "encode_event",
+    "envelope_id",
+    "generate",
+    "in_cohort",
+    "key_id",
+    "public_entry",
+    "sign",
+    "verify_command",
+    "verify_key_set",
+    "verify_manifest",
+]

@@ -1,0 +1,251 @@
+"""Updates in `edgewise node` as a real process: kill -9 at each update step, and a release
+published with nothing but `edgewise ... --out` files and `mosquitto_pub -r -f`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from local_broker import BrokerInfo, Message, MqttProbe
+from releases import decode_event, sign
+from releases.signing import public_pem
+from schemas import decode_results, decode_status
+from tests.nodeharness import frame_bytes
+from tests.updatekit import CLOUD_MODEL, HOLDOUT, Fleet, chunks, manifest, now
+
+pytestmark = pytest.mark.timeout(120)
+Start = Callable[..., subprocess.Popen[bytes]]
+
+
+@pytest.fixture
+def roots() -> dict[str, str]:
+    tag = uuid.uuid4().hex[:8]
+    return {"fleet": f"fleet-{tag}", "models": f"models-{tag}"}
+
+
+@pytest.fixture
+def start_node(
+    mosquitto: BrokerInfo, tmp_path: Path, roots: dict[str, str]
+) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(node_id: str, root_pub: Path, **extra: str) -> subprocess.Popen[bytes]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEWISE_")}
+        env.update(
+            EDGEWISE_NODE_ID=node_id,
+            EDGEWISE_HARDWARE_CLASS="cpu",
+            EDGEWISE_MQTT__HOST=mosquitto.host,
+            EDGEWISE_MQTT__PORT=str(mosquitto.port),
+            EDGEWISE_STORAGE__STATE_DIR=str(tmp_path / "state"),
+            EDGEWISE_TOPICS__FLEET_ROOT=roots["fleet"],
+            EDGEWISE_TOPICS__MODELS_ROOT=roots["models"],
+            EDGEWISE_UPDATES__ROOT_KEY=str(root_pub),
+            **extra,
+        )
+        log = open(tmp_path / f"{node_id}-{len(procs)}.log", "wb")  # noqa: SIM115 - closed with the process
+        p = subprocess.Popen(
+            [sys.executable, "-m", "edgewise.cli", "node"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        procs.append(p)
+        return p
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+
+
+def _event_kind(m: Message) -> str:
+    e = decode_event(m.payload)
+    return e.kind if e.reason is None else f"{e.kind}:{e.reason}"
+
+
+def _is_event(kind: str) -> Callable[[Message], bool]:
+    return lambda m: m.topic.endswith("/events") and not m.retain and _event_kind(m) == kind
+
+
+def _online(m: Message) -> bool:
+    return m.topic.endswith("/status") and decode_status(m.payload).state == "online"
+
+
+def _check_one_complete_model(state_dir: Path) -> int:
+    """The persisted state names at most one active artifact, complete and hashing right;
+    return its release (1: the configured model)."""
+    state_file = state_dir / "state.json"
+    if not state_file.exists():
+        return 1
+    state = json.loads(state_file.read_bytes())
+    assert state.get("probation") is None
+    active = state.get("active")
+    if active is None:
+        return 1
+    data = Path(active["path"]).read_bytes()
+    assert hashlib.sha256(data).hexdigest() == active["sha256"]
+    return int(active["release"])
+
+
+def _serves(probe: MqttProbe, sensor: MqttProbe, node_id: str, seq: int) -> int:
+    """Send a frame; return the release that answered it."""
+    sensor.publish("sensors/cam-1/digits", frame_bytes(seq, HOLDOUT.images[seq % 100]))
+
+    def answers(m: Message) -> bool:
+        if not m.topic.endswith("/results"):
+            return False
+        return any(r.frame_seq == seq for r in decode_results(m.payload).results)
+
+    (m,) = probe.wait_for(answers, 20)[-1:]
+    (r,) = [r for r in decode_results(m.payload).results if r.frame_seq == seq]
+    return r.release
+
+
+@pytest.mark.parametrize("step", ["downloading", "verified", "validating", "activated"])
+def test_kill_9_at_each_update_step(
+    step: str,
+    start_node: Start,
+    mqtt_probe: Callable[..., MqttProbe],
+    tmp_path: Path,
+    roots: dict[str, str],
+) -> None:
+    fleet = Fleet()
+    root_pub = tmp_path / "root.pub"
+    root_pub.write_bytes(public_pem(fleet.root))
+    node_id = f"kill-{uuid.uuid4().hex[:6]}"
+    in_probation = step == "activated"
+    settings = {
+        "EDGEWISE_UPDATES__PROBATION_S": "60" if in_probation else "0.5",
+        "EDGEWISE_UPDATES__PROBATION_MIN_INFERENCES": "1000000" if in_probation else "0",
+    }
+    probe = mqtt_probe()
+    probe.subscribe(f"edge/{node_id}/#")
+    operator = mqtt_probe()
+    proc = start_node(node_id, root_pub, **settings)
+    probe.wait_for(_online, 30)
+
+    m = manifest(CLOUD_MODEL, release=2, now=now())
+    parts = chunks(CLOUD_MODEL, m.chunk_bytes)
+    operator.publish(f"{roots['fleet']}/keys", fleet.signed_key_set(now=now()), retain=True)
+    first = 1 if step == "downloading" else len(parts)
+    for i in range(first):
+        operator.publish(f"{roots['models']}/{m.sha256}/{i}", parts[i], retain=True)
+    operator.publish(f"{roots['fleet']}/cpu/models/digits", sign(m, fleet.release), retain=True)
+    probe.wait_for(_is_event(step), 30)
+    if step == "downloading":
+        partial = tmp_path / "state" / f"{node_id}.updates" / "partial" / m.sha256
+        deadline = time.monotonic() + 10
+        while not (partial.exists() and any(partial.iterdir())):  # no message says so: poll
+            assert time.monotonic() < deadline, "the first chunk never reached the disk"
+            time.sleep(0.02)
+    proc.kill()  # SIGKILL
+    proc.wait(10)
+    probe.clear()
+
+    again = start_node(node_id, root_pub, **settings)
+    probe.wait_for(_online, 30)
+    if step == "downloading":
+        probe.wait_for(_is_event("abandoned"), 20)
+        for i in range(first, len(parts)):
+            operator.publish(f"{roots['models']}/{m.sha256}/{i}", parts[i], retain=True)
+    if in_probation:
+        probe.wait_for(_is_event("rolled_back:crashed_in_probation"), 20)
+        expected = 1
+    else:
+        # Wherever the kill landed before activation the update was abandoned and restarts
+        # from the retained manifest; had it landed after, probation would have rolled it back.
+        probe.wait_for(
+            lambda m: _is_event("committed")(m) or _is_event("rolled_back:crashed_in_probation")(m),
+            40,
+        )
+        expected = 2 if any(_is_event("committed")(x) for x in probe.messages) else 1
+    reports = [
+        _event_kind(x) for x in probe.messages if x.topic.endswith("/events") and not x.retain
+    ]
+    assert {"abandoned", "rolled_back:crashed_in_probation"} & set(reports), reports
+    state_dir = tmp_path / "state" / f"{node_id}.updates"
+    assert _check_one_complete_model(state_dir) == expected
+    sensor = mqtt_probe()
+    assert _serves(probe, sensor, node_id, 900) == expected
+    assert (
+        decode_status(
+            [x for x in probe.messages if x.topic.endswith("/status")][-1].payload
+        ).release
+        == expected
+    )
+    again.kill()
+    again.wait(10)
+
+
+def _cli(*args: str, cwd: Path) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "edgewise.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if not k.startswith("EDGEWISE_")},
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout + out.stderr
+
+
+def test_mosquitto_pub_from_out_files_end_to_end(
+    start_node: Start,
+    mqtt_probe: Callable[..., MqttProbe],
+    mosquitto: BrokerInfo,
+    tmp_path: Path,
+    roots: dict[str, str],
+) -> None:
+    pub = shutil.which("mosquitto_pub")
+    assert pub, "mosquitto-clients must be installed (./dev.sh test installs them)"
+    keys = tmp_path / "keys"
+    printed = _cli("keys", "init", "--out-dir", str(keys), cwd=tmp_path)
+    assert "PRIVATE" not in printed
+    assert (keys / "root.key").stat().st_mode & 0o777 == 0o600
+    model = tmp_path / "digits_cloud.onnx"
+    model.write_bytes(CLOUD_MODEL)
+    np_golden = tmp_path / "golden.npz"
+    import numpy as np
+
+    np.savez(np_golden, images=HOLDOUT.images[:100], labels=HOLDOUT.labels[:100])
+    _cli("keys", "publish-set", "-k", str(keys), "--out", str(tmp_path / "keyset.bin"),
+         "--fleet-root", roots["fleet"], cwd=tmp_path)  # fmt: skip
+    out_dir = tmp_path / "release"
+    _cli("model", "publish", str(model), "--name", "digits", "--release", "2", "--hw-class",
+         "cpu", "--golden", str(np_golden), "--min-agreement", "0.9", "-k", str(keys),
+         "--out", str(out_dir), "--chunk-kib", "64", "--fleet-root", roots["fleet"],
+         "--models-root", roots["models"], cwd=tmp_path)  # fmt: skip
+
+    node_id = f"plain-{uuid.uuid4().hex[:6]}"
+    probe = mqtt_probe()
+    probe.subscribe(f"edge/{node_id}/#")
+    start_node(node_id, keys / "root.pub", EDGEWISE_UPDATES__PROBATION_S="0.2",
+               EDGEWISE_UPDATES__PROBATION_MIN_INFERENCES="0")  # fmt: skip
+    probe.wait_for(_online, 30)
+    host, port = mosquitto.host, str(mosquitto.port)
+
+    def mosquitto_pub(topic: str, path: Path) -> None:
+        subprocess.run([pub, "-h", host, "-p", port, "-q", "1", "-r", "-t", topic, "-f", str(path)],
+                       check=True, timeout=10)  # fmt: skip
+
+    mosquitto_pub(f"{roots['fleet']}/keys", tmp_path / "keyset.bin")
+    # The script `--out` writes: mosquitto_pub -r -f for each chunk, then the manifest.
+    script = (out_dir / "publish.sh").read_text()
+    assert script.count("mosquitto_pub") == 4 + 1 and " -r " in script
+    subprocess.run(["sh", "publish.sh"], cwd=out_dir, check=True, timeout=30,
+                   env={**os.environ, "MQTT_HOST": host, "MQTT_PORT": port})  # fmt: skip
+    probe.wait_for(_is_event("committed"), 40)
+    sensor = mqtt_probe()
+    assert _serves(probe, sensor, node_id, 5) == 2
