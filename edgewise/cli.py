@@ -13,6 +13,8 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
+from edgewise import bridge_cmd as _bridge_cmd
+
 app = typer.Typer(
     name="edgewise",
     help="ML inference at the edge over MQTT.\n\n"
@@ -23,6 +25,7 @@ app = typer.Typer(
 )
 sensor_app = typer.Typer(help="Simulated sensors.", no_args_is_help=True)
 app.add_typer(sensor_app, name="sensor")
+app.command("bridge")(_bridge_cmd.bridge)
 
 err = Console(stderr=True)
 

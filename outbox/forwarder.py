@@ -52,9 +52,17 @@ class Forwarder:
         delete_batch: int = 256,
         delete_linger_s: float = 0.5,
         retry_s: float = 1.0,
+        max_rate_per_s: float | None = None,
     ) -> None:
         if window < 1 or delete_batch < 1:
             raise ValueError("window and delete_batch must be >= 1")
+        if max_rate_per_s is not None and max_rate_per_s <= 0:
+            raise ValueError("max_rate_per_s must be > 0 (or None for no cap)")
+        # Drain-rate cap: a token bucket holding at most a tenth of a second's worth (>= 1).
+        self._rate = max_rate_per_s
+        self._burst = 1.0 if max_rate_per_s is None else max(1.0, max_rate_per_s / 10)
+        self._tokens = self._burst
+        self._refilled = time.monotonic()
         self._outbox = outbox
         self._session = session
         self._window = window
@@ -91,13 +99,28 @@ class Forwarder:
             and self._serving == session.connection
             and session.connected
             and room >= len(records)
+            and self._tokens_now() >= len(records)
         ):
             self.kick()
             return
+        self._spend(len(records))
         for record in records:
             self._send(record)
         self._after = records[-1].id
         self._idle.clear()
+
+    def _tokens_now(self) -> float:
+        """Publishes the drain-rate cap allows now (infinite without a cap)."""
+        if self._rate is None:
+            return float("inf")
+        now = time.monotonic()
+        self._tokens = min(self._burst, self._tokens + (now - self._refilled) * self._rate)
+        self._refilled = now
+        return self._tokens
+
+    def _spend(self, n: int) -> None:
+        if self._rate is not None:
+            self._tokens -= n
 
     @property
     def in_flight(self) -> int:
@@ -135,11 +158,18 @@ class Forwarder:
             self._wake.clear()
             room = min(self._window, self._session.broker_receive_maximum) - len(self._in_flight)
             batch: list[Stored] = []
+            throttled_s: float | None = None
+            if room > 0 and not self._at_tail and self._rate is not None:
+                tokens = self._tokens_now()
+                if tokens < 1:
+                    throttled_s = (1 - tokens) / self._rate
+                room = min(room, int(tokens))
             if room > 0 and not self._at_tail:
                 kicks = self._kicks
                 read = await self._outbox.pending(room, after_id=self._after)
                 # offer() may have sent some of these while the read was under way.
                 batch = [r for r in read if r.id > self._after]
+                self._spend(len(batch))
                 for record in batch:
                     self._send(record)
                     self._after = record.id
@@ -155,10 +185,13 @@ class Forwarder:
                             await self._wake.wait()
                 continue
             if not batch:
-                if not self._in_flight:
+                if not self._in_flight and throttled_s is None:
                     self._idle.set()
+                wait_s = linger_left if self._done else None
+                if throttled_s is not None:
+                    wait_s = throttled_s if wait_s is None else min(wait_s, throttled_s)
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(linger_left if self._done else None):
+                    async with asyncio.timeout(wait_s):
                         await self._wake.wait()
 
     def _delete_linger_left(self) -> float:
