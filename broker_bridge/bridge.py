@@ -74,6 +74,9 @@ class Bridge:
         self.site: _LedgerSession
         self.cloud: _LedgerSession
         self.queue_corrupt: list[str] = []
+        self._said_offline = False
+        # Set once a side's subscriptions are in place and its status is published.
+        self._ready = {"site": asyncio.Event(), "cloud": asyncio.Event()}
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -92,6 +95,8 @@ class Bridge:
         tb: TracebackType | None,
     ) -> None:
         try:
+            if not self._said_offline and self._runners:
+                await self._say_offline([])
             for task in self._runners:
                 task.cancel()
             if self._tasks is not None:
@@ -197,13 +202,20 @@ class Bridge:
             assert lane.forwarder is not None
             with contextlib.suppress(OutboxError):
                 await asyncio.shield(lane.forwarder.flush())
-        payload = self._status_payload("offline", [] if finished else ["drain_timeout"])
+        await self._say_offline([] if finished else ["drain_timeout"])
+        return finished
+
+    async def _say_offline(self, reasons: list[str]) -> None:
+        """Publish ``offline`` (retained) to both brokers: a clean DISCONNECT drops the will."""
+        self._said_offline = True
+        payload = self._status_payload("offline", reasons)
         for session in (self.site, self.cloud):
             if session.connected:
                 with contextlib.suppress(MqttError, TimeoutError):
                     async with asyncio.timeout(2.0):
-                        await session.publish(self.status_topic, payload, qos=1, retain=True)
-        return finished
+                        await asyncio.shield(
+                            session.publish(self.status_topic, payload, qos=1, retain=True)
+                        )
 
     async def _drain_lanes(self) -> None:
         for lane in (self.up, self.down):
@@ -248,12 +260,20 @@ class Bridge:
         await session.publish(self.status_topic, payload, qos=1, retain=True)
         self._published_reasons[side] = tuple(reasons)
 
+    async def wait_ready(self, timeout_s: float | None = None) -> None:
+        """Wait until both sessions have connected once, subscribed and published a status."""
+        async with asyncio.timeout(timeout_s):
+            for event in self._ready.values():
+                await event.wait()
+
     async def _on_connect_site(self, info: ConnectInfo) -> None:
         await self._publish_status("site", self.site)
+        self._ready["site"].set()
         self._status_changed.set()  # the cloud side may have been told "site_down"
 
     async def _on_connect_cloud(self, info: ConnectInfo) -> None:
         await self._publish_status("cloud", self.cloud)
+        self._ready["cloud"].set()
         self._status_changed.set()
 
     async def _status_loop(self) -> None:
@@ -263,6 +283,8 @@ class Bridge:
                 async with asyncio.timeout(0.5):
                     await self._status_changed.wait()
             self._status_changed.clear()
+            if self._said_offline:
+                continue
             for side, session in (("site", self.site), ("cloud", self.cloud)):
                 if not session.connected:
                     self._published_reasons.pop(side, None)

@@ -3,7 +3,7 @@
 Pure: strings in, strings out. A rule's ``template`` has the same wildcards as its ``filter``,
 in the same order; each ``+`` of the template takes the level the filter's ``+`` matched, a
 final ``#`` takes what the filter's ``#`` matched (possibly nothing: ``fleet/#`` also matches
-``fleet``). ``{site}`` and ``{bridge}`` are replaced by configured names first.
+``fleet``). ``{site}`` and ``{bridge}`` are replaced by configured names first (in filters too).
 """
 
 from __future__ import annotations
@@ -94,6 +94,7 @@ def compile_rule(
     names: Mapping[str, str],
 ) -> CompiledRule:
     """Check that ``template`` fits ``filter`` and return the compiled rule (ValueError if not)."""
+    filter = substitute(filter, names)
     rendered = substitute(template if template is not None else filter, names)
     f_levels = tuple(filter.split("/"))
     t_levels = tuple(rendered.split("/"))

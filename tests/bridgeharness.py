@@ -83,7 +83,7 @@ def write_bridge_config(
         cloud_extra,
         "[queue]",
         f"dir = {toml_str(str(qdir))}",
-        "synchronous = \"NORMAL\"",
+        'synchronous = "NORMAL"',
         queue,
         "[forward]",
         forward,
@@ -162,6 +162,7 @@ class Got:
     payload: bytes
     retain: bool
     qos: int
+    at: float = 0.0  # time.monotonic() at arrival
 
 
 @dataclass
@@ -217,7 +218,9 @@ class Client:
 
     def _on_message(self, c: Any, u: Any, msg: paho.MQTTMessage) -> None:
         with self._cond:
-            self.messages.append(Got(msg.topic, bytes(msg.payload), bool(msg.retain), msg.qos))
+            self.messages.append(
+                Got(msg.topic, bytes(msg.payload), bool(msg.retain), msg.qos, time.monotonic())
+            )
             self._cond.notify_all()
 
     def _on_subscribe(self, c: Any, u: Any, mid: int, codes: Any, props: Any) -> None:
@@ -249,9 +252,7 @@ class Client:
                 kwargs["properties"] = props
         self.c.connect(self.broker.host, self.port or self.broker.port, 30, **kwargs)
         self.c.loop_start()
-        self.wait(
-            lambda: self.connack is not None or bool(self.disconnects), timeout_s, "CONNACK"
-        )
+        self.wait(lambda: self.connack is not None or bool(self.disconnects), timeout_s, "CONNACK")
         if expect_ok:
             assert self.connack is not None and not self.connack.is_failure, (
                 f"connect refused: {self.connack} {self.disconnects}"
