@@ -190,8 +190,10 @@ class Bridge:
     async def drain(self) -> bool:
         """SIGTERM: stop taking messages, queue (and ack) what was taken, forward what the far
         brokers will take within ``drain_timeout_s``, say ``offline``. True if all was sent."""
-        for session in (self.site, self.cloud):
-            session.pause_reading()
+        # Take nothing more: what arrives from now on is left unacknowledged, so the source
+        # broker keeps it for our persistent session. (Reading goes on: PUBACKs come that way.)
+        for lane in (self.up, self.down):
+            lane.close_intake()
         finished = True
         try:
             async with asyncio.timeout(self.config.drain_timeout_s):
@@ -211,11 +213,11 @@ class Bridge:
         payload = self._status_payload("offline", reasons)
         for session in (self.site, self.cloud):
             if session.connected:
+                fut = session.publish_nowait(self.status_topic, payload, qos=1, retain=True)
+                fut.add_done_callback(_retrieve)
                 with contextlib.suppress(MqttError, TimeoutError):
                     async with asyncio.timeout(2.0):
-                        await asyncio.shield(
-                            session.publish(self.status_topic, payload, qos=1, retain=True)
-                        )
+                        await asyncio.shield(fut)
 
     async def _drain_lanes(self) -> None:
         for lane in (self.up, self.down):
@@ -340,4 +342,10 @@ class Bridge:
                     # Fire and forget: a telemetry window lost with a connection is replaced by
                     # the next one (every count in it is cumulative).
                     fut = session.publish_nowait(self.telemetry_topic, payload, qos=0)
-                    fut.add_done_callback(lambda f: f.exception())
+                    fut.add_done_callback(_retrieve)
+
+
+def _retrieve(fut: asyncio.Future[None]) -> None:
+    """Mark a fire-and-forget publish's outcome as seen (no "never retrieved" noise)."""
+    if not fut.cancelled():
+        fut.exception()

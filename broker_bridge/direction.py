@@ -60,6 +60,7 @@ class Lane:
         self._max_pending = max_pending
         self._retry_s = retry_s
         self._intake: deque[Inbound] = deque()
+        self._closed = False
         self._wake = asyncio.Event()
         self._busy = False
         self._idle = asyncio.Event()
@@ -82,8 +83,15 @@ class Lane:
 
     # -- on the event loop, from the source session ------------------------------------------
 
+    def close_intake(self) -> None:
+        """Stop taking messages (shutdown): later ones stay unacknowledged at the source broker,
+        which delivers them again to our persistent session next time."""
+        self._closed = True
+
     def receive(self, message: Inbound) -> None:
         """The source session's message handler: queue it for the pump; pause reading if full."""
+        if self._closed:
+            return
         self.stats.received += 1
         self._intake.append(message)
         self._idle.clear()

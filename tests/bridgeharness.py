@@ -187,6 +187,7 @@ class Client:
         self.disconnects: list[Any] = []
         self._subacks: dict[int, list[Any]] = {}
         self._pubacks: set[int] = set()
+        self.payloads: set[bytes] = set()  # distinct payloads received (cheap to wait on)
         kwargs: dict[str, Any] = {"client_id": self.client_id, "protocol": self.protocol}
         if self.protocol != MQTTProtocolVersion.MQTTv5:
             kwargs["clean_session"] = self.clean
@@ -218,6 +219,7 @@ class Client:
 
     def _on_message(self, c: Any, u: Any, msg: paho.MQTTMessage) -> None:
         with self._cond:
+            self.payloads.add(bytes(msg.payload))
             self.messages.append(
                 Got(msg.topic, bytes(msg.payload), bool(msg.retain), msg.qos, time.monotonic())
             )
@@ -279,6 +281,10 @@ class Client:
         if wait and qos > 0:
             self.wait(lambda: info.mid in self._pubacks, 10.0, f"PUBACK {topic}")
         return info.mid
+
+    def wait_acked(self, n: int, timeout_s: float) -> None:
+        """Wait until ``n`` distinct publishes were acknowledged."""
+        self.wait(lambda: len(self._pubacks) >= n, timeout_s, f"{n} PUBACKs")
 
     def acked(self, mid: int) -> bool:
         with self._cond:
