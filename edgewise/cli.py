@@ -61,7 +61,9 @@ def _mqtt(url: str) -> Any:
         host, port = parse_broker_url(url)
     except ValueError as exc:
         _fail(str(exc))
-    return MqttConfig(host=host, port=port)
+    from edgewise.credentials import mqtt_credentials_from_env
+
+    return MqttConfig(host=host, port=port, **mqtt_credentials_from_env())
 
 
 @app.command()

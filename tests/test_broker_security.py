@@ -448,3 +448,112 @@ def test_bridge_config_error_never_echoes_a_password(tmp_path: Path) -> None:
     err = done.stderr.decode()
     assert "cloud_broker.password" in err and "site_broker.port" in err
     assert "(got 5)" not in err
+
+
+# -- the compose topology, as processes from the same configs ---------------------------------
+
+
+def test_compose_bridge_rules_fit_the_broker_acls_end_to_end(
+    brokers: Brokers, tmp_path: Path
+) -> None:
+    """compose/bridge/bridge.toml between brokers started from compose/mosquitto: results and
+    escalations go up, manifests, commands and replies come down, each principal with only its
+    own rights."""
+    import tomllib
+
+    from broker_bridge import Bridge, BridgeConfig
+
+    with (REPO / "compose" / "bridge" / "bridge.toml").open("rb") as f:
+        data = tomllib.load(f)
+    for side, broker, pw in (
+        ("site_broker", brokers.site, brokers.site_pw),
+        ("cloud_broker", brokers.cloud, brokers.cloud_pw),
+    ):
+        secret = tmp_path / f"{side}.password"
+        secret.write_text(pw["bridge"])
+        data[side].update(
+            host="localhost",
+            port=broker.tls_port,
+            password_file=str(secret),
+            tls_ca_file=str(brokers.pki.ca_cert),
+            reconnect_first_s=0.2,
+        )
+    data["queue"]["dir"] = str(tmp_path / "queues")
+    cfg = BridgeConfig.model_validate(data)
+
+    node = brokers.connected("site", "gw-1")
+    site_op = brokers.connected("site", "operator")
+    cloud_op = brokers.connected("cloud", "operator")
+    worker = brokers.connected("cloud", "worker-1", protocol=MQTTProtocolVersion.MQTTv5)
+    for f in ("edge/gw-1/reply", "fleet/#", "edge/gw-1/cmd"):
+        node.subscribe(f)
+    cloud_op.subscribe("sites/#")
+    worker.subscribe("$share/workers/cloud/escalations/+")
+
+    async def scenario() -> None:
+        async with Bridge(cfg) as bridge:
+            await bridge.wait_ready(20)
+            await asyncio.to_thread(node.publish, "edge/gw-1/results", b"result-1")
+            await asyncio.to_thread(node.publish, "cloud/escalations/digits", b"hard-case")
+            await asyncio.to_thread(cloud_op.wait_payload, b"result-1", 10)
+            await asyncio.to_thread(worker.wait_payload, b"hard-case", 10)
+            await asyncio.to_thread(worker.publish, "edge/gw-1/reply", b"verdict")
+            await asyncio.to_thread(
+                cloud_op.publish, "fleet/cam/models/digits", b"manifest", retain=True
+            )
+            await asyncio.to_thread(cloud_op.publish, "sites/s1/edge/gw-1/cmd", b"reboot")
+            for payload in (b"verdict", b"manifest", b"reboot"):
+                await asyncio.to_thread(node.wait_payload, payload, 10)
+            await asyncio.to_thread(cloud_op.publish, "fleet/cam/models/digits", b"", retain=True)
+            telemetry = bridge.telemetry()
+            assert telemetry.up.refused == telemetry.down.refused == 0
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        for c in (node, site_op, cloud_op, worker):
+            c.close()
+    got = next(m for m in cloud_op.snapshot() if m.payload == b"result-1")
+    assert got.topic == "sites/s1/edge/gw-1/results"
+
+
+def test_sensor_simulate_takes_its_credentials_from_the_environment(
+    brokers: Brokers, tmp_path: Path
+) -> None:
+    secret = tmp_path / "cam-1.password"
+    secret.write_text(brokers.site_pw["cam-1"])
+    observer = brokers.connected("site", "operator")
+    observer.subscribe("sensors/#")
+    env = {
+        **os.environ,
+        "EDGEWISE_MQTT__USERNAME": "cam-1",
+        "EDGEWISE_MQTT__PASSWORD_FILE": str(secret),
+    }
+    try:
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "edgewise.cli",
+                "sensor",
+                "simulate",
+                "--broker",
+                f"mqtt://127.0.0.1:{brokers.site.plain_port}",
+                "--device",
+                "cam-1",
+                "--count",
+                "3",
+                "--rate",
+                "50",
+            ],
+            capture_output=True,
+            cwd=REPO,
+            env=env,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr.decode()[-2000:]
+        observer.wait_count(3, 10)
+    finally:
+        observer.close()
+    assert {m.topic.split("/")[1] for m in observer.snapshot()} == {"cam-1"}
+    assert brokers.site_pw["cam-1"] not in done.stdout.decode() + done.stderr.decode()
