@@ -146,7 +146,11 @@ class BridgeConfig(BaseSettings):
         if self.site_broker.host == self.cloud_broker.host and (
             self.site_broker.port == self.cloud_broker.port
         ):
-            raise ValueError("site_broker and cloud_broker are the same broker")
+            raise ValueError(
+                "site_broker and cloud_broker are the same broker"
+                f" ({self.site_broker.host}:{self.site_broker.port}): set cloud_broker.host and"
+                " cloud_broker.port (a [cloud_broker] table without them means 127.0.0.1:1883)"
+            )
         return self
 
     @property
