@@ -4,8 +4,10 @@ errors that name the key, the CLI's exit status."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -199,3 +201,39 @@ def test_cli_help_answers() -> None:
     assert done.returncode == 0
     out = done.stdout.decode()
     assert "--config" in out and "SIGTERM" in out
+
+
+# -- docs/bridge.md stays true to the code ----------------------------------------------------
+
+BRIDGE_MD = (REPO / "docs" / "bridge.md").read_text()
+
+
+def test_every_setting_is_documented() -> None:
+    from broker_bridge import ForwardConfig, QueueConfig, RuleConfig
+
+    documented = set(re.findall(r"^\| `([a-z_]+)` \|", BRIDGE_MD, re.M))
+    for model in (BridgeConfig, QueueConfig, ForwardConfig, RuleConfig):
+        for name in model.model_fields:
+            if name in ("site_broker", "cloud_broker", "queue", "forward"):
+                assert f"[{name}]" in BRIDGE_MD  # a table: its keys are checked one by one
+                continue
+            assert name in documented, f"{model.__name__}.{name} missing from docs/bridge.md"
+
+
+def test_documented_defaults_match_the_code() -> None:
+    from broker_bridge import ForwardConfig, QueueConfig
+
+    rows = dict(re.findall(r"^\| `([a-z_]+)` \| ([^|]+) \|", BRIDGE_MD, re.M))
+    assert rows["window"].strip() == str(ForwardConfig().window)
+    assert rows["max_pending"].strip().replace(",", "") == str(ForwardConfig().max_pending)
+    assert rows["max_batch"].strip().replace(",", "") == str(ForwardConfig().max_batch)
+    assert rows["synchronous"].strip() == f"`{QueueConfig().synchronous}`"
+    assert rows["drain_timeout_s"].strip() == "10"
+    assert rows["echo_window_s"].strip() == "60"
+
+
+def test_the_example_config_loads(tmp_path: Path) -> None:
+    example = re.search(r"```toml\n(.*?)```", BRIDGE_MD, re.S)
+    assert example is not None
+    cfg = BridgeConfig.model_validate(tomllib.loads(example.group(1)))
+    assert cfg.compiled("up")[0].translate("edge/gw-1/results") == "sites/s1/edge/gw-1/results"
