@@ -147,6 +147,7 @@ class Bridge:
             client_id=f"{cfg.bridge_id}-site",
             on_message=self.up.receive,
             on_connect=self._on_connect_site,
+            resubscribe=True,  # the rules may have changed since the broker kept the session
             will=Will(self.status_topic, offline, qos=1, retain=True),
         )
         self.cloud = _LedgerSession(
@@ -154,6 +155,7 @@ class Bridge:
             client_id=f"{cfg.bridge_id}-cloud",
             on_message=self.down.receive,
             on_connect=self._on_connect_cloud,
+            resubscribe=True,
             will=Will(self.status_topic, offline, qos=1, retain=True),
         )
         for session in (self.site, self.cloud):

@@ -413,3 +413,28 @@ def test_status_says_uplink_down_on_the_site_and_telemetry_counts(
         pub.close()
 
     run(scenario)
+
+
+def test_a_rule_added_between_runs_takes_effect_on_a_kept_session(
+    tmp_path: Path, fresh_mosquitto: MosquittoProcess, cloud_mosquitto: MosquittoProcess
+) -> None:
+    """The brokers keep the bridge's sessions (and their old subscriptions) across its
+    restart; the new run subscribes again (MqttSession(resubscribe=True))."""
+    site, cloud = fresh_mosquitto, cloud_mosquitto
+    first = config(tmp_path, site, cloud, [UP_RESULTS])
+    second = config(tmp_path, site, cloud, [UP_RESULTS, UP_STATUS])
+
+    async def scenario() -> None:
+        async with Bridge(first) as bridge:
+            await bridge.wait_ready(10)
+        sub = connected(cloud)
+        sub.subscribe("sites/#")
+        pub = connected(site)
+        async with Bridge(second) as bridge:
+            await bridge.wait_ready(10)
+            pub.publish("edge/gw-1/status", b"new-rule")
+            await asyncio.to_thread(sub.wait_payload, b"new-rule", 10)
+        sub.close()
+        pub.close()
+
+    run(scenario)
