@@ -13,6 +13,8 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
+from edgewise import bridge_cmd as _bridge_cmd
+
 app = typer.Typer(
     name="edgewise",
     help="ML inference at the edge over MQTT.\n\n"
@@ -29,6 +31,7 @@ app.add_typer(fleet_app, name="fleet")
 from edgewise.worker_cmd import worker_app  # noqa: E402
 
 app.add_typer(worker_app, name="worker")
+app.command("bridge")(_bridge_cmd.bridge)
 
 err = Console(stderr=True)
 
@@ -64,7 +67,9 @@ def _mqtt(url: str) -> Any:
         host, port = parse_broker_url(url)
     except ValueError as exc:
         _fail(str(exc))
-    return MqttConfig(host=host, port=port)
+    from edgewise.credentials import mqtt_credentials_from_env
+
+    return MqttConfig(host=host, port=port, **mqtt_credentials_from_env())
 
 
 @app.command()

@@ -108,6 +108,11 @@ class MqttSession:
     retained status. ``keep_properties`` keeps each message's MQTT 5 properties on
     :attr:`Inbound.properties` (about 6 KB each in paho, so only for those who read them).
 
+    ``resubscribe`` sends every subscription again on the first connection even when the broker
+    kept the session: for a service whose filters come from a config that may have changed
+    since the session was made (the bridge). The broker then sends matching retained messages
+    again.
+
     :meth:`pause_reading` stops reading from the socket until :meth:`resume_reading`: the
     kernel's buffers fill and TCP makes the broker wait. That bounds what an application holds
     even where the broker does not honour our Receive Maximum (Mosquitto before 2.0.13).
@@ -124,6 +129,7 @@ class MqttSession:
         manual_ack: bool = True,
         persistent: bool = True,
         keep_properties: bool = False,
+        resubscribe: bool = False,
     ) -> None:
         self.config = config
         self.client_id = config.client_id or client_id
@@ -133,6 +139,7 @@ class MqttSession:
         self._manual_ack = manual_ack
         self._persistent = persistent
         self._keep_properties = keep_properties
+        self._resubscribe = resubscribe
         self._reading_paused = False
         self._protocol: Protocol = "3.1.1" if config.protocol == "3.1.1" else "5"
         self._protocol_on_trial = False
@@ -360,7 +367,7 @@ class MqttSession:
         await asyncio.sleep(delay)
 
     async def _after_connect(self, info: ConnectInfo) -> None:
-        if info.session_present and self.stats.connects == 1:
+        if info.session_present and self.stats.connects == 1 and not self._resubscribe:
             # A session kept from an earlier run holds the service's subscriptions (ADR 0002).
             self._unconfirmed.clear()
         subs = self._unconfirmed if info.session_present else self._subscriptions

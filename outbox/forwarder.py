@@ -77,7 +77,8 @@ class Forwarder:
     ``window`` caps the records in flight (further capped by the broker's Receive Maximum);
     ``drain_max_per_s`` caps how fast the backlog (what was stored before the current
     connection began) is sent, 0 for no cap; ``live_queue_max`` bounds offered records held in
-    memory while the window is full (beyond it they are read back from the outbox in order).
+    memory while the window is full (beyond it they are read back from the outbox in order);
+    ``max_rate_per_s`` caps everything sent, live records included (None: no cap).
     """
 
     def __init__(
@@ -87,6 +88,7 @@ class Forwarder:
         *,
         window: int = 256,
         drain_max_per_s: float = 0.0,
+        max_rate_per_s: float | None = None,
         live_queue_max: int = 4096,
         delete_batch: int = 256,
         delete_linger_s: float = 0.5,
@@ -96,6 +98,10 @@ class Forwarder:
             raise ValueError("window, delete_batch and live_queue_max must be >= 1")
         if drain_max_per_s < 0:
             raise ValueError("drain_max_per_s must be >= 0")
+        if max_rate_per_s is not None and max_rate_per_s <= 0:
+            raise ValueError("max_rate_per_s must be > 0 (or None for no cap)")
+        # A cap on everything sent, live or backlog (the bridge's rate limit).
+        self._total = _TokenBucket(max_rate_per_s or 0.0)
         self._outbox = outbox
         self._session = session
         self._window = window
@@ -145,10 +151,16 @@ class Forwarder:
             self.kick()  # too many waiting in memory: these come back through the reader
             return
         self._idle.clear()
-        if not self._live and not self._retry and self._room() >= len(records):
+        if (
+            not self._live
+            and not self._retry
+            and self._room() >= len(records)
+            and self._total.available() >= len(records)
+        ):
             for record in records:
                 self._claimed.add(record.id)
                 self._send(record, live=True)
+            self._total.take(len(records))
             return
         for record in records:
             self._claimed.add(record.id)
@@ -219,6 +231,10 @@ class Forwarder:
                 sent += await self._send_backlog()
                 if not self._at_tail and self._drain.available() < 1:
                     wait_s = self._drain.wait_s()
+            if (self._live or self._retry or not self._at_tail) and self._total.available() < 1:
+                wait_s = (
+                    self._total.wait_s() if wait_s is None else max(wait_s, self._total.wait_s())
+                )
             linger_left = self._delete_linger_left()
             if self._done and (len(self._done) >= self._delete_batch or linger_left <= 0):
                 if not await self._flush_deletes():
@@ -240,7 +256,8 @@ class Forwarder:
 
     def _send_live(self) -> int:
         sent = 0
-        while (self._retry or self._live) and self._room() > 0:
+        while (self._retry or self._live) and self._room() > 0 and self._total.available() > 0:
+            self._total.take(1)
             if self._retry:
                 record = self._retry.popleft()
                 self._send(record, live=record.id in self._claimed)
@@ -251,7 +268,12 @@ class Forwarder:
 
     async def _send_backlog(self) -> int:
         share = max(1, min(self._window, self._session.broker_receive_maximum) // 2)
-        want = min(self._room(), share - self._backlog_in_flight, self._drain.available())
+        want = min(
+            self._room(),
+            share - self._backlog_in_flight,
+            self._drain.available(),
+            self._total.available(),
+        )
         if want <= 0:
             return 0
         kicks = self._kicks
@@ -268,6 +290,7 @@ class Forwarder:
                 continue
             self._send(record, live=False)
             self._drain.take(1)
+            self._total.take(1)
             sent += 1
         if len(read) < want and kicks == self._kicks:
             self._at_tail = True

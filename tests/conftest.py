@@ -6,6 +6,8 @@
   (read its log; do not stop it).
 * ``fresh_mosquitto`` (function) -> a started :class:`MosquittoProcess` of the test's own
   (own port, own dir), free to ``kill()``/``restart()``.
+* ``cloud_mosquitto`` / ``persistent_cloud_mosquitto`` (function) -> a second broker of the
+  test's own (plain, or keeping sessions across restarts): the bridge tests' far side.
 * ``embedded_broker`` (function) -> :class:`BrokerInfo` of an in-process amqtt broker
   (MQTT 3.1.1 only) running on its own thread and loop.
 * ``mqtt_probe`` (function) -> factory ``mqtt_probe(broker=None, **kwargs)`` returning a
@@ -84,6 +86,33 @@ def persistent_mosquitto(tmp_path: Path) -> Iterator[MosquittoProcess]:
     """A started Mosquitto of the test's own that keeps sessions across ``restart()``."""
     _require_mosquitto()
     workdir = tmp_path / "persistent-mosquitto"
+    proc = MosquittoProcess(
+        workdir, extra_config=f"persistence true\npersistence_location {workdir}/\n"
+    )
+    try:
+        proc.start()
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def cloud_mosquitto(tmp_path: Path) -> Iterator[MosquittoProcess]:
+    """A second started Mosquitto of the test's own (the bridge tests' far broker)."""
+    _require_mosquitto()
+    proc = MosquittoProcess(tmp_path / "cloud-mosquitto")
+    try:
+        proc.start()
+        yield proc
+    finally:
+        proc.kill()
+
+
+@pytest.fixture
+def persistent_cloud_mosquitto(tmp_path: Path) -> Iterator[MosquittoProcess]:
+    """A second Mosquitto of the test's own that keeps sessions across ``stop()``/``start()``."""
+    _require_mosquitto()
+    workdir = tmp_path / "persistent-cloud-mosquitto"
     proc = MosquittoProcess(
         workdir, extra_config=f"persistence true\npersistence_location {workdir}/\n"
     )

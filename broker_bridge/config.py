@@ -1,0 +1,221 @@
+"""The bridge's settings: typed, frozen, from a TOML file and ``EDGEWISE_*`` variables.
+
+Precedence, highest first: explicit overrides, environment variables (``__`` separates nested
+keys: ``EDGEWISE_CLOUD_BROKER__PASSWORD``, ``EDGEWISE_QUEUE__DIR``), the TOML file, defaults.
+An invalid or unknown key fails at start with a message naming it. Credentials come from
+``password_file`` or the environment, never from the command line (docs/security.md).
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+    TomlConfigSettingsSource,
+)
+
+from broker_bridge.errors import ConfigError
+from broker_bridge.rules import CompiledRule, Direction, compile_rule
+from mqtt_session import MqttConfig
+from outbox.config import MIN_MAX_BYTES
+from schemas import ContractError, validate_filter, validate_level
+
+_FROZEN = ConfigDict(frozen=True, extra="forbid")
+
+
+def _level(v: str) -> str:
+    try:
+        return validate_level(v)
+    except ContractError as exc:
+        raise ValueError(exc.detail) from None
+
+
+class RuleConfig(BaseModel):
+    """One forwarding rule: ``filter`` on the source side, ``template`` on the other."""
+
+    model_config = _FROZEN
+
+    direction: Direction
+    filter: str = Field(description="topic filter subscribed on the source broker")
+    template: str | None = Field(
+        None, description="topic on the other broker; same wildcards as filter; default = filter"
+    )
+    qos: Literal[0, 1] = 1
+    retain: bool = Field(True, description="keep the retained flag across the bridge")
+
+    @field_validator("filter")
+    @classmethod
+    def _filter(cls, v: str) -> str:
+        try:
+            validate_filter(v)
+        except ContractError as exc:
+            raise ValueError(exc.detail) from None
+        if v.startswith("$share/"):
+            raise ValueError("a bridge rule cannot use a shared subscription ($share/...)")
+        return v
+
+
+class QueueConfig(BaseModel):
+    """Where the two durable queues live and how large each may grow (db + WAL on disk)."""
+
+    model_config = _FROZEN
+
+    dir: Path = Path("edgewise-bridge")
+    up_max_bytes: int = Field(256 * 1024 * 1024, ge=MIN_MAX_BYTES)
+    down_max_bytes: int = Field(64 * 1024 * 1024, ge=MIN_MAX_BYTES)
+    synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "FULL"
+
+
+class ForwardConfig(BaseModel):
+    """How fast and how many at once a queue is drained towards its far broker."""
+
+    model_config = _FROZEN
+
+    window: int = Field(
+        256, ge=1, le=65535, description="publishes in flight (also capped by Receive Maximum)"
+    )
+    max_rate_per_s: float = Field(
+        0.0, ge=0, description="drain rate cap per direction, messages/s; 0 = no cap"
+    )
+    max_batch: int = Field(1024, ge=1, description="received messages per queue transaction")
+    max_pending: int = Field(
+        4096, ge=1, description="received messages waiting for the queue before reading pauses"
+    )
+
+
+class BridgeConfig(BaseSettings):
+    """Everything a bridge needs; see docs/bridge.md for each key."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="EDGEWISE_",
+        env_nested_delimiter="__",
+        frozen=True,
+        extra="forbid",
+    )
+
+    bridge_id: str = Field(
+        default_factory=lambda: "bridge-" + (socket.gethostname().split(".")[0] or "site")
+    )
+    site: str = Field("site", description="this site's name: {site} in rule templates")
+    site_broker: MqttConfig = MqttConfig()
+    cloud_broker: MqttConfig = MqttConfig(port=1884)
+    rules: tuple[RuleConfig, ...] = Field(min_length=1)
+    queue: QueueConfig = QueueConfig()
+    forward: ForwardConfig = ForwardConfig()
+    status_topic: str = "bridges/{bridge}/status"
+    telemetry_topic: str = "bridges/{bridge}/telemetry"
+    telemetry_interval_s: float = Field(10.0, gt=0, le=3600)
+    max_payload_bytes: int = Field(
+        1024 * 1024, ge=1, le=256 * 1024 * 1024, description="larger messages are not forwarded"
+    )
+    echo_window_s: float = Field(
+        60.0, gt=0, description="how long an MQTT 3.1.1 publish is remembered to drop its echo"
+    )
+    echo_max_entries: int = Field(200_000, ge=1)
+    drain_timeout_s: float = Field(10.0, gt=0, le=600)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("bridge_id", "site")
+    @classmethod
+    def _names(cls, v: str) -> str:
+        return _level(v)
+
+    @field_validator("status_topic", "telemetry_topic")
+    @classmethod
+    def _own_topics(cls, v: str) -> str:
+        if "+" in v.split("/") or "#" in v.split("/"):
+            raise ValueError("must be a topic, not a filter")
+        return v
+
+    @model_validator(mode="after")
+    def _rules_compile(self) -> BridgeConfig:
+        for i, rule in enumerate(self.rules):
+            try:
+                compile_rule(
+                    rule.direction, rule.filter, rule.template, rule.qos, rule.retain, self.names
+                )
+            except ValueError as exc:
+                raise ValueError(f"rules[{i}] (filter {rule.filter!r}): {exc}") from None
+        if self.site_broker.host == self.cloud_broker.host and (
+            self.site_broker.port == self.cloud_broker.port
+        ):
+            raise ValueError(
+                "site_broker and cloud_broker are the same broker"
+                f" ({self.site_broker.host}:{self.site_broker.port}): set cloud_broker.host and"
+                " cloud_broker.port (a [cloud_broker] table without them means 127.0.0.1:1883)"
+            )
+        return self
+
+    @property
+    def names(self) -> dict[str, str]:
+        return {"site": self.site, "bridge": self.bridge_id}
+
+    def compiled(self, direction: Direction) -> list[CompiledRule]:
+        return [
+            compile_rule(r.direction, r.filter, r.template, r.qos, r.retain, self.names)
+            for r in self.rules
+            if r.direction == direction
+        ]
+
+    def own_topic(self, template: str) -> str:
+        return template.replace("{bridge}", self.bridge_id).replace("{site}", self.site)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    @classmethod
+    def load(cls, path: Path | str | None = None, **overrides: Any) -> BridgeConfig:
+        """Read settings; raise :class:`ConfigError` naming the bad key."""
+        source = "defaults and EDGEWISE_* variables"
+        target: type[BridgeConfig] = cls
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file {path} does not exist (pass --config PATH)")
+            source = f"{path} and EDGEWISE_* variables"
+            target = type(
+                cls.__name__, (cls,), {"model_config": {**cls.model_config, "toml_file": path}}
+            )
+        try:
+            config = target(**overrides)
+        except ValidationError as exc:
+            raise ConfigError(_explain(exc, source)) from None
+        except SettingsError as exc:
+            raise ConfigError(f"invalid configuration (from {source}): {exc}") from None
+        except (OSError, ValueError) as exc:  # unreadable or malformed TOML
+            raise ConfigError(f"cannot read config {path}: {exc}") from None
+        for side in ("site_broker", "cloud_broker"):
+            mqtt: MqttConfig = getattr(config, side)
+            if mqtt.password_file is not None and not mqtt.password_file.is_file():
+                raise ConfigError(
+                    f"invalid configuration (from {source}):\n  {side}.password_file: "
+                    f"{mqtt.password_file} does not exist"
+                )
+        return config
+
+
+def _explain(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration (from {source}):"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        given = err.get("input")
+        shown = "" if isinstance(given, dict | list | tuple) else f" (got {given!r})"
+        if "password" in key:
+            shown = ""  # never echo a credential
+        lines.append(f"  {key}: {err['msg']}{shown}")
+    return "\n".join(lines)

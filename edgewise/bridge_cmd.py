@@ -1,0 +1,53 @@
+"""``edgewise bridge``: forward between a site broker and a cloud broker (docs/bridge.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.markup import escape
+
+err = Console(stderr=True)
+
+
+def bridge(
+    config: Annotated[
+        Path,
+        typer.Option(
+            "--config",
+            "-c",
+            help="Bridge config (TOML): brokers, rules, queues. See docs/bridge.md.",
+        ),
+    ],
+) -> None:
+    """Run the site-to-cloud bridge: durable queues both ways, retained state kept, no echoes.
+
+    Settings come from --config, then EDGEWISE_* environment variables (nested keys joined with
+    `__`, e.g. EDGEWISE_CLOUD_BROKER__PASSWORD). Credentials: `password_file` in the config or
+    the environment, never a flag. SIGTERM drains the queues (up to drain_timeout_s) and exits 0.
+    """
+    from broker_bridge import BridgeConfig, BridgeError, run_bridge
+
+    try:
+        cfg = BridgeConfig.load(config)
+    except BridgeError as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    logging.basicConfig(
+        level=cfg.log_level,
+        format="%(message)s",
+        datefmt="%H:%M:%S",
+        handlers=[RichHandler(console=err, show_path=False, rich_tracebacks=False)],
+        force=True,
+    )
+    try:
+        code = asyncio.run(run_bridge(cfg))
+    except BridgeError as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    raise typer.Exit(code)

@@ -1,0 +1,207 @@
+"""Start a real Mosquitto from the shipped compose configs (compose/mosquitto/{site,cloud}), with
+certificates made here (``cryptography``) and a password file made by ``mosquitto_passwd``.
+
+Only what cannot be the same outside a container changes: paths under ``/mosquitto/`` move to a
+temporary directory, and the listeners 1883 (plain) and 8883 (TLS) move to free loopback ports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import ipaddress
+import os
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from local_broker import BrokerInfo, mosquitto_path
+from local_broker.info import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+COMPOSE_MOSQUITTO = REPO / "compose" / "mosquitto"
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def make_ca(dir: Path, cn: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(_name(cn))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    path = dir / f"{cn}.crt"
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return key, cert, path
+
+
+def make_pki(dir: Path, *, hosts: tuple[str, ...] = ("localhost", "127.0.0.1")) -> Pki:
+    """A CA and a server certificate it signed, valid for ``hosts`` (names and IPs)."""
+    dir.mkdir(parents=True, exist_ok=True)
+    ca_key, ca_cert, ca_path = make_ca(dir, "edgewise-test-ca")
+    key = ec.generate_private_key(ec.SECP256R1())
+    sans: list[x509.GeneralName] = []
+    for h in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(h)))
+        except ValueError:
+            sans.append(x509.DNSName(h))
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(hosts[0]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    server_cert = dir / "server.crt"
+    server_key = dir / "server.key"
+    server_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    server_key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    os.chmod(server_key, 0o600)
+    return Pki(ca_path, server_cert, server_key)
+
+
+def write_passwords(path: Path, passwords: dict[str, str]) -> None:
+    """A mosquitto password file (hashed by mosquitto_passwd itself)."""
+    tool = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+    path.write_text("")
+    for user, password in passwords.items():
+        subprocess.run([tool, "-b", str(path), user, password], check=True, capture_output=True)
+    os.chmod(path, 0o600)
+
+
+class SecureBroker:
+    """A mosquitto from ``compose/mosquitto/{role}/mosquitto.conf`` on ``plain``/``tls`` ports."""
+
+    def __init__(self, role: str, root: Path, passwords: dict[str, str], pki: Pki) -> None:
+        self.role, self.root, self.pki = role, root, pki
+        self.passwords = passwords
+        self.plain_port = free_port()
+        self.tls_port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        for sub in ("config", "secrets", "certs", "data"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        shutil.copytree(
+            COMPOSE_MOSQUITTO / "conf.d", root / "config" / "conf.d", dirs_exist_ok=True
+        )
+        shutil.copyfile(COMPOSE_MOSQUITTO / role / "acl", root / "config" / "acl")
+        for src, name in (
+            (pki.ca_cert, "ca.crt"),
+            (pki.server_cert, "server.crt"),
+            (pki.server_key, "server.key"),
+        ):
+            shutil.copyfile(src, root / "certs" / name)
+        write_passwords(root / "secrets" / f"{role}.passwd", passwords)
+        text = (COMPOSE_MOSQUITTO / role / "mosquitto.conf").read_text()
+        text = text.replace("/mosquitto/", f"{root}/")
+        text, n1 = re.subn(
+            r"^listener 1883$", f"listener {self.plain_port} 127.0.0.1", text, flags=re.M
+        )
+        text, n2 = re.subn(
+            r"^listener 8883$", f"listener {self.tls_port} 127.0.0.1", text, flags=re.M
+        )
+        assert n1 == n2 == 1, "the compose config must have listeners 1883 and 8883"
+        if os.geteuid() == 0:
+            text += "\nuser root\n"
+        self.config = root / "mosquitto.conf"
+        self.config.write_text(text)
+        self.log = root / "mosquitto.log"
+
+    @property
+    def plain(self) -> BrokerInfo:
+        return BrokerInfo(host="127.0.0.1", port=self.plain_port, kind="mosquitto")
+
+    @property
+    def tls(self) -> BrokerInfo:
+        return BrokerInfo(host="127.0.0.1", port=self.tls_port, kind="mosquitto")
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        binary = mosquitto_path()
+        assert binary is not None, "mosquitto not installed"
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [binary, "-c", str(self.config)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=self.root,
+            )
+        deadline = time.monotonic() + timeout_s
+        import socket
+
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mosquitto exited: {self.log.read_text()[-2000:]}")
+            ok = 0
+            for port in (self.plain_port, self.tls_port):
+                with (
+                    contextlib.suppress(OSError),
+                    socket.create_connection(("127.0.0.1", port), 0.2),
+                ):
+                    ok += 1
+            if ok == 2:
+                return
+            time.sleep(0.05)  # polling a port that is not open yet: there is no event to wait on
+        raise RuntimeError(f"mosquitto did not listen in time: {self.log.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")

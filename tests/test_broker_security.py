@@ -1,0 +1,559 @@
+"""Broker security, proven against real Mosquitto brokers started from the shipped configs
+(compose/mosquitto/{site,cloud}: mosquitto.conf + acl): no anonymous access, per-principal
+credentials, ACLs per role, TLS with certificates made here.
+
+How a denial is proven: Mosquitto 2.0.11 answers an ACL-denied QoS 1 publish from an MQTT
+3.1.1 client with a PUBACK and drops it, so the PUBACK proves nothing. An operator (full rights)
+subscribed to ``#`` must not receive the forbidden message: the attacker then publishes an
+allowed control message on the same connection, and once the operator has that control (same
+connection, so ordered after the attack) the forbidden one can no longer arrive. Retained state
+is checked unchanged afterwards with a fresh subscription.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import ssl
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from paho.mqtt.enums import MQTTProtocolVersion
+
+from mqtt_session import MqttConfig, MqttSession
+from tests.bridgeharness import REPO, Client
+from tests.securebroker import Pki, SecureBroker, make_ca, make_pki
+
+SITE_USERS = ("cam-1", "cam-2", "gw-1", "gw-2", "bridge", "operator")
+CLOUD_USERS = ("bridge", "worker-1", "worker-2", "operator")
+
+
+class Brokers:
+    def __init__(self, root: Path) -> None:
+        self.pki: Pki = make_pki(root / "pki")
+        self.site_pw = {u: secrets.token_urlsafe(12) for u in SITE_USERS}
+        self.cloud_pw = {u: secrets.token_urlsafe(12) for u in CLOUD_USERS}
+        self.site = SecureBroker("site", root / "site", self.site_pw, self.pki)
+        self.cloud = SecureBroker("cloud", root / "cloud", self.cloud_pw, self.pki)
+
+    def client(self, side: str, user: str | None, *, tls: bool = False, **kw: object) -> Client:
+        broker = self.site if side == "site" else self.cloud
+        pw = self.site_pw if side == "site" else self.cloud_pw
+        c = Client(
+            broker.tls if tls else broker.plain,
+            username=user,
+            password=pw.get(user or "", None) if user else None,
+            tls_ca=self.pki.ca_cert if tls else None,
+            protocol=kw.pop("protocol", MQTTProtocolVersion.MQTTv311),  # type: ignore[arg-type]
+            **kw,  # type: ignore[arg-type]
+        )
+        return c
+
+    def connected(self, side: str, user: str, **kw: object) -> Client:
+        c = self.client(side, user, **kw)
+        c.connect()
+        return c
+
+
+@pytest.fixture(scope="module")
+def brokers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Brokers]:
+    b = Brokers(tmp_path_factory.mktemp("secure"))
+    b.site.start()
+    b.cloud.start()
+    try:
+        yield b
+    finally:
+        b.site.stop()
+        b.cloud.stop()
+
+
+def assert_denied(
+    brokers: Brokers,
+    side: str,
+    attacker: str,
+    topic: str,
+    control_topic: str,
+    *,
+    retain: bool = False,
+) -> None:
+    """``attacker`` publishes to ``topic``: the operator must not get it (see module doc)."""
+    observer = brokers.connected(side, "operator")
+    observer.subscribe("#")
+    attack = brokers.connected(side, attacker)
+    try:
+        forbidden = b"forbidden-" + secrets.token_hex(6).encode()
+        control = b"control-" + secrets.token_hex(6).encode()
+        attack.publish(topic, forbidden, retain=retain)
+        attack.publish(control_topic, control)
+        observer.wait_payload(control, 10)
+        assert forbidden not in observer.payloads, f"{attacker} could publish to {topic}"
+    finally:
+        attack.close()
+        observer.close()
+
+
+def retained_under(
+    brokers: Brokers, side: str, topic_filter: str, end_topic: str
+) -> dict[str, bytes]:
+    c = brokers.connected(side, "operator")
+    try:
+        c.subscribe(topic_filter)
+        end = b"end-" + secrets.token_hex(4).encode()
+        c.publish(end_topic, end)
+        c.wait_payload(end, 10)
+        out: dict[str, bytes] = {}
+        for m in c.snapshot():
+            if m.payload == end:
+                break
+            if m.retain:
+                out[m.topic] = m.payload
+        return out
+    finally:
+        c.close()
+
+
+# -- who may connect --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("side", ["site", "cloud"])
+@pytest.mark.parametrize("tls", [False, True])
+def test_anonymous_client_refused(brokers: Brokers, side: str, tls: bool) -> None:
+    c = brokers.client(side, None, tls=tls)
+    try:
+        rc = c.connect(expect_ok=False)
+        assert rc is not None and rc.is_failure, rc
+        assert "Not authorized" in str(rc) or "not authorised" in str(rc).lower() or rc.value == 5
+    finally:
+        c.close()
+
+
+def test_wrong_password_refused(brokers: Brokers) -> None:
+    c = Client(brokers.site.plain, username="gw-1", password="not-the-password")
+    try:
+        rc = c.connect(expect_ok=False)
+        assert rc is not None and rc.is_failure, rc
+    finally:
+        c.close()
+
+
+def test_client_id_cannot_take_over_another_principals_session(brokers: Brokers) -> None:
+    victim = brokers.connected("site", "gw-2", client_id="gw-2")
+    intruder = brokers.client("site", "gw-1", client_id="gw-2")  # gw-1 claims gw-2's client id
+    try:
+        intruder.connect()
+        # The broker named the intruder's session after its username: the victim stays connected.
+        assert_denied(brokers, "site", "gw-1", "edge/gw-2/results", "edge/gw-1/results")
+        victim.publish("edge/gw-2/status", b"still here")
+        assert victim.disconnects == []
+    finally:
+        intruder.close()
+        victim.close()
+
+
+# -- sensors ----------------------------------------------------------------------------------
+
+
+def test_sensor_publishing_a_model_manifest_denied(brokers: Brokers) -> None:
+    before = retained_under(brokers, "site", "fleet/#", "fleet/zz-end")
+    assert_denied(
+        brokers, "site", "cam-1", "fleet/cam/models/digits", "sensors/cam-1/digits", retain=True
+    )
+    assert_denied(brokers, "site", "cam-1", "models/" + "0" * 64 + "/0", "sensors/cam-1/digits")
+    assert retained_under(brokers, "site", "fleet/#", "fleet/zz-end") == before
+
+
+def test_sensor_impersonating_another_sensor_denied(brokers: Brokers) -> None:
+    assert_denied(brokers, "site", "cam-1", "sensors/cam-2/digits", "sensors/cam-1/digits")
+
+
+def test_sensor_impersonating_a_node_denied(brokers: Brokers) -> None:
+    assert_denied(brokers, "site", "cam-1", "edge/cam-1/results", "sensors/cam-1/digits")
+    assert_denied(brokers, "site", "cam-1", "edge/gw-1/results", "sensors/cam-1/digits")
+
+
+def assert_not_delivered(
+    brokers: Brokers, side: str, reader: str, topic: str, control_topic: str
+) -> None:
+    """``reader`` subscribed to ``topic`` must not receive what the operator publishes there.
+
+    Mosquitto 2.0.11 grants the SUBSCRIBE and enforces read rights per message, so the proof is
+    delivery: the operator publishes to ``topic``, then to ``control_topic`` (which ``reader``
+    may read); once the control arrives, the earlier message can no longer arrive.
+    """
+    c = brokers.connected(side, reader)
+    op = brokers.connected(side, "operator")
+    try:
+        c.subscribe(topic)
+        c.subscribe(control_topic)
+        forbidden = b"secret-" + secrets.token_hex(6).encode()
+        control = b"control-" + secrets.token_hex(6).encode()
+        op.publish(topic, forbidden)
+        op.publish(control_topic, control)
+        c.wait_payload(control, 10)
+        assert forbidden not in c.payloads, f"{reader} could read {topic}"
+    finally:
+        c.close()
+        op.close()
+
+
+def test_sensor_reading_fleet_commands_denied(brokers: Brokers) -> None:
+    assert_not_delivered(brokers, "site", "cam-1", "fleet/cam/cmd", "sensors/cam-1/ctl")
+    assert_not_delivered(brokers, "site", "cam-1", "sensors/cam-2/digits", "sensors/cam-1/ctl")
+
+
+# -- nodes ------------------------------------------------------------------------------------
+
+
+def test_node_impersonating_another_node_denied(brokers: Brokers) -> None:
+    for topic in ("edge/gw-2/results", "edge/gw-2/status", "edge/gw-2/cmd"):
+        assert_denied(brokers, "site", "gw-1", topic, "edge/gw-1/results")
+
+
+def test_node_publishing_fleet_or_models_denied(brokers: Brokers) -> None:
+    assert_denied(
+        brokers, "site", "gw-1", "fleet/cam/models/digits", "edge/gw-1/events", retain=True
+    )
+    assert_denied(brokers, "site", "gw-1", "fleet/cam/cmd", "edge/gw-1/events")
+    assert_denied(brokers, "site", "gw-1", "models/abc/0", "edge/gw-1/events", retain=True)
+
+
+def test_node_posing_as_a_sensor_denied(brokers: Brokers) -> None:
+    assert_denied(brokers, "site", "gw-1", "sensors/gw-1/digits", "edge/gw-1/results")
+
+
+def test_node_reads_its_sensors_commands_and_fleet(brokers: Brokers) -> None:
+    node = brokers.connected("site", "gw-1")
+    op = brokers.connected("site", "operator")
+    try:
+        for f in ("sensors/+/+", "edge/gw-1/cmd", "edge/gw-1/reply", "fleet/#", "models/#"):
+            assert node.subscribe(f) < 0x80, f
+        sensor = brokers.connected("site", "cam-1")
+        sensor.publish("sensors/cam-1/digits", b"frame")
+        sensor.close()
+        op.publish("edge/gw-1/cmd", b"cmd")
+        op.publish("fleet/cam/models/digits", b"manifest", retain=True)
+        for p in (b"frame", b"cmd", b"manifest"):
+            node.wait_payload(p, 10)
+        op.publish("fleet/cam/models/digits", b"", retain=True)
+    finally:
+        node.close()
+        op.close()
+
+
+def test_node_reading_another_nodes_commands_denied(brokers: Brokers) -> None:
+    assert_not_delivered(brokers, "site", "gw-1", "edge/gw-2/cmd", "edge/gw-1/cmd")
+    assert_not_delivered(brokers, "site", "gw-1", "edge/gw-2/reply", "edge/gw-1/cmd")
+
+
+# -- workers, bridge, operator on the cloud broker --------------------------------------------
+
+
+def test_worker_publishing_anything_but_replies_denied(brokers: Brokers) -> None:
+    for topic in (
+        "fleet/cam/models/digits",
+        "models/abc/0",
+        "sites/s1/edge/gw-1/results",
+        "cloud/escalations/digits",
+        "bridges/bridge/status",
+    ):
+        assert_denied(brokers, "cloud", "worker-1", topic, "edge/gw-1/reply")
+
+
+def test_worker_takes_escalations_by_shared_subscription(brokers: Brokers) -> None:
+    w = brokers.connected("cloud", "worker-1", protocol=MQTTProtocolVersion.MQTTv5)
+    br = brokers.connected("cloud", "bridge")
+    try:
+        assert w.subscribe("$share/workers/cloud/escalations/+") < 0x80
+        br.publish("cloud/escalations/digits", b"case")
+        w.wait_payload(b"case", 10)
+    finally:
+        w.close()
+        br.close()
+
+
+def test_worker_reading_site_results_denied(brokers: Brokers) -> None:
+    assert_not_delivered(
+        brokers, "cloud", "worker-1", "sites/s1/edge/gw-1/results", "cloud/escalations/digits"
+    )
+
+
+def test_only_the_operator_publishes_fleet_and_models_on_the_cloud(brokers: Brokers) -> None:
+    assert_denied(
+        brokers,
+        "cloud",
+        "bridge",
+        "fleet/cam/models/digits",
+        "sites/s1/edge/gw-1/results",
+        retain=True,
+    )
+    assert_denied(
+        brokers, "cloud", "bridge", "models/abc/0", "sites/s1/edge/gw-1/results", retain=True
+    )
+    op = brokers.connected("cloud", "operator")
+    try:
+        op.publish("fleet/cam/models/digits", b"signed-manifest", retain=True)
+    finally:
+        op.close()  # one connection per principal: the client id is the username
+    state = retained_under(brokers, "cloud", "fleet/#", "fleet/zz-end")
+    assert state == {"fleet/cam/models/digits": b"signed-manifest"}
+    op = brokers.connected("cloud", "operator")
+    try:
+        op.publish("fleet/cam/models/digits", b"", retain=True)
+    finally:
+        op.close()
+
+
+# -- TLS --------------------------------------------------------------------------------------
+
+
+def test_tls_client_verifying_the_broker_connects(brokers: Brokers) -> None:
+    c = brokers.connected("site", "gw-1", tls=True)
+    try:
+        c.publish("edge/gw-1/results", b"over tls")
+    finally:
+        c.close()
+
+
+def test_broker_with_a_certificate_from_another_ca_rejected(
+    brokers: Brokers, tmp_path: Path
+) -> None:
+    _, _, rogue_ca = make_ca(tmp_path, "rogue-ca")
+    c = Client(brokers.site.tls, username="gw-1", password=brokers.site_pw["gw-1"], tls_ca=rogue_ca)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        c.connect()
+    c.close()
+
+
+def test_mqtt_session_over_tls_with_password_file(brokers: Brokers, tmp_path: Path) -> None:
+    pw = tmp_path / "gw-1.password"
+    pw.write_text(brokers.site_pw["gw-1"] + "\n")
+    cfg = MqttConfig(
+        host="localhost",
+        port=brokers.site.tls_port,
+        username="gw-1",
+        password_file=pw,
+        tls_ca_file=brokers.pki.ca_cert,
+        protocol="5",
+    )
+
+    async def scenario() -> None:
+        async with MqttSession(cfg, client_id="gw-1") as s:
+            await s.wait_connected(10)
+            await s.publish("edge/gw-1/results", b"session over tls")
+
+    observer = brokers.connected("site", "operator")
+    observer.subscribe("edge/#")
+    try:
+        asyncio.run(scenario())
+        observer.wait_payload(b"session over tls", 10)
+    finally:
+        observer.close()
+
+
+# -- the bridge with its credentials ----------------------------------------------------------
+
+
+def bridge_toml(brokers: Brokers, tmp_path: Path) -> Path:
+    site_pw = tmp_path / "site.password"
+    site_pw.write_text(brokers.site_pw["bridge"])
+    os.chmod(site_pw, 0o600)
+    path = tmp_path / "bridge.toml"
+    path.write_text(
+        f"""bridge_id = "bridge"
+site = "s1"
+[site_broker]
+host = "localhost"
+port = {brokers.site.tls_port}
+username = "bridge"
+password_file = "{site_pw}"
+tls_ca_file = "{brokers.pki.ca_cert}"
+[cloud_broker]
+host = "localhost"
+port = {brokers.cloud.tls_port}
+username = "bridge"
+tls_ca_file = "{brokers.pki.ca_cert}"
+[queue]
+dir = "{tmp_path / "queues"}"
+[[rules]]
+direction = "up"
+filter = "edge/+/results"
+template = "sites/{{site}}/edge/+/results"
+[[rules]]
+direction = "down"
+filter = "fleet/#"
+"""
+    )
+    return path
+
+
+def test_bridge_forwards_over_tls_with_credentials_from_file_and_env_never_logged(
+    brokers: Brokers, tmp_path: Path
+) -> None:
+    path = bridge_toml(brokers, tmp_path)
+    secret = brokers.cloud_pw["bridge"]
+    log = tmp_path / "bridge.log"
+    env = {**os.environ, "EDGEWISE_CLOUD_BROKER__PASSWORD": secret, "EDGEWISE_LOG_LEVEL": "DEBUG"}
+    cloud_obs = brokers.connected("cloud", "operator")
+    cloud_obs.subscribe("sites/#")
+    site_obs = brokers.connected("site", "operator")
+    site_obs.subscribe("fleet/#")
+    node = brokers.connected("site", "gw-1")
+    op = cloud_obs  # one connection per principal: the client id is the username
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edgewise.cli", "bridge", "--config", str(path)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env=env,
+        )
+    try:
+        for attempt in range(60):
+            node.publish("edge/gw-1/results", b"r-%d" % attempt)
+            try:
+                cloud_obs.wait_payload(b"r-%d" % attempt, 0.5)
+                break
+            except AssertionError:
+                continue
+        else:
+            raise AssertionError("nothing crossed\n" + log.read_text())
+        op.publish("fleet/cam/cmd", b"signed-cmd")
+        site_obs.wait_payload(b"signed-cmd", 10)
+        proc.terminate()
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for c in (cloud_obs, site_obs, node):
+            c.close()
+    text = log.read_text()
+    assert secret not in text and brokers.site_pw["bridge"] not in text
+    assert secret not in " ".join(proc.args)  # type: ignore[arg-type]
+
+
+def test_bridge_config_error_never_echoes_a_password(tmp_path: Path) -> None:
+    path = tmp_path / "bridge.toml"
+    path.write_text('[[rules]]\ndirection = "up"\nfilter = "a/#"\n[cloud_broker]\npassword = 5\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "edgewise.cli", "bridge", "--config", str(path)],
+        capture_output=True,
+        cwd=REPO,
+        env={**os.environ, "EDGEWISE_SITE_BROKER__PORT": "x"},
+    )
+    assert done.returncode == 2
+    err = done.stderr.decode()
+    assert "cloud_broker.password" in err and "site_broker.port" in err
+    assert "(got 5)" not in err
+
+
+# -- the compose topology, as processes from the same configs ---------------------------------
+
+
+def test_compose_bridge_rules_fit_the_broker_acls_end_to_end(
+    brokers: Brokers, tmp_path: Path
+) -> None:
+    """compose/bridge/bridge.toml between brokers started from compose/mosquitto: results and
+    escalations go up, manifests, commands and replies come down, each principal with only its
+    own rights."""
+    import tomllib
+
+    from broker_bridge import Bridge, BridgeConfig
+
+    with (REPO / "compose" / "bridge" / "bridge.toml").open("rb") as f:
+        data = tomllib.load(f)
+    for side, broker, pw in (
+        ("site_broker", brokers.site, brokers.site_pw),
+        ("cloud_broker", brokers.cloud, brokers.cloud_pw),
+    ):
+        secret = tmp_path / f"{side}.password"
+        secret.write_text(pw["bridge"])
+        data[side].update(
+            host="localhost",
+            port=broker.tls_port,
+            password_file=str(secret),
+            tls_ca_file=str(brokers.pki.ca_cert),
+            reconnect_first_s=0.2,
+        )
+    data["queue"]["dir"] = str(tmp_path / "queues")
+    cfg = BridgeConfig.model_validate(data)
+
+    node = brokers.connected("site", "gw-1")
+    site_op = brokers.connected("site", "operator")
+    cloud_op = brokers.connected("cloud", "operator")
+    worker = brokers.connected("cloud", "worker-1", protocol=MQTTProtocolVersion.MQTTv5)
+    for f in ("edge/gw-1/reply", "fleet/#", "edge/gw-1/cmd"):
+        node.subscribe(f)
+    cloud_op.subscribe("sites/#")
+    worker.subscribe("$share/workers/cloud/escalations/+")
+
+    async def scenario() -> None:
+        async with Bridge(cfg) as bridge:
+            await bridge.wait_ready(20)
+            await asyncio.to_thread(node.publish, "edge/gw-1/results", b"result-1")
+            await asyncio.to_thread(node.publish, "cloud/escalations/digits", b"hard-case")
+            await asyncio.to_thread(cloud_op.wait_payload, b"result-1", 10)
+            await asyncio.to_thread(worker.wait_payload, b"hard-case", 10)
+            await asyncio.to_thread(worker.publish, "edge/gw-1/reply", b"verdict")
+            await asyncio.to_thread(
+                cloud_op.publish, "fleet/cam/models/digits", b"manifest", retain=True
+            )
+            await asyncio.to_thread(cloud_op.publish, "sites/s1/edge/gw-1/cmd", b"reboot")
+            for payload in (b"verdict", b"manifest", b"reboot"):
+                await asyncio.to_thread(node.wait_payload, payload, 10)
+            await asyncio.to_thread(cloud_op.publish, "fleet/cam/models/digits", b"", retain=True)
+            telemetry = bridge.telemetry()
+            assert telemetry.up.refused == telemetry.down.refused == 0
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        for c in (node, site_op, cloud_op, worker):
+            c.close()
+    got = next(m for m in cloud_op.snapshot() if m.payload == b"result-1")
+    assert got.topic == "sites/s1/edge/gw-1/results"
+
+
+def test_sensor_simulate_takes_its_credentials_from_the_environment(
+    brokers: Brokers, tmp_path: Path
+) -> None:
+    secret = tmp_path / "cam-1.password"
+    secret.write_text(brokers.site_pw["cam-1"])
+    observer = brokers.connected("site", "operator")
+    observer.subscribe("sensors/#")
+    env = {
+        **os.environ,
+        "EDGEWISE_MQTT__USERNAME": "cam-1",
+        "EDGEWISE_MQTT__PASSWORD_FILE": str(secret),
+    }
+    try:
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "edgewise.cli",
+                "sensor",
+                "simulate",
+                "--broker",
+                f"mqtt://127.0.0.1:{brokers.site.plain_port}",
+                "--device",
+                "cam-1",
+                "--count",
+                "3",
+                "--rate",
+                "50",
+            ],
+            capture_output=True,
+            cwd=REPO,
+            env=env,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr.decode()[-2000:]
+        observer.wait_count(3, 10)
+    finally:
+        observer.close()
+    assert {m.topic.split("/")[1] for m in observer.snapshot()} == {"cam-1"}
+    assert brokers.site_pw["cam-1"] not in done.stdout.decode() + done.stderr.decode()
