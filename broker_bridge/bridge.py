@@ -166,8 +166,13 @@ class Bridge:
         await self._stack.enter_async_context(self.site)
         await self._stack.enter_async_context(self.cloud)
         rate = fwd.max_rate_per_s or None
-        up_fwd = Forwarder(up_q, self.cloud, window=fwd.window, max_rate_per_s=rate)
-        down_fwd = Forwarder(down_q, self.site, window=fwd.window, max_rate_per_s=rate)
+        # Strict order per direction (live_first=False): the bridge promises order per topic.
+        up_fwd = Forwarder(
+            up_q, self.cloud, window=fwd.window, max_rate_per_s=rate, live_first=False
+        )
+        down_fwd = Forwarder(
+            down_q, self.site, window=fwd.window, max_rate_per_s=rate, live_first=False
+        )
         self.up.attach(self.site, self.cloud, up_fwd, self.site.ledger)
         self.down.attach(self.cloud, self.site, down_fwd, self.cloud.ledger)
         self._tasks = asyncio.TaskGroup()

@@ -79,6 +79,9 @@ class Forwarder:
     connection began) is sent, 0 for no cap; ``live_queue_max`` bounds offered records held in
     memory while the window is full (beyond it they are read back from the outbox in order);
     ``max_rate_per_s`` caps everything sent, live records included (None: no cap).
+    ``live_first=False`` keeps strict id order instead (the bridge promises order per topic):
+    offered records go out at once only when nothing older waits, and the whole window is
+    the backlog's.
     """
 
     def __init__(
@@ -89,6 +92,7 @@ class Forwarder:
         window: int = 256,
         drain_max_per_s: float = 0.0,
         max_rate_per_s: float | None = None,
+        live_first: bool = True,
         live_queue_max: int = 4096,
         delete_batch: int = 256,
         delete_linger_s: float = 0.5,
@@ -102,6 +106,7 @@ class Forwarder:
             raise ValueError("max_rate_per_s must be > 0 (or None for no cap)")
         # A cap on everything sent, live or backlog (the bridge's rate limit).
         self._total = _TokenBucket(max_rate_per_s or 0.0)
+        self._live_first = live_first
         self._outbox = outbox
         self._session = session
         self._window = window
@@ -147,6 +152,9 @@ class Forwarder:
         if not (self._serving and self._serving == session.connection and session.connected):
             self.kick()  # read back in order once a connection is being served
             return
+        if not self._live_first:
+            self._offer_in_order(records)
+            return
         if len(self._live) + len(records) > self._live_queue_max:
             self.kick()  # too many waiting in memory: these come back through the reader
             return
@@ -166,6 +174,22 @@ class Forwarder:
             self._claimed.add(record.id)
             self._live.append(record)
         self._wake.set()
+
+    def _offer_in_order(self, records: list[Stored]) -> None:
+        n = len(records)
+        if (
+            self._at_tail
+            and records[0].id == self._after + 1
+            and self._room() >= n
+            and self._total.available() >= n
+        ):
+            for record in records:
+                self._send(record, live=False)
+            self._after = records[-1].id
+            self._total.take(n)
+            self._idle.clear()
+        else:
+            self.kick()
 
     @property
     def in_flight(self) -> int:
@@ -267,7 +291,8 @@ class Forwarder:
         return sent
 
     async def _send_backlog(self) -> int:
-        share = max(1, min(self._window, self._session.broker_receive_maximum) // 2)
+        window = min(self._window, self._session.broker_receive_maximum)
+        share = max(1, window // 2) if self._live_first else window
         want = min(
             self._room(),
             share - self._backlog_in_flight,

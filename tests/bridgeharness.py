@@ -138,9 +138,22 @@ class BridgeProcess:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=10)
 
+    def wait_started(self, timeout_s: float = 20.0) -> None:
+        """Until this start's log says the bridge runs (its SIGTERM handler is in place then)."""
+        marker = f"--- start {self.starts} ---"
+        deadline = time.monotonic() + timeout_s
+        while self.proc is not None and self.proc.poll() is None:
+            text = self.log_text()
+            if "up rule(s)" in text[text.rfind(marker) :]:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError("bridge did not start\n" + text[-3000:])
+            time.sleep(0.05)
+
     def terminate(self, timeout_s: float = 20.0) -> int:
         assert self.proc is not None
         if self.proc.poll() is None:
+            self.wait_started()
             self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout=timeout_s)
 
