@@ -215,7 +215,8 @@ def test_cloud_reply_in_time_then_repeat_input_is_cloud_cached(
         async with Worker(worker_config(mosquitto, tmp_path)), _escalator(mosquitto, finals) as esc:
             decided = await esc.escalate([_case(i) for i in range(n)])
             assert decided == []
-            assert esc.pending + len(finals.got) == n
+            # A case leaves `pending` before its final is handed over: never counted twice.
+            assert esc.pending + len(finals.got) <= n
             await finals.wait_for(n)
             await esc.wait_settled()
             assert {f.result.source for f in finals.got} == {"cloud"}
