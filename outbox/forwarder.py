@@ -165,9 +165,13 @@ class Forwarder:
             and self._room() >= len(records)
             and self._total.available() >= len(records)
         ):
+            in_line = self._at_tail and records[0].id == self._after + 1
             for record in records:
-                self._claimed.add(record.id)
+                if not in_line:
+                    self._claimed.add(record.id)
                 self._send(record, live=True)
+            if in_line:  # nothing older waits: move the reader past them, claim nothing
+                self._after = records[-1].id
             self._total.take(len(records))
             return
         for record in records:
