@@ -470,19 +470,13 @@ class EdgeNode:
             self._set_reason("latency_slo", p99 is not None and p99 > slo_ms)
         payload = encode_telemetry(self._telemetry_message())
         self.stats.telemetry_windows += 1
-        record = Record("telemetry", self._telemetry_topic, payload)
-        try:
-            (record_id,) = await self.outbox.append([record])
-        except Exception as exc:  # a full disk shows here even when no frame comes
-            self._set_reason(
-                "storage_full" if isinstance(exc, StorageFull) else "storage_error", True
-            )
-            fut = self.uplink.publish_nowait(self._telemetry_topic, payload, qos=1)
-            fut.add_done_callback(lambda f: f.exception())
+        failed = await self._via_outbox(Record("telemetry", self._telemetry_topic, payload))
+        if failed is not None:  # a full disk shows here even when no frame comes
+            reason = "storage_full" if isinstance(failed, StorageFull) else "storage_error"
+            self._set_reason(reason, True)
             return
         self._set_reason("storage_full", False)
         self._set_reason("storage_error", False)
-        self.forwarder.offer([record.stored(record_id, time.time())])
 
     def _telemetry_message(self) -> Telemetry:
         stats = self.stats
@@ -902,11 +896,17 @@ class EdgeNode:
         task.add_done_callback(self._storing.discard)
 
     async def _store_event_async(self, topic: str, payload: bytes) -> None:
-        record = Record("event", topic, payload)
+        # Storage trouble is reported by the results and telemetry paths; send it anyway.
+        await self._via_outbox(Record("event", topic, payload))
+
+    async def _via_outbox(self, record: Record) -> Exception | None:
+        """Append one record and hand it to the forwarder. If the outbox cannot take it, publish
+        it directly (no durable copy) and return why."""
         try:
             (record_id,) = await self.outbox.append([record])
-        except Exception:  # storage trouble is reported by the results path; send it anyway
-            fut = self.uplink.publish_nowait(topic, payload, qos=1)
+        except Exception as exc:
+            fut = self.uplink.publish_nowait(record.topic, record.payload, qos=record.qos)
             fut.add_done_callback(lambda f: f.exception())
-            return
+            return exc
         self.forwarder.offer([record.stored(record_id, time.time())])
+        return None
