@@ -11,6 +11,7 @@ import sqlite3
 import threading
 import time
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 
 import paho.mqtt.client as paho
@@ -44,8 +45,12 @@ def queue_integrity(db: Path) -> int:
 class SteadyPublisher:
     """Publishes ``n`` QoS 1 messages at ``rate_hz`` over ``topics`` topics to the site broker.
 
-    paho keeps unacknowledged publishes and sends them again, in order, after it reconnects (a
-    persistent session), so a broker restart loses nothing on this side.
+    paho keeps unacknowledged publishes and sends them again after it reconnects (a persistent
+    session), so a broker restart loses nothing on this side. It does not keep their order against
+    new publishes, though: once the socket is back, and before the CONNACK that triggers the
+    resend, paho 2.x sends a fresh publish straight away (its in-flight count was reset to 0). A
+    sensor that needs order therefore has one message in flight: each publish waits for the PUBACK
+    of the one before, so the order the site broker receives is the order of ``i``.
     """
 
     def __init__(self, site: MosquittoProcess, n: int, rate_hz: float, topics: int) -> None:
@@ -88,6 +93,8 @@ class SteadyPublisher:
                 self.infos.append(info)
                 self.sent = i + 1
                 self._cond.notify_all()
+                if not self._cond.wait_for(partial(self.acked.__contains__, info.mid), 60):
+                    return  # wait_sent / wait_all_acked report the stall
 
     def wait_sent(self, k: int, timeout_s: float = 60) -> None:
         with self._cond:
