@@ -147,3 +147,23 @@ def test_an_unloadable_root_key_fails_at_start_naming_the_key(tmp_path: Path) ->
             NodeConfig.load(updates={"root_key": value})
         assert "updates.root_key" in str(info.value)
         assert "EDGEWISE_UPDATES__ROOT_KEY" in str(info.value)
+
+
+def test_a_root_key_file_whose_path_is_64_characters_long_is_read_as_a_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 64-character value is hex only when it is 64 hex digits and names no file."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from edge_node.updates.config import read_root_key
+
+    root = Ed25519PrivateKey.generate()
+    raw = root.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    monkeypatch.chdir(tmp_path)
+    pem = Path("d" * (64 - len("/root.pub"))) / "root.pub"
+    pem.parent.mkdir()
+    pem.write_bytes(public_pem(root))
+    assert len(str(pem)) == 64
+    assert read_root_key(str(pem)) == raw
+    assert read_root_key(raw.hex()) == raw

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 def read_root_key(text: str) -> bytes:
-    """The raw root public key from 64 hex characters or a PEM/raw key file; ValueError if not."""
+    """The raw root public key from 64 hex characters or a PEM/raw key file; ValueError if not.
+
+    A path that names an existing file is a file even when it is 64 characters long.
+    """
     from releases.errors import BadKey
     from releases.signing import load_public, raw_public
 
     text = text.strip()
     try:
-        data = text.encode() if len(text) == 64 else Path(text).read_bytes()
+        as_hex = len(text) == 64 and all(c in string.hexdigits for c in text)
+        data = text.encode() if as_hex and not Path(text).is_file() else Path(text).read_bytes()
         return raw_public(load_public(data))
     except OSError as exc:
         raise ValueError(f"cannot read the root key file: {exc}") from None
