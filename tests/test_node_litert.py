@@ -4,6 +4,9 @@ Mosquitto: results, status and telemetry name the backend and what serves."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import msgspec
@@ -107,3 +110,31 @@ def test_frames_that_do_not_fit_a_tflite_model_are_dead_lettered(mosquitto: Brok
             assert h.node.stats.inference_errors == 0
 
     asyncio.run(scenario())
+
+
+def test_edgewise_node_refuses_an_edgetpu_compiled_model_without_the_delegate(
+    mosquitto: BrokerInfo, tmp_path: Path
+) -> None:
+    stub = Path(__file__).parent / "data" / "edgetpu_stub.tflite"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEWISE_")}
+    env.update(
+        EDGEWISE_NODE_ID="gw-coral",
+        EDGEWISE_MQTT__HOST=mosquitto.host,
+        EDGEWISE_MQTT__PORT=str(mosquitto.port),
+        EDGEWISE_STORAGE__STATE_DIR=str(tmp_path),
+        EDGEWISE_MODEL__PATH=str(stub),
+        EDGEWISE_MODEL__PROVIDERS='["edgetpu", "cpu"]',
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "edgewise.cli", "node"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    message = " ".join(done.stderr.split())
+    assert f"cannot load model {stub}" in message
+    assert "compiled for the Edge TPU (edgetpu-custom-op)" in message
+    assert "ship a CPU variant" in message

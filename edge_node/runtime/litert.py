@@ -119,12 +119,13 @@ class LiteRtRuntime:
         fallback_reason: str | None,
         delegate: Any | None = None,
     ) -> None:
-        """Wrap an interpreter (tensors not yet allocated); use :meth:`load` instead."""
+        """Wrap an interpreter whose tensors are allocated; use :meth:`load` instead."""
         self.path = path
         self.name = name
         self.provider = provider
         self.fallback_reason = fallback_reason
-        """Why a provider preferred to :attr:`provider` does not serve (None if none did not)."""
+        """Why the providers listed before :attr:`provider` do not serve; None if the first
+        known one serves."""
         inputs = interpreter.get_input_details()
         outputs = interpreter.get_output_details()
         if len(inputs) != 1 or len(outputs) != 1:
@@ -148,7 +149,6 @@ class LiteRtRuntime:
         """The model's fixed batch size, or None if its batch dimension is dynamic. A fixed
         batch is served in chunks of that size (the last one padded), 1 meaning frame by frame."""
         self._resizable = any(d < 0 for d in signature)
-        self._model_dtype = np.dtype(inputs[0]["dtype"])
         self._interpreter: Any | None = interpreter
         self._delegate = delegate  # kept alive as long as the interpreter uses it
         # The input shape the tensors are allocated for (load allocates the default one).
