@@ -314,7 +314,7 @@ def test_load_runtime_picks_onnx_by_suffix_case_insensitively(tmp_path: Path) ->
 @pytest.mark.parametrize(
     ("name", "shown"),
     [
-        ("model.tflite", ".tflite"),
+        ("model.pb", ".pb"),
         ("model.onnx.bak", ".bak"),
         ("model", "'model' (no suffix)"),
     ],
@@ -324,4 +324,4 @@ def test_load_runtime_refuses_unknown_suffixes(tmp_path: Path, name: str, shown:
     shutil.copyfile(EDGE, path)  # a valid ONNX model under the wrong name is still refused
     with pytest.raises(RuntimeLoadError) as info:
         load_runtime(path)
-    assert str(info.value) == f"no backend for {shown}; supported: .onnx"
+    assert str(info.value) == f"no backend for {shown}; supported: .onnx, .tflite"

@@ -4,11 +4,18 @@
 :func:`load_runtime` picks the backend from the model file's suffix. Backends are imported only
 when a model of their kind is loaded, so a device need not have every runtime installed.
 
-==========  =========================================  ==========================
-suffix      backend                                    module
-==========  =========================================  ==========================
-``.onnx``   ONNX Runtime (``onnxruntime``)             :mod:`edge_node.runtime.onnx`
-==========  =========================================  ==========================
+============  ===========================================  ===============================
+suffix        backend (``Runtime.name``)                   module
+============  ===========================================  ===============================
+``.onnx``     ONNX Runtime (``"onnxruntime"``)             :mod:`edge_node.runtime.onnx`
+``.tflite``   LiteRT (``"litert"``; ``"tflite-runtime"``   :mod:`edge_node.runtime.litert`
+              where only ``tflite_runtime`` is installed)
+============  ===========================================  ===============================
+
+Provider names are the backend's own: ONNX Runtime's execution providers (e.g.
+``"CPUExecutionProvider"``) for ``.onnx``; ``"edgetpu"`` and ``"cpu"`` for ``.tflite``. Names a
+backend does not know are skipped with a warning, and its CPU always serves as the last fallback;
+``Runtime.provider`` says what actually serves. See docs/runtimes.md.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ __all__ = [
     "load_runtime",
 ]
 
-SUPPORTED_SUFFIXES: tuple[str, ...] = (".onnx",)
+SUPPORTED_SUFFIXES: tuple[str, ...] = (".onnx", ".tflite")
 
 
 def load_runtime(
@@ -48,7 +55,8 @@ def load_runtime(
     """Load a model with the backend for its file suffix (case-insensitive).
 
     ``providers`` are the backend's accelerators in order of preference (for ONNX Runtime,
-    execution provider names); unavailable ones are skipped and the CPU serves as the fallback.
+    execution provider names; for LiteRT ``"edgetpu"`` and ``"cpu"``); unavailable ones are
+    skipped and the CPU serves as the fallback.
     Raises :class:`RuntimeLoadError` for an unsupported suffix or a model that cannot be loaded.
     """
     suffix = Path(path).suffix.lower()
@@ -56,6 +64,15 @@ def load_runtime(
         from edge_node.runtime.onnx import OnnxRuntime
 
         return OnnxRuntime.load(
+            path,
+            providers=providers,
+            intra_op_threads=intra_op_threads,
+            inter_op_threads=inter_op_threads,
+        )
+    if suffix == ".tflite":
+        from edge_node.runtime.litert import LiteRtRuntime
+
+        return LiteRtRuntime.load(
             path,
             providers=providers,
             intra_op_threads=intra_op_threads,

@@ -1,5 +1,5 @@
-"""The backend-neutral contract every inference runtime implements (ONNX Runtime now; LiteRT and
-Coral Edge TPU later): one input tensor in, one ``[N, C]`` score tensor out.
+"""The backend-neutral contract every inference runtime implements (ONNX Runtime, LiteRT with the
+CPU or a Coral Edge TPU): one input tensor in, one ``[N, C]`` score tensor out.
 """
 
 from __future__ import annotations
@@ -79,9 +79,10 @@ class Runtime(Protocol):
     """
 
     name: str
-    """The backend, e.g. ``"onnxruntime"``."""
+    """The backend, e.g. ``"onnxruntime"``, ``"litert"``."""
     provider: str
-    """The execution provider / delegate that actually serves, e.g. ``"CPUExecutionProvider"``."""
+    """The execution provider / delegate that actually serves, e.g. ``"CPUExecutionProvider"``,
+    ``"edgetpu"``, ``"cpu"``."""
     input_spec: TensorSpec
     output_spec: TensorSpec
 
