@@ -461,3 +461,42 @@ def test_help_explains_the_command(command: str, words: list[str]) -> None:
     for word in words:
         assert word in text, word
     assert command in run("model", "--help")
+
+
+def test_check_handles_a_fixed_batch_dimension(tmp_path: Path) -> None:
+    """A model that takes exactly 4 samples: the last partial batch is padded, latency is timed
+    at batch 4 only."""
+    x, y = _holdout()
+    centroids = np.stack([x[y == c].reshape(-1, 64).mean(axis=0) for c in range(10)])
+    weights = onnx.numpy_helper.from_array(centroids.T.astype(np.float32), "w")
+    shape = onnx.numpy_helper.from_array(np.array([4, 64], np.int64), "flat")
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("Reshape", ["image", "flat"], ["f"]),
+            onnx.helper.make_node("MatMul", ["f", "w"], ["s"]),
+            onnx.helper.make_node("Softmax", ["s"], ["p"], axis=1),
+        ],
+        "fixed",
+        [onnx.helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, [4, 8, 8])],
+        [onnx.helper.make_tensor_value_info("p", onnx.TensorProto.FLOAT, [4, 10])],
+        [weights, shape],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "fixed.onnx"
+    onnx.save(model, str(path))
+    assert len(x) % 4 == 0  # 540: pad a copy to exercise the partial batch
+    x5, y5 = x[:-1], y[:-1]
+    data = _write_npz(tmp_path / "odd.npz", x=x5, y=y5)
+
+    report = json.loads(
+        run("model", "check", str(path), "--labelled", str(data), "--json", "--runs", "5")
+    )
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    padded = np.concatenate([x5, x5[-3:-2]])  # the last batch of 3 padded to 4
+    labels = np.concatenate(
+        [session.run(None, {"image": padded[i : i + 4]})[0].argmax(1) for i in range(0, 540, 4)]
+    )[: len(y5)]
+    assert report["samples"] == len(y5)
+    assert report["model"]["correct"] == int((labels == y5).sum())
+    assert [lat["batch"] for lat in report["model"]["latency"]] == [4]

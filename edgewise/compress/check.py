@@ -47,7 +47,7 @@ class ModelFigures:
     correct: int
     accuracy: float
     latency: list[Latency]
-    """One entry per batch size; a size the model's fixed batch dimension rules out is left out."""
+    """One entry per batch size: 1 and 32, or only the size a fixed batch dimension allows."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,7 +184,7 @@ def _figures(
 
 def _batch_sizes(rt: Runtime) -> tuple[int, ...]:
     fixed = rt.input_spec.shape[0]
-    return LATENCY_BATCHES if fixed is None else tuple(b for b in LATENCY_BATCHES if b == fixed)
+    return LATENCY_BATCHES if fixed is None else (fixed,)
 
 
 @dataclass(frozen=True, slots=True)
