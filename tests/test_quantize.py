@@ -267,6 +267,18 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
             [str(not_a_model), out, "--calibration", hol],
             "not an ONNX model (the file does not parse)",
         ),
+        "missing_model": (
+            [str(tmp / "none.onnx"), out, "--calibration", hol],
+            "none.onnx does not exist",
+        ),
+        "out_is_a_directory": (
+            [str(EDGE), str(tmp / "out" / "sub.onnx"), "--calibration", hol],
+            "it is a directory",
+        ),
+        "out_dir_missing": (
+            [str(EDGE), str(tmp / "out" / "no" / "q.onnx"), "--calibration", hol],
+            "does not exist",
+        ),
         "out_not_onnx": ([str(EDGE), str(tmp / "out" / "q.bin"), "--calibration", hol], ".onnx"),
         "bad_mode": ([str(EDGE), out, "--calibration", hol, "--mode", "fast"], "--mode must be"),
         "labels_out_of_range": (
@@ -290,6 +302,9 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "zero_bytes",
         "missing_calibration",
         "not_a_model",
+        "missing_model",
+        "out_is_a_directory",
+        "out_dir_missing",
         "out_not_onnx",
         "bad_mode",
         "labels_out_of_range",
@@ -297,12 +312,15 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
 )
 def test_bad_input_fails_with_a_clear_message_and_writes_nothing(case: str, tmp_path: Path) -> None:
     (tmp_path / "out").mkdir()
+    if case == "out_is_a_directory":
+        (tmp_path / "out" / "sub.onnx").mkdir()
     args, message = _cases(tmp_path)[case]
     before = _sha(EDGE)
     text = run("model", "quantize", *args, code=2)
     assert message in " ".join(text.split()), text
     assert "Traceback" not in text
-    assert list((tmp_path / "out").iterdir()) == []  # no OUT, no temp file
+    left = {p.name for p in (tmp_path / "out").iterdir()}
+    assert left == ({"sub.onnx"} if case == "out_is_a_directory" else set())  # no OUT, no temp
     assert _sha(EDGE) == before
 
 

@@ -122,6 +122,8 @@ def quantize_model(
         )
     if not output.parent.is_dir():
         raise QuantizeError(f"cannot write {output}: directory {output.parent} does not exist")
+    if output.is_dir():
+        raise QuantizeError(f"cannot write {output}: it is a directory; give a file name")
     onnx, q = _tools()
     float_rt = _load(source, "the input model")
     try:
@@ -141,35 +143,10 @@ def quantize_model(
         size = batch_size(float_rt, batch)
         with tempfile.TemporaryDirectory(prefix="edgewise-quantize-") as tmp:
             quantized = Path(tmp) / "quantized.onnx"
-            with _quiet_ort():
-                try:
-                    if chosen == "static":
-                        on_total(-(-len(samples) // size))
-                        pre = Path(tmp) / "preprocessed.onnx"
-                        q.shape_inference.quant_pre_process(
-                            str(source), str(pre), skip_symbolic_shape=True
-                        )
-                        q.quantize_static(
-                            str(pre),
-                            str(quantized),
-                            _Reader(spec.name, samples.x, size, on_batch),
-                            quant_format=q.QuantFormat.QDQ,
-                            per_channel=per_channel,
-                            activation_type=q.QuantType.QUInt8,
-                            weight_type=q.QuantType.QInt8,
-                            calibrate_method=q.CalibrationMethod.MinMax,
-                            extra_options={
-                                "CalibMaxIntermediateOutputs": CALIBRATION_FLUSH_BATCHES
-                            },
-                        )
-                    else:
-                        q.quantize_dynamic(
-                            str(source), str(quantized), weight_type=q.QuantType.QInt8
-                        )
-                except Exception as exc:  # the one boundary for onnxruntime.quantization
-                    raise QuantizeError(
-                        f"onnxruntime's quantizer failed on {source} ({chosen}): {_oneline(exc)}"
-                    ) from exc
+            if chosen == "static":
+                on_total(-(-len(samples) // size))
+            reader = _Reader(spec.name, samples.x, size, on_batch)
+            _run_quantizer(q, chosen, source, quantized, reader, per_channel=per_channel)
             ops = {n.op_type for n in onnx.load(str(quantized)).graph.node}
             if not ops & QUANTIZED_OPS:
                 raise QuantizeError(
@@ -179,7 +156,10 @@ def quantize_model(
                 )
             agreeing = _agreement(float_rt, quantized, samples.x, size)
             data = quantized.read_bytes()
-        write_atomic(output, data)
+        try:
+            write_atomic(output, data)
+        except OSError as exc:
+            raise QuantizeError(f"cannot write {output}: {exc}") from exc
     finally:
         float_rt.close()
     return QuantizeResult(
@@ -193,6 +173,35 @@ def quantize_model(
         agreeing=agreeing,
         per_channel=chosen == "static" and per_channel,
     )
+
+
+def _run_quantizer(
+    q: Any, mode: str, source: Path, quantized: Path, reader: _Reader, *, per_channel: bool
+) -> None:
+    """ORT's pre-processing and static QDQ quantization, or its dynamic quantization, into
+    ``quantized`` (beside which the pre-processed model is written)."""
+    with _quiet_ort():
+        try:
+            if mode == "static":
+                pre = quantized.with_name("preprocessed.onnx")
+                q.shape_inference.quant_pre_process(str(source), str(pre), skip_symbolic_shape=True)
+                q.quantize_static(
+                    str(pre),
+                    str(quantized),
+                    reader,
+                    quant_format=q.QuantFormat.QDQ,
+                    per_channel=per_channel,
+                    activation_type=q.QuantType.QUInt8,
+                    weight_type=q.QuantType.QInt8,
+                    calibrate_method=q.CalibrationMethod.MinMax,
+                    extra_options={"CalibMaxIntermediateOutputs": CALIBRATION_FLUSH_BATCHES},
+                )
+            else:
+                q.quantize_dynamic(str(source), str(quantized), weight_type=q.QuantType.QInt8)
+        except Exception as exc:  # the one boundary for onnxruntime.quantization
+            raise QuantizeError(
+                f"onnxruntime's quantizer failed on {source} ({mode}): {_oneline(exc)}"
+            ) from exc
 
 
 def _tools() -> tuple[Any, Any]:
