@@ -230,6 +230,11 @@ def watch(
 from edgewise.cmd_cmd import cmd_app  # noqa: E402 - the subcommands import nothing from here
 from edgewise.keys_cmd import keys_app  # noqa: E402
 from edgewise.model_cmd import model_app  # noqa: E402
+from edgewise.quantize_cmd import check as _model_check  # noqa: E402
+from edgewise.quantize_cmd import quantize as _model_quantize  # noqa: E402
+
+model_app.command("quantize")(_model_quantize)
+model_app.command("check")(_model_check)
 
 app.add_typer(keys_app, name="keys")
 app.add_typer(model_app, name="model")

@@ -39,7 +39,9 @@ from releases.wire import MAX_GOLDEN_BYTES
 from schemas import ContractError, Topics, decode_status
 
 model_app = typer.Typer(
-    help="Signed model releases: publish, promote, rollback, status, gc.", no_args_is_help=True
+    help="Signed model releases: publish, promote, rollback, status, gc; "
+    "quantize and check a model before publishing it.",
+    no_args_is_help=True,
 )
 DAY = 86400.0
 
