@@ -151,6 +151,7 @@ async def _client(broker: BrokerInfo, spy: Spy | None = None) -> AsyncIterator[M
         on_message=spy,
         manual_ack=False,
         persistent=False,
+        keep_properties=True,
     ) as s:
         if spy is not None:
             s.subscribe("cloud/escalations/+")
@@ -267,9 +268,15 @@ def test_no_answer_falls_back_at_the_deadline_once_and_late_reply_is_ignored(
             await eventually(lambda: not (esc.stats.late_replies < 2), 5)
             assert len(finals.got) == 5
             assert esc.stats.replies_rejected == 0
-            # MQTT 5 properties went with the escalation.
+            # The reply address twice: MQTT 5 response topic and correlation data, and the same
+            # inside the payload (for 3.1.1 brokers); message expiry = the deadline (300 ms -> 1 s).
             props = spy.seen[0].properties
-            assert props is None or getattr(props, "ResponseTopic", esc_msg.reply_to)
+            assert props is not None
+            assert props.ResponseTopic == esc_msg.reply_to == esc.reply_topic
+            assert bytes(props.CorrelationData) == esc_msg.corr.encode()
+            assert 0 < props.MessageExpiryInterval <= 1
+            assert esc_msg.deadline is not None
+            assert 0.0 < esc_msg.deadline - esc_msg.ts <= 0.3
 
     asyncio.run(scenario())
 
