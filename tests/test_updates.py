@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -529,6 +530,7 @@ async def test_model_fails_probation_rolls_back(
         mosquitto, tmp_path, fleet, probation_s=30.0, probation_min_inferences=64
     ) as u:
         original = u.served[0]
+        before = state_digest(u.state_dir)
         await u.release(manifest(artifact), artifact)
         await u.wait_kind("activated")
         assert _release_of(u) == 2
@@ -538,6 +540,14 @@ async def test_model_fails_probation_rolls_back(
         assert u.served[0] is original
         assert u.manager.active is None
         assert sorted(p.name for p in (u.state_dir / "artifacts").iterdir()) == []
+        # Keys and artifacts byte-identical; the state names no model, only the floor moved
+        # (release 2 was activated once: anti-rollback keeps it, `model rollback` goes above).
+        after = state_digest(u.state_dir)
+        assert {k: v for k, v in after.items() if k != "state.json"} == {
+            k: v for k, v in before.items() if k != "state.json"
+        }
+        state = json.loads((u.state_dir / "state.json").read_bytes())
+        assert state == {"active": None, "previous": None, "floor": {"digits": 2}, "probation": None}
 
 
 @run_async
