@@ -547,7 +547,12 @@ async def test_model_fails_probation_rolls_back(
             k: v for k, v in before.items() if k != "state.json"
         }
         state = json.loads((u.state_dir / "state.json").read_bytes())
-        assert state == {"active": None, "previous": None, "floor": {"digits": 2}, "probation": None}
+        assert state == {
+            "active": None,
+            "previous": None,
+            "floor": {"digits": 2},
+            "probation": None,
+        }
 
 
 @run_async
