@@ -20,7 +20,7 @@ import logging
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -228,6 +228,8 @@ class EdgeNode:
                 intra_op_threads=m.intra_op_threads,
             )
         self._inference = AdaptiveRunner(self.model.predict, self._pool)
+        if self.escalator is not None:
+            self.escalator.use_manifest_thresholds(self.model.name, self.model.thresholds)
         log.info(
             "node %s serving %s release %d on %s (%s)",
             self.node_id,
@@ -548,6 +550,7 @@ class EdgeNode:
             commands={
                 "recycle_session": lambda args: self.recycle_session(),
                 "publish_telemetry": lambda args: self.close_window(),
+                "set_threshold": self.set_threshold,
             },
         )
 
@@ -556,10 +559,23 @@ class EdgeNode:
         old = self.model
         self._model = new
         self._inference = AdaptiveRunner(new.predict, self._pool)
+        if self.escalator is not None:  # a release's thresholds go with it (and back on rollback)
+            self.escalator.use_manifest_thresholds(new.name, new.thresholds)
         log.info("now serving %s release %d", new.name, new.release)
         for session in self._sessions:
             self._publish_status(session)
         return old
+
+    def set_threshold(self, args: Mapping[str, str]) -> str:
+        """The ``set_threshold`` command: escalation thresholds for the served model (names in
+        ``edge_node.escalation.policy.THRESHOLD_NAMES``) until the node restarts."""
+        if self.escalator is None:
+            raise ValueError("escalation is off on this node (escalation.enabled = false)")
+        if not args:
+            raise ValueError("give at least one threshold, e.g. escalate_below=0.8")
+        policy = self.escalator.set_thresholds(self.model.name, args)
+        shown = policy.model_dump(exclude_none=True)
+        return f"{self.model.name}: " + ", ".join(f"{k}={v:g}" for k, v in shown.items())
 
     async def recycle_session(self) -> bool:
         """Load the model into a fresh inference session and swap it in between two batches.

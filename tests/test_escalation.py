@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import tempfile
 import time
 import uuid
@@ -190,6 +191,27 @@ def test_policy_each_test_and_their_combination() -> None:
     np.testing.assert_allclose(only_max.margin, [0.97, 0.21, 0.05, 0.01])
     with pytest.raises(ValueError, match="at least one"):
         PolicyConfig()
+
+
+def test_thresholds_by_name_over_a_policy_and_bad_ones_named() -> None:
+    from edge_node.escalation.policy import with_thresholds
+
+    base = PolicyConfig(max_softmax_below=0.95, deadline_ms=2000)
+    p = with_thresholds(base, {"escalate_below": "0.8", "entropy_above": 1.2})
+    assert (p.max_softmax_below, p.entropy_above, p.margin_below, p.deadline_ms) == (
+        0.8,
+        1.2,
+        None,
+        2000,
+    )
+    assert with_thresholds(base, {"deadline_ms": 500}).deadline_ms == 500
+    for bad, says in (
+        ({"escalate_above": 0.1}, "unknown threshold 'escalate_above'"),
+        ({"margin_below": "x"}, "margin_below='x' is not a number"),
+        ({"escalate_below": 1.5}, "max_softmax_below"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(says)):
+            with_thresholds(base, bad)
 
 
 def test_verdict_cache_is_bounded_and_expires() -> None:

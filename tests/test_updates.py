@@ -266,6 +266,24 @@ async def test_replay_after_restart_rejected(
         assert state_digest(u.state_dir) == before
 
 
+@run_async
+async def test_manifest_thresholds_go_with_the_model_across_a_restart(
+    mosquitto: BrokerInfo, tmp_path: Path, fleet: Fleet
+) -> None:
+    topics = Topics(fleet_root=f"f{uuid.uuid4().hex[:6]}", models_root=f"m{uuid.uuid4().hex[:6]}")
+    node_id = f"gw-{uuid.uuid4().hex[:6]}"
+    m = manifest(CLOUD_MODEL, thresholds={"escalate_below": 0.6, "margin_below": 0.2})
+    async with running_updater(mosquitto, tmp_path, fleet, topics=topics, node_id=node_id) as u:
+        await u.release(m, CLOUD_MODEL)
+        await u.wait_kind("committed")
+        assert u.served[0].thresholds == {"escalate_below": 0.6, "margin_below": 0.2}
+    async with running_updater(
+        mosquitto, tmp_path, fleet, topics=topics, node_id=node_id, publish_keys=False
+    ) as u:
+        assert _release_of(u) == 2
+        assert u.served[0].thresholds == {"escalate_below": 0.6, "margin_below": 0.2}
+
+
 # ----------------------------------------------------------------------------- attacks
 def _signed(f: Fleet, m: Manifest, key: Any = None) -> bytes:
     return sign(m, key or f.release)
