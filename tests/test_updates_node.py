@@ -205,6 +205,53 @@ async def test_manifest_thresholds_and_set_threshold_command_steer_escalation(
         assert esc.policy("digits").max_softmax_below == 0.99
 
 
+@run_async
+async def test_pause_inference_holds_frames_and_resume_answers_each_once(
+    mosquitto: BrokerInfo, tmp_path: Path
+) -> None:
+    from releases import Command, Target
+
+    fleet = Fleet()
+    async with running_node(mosquitto, **_settings(tmp_path, fleet)) as h:
+        await h.sensor.publish(
+            h.node.topics.fleet_keys(), fleet.signed_key_set(now=now()), retain=True
+        )
+        await h.seen.wait_for(lambda: "keys_updated" in _kinds(h), 20)
+
+        async def command(name: str) -> None:
+            t = now()
+            cmd = Command(id=uuid.uuid4().hex, name=name, issued_at=t, expires_at=t + 60,
+                          target=Target(node=h.node_id))  # fmt: skip
+            before = _kinds(h).count("command_done")
+            await h.sensor.publish(h.node.topics.cmd(h.node_id), sign(cmd, fleet.release))
+            await h.seen.wait_for(lambda: _kinds(h).count("command_done") > before, 20)
+
+        def status() -> tuple[str, list[str]]:
+            st = decode_status(h.messages("status")[-1].payload)
+            return st.state, list(st.reasons)
+
+        await command("pause_inference")
+        await h.seen.wait_for(lambda: status() == ("degraded", ["inference_paused"]), 10)
+        frames_before = h.node.stats.frames_in
+        for seq in range(40):
+            await h.send(frame_bytes(seq, HOLDOUT.images[seq]))
+        # Nothing announces a frame taken in: poll the node's count.
+        async with asyncio.timeout(20):
+            while h.node.stats.frames_in < frames_before + 40:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        assert _results(h) == []  # held, not answered
+        assert h.node.inference_paused
+        await command("resume_inference")
+        await h.seen.wait_for(lambda: len({s for _, s, _ in _results(h)}) >= 40, 20)
+        assert sorted(s for _, s, _ in _results(h)) == list(range(40))  # each once
+        await h.seen.wait_for(lambda: status() == ("online", []), 10)
+        assert h.node.stats.inference_errors == 0
+        done = [decode_event(m.payload) for m in h.messages("events") if not m.retain]
+        details = [e.detail for e in done if e.kind == "command_done"]
+        assert details[-2].startswith("pause_inference: inference paused")
+        assert details[-1].startswith("resume_inference: inference resumed")
+
+
 def test_an_unloadable_root_key_fails_at_start_naming_the_key(tmp_path: Path) -> None:
     from edge_node.config import NodeConfig
     from edge_node.errors import ConfigError
