@@ -622,6 +622,22 @@ async def test_command_runs_once_and_replay_is_rejected(
 
 
 @run_async
+async def test_command_for_the_hardware_class_runs_from_the_fleet_topic(
+    mosquitto: BrokerInfo, tmp_path: Path, fleet: Fleet
+) -> None:
+    calls: list[str] = []
+    async with running_updater(mosquitto, tmp_path, fleet) as u:
+        u.manager.commands["publish_telemetry"] = lambda args: calls.append("now") or "ok"
+        cmd = _command("-", name="publish_telemetry", args={}, target=Target(hw_class="cpu"))
+        await u.operator.publish(u.topics.fleet_cmd("cpu"), sign(cmd, fleet.release))
+        await u.wait_kind("command_done")
+        other = _command("-", target=Target(hw_class="edgetpu"))
+        await u.operator.publish(u.topics.fleet_cmd("cpu"), sign(other, fleet.release))
+        await u.wait_kind("command_rejected:wrong_target")
+        assert calls == ["now"]
+
+
+@run_async
 async def test_download_timeout_is_reported_and_retried_after_a_reconnect(
     persistent_mosquitto: MosquittoProcess, tmp_path: Path, fleet: Fleet
 ) -> None:
