@@ -573,6 +573,48 @@ async def test_model_fails_probation_rolls_back(
         }
 
 
+def test_probation_judges_errors_non_finite_outputs_confidence_and_p99() -> None:
+    from edge_node.updates.probation import ProbationWindow
+
+    cfg = UpdatesConfig(
+        probation_max_error_rate=0.1,
+        probation_max_non_finite_rate=0.0,
+        probation_min_mean_confidence=0.3,
+        probation_max_p99_ms=50.0,
+    )
+
+    def window(**outcome: Any) -> ProbationWindow:
+        w = ProbationWindow(cfg)
+        w.observe(count=100, confidence_sum=90.0, latency_s=0.005)
+        w.observe(**outcome)
+        return w
+
+    assert window(count=0).verdict() is None
+    assert window(count=10).verdict() is None  # healthy
+    assert "error rate" in str(window(count=30, failed=30).verdict())
+    assert "non-finite" in str(window(count=1, non_finite=1, confidence_sum=0.0).verdict())
+    assert "confidence collapsed" in str(window(count=400, confidence_sum=4.0).verdict())
+    assert "p99 latency" in str(window(count=10, confidence_sum=9.0, latency_s=0.2).verdict())
+
+
+@run_async
+async def test_failed_inferences_in_probation_roll_back(
+    mosquitto: BrokerInfo, tmp_path: Path, fleet: Fleet
+) -> None:
+    async with running_updater(
+        mosquitto, tmp_path, fleet, probation_s=30.0, probation_min_inferences=32
+    ) as u:
+        original = u.served[0]
+        await u.release(manifest(CLOUD_MODEL), CLOUD_MODEL)
+        await u.wait_kind("activated")
+        u.feed(1)
+        u.manager.observe(None, count=16, latency_s=0.001)  # a batch the new session failed
+        event = await u.wait_kind("rolled_back:probation_failed")
+        assert "error rate 16/32" in event.detail
+        assert u.served[0] is original
+        assert _release_of(u) == 1
+
+
 @run_async
 async def test_good_update_passes_probation_on_traffic(
     mosquitto: BrokerInfo, tmp_path: Path, fleet: Fleet
