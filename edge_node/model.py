@@ -39,6 +39,8 @@ class ServedModel:
         self._dtype = runtime.input_spec.dtype
         self.path: str | None = None
         """The file it was loaded from (None when built around a runtime directly)."""
+        self.thresholds: dict[str, float] = {}
+        """Escalation thresholds its release manifest carried (none for the configured model)."""
 
     @classmethod
     def load(

@@ -20,7 +20,7 @@ import logging
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -126,6 +126,9 @@ class EdgeNode:
         self._seq = 0
         self._results_as_json = config.results_encoding == "json"
         self._max_pending = config.batching.max_pending_frames
+        self._serving = asyncio.Event()
+        """Clear while an operator has paused inference (docs/adr/0065-pause-inference.md)."""
+        self._serving.set()
         self._results_topic = self.topics.results(self.node_id)
         self._draining = False
         self._storing: set[asyncio.Task[None]] = set()
@@ -228,6 +231,8 @@ class EdgeNode:
                 intra_op_threads=m.intra_op_threads,
             )
         self._inference = AdaptiveRunner(self.model.predict, self._pool)
+        if self.escalator is not None:
+            self.escalator.use_manifest_thresholds(self.model.name, self.model.thresholds)
         log.info(
             "node %s serving %s release %d on %s (%s)",
             self.node_id,
@@ -300,6 +305,7 @@ class EdgeNode:
         for the next start.
         """
         self._draining = True
+        self.resume_inference({})  # frames held by a pause are in hand: they are finished too
         timeout_s = self.config.drain_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
         finished = True
@@ -548,6 +554,9 @@ class EdgeNode:
             commands={
                 "recycle_session": lambda args: self.recycle_session(),
                 "publish_telemetry": lambda args: self.close_window(),
+                "set_threshold": self.set_threshold,
+                "pause_inference": self.pause_inference,
+                "resume_inference": self.resume_inference,
             },
         )
 
@@ -556,10 +565,45 @@ class EdgeNode:
         old = self.model
         self._model = new
         self._inference = AdaptiveRunner(new.predict, self._pool)
+        if self.escalator is not None:  # a release's thresholds go with it (and back on rollback)
+            self.escalator.use_manifest_thresholds(new.name, new.thresholds)
         log.info("now serving %s release %d", new.name, new.release)
         for session in self._sessions:
             self._publish_status(session)
         return old
+
+    def set_threshold(self, args: Mapping[str, str]) -> str:
+        """The ``set_threshold`` command: escalation thresholds for the served model (names in
+        ``edge_node.escalation.policy.THRESHOLD_NAMES``) until the node restarts."""
+        if self.escalator is None:
+            raise ValueError("escalation is off on this node (escalation.enabled = false)")
+        if not args:
+            raise ValueError("give at least one threshold, e.g. escalate_below=0.8")
+        policy = self.escalator.set_thresholds(self.model.name, args)
+        shown = policy.model_dump(exclude_none=True)
+        return f"{self.model.name}: " + ", ".join(f"{k}={v:g}" for k, v in shown.items())
+
+    @property
+    def inference_paused(self) -> bool:
+        return not self._serving.is_set()
+
+    def pause_inference(self, args: Mapping[str, str]) -> str:
+        """The ``pause_inference`` command: stop running the model. Frames keep arriving and
+        wait unacknowledged (the broker holds the rest beyond the session's receive maximum);
+        nothing is lost; status says ``degraded: inference_paused`` until resumed or restarted."""
+        if self.inference_paused:
+            return "inference was paused already"
+        self._serving.clear()
+        self._set_reason("inference_paused", True)
+        return "inference paused; frames wait unacknowledged until resume_inference"
+
+    def resume_inference(self, args: Mapping[str, str]) -> str:
+        """The ``resume_inference`` command: serve the frames that waited, then go on."""
+        if not self.inference_paused:
+            return "inference was not paused"
+        self._serving.set()
+        self._set_reason("inference_paused", False)
+        return f"inference resumed; {len(self._batcher)} frames were waiting"
 
     async def recycle_session(self) -> bool:
         """Load the model into a fresh inference session and swap it in between two batches.
@@ -648,6 +692,8 @@ class EdgeNode:
             self._in_progress.pop(p.key, None)
 
     async def _process(self, batch: list[_Pending]) -> None:
+        if not self._serving.is_set():
+            await self._serving.wait()
         try:
             await self._answer(batch)
         except Exception as exc:  # a bug must not stop the batcher, and with it the node

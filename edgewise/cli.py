@@ -126,11 +126,20 @@ def demo(
             "--broker", "-b", help="Use this broker (mqtt://HOST[:PORT]) instead of starting one."
         ),
     ] = None,
+    update: Annotated[
+        bool,
+        typer.Option(
+            "--update/--no-update",
+            help="Roll out a signed release of the edge model a quarter of the way through.",
+        ),
+    ] = True,
 ) -> None:
-    """Run a broker, an edge node and a simulated sensor here, with a live view and a summary.
+    """Run a broker, an edge node, a cloud worker and a simulated sensor here, with a live view
+    and a summary.
 
     Starts Mosquitto from the project's config when `mosquitto` is installed, else an embedded
-    MQTT 3.1.1 broker. Exits 0 when every frame got its result.
+    MQTT 3.1.1 broker. Exits 0 when every frame got its result (and, with --update, the signed
+    update was committed).
     """
     from edgewise.demo import run_demo
 
@@ -143,6 +152,7 @@ def demo(
             broker_url=broker,
             console=console,
             live=console.is_terminal,
+            update=update,
         )
     )
     if report.sent == 0 or report.results < report.sent:
@@ -151,6 +161,8 @@ def demo(
             "(see the log above)",
             1,
         )
+    if update and report.update_outcome != "committed":
+        _fail(f"the model update ended {report.update_outcome!r}, not committed", 1)
 
 
 @sensor_app.command("simulate")

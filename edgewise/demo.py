@@ -6,18 +6,27 @@ bigger cloud model; a live view shows throughput, end-to-end latency (sensor pub
 received), accuracy so far and the escalations; a summary table closes the run with edge-only
 accuracy (the edge model alone on the same frames), hybrid accuracy (the results received),
 escalation rate and escalation round trip (escalation seen on the broker to reply seen).
+
+Part way through, a signed model update rolls out (:mod:`edgewise.demo_update`): the node is
+enrolled with a root key made for the run, a release of the edge model is published retained,
+and the node verifies, downloads, validates, swaps it in while frames keep flowing, and commits
+it after probation; the summary shows the update's steps, the results served by each release and
+the largest gap between results while it happened.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import secrets
 import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rich.console import Console, Group
@@ -28,6 +37,7 @@ from cloud_worker import Worker, WorkerConfig
 from edge_node.config import NodeConfig, bundled_asset
 from edge_node.model import ServedModel
 from edge_node.node import EdgeNode
+from edgewise.demo_update import DemoFleet
 from edgewise.frames import load_holdout
 from edgewise.sensor import simulate
 from local_broker import (
@@ -38,6 +48,7 @@ from local_broker import (
     parse_broker_url,
 )
 from mqtt_session import Inbound, MqttConfig, MqttSession
+from releases import ReleaseError, decode_event
 from schemas import (
     ContractError,
     Topics,
@@ -84,6 +95,16 @@ class DemoReport:
     sources: Counter[str] = field(default_factory=Counter)
     escalated_at: dict[str, float] = field(default_factory=dict)
     round_trips_ms: list[float] = field(default_factory=list)
+    update: bool = True
+    update_release: int | None = None
+    update_steps: list[tuple[float, str]] = field(default_factory=list)
+    """(seconds since the sensor started, event kind[:reason]) of the node's update events."""
+    by_release: Counter[int] = field(default_factory=Counter)
+    result_times: list[float] = field(default_factory=list)
+    """When each results message arrived (monotonic): the gaps while the model was swapped."""
+    inference_errors: int = 0
+    update_topics: list[str] = field(default_factory=list)
+    """Where the update was published retained (cleared again at the end of the run)."""
 
     @property
     def results(self) -> int:
@@ -108,14 +129,32 @@ class DemoReport:
         rt = self.round_trips_ms
         return float(np.quantile(rt, q)) if rt else float("nan")
 
+    @property
+    def update_outcome(self) -> str:
+        """The last step the update reached (``committed`` when it rolled out)."""
+        return self.update_steps[-1][1] if self.update_steps else "not started"
 
-def _table(report: DemoReport, *, title: str, elapsed_s: float) -> Table:
+    def update_gap_ms(self, start: float) -> float:
+        """The largest gap between results messages from the first update event (``start`` is
+        the monotonic time the sensor started) to one second after the last one."""
+        if not self.update_steps:
+            return float("nan")
+        lo = start + self.update_steps[0][0]
+        hi = start + self.update_steps[-1][0] + 1.0
+        times = [t for t in self.result_times if lo <= t <= hi]
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        return max(gaps) * 1000.0 if gaps else float("nan")
+
+
+def _table(
+    report: DemoReport, *, title: str, elapsed_s: float, start: float | None = None
+) -> Table:
     t = Table(title=title, show_header=False, title_justify="left")
     t.add_column(style="bold")
     t.add_column(justify="right")
     rate = report.results / elapsed_s if elapsed_s > 0 else 0.0
     t.add_row("broker", report.broker)
-    t.add_row("model", report.model)
+    t.add_row("model at start", report.model)
     t.add_row("frames sent", f"{report.sent:,}")
     t.add_row("results received", f"{report.results:,}")
     t.add_row("results/s", f"{rate:,.0f}")
@@ -132,6 +171,17 @@ def _table(report: DemoReport, *, title: str, elapsed_s: float) -> Table:
             f"{report.round_trip_ms(0.5):.2f} / {report.round_trip_ms(0.99):.2f} ms",
         )
         t.add_row("sources", ", ".join(f"{k} {v:,}" for k, v in sorted(report.sources.items())))
+    if report.update:
+        steps = " → ".join(k for _, k in report.update_steps) or "waiting"
+        t.add_row(f"model update to r{report.update_release}", steps)
+        t.add_row(
+            "results by release",
+            ", ".join(f"r{k} {v:,}" for k, v in sorted(report.by_release.items())),
+        )
+        if start is not None and report.update_steps:
+            took = report.update_steps[-1][0] - report.update_steps[0][0]
+            t.add_row("update took", f"{took:.1f} s, {report.inference_errors} failed inferences")
+            t.add_row("largest result gap during it", f"{report.update_gap_ms(start):.0f} ms")
     t.add_row("rejected frames", f"{report.rejected:,}")
     return t
 
@@ -167,16 +217,29 @@ async def run_demo(
     live: bool = True,
     node_id: str = "demo-gw",
     cloud: bool = True,
+    update: bool = True,
+    update_at_s: float | None = None,
 ) -> DemoReport:
+    """Run the demo for ``duration_s``; with ``update``, publish a signed release of the edge
+    model ``update_at_s`` after the sensor starts (default: a quarter of the run)."""
     console = console or Console()
-    report = DemoReport(cloud=cloud)
+    report = DemoReport(cloud=cloud, update=update)
     frames = load_holdout()
     labels: dict[int, int] = {}
     topics = Topics()
     online = asyncio.Event()
     edge_labels = _edge_labels(frames.images)
+    fleet = DemoFleet()
+    start = time.monotonic()
 
     def on_message(msg: Inbound) -> None:
+        if msg.topic == topics.events(node_id):
+            with contextlib.suppress(ReleaseError):
+                e = decode_event(msg.payload)
+                if not msg.retain and e.release == report.update_release:
+                    kind = e.kind if e.reason is None else f"{e.kind}:{e.reason}"
+                    report.update_steps.append((time.monotonic() - start, kind))
+            return
         if msg.topic.startswith(f"{topics.cloud_root}/escalations/"):
             with contextlib.suppress(ContractError):
                 report.escalated_at.setdefault(decode_escalation(msg.payload).id, msg.received_at)
@@ -197,12 +260,14 @@ async def run_demo(
         except ContractError:
             return
         now = time.time()
+        report.result_times.append(time.monotonic())
         for r in batch.results:
             if r.frame_seq in report.answered:
                 report.duplicates += 1
                 continue
             report.answered.add(r.frame_seq)
             report.sources[r.source] += 1
+            report.by_release[r.release] += 1
             if labels.get(r.frame_seq) == r.label:
                 report.correct += 1
             if labels.get(r.frame_seq) == edge_labels[r.frame_seq % len(edge_labels)]:
@@ -227,6 +292,8 @@ async def run_demo(
         )
         viewer.subscribe(topics.results(node_id))
         viewer.subscribe(topics.status(node_id))
+        if update:
+            viewer.subscribe(topics.events(node_id))
         # The demo's outbox and hard examples are thrown away with the run.
         state_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="edgewise-demo-"))
         if cloud:
@@ -251,6 +318,7 @@ async def run_demo(
                     mqtt=mqtt,
                     storage={"state_dir": state_dir},
                     escalation={"enabled": cloud},
+                    **(_update_settings(fleet, Path(state_dir)) if update else {}),
                 )
             )
         )
@@ -263,6 +331,19 @@ async def run_demo(
             report.sent += 1
 
         start = time.monotonic()
+        publisher: asyncio.Task[None] | None = None
+        if update:
+            report.update_release = node.model.release + 1
+            publisher = asyncio.create_task(
+                _publish_update(
+                    viewer,
+                    fleet,
+                    topics,
+                    node,
+                    release=report.update_release,
+                    delay_s=duration_s / 4 if update_at_s is None else update_at_s,
+                )
+            )
         sensor = asyncio.create_task(
             simulate(
                 mqtt,
@@ -276,7 +357,12 @@ async def run_demo(
 
         def view() -> Group:
             return Group(
-                _table(report, title="edgewise demo (live)", elapsed_s=time.monotonic() - start)
+                _table(
+                    report,
+                    title="edgewise demo (live)",
+                    elapsed_s=time.monotonic() - start,
+                    start=start,
+                )
             )
 
         with Live(
@@ -287,12 +373,65 @@ async def run_demo(
                 lv.update(view())
             await sensor
             deadline = time.monotonic() + 10.0
-            while report.results < report.sent and time.monotonic() < deadline:
+
+            def waiting() -> bool:
+                if report.results < report.sent:
+                    return True
+                return update and report.update_outcome.split(":")[0] not in _UPDATE_ENDS
+
+            while waiting() and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
                 lv.update(view())
+        if publisher is not None:
+            await publisher
+            report.update_topics = list(fleet.retained)
+            await fleet.clear(viewer)  # leave no retained release behind on the broker
         report.elapsed_s = time.monotonic() - start
+        report.inference_errors = node.stats.inference_errors
         await node.drain()
         report.rejected = node.stats.rejected
         report.batches = node._batcher.batches
-    console.print(_table(report, title="edgewise demo: summary", elapsed_s=report.elapsed_s))
+    console.print(
+        _table(report, title="edgewise demo: summary", elapsed_s=report.elapsed_s, start=start)
+    )
     return report
+
+
+_UPDATE_ENDS = ("committed", "rolled_back", "rejected", "abandoned")
+
+
+def _update_settings(fleet: DemoFleet, state_dir: Path) -> dict[str, Any]:
+    """Node settings for the demo's update: enrolled with the run's root key, release topics of
+    this run only (an external broker may hold another run's retained release), and a short
+    probation (2 s and 20 inferences, at most 5 s, where a real node would watch for minutes)."""
+    run = secrets.token_hex(4)
+    return {
+        "hardware_class": "demo-cpu",
+        "topics": {"fleet_root": f"demo-fleet-{run}", "models_root": f"demo-models-{run}"},
+        "updates": {
+            "root_key": str(fleet.enrol(state_dir)),
+            "probation_s": 2.0,
+            "probation_min_inferences": 20,
+            "probation_max_s": 5.0,
+        },
+    }
+
+
+async def _publish_update(
+    session: MqttSession,
+    fleet: DemoFleet,
+    topics: Topics,
+    node: EdgeNode,
+    *,
+    release: int,
+    delay_s: float,
+) -> None:
+    await asyncio.sleep(delay_s)
+    await fleet.publish(
+        session,
+        node.topics,
+        name=node.model.name,
+        release=release,
+        hw_class=node.config.hardware_class,
+        holdout=load_holdout(),
+    )

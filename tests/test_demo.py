@@ -6,6 +6,7 @@ import asyncio
 import re
 import subprocess
 import sys
+import uuid
 
 import pytest
 from rich.console import Console
@@ -13,6 +14,7 @@ from rich.console import Console
 import edgewise.demo
 from edgewise.demo import run_demo
 from local_broker import BrokerInfo
+from tests.conftest import ProbeFactory
 
 
 def _figure(output: str, row: str) -> int:
@@ -73,3 +75,42 @@ def test_demo_uses_an_existing_broker_when_given_one(mosquitto: BrokerInfo) -> N
     assert report.sent >= 50
     assert report.results == report.sent
     assert len(report.latencies_ms) == report.results
+
+
+def test_demo_rolls_out_one_signed_update_without_losing_a_frame(
+    mosquitto: BrokerInfo, mqtt_probe: ProbeFactory
+) -> None:
+    console = Console(record=True, width=140)
+    report = asyncio.run(
+        run_demo(
+            duration_s=4.0,
+            rate_hz=100,
+            broker_url=mosquitto.url,
+            console=console,
+            live=False,
+            node_id="demo-update",
+            update_at_s=1.0,
+        )
+    )
+    steps = [kind for _, kind in report.update_steps]
+    assert steps == ["downloading", "verified", "validating", "activated", "committed"]
+    assert report.update_release == 2
+    # Every frame answered once, by release 1 before the swap and release 2 after it.
+    assert report.results == report.sent >= 300
+    assert report.duplicates == 0
+    assert report.by_release[1] > 0 and report.by_release[2] > 0
+    assert sum(report.by_release.values()) == report.results
+    assert report.inference_errors == 0
+    text = console.export_text()
+    assert "model update to r2" in text and "committed" in text
+    assert "largest result gap during it" in text
+    # The run's retained release is gone from the broker afterwards: a subscriber gets no
+    # retained copy (Mosquitto sends them before anything published after the subscription).
+    assert len(report.update_topics) >= 3  # key set, chunks, manifest
+    probe = mqtt_probe()
+    marker = f"demo-test/{uuid.uuid4().hex}"
+    for topic in [*report.update_topics, marker]:
+        probe.subscribe(topic)
+    probe.publish(marker, b"end")
+    probe.wait_for(lambda m: m.topic == marker, 5)
+    assert [m.topic for m in probe.messages if m.topic != marker] == []

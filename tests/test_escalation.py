@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import tempfile
 import time
 import uuid
@@ -151,6 +152,7 @@ async def _client(broker: BrokerInfo, spy: Spy | None = None) -> AsyncIterator[M
         on_message=spy,
         manual_ack=False,
         persistent=False,
+        keep_properties=True,
     ) as s:
         if spy is not None:
             s.subscribe("cloud/escalations/+")
@@ -189,6 +191,27 @@ def test_policy_each_test_and_their_combination() -> None:
     np.testing.assert_allclose(only_max.margin, [0.97, 0.21, 0.05, 0.01])
     with pytest.raises(ValueError, match="at least one"):
         PolicyConfig()
+
+
+def test_thresholds_by_name_over_a_policy_and_bad_ones_named() -> None:
+    from edge_node.escalation.policy import with_thresholds
+
+    base = PolicyConfig(max_softmax_below=0.95, deadline_ms=2000)
+    p = with_thresholds(base, {"escalate_below": "0.8", "entropy_above": 1.2})
+    assert (p.max_softmax_below, p.entropy_above, p.margin_below, p.deadline_ms) == (
+        0.8,
+        1.2,
+        None,
+        2000,
+    )
+    assert with_thresholds(base, {"deadline_ms": 500}).deadline_ms == 500
+    for bad, says in (
+        ({"escalate_above": 0.1}, "unknown threshold 'escalate_above'"),
+        ({"margin_below": "x"}, "margin_below='x' is not a number"),
+        ({"escalate_below": 1.5}, "max_softmax_below"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(says)):
+            with_thresholds(base, bad)
 
 
 def test_verdict_cache_is_bounded_and_expires() -> None:
@@ -267,9 +290,15 @@ def test_no_answer_falls_back_at_the_deadline_once_and_late_reply_is_ignored(
             await eventually(lambda: not (esc.stats.late_replies < 2), 5)
             assert len(finals.got) == 5
             assert esc.stats.replies_rejected == 0
-            # MQTT 5 properties went with the escalation.
+            # The reply address twice: MQTT 5 response topic and correlation data, and the same
+            # inside the payload (for 3.1.1 brokers); message expiry = the deadline (300 ms -> 1 s).
             props = spy.seen[0].properties
-            assert props is None or getattr(props, "ResponseTopic", esc_msg.reply_to)
+            assert props is not None
+            assert props.ResponseTopic == esc_msg.reply_to == esc.reply_topic
+            assert bytes(props.CorrelationData) == esc_msg.corr.encode()
+            assert 0 < props.MessageExpiryInterval <= 1
+            assert esc_msg.deadline is not None
+            assert 0.0 < esc_msg.deadline - esc_msg.ts <= 0.3
 
     asyncio.run(scenario())
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -263,6 +264,24 @@ async def test_replay_after_restart_rejected(
         assert event.release is None
         assert _release_of(u) == 3
         assert state_digest(u.state_dir) == before
+
+
+@run_async
+async def test_manifest_thresholds_go_with_the_model_across_a_restart(
+    mosquitto: BrokerInfo, tmp_path: Path, fleet: Fleet
+) -> None:
+    topics = Topics(fleet_root=f"f{uuid.uuid4().hex[:6]}", models_root=f"m{uuid.uuid4().hex[:6]}")
+    node_id = f"gw-{uuid.uuid4().hex[:6]}"
+    m = manifest(CLOUD_MODEL, thresholds={"escalate_below": 0.6, "margin_below": 0.2})
+    async with running_updater(mosquitto, tmp_path, fleet, topics=topics, node_id=node_id) as u:
+        await u.release(m, CLOUD_MODEL)
+        await u.wait_kind("committed")
+        assert u.served[0].thresholds == {"escalate_below": 0.6, "margin_below": 0.2}
+    async with running_updater(
+        mosquitto, tmp_path, fleet, topics=topics, node_id=node_id, publish_keys=False
+    ) as u:
+        assert _release_of(u) == 2
+        assert u.served[0].thresholds == {"escalate_below": 0.6, "margin_below": 0.2}
 
 
 # ----------------------------------------------------------------------------- attacks
@@ -529,6 +548,7 @@ async def test_model_fails_probation_rolls_back(
         mosquitto, tmp_path, fleet, probation_s=30.0, probation_min_inferences=64
     ) as u:
         original = u.served[0]
+        before = state_digest(u.state_dir)
         await u.release(manifest(artifact), artifact)
         await u.wait_kind("activated")
         assert _release_of(u) == 2
@@ -538,6 +558,61 @@ async def test_model_fails_probation_rolls_back(
         assert u.served[0] is original
         assert u.manager.active is None
         assert sorted(p.name for p in (u.state_dir / "artifacts").iterdir()) == []
+        # Keys and artifacts byte-identical; the state names no model, only the floor moved
+        # (release 2 was activated once: anti-rollback keeps it, `model rollback` goes above).
+        after = state_digest(u.state_dir)
+        assert {k: v for k, v in after.items() if k != "state.json"} == {
+            k: v for k, v in before.items() if k != "state.json"
+        }
+        state = json.loads((u.state_dir / "state.json").read_bytes())
+        assert state == {
+            "active": None,
+            "previous": None,
+            "floor": {"digits": 2},
+            "probation": None,
+        }
+
+
+def test_probation_judges_errors_non_finite_outputs_confidence_and_p99() -> None:
+    from edge_node.updates.probation import ProbationWindow
+
+    cfg = UpdatesConfig(
+        probation_max_error_rate=0.1,
+        probation_max_non_finite_rate=0.0,
+        probation_min_mean_confidence=0.3,
+        probation_max_p99_ms=50.0,
+    )
+
+    def window(**outcome: Any) -> ProbationWindow:
+        w = ProbationWindow(cfg)
+        w.observe(count=100, confidence_sum=90.0, latency_s=0.005)
+        w.observe(**outcome)
+        return w
+
+    assert window(count=0).verdict() is None
+    assert window(count=10).verdict() is None  # healthy
+    assert "error rate" in str(window(count=30, failed=30).verdict())
+    assert "non-finite" in str(window(count=1, non_finite=1, confidence_sum=0.0).verdict())
+    assert "confidence collapsed" in str(window(count=400, confidence_sum=4.0).verdict())
+    assert "p99 latency" in str(window(count=10, confidence_sum=9.0, latency_s=0.2).verdict())
+
+
+@run_async
+async def test_failed_inferences_in_probation_roll_back(
+    mosquitto: BrokerInfo, tmp_path: Path, fleet: Fleet
+) -> None:
+    async with running_updater(
+        mosquitto, tmp_path, fleet, probation_s=30.0, probation_min_inferences=32
+    ) as u:
+        original = u.served[0]
+        await u.release(manifest(CLOUD_MODEL), CLOUD_MODEL)
+        await u.wait_kind("activated")
+        u.feed(1)
+        u.manager.observe(None, count=16, latency_s=0.001)  # a batch the new session failed
+        event = await u.wait_kind("rolled_back:probation_failed")
+        assert "error rate 16/32" in event.detail
+        assert u.served[0] is original
+        assert _release_of(u) == 1
 
 
 @run_async
@@ -586,6 +661,22 @@ async def test_command_runs_once_and_replay_is_rejected(
         await u.send_command(sign(_command(u.node_id), generate()))
         await u.wait_kind("command_rejected:unknown_key")
         assert calls == [{"escalate_below": "0.7"}]
+
+
+@run_async
+async def test_command_for_the_hardware_class_runs_from_the_fleet_topic(
+    mosquitto: BrokerInfo, tmp_path: Path, fleet: Fleet
+) -> None:
+    calls: list[str] = []
+    async with running_updater(mosquitto, tmp_path, fleet) as u:
+        u.manager.commands["publish_telemetry"] = lambda args: calls.append("now") or "ok"
+        cmd = _command("-", name="publish_telemetry", args={}, target=Target(hw_class="cpu"))
+        await u.operator.publish(u.topics.fleet_cmd("cpu"), sign(cmd, fleet.release))
+        await u.wait_kind("command_done")
+        other = _command("-", target=Target(hw_class="edgetpu"))
+        await u.operator.publish(u.topics.fleet_cmd("cpu"), sign(other, fleet.release))
+        await u.wait_kind("command_rejected:wrong_target")
+        assert calls == ["now"]
 
 
 @run_async

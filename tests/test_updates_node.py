@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from local_broker import BrokerInfo
@@ -18,12 +19,14 @@ from schemas import decode_results, decode_status
 from tests.nodeharness import Harness, frame_bytes, running_node
 from tests.updatekit import (
     CLOUD_MODEL,
+    EDGE_MODEL,
     HOLDOUT,
     Fleet,
     chunks,
     collapsed_model,
     manifest,
     now,
+    retagged,
     run_async,
 )
 
@@ -52,10 +55,12 @@ def _kinds(h: Harness) -> list[str]:
     return out
 
 
-async def _publish_release(h: Harness, fleet: Fleet, artifact: bytes, release: int) -> None:
+async def _publish_release(
+    h: Harness, fleet: Fleet, artifact: bytes, release: int, **manifest_fields: Any
+) -> None:
     topics = h.node.topics
     await h.sensor.publish(topics.fleet_keys(), fleet.signed_key_set(now=now()), retain=True)
-    m = manifest(artifact, release=release, now=now())
+    m = manifest(artifact, release=release, now=now(), **manifest_fields)
     for i, part in enumerate(chunks(artifact, m.chunk_bytes)):
         await h.sensor.publish(topics.model_chunk(m.sha256, i), part, retain=True)
     await h.sensor.publish(topics.fleet_model("cpu", "digits"), sign(m, fleet.release), retain=True)
@@ -134,6 +139,117 @@ async def test_model_that_fails_probation_in_the_node_rolls_back(
         assert h.node.model.release == 1
         assert h.node.stats.inference_errors == 0
         assert decode_status(h.messages("status")[-1].payload).release == 1
+
+
+def _edge_confidence() -> np.ndarray:
+    import onnxruntime as ort
+
+    (probs,) = ort.InferenceSession(EDGE_MODEL).run(None, {"image": HOLDOUT.images})
+    return np.asarray(probs).max(axis=1)
+
+
+@run_async
+async def test_manifest_thresholds_and_set_threshold_command_steer_escalation(
+    mosquitto: BrokerInfo, tmp_path: Path
+) -> None:
+    from releases import Command, Target
+
+    conf = _edge_confidence()
+    # Unsure under the node's own policy (< 0.95), confident under the release's (< 0.5).
+    middle = int(np.flatnonzero((conf >= 0.6) & (conf < 0.9))[0])
+    fleet = Fleet()
+    settings = _settings(tmp_path, fleet, probation_s=0.2, probation_min_inferences=0)
+    escalation = {"enabled": True, "policy": {"max_softmax_below": 0.95, "deadline_ms": 300}}
+    async with running_node(mosquitto, escalation=escalation, **settings) as h:
+        esc = h.node.escalator
+        assert esc is not None
+        assert esc.policy("digits").max_softmax_below == 0.95
+
+        async def answer(seq: int) -> str:
+            await h.send(frame_bytes(seq, HOLDOUT.images[middle]))
+            await h.seen.wait_for(lambda: any(s == seq for _, s, _ in _results(h)), 20)
+            (source,) = {
+                r.source
+                for m in h.messages("results")
+                for r in decode_results(m.payload).results
+                if r.frame_seq == seq
+            }
+            return source
+
+        assert await answer(1) != "edge"  # escalated (no worker here: a fallback)
+        artifact = retagged(EDGE_MODEL, "same weights, release 2")
+        await _publish_release(h, fleet, artifact, 2, thresholds={"escalate_below": 0.5})
+        await h.seen.wait_for(lambda: "committed" in _kinds(h), 40)
+        assert h.node.model.release == 2
+        assert esc.policy("digits").max_softmax_below == 0.5
+        assert await answer(2) == "edge"
+
+        def command(**args: str) -> bytes:
+            t = now()
+            cmd = Command(id=uuid.uuid4().hex, name="set_threshold", args=args, issued_at=t,
+                          expires_at=t + 60, target=Target(node=h.node_id))  # fmt: skip
+            return sign(cmd, fleet.release)
+
+        await h.sensor.publish(h.node.topics.cmd(h.node_id), command(escalate_below="0.99"))
+        await h.seen.wait_for(lambda: "command_done" in _kinds(h), 20)
+        assert esc.policy("digits").max_softmax_below == 0.99
+        assert await answer(3) != "edge"
+        # A bad one is refused with the reason and changes nothing.
+        await h.sensor.publish(h.node.topics.cmd(h.node_id), command(escalate_above="0.1"))
+        await h.seen.wait_for(lambda: "command_rejected:command_failed" in _kinds(h), 20)
+        (refused,) = [
+            e for m in h.messages("events") if not m.retain
+            for e in [decode_event(m.payload)] if e.kind == "command_rejected"
+        ]  # fmt: skip
+        assert "unknown threshold 'escalate_above'" in refused.detail
+        assert esc.policy("digits").max_softmax_below == 0.99
+
+
+@run_async
+async def test_pause_inference_holds_frames_and_resume_answers_each_once(
+    mosquitto: BrokerInfo, tmp_path: Path
+) -> None:
+    from releases import Command, Target
+
+    fleet = Fleet()
+    async with running_node(mosquitto, **_settings(tmp_path, fleet)) as h:
+        await h.sensor.publish(
+            h.node.topics.fleet_keys(), fleet.signed_key_set(now=now()), retain=True
+        )
+        await h.seen.wait_for(lambda: "keys_updated" in _kinds(h), 20)
+
+        async def command(name: str) -> None:
+            t = now()
+            cmd = Command(id=uuid.uuid4().hex, name=name, issued_at=t, expires_at=t + 60,
+                          target=Target(node=h.node_id))  # fmt: skip
+            before = _kinds(h).count("command_done")
+            await h.sensor.publish(h.node.topics.cmd(h.node_id), sign(cmd, fleet.release))
+            await h.seen.wait_for(lambda: _kinds(h).count("command_done") > before, 20)
+
+        def status() -> tuple[str, list[str]]:
+            st = decode_status(h.messages("status")[-1].payload)
+            return st.state, list(st.reasons)
+
+        await command("pause_inference")
+        await h.seen.wait_for(lambda: status() == ("degraded", ["inference_paused"]), 10)
+        frames_before = h.node.stats.frames_in
+        for seq in range(40):
+            await h.send(frame_bytes(seq, HOLDOUT.images[seq]))
+        # Nothing announces a frame taken in: poll the node's count.
+        async with asyncio.timeout(20):
+            while h.node.stats.frames_in < frames_before + 40:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        assert _results(h) == []  # held, not answered
+        assert h.node.inference_paused
+        await command("resume_inference")
+        await h.seen.wait_for(lambda: len({s for _, s, _ in _results(h)}) >= 40, 20)
+        assert sorted(s for _, s, _ in _results(h)) == list(range(40))  # each once
+        await h.seen.wait_for(lambda: status() == ("online", []), 10)
+        assert h.node.stats.inference_errors == 0
+        done = [decode_event(m.payload) for m in h.messages("events") if not m.retain]
+        details = [e.detail for e in done if e.kind == "command_done"]
+        assert details[-2].startswith("pause_inference: inference paused")
+        assert details[-1].startswith("resume_inference: inference resumed")
 
 
 def test_an_unloadable_root_key_fails_at_start_naming_the_key(tmp_path: Path) -> None:

@@ -249,3 +249,13 @@ def test_mosquitto_pub_from_out_files_end_to_end(
     probe.wait_for(_is_event("committed"), 40)
     sensor = mqtt_probe()
     assert _serves(probe, sensor, node_id, 5) == 2
+    # A signed command from `cmd send --out`, published by hand, runs once; its outcome is an
+    # event; the same file again is a replay.
+    _cli("cmd", "send", "--node", node_id, "publish_telemetry", "-k",
+         str(keys), "--out", str(tmp_path / "cmd.bin"), cwd=tmp_path)  # fmt: skip
+    subprocess.run([pub, "-h", host, "-p", port, "-q", "1", "-t", f"edge/{node_id}/cmd", "-f",
+                    str(tmp_path / "cmd.bin")], check=True, timeout=10)  # fmt: skip
+    probe.wait_for(_is_event("command_done"), 20)
+    subprocess.run([pub, "-h", host, "-p", port, "-q", "1", "-t", f"edge/{node_id}/cmd", "-f",
+                    str(tmp_path / "cmd.bin")], check=True, timeout=10)  # fmt: skip
+    probe.wait_for(_is_event("command_rejected:replayed"), 20)

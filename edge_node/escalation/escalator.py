@@ -25,7 +25,7 @@ import math
 import secrets
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -39,7 +39,7 @@ from paho.mqtt.properties import Properties
 from edge_node.escalation.cache import CloudVerdict, VerdictCache, input_key
 from edge_node.escalation.config import EscalationConfig, PolicyConfig
 from edge_node.escalation.journal import Journal, JournalError
-from edge_node.escalation.policy import assess, edge_verdict, probabilities
+from edge_node.escalation.policy import assess, edge_verdict, probabilities, with_thresholds
 from mqtt_session import Inbound, MqttConfig, MqttSession
 from outbox import AsyncOutbox, Forwarder, OutboxConfig, OutboxError, Record
 from schemas import (
@@ -139,6 +139,8 @@ class Escalator:
         self._limits = Limits(max_payload_bytes=config.max_reply_bytes)
         self._cache = VerdictCache(config.cache_entries, config.cache_ttl_s)
         self._pending: dict[str, _Entry] = {}
+        self._manifest_policies: dict[str, PolicyConfig] = {}
+        self._overrides: dict[str, PolicyConfig] = {}
         self._by_frame: dict[str, str] = {}
         self._resolved: OrderedDict[str, None] = OrderedDict()
         self._heap: list[tuple[float, str]] = []
@@ -236,7 +238,28 @@ class Escalator:
 
     # ------------------------------------------------------------------ node API
     def policy(self, model: str) -> PolicyConfig:
-        return self.config.policies.get(model, self.config.policy)
+        """The policy for ``model``, first found of: a ``set_threshold`` command's, the node
+        config's ``escalation.policies`` entry, the served release's manifest thresholds (over
+        ``escalation.policy``), ``escalation.policy``."""
+        found = self._overrides.get(model) or self.config.policies.get(model)
+        return found or self._manifest_policies.get(model) or self.config.policy
+
+    def use_manifest_thresholds(self, model: str, thresholds: Mapping[str, float]) -> None:
+        """The thresholds the release now served for ``model`` came with (empty: none)."""
+        self._manifest_policies.pop(model, None)
+        if not thresholds:
+            return
+        try:
+            self._manifest_policies[model] = with_thresholds(self.config.policy, thresholds)
+        except ValueError as exc:  # signed, but not for this node's version: keep the default
+            log.warning("manifest thresholds of %s not used: %s", model, exc)
+
+    def set_thresholds(self, model: str, thresholds: Mapping[str, float | str]) -> PolicyConfig:
+        """An operator's ``set_threshold``: these thresholds over the current policy, until the
+        node restarts. ValueError (naming the bad threshold) leaves the policy as it was."""
+        policy = with_thresholds(self.policy(model), thresholds)
+        self._overrides[model] = policy
+        return policy
 
     def triage(self, model: str, scores: np.ndarray, output: str) -> Triage:
         """Which rows of ``scores`` ``[N, C]`` the policy for ``model`` sends to the cloud."""

@@ -2,14 +2,47 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
+from pydantic import ValidationError
 
 from edge_node.escalation.config import PolicyConfig
 from schemas import EdgeVerdict
 
 TOP_K = 3
+
+THRESHOLD_NAMES = {
+    "escalate_below": "max_softmax_below",
+    "max_softmax_below": "max_softmax_below",
+    "margin_below": "margin_below",
+    "entropy_above": "entropy_above",
+    "deadline_ms": "deadline_ms",
+}
+"""Names a manifest's ``thresholds`` or a ``set_threshold`` command may use, and the policy field
+each sets (``escalate_below`` is the short name of ``max_softmax_below``)."""
+
+
+def with_thresholds(base: PolicyConfig, thresholds: Mapping[str, float | str]) -> PolicyConfig:
+    """``base`` with the named thresholds replaced; ValueError naming the bad name or value."""
+    changes: dict[str, float] = {}
+    for name, value in thresholds.items():
+        field = THRESHOLD_NAMES.get(name)
+        if field is None:
+            known = ", ".join(sorted(THRESHOLD_NAMES))
+            raise ValueError(f"unknown threshold {name!r} (known: {known})")
+        try:
+            changes[field] = float(value)
+        except ValueError:
+            raise ValueError(f"threshold {name}={value!r} is not a number") from None
+    try:
+        return PolicyConfig.model_validate({**base.model_dump(), **changes})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(x) for x in e['loc']) or 'policy'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ValueError(f"thresholds {dict(thresholds)}: {problems}") from None
 
 
 def probabilities(scores: np.ndarray, kind: str) -> np.ndarray:

@@ -221,7 +221,7 @@ class UpdateManager:
             try:
                 if sha256_file(path) != active.sha256:
                     raise ModelLoadError(f"{path} does not hash to {active.sha256[:16]}…")
-                return ServedModel.load(
+                served = ServedModel.load(
                     str(path),
                     name=active.name,
                     release=active.release,
@@ -229,6 +229,8 @@ class UpdateManager:
                     providers=self._providers,
                     intra_op_threads=self._threads,
                 )
+                served.thresholds = dict(active.thresholds)
+                return served
             except (OSError, ModelLoadError) as exc:
                 previous = self._state.previous
                 log.error("active release %d unusable (%s): falling back", active.release, exc)
@@ -502,6 +504,7 @@ class UpdateManager:
             # The model serves from the file it was validated from: reload from its final place
             # only matters for `path` (recycling); the session itself is the validated one.
             model.path = str(local)
+            model.thresholds = dict(m.thresholds)
             new = Installed(
                 name=m.name,
                 release=m.release,
@@ -509,6 +512,7 @@ class UpdateManager:
                 output_kind=m.output_kind,
                 path=str(local),
                 manifest_id=manifest_id,
+                thresholds=dict(m.thresholds),
             )
             old_installed = self._state.active
             activated = NodeState(

@@ -36,6 +36,8 @@ class Installed(msgspec.Struct, frozen=True, kw_only=True):
     output_kind: Literal["probabilities", "logits"]
     path: str
     manifest_id: str
+    thresholds: dict[str, float] = {}
+    """The manifest's escalation thresholds (they go with the model, across restarts)."""
 
 
 class Probation(msgspec.Struct, frozen=True, kw_only=True):
