@@ -387,6 +387,10 @@ def _explain(exc: ValidationError, source: str) -> str:
         given = err.get("input")
         shown = "" if isinstance(given, dict) else f" (got {given!r})"
         lines.append(f"  {key}: {err['msg']}{shown}  [set it in the file or with {env}]")
+        if err["type"] in ("tuple_type", "list_type") and isinstance(given, str):
+            lines.append(
+                f'    list values in EDGEWISE_* variables are JSON, e.g. {env}=\'["a", "b"]\''
+            )
     return "\n".join(lines)
 
 

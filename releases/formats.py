@@ -6,7 +6,6 @@ always stored under the suffix of its manifest's ``format``.
 
 from __future__ import annotations
 
-from pathlib import PurePath
 from typing import Final, Literal
 
 ModelFormat = Literal["onnx", "tflite"]
@@ -19,6 +18,11 @@ def suffix_of(fmt: str) -> str:
     return f".{fmt}"
 
 
-def format_of(path: str | PurePath) -> ModelFormat | None:
-    """The format a model file's suffix names (case-insensitive); None for any other suffix."""
-    return _SUFFIXES.get(PurePath(path).suffix.lower())
+def format_of(path: object) -> ModelFormat | None:
+    """The format a model file's suffix names (case-insensitive); None for any other suffix.
+
+    ``path`` is a path or a file name (``str()`` of it is read; no file is touched).
+    """
+    name = str(path).replace("\\", "/").rsplit("/", 1)[-1]
+    dot = name.rfind(".")
+    return _SUFFIXES.get(name[dot:].lower()) if dot > 0 else None
