@@ -427,15 +427,14 @@ class EdgeNode:
         """``degraded: accelerator_unavailable`` while the model serves on a provider other
         than the one the node prefers (its class's first); it keeps serving on the fallback."""
         rt = served.runtime
-        missing = self.hardware.accelerator_missing(rt.name, rt.provider)
+        missing = self.hardware.accelerator_missing(served.path, rt.name, rt.provider)
         if missing and "accelerator_unavailable" not in self.reasons:
-            settings = self.hardware.settings_for_runtime(rt.name)
             log.warning(
                 "%s serves on %s, not on %s (hardware class %s): the accelerator is missing or"
                 " failed",
                 rt.name,
                 rt.provider,
-                settings.preferred if settings else "?",
+                self.hardware.preferred_for(served.path, rt.name),
                 self.hardware.name,
             )
         self._set_reason("accelerator_unavailable", missing)
@@ -583,7 +582,9 @@ class EdgeNode:
             new.runtime.name,
             new.runtime.provider,
         )
-        missing = self.hardware.accelerator_missing(new.runtime.name, new.runtime.provider)
+        missing = self.hardware.accelerator_missing(
+            new.path, new.runtime.name, new.runtime.provider
+        )
         if missing == ("accelerator_unavailable" in self.reasons):
             for session in self._sessions:  # the release changed, the reasons did not
                 self._publish_status(session)

@@ -255,3 +255,44 @@ def test_providers_of_another_runtime_stop_the_node() -> None:
     cfg = NodeConfig(hardware_class="rpi5-coral", model={"providers": ["CUDAExecutionProvider"]})
     with pytest.raises(ConfigError, match=r"model\.providers: .*rpi5-coral runs litert"):
         cfg.hardware()
+
+
+# ----------------------------------------------------------------------------- what fits
+def test_accelerator_is_the_first_provider_for_the_model_s_format() -> None:
+    coral = NodeConfig(hardware_class="rpi5-coral").hardware()
+    # Judged by the file's format, whatever the backend calls itself.
+    assert coral.accelerator_missing("/m/det.tflite", "litert", "cpu")
+    assert not coral.accelerator_missing("/m/det.tflite", "litert", "edgetpu")
+    gateway = NodeConfig(hardware_class="x86-cpu-gateway").hardware()
+    assert not gateway.accelerator_missing("/m/det.tflite", "litert", "cpu")
+    assert not gateway.accelerator_missing("/m/det.onnx", "onnxruntime", "CPUExecutionProvider")
+    jetson = NodeConfig(hardware_class="jetson-vision-standard").hardware()
+    assert jetson.accelerator_missing("/m/det.onnx", "onnxruntime", "CUDAExecutionProvider")
+    assert not jetson.accelerator_missing(None, "onnxruntime", "TensorrtExecutionProvider")
+    pinned = NodeConfig(
+        hardware_class="jetson-vision-standard", model={"providers": ["CPUExecutionProvider"]}
+    ).hardware()
+    assert not pinned.accelerator_missing("/m/det.onnx", "onnxruntime", "CPUExecutionProvider")
+
+
+def test_release_envelope_checks() -> None:
+    from edge_node.runtime import SUPPORTED_SUFFIXES
+
+    hw = NodeConfig(hardware_class="rpi5-coral").hardware()
+    ok_shape = [-1, 320, 320, 3]
+    onnx = hw.refuse_release("onnx", 1000, ok_shape, "r")
+    assert onnx is not None and onnx.reason == "unsupported_format"
+    big = hw.refuse_release("tflite", 33_554_433, ok_shape, "r")
+    tflite_runs_here = ".tflite" in SUPPORTED_SUFFIXES
+    if tflite_runs_here:  # the LiteRT backend is installed: size and input are judged
+        assert big is not None and big.reason == "model_too_large"
+        wide = hw.refuse_release("tflite", 1000, [-1, 321, 320, 3], "r")
+        assert wide is not None and wide.reason == "input_too_large"
+        assert hw.refuse_release("tflite", 1000, ok_shape, "r") is None
+    else:  # without it nothing .tflite can run: refused before the download all the same
+        assert big is not None and big.reason == "unsupported_format"
+        assert "no tflite runtime" in big.detail
+    generic = NodeConfig().hardware()
+    assert generic.refuse_release("onnx", 1000, [-1, 8, 8], "r") is None
+    assert generic.refuse_input([512, 513], "m") is not None  # 262,656 > 262,144
+    assert generic.refuse_input([512, 512], "m") is None

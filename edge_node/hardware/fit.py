@@ -93,10 +93,17 @@ class NodeHardware:
         assert got is not None, "every format has a known runtime"
         return got
 
-    def accelerator_missing(self, runtime: str, provider: str) -> bool:
-        """True if ``runtime`` serves on ``provider`` although the node prefers another one."""
-        settings = self.settings_for_runtime(runtime)
-        return settings is not None and provider != settings.preferred
+    def preferred_for(self, path: str | None, runtime: str) -> str | None:
+        """The provider the node wants serving a model loaded from ``path`` (its format, by
+        suffix) or, without a path, by ``runtime``; None if the node cannot tell."""
+        fmt = format_of(path) if path is not None else None
+        settings = self.settings_for(fmt) if fmt is not None else self.settings_for_runtime(runtime)
+        return None if settings is None else settings.preferred
+
+    def accelerator_missing(self, path: str | None, runtime: str, provider: str) -> bool:
+        """True if the model serves on ``provider`` although the node prefers another one."""
+        preferred = self.preferred_for(path, runtime)
+        return preferred is not None and provider != preferred
 
     # ------------------------------------------------------------------ what fits
     def refuse_format(self, fmt: str | None, what: str) -> Refusal | None:
