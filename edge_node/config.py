@@ -31,6 +31,7 @@ from pydantic_settings import (
 
 from edge_node.errors import ConfigError
 from edge_node.escalation.config import EscalationConfig
+from edge_node.hardware import NodeHardware, load_classes, resolve, shipped_classes_file
 from edge_node.updates.config import UpdatesConfig
 from mqtt_session import MqttConfig
 from outbox import OutboxConfig
@@ -55,8 +56,21 @@ class ModelConfig(BaseModel):
     name: str = "digits"
     release: int = Field(1, ge=0)
     output: Literal["probabilities", "logits"] = "probabilities"
-    providers: tuple[str, ...] = ("CPUExecutionProvider",)
-    intra_op_threads: int = Field(1, ge=1, le=64)
+    providers: tuple[str, ...] | None = Field(
+        None,
+        min_length=1,
+        description="providers of the hardware class's runtime, most preferred first;"
+        " unset = the class's",
+    )
+    intra_op_threads: int | None = Field(
+        None, ge=1, le=64, description="threads one operator may use; unset = the class's"
+    )
+    inter_op_threads: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="threads for independent branches of the graph; unset = the class's",
+    )
     recycle_session_h: float = Field(
         0.0,
         ge=0,
@@ -227,11 +241,11 @@ class HealthConfig(BaseModel):
 
     model_config = _FROZEN
 
-    latency_slo_p99_ms: float = Field(
-        0.0,
+    latency_slo_p99_ms: float | None = Field(
+        None,
         ge=0,
         description="degraded (latency_slo) while a telemetry window's p99 latency is above"
-        " this; 0 = no SLO",
+        " this; 0 = no SLO; unset = the hardware class's latency envelope",
     )
     uplink_grace_s: float = Field(
         5.0,
@@ -261,7 +275,12 @@ class NodeConfig(BaseSettings):
 
     node_id: str = Field(default_factory=lambda: socket.gethostname().split(".")[0] or "node")
     hardware_class: str = Field(
-        "generic-cpu", description="the node's hardware class (reported; models target it)"
+        "generic-cpu",
+        description="the node's hardware class, a table of hardware_classes_file (runtime,"
+        " providers, threads, envelope; reported; releases target it)",
+    )
+    hardware_classes_file: Path | None = Field(
+        None, description="the operator's hardware_classes.toml; unset = the shipped one"
     )
     mqtt: MqttConfig = MqttConfig()
     uplink: MqttConfig | None = Field(
@@ -303,6 +322,32 @@ class NodeConfig(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
 
+    @field_validator("hardware_classes_file", mode="before")
+    @classmethod
+    def _empty_file_is_shipped(cls, v: object) -> object:
+        return None if v == "" else v
+
+    def hardware(self) -> NodeHardware:
+        """The node's hardware class from ``hardware_classes_file`` with this config's overrides
+        (read from disk on each call: call once, at start). Raises :class:`ConfigError` naming
+        the file and key, or listing the known classes."""
+        path = self.hardware_classes_file or shipped_classes_file()
+        if not path.is_file():
+            raise ConfigError(
+                f"hardware_classes_file: {path} does not exist (unset it to use the shipped"
+                f" classes, {shipped_classes_file()})"
+            )
+        m = self.model
+        return resolve(
+            load_classes(path),
+            self.hardware_class,
+            path,
+            providers=m.providers,
+            intra_op_threads=m.intra_op_threads,
+            inter_op_threads=m.inter_op_threads,
+            latency_slo_p99_ms=self.health.latency_slo_p99_ms,
+        )
+
     @classmethod
     def load(cls, path: Path | str | None = None, **overrides: Any) -> NodeConfig:
         """Read settings; raise :class:`ConfigError` naming the bad key."""
@@ -342,6 +387,10 @@ def _explain(exc: ValidationError, source: str) -> str:
         given = err.get("input")
         shown = "" if isinstance(given, dict) else f" (got {given!r})"
         lines.append(f"  {key}: {err['msg']}{shown}  [set it in the file or with {env}]")
+        if err["type"] in ("tuple_type", "list_type") and isinstance(given, str):
+            lines.append(
+                f'    list values in EDGEWISE_* variables are JSON, e.g. {env}=\'["a", "b"]\''
+            )
     return "\n".join(lines)
 
 

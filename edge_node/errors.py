@@ -5,7 +5,9 @@ Tree::
     EdgeNodeError
     ├── ConfigError        a setting is missing or invalid (the message names the key and source)
     └── ModelLoadError     the model could not be loaded or does not fit the node (translated from
-                           the runtime backend's RuntimeLoadError at one boundary)
+        │                  the runtime backend's RuntimeLoadError at one boundary)
+        └── ModelRefused   the node's hardware class cannot run the model (format, size, input);
+                           ``reason`` is the code reported on events
 """
 
 from __future__ import annotations
@@ -21,3 +23,13 @@ class ConfigError(EdgeNodeError):
 
 class ModelLoadError(EdgeNodeError):
     """The model could not be loaded."""
+
+
+class ModelRefused(ModelLoadError):
+    """The node's hardware class cannot run the model: ``reason`` is ``unsupported_format``,
+    ``model_too_large`` or ``input_too_large`` (the codes of :class:`releases.Reason`)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail

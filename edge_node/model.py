@@ -52,9 +52,15 @@ class ServedModel:
         output: Literal["probabilities", "logits"],
         providers: tuple[str, ...],
         intra_op_threads: int,
+        inter_op_threads: int = 1,
     ) -> ServedModel:
         try:
-            runtime = load_runtime(path, providers=providers, intra_op_threads=intra_op_threads)
+            runtime = load_runtime(
+                path,
+                providers=providers,
+                intra_op_threads=intra_op_threads,
+                inter_op_threads=inter_op_threads,
+            )
         except RuntimeLoadError as exc:
             raise ModelLoadError(f"cannot load model {path}: {exc}") from exc
         served = cls(runtime, name=name, release=release, output=output)

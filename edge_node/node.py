@@ -35,6 +35,7 @@ from edge_node.config import NodeConfig
 from edge_node.deadletter import DeadLetters
 from edge_node.errors import ConfigError
 from edge_node.escalation import Case, Escalator, Final
+from edge_node.hardware import load_model
 from edge_node.inference import AdaptiveRunner
 from edge_node.model import Prediction, ServedModel
 from edge_node.updates import UpdateManager
@@ -113,6 +114,8 @@ class EdgeNode:
     def __init__(self, config: NodeConfig, *, model: ServedModel | None = None) -> None:
         self.config = config
         self.node_id = config.node_id
+        # Read once, here: a bad classes file or an unknown class stops the node at start.
+        self.hardware = config.hardware()
         self.topics = config.topics.to_topics()
         self.limits = config.limits.to_limits()
         self._model = model
@@ -222,25 +225,26 @@ class EdgeNode:
             self._model = await asyncio.to_thread(self.updates.boot)
         if self._model is None:
             m = self.config.model
-            self._model = ServedModel.load(
-                str(m.resolved_path()),
+            self._model = load_model(
+                self.hardware,
+                m.resolved_path(),
                 name=m.name,
                 release=m.release,
                 output=m.output,
-                providers=m.providers,
-                intra_op_threads=m.intra_op_threads,
             )
         self._inference = AdaptiveRunner(self.model.predict, self._pool)
         if self.escalator is not None:
             self.escalator.use_manifest_thresholds(self.model.name, self.model.thresholds)
         log.info(
-            "node %s serving %s release %d on %s (%s)",
+            "node %s (hardware class %s) serving %s release %d on %s (%s)",
             self.node_id,
+            self.hardware.name,
             self.model.name,
             self.model.release,
             self.model.runtime.name,
             self.model.runtime.provider,
         )
+        self._check_accelerator(self.model)
         try:
             self._outbox_path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -382,6 +386,7 @@ class EdgeNode:
                 release=m.release if m else self.config.model.release,
                 runtime=m.runtime.name if m else None,
                 provider=m.runtime.provider if m else None,
+                hardware_class=self.hardware.name,
                 boot_id=self.boot_id,
             )
         )
@@ -423,6 +428,22 @@ class EdgeNode:
             log.info("recovered: %s", reason)
         for session in self._sessions:
             self._publish_status(session)
+
+    def _check_accelerator(self, served: ServedModel) -> None:
+        """``degraded: accelerator_unavailable`` while the model serves on a provider other
+        than the one the node prefers (its class's first); it keeps serving on the fallback."""
+        rt = served.runtime
+        missing = self.hardware.accelerator_missing(served.path, rt.name, rt.provider)
+        if missing and "accelerator_unavailable" not in self.reasons:
+            log.warning(
+                "%s serves on %s, not on %s (hardware class %s): the accelerator is missing or"
+                " failed",
+                rt.name,
+                rt.provider,
+                self.hardware.preferred_for(served.path, rt.name),
+                self.hardware.name,
+            )
+        self._set_reason("accelerator_unavailable", missing)
 
     def _publish_status(self, session: MqttSession) -> None:
         if not session.connected:
@@ -470,7 +491,7 @@ class EdgeNode:
     async def close_window(self) -> None:
         """End the current telemetry window: check the latency SLO, store the window's message
         in the outbox (kind ``telemetry``) and hand it to the forwarder."""
-        slo_ms = self.config.health.latency_slo_p99_ms
+        slo_ms = self.hardware.latency_slo_p99_ms
         if slo_ms > 0:
             p99 = self._window.sketch.quantile(0.99)
             self._set_reason("latency_slo", p99 is not None and p99 > slo_ms)
@@ -541,15 +562,13 @@ class EdgeNode:
         return UpdateManager(
             c.updates,
             node_id=self.node_id,
-            hw_class=c.hardware_class,
+            hardware=self.hardware,
             mqtt=c.uplink or c.mqtt,
             topics=self.topics,
             state_dir=c.storage.state_dir / f"{self.node_id}.updates",
             model_name=c.model.name,
             model_release=c.model.release,
             model_path=c.model.resolved_path(),
-            providers=c.model.providers,
-            intra_op_threads=c.model.intra_op_threads,
             swap=self.swap_model,
             commands={
                 "recycle_session": lambda args: self.recycle_session(),
@@ -567,9 +586,20 @@ class EdgeNode:
         self._inference = AdaptiveRunner(new.predict, self._pool)
         if self.escalator is not None:  # a release's thresholds go with it (and back on rollback)
             self.escalator.use_manifest_thresholds(new.name, new.thresholds)
-        log.info("now serving %s release %d", new.name, new.release)
-        for session in self._sessions:
-            self._publish_status(session)
+        log.info(
+            "now serving %s release %d on %s (%s)",
+            new.name,
+            new.release,
+            new.runtime.name,
+            new.runtime.provider,
+        )
+        missing = self.hardware.accelerator_missing(
+            new.path, new.runtime.name, new.runtime.provider
+        )
+        if missing == ("accelerator_unavailable" in self.reasons):
+            for session in self._sessions:  # the release changed, the reasons did not
+                self._publish_status(session)
+        self._check_accelerator(new)
         return old
 
     def set_threshold(self, args: Mapping[str, str]) -> str:
@@ -613,19 +643,17 @@ class EdgeNode:
         (the old session then goes on serving).
         """
         old = self.model
-        m = self.config.model
         if old.path is None:
             log.warning("the served model was not loaded from a file: nothing to recycle")
             return False
         try:
             new = await asyncio.to_thread(
-                ServedModel.load,
+                load_model,
+                self.hardware,
                 old.path,
                 name=old.name,
                 release=old.release,
-                output=m.output,
-                providers=m.providers,
-                intra_op_threads=m.intra_op_threads,
+                output=old.output,
             )
         except Exception as exc:  # keep serving with what works
             log.error("recycling the inference session failed, keeping the old one: %s", exc)
@@ -636,6 +664,7 @@ class EdgeNode:
         # The pool runs one call at a time in order: this runs after every call given to `old`.
         self._pool.submit(old.close)
         log.info("inference session recycled (%d so far)", self.stats.session_recycles)
+        self._check_accelerator(new)
         return True
 
     # ------------------------------------------------------------------ hot path

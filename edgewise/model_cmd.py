@@ -35,6 +35,7 @@ from releases import (
     encode,
     sign,
 )
+from releases.formats import MODEL_FORMATS, format_of, suffix_of
 from releases.wire import MAX_GOLDEN_BYTES
 from schemas import ContractError, Topics, decode_status
 
@@ -170,7 +171,12 @@ def _ship(
 @model_app.command("publish")
 def publish(
     model: Annotated[
-        Path, typer.Argument(help="The ONNX model file.", exists=True, dir_okay=False)
+        Path,
+        typer.Argument(
+            help="The model file: .onnx or .tflite (the release's format is the suffix).",
+            exists=True,
+            dir_okay=False,
+        ),
     ],
     name: NameOpt,
     release: Annotated[
@@ -208,6 +214,12 @@ def publish(
     with the artifact as retained chunks on `models/{sha256}/{i}`."""
     from edge_node.runtime import RuntimeLoadError, load_runtime
 
+    fmt = format_of(model)
+    if fmt is None:
+        fail(
+            f"{model}: the release format is taken from the file suffix; rename it to end in"
+            f" {' or '.join(suffix_of(f) for f in MODEL_FORMATS)}"
+        )
     if output_kind not in ("probabilities", "logits"):
         fail("--output must be probabilities or logits")
     if not hw_class:
@@ -231,6 +243,7 @@ def publish(
         sha256=hashlib.sha256(data).hexdigest(),
         size=len(data),
         chunk_bytes=chunk_kib * 1024,
+        format=fmt,
         output_kind=output_kind,  # type: ignore[arg-type]
         input=input_decl,
         output=output_decl,

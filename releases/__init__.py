@@ -9,6 +9,7 @@ machine).
 * :mod:`releases.signing`  Ed25519 keys, key ids, :func:`sign`
 * :mod:`releases.verify`   :func:`verify_key_set`, :func:`verify_manifest`, :func:`verify_command`
 * :mod:`releases.cohort`   which nodes a staged rollout reaches
+* :mod:`releases.formats`  model formats (``onnx``, ``tflite``) and their file suffixes
 * :mod:`releases.reasons`  :class:`Reason`, one code per rejection
 * :mod:`releases.events`   :class:`UpdateEvent` on ``edge/{node}/events``
 * :mod:`releases.errors`   ``ReleaseError`` > ``Rejected`` | ``BadKey``
@@ -17,6 +18,7 @@ machine).
 from releases.cohort import cohort_point, in_cohort
 from releases.errors import BadKey, Rejected, ReleaseError
 from releases.events import EVENT_KINDS, UpdateEvent, decode_event, encode_event
+from releases.formats import MODEL_FORMATS, ModelFormat, format_of, suffix_of
 from releases.reasons import TRUST_DEPENDENT, Reason
 from releases.signing import envelope_id, generate, key_id, public_entry, sign
 from releases.verify import (
@@ -44,6 +46,7 @@ from releases.wire import (
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "EVENT_KINDS",
+    "MODEL_FORMATS",
     "TRUST_DEPENDENT",
     "BadKey",
     "Command",
@@ -53,6 +56,7 @@ __all__ = [
     "KeySetVerdict",
     "Manifest",
     "ManifestVerdict",
+    "ModelFormat",
     "PublicKey",
     "Reason",
     "Rejected",
@@ -67,11 +71,13 @@ __all__ = [
     "encode",
     "encode_event",
     "envelope_id",
+    "format_of",
     "generate",
     "in_cohort",
     "key_id",
     "public_entry",
     "sign",
+    "suffix_of",
     "verify_command",
     "verify_key_set",
     "verify_manifest",

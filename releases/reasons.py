@@ -28,6 +28,9 @@ class Reason(StrEnum):
     REPLAYED = "replayed"
     NOT_YET_VALID = "not_yet_valid"
     EXPIRED = "expired"
+    # -- the node's hardware class (node side, before any chunk is fetched)
+    MODEL_TOO_LARGE = "model_too_large"
+    INPUT_TOO_LARGE = "input_too_large"
     # -- download (node side)
     SIZE_EXCEEDED = "size_exceeded"
     HASH_MISMATCH = "hash_mismatch"

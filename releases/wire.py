@@ -18,6 +18,7 @@ import msgspec
 from msgspec import Meta
 
 from releases.errors import Rejected
+from releases.formats import ModelFormat
 from releases.reasons import Reason
 from schemas import ContractError
 from schemas.fields import LEVEL_PATTERN
@@ -108,7 +109,9 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
     sha256: Sha256
     size: Annotated[int, Meta(ge=1, le=MAX_ARTIFACT_BYTES)]
     chunk_bytes: Annotated[int, Meta(ge=1024, le=16 * 1024 * 1024)] = DEFAULT_CHUNK_BYTES
-    format: Literal["onnx"] = "onnx"
+    format: ModelFormat = "onnx"
+    """The artifact's file format (see :mod:`releases.formats`); a node stores it with the
+    matching suffix."""
     output_kind: Literal["probabilities", "logits"] = "probabilities"
     input: TensorDecl
     output: TensorDecl

@@ -25,12 +25,14 @@ class Status(msgspec.Struct, frozen=True, kw_only=True):
     release: Seq | None = None
     runtime: Name | None = None
     provider: Name | None = None
+    hardware_class: Level | None = None
+    """The node's hardware class (``hardware_class`` in its config)."""
     boot_id: Name | None = None
     v: int = 1
 
 
 _DECODER: Final = msgspec.msgpack.Decoder(Status)
-_FIELDS: Final = 10
+_FIELDS: Final = 11
 
 
 def encode_status(s: Status) -> bytes:
@@ -42,6 +44,10 @@ def decode_status(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> Status:
     """Decode and validate a status; raises only :class:`~schemas.errors.ContractError`."""
     budget = 1 + 2 * _FIELDS + REASONS_MAX + limits.max_extra_items
     status = decode_msgpack(payload, _DECODER.decode, what="status", limits=limits, budget=budget)
-    check_names(limits, "status", [status.node, status.model, status.runtime, status.provider])
+    check_names(
+        limits,
+        "status",
+        [status.node, status.model, status.runtime, status.provider, status.hardware_class],
+    )
     check_names(limits, "status", [status.boot_id, *status.reasons])
     return status

@@ -107,6 +107,7 @@ def test_model_publish_out_writes_verifiable_payloads(keys: Path, tmp_path: Path
     )  # fmt: skip
     m = verdict.manifest
     assert (m.release, m.size, m.hw_classes) == (4, len(CLOUD_MODEL), ["cpu", "arm"])
+    assert m.format == "onnx"  # from the file's suffix
     assert m.thresholds == {"escalate_below": 0.8}
     assert (m.input.dtype, m.input.shape, m.output.shape) == ("float32", [-1, 8, 8], [-1, 10])
     joined = b"".join((out / "chunks" / f"{i}.bin").read_bytes() for i in range(m.chunks))
@@ -120,6 +121,17 @@ def test_model_publish_refuses_a_file_that_is_not_a_model(keys: Path, tmp_path: 
     out = run("model", "publish", str(bad), "--name", "d", "--release", "2", "--hw-class", "cpu",
               "-k", str(keys), "--out", str(tmp_path / "o"), code=2)  # fmt: skip
     assert "not a model a node can load" in out
+
+
+def test_model_publish_refuses_a_file_whose_suffix_names_no_format(
+    keys: Path, tmp_path: Path
+) -> None:
+    model = tmp_path / "digits.model"  # an ONNX model under a name that says nothing
+    model.write_bytes(CLOUD_MODEL)
+    out = run("model", "publish", str(model), "--name", "d", "--release", "2", "--hw-class",
+              "cpu", "-k", str(keys), "--out", str(tmp_path / "o"), code=2)  # fmt: skip
+    assert "end in .onnx or .tflite" in out
+    assert not (tmp_path / "o").exists()
 
 
 def test_publish_promote_rollback_status_gc_against_a_broker(

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from edge_node.config import bundled_asset
+from edge_node.hardware import NodeHardware
 from edge_node.model import ServedModel
 from edge_node.updates import UpdateManager, UpdatesConfig
 from local_broker import BrokerInfo, MosquittoProcess
@@ -36,6 +37,7 @@ from tests.updatekit import (
     chunks,
     collapsed_model,
     constant_model,
+    hardware,
     manifest,
     nan_model,
     retagged,
@@ -139,6 +141,7 @@ async def running_updater(
     node_id: str | None = None,
     clock: Callable[[], float] = lambda: NOW,
     publish_keys: bool = True,
+    hw: NodeHardware | None = None,
     **cfg: Any,
 ) -> AsyncIterator[Updater]:
     node_id = node_id or f"gw-{uuid.uuid4().hex[:6]}"
@@ -161,7 +164,7 @@ async def running_updater(
     manager = UpdateManager(
         _config(root_pem, **cfg),
         node_id=node_id,
-        hw_class="cpu",
+        hardware=hw or hardware(),
         mqtt=mqtt,
         topics=topics,
         state_dir=state_dir,
@@ -752,3 +755,79 @@ async def test_rollback_release_reuses_the_kept_previous_artifact(
         await u.wait_kind("committed", count=3)
         assert _release_of(u) == 4
         assert u.manager.active is not None and u.manager.active.sha256 == old.sha256
+
+
+# ----------------------------------------------------------------------------- hardware class
+async def _refused_before_download(
+    u: Updater, m: Manifest, artifact: bytes, reason: str
+) -> UpdateEvent:
+    """Publish ``m`` with its chunks; it must be refused with ``reason`` before a chunk is
+    fetched, leave the state on disk byte-identical, and be reported once only."""
+    before = state_digest(u.state_dir)
+    signed = await u.release(m, artifact)
+    event = await u.wait_kind(f"rejected:{reason}")
+    assert u.manager.stats.downloads == 0
+    assert "downloading" not in u.kinds()
+    assert not list((u.state_dir / "partial").iterdir())
+    assert not list((u.state_dir / "staged").iterdir())
+    assert state_digest(u.state_dir) == before
+    assert _release_of(u) == 1
+    await u.publish_manifest(signed)  # the same retained manifest again (as on a reconnect)
+    await wait_until(lambda: u.manager.stats.manifests_skipped >= 1)
+    assert u.kinds().count(f"rejected:{reason}") == 1
+    assert u.manager.stats.downloads == 0
+    return event
+
+
+@run_async
+async def test_oversized_model_rejected_before_download(
+    mosquitto: BrokerInfo, tmp_path: Path, fleet: Fleet
+) -> None:
+    hw = hardware(max_model_bytes=len(CLOUD_MODEL) - 1)
+    async with running_updater(mosquitto, tmp_path, fleet, hw=hw) as u:
+        m = manifest(CLOUD_MODEL)
+        event = await _refused_before_download(u, m, CLOUD_MODEL, "model_too_large")
+        assert f"{len(CLOUD_MODEL)} bytes > max_model_bytes" in event.detail
+
+
+@run_async
+async def test_oversized_input_rejected_before_download(
+    mosquitto: BrokerInfo, tmp_path: Path, fleet: Fleet
+) -> None:
+    async with running_updater(mosquitto, tmp_path, fleet, hw=hardware(max_input_elements=63)) as u:
+        event = await _refused_before_download(
+            u, manifest(CLOUD_MODEL), CLOUD_MODEL, "input_too_large"
+        )
+        assert "64 input elements" in event.detail
+
+
+@run_async
+async def test_unbounded_input_dimension_rejected_before_download(
+    mosquitto: BrokerInfo, tmp_path: Path, fleet: Fleet
+) -> None:
+    async with running_updater(mosquitto, tmp_path, fleet) as u:
+        m = manifest(CLOUD_MODEL, input_shape=(-1, -1, 8))
+        event = await _refused_before_download(u, m, CLOUD_MODEL, "input_too_large")
+        assert "dynamic dimension" in event.detail
+
+
+@run_async
+async def test_format_the_class_cannot_run_rejected_before_download(
+    mosquitto: BrokerInfo, tmp_path: Path, fleet: Fleet
+) -> None:
+    async with running_updater(mosquitto, tmp_path, fleet) as u:  # generic-cpu: onnx only
+        m = manifest(CLOUD_MODEL, format="tflite")
+        event = await _refused_before_download(u, m, CLOUD_MODEL, "unsupported_format")
+        assert "accepts onnx" in event.detail
+
+
+def test_stored_artifacts_keep_the_suffix_their_runtime_is_picked_by(tmp_path: Path) -> None:
+    from edge_node.updates.state import StateStore
+    from releases import MODEL_FORMATS, format_of
+
+    store = StateStore(tmp_path)
+    sha = "ab" * 32
+    for fmt in MODEL_FORMATS:
+        assert format_of(store.artifact_path(sha, fmt)) == fmt
+        assert format_of(store.staged_path(sha, fmt)) == fmt
+        assert store.artifact_path(sha, fmt).stem == sha  # what pruning keeps by

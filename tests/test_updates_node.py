@@ -38,7 +38,7 @@ def _settings(tmp_path: Path, fleet: Fleet, **updates: Any) -> dict[str, Any]:
     root.write_bytes(public_pem(fleet.root))
     tag = uuid.uuid4().hex[:8]
     return {
-        "hardware_class": "cpu",
+        "hardware_class": "generic-cpu",
         "topics": {"fleet_root": f"fleet-{tag}", "models_root": f"models-{tag}"},
         "updates": {"root_key": str(root), **updates},
         "batching": {"max_wait_ms": 2.0},
@@ -60,10 +60,13 @@ async def _publish_release(
 ) -> None:
     topics = h.node.topics
     await h.sensor.publish(topics.fleet_keys(), fleet.signed_key_set(now=now()), retain=True)
-    m = manifest(artifact, release=release, now=now(), **manifest_fields)
+    fields: dict[str, Any] = {"hw_classes": ("generic-cpu",), **manifest_fields}
+    m = manifest(artifact, release=release, now=now(), **fields)
     for i, part in enumerate(chunks(artifact, m.chunk_bytes)):
         await h.sensor.publish(topics.model_chunk(m.sha256, i), part, retain=True)
-    await h.sensor.publish(topics.fleet_model("cpu", "digits"), sign(m, fleet.release), retain=True)
+    await h.sensor.publish(
+        topics.fleet_model("generic-cpu", "digits"), sign(m, fleet.release), retain=True
+    )
 
 
 async def _traffic(h: Harness, stop: asyncio.Event, sent: list[int]) -> None:

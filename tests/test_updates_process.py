@@ -43,7 +43,7 @@ def start_node(
         env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEWISE_")}
         env.update(
             EDGEWISE_NODE_ID=node_id,
-            EDGEWISE_HARDWARE_CLASS="cpu",
+            EDGEWISE_HARDWARE_CLASS="generic-cpu",
             EDGEWISE_MQTT__HOST=mosquitto.host,
             EDGEWISE_MQTT__PORT=str(mosquitto.port),
             EDGEWISE_STORAGE__STATE_DIR=str(tmp_path / "state"),
@@ -135,13 +135,15 @@ def test_kill_9_at_each_update_step(
     proc = start_node(node_id, root_pub, **settings)
     probe.wait_for(_online, 30)
 
-    m = manifest(CLOUD_MODEL, release=2, now=now())
+    m = manifest(CLOUD_MODEL, release=2, now=now(), hw_classes=("generic-cpu",))
     parts = chunks(CLOUD_MODEL, m.chunk_bytes)
     operator.publish(f"{roots['fleet']}/keys", fleet.signed_key_set(now=now()), retain=True)
     first = 1 if step == "downloading" else len(parts)
     for i in range(first):
         operator.publish(f"{roots['models']}/{m.sha256}/{i}", parts[i], retain=True)
-    operator.publish(f"{roots['fleet']}/cpu/models/digits", sign(m, fleet.release), retain=True)
+    operator.publish(
+        f"{roots['fleet']}/generic-cpu/models/digits", sign(m, fleet.release), retain=True
+    )
     probe.wait_for(_is_event(step), 30)
     if step == "downloading":
         partial = tmp_path / "state" / f"{node_id}.updates" / "partial" / m.sha256
@@ -224,7 +226,7 @@ def test_mosquitto_pub_from_out_files_end_to_end(
          "--fleet-root", roots["fleet"], cwd=tmp_path)  # fmt: skip
     out_dir = tmp_path / "release"
     _cli("model", "publish", str(model), "--name", "digits", "--release", "2", "--hw-class",
-         "cpu", "--golden", str(np_golden), "--min-agreement", "0.9", "-k", str(keys),
+         "generic-cpu", "--golden", str(np_golden), "--min-agreement", "0.9", "-k", str(keys),
          "--out", str(out_dir), "--chunk-kib", "64", "--fleet-root", roots["fleet"],
          "--models-root", roots["models"], cwd=tmp_path)  # fmt: skip
 

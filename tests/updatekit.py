@@ -15,6 +15,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from onnx import TensorProto, helper, numpy_helper
 
 from edge_node.config import bundled_asset
+from edge_node.hardware import (
+    HardwareClass,
+    NodeHardware,
+    load_classes,
+    resolve,
+    shipped_classes_file,
+)
 from edgewise.frames import load_holdout
 from releases import Golden, KeySet, Manifest, TensorDecl, generate, public_entry, sign
 from releases.signing import raw_public
@@ -102,6 +109,22 @@ def manifest(
 
 def chunks(artifact: bytes, chunk_bytes: int = 64 * 1024) -> list[bytes]:
     return [artifact[i : i + chunk_bytes] for i in range(0, len(artifact), chunk_bytes)]
+
+
+def hardware(name: str = "cpu", base: str = "generic-cpu", **changes: Any) -> NodeHardware:
+    """A shipped hardware class under another name (the tests' fleet calls its class "cpu"),
+    with some of its keys changed, as a node resolves it with no overrides."""
+    shipped = load_classes(shipped_classes_file())[base]
+    cls = HardwareClass.model_validate({**shipped.model_dump(), "name": name, **changes})
+    return resolve(
+        {name: cls},
+        name,
+        shipped_classes_file(),
+        providers=None,
+        intra_op_threads=None,
+        inter_op_threads=None,
+        latency_slo_p99_ms=None,
+    )
 
 
 # ----------------------------------------------------------------------------- ONNX models

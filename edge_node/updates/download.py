@@ -5,7 +5,7 @@ chunk longer than declared is ``size_exceeded`` (so endless data stops at the de
 a shorter one ``hash_mismatch``. Chunks are kept in ``partial/{sha}/`` as they arrive, so a
 download resumes after a disconnect (the session re-subscribes and the broker resends the
 retained chunks) and after a restart. Once every chunk is there they are joined into
-``staged/{sha}.onnx`` through a temp file whose SHA-256 is checked before the rename: nothing
+``staged/{sha}.{format}`` through a temp file whose SHA-256 is checked before the rename: nothing
 else reads the artifact before its hash matched.
 """
 

@@ -37,7 +37,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from edge_node.errors import ModelLoadError
+from edge_node.errors import ModelLoadError, ModelRefused
+from edge_node.hardware import NodeHardware, load_model
 from edge_node.model import Prediction, ServedModel
 from edge_node.updates.config import UpdatesConfig
 from edge_node.updates.download import ChunkDownload
@@ -85,6 +86,8 @@ class UpdateStats:
     manifests_verified: int = 0
     manifests_skipped: int = 0
     """Seen again (retained, on every connect) and already judged: not verified again."""
+    downloads: int = 0
+    """Chunk downloads started (a session subscribed to ``models/{sha256}/+``)."""
 
 
 class UpdateManager:
@@ -93,15 +96,13 @@ class UpdateManager:
         config: UpdatesConfig,
         *,
         node_id: str,
-        hw_class: str,
+        hardware: NodeHardware,
         mqtt: MqttConfig,
         topics: Topics,
         state_dir: Path,
         model_name: str,
         model_release: int,
         model_path: Path,
-        providers: tuple[str, ...] = ("CPUExecutionProvider",),
-        intra_op_threads: int = 1,
         swap: Swap | None = None,
         commands: Mapping[str, CommandHandler] | None = None,
         clock: Callable[[], float] = time.time,
@@ -113,15 +114,14 @@ class UpdateManager:
         mqtt = mqtt.model_copy(update={"client_id": ""})
         self.config = config
         self.node_id = node_id
-        self.hw_class = hw_class
+        self.hardware = hardware
+        self.hw_class = hardware.name
         self.topics = topics
         self._mqtt = mqtt
         self._root = root
         self._model_name = model_name
         self._model_release = model_release
         self._model_path = model_path
-        self._providers = providers
-        self._threads = intra_op_threads
         self.swap = swap
         self.commands: dict[str, CommandHandler] = dict(commands or {})
         self._clock = clock
@@ -217,27 +217,29 @@ class UpdateManager:
     def _load_active(self) -> ServedModel | None:
         active = self._state.active
         while active is not None:
-            path = self.store.artifact_path(active.sha256)
+            path = self.store.artifact_path(active.sha256, active.format)
             try:
                 if sha256_file(path) != active.sha256:
                     raise ModelLoadError(f"{path} does not hash to {active.sha256[:16]}…")
-                served = ServedModel.load(
-                    str(path),
+                served = load_model(
+                    self.hardware,
+                    path,
                     name=active.name,
                     release=active.release,
                     output=active.output_kind,
-                    providers=self._providers,
-                    intra_op_threads=self._threads,
                 )
                 served.thresholds = dict(active.thresholds)
                 return served
             except (OSError, ModelLoadError) as exc:
                 previous = self._state.previous
                 log.error("active release %d unusable (%s): falling back", active.release, exc)
+                # E.g. the node's hardware_class changed to one that cannot run it.
                 self._event(
                     "rolled_back",
                     release=active.release,
-                    reason=Reason.LOAD_FAILED,
+                    reason=Reason(exc.reason)
+                    if isinstance(exc, ModelRefused)
+                    else Reason.LOAD_FAILED,
                     detail=str(exc)[:1000],
                     ref=active.manifest_id,
                     running=previous.release if previous else self._model_release,
@@ -425,6 +427,7 @@ class UpdateManager:
                 return
             if verdict.manifest.name != self._model_name:
                 raise Rejected(Reason.MALFORMED, f"model {verdict.manifest.name!r} on this topic")
+            self._check_class(verdict.manifest)
             if verdict.manifest.size > self.config.max_artifact_bytes:
                 raise Rejected(
                     Reason.SIZE_EXCEEDED,
@@ -446,6 +449,15 @@ class UpdateManager:
         finally:
             self.busy = False
 
+    def _check_class(self, m: Manifest) -> None:
+        """Can the node's hardware class run this release? Judged from the signed manifest,
+        before any chunk is fetched; raises :class:`Rejected`."""
+        refusal = self.hardware.refuse_release(
+            m.format, m.size, m.input.shape, f"release {m.release} of {m.name}"
+        )
+        if refusal is not None:
+            raise Rejected(Reason(refusal.reason), refusal.detail)
+
     def _config_sha256(self) -> str | None:
         try:
             return sha256_file(self._model_path)
@@ -464,11 +476,12 @@ class UpdateManager:
         store = self.store
         self._set_pending(manifest_id, m.release, "downloading")
         self._event("downloading", release=m.release, ref=manifest_id, detail=f"{m.size} bytes")
-        staged = store.staged_path(m.sha256)
-        local = store.artifact_path(m.sha256)
+        staged = store.staged_path(m.sha256, m.format)
+        local = store.artifact_path(m.sha256, m.format)
         if local.exists() and await asyncio.to_thread(sha256_file, local) == m.sha256:
             staged = local  # e.g. a rollback release pointing at the previous artifact
         else:
+            self.stats.downloads += 1
             download = ChunkDownload(
                 m,
                 mqtt=self._mqtt,
@@ -490,9 +503,7 @@ class UpdateManager:
         self._set_pending(manifest_id, m.release, "validating")
         self._event("validating", release=m.release, ref=manifest_id)
         try:
-            model = await asyncio.to_thread(
-                validate, staged, m, providers=self._providers, threads=self._threads
-            )
+            model = await asyncio.to_thread(validate, staged, m, hardware=self.hardware)
         except StepFailed:
             if staged != local:
                 staged.unlink(missing_ok=True)
@@ -513,6 +524,7 @@ class UpdateManager:
                 path=str(local),
                 manifest_id=manifest_id,
                 thresholds=dict(m.thresholds),
+                format=m.format,
             )
             old_installed = self._state.active
             activated = NodeState(

@@ -6,8 +6,10 @@ Layout (``{storage.state_dir}/{node_id}.updates/``)::
     state.json         active + previous artifact, release floor per model, probation marker
     pending.json       the update in progress before activation, and its step
     seen.json          rejected manifest ids (with reason) and command ids already run
-    artifacts/{sha}    verified, validated artifacts: at most the active and the previous one
-    staged/{sha}       a downloaded artifact whose sha256 matched, awaiting validation
+    artifacts/{sha}.{format}  verified, validated artifacts: at most the active and the previous
+                       one; the suffix (.onnx, .tflite) is the manifest's format, so the runtime
+                       that loads it is the right one
+    staged/{sha}.{format}     a downloaded artifact whose sha256 matched, awaiting validation
     partial/{sha}/{i}  downloaded chunks (kept across restarts: the download resumes)
 
 ``keys.signed``, ``state.json`` and ``artifacts/`` are the trusted state: a rejected release
@@ -25,6 +27,7 @@ import msgspec
 
 from edge_node.updates.errors import StateError
 from edge_node.updates.files import remove, write_atomic
+from releases.formats import suffix_of
 
 Step = Literal["downloading", "verified", "validating", "swapping"]
 
@@ -38,6 +41,8 @@ class Installed(msgspec.Struct, frozen=True, kw_only=True):
     manifest_id: str
     thresholds: dict[str, float] = {}
     """The manifest's escalation thresholds (they go with the model, across restarts)."""
+    format: str = "onnx"
+    """The manifest's format (state files written before formats existed hold ONNX)."""
 
 
 class Probation(msgspec.Struct, frozen=True, kw_only=True):
@@ -154,11 +159,11 @@ class StateStore:
         self._write(self._seen, msgspec.json.encode(seen))
 
     # artifacts
-    def artifact_path(self, sha256: str) -> Path:
-        return self.artifacts / f"{sha256}.onnx"
+    def artifact_path(self, sha256: str, fmt: str = "onnx") -> Path:
+        return self.artifacts / f"{sha256}{suffix_of(fmt)}"
 
-    def staged_path(self, sha256: str) -> Path:
-        return self.staged / f"{sha256}.onnx"
+    def staged_path(self, sha256: str, fmt: str = "onnx") -> Path:
+        return self.staged / f"{sha256}{suffix_of(fmt)}"
 
     def prune_artifacts(self, keep: set[str]) -> None:
         for path in list(self.artifacts.iterdir()) + list(self.staged.iterdir()):

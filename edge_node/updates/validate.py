@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from edge_node.errors import ModelLoadError
+from edge_node.errors import ModelLoadError, ModelRefused
+from edge_node.hardware import NodeHardware, load_model
 from edge_node.model import ServedModel
 from edge_node.runtime import TensorSpec
 from edge_node.updates.errors import StepFailed
@@ -31,21 +32,19 @@ def _spec_matches(decl: TensorDecl, spec: TensorSpec) -> str | None:
     return None
 
 
-def validate(
-    path: Path, manifest: Manifest, *, providers: tuple[str, ...], threads: int
-) -> ServedModel:
-    """Load ``path`` in a fresh session and check it against ``manifest``; raise StepFailed."""
-    if manifest.format != "onnx":
-        raise StepFailed(Reason.UNSUPPORTED_FORMAT, f"format {manifest.format!r}")
+def validate(path: Path, manifest: Manifest, *, hardware: NodeHardware) -> ServedModel:
+    """Load ``path`` in a fresh session, as the node's hardware class says, and check it against
+    ``manifest``; raise StepFailed."""
     try:
-        model = ServedModel.load(
-            str(path),
+        model = load_model(
+            hardware,
+            path,
             name=manifest.name,
             release=manifest.release,
             output=manifest.output_kind,
-            providers=providers,
-            intra_op_threads=threads,
         )
+    except ModelRefused as exc:  # checked before the download already; the file has the last word
+        raise StepFailed(Reason(exc.reason), exc.detail) from None
     except ModelLoadError as exc:
         raise StepFailed(Reason.LOAD_FAILED, str(exc)) from None
     try:
