@@ -53,8 +53,12 @@ class Signature(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
     s: Annotated[bytes, Meta(min_length=64, max_length=64)]
 
 
-class Envelope(msgspec.Struct, frozen=True, kw_only=True):
-    """``payload`` is the document's MessagePack; ``sigs`` sign ``kind`` + payload."""
+class Envelope(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``payload`` is the document's MessagePack; ``sigs`` sign ``kind`` + payload.
+
+    The envelope itself is not signed, so it takes no field it does not know: a changed key
+    (``v`` turned into ``w`` by one flipped bit) is a rejection, never silently a default.
+    """
 
     kind: Kind
     payload: Annotated[bytes, Meta(max_length=MAX_ENVELOPE_BYTES)]

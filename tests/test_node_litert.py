@@ -29,13 +29,18 @@ def _results(h: Harness) -> list:
 
 
 @pytest.mark.parametrize(
-    ("file", "providers"),
-    [("digits_edge.tflite", ["cpu"]), ("digits_edge_uint8.tflite", ["edgetpu", "cpu"])],
+    ("file", "hardware_class", "fell_back"),
+    [
+        ("digits_edge.tflite", "x86-cpu-gateway", False),
+        ("digits_edge_uint8.tflite", "rpi5-coral", True),
+    ],
     ids=["float-cpu", "uint8-edgetpu-falls-back"],
 )
 def test_the_node_serves_a_tflite_model_and_reports_litert_on_cpu(
-    mosquitto: BrokerInfo, file: str, providers: list[str]
+    mosquitto: BrokerInfo, file: str, hardware_class: str, fell_back: bool
 ) -> None:
+    """On x86-cpu-gateway LiteRT's CPU is what the class wants; on rpi5-coral the Edge TPU is,
+    and without its delegate here the node serves on the CPU and says it is degraded."""
     path = ASSETS / file
     total = 80
     with LiteRtRuntime.load(path) as rt:
@@ -44,13 +49,19 @@ def test_the_node_serves_a_tflite_model_and_reports_litert_on_cpu(
     async def scenario() -> None:
         async with running_node(
             mosquitto,
-            model={"path": str(path), "providers": providers},
+            hardware_class=hardware_class,
+            model={"path": str(path)},
             batching={"max_batch_size": 16, "max_wait_ms": 10},
             telemetry={"window_s": 0.3},
         ) as h:
             status = decode_status(h.messages("status")[-1].payload)
-            assert status.state == "online"
+            if fell_back:
+                assert status.state == "degraded"
+                assert "accelerator_unavailable" in status.reasons
+            else:
+                assert status.state == "online"
             assert (status.runtime, status.provider) == ("litert", "cpu")
+            assert status.hardware_class == hardware_class
             assert h.node.model is not None
             assert h.node.model.runtime.provider == "cpu"
             await asyncio.gather(*(h.send(frame_bytes(i, HOLDOUT.images[i])) for i in range(total)))
@@ -96,7 +107,9 @@ def test_frames_that_do_not_fit_a_tflite_model_are_dead_lettered(mosquitto: Brok
     async def scenario() -> None:
         # The uint8 model still takes float32 frames: a uint8 frame is refused, not cast.
         async with running_node(
-            mosquitto, model={"path": str(ASSETS / "digits_edge_uint8.tflite")}
+            mosquitto,
+            hardware_class="x86-cpu-gateway",
+            model={"path": str(ASSETS / "digits_edge_uint8.tflite")},
         ) as h:
             await h.send(bad_dtype)
             await h.send(bad_shape)
@@ -123,7 +136,7 @@ def test_edgewise_node_refuses_an_edgetpu_compiled_model_without_the_delegate(
         EDGEWISE_MQTT__PORT=str(mosquitto.port),
         EDGEWISE_STORAGE__STATE_DIR=str(tmp_path),
         EDGEWISE_MODEL__PATH=str(stub),
-        EDGEWISE_MODEL__PROVIDERS='["edgetpu", "cpu"]',
+        EDGEWISE_HARDWARE_CLASS="rpi5-coral",
     )
     done = subprocess.run(
         [sys.executable, "-m", "edgewise.cli", "node"],
