@@ -33,7 +33,7 @@ Outputs, in ``bench/.models/`` (gitignored; ``--out`` to change):
 * ``models.json``                      sizes, sha256, tensor specs, versions and how each file
   agrees with the Keras model on a few random images
 
-The four files together are ~27 MB: do not commit them.
+The four files together are ~26 MB: do not commit them.
 """
 
 from __future__ import annotations
