@@ -128,6 +128,38 @@ class Latency:
     node_p99: float | None = None
 
 
+def latency_of(
+    kind: Literal["baseline", "node"],
+    rate: float,
+    creps: list[ConsumeReport],
+    preps: list[PublishReport],
+) -> Latency:
+    """Latency figures of one or more paced runs (their samples pooled)."""
+    lat = np.asarray([x for c in creps for x in c.latencies_ms], dtype=np.float64)
+    if lat.size == 0:
+        raise RuntimeError(f"{kind} latency run received nothing")
+    p50, p95, p99 = (float(x) for x in np.percentile(lat, [50, 95, 99]))
+    node_p50 = node_p99 = None
+    inner = np.asarray([x for c in creps for x in c.node_ms], dtype=np.float64)
+    if inner.size:
+        node_p50, node_p99 = (float(x) for x in np.percentile(inner, [50, 99]))
+    return Latency(
+        kind=kind,
+        rate_hz=rate,
+        sent=sum(p.sent for p in preps),
+        received=sum(c.received for c in creps),
+        p50=p50,
+        p95=p95,
+        p99=p99,
+        max=float(lat.max()),
+        mean=float(lat.mean()),
+        publisher_max_lag_ms=max(p.max_lag_ms for p in preps),
+        messages=sum(c.messages for c in creps),
+        node_p50=node_p50,
+        node_p99=node_p99,
+    )
+
+
 @dataclass(slots=True)
 class Startup:
     mode: Literal["fresh", "restart"]
@@ -419,6 +451,8 @@ class Bench:
         self.node_id = f"bench-{os.getpid()}"
         self.frames_to_node = 0
         self._clients = 0
+        self.frame_shape: tuple[int, ...] | None = None
+        """latency runs: random uint8 frames of this shape instead of digits (bench.mobilenet)"""
 
     def _client_id(self, what: str) -> str:
         self._clients += 1
@@ -574,40 +608,33 @@ class Bench:
         )
 
     # -- latency -----------------------------------------------------------------------
-    def latency(
+    def paced(
         self, kind: Literal["baseline", "node"], rate: float, secs: float, tag: str = "lat"
-    ) -> Latency:
+    ) -> tuple[ConsumeReport, PublishReport]:
+        """Frames at a steady rate to the bare subscriber or the node; the raw reports."""
         expect = round(rate * secs)
         device = f"bench-{tag}-{kind[0]}-{os.getpid()}"
         topic, cspec = self._specs(kind, device, expect, latency=True)
         cspec = dataclasses.replace(cspec, deadline_s=secs + 50)
-        pspec = PacedSpec(self.host, self.port, topic, rate, secs, self._client_id("pub"))
+        pspec = PacedSpec(
+            self.host,
+            self.port,
+            topic,
+            rate,
+            secs,
+            self._client_id("pub"),
+            frame_shape=self.frame_shape,
+        )
         crep, prep, _, _, _ = self._run(cspec, publish_paced, pspec, timeout_s=secs + 60)
         if kind == "node":
             self.frames_to_node += prep.acked
-        lat = np.asarray(crep.latencies_ms, dtype=np.float64)
-        if lat.size == 0:
-            raise RuntimeError(f"{kind} latency run received nothing")
-        p50, p95, p99 = (float(x) for x in np.percentile(lat, [50, 95, 99]))
-        node_p50 = node_p99 = None
-        if len(crep.node_ms):
-            inner = np.asarray(crep.node_ms, dtype=np.float64)
-            node_p50, node_p99 = (float(x) for x in np.percentile(inner, [50, 99]))
-        return Latency(
-            kind=kind,
-            rate_hz=rate,
-            sent=prep.sent,
-            received=crep.received,
-            p50=p50,
-            p95=p95,
-            p99=p99,
-            max=float(lat.max()),
-            mean=float(lat.mean()),
-            publisher_max_lag_ms=prep.max_lag_ms,
-            messages=crep.messages,
-            node_p50=node_p50,
-            node_p99=node_p99,
-        )
+        return crep, prep
+
+    def latency(
+        self, kind: Literal["baseline", "node"], rate: float, secs: float, tag: str = "lat"
+    ) -> Latency:
+        crep, prep = self.paced(kind, rate, secs, tag)
+        return latency_of(kind, rate, [crep], [prep])
 
     # -- memory ------------------------------------------------------------------------
     def record_rss(self, figures: Figures, after: str) -> None:

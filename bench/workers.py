@@ -22,6 +22,8 @@ from multiprocessing.synchronize import Event
 from typing import Any, Literal, cast
 
 import msgspec
+import numpy as np
+import numpy.typing as npt
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
@@ -150,6 +152,15 @@ class PacedSpec:
     rate_hz: float
     duration_s: float
     client_id: str
+    frame_shape: tuple[int, ...] | None = None
+    """Publish random uint8 frames of this shape (e.g. ``(224, 224, 3)``, an image) instead of
+    the held-out digits."""
+
+
+def random_frames(shape: tuple[int, ...], count: int = 8, seed: int = 0) -> npt.NDArray[np.uint8]:
+    """``count`` frames of uniform random uint8 pixels, ``[count, *shape]``."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(count, *shape), dtype=np.uint8)
 
 
 @dataclass(slots=True)
@@ -248,7 +259,8 @@ def publish_paced(
     until ``stop`` is set."""
     report = PublishReport()
     try:
-        images = load_holdout().images
+        shape = spec.frame_shape
+        images = load_holdout().images if shape is None else random_frames(shape)
         # At a steady rate only a handful are ever in flight; 1000 is the broker's window.
         client, _ = connect(spec.host, spec.port, spec.client_id, max_inflight=1000)
         acks = _Acks()
