@@ -406,7 +406,7 @@ def _update_settings(fleet: DemoFleet, state_dir: Path) -> dict[str, Any]:
     probation (2 s and 20 inferences, at most 5 s, where a real node would watch for minutes)."""
     run = secrets.token_hex(4)
     return {
-        "hardware_class": "demo-cpu",
+        "hardware_class": "generic-cpu",
         "topics": {"fleet_root": f"demo-fleet-{run}", "models_root": f"demo-models-{run}"},
         "updates": {
             "root_key": str(fleet.enrol(state_dir)),

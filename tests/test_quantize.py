@@ -33,10 +33,12 @@ HOLDOUT = bundled_asset("digits_holdout.npz")
 runner = CliRunner()
 
 
-def run(*args: str, code: int = 0) -> str:
+def run(*args: str, code: int = 0, stdout_only: bool = False) -> str:
+    """The command's output; with ``stdout_only`` without what went to stderr (logs, progress),
+    as a program reading ``--json`` from a pipe sees it."""
     result = runner.invoke(app, list(args), env={"COLUMNS": "200"})
     assert result.exit_code == code, result.output
-    return result.output
+    return result.stdout if stdout_only else result.output
 
 
 def _script() -> ModuleType:
@@ -377,6 +379,7 @@ def test_check_json_matches_the_files(conv: dict[str, Path], tmp_path: Path) -> 
         "25",
         "--warmup",
         "3",
+        stdout_only=True,
     )
     report = json.loads(text)
     with np.load(conv["labelled"]) as data:
@@ -436,6 +439,7 @@ def test_check_without_reference_has_no_agreement(conv: dict[str, Path]) -> None
             "--json",
             "--runs",
             "5",
+            stdout_only=True,
         )
     )
     assert report["reference"] is None
@@ -508,7 +512,17 @@ def test_check_handles_a_fixed_batch_dimension(tmp_path: Path) -> None:
     data = _write_npz(tmp_path / "odd.npz", x=x5, y=y5)
 
     report = json.loads(
-        run("model", "check", str(path), "--labelled", str(data), "--json", "--runs", "5")
+        run(
+            "model",
+            "check",
+            str(path),
+            "--labelled",
+            str(data),
+            "--json",
+            "--runs",
+            "5",
+            stdout_only=True,
+        )
     )
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     padded = np.concatenate([x5, x5[-3:-2]])  # the last batch of 3 padded to 4
