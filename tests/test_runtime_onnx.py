@@ -14,7 +14,7 @@ import pytest
 
 import edgewise.assets
 from edge_node.runtime import Runtime, RuntimeLoadError, RuntimeRunError, TensorSpec, load_runtime
-from edge_node.runtime.onnx import CPU, OnnxRuntime, select_providers
+from edge_node.runtime.onnx import CPU, OnnxRuntime, select_providers, serving_provider
 
 ASSETS = Path(edgewise.assets.__file__).parent
 EDGE = ASSETS / "digits_edge.onnx"
@@ -125,6 +125,17 @@ def test_unavailable_provider_falls_back_to_cpu(caplog: pytest.LogCaptureFixture
 
 def test_only_unavailable_providers_still_serve_on_cpu() -> None:
     with OnnxRuntime.load(EDGE, providers=(_unavailable_provider(),)) as rt:
+        assert rt.provider == CPU
+
+
+def test_a_provider_that_runs_no_graph_node_is_not_reported_as_serving() -> None:
+    """This onnxruntime build lists the Azure provider as available; asked first, it still
+    leaves the whole graph to the CPU, and ``provider`` must say so (status, accelerator check)."""
+    if "AzureExecutionProvider" not in ort.get_available_providers():
+        assert serving_provider(("AzureExecutionProvider", CPU)) == CPU
+        return
+    with OnnxRuntime.load(EDGE, providers=("AzureExecutionProvider", CPU)) as rt:
+        assert rt.providers[0] == "AzureExecutionProvider"
         assert rt.provider == CPU
 
 

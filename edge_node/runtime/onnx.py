@@ -72,6 +72,17 @@ def select_providers(requested: Sequence[str], available: Sequence[str]) -> list
     return chosen
 
 
+# Providers that run only operators of their own (remote calls) and never a model's graph.
+_NOT_COMPUTE = frozenset({"AzureExecutionProvider"})
+
+
+def serving_provider(session_providers: Sequence[str]) -> str:
+    """The provider that runs the graph: the session's first that computes (the Azure provider
+    only forwards its own remote-call operators, so a session that lists it first still runs
+    every node on the next one)."""
+    return next((p for p in session_providers if p not in _NOT_COMPUTE), CPU)
+
+
 class OnnxRuntime:
     """One ONNX model in one ``onnxruntime.InferenceSession``; see :class:`Runtime`."""
 
@@ -99,7 +110,7 @@ class OnnxRuntime:
                 f"{path}: output {self.output_spec.describe()} must be 2-D scores [N, C]"
             )
         self.providers: tuple[str, ...] = tuple(session.get_providers())
-        self.provider: str = self.providers[0]
+        self.provider: str = serving_provider(self.providers)
         self._session: ort.InferenceSession | None = session
         # Built once: the hot path only builds the feed dict.
         self._input_name = self.input_spec.name
