@@ -13,6 +13,7 @@ is checked unchanged afterwards with a fresh subscription.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import ssl
@@ -557,3 +558,65 @@ def test_sensor_simulate_takes_its_credentials_from_the_environment(
         observer.close()
     assert {m.topic.split("/")[1] for m in observer.snapshot()} == {"cam-1"}
     assert brokers.site_pw["cam-1"] not in done.stdout.decode() + done.stderr.decode()
+
+
+def _operator_env(brokers: Brokers, side: str, tmp_path: Path) -> dict[str, str]:
+    secret = tmp_path / f"operator-{side}.password"
+    secret.write_text((brokers.site_pw if side == "site" else brokers.cloud_pw)["operator"])
+    return {
+        **os.environ,
+        "EDGEWISE_MQTT__USERNAME": "operator",
+        "EDGEWISE_MQTT__PASSWORD_FILE": str(secret),
+    }
+
+
+def _edgewise(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "edgewise.cli", *args],
+        capture_output=True,
+        cwd=REPO,
+        env=env,
+        timeout=60,
+    )
+
+
+def test_operator_publishes_a_model_with_credentials_from_the_environment(
+    brokers: Brokers, tmp_path: Path
+) -> None:
+    """The one principal allowed to publish fleet/# and models/# on the cloud can do so with
+    the operator's own tool: `edgewise model publish` reads its credentials like the services."""
+    from releases import Manifest, decode_document, decode_envelope
+    from tests.updatekit import EDGE_MODEL
+
+    env = _operator_env(brokers, "cloud", tmp_path)
+    keys = tmp_path / "keys"
+    made = _edgewise("keys", "init", "--out-dir", str(keys), env=env)
+    assert made.returncode == 0, made.stderr.decode()[-2000:]
+    model = tmp_path / "digits.onnx"
+    model.write_bytes(EDGE_MODEL)
+    published = _edgewise(
+        "model", "publish", str(model), "--name", "digits", "--release", "2",
+        "--hw-class", "cpu", "-k", str(keys),
+        "--broker", f"mqtt://127.0.0.1:{brokers.cloud.plain_port}",
+        env=env,
+    )  # fmt: skip
+    output = published.stdout.decode() + published.stderr.decode()
+    assert published.returncode == 0, output[-2000:]
+    assert brokers.cloud_pw["operator"] not in output
+    state = retained_under(brokers, "cloud", "fleet/#", "fleet/zz/end")
+    manifest = decode_document(decode_envelope(state["fleet/cpu/models/digits"]), Manifest)
+    assert (manifest.name, manifest.release) == ("digits", 2)
+
+
+def test_fleet_status_reads_a_secured_broker_with_credentials_from_the_environment(
+    brokers: Brokers, tmp_path: Path
+) -> None:
+    status = _edgewise(
+        "fleet", "status", "--broker", f"mqtt://127.0.0.1:{brokers.site.plain_port}",
+        "--duration", "1", "--json",
+        env=_operator_env(brokers, "site", tmp_path),
+    )  # fmt: skip
+    output = status.stdout.decode() + status.stderr.decode()
+    assert status.returncode == 0, output[-2000:]  # 1: the broker refused the connection
+    assert brokers.site_pw["operator"] not in output
+    assert "nodes" in json.loads(status.stdout)
