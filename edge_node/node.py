@@ -246,6 +246,8 @@ class EdgeNode:
             await stack.enter_async_context(self.outbox)
             stored = self.outbox.stats()
             if self.outbox.recovered_from is not None:
+                # Said in the status until the next start, so that someone looks at the file.
+                self.reasons.append("outbox_corrupt")
                 log.error(
                     "the outbox was unreadable: kept it as %s and started a fresh one",
                     self.outbox.recovered_from,
