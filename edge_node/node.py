@@ -517,7 +517,7 @@ class EdgeNode:
                 **escalation_counts,
             },
             rejects_total=dict(stats.rejects),
-            evictions=st.evicted_items,
+            evictions=self._evictions(st.evicted_items),
             outbox_rows=st.rows,
             outbox_bytes=st.file_bytes,
             state=self.state,
@@ -528,6 +528,15 @@ class EdgeNode:
             provider=m.runtime.provider,
             hardware_class=self.config.hardware_class,
         )
+
+    def _evictions(self, outbox: dict[str, int]) -> dict[str, int]:
+        """Evicted items by kind, from every outbox the node keeps: its own and the
+        escalator's file of hard examples (which has its own bound)."""
+        total = dict(outbox)
+        if self.escalator is not None:
+            for kind, n in self.escalator.hard_examples.stats().evicted_items.items():
+                total[kind] = total.get(kind, 0) + n
+        return total
 
     def _updater(self) -> UpdateManager | None:
         """The updater, if the node is enrolled with a root key (see docs/model-updates.md)."""
