@@ -314,9 +314,10 @@ def test_hard_examples_evicted_while_offline_are_counted_in_telemetry(
             for seq in range(n):
                 await h.send(_frame(seq, HOLDOUT.images[UNSURE[seq % len(UNSURE)]]))
             await h.seen.wait_for(lambda: len({r.frame_seq for r in _results(h)}) >= n, 60)
-            async with asyncio.timeout(30):  # stored after the result is handed over
-                while esc.stats.hard_examples_stored < n:
-                    await asyncio.sleep(0.05)
+            deadline = time.monotonic() + 30  # stored after the result is handed over
+            while esc.stats.hard_examples_stored < n:
+                assert time.monotonic() < deadline, f"{esc.stats.hard_examples_stored} stored"
+                await asyncio.sleep(0.05)
             evicted = esc.hard_examples.stats().evicted_items.get("hard_example", 0)
             assert evicted > 0, "the hard-example outbox never filled up"
             assert esc.hard_examples.stats().rows == n - evicted
