@@ -620,3 +620,36 @@ def test_fleet_status_reads_a_secured_broker_with_credentials_from_the_environme
     assert status.returncode == 0, output[-2000:]  # 1: the broker refused the connection
     assert brokers.site_pw["operator"] not in output
     assert "nodes" in json.loads(status.stdout)
+
+
+@pytest.mark.parametrize(
+    ("command", "env"),
+    [
+        (["node"], {"EDGEWISE_NODE_ID": "gw-1", "EDGEWISE_MQTT": '{"password": ["s3cret-pw"]}'}),
+        (["node"], {"EDGEWISE_NODE_ID": "gw-1", "EDGEWISE_MQTT__PASWORD": "s3cret-pw"}),
+        (["node"], {"EDGEWISE_NODE_ID": "gw-1", "EDGEWISE_UPLINK__PASSWD": "s3cret-pw"}),
+        (["worker"], {"EDGEWISE_WORKER_MQTT": '{"password": {"v": "s3cret-pw"}}'}),
+        (["worker"], {"EDGEWISE_WORKER_MQTT__PASSWRD": "s3cret-pw"}),
+        (["bridge"], {"EDGEWISE_CLOUD_BROKER__PASSWROD": "s3cret-pw"}),
+    ],
+)
+def test_a_config_error_never_echoes_a_password_even_a_mistyped_one(
+    tmp_path: Path, command: list[str], env: dict[str, str]
+) -> None:
+    args = list(command)
+    if command == ["bridge"]:
+        path = tmp_path / "bridge.toml"
+        path.write_text('[[rules]]\ndirection = "up"\nfilter = "a/#"\n')
+        args += ["--config", str(path)]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("EDGEWISE_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "edgewise.cli", *args],
+        capture_output=True,
+        cwd=tmp_path,
+        env={**clean, **env},
+        timeout=60,
+    )
+    err = done.stderr.decode()
+    assert done.returncode == 2, err[-2000:]
+    assert "invalid" in err and "configuration" in err
+    assert "s3cret-pw" not in err + done.stdout.decode()
