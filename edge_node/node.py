@@ -683,10 +683,12 @@ class EdgeNode:
                 self.updates.observe(None, count=len(batch), latency_s=0.0)
             self.stats.inference_errors += 1
             log.exception("inference failed on a batch of %d", len(batch))
+            self._set_reason("model_unavailable", True)  # until a batch is served again
             for p in batch:
                 self._reject(p.ticket.message, "inference_failed", f"{type(exc).__name__}: {exc}")
             self._finish(batch)
             return
+        self._set_reason("model_unavailable", False)
         now = time.monotonic()
         if self.updates is not None:
             oldest = min(p.ticket.message.received_at for p in batch)
