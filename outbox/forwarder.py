@@ -159,6 +159,11 @@ class Forwarder:
         if not self._live_first:
             self._offer_in_order(records)
             return
+        if any(r.retain for r in records):
+            # Retained state: the last one sent wins at the broker, so it must not overtake an
+            # older stored record (e.g. an earlier event still in the backlog): read in order.
+            self.kick()
+            return
         if len(self._live) + len(records) > self._live_queue_max:
             self.kick()  # too many waiting in memory: these come back through the reader
             return

@@ -1,6 +1,7 @@
-"""Eviction counts exactly what is missing downstream, also for records a broker may already
-have: acknowledged but not yet deleted (deletes are batched), or in flight when the connection
-was lost (ADR 0063). Real Mosquitto, real SQLite, a real TCP proxy that holds the PUBACKs."""
+"""The Forwarder against a real Mosquitto, real SQLite and a real TCP proxy that holds PUBACKs:
+eviction counts exactly what is missing downstream, also for records a broker may already have
+(acknowledged but not yet deleted, or in flight when the link broke; ADR 0063); and retained
+records never overtake older stored ones (the last one sent is the state)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 from local_broker import MosquittoProcess, TcpProxy
 from mqtt_session import MqttConfig, MqttSession
 from outbox import AsyncOutbox, Forwarder, OutboxConfig, Record
-from tests.bridgeharness import Client
+from tests.bridgeharness import Client, retained_state
 
 TOPIC = "ev/results"
 
@@ -33,7 +34,7 @@ def _outbox(tmp_path: Path) -> AsyncOutbox:
     cfg = OutboxConfig(
         path=tmp_path / "q.db",
         max_bytes=256 * 1024,
-        eviction_order=("result",),
+        eviction_order=("event", "result"),
         synchronous="OFF",
     )
     return AsyncOutbox(cfg)
@@ -133,3 +134,29 @@ def test_records_in_flight_when_the_link_broke_are_not_evicted(
         asyncio.run(scenario())
     finally:
         sub.close()
+
+
+def test_a_retained_record_never_overtakes_an_older_stored_one(
+    fresh_mosquitto: MosquittoProcess, tmp_path: Path
+) -> None:
+    broker = fresh_mosquitto.info
+
+    async def scenario() -> None:
+        mqtt = MqttConfig(host=broker.host, port=broker.port)
+        async with _outbox(tmp_path) as outbox, MqttSession(mqtt, client_id="ev-ret") as session:
+            # A backlog (stored while the link was down), its last record a retained event.
+            await outbox.append(_records(0, 100))
+            await outbox.append([Record("event", "ev/state", b"old", retain=True)])
+            forwarder = Forwarder(outbox, session, window=64, drain_max_per_s=100)
+            task = asyncio.create_task(forwarder.run())
+            await session.wait_connected(10)
+            new = Record("event", "ev/state", b"new", retain=True)
+            (rid,) = await outbox.append([new])
+            forwarder.offer([new.stored(rid, time.time())])  # a fresh event, made live
+            async with asyncio.timeout(30):
+                await forwarder.wait_idle()
+            task.cancel()
+
+    asyncio.run(scenario())
+    state = retained_state(broker, "ev/#", "ev/zz")
+    assert state.get("ev/state") == b"new"
