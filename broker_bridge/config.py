@@ -23,7 +23,7 @@ from pydantic_settings import (
 
 from broker_bridge.errors import ConfigError
 from broker_bridge.rules import CompiledRule, Direction, compile_rule
-from mqtt_session import MqttConfig
+from mqtt_session import MqttConfig, shown_input
 from outbox.config import MIN_MAX_BYTES
 from schemas import ContractError, validate_filter, validate_level
 
@@ -213,9 +213,6 @@ def _explain(exc: ValidationError, source: str) -> str:
     lines = [f"invalid configuration (from {source}):"]
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        given = err.get("input")
-        shown = "" if isinstance(given, dict | list | tuple) else f" (got {given!r})"
-        if "password" in key:
-            shown = ""  # never echo a credential
+        shown = shown_input(key, err["type"], err.get("input"))  # never echoes a credential
         lines.append(f"  {key}: {err['msg']}{shown}")
     return "\n".join(lines)

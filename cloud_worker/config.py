@@ -21,7 +21,7 @@ from pydantic_settings import (
 )
 
 from cloud_worker.errors import ConfigError
-from mqtt_session import MqttConfig
+from mqtt_session import MqttConfig, shown_input
 from schemas import ContractError, Limits, Topics, validate_level
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
@@ -164,8 +164,7 @@ class WorkerConfig(BaseSettings):
             for err in exc.errors():
                 key = ".".join(str(p) for p in err["loc"])
                 env = ENV_PREFIX + "__".join(str(p).upper() for p in err["loc"])
-                given = err.get("input")
-                shown = "" if isinstance(given, dict) else f" (got {given!r})"
+                shown = shown_input(key, err["type"], err.get("input"))
                 lines.append(f"  {key}: {err['msg']}{shown}  [set it in the file or with {env}]")
             raise ConfigError("\n".join(lines)) from None
         except SettingsError as exc:

@@ -12,13 +12,13 @@ umask 077
 mkdir -p secrets/certs
 S=secrets
 
-SITE_USERS=(cam-1 cam-2 gw-1 gw-2 bridge operator)
+SITE_USERS=(cam-1 cam-2 gw-1 gw-2 gw-1-esc gw-2-esc bridge operator)
 CLOUD_USERS=(bridge worker-1 worker-2 operator)
 
 password() { # password <file>: make it once
   [ -s "$1" ] || head -c 24 /dev/urandom | base64 | tr -d '/+=' > "$1"
 }
-for u in cam-1 cam-2 gw-1 gw-2 worker-1 worker-2 operator; do password "$S/${u}_password"; done
+for u in cam-1 cam-2 gw-1 gw-2 gw-1-esc gw-2-esc worker-1 worker-2 operator; do password "$S/${u}_password"; done
 password "$S/bridge_site_password"
 password "$S/bridge_cloud_password"
 

@@ -33,7 +33,7 @@ from edge_node.errors import ConfigError
 from edge_node.escalation.config import EscalationConfig
 from edge_node.hardware import NodeHardware, load_classes, resolve, shipped_classes_file
 from edge_node.updates.config import UpdatesConfig
-from mqtt_session import MqttConfig
+from mqtt_session import MqttConfig, shown_input
 from outbox import OutboxConfig
 from outbox.config import MIN_MAX_BYTES
 from schemas import ContractError, Limits, Topics, validate_filter, validate_level
@@ -384,8 +384,7 @@ def _explain(exc: ValidationError, source: str) -> str:
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"])
         env = "EDGEWISE_" + "__".join(str(p).upper() for p in err["loc"])
-        given = err.get("input")
-        shown = "" if isinstance(given, dict) else f" (got {given!r})"
+        shown = shown_input(key, err["type"], err.get("input"))
         lines.append(f"  {key}: {err['msg']}{shown}  [set it in the file or with {env}]")
         if err["type"] in ("tuple_type", "list_type") and isinstance(given, str):
             lines.append(

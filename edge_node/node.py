@@ -135,6 +135,11 @@ class EdgeNode:
         self._results_topic = self.topics.results(self.node_id)
         self._draining = False
         self._storing: set[asyncio.Task[None]] = set()
+        # Events made off the event loop (the updater's boot runs in a thread, before the
+        # outbox is open): stored from the loop once it can (deque: thread-safe append/pop).
+        self._offloop_events: deque[Record] = deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._outbox_open = False
         self._to_store: deque[tuple[list[Result], list[tuple[str, str]], list[_Pending]]] = deque()
         self._store_task: asyncio.Task[None] | None = None
         self._max_results_per_message = config.batching.max_results_per_message
@@ -221,6 +226,7 @@ class EdgeNode:
         return "degraded" if self.reasons else "online"
 
     async def __aenter__(self) -> Self:
+        self._loop = asyncio.get_running_loop()
         if self._model is None and self.updates is not None:
             self._model = await asyncio.to_thread(self.updates.boot)
         if self._model is None:
@@ -253,8 +259,12 @@ class EdgeNode:
             ) from None
         async with contextlib.AsyncExitStack() as stack:
             await stack.enter_async_context(self.outbox)
+            self._outbox_open = True
+            self._store_offloop_events()
             stored = self.outbox.stats()
             if self.outbox.recovered_from is not None:
+                # Said in the status until the next start, so that someone looks at the file.
+                self.reasons.append("outbox_corrupt")
                 log.error(
                     "the outbox was unreadable: kept it as %s and started a fresh one",
                     self.outbox.recovered_from,
@@ -542,7 +552,7 @@ class EdgeNode:
                 **escalation_counts,
             },
             rejects_total=dict(stats.rejects),
-            evictions=st.evicted_items,
+            evictions=self._evictions(st.evicted_items),
             outbox_rows=st.rows,
             outbox_bytes=st.file_bytes,
             state=self.state,
@@ -553,6 +563,15 @@ class EdgeNode:
             provider=m.runtime.provider,
             hardware_class=self.config.hardware_class,
         )
+
+    def _evictions(self, outbox: dict[str, int]) -> dict[str, int]:
+        """Evicted items by kind, from every outbox the node keeps: its own and the
+        escalator's file of hard examples (which has its own bound)."""
+        total = dict(outbox)
+        if self.escalator is not None:
+            for kind, n in self.escalator.hard_examples.stats().evicted_items.items():
+                total[kind] = total.get(kind, 0) + n
+        return total
 
     def _updater(self) -> UpdateManager | None:
         """The updater, if the node is enrolled with a root key (see docs/model-updates.md)."""
@@ -577,6 +596,7 @@ class EdgeNode:
                 "pause_inference": self.pause_inference,
                 "resume_inference": self.resume_inference,
             },
+            publish_event=lambda topic, payload: self._store_event(topic, payload, retain=True),
         )
 
     def swap_model(self, new: ServedModel) -> ServedModel:
@@ -747,10 +767,12 @@ class EdgeNode:
                 self.updates.observe(None, count=len(batch), latency_s=0.0)
             self.stats.inference_errors += 1
             log.exception("inference failed on a batch of %d", len(batch))
+            self._set_reason("model_unavailable", True)  # until a batch is served again
             for p in batch:
                 self._reject(p.ticket.message, "inference_failed", f"{type(exc).__name__}: {exc}")
             self._finish(batch)
             return
+        self._set_reason("model_unavailable", False)
         now = time.monotonic()
         if self.updates is not None:
             oldest = min(p.ticket.message.received_at for p in batch)
@@ -964,15 +986,28 @@ class EdgeNode:
             # Connection lost: leave the frames unacknowledged; the broker redelivers them.
             self._forget(served)
 
-    def _store_event(self, topic: str, payload: bytes) -> None:
-        """Dead letters (and other events) go through the outbox like results."""
-        task = asyncio.get_running_loop().create_task(self._store_event_async(topic, payload))
+    def _store_event(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        """Dead letters and update events go through the outbox like results."""
+        record = Record("event", topic, payload, retain=retain)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # another thread: the updater's boot, before the outbox is open
+            self._offloop_events.append(record)
+            if self._loop is not None and self._outbox_open:
+                self._loop.call_soon_threadsafe(self._store_offloop_events)
+            return
+        task = asyncio.get_running_loop().create_task(self._store_event_async(record))
         self._storing.add(task)
         task.add_done_callback(self._storing.discard)
 
-    async def _store_event_async(self, topic: str, payload: bytes) -> None:
+    def _store_offloop_events(self) -> None:
+        while self._offloop_events:
+            record = self._offloop_events.popleft()
+            self._store_event(record.topic, record.payload, retain=record.retain)
+
+    async def _store_event_async(self, record: Record) -> None:
         # Storage trouble is reported by the results and telemetry paths; send it anyway.
-        await self._via_outbox(Record("event", topic, payload))
+        await self._via_outbox(record)
 
     async def _via_outbox(self, record: Record) -> Exception | None:
         """Append one record and hand it to the forwarder. If the outbox cannot take it, publish
@@ -980,7 +1015,9 @@ class EdgeNode:
         try:
             (record_id,) = await self.outbox.append([record])
         except Exception as exc:
-            fut = self.uplink.publish_nowait(record.topic, record.payload, qos=record.qos)
+            fut = self.uplink.publish_nowait(
+                record.topic, record.payload, qos=record.qos, retain=record.retain
+            )
             fut.add_done_callback(lambda f: f.exception())
             return exc
         self.forwarder.offer([record.stored(record_id, time.time())])

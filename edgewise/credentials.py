@@ -1,4 +1,5 @@
-"""Broker credentials for the short-lived commands (``sensor simulate``, ``watch``).
+"""Broker credentials for the short-lived commands (``sensor simulate``, ``watch``, and the
+operator's ``model``, ``keys``, ``cmd`` and ``fleet status``).
 
 They come from the same environment variables the services read (``EDGEWISE_MQTT__USERNAME``,
 ``EDGEWISE_MQTT__PASSWORD_FILE`` or ``EDGEWISE_MQTT__PASSWORD``, ``EDGEWISE_MQTT__TLS_CA_FILE``),

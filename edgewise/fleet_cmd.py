@@ -165,6 +165,7 @@ def status(
     Nodes that published no telemetry while listening show their retained status only.
     Malformed messages are counted in a footer. Exits 1 if the broker could not be reached.
     """
+    from edgewise.credentials import mqtt_credentials_from_env
     from local_broker import parse_broker_url
     from mqtt_session import MqttConfig
     from schemas import ContractError, Topics
@@ -177,7 +178,7 @@ def status(
         raise typer.Exit(2) from None
     view, connected = asyncio.run(
         listen(
-            MqttConfig(host=host, port=port),
+            MqttConfig(host=host, port=port, **mqtt_credentials_from_env()),
             duration_s=duration,
             topics=topics,
             console=None if as_json else _err,

@@ -62,6 +62,9 @@ def fail(message: str, code: int = 2) -> NoReturn:
 
 
 def mqtt_config(url: str) -> Any:
+    """The broker at ``url``, with the operator's credentials from the environment
+    (``EDGEWISE_MQTT__USERNAME``, ``EDGEWISE_MQTT__PASSWORD_FILE`` …; docs/security.md)."""
+    from edgewise.credentials import mqtt_credentials_from_env
     from local_broker import parse_broker_url
     from mqtt_session import MqttConfig
 
@@ -69,7 +72,7 @@ def mqtt_config(url: str) -> Any:
         host, port = parse_broker_url(url)
     except ValueError as exc:
         fail(str(exc))
-    return MqttConfig(host=host, port=port, connect_timeout_s=10)
+    return MqttConfig(host=host, port=port, connect_timeout_s=10, **mqtt_credentials_from_env())
 
 
 def write_private(path: Path, data: bytes) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 from dataclasses import dataclass
 from typing import Literal
@@ -63,6 +64,7 @@ def parse_broker_url(url: str) -> tuple[str, int]:
     if not isinstance(url, str):
         raise ValueError(f"broker URL must be a string like mqtt://host:1883, got {url!r}")
     text = url.strip()
+    url = _without_credentials(text)  # every message below quotes it: never a password
     expected = "expected mqtt://host[:port]"
     if "://" not in text:
         raise ValueError(f"broker URL {url!r} has no scheme; {expected}")
@@ -90,3 +92,8 @@ def parse_broker_url(url: str) -> tuple[str, int]:
     if not 1 <= port <= 65535:
         raise ValueError(f"broker URL {url!r} has port {port}, outside 1-65535")
     return host, port
+
+
+def _without_credentials(url: str) -> str:
+    """``url`` with any ``user:password@`` before the host shown as ``***@``."""
+    return re.sub(r"^([^/@]*//)?[^/?#@]*@", lambda m: (m.group(1) or "") + "***@", url)

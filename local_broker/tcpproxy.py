@@ -5,6 +5,8 @@ It runs its own event loop on a thread, so it keeps forwarding whatever the test
 
 - ``pause()``: connections stay open but no byte moves in either direction (a stalled link:
   TCP never notices, MQTT only through keep-alive); ``resume()`` lets the bytes through again.
+- ``pause_replies()``: only the target's bytes to the client are held (a PUBLISH gets through,
+  its PUBACK does not), until ``resume()`` or a ``cut()``, which drops them.
 - ``cut()``: every connection is reset and new ones are refused (a link that is down);
   ``restore()`` accepts connections again.
 - ``flap(times, down_s, up_s)``: cut and restore, repeatedly.
@@ -38,6 +40,7 @@ class TcpProxy:
         self._server: asyncio.Server | None = None
         self._open: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
         self._flowing: asyncio.Event | None = None
+        self._replies_flowing: asyncio.Event | None = None
         self._refusing = False
 
     # -- lifecycle -------------------------------------------------------------------
@@ -63,6 +66,8 @@ class TcpProxy:
     async def _start(self) -> None:
         self._flowing = asyncio.Event()
         self._flowing.set()
+        self._replies_flowing = asyncio.Event()
+        self._replies_flowing.set()
         self._server = await asyncio.start_server(self._handle, self.host, 0)
         self.port = self._server.sockets[0].getsockname()[1]
 
@@ -77,6 +82,9 @@ class TcpProxy:
 
     def resume(self) -> None:
         self._call(self._set_flowing(True))
+
+    def pause_replies(self) -> None:
+        self._call(self._set_replies_flowing(False))
 
     def cut(self) -> None:
         self._call(self._cut())
@@ -99,8 +107,16 @@ class TcpProxy:
         assert self._flowing is not None
         if flowing:
             self._flowing.set()
+            await self._set_replies_flowing(True)
         else:
             self._flowing.clear()
+
+    async def _set_replies_flowing(self, flowing: bool) -> None:
+        assert self._replies_flowing is not None
+        if flowing:
+            self._replies_flowing.set()
+        else:
+            self._replies_flowing.clear()
 
     async def _cut(self) -> None:
         self._refusing = True
@@ -135,21 +151,31 @@ class TcpProxy:
         pair = (writer, up_writer)
         self._open.add(pair)
         try:
-            await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer))
+            assert self._replies_flowing is not None
+            await asyncio.gather(
+                self._pump(reader, up_writer, self._flowing),
+                self._pump(up_reader, writer, self._replies_flowing),
+            )
         finally:
             self._open.discard(pair)
             for w in pair:
                 with contextlib.suppress(Exception):
                     w.close()
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        assert self._flowing is not None
+    async def _pump(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        direction: asyncio.Event | None,
+    ) -> None:
+        assert self._flowing is not None and direction is not None
         with contextlib.suppress(OSError, asyncio.IncompleteReadError):
             while True:
                 data = await reader.read(_CHUNK)
                 if not data:
                     break
                 await self._flowing.wait()
+                await direction.wait()
                 if writer.is_closing():
                     break
                 writer.write(data)

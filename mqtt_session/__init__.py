@@ -4,7 +4,7 @@ Exceptions live in :mod:`mqtt_session.errors` (tree in its docstring).
 """
 
 from mqtt_session.backoff import Backoff
-from mqtt_session.config import MqttConfig
+from mqtt_session.config import MqttConfig, shown_input
 from mqtt_session.errors import (
     ConnectFailed,
     Disconnected,
@@ -33,4 +33,5 @@ __all__ = [
     "SessionStats",
     "Subscription",
     "Will",
+    "shown_input",
 ]

@@ -20,6 +20,7 @@ import asyncio
 import functools
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,6 +143,7 @@ class AsyncOutbox:
         self._kinds = frozenset(config.eviction_order)
         self._executor: ThreadPoolExecutor | None = None
         self._outbox: Outbox | None = None
+        self._protected: Callable[[], AbstractSet[int]] | None = None
         self._stats: OutboxStats | None = None
         self._inflight: set[asyncio.Future[Any]] = set()
         self._closed = False
@@ -173,6 +175,7 @@ class AsyncOutbox:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox")
         try:
             self._outbox = await self._submit(Outbox.open, self._config)
+            self._outbox.protect(self._protected)
             self._stats = await self._submit(self._outbox.stats)
         except BaseException:
             self._closed = True
@@ -197,6 +200,12 @@ class AsyncOutbox:
             self._executor.shutdown(wait=True)
 
     # -- the API -----------------------------------------------------------------------------
+
+    def protect(self, unsettled: Callable[[], AbstractSet[int]] | None) -> None:
+        """Ids eviction must skip (see :meth:`Outbox.protect`); may be set before opening."""
+        self._protected = unsettled
+        if self._outbox is not None:
+            self._outbox.protect(unsettled)
 
     @property
     def recovered_from(self) -> Path | None:

@@ -122,6 +122,10 @@ class Forwarder:
         self._sent_times: dict[int, float] = {}
         self._backlog_in_flight = 0
         self._done: list[int] = []
+        # Sent and not yet deleted: in flight, acknowledged, or in doubt after a lost
+        # connection. The outbox never evicts these (they may have arrived; ADR 0063).
+        self._unsettled: set[int] = set()
+        outbox.protect(self._unsettled_snapshot)
         self._idle = asyncio.Event()
         self._serving = 0  # the connection _serve works for; 0 while none
         # Per connection: live records offered and not yet sent, the ids handed to the live
@@ -154,6 +158,11 @@ class Forwarder:
             return
         if not self._live_first:
             self._offer_in_order(records)
+            return
+        if any(r.retain for r in records):
+            # Retained state: the last one sent wins at the broker, so it must not overtake an
+            # older stored record (e.g. an earlier event still in the backlog): read in order.
+            self.kick()
             return
         if len(self._live) + len(records) > self._live_queue_max:
             self.kick()  # too many waiting in memory: these come back through the reader
@@ -218,6 +227,10 @@ class Forwarder:
     async def flush(self) -> bool:
         """Delete what the broker has acknowledged now (e.g. before shutting down)."""
         return await self._flush_deletes()
+
+    def _unsettled_snapshot(self) -> frozenset[int]:
+        """Called on the outbox's thread: one C-level copy, atomic under the GIL."""
+        return frozenset(self._unsettled)
 
     # ------------------------------------------------------------------ the loop
     async def run(self) -> None:
@@ -335,6 +348,7 @@ class Forwarder:
         else:
             self._backlog_in_flight += 1
         self._in_flight[record.id] = (fut, record, live)
+        self._unsettled.add(record.id)
         self._sent_times[record.id] = time.monotonic()
         fut.add_done_callback(functools.partial(self._settled, record.id))
 
@@ -396,6 +410,7 @@ class Forwarder:
                 log.warning("cannot delete delivered records from the outbox yet: %s", exc)
             self._deletes_failing = True
             return False
+        self._unsettled.difference_update(ids)
         if self._deletes_failing:
             log.info("deleting delivered records from the outbox works again")
             self._deletes_failing = False

@@ -53,7 +53,7 @@ import os
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence, Set
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -305,6 +305,7 @@ class Outbox:
         self._free_allowance = free_allowance(config.max_bytes)
         self._page_limit = page_limit(config.max_bytes)
         self.page_trims = 0  # times the page-level safety net had to evict (not persisted)
+        self._protected: Callable[[], Set[int]] | None = None
         self._commits = 0
         self._closed = False
         self._state = self._load_state()
@@ -396,6 +397,17 @@ class Outbox:
     @property
     def config(self) -> OutboxConfig:
         return self._config
+
+    def protect(self, unsettled: Callable[[], Set[int]] | None) -> None:
+        """Ids eviction must skip: records a forwarder handed to a broker and has not deleted
+        yet (in flight, acknowledged, or in doubt after a lost connection). Such a record may
+        have arrived, so evicting it would count as missing what is not (ADR 0063).
+
+        ``unsettled`` is called on this outbox's thread at each eviction and must return a
+        snapshot (e.g. ``frozenset`` of a set). What it protects is bounded by the forwarder's
+        window; when only protected records are left, the batch being appended gives way.
+        """
+        self._protected = unsettled
 
     def append(
         self, records: Sequence[Record], answered: Sequence[tuple[str, str]] = ()
@@ -601,7 +613,8 @@ class Outbox:
         base = 0 if row is None else int(row[0])
         ids = list(range(base + 1, base + 1 + len(records)))
         excess = state.record_bytes + sum(costs) - (self._budget - state.answered_bytes)
-        evicted = self._evict(state, excess, records, costs) if excess > 0 else set()
+        protected = self._protected() if self._protected is not None else frozenset()
+        evicted = self._evict(state, excess, protected, records, costs) if excess > 0 else set()
         for kind, n in Counter(r.kind for r in records).items():
             state.add(state.appended, kind, n)
         survivors = [
@@ -631,10 +644,10 @@ class Outbox:
             ).rowcount
         ):
             conn.execute("INSERT INTO sqlite_sequence(name, seq) VALUES ('records', ?)", (ids[-1],))
-        self._enforce_pages(state)
+        self._enforce_pages(state, protected)
         return ids
 
-    def _enforce_pages(self, state: _State) -> None:
+    def _enforce_pages(self, state: _State, protected: Set[int]) -> None:
         """Safety net under the accounting: live pages must fit the page limit at commit.
 
         The accounting models SQLite's storage closely (see :func:`record_cost`) and the budget
@@ -649,7 +662,10 @@ class Outbox:
             if over <= 0 or state.record_bytes == 0:
                 return
             self.page_trims += 1
-            self._evict(state, over)
+            before = state.record_bytes
+            self._evict(state, over, protected)
+            if state.record_bytes == before:
+                return  # only protected records are left (a forwarder's window at most)
 
     def _eviction_sequence(self, state: _State) -> list[str]:
         """Kinds no longer configured go first, then ``eviction_order``."""
@@ -660,10 +676,12 @@ class Outbox:
         self,
         state: _State,
         excess: int,
+        protected: Set[int],
         records: Sequence[Record] = (),
         costs: Sequence[int] = (),
     ) -> set[int]:
-        """Evict at least ``excess`` accounted bytes: oldest first within a kind, kinds in order.
+        """Evict at least ``excess`` accounted bytes: oldest first within a kind, kinds in order,
+        never a ``protected`` id.
 
         Within a kind, stored records go before the ``records`` of the batch being appended
         (they are older). Returns the indexes of batch records that must not be written.
@@ -674,7 +692,7 @@ class Outbox:
             if excess <= 0:
                 break
             stored = state.bytes.get(kind, 0)
-            if 0 < stored <= excess:
+            if 0 < stored <= excess and not protected:
                 (items,) = conn.execute(
                     "SELECT total(items) FROM records WHERE kind = ?", (kind,)
                 ).fetchone()
@@ -685,24 +703,34 @@ class Outbox:
                 excess -= stored
             elif stored > 0:
                 freed, count, items, cut = 0, 0, 0, 0
+                victims: list[int] = []  # only when some ids are protected
                 cursor = conn.execute(
                     "SELECT id, size, items FROM records WHERE kind = ? ORDER BY id", (kind,)
                 )
                 try:
                     while freed < excess:
                         chunk = cursor.fetchmany(256)
-                        if not chunk:  # pragma: no cover - the running total says otherwise
+                        if not chunk:  # every record left of this kind is protected
                             break
                         for rid, size, n in chunk:
+                            if rid in protected:
+                                continue
                             freed += size
                             count += 1
                             items += n
                             cut = rid
+                            if protected:
+                                victims.append(rid)
                             if freed >= excess:
                                 break
                 finally:
                     cursor.close()
-                conn.execute("DELETE FROM records WHERE kind = ? AND id <= ?", (kind, cut))
+                if not protected:
+                    conn.execute("DELETE FROM records WHERE kind = ? AND id <= ?", (kind, cut))
+                for start in range(0, len(victims), _MAX_VARIABLES):
+                    chunk_ids = victims[start : start + _MAX_VARIABLES]
+                    marks = ",".join("?" * len(chunk_ids))
+                    conn.execute(f"DELETE FROM records WHERE id IN ({marks})", chunk_ids)
                 state.add(state.evicted, kind, count)
                 state.add(state.evicted_items, kind, items)
                 state.add(state.rows, kind, -count)

@@ -13,11 +13,14 @@ is checked unchanged afterwards with a fresh subscription.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import ssl
 import subprocess
 import sys
+import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,10 +28,11 @@ import pytest
 from paho.mqtt.enums import MQTTProtocolVersion
 
 from mqtt_session import MqttConfig, MqttSession
+from schemas import decode_reply, decode_results
 from tests.bridgeharness import REPO, Client
 from tests.securebroker import Pki, SecureBroker, make_ca, make_pki
 
-SITE_USERS = ("cam-1", "cam-2", "gw-1", "gw-2", "bridge", "operator")
+SITE_USERS = ("cam-1", "cam-2", "gw-1", "gw-2", "gw-1-esc", "gw-2-esc", "bridge", "operator")
 CLOUD_USERS = ("bridge", "worker-1", "worker-2", "operator")
 
 
@@ -247,6 +251,15 @@ def test_node_reads_its_sensors_commands_and_fleet(brokers: Brokers) -> None:
 def test_node_reading_another_nodes_commands_denied(brokers: Brokers) -> None:
     assert_not_delivered(brokers, "site", "gw-1", "edge/gw-2/cmd", "edge/gw-1/cmd")
     assert_not_delivered(brokers, "site", "gw-1", "edge/gw-2/reply", "edge/gw-1/cmd")
+
+
+def test_a_nodes_escalation_principal_only_escalates_and_reads_its_replies(
+    brokers: Brokers,
+) -> None:
+    for topic in ("edge/gw-1/results", "edge/gw-1/status", "sensors/gw-1-esc/x", "fleet/cam/cmd"):
+        assert_denied(brokers, "site", "gw-1-esc", topic, "cloud/escalations/ctl")
+    assert_not_delivered(brokers, "site", "gw-1-esc", "edge/gw-2/reply", "edge/gw-1/reply")
+    assert_not_delivered(brokers, "site", "gw-1-esc", "edge/gw-1/cmd", "edge/gw-1/reply")
 
 
 # -- workers, bridge, operator on the cloud broker --------------------------------------------
@@ -557,3 +570,232 @@ def test_sensor_simulate_takes_its_credentials_from_the_environment(
         observer.close()
     assert {m.topic.split("/")[1] for m in observer.snapshot()} == {"cam-1"}
     assert brokers.site_pw["cam-1"] not in done.stdout.decode() + done.stderr.decode()
+
+
+def _operator_env(brokers: Brokers, side: str, tmp_path: Path) -> dict[str, str]:
+    secret = tmp_path / f"operator-{side}.password"
+    secret.write_text((brokers.site_pw if side == "site" else brokers.cloud_pw)["operator"])
+    return {
+        **os.environ,
+        "EDGEWISE_MQTT__USERNAME": "operator",
+        "EDGEWISE_MQTT__PASSWORD_FILE": str(secret),
+    }
+
+
+def _edgewise(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "edgewise.cli", *args],
+        capture_output=True,
+        cwd=REPO,
+        env=env,
+        timeout=60,
+    )
+
+
+def test_operator_publishes_a_model_with_credentials_from_the_environment(
+    brokers: Brokers, tmp_path: Path
+) -> None:
+    """The one principal allowed to publish fleet/# and models/# on the cloud can do so with
+    the operator's own tool: `edgewise model publish` reads its credentials like the services."""
+    from releases import Manifest, decode_document, decode_envelope
+    from tests.updatekit import EDGE_MODEL
+
+    env = _operator_env(brokers, "cloud", tmp_path)
+    keys = tmp_path / "keys"
+    made = _edgewise("keys", "init", "--out-dir", str(keys), env=env)
+    assert made.returncode == 0, made.stderr.decode()[-2000:]
+    model = tmp_path / "digits.onnx"
+    model.write_bytes(EDGE_MODEL)
+    published = _edgewise(
+        "model", "publish", str(model), "--name", "digits", "--release", "2",
+        "--hw-class", "cpu", "-k", str(keys),
+        "--broker", f"mqtt://127.0.0.1:{brokers.cloud.plain_port}",
+        env=env,
+    )  # fmt: skip
+    output = published.stdout.decode() + published.stderr.decode()
+    assert published.returncode == 0, output[-2000:]
+    assert brokers.cloud_pw["operator"] not in output
+    state = retained_under(brokers, "cloud", "fleet/#", "fleet/zz/end")
+    manifest = decode_document(decode_envelope(state["fleet/cpu/models/digits"]), Manifest)
+    assert (manifest.name, manifest.release) == ("digits", 2)
+
+
+def test_fleet_status_reads_a_secured_broker_with_credentials_from_the_environment(
+    brokers: Brokers, tmp_path: Path
+) -> None:
+    status = _edgewise(
+        "fleet", "status", "--broker", f"mqtt://127.0.0.1:{brokers.site.plain_port}",
+        "--duration", "1", "--json",
+        env=_operator_env(brokers, "site", tmp_path),
+    )  # fmt: skip
+    output = status.stdout.decode() + status.stderr.decode()
+    assert status.returncode == 0, output[-2000:]  # 1: the broker refused the connection
+    assert brokers.site_pw["operator"] not in output
+    assert "nodes" in json.loads(status.stdout)
+
+
+@pytest.mark.parametrize(
+    ("command", "env"),
+    [
+        (["node"], {"EDGEWISE_NODE_ID": "gw-1", "EDGEWISE_MQTT": '{"password": ["s3cret-pw"]}'}),
+        (["node"], {"EDGEWISE_NODE_ID": "gw-1", "EDGEWISE_MQTT__PASWORD": "s3cret-pw"}),
+        (["node"], {"EDGEWISE_NODE_ID": "gw-1", "EDGEWISE_UPLINK__PASSWD": "s3cret-pw"}),
+        (["worker"], {"EDGEWISE_WORKER_MQTT": '{"password": {"v": "s3cret-pw"}}'}),
+        (["worker"], {"EDGEWISE_WORKER_MQTT__PASSWRD": "s3cret-pw"}),
+        (["bridge"], {"EDGEWISE_CLOUD_BROKER__PASSWROD": "s3cret-pw"}),
+    ],
+)
+def test_a_config_error_never_echoes_a_password_even_a_mistyped_one(
+    tmp_path: Path, command: list[str], env: dict[str, str]
+) -> None:
+    args = list(command)
+    if command == ["bridge"]:
+        path = tmp_path / "bridge.toml"
+        path.write_text('[[rules]]\ndirection = "up"\nfilter = "a/#"\n')
+        args += ["--config", str(path)]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("EDGEWISE_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "edgewise.cli", *args],
+        capture_output=True,
+        cwd=tmp_path,
+        env={**clean, **env},
+        timeout=60,
+    )
+    err = done.stderr.decode()
+    assert done.returncode == 2, err[-2000:]
+    assert "invalid" in err and "configuration" in err
+    assert "s3cret-pw" not in err + done.stdout.decode()
+
+
+class _Services:
+    """edgewise services as real processes, each with its own log file."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def secret(self, name: str, password: str) -> str:
+        path = self.tmp_path / f"{name}.password"
+        path.write_text(password)
+        return str(path)
+
+    def start(self, name: str, args: list[str], env: dict[str, str]) -> None:
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("EDGEWISE_")}
+        with (self.tmp_path / f"{name}.log").open("wb") as log:
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "edgewise.cli", *args],
+                env={**clean, **env},
+                cwd=self.tmp_path,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def log(self, name: str) -> str:
+        return (self.tmp_path / f"{name}.log").read_text(errors="replace")
+
+    def wait_log(self, name: str, text: str, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while text not in self.log(name):
+            proc = self.procs[name]
+            assert proc.poll() is None, f"{name} exited {proc.returncode}:\n{self.log(name)}"
+            assert time.monotonic() < deadline, f"{name}: no {text!r}:\n{self.log(name)[-3000:]}"
+            time.sleep(0.05)
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+def _broker_env(prefix: str, port: int, user: str, password_file: str, ca: Path) -> dict[str, str]:
+    return {
+        f"{prefix}HOST": "localhost",  # the name on the broker's certificate
+        f"{prefix}PORT": str(port),
+        f"{prefix}USERNAME": user,
+        f"{prefix}PASSWORD_FILE": password_file,
+        f"{prefix}TLS_CA_FILE": str(ca),
+        f"{prefix}RECONNECT_FIRST_S": "0.2",
+        f"{prefix}RECONNECT_CAP_S": "1",
+    }
+
+
+@pytest.mark.slow
+def test_compose_topology_runs_as_processes_from_its_configs(
+    brokers: Brokers, tmp_path: Path
+) -> None:
+    """The compose stack without Docker: the bridge, an edge node, two workers and a sensor as
+    `edgewise` processes from compose/{bridge,node,worker}, each as its own principal over TLS
+    (the sensor on the plain listener, as in compose), between brokers from compose/mosquitto.
+    A sensor's frames become results at the cloud; the unsure ones are answered by the workers,
+    who share them."""
+    ca = brokers.pki.ca_cert
+    compose = REPO / "compose"
+    s = _Services(tmp_path)
+    site, cloud = brokers.site.tls_port, brokers.cloud.tls_port
+    observer = brokers.connected("cloud", "operator")
+    observer.subscribe("sites/s1/edge/gw-1/results")
+    observer.subscribe("edge/gw-1/reply")
+    try:
+        bridge_env = {
+            **_broker_env("EDGEWISE_SITE_BROKER__", site, "bridge",
+                          s.secret("bridge-site", brokers.site_pw["bridge"]), ca),
+            **_broker_env("EDGEWISE_CLOUD_BROKER__", cloud, "bridge",
+                          s.secret("bridge-cloud", brokers.cloud_pw["bridge"]), ca),
+            "EDGEWISE_QUEUE__DIR": str(tmp_path / "queues"),
+        }  # fmt: skip
+        s.start("bridge", ["bridge", "--config", str(compose / "bridge/bridge.toml")], bridge_env)
+        for worker in ("worker-1", "worker-2"):
+            env = {
+                **_broker_env("EDGEWISE_WORKER_MQTT__", cloud, worker,
+                              s.secret(worker, brokers.cloud_pw[worker]), ca),
+                "EDGEWISE_WORKER_WORKER_ID": worker,
+                "EDGEWISE_WORKER_STORE__PATH": str(tmp_path / f"{worker}.db"),
+            }  # fmt: skip
+            s.start(worker, ["worker", "--config", str(compose / "worker/worker.toml")], env)
+        node_env = {
+            **_broker_env("EDGEWISE_MQTT__", site, "gw-1",
+                          s.secret("gw-1", brokers.site_pw["gw-1"]), ca),
+            "EDGEWISE_NODE_ID": "gw-1",
+            "EDGEWISE_STORAGE__STATE_DIR": str(tmp_path / "gw-1"),
+            **_broker_env("EDGEWISE_ESCALATION__UPLINK__", site, "gw-1-esc",
+                          s.secret("gw-1-esc", brokers.site_pw["gw-1-esc"]), ca),
+        }  # fmt: skip
+        s.start("node-1", ["node", "--config", str(compose / "node/node.toml")], node_env)
+        for worker in ("worker-1", "worker-2"):
+            s.wait_log(worker, "ready on")
+        s.wait_log("node-1", "connected to")
+        s.wait_log("bridge", "connected to")
+        frames = 120
+        sensor_env = {
+            "EDGEWISE_MQTT__USERNAME": "cam-1",
+            "EDGEWISE_MQTT__PASSWORD_FILE": s.secret("cam-1", brokers.site_pw["cam-1"]),
+        }
+        s.start("sensor", ["sensor", "simulate", "--broker",
+                           f"mqtt://127.0.0.1:{brokers.site.plain_port}", "--device", "cam-1",
+                           "--count", str(frames), "--rate", "40"], sensor_env)  # fmt: skip
+        assert s.procs["sensor"].wait(60) == 0, s.log("sensor")
+
+        def results() -> dict[int, str]:
+            by_frame: dict[int, str] = {}
+            for m in observer.snapshot():
+                if m.topic == "sites/s1/edge/gw-1/results":
+                    for r in decode_results(m.payload).results:
+                        by_frame[r.frame_seq] = r.source
+            return by_frame
+
+        observer.wait(lambda: len(results()) >= frames, 60, f"{frames} results at the cloud")
+    finally:
+        s.stop_all()
+        observer.close()
+    sources = Counter(results().values())
+    replies = [decode_reply(m.payload) for m in observer.snapshot() if m.topic.endswith("/reply")]
+    assert sources["cloud"] > 0, f"no cloud verdict: {dict(sources)}\n{s.log('node-1')[-3000:]}"
+    assert {r.worker for r in replies} == {"worker-1", "worker-2"}
+    for name in s.procs:
+        assert "Traceback" not in s.log(name), s.log(name)

@@ -10,12 +10,14 @@ import re
 import shutil
 import subprocess
 import tomllib
+import typing
 from pathlib import Path
 from typing import Any
 
 import pytest
 import typer
 import yaml
+from pydantic import BaseModel
 from typer.testing import CliRunner
 
 from broker_bridge import BridgeConfig
@@ -206,6 +208,54 @@ def test_mounted_edgewise_configs_load(monkeypatch: pytest.MonkeyPatch) -> None:
     node = NodeConfig.model_validate(toml("node/node.toml"))
     assert node.mqtt.host == "site-broker"
     assert node.mqtt.tls_ca_file == Path("/etc/edgewise/ca.crt")
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    for t in (annotation, *typing.get_args(annotation)):
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            return t
+    return None
+
+
+def _setting_read(cls: type[BaseModel], prefix: str, name: str) -> bool:
+    """Whether settings class ``cls`` (environment prefix ``prefix``, ``__`` between levels)
+    reads the variable ``name``."""
+    if not name.startswith(prefix):
+        return False
+    model: type[BaseModel] | None = cls
+    for part in name[len(prefix) :].lower().split("__"):
+        if model is None or part not in model.model_fields:
+            return False
+        model = _model_of(model.model_fields[part].annotation)
+    return True
+
+
+def test_every_environment_variable_a_service_sets_is_a_setting_it_reads(
+    compose: dict[str, Any],
+) -> None:
+    """A misspelt variable is silently ignored by the service (EDGEWISE_WORKER_ID once left both
+    workers named after their container), so each one must name a setting of the command."""
+    from cloud_worker.config import ENV_PREFIX as WORKER_PREFIX
+    from cloud_worker.config import WorkerConfig
+    from edge_node.config import NodeConfig
+    from edgewise.credentials import _ENV as SENSOR_ENV
+
+    readers: dict[tuple[str, ...], Any] = {
+        ("node",): lambda n: _setting_read(NodeConfig, "EDGEWISE_", n),
+        ("worker",): lambda n: _setting_read(WorkerConfig, WORKER_PREFIX, n),
+        ("bridge",): lambda n: _setting_read(BridgeConfig, "EDGEWISE_", n),
+        ("sensor", "simulate"): lambda n: n in SENSOR_ENV.values(),
+    }
+    checked = 0
+    for service, cmd in edgewise_commands(compose).items():
+        svc = compose["services"][service]
+        for name, value in (svc.get("environment") or {}).items():
+            assert readers[subcommand_path(cmd)](name), f"{service}: nothing reads {name}"
+            checked += 1
+            if str(value).startswith("/run/secrets/"):
+                secret = str(value).removeprefix("/run/secrets/")
+                assert secret in svc.get("secrets", []), f"{service}: {secret} is not mounted"
+    assert checked >= 14
 
 
 def test_dockerfile_copies_what_exists() -> None:

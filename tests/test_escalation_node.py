@@ -21,9 +21,16 @@ import pytest
 
 from edge_node.config import bundled_asset
 from edgewise.frames import load_holdout
-from local_broker import BrokerInfo, MosquittoProcess
+from local_broker import BrokerInfo, MosquittoProcess, free_port
 from mqtt_session import MqttSession
-from schemas import Frame, Result, decode_reply, decode_results, encode_frame
+from schemas import (
+    Frame,
+    Result,
+    decode_reply,
+    decode_results,
+    decode_telemetry,
+    encode_frame,
+)
 from tests.nodeharness import Harness, mqtt_for, running_node
 from tests.test_worker_harness import start_worker_process, wait_ready
 
@@ -295,6 +302,38 @@ def test_node_without_uplink_answers_edge_offline_and_uploads_later(
                     while len(got) < 20:
                         arrived.clear()
                         await arrived.wait()
+
+    asyncio.run(scenario())
+
+
+def test_hard_examples_evicted_while_offline_are_counted_in_telemetry(
+    mosquitto: BrokerInfo,
+) -> None:
+    """The hard examples have an outbox of their own; what it evicts shows in the node's
+    telemetry like the node outbox's evictions."""
+    dead = {"host": "127.0.0.1", "port": free_port(), "reconnect_cap_s": 1.0}
+    escalation = _escalation(uplink=dead, hard_example_outbox_max_bytes=1024 * 1024)
+
+    async def scenario() -> None:
+        async with running_node(mosquitto, escalation=escalation) as h:
+            esc = h.node.escalator
+            assert esc is not None
+            n = 3000
+            for seq in range(n):
+                await h.send(_frame(seq, HOLDOUT.images[UNSURE[seq % len(UNSURE)]]))
+            await h.seen.wait_for(lambda: len({r.frame_seq for r in _results(h)}) >= n, 60)
+            deadline = time.monotonic() + 30  # stored after the result is handed over
+            while esc.stats.hard_examples_stored < n:
+                assert time.monotonic() < deadline, f"{esc.stats.hard_examples_stored} stored"
+                await asyncio.sleep(0.05)
+            evicted = esc.hard_examples.stats().evicted_items.get("hard_example", 0)
+            assert evicted > 0, "the hard-example outbox never filled up"
+            assert esc.hard_examples.stats().rows == n - evicted
+            before = len(h.messages("telemetry"))
+            await h.node.close_window()
+            await h.seen.wait_for(lambda: len(h.messages("telemetry")) > before, 10)
+            window = decode_telemetry(h.messages("telemetry")[-1].payload)
+            assert window.evictions.get("hard_example") == evicted
 
     asyncio.run(scenario())
 

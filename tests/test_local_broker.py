@@ -371,6 +371,18 @@ def test_parse_broker_url_rejects(url: str, problem: str) -> None:
     assert problem in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "url",
+    ["mqtt://op:s3cret-pw@host:1883", "mqtts://op:s3cret-pw@host", "op:s3cret-pw@host:1883",
+     "mqtt://op:s3cret-pw@host:99999", "mqtt://op:s3cret-pw@host/x"],
+)  # fmt: skip
+def test_a_refused_url_never_shows_its_password(url: str) -> None:
+    with pytest.raises(ValueError, match="broker URL") as err:
+        parse_broker_url(url)
+    assert "s3cret-pw" not in str(err.value)
+    assert "***@host" in str(err.value)
+
+
 def test_broker_info_url_round_trips() -> None:
     info = BrokerInfo.from_url("mqtt://[::1]:1884")
     assert info == BrokerInfo("::1", 1884, "external")

@@ -20,6 +20,7 @@ import pytest
 
 from edgewise.frames import load_holdout
 from local_broker import BrokerInfo, Message, MosquittoProcess, MqttProbe
+from schemas import decode_status
 from tests.nodeharness import frame_bytes
 from tests.nodeprocs import NodeProcesses, ResultLedger, online
 
@@ -222,6 +223,40 @@ def test_kill_9_of_the_broker_twice_loses_no_result_the_node_made(
     finally:
         n.stop_all()
         broker.stop()
+
+
+def test_a_corrupt_outbox_is_kept_aside_reported_and_the_node_serves(
+    nodes: NodeProcesses, mqtt_probe: ProbeFactory
+) -> None:
+    garbage = b"SQLite format 3\x00" + bytes(range(256)) * 64  # a header, then rubbish
+    (nodes.state_dir / f"{nodes.node_id}.outbox.db").write_bytes(garbage)
+    consumer = mqtt_probe()
+    consumer.subscribe(f"edge/{nodes.node_id}/#")
+    nodes.start()
+
+    def corrupt_reported(m: Message) -> bool:
+        if not m.topic.endswith("/status"):
+            return False
+        status = decode_status(m.payload)
+        return status.state == "degraded" and "outbox_corrupt" in status.reasons
+
+    consumer.wait_for(corrupt_reported, 20)
+    kept = [
+        p
+        for p in nodes.state_dir.glob(f"{nodes.node_id}.outbox.db.corrupt-*")
+        if not p.name.endswith(("-wal", "-shm"))
+    ]
+    assert [p.read_bytes() for p in kept] == [garbage]
+    mqtt_probe().publish("sensors/cam-1/digits", frame_bytes(7, HOLDOUT.images[7]))
+    ledger = ResultLedger()
+
+    def answered(m: Message) -> bool:
+        ledger.feed(m)
+        return 7 in ledger.ids
+
+    consumer.wait_for(answered, 20)
+    log = (nodes.state_dir / "node-0.log").read_text()
+    assert "kept it as" in log
 
 
 def _answered(db: Path) -> int:

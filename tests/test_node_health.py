@@ -133,6 +133,61 @@ def test_latency_over_the_slo_degrades_the_status_and_clears_when_it_goes(
     asyncio.run(scenario())
 
 
+def _model_serving_one_frame_per_call(tmp_path: Path) -> Path:
+    """A digits model (image (N, 8, 8) -> probabilities (N, 10)) whose graph reshapes its input
+    to (1, 64): ONNX Runtime serves a batch of one and fails on any larger batch."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = np.random.default_rng(3).normal(size=(64, 10)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Reshape", ["image", "one_row"], ["flat"]),
+            helper.make_node("MatMul", ["flat", "weights"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1),
+        ],
+        "one_per_call",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 8, 8])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 10])],
+        initializer=[
+            numpy_helper.from_array(np.array([1, 64], dtype=np.int64), "one_row"),
+            numpy_helper.from_array(weights, "weights"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path = tmp_path / "one_per_call.onnx"
+    onnx.save(model, path)
+    return path
+
+
+def test_a_model_that_fails_degrades_the_status_until_it_serves_again(
+    mosquitto: BrokerInfo, tmp_path: Path
+) -> None:
+    def last_status(h: Harness) -> tuple[str, list[str]]:
+        s = decode_status(h.messages("status")[-1].payload)
+        return s.state, list(s.reasons)
+
+    async def scenario() -> None:
+        async with running_node(
+            mosquitto,
+            model={"path": str(_model_serving_one_frame_per_call(tmp_path))},
+            batching={"max_batch_size": 8, "max_wait_ms": 300},
+        ) as h:
+            assert last_status(h) == ("online", [])
+            for i in range(4):  # one batch: the model cannot serve it
+                await h.send(frame_bytes(i, HOLDOUT.images[i]))
+            await h.seen.wait_for(lambda: last_status(h) == ("degraded", ["model_unavailable"]))
+            assert h.node.stats.inference_errors >= 1
+            await h.seen.wait_for(lambda: bool(h.messages("deadletter")))  # inference_failed
+            await h.send(frame_bytes(4, HOLDOUT.images[4]))  # alone: served
+            await h.seen.wait_for(lambda: 4 in _answered(h))
+            await h.seen.wait_for(lambda: last_status(h) == ("online", []))
+
+    asyncio.run(scenario())
+
+
 def test_telemetry_made_while_the_uplink_is_cut_is_stored_and_arrives_later(
     mosquitto: BrokerInfo,
 ) -> None:

@@ -313,9 +313,8 @@ def test_a_full_outbox_evicts_and_the_count_equals_what_is_missing_downstream(
                 node = h.node
                 ledger = _Ledger(h)
                 proxy.cut()
-                # Frames only once the node knows: a record handed to the client just before
-                # the cut may still be delivered by it after the reconnect though evicted
-                # meanwhile (ADR 0005: up to the window, counted evicted yet delivered).
+                # Frames once the node knows (records in flight at a cut are covered by
+                # tests/test_forwarder_eviction.py, ADR 0063).
                 await _until(lambda: "uplink_down" in node.reasons, 20, "uplink_down")
                 total = 5_000
                 await _send_range(h, 0, total)

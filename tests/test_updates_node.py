@@ -120,6 +120,8 @@ async def test_good_update_under_load_has_no_gap_and_no_failed_inference(
         assert releases[0] == 1 and releases[-1] == 2
         assert releases == sorted(releases)  # no flapping back
         assert _kinds(h)[-5:] == ["downloading", "verified", "validating", "activated", "committed"]
+        # Every event went through the node's outbox (issue 3: everything upstream does).
+        assert h.node.outbox.stats().appended.get("event", 0) >= 5
         status = decode_status(h.messages("status")[-1].payload)
         assert status.release == 2
 

@@ -106,7 +106,10 @@ class UpdateManager:
         swap: Swap | None = None,
         commands: Mapping[str, CommandHandler] | None = None,
         clock: Callable[[], float] = time.time,
+        publish_event: Callable[[str, bytes], None] | None = None,
     ) -> None:
+        """``publish_event(topic, payload)``, when given, takes every event (retained, QoS 1)
+        instead of this manager's own connection: the node stores them in its outbox."""
         root = config.root_key_bytes()
         if root is None:
             raise ValueError("updates.root_key is not set: the node has no root key to trust")
@@ -137,6 +140,7 @@ class UpdateManager:
         self._transient: set[str] = set()
         """Refused for a passing cause (a timeout, the disk): tried again after a reconnect."""
         self._events: collections.deque[tuple[str, bytes]] = collections.deque(maxlen=256)
+        self._publish_event = publish_event
         self._probation: ProbationWindow | None = None
         self._stack: contextlib.AsyncExitStack | None = None
         self.session = MqttSession(
@@ -323,7 +327,11 @@ class UpdateManager:
         )
         self.state_changes.append(kind if reason is None else f"{kind}:{reason.value}")
         log.info("update event %s release=%s reason=%s %s", kind, release, reason, detail)
-        self._events.append((self.topics.events(self.node_id), encode_event(event)))
+        topic, payload = self.topics.events(self.node_id), encode_event(event)
+        if self._publish_event is not None:
+            self._publish_event(topic, payload)
+            return
+        self._events.append((topic, payload))
         self._flush_events()
 
     def _flush_events(self) -> None:
