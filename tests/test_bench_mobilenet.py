@@ -1,8 +1,5 @@
-"""Checks of the benchmark helpers' logic (no timings): run with
-``.venv/bin/python -m pytest bench/test_mobilenet_helpers.py``.
-
-They live beside the benchmarks rather than in ``tests/`` (which the suite runs by default)
-because they are about the benchmark, not the product.
+"""Checks of the MobileNet benchmark helpers' logic (no timings): the frames it sends fit the
+node config it sets, and its profile summary adds up. A wrong helper would report wrong figures.
 """
 
 from __future__ import annotations
