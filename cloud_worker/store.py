@@ -4,7 +4,8 @@ One row per escalation id (the primary key; the first answer wins, so a duplicat
 answer it must repeat): the input tensor, the edge verdict, the cloud verdict, the node, both
 models' versions and the times. Written through ``sqlite-utils`` on one dedicated thread, in
 batches (one transaction per ``commit_max_rows`` rows or ``commit_interval_ms``), WAL mode.
-:meth:`HardExampleStore.add` returns once the row is committed. sqlite3 errors become
+:meth:`HardExampleStore.add_many` (the cases of a handler call) and :meth:`HardExampleStore.add`
+return a future that resolves once the rows are committed. sqlite3 errors become
 :class:`~cloud_worker.errors.StoreError` here and nowhere else.
 """
 
@@ -113,7 +114,8 @@ class HardExampleStore:
         self.config = config
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hard-examples")
         self._db: sqlite_utils.Database | None = None
-        self._rows: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+        self._rows: list[dict[str, Any]] = []
+        self._waiters: list[asyncio.Future[None]] = []
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -157,13 +159,23 @@ class HardExampleStore:
 
     def add(self, row: dict[str, Any]) -> asyncio.Future[None]:
         """Queue one row; the future resolves once it is committed (or fails with StoreError)."""
+        return self.add_many([row])
+
+    def add_many(self, rows: list[dict[str, Any]]) -> asyncio.Future[None]:
+        """Queue rows; the future resolves once all of them are committed (in one transaction,
+        with whatever else is queued), or fails with StoreError."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if self._closing:
             fut.set_exception(StoreError("store is closing"))
             return fut
-        self._rows.append((row, fut))
+        if not rows:
+            fut.set_result(None)
+            return fut
+        first = not self._rows
+        self._rows.extend(rows)
+        self._waiters.append(fut)
         self._idle.clear()
-        if len(self._rows) == 1 or len(self._rows) >= self.config.commit_max_rows:
+        if first or len(self._rows) >= self.config.commit_max_rows:
             self._wake.set()  # the first row starts the commit interval; a full batch ends it
         return fut
 
@@ -192,16 +204,17 @@ class HardExampleStore:
                 except TimeoutError:
                     pass
             group, self._rows = self._rows, []
+            waiters, self._waiters = self._waiters, []
             try:
-                await self._run(self._insert, [r for r, _ in group])
+                await self._run(self._insert, group)
             except StoreError as exc:
-                for _, fut in group:
+                for fut in waiters:
                     if not fut.done():
                         fut.set_exception(exc)
                 continue
             self.commits += 1
             self.rows_written += len(group)
-            for _, fut in group:
+            for fut in waiters:
                 if not fut.done():
                     fut.set_result(None)
 
