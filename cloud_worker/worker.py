@@ -52,6 +52,7 @@ from edge_node.batcher import MicroBatcher
 from edge_node.model import ServedModel
 from mqtt_session import Inbound, MqttError, MqttSession
 from schemas import (
+    DTYPES,
     CaseVerdict,
     ContractError,
     Escalation,
@@ -351,7 +352,7 @@ class Worker:
             groups[(j.esc.dtype, tuple(j.esc.shape))].append(j)
         for group in groups.values():
             try:
-                inputs = np.stack([j.esc.tensor(self.limits) for j in group])
+                inputs = _stack(group)
                 verdicts = await handler(Batch(model, inputs, [j.esc for j in group]))
                 answers = [self._answer_of(handler, v) for v in verdicts]
             except Exception as exc:  # a handler failure must not stop the worker
@@ -484,3 +485,11 @@ class Worker:
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             fut.set_exception(exc)
             return fut
+
+
+def _stack(group: list[_Job]) -> np.ndarray:
+    """The group's inputs (one dtype and shape, checked when their message was decoded) as one
+    writable ``[N, *shape]`` array."""
+    first = group[0].esc
+    data = bytearray(b"".join(j.esc.data for j in group))
+    return np.frombuffer(data, dtype=DTYPES[first.dtype]).reshape(len(group), *first.shape)

@@ -29,7 +29,7 @@ every tensor).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated, Final
+from typing import Annotated, Any, Final
 
 import msgspec
 import numpy as np
@@ -38,7 +38,7 @@ from msgspec import Meta
 from .errors import ContractError
 from .fields import Fraction, Int64, Level, Name, Seconds, Seq, Text, check_names
 from .limits import DEFAULT_LIMITS, Limits
-from .tensor import tensor_from_wire, wire_parts
+from .tensor import check_header, tensor_from_wire, wire_parts
 from .topics import validate_topic
 from .wire import decode_msgpack
 
@@ -299,8 +299,34 @@ def decode_escalations(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> Escal
             raise ContractError(
                 "bad_schema", "escalation: every case has a corr when the message wants a reply"
             )
-        tensor_from_wire(c.dtype, c.shape, c.data, limits)
+    _check_tensors(batch.cases, limits)
     return batch
+
+
+def _check_tensors(cases: list[EscalationCase], limits: Limits) -> None:
+    """Every case's tensor, as :func:`~schemas.tensor.tensor_from_wire` checks one (dtype,
+    shape, element count, data length, finite floats), each header once per message and the
+    float data of cases that share a header in one pass."""
+    headers: dict[tuple[str, tuple[int, ...]], tuple[np.dtype[Any], int]] = {}
+    floats: dict[tuple[str, tuple[int, ...]], list[bytes]] = {}
+    for c in cases:
+        key = (c.dtype, tuple(c.shape))
+        known = headers.get(key)
+        if known is None:
+            dt, _, count = check_header(c.dtype, c.shape, limits)
+            known = headers[key] = (dt, count * dt.itemsize)
+        dt, nbytes = known
+        if len(c.data) != nbytes:
+            raise ContractError(
+                "bad_shape",
+                f"data is {len(c.data)} bytes, shape {list(c.shape)} of {dt.name} needs {nbytes}",
+            )
+        if dt.kind == "f":
+            floats.setdefault(key, []).append(c.data)
+    for key, chunks in floats.items():
+        values = np.frombuffer(b"".join(chunks), dtype=headers[key][0])
+        if not np.isfinite(values).all():
+            raise ContractError("non_finite", f"{values.dtype.name} data holds NaN or infinity")
 
 
 def encode_replies(reply: ReplyBatch) -> bytes:
