@@ -175,6 +175,7 @@ class Escalator:
         self._settled = asyncio.Event()
         self._settled.set()
         self._delivering = False
+        self._removing: set[asyncio.Future[None]] = set()
         self._stack: contextlib.AsyncExitStack | None = None
         self.journal = Journal(state_dir / f"{node_id}.escalations.db", synchronous=synchronous)
         self.uplink = MqttSession(
@@ -256,10 +257,15 @@ class Escalator:
         return self._by_frame.get(frame_key)
 
     async def wait_settled(self) -> None:
-        """Return once nothing is pending and every final result has been delivered."""
-        while self._pending or self._finals or self._delivering:
-            self._settled.clear()
-            await self._settled.wait()
+        """Return once nothing is pending, every final result has been delivered and its
+        journal entry deleted."""
+        while True:
+            while self._pending or self._finals or self._delivering:
+                self._settled.clear()
+                await self._settled.wait()
+            if not self._removing:
+                return
+            await asyncio.gather(*list(self._removing), return_exceptions=True)
 
     # ------------------------------------------------------------------ node API
     def policy(self, model: str) -> PolicyConfig:
@@ -531,6 +537,12 @@ class Escalator:
                 async with asyncio.timeout(timeout):
                     await self._deadline_wake.wait()
 
+    def _removed(self, fut: asyncio.Future[None]) -> None:
+        self._removing.discard(fut)
+        exc = None if fut.cancelled() else fut.exception()
+        if exc is not None:  # stays journaled: decided again (same id) after a restart
+            log.error("escalation journal delete failed: %s", exc)
+
     async def _deliveries(self) -> None:
         while True:
             if not self._finals:
@@ -549,10 +561,11 @@ class Escalator:
                 self._delivering = False
                 await asyncio.sleep(0.5)
                 continue
-            try:
-                await self.journal.remove([f.result.id for f in batch])
-            except JournalError as exc:  # stays journaled: decided again (same id) after restart
-                log.error("escalation journal delete failed: %s", exc)
+            # The delete commits in the background (in order, after this batch's insert): the
+            # next final results need not wait for it.
+            removed = self.journal.remove_nowait([f.result.id for f in batch])
+            self._removing.add(removed)
+            removed.add_done_callback(self._removed)
             self._delivering = False
 
 
