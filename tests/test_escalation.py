@@ -516,3 +516,46 @@ def test_default_policy_figures_in_the_readme_hold() -> None:
     assert f"{correct / 540:.1%}".replace("%", " %") + f" ({correct}/540)" in readme
     assert f"{sent / 540:.1%}".replace("%", " %") + f" ({sent}/540)" in readme
     assert sent / 540 < 0.30 and correct >= 528
+
+
+def test_batches_round_trip_over_mqtt_3_1_1(mosquitto: BrokerInfo, tmp_path: Path) -> None:
+    """Node and worker speaking MQTT 3.1.1 (no response topic, correlation data or expiry): the
+    reply address, correlation ids and deadlines inside the payload are enough."""
+    n = 12
+    expected = _cloud_labels(HOLDOUT.images[:n])
+
+    async def scenario() -> None:
+        finals = Finals()
+        config = EscalationConfig(
+            enabled=True,
+            policies={"digits": PolicyConfig(max_softmax_below=0.95, deadline_ms=10_000)},
+            uplink=mqtt_for(mosquitto, protocol="3.1.1"),
+        )
+        cfg = worker_config(mosquitto, tmp_path, mqtt=mqtt_for(mosquitto, protocol="3.1.1"))
+        async with Worker(cfg) as worker:
+            esc = Escalator(
+                config,
+                node_id=f"gw-{uuid.uuid4().hex[:6]}",
+                node_mqtt=mqtt_for(mosquitto),
+                topics=Topics(),
+                state_dir=tmp_path / "node",
+                deliver=finals,
+            )
+            async with esc:
+                assert esc.uplink.protocol == "3.1.1" and worker.session.protocol == "3.1.1"
+                await esc.uplink.wait_connected(5)
+                await asyncio.sleep(0.05)
+                cases = [_case(i) for i in range(n)]
+                await esc.escalate(cases[:5])
+                await esc.escalate(cases[5:])
+                await finals.wait_for(n)
+                await esc.wait_settled()
+                assert esc.stats.messages == 2 and esc.stats.batch_sizes == {5: 1, 7: 1}
+                by_seq = {f.result.frame_seq: f.result for f in finals.got}
+                assert {r.source for r in by_seq.values()} == {"cloud"}
+                assert [by_seq[i].label for i in range(n)] == expected.tolist()
+                assert esc.stats.replies_rejected == 0
+            assert await worker.drain()
+            assert (worker.stats.received, worker.stats.replies, worker.stats.answered) == (2, 2, n)
+
+    asyncio.run(scenario())
