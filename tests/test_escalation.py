@@ -559,3 +559,33 @@ def test_batches_round_trip_over_mqtt_3_1_1(mosquitto: BrokerInfo, tmp_path: Pat
             assert (worker.stats.received, worker.stats.replies, worker.stats.answered) == (2, 2, n)
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("n", "settings", "sizes"),
+    [(300, {}, [256, 44]), (5, {"max_message_bytes": 1024}, [2, 2, 1])],
+    ids=["case cap", "byte cap"],
+)
+def test_a_hand_over_is_split_at_the_case_and_byte_caps(
+    mosquitto: BrokerInfo, n: int, settings: dict[str, object], sizes: list[int]
+) -> None:
+    """At most 256 cases per message; with max_message_bytes 1024, two 8x8 float32 cases
+    (256 bytes of tensor + ~256 of the rest each) per message."""
+
+    async def scenario() -> None:
+        finals = Finals()
+        spy = Spy()
+        async with (
+            _client(mosquitto, spy),
+            _escalator(mosquitto, finals, deadline_ms=10_000, **settings) as esc,
+        ):
+            cases = [_case(i % len(HOLDOUT.images), seq=i) for i in range(n)]
+            await esc.escalate(cases)
+            await spy.wait_for(len(sizes))
+            got = [decode_escalations(m.payload) for m in spy.seen]
+            assert [len(e.cases) for e in got] == sizes
+            assert [c.id for e in got for c in e.cases] == [c.result.id for c in cases]
+            assert len({e.corr for e in got}) == len(sizes)
+            assert esc.stats.escalated == n and esc.pending == n
+
+    asyncio.run(scenario())

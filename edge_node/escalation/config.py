@@ -49,6 +49,14 @@ class EscalationConfig(BaseModel):
     max_pending: int = Field(
         10_000, ge=1, description="escalations awaiting a reply; beyond it, edge_fallback at once"
     )
+    max_message_bytes: int = Field(
+        524_288,
+        ge=1024,
+        le=16 * 1_048_576,
+        description="an escalation message holds cases while their tensors add up to less than"
+        " this (a case bigger than that goes alone); keep it below the workers'"
+        " max_payload_bytes",
+    )
     max_reply_bytes: int = Field(
         65_536,
         ge=256,

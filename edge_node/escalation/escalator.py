@@ -49,7 +49,6 @@ from mqtt_session import Inbound, MqttConfig, MqttSession
 from outbox import AsyncOutbox, Forwarder, OutboxConfig, OutboxError, Record
 from schemas import (
     CASES_MAX,
-    DEFAULT_LIMITS,
     ContractError,
     EdgeVerdict,
     EscalationCase,
@@ -67,9 +66,8 @@ log = logging.getLogger(__name__)
 
 _RESOLVED_KEEP = 100_000
 _E = TypeVar("_E")
-_MESSAGE_BYTES = DEFAULT_LIMITS.max_payload_bytes // 2
-"""Cases go into one message while their tensors add up to less than this (a worker refuses
-messages over its ``max_payload_bytes``, by default twice as much)."""
+_CASE_OVERHEAD_BYTES = 256
+"""Roughly what a case adds to a message besides its tensor (ids, edge verdict, keys)."""
 
 
 @dataclass(slots=True)
@@ -388,7 +386,7 @@ class Escalator:
             )
             by_model.setdefault(r.model, []).append((e, case))
         for model, pairs in by_model.items():
-            for chunk in _chunks(pairs):
+            for chunk in _chunks(pairs, self.config.max_message_bytes):
                 self._publish(model, chunk, now_wall, now)
 
     def _publish(
@@ -437,7 +435,7 @@ class Escalator:
             by_model.setdefault(r.model, []).append((c, case))
         records: list[tuple[Record, int]] = []
         for model, pairs in by_model.items():
-            for chunk in _chunks(pairs):
+            for chunk in _chunks(pairs, self.config.max_message_bytes):
                 batch = make_escalation_batch(
                     node=self.node_id,
                     model=model,
@@ -569,15 +567,17 @@ class Escalator:
             self._delivering = False
 
 
-def _chunks(pairs: list[tuple[_E, EscalationCase]]) -> list[list[tuple[_E, EscalationCase]]]:
-    """``pairs`` in runs of at most ``CASES_MAX`` cases and about ``_MESSAGE_BYTES`` of tensors
-    (a case bigger than that goes alone)."""
+def _chunks(
+    pairs: list[tuple[_E, EscalationCase]], max_bytes: int
+) -> list[list[tuple[_E, EscalationCase]]]:
+    """``pairs`` in runs of at most ``CASES_MAX`` cases and about ``max_bytes`` (a case bigger
+    than that goes alone)."""
     out: list[list[tuple[_E, EscalationCase]]] = []
     run: list[tuple[_E, EscalationCase]] = []
     size = 0
     for pair in pairs:
-        n = len(pair[1].data) + 256
-        if run and (len(run) >= CASES_MAX or size + n > _MESSAGE_BYTES):
+        n = len(pair[1].data) + _CASE_OVERHEAD_BYTES
+        if run and (len(run) >= CASES_MAX or size + n > max_bytes):
             out.append(run)
             run, size = [], 0
         run.append(pair)
