@@ -10,14 +10,13 @@ decided already (``cloud_cached``: the cache knew the input; ``edge_offline``: n
 ``edge_fallback``: too many pending) — those results come back to be stored like any other — or
 durable in the journal and on its way to the cloud. The cases of one call, and of any other calls
 made in the same turn of the event loop, go out together: one message per model holds up to
-``schemas.CASES_MAX`` of them (docs/adr/0032-escalation-batches.md). Each pending case is resolved
-exactly once,
-by the first valid reply (``cloud``) or by its deadline (``edge_fallback``), and its final result
-is handed to the ``deliver`` callback, which stores it durably; only then does the journal let
-it go. A reply may answer some cases of a message; the others fall back at their deadline. Late
-and duplicate verdicts are ignored; hostile replies (malformed, oversized, for another node) and
-verdicts (unknown case, wrong correlation id) are rejected and counted. Nothing here blocks other
-frames.
+``schemas.CASES_MAX`` of them (docs/adr/0032-escalation-batches.md). Each pending case is
+resolved exactly once, by the first valid verdict for it (``cloud``) or by its deadline
+(``edge_fallback``), and its final result is handed to the ``deliver`` callback, which stores it
+durably; only then does the journal let it go. A reply may answer some cases of a message; the
+others fall back at their deadline. Late and duplicate verdicts are ignored; hostile replies
+(malformed, oversized, for another node) and verdicts (unknown case, wrong correlation id) are
+rejected and counted. Nothing here blocks other frames.
 """
 
 from __future__ import annotations
@@ -104,8 +103,8 @@ class _Entry:
     corr: str
     key: str
     deadline: float
-    message_corr: str = ""
-    """The ``corr`` of the message that carried the case (set when it is sent)."""
+    message_corr: bytes | None = None
+    """The ``corr`` of the message that carried the case, as bytes (set when it is sent)."""
 
 
 @dataclass(slots=True)
@@ -165,7 +164,7 @@ class Escalator:
         self._by_frame: dict[str, str] = {}
         self._resolved: OrderedDict[str, None] = OrderedDict()
         self._heap: list[tuple[float, str]] = []
-        self._outgoing: list[tuple[_Entry, float]] = []
+        self._outgoing: list[_Entry] = []
         self._flush_scheduled = False
         self._deadline_wake = asyncio.Event()
         self._finals: list[Final] = []
@@ -341,7 +340,7 @@ class Escalator:
         # insert before any delete a reply could cause, and the frames wait for the commit.
         self._settled.clear()
         for e in entries:
-            self._add_pending(e, now_wall)
+            self._add_pending(e)
         try:
             await journaled
         except JournalError as exc:
@@ -350,14 +349,14 @@ class Escalator:
         return decided
 
     # ------------------------------------------------------------------ sending
-    def _add_pending(self, e: _Entry, now_wall: float) -> None:
+    def _add_pending(self, e: _Entry) -> None:
         rid = e.case.result.id
         self._pending[rid] = e
         self._by_frame[e.case.frame_key] = rid
         if not self._heap or e.deadline < self._heap[0][0]:
             self._deadline_wake.set()
         heapq.heappush(self._heap, (e.deadline, rid))
-        self._outgoing.append((e, now_wall))
+        self._outgoing.append(e)
         if not self._flush_scheduled:
             # Sent at the next turn of the event loop: cases handed over by other micro-batches
             # in this turn go in the same messages.
@@ -369,7 +368,7 @@ class Escalator:
         outgoing, self._outgoing = self._outgoing, []
         now_wall, now = time.time(), time.monotonic()
         by_model: dict[str, list[tuple[_Entry, EscalationCase]]] = {}
-        for e, _sent_at in outgoing:
+        for e in outgoing:
             if e.case.result.id not in self._pending:
                 continue  # resolved already (its deadline passed meanwhile)
             r = e.case.result
@@ -394,7 +393,7 @@ class Escalator:
     ) -> None:
         corr = secrets.token_hex(8)
         for e, _ in chunk:
-            e.message_corr = corr
+            e.message_corr = corr.encode()
         batch = make_escalation_batch(
             node=self.node_id,
             model=model,
@@ -474,9 +473,9 @@ class Escalator:
             self._reject("wrong_node")
             return
         corr_data = getattr(msg.properties, "CorrelationData", None) if msg.properties else None
-        message_corr = reply.corr.encode()
+        message_corr: bytes | None = reply.corr.encode()
         if corr_data is not None and bytes(corr_data) != message_corr:
-            message_corr = b""  # MQTT 5 correlation data and payload disagree: no case matches
+            message_corr = None  # MQTT 5 correlation data and payload disagree: no case matches
         for v in reply.verdicts:
             entry = self._pending.get(v.id)
             if entry is None:
@@ -485,7 +484,7 @@ class Escalator:
                 else:
                     self._reject("unknown_escalation")
                 continue
-            if v.corr != entry.corr or entry.message_corr.encode() != message_corr:
+            if v.corr != entry.corr or message_corr is None or entry.message_corr != message_corr:
                 self._reject("wrong_correlation")
                 continue
             self.stats.replies += 1
