@@ -2,8 +2,8 @@
 
 ``edgewise worker --config worker.toml`` runs :class:`Worker` with an ONNX Runtime model per
 configured model name; :meth:`Worker.handler` registers your own typed function instead. See
-docs/cloud-worker.md and docs/adr/0030-escalation.md. Exceptions live in
-:mod:`cloud_worker.errors` (tree in its docstring).
+docs/cloud-worker.md, docs/adr/0030-escalation.md and docs/adr/0032-escalation-batches.md.
+Exceptions live in :mod:`cloud_worker.errors` (tree in its docstring).
 """
 
 from cloud_worker.config import WorkerConfig

@@ -1,7 +1,8 @@
 """The handler API: a typed function that answers a batch of escalations for one model.
 
-A handler takes a :class:`Batch` (the inputs stacked into one array, and the escalations they
-came from) and returns one :class:`Verdict` per input, in order. It may be a plain function (run
+A handler takes a :class:`Batch` (the inputs stacked into one array, and the escalated cases they
+came from, each a :class:`~schemas.Escalation`; cases of several escalation messages may share a
+batch) and returns one :class:`Verdict` per input, in order. It may be a plain function (run
 on a worker thread, so it may block: a model call, an HTTP request) or a coroutine function (run
 on the event loop). Everything else, subscription, batching, replies, idempotency and the
 hard-example store, is the worker's job.

@@ -38,7 +38,8 @@ async def run_worker(worker: Worker, *, stop: asyncio.Event | None = None) -> in
         )
     print(
         f"worker {worker.worker_id} stopped: answered={worker.stats.answered}"
-        f" replies={worker.stats.replies}",
+        f" replies={worker.stats.replies} cases={worker.stats.cases}"
+        f" batches={worker.stats.batches} handled={worker.stats.handled}",
         flush=True,
     )
     return 0

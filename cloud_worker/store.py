@@ -4,7 +4,8 @@ One row per escalation id (the primary key; the first answer wins, so a duplicat
 answer it must repeat): the input tensor, the edge verdict, the cloud verdict, the node, both
 models' versions and the times. Written through ``sqlite-utils`` on one dedicated thread, in
 batches (one transaction per ``commit_max_rows`` rows or ``commit_interval_ms``), WAL mode.
-:meth:`HardExampleStore.add` returns once the row is committed. sqlite3 errors become
+:meth:`HardExampleStore.add_many` (the cases of a handler call) and :meth:`HardExampleStore.add`
+return a future that resolves once the rows are committed. sqlite3 errors become
 :class:`~cloud_worker.errors.StoreError` here and nowhere else.
 """
 
@@ -106,14 +107,25 @@ def _open_db(path: Path) -> sqlite_utils.Database:
     return db
 
 
+def _open_reader(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(str(path), check_same_thread=False)
+    conn.execute("PRAGMA busy_timeout=5000")
+    return conn
+
+
 class HardExampleStore:
     """``async with HardExampleStore(config) as store``: batched, durable inserts."""
 
     def __init__(self, config: StoreConfig) -> None:
         self.config = config
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hard-examples")
+        # Look-ups on a connection and thread of their own: in WAL mode they read while the
+        # writer commits, so answering a batch never waits for a commit.
+        self._read_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hard-examples-read")
         self._db: sqlite_utils.Database | None = None
-        self._rows: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+        self._reader: sqlite3.Connection | None = None
+        self._rows: list[dict[str, Any]] = []
+        self._waiters: list[asyncio.Future[None]] = []
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -124,6 +136,7 @@ class HardExampleStore:
 
     async def __aenter__(self) -> Self:
         self._db = await self._run(_open_db, self.config.path)
+        self._reader = await self._run(_open_reader, self.config.path, pool=self._read_pool)
         self._task = asyncio.create_task(self._writer(), name="hard-example-writer")
         return self
 
@@ -137,16 +150,20 @@ class HardExampleStore:
         self._wake.set()
         if self._task is not None:
             await asyncio.shield(self._task)
-        db = self._db
-        self._db = None
+        db, reader = self._db, self._reader
+        self._db = self._reader = None
+        loop = asyncio.get_running_loop()
+        if reader is not None:
+            await loop.run_in_executor(self._read_pool, reader.close)
         if db is not None:
-            await asyncio.get_running_loop().run_in_executor(self._pool, db.close)
+            await loop.run_in_executor(self._pool, db.close)
+        self._read_pool.shutdown(wait=True)
         self._pool.shutdown(wait=True)
 
-    async def _run(self, fn: Any, *args: Any) -> Any:
+    async def _run(self, fn: Any, *args: Any, pool: ThreadPoolExecutor | None = None) -> Any:
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._pool, fn, *args)
+            return await loop.run_in_executor(pool or self._pool, fn, *args)
         except sqlite3.Error as exc:
             raise StoreError(f"hard-example store {self.config.path}: {exc}") from exc
 
@@ -157,13 +174,23 @@ class HardExampleStore:
 
     def add(self, row: dict[str, Any]) -> asyncio.Future[None]:
         """Queue one row; the future resolves once it is committed (or fails with StoreError)."""
+        return self.add_many([row])
+
+    def add_many(self, rows: list[dict[str, Any]]) -> asyncio.Future[None]:
+        """Queue rows; the future resolves once all of them are committed (in one transaction,
+        with whatever else is queued), or fails with StoreError."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if self._closing:
             fut.set_exception(StoreError("store is closing"))
             return fut
-        self._rows.append((row, fut))
+        if not rows:
+            fut.set_result(None)
+            return fut
+        first = not self._rows
+        self._rows.extend(rows)
+        self._waiters.append(fut)
         self._idle.clear()
-        if len(self._rows) == 1 or len(self._rows) >= self.config.commit_max_rows:
+        if first or len(self._rows) >= self.config.commit_max_rows:
             self._wake.set()  # the first row starts the commit interval; a full batch ends it
         return fut
 
@@ -192,16 +219,17 @@ class HardExampleStore:
                 except TimeoutError:
                     pass
             group, self._rows = self._rows, []
+            waiters, self._waiters = self._waiters, []
             try:
-                await self._run(self._insert, [r for r, _ in group])
+                await self._run(self._insert, group)
             except StoreError as exc:
-                for _, fut in group:
+                for fut in waiters:
                     if not fut.done():
                         fut.set_exception(exc)
                 continue
             self.commits += 1
             self.rows_written += len(group)
-            for _, fut in group:
+            for fut in waiters:
                 if not fut.done():
                     fut.set_result(None)
 
@@ -219,13 +247,15 @@ class HardExampleStore:
         """The stored answers among ``ids`` (one query)."""
         if not ids:
             return {}
-        result: dict[str, Answer] = await self._run(self._lookup, list(ids))
+        result: dict[str, Answer] = await self._run(self._lookup, list(ids), pool=self._read_pool)
         return result
 
     def _lookup(self, ids: list[str]) -> dict[str, Answer]:
-        db = self._require()
+        reader = self._reader
+        if reader is None:
+            raise sqlite3.ProgrammingError("store is closed")
         marks = ",".join("?" * len(ids))
-        cursor = db.execute(
+        cursor = reader.execute(
             f"SELECT id, cloud_label, cloud_confidence, cloud_model, worker FROM {TABLE}"
             f" WHERE id IN ({marks})",
             ids,

@@ -1,14 +1,17 @@
 """The cloud worker: answers escalations from edge nodes with a bigger model.
 
-Per escalation: size cap, decode and validate (rejects counted), drop it if expired (the broker
-drops it earlier when it carries an MQTT 5 message expiry; the payload's ``deadline`` covers
-MQTT 3.1.1), answer a duplicate id with the answer already given (bounded in-memory cache, then
-the store), else queue it for its model's batcher: concurrent escalations become one model call.
-Each answer is published to the node's reply topic (MQTT 5 response topic and correlation data
-when the escalation came with them, always the in-payload ``reply_to``/``corr``) and written to the
-hard-example store. A message is acknowledged (in arrival order) only once its reply has been
-acknowledged by the broker and its row committed: a worker that dies leaves its unanswered work
-unacknowledged, and the broker hands it out again.
+An escalation message holds one or more cases (docs/adr/0032-escalation-batches.md). Per message:
+size cap, decode and validate (rejects counted, per message). Per case: drop it if expired (the
+broker drops a whole message earlier when its MQTT 5 message expiry, the earliest deadline, has
+passed; the payload's deadlines cover MQTT 3.1.1), answer a duplicate case id with the answer
+already given (bounded in-memory cache, then the store), else queue it for its model's batcher:
+the cases of concurrent messages become one model call. Once every case of a message is answered
+(or expired, or its handler failed), one reply message with its verdicts goes to the node's reply
+topic (MQTT 5 response topic and correlation data when the escalation came with them, always the
+in-payload ``reply_to``/``corr``), and the answered cases are written to the hard-example store.
+A message is acknowledged (in arrival order) only once its reply has been acknowledged by the
+broker and its rows committed: a worker that dies leaves its unanswered work unacknowledged, and
+the broker hands it out again.
 
 Use::
 
@@ -49,11 +52,14 @@ from edge_node.batcher import MicroBatcher
 from edge_node.model import ServedModel
 from mqtt_session import Inbound, MqttError, MqttSession
 from schemas import (
+    DTYPES,
+    CaseVerdict,
     ContractError,
     Escalation,
-    Reply,
-    decode_escalation,
-    encode_reply,
+    EscalationBatch,
+    ReplyBatch,
+    decode_escalations,
+    encode_replies,
     validate_topic,
 )
 
@@ -63,31 +69,56 @@ log = logging.getLogger(__name__)
 @dataclass(slots=True)
 class WorkerStats:
     received: int = 0
+    """Escalation messages received (each holds one or more cases)."""
+    cases: int = 0
+    """Cases in the messages accepted."""
     answered: int = 0
-    """Escalations answered by a handler (each once)."""
+    """Cases answered by a handler (each once)."""
     replies: int = 0
-    """Replies acknowledged by the broker (duplicates answered again included)."""
+    """Reply messages acknowledged by the broker."""
+    verdicts: int = 0
+    """Verdicts in those replies (cases answered again as duplicates included)."""
     duplicates: int = 0
+    """Cases seen before (answered with the answer given then)."""
     expired: int = 0
+    """Cases dropped unanswered because their deadline had passed."""
     uploads: int = 0
-    """Hard-example uploads (no reply wanted) stored."""
+    """Hard-example upload cases (no reply wanted) stored."""
     batches: int = 0
+    """Handler calls."""
+    handled: int = 0
+    """Inputs in those calls (``handled / batches``: the batch size the worker forms)."""
     handler_errors: int = 0
     store_errors: int = 0
     reply_failures: int = 0
     ignored_draining: int = 0
     rejects: Counter[str] = field(default_factory=Counter)
+    """Messages rejected, by reason."""
 
     @property
     def rejected(self) -> int:
         return sum(self.rejects.values())
 
 
-@dataclass(slots=True)
-class _Job:
-    esc: Escalation
+@dataclass(slots=True, eq=False)
+class _Message:
+    """One escalation message in hand: settled (replied to, stored, acknowledged) once none of
+    its cases is waiting any more."""
+
+    batch: EscalationBatch
     msg: Inbound
     ticket: Ticket
+    waiting: int = 0
+    answered: list[tuple[Escalation, Answer]] = field(default_factory=list)
+    stored: list[asyncio.Future[Any]] = field(default_factory=list)
+
+
+@dataclass(slots=True, eq=False)
+class _Job:
+    """One case of a message."""
+
+    esc: Escalation
+    parent: _Message
     answer: Answer | None = None
 
 
@@ -248,38 +279,45 @@ class Worker:
         self.stats.received += 1
         ticket = self._acker.track(msg)
         try:
-            esc = decode_escalation(msg.payload, self.limits)
-            if msg.topic != self.topics.escalations(esc.model):
-                raise ContractError("bad_topic", f"escalation for {esc.model!r} on {msg.topic!r}")
-            if esc.reply_to is not None and not _is_reply_topic(esc.reply_to, esc.node):
-                raise ContractError("bad_topic", f"reply_to {esc.reply_to!r} is not node's reply")
+            batch = decode_escalations(msg.payload, self.limits)
+            if msg.topic != self.topics.escalations(batch.model):
+                raise ContractError("bad_topic", f"escalation for {batch.model!r} on {msg.topic!r}")
+            if batch.reply_to is not None and not _is_reply_topic(batch.reply_to, batch.node):
+                raise ContractError("bad_topic", f"reply_to {batch.reply_to!r} is not node's reply")
         except ContractError as exc:
             self.stats.rejects[exc.reason] += 1
             log.debug("rejected escalation on %r: %s", msg.topic[:128], exc)
             self._acker.finish(ticket)
             return
-        if esc.expired(time.time()):
-            self.stats.expired += 1
-            self._acker.finish(ticket)
-            return
-        if esc.model not in self._batchers:
+        if batch.model not in self._batchers:
             self.stats.rejects["no_handler"] += 1
             self._acker.finish(ticket)
             return
-        job = _Job(esc, msg, ticket)
-        waiting = self._in_progress.get(esc.id)
-        if waiting is not None:
-            self.stats.duplicates += 1
-            waiting.append(job)  # answered together with the first copy
-            return
-        cached = self._answered.get(esc.id)
-        if cached is not None:
-            self.stats.duplicates += 1
-            job.answer = cached
-            self._settle([job], stored=None)
-            return
-        self._in_progress[esc.id] = [job]
-        self._batchers[esc.model].add(job)
+        self.stats.cases += len(batch.cases)
+        parent = _Message(batch, msg, ticket)
+        batcher = self._batchers[batch.model]
+        now = time.time()
+        for esc in batch.cases_view():
+            if esc.expired(now):
+                self.stats.expired += 1
+                continue
+            job = _Job(esc, parent)
+            waiting = self._in_progress.get(esc.id)
+            if waiting is not None:
+                self.stats.duplicates += 1
+                parent.waiting += 1
+                waiting.append(job)  # answered together with the first copy
+                continue
+            cached = self._answered.get(esc.id)
+            if cached is not None:
+                self.stats.duplicates += 1
+                parent.answered.append((esc, cached))
+                continue
+            parent.waiting += 1
+            self._in_progress[esc.id] = [job]
+            batcher.add(job)
+        if parent.waiting == 0:
+            self._settle(parent)
 
     # ------------------------------------------------------------------ answering
     def _make_process(self, model: str) -> Callable[[list[_Job]], Any]:
@@ -288,7 +326,8 @@ class Worker:
                 await self._answer(model, jobs)
             except Exception:  # never stop the batcher
                 log.exception("unexpected error answering %d escalations", len(jobs))
-                self._give_up(jobs)
+                for j in jobs:
+                    self._case_done(j, None, None)
 
         return process
 
@@ -305,39 +344,57 @@ class Worker:
             if found is not None:
                 self.stats.duplicates += 1
                 j.answer = found
+                self._answered.put(j.esc.id, found)
             else:
                 fresh.append(j)
         groups: dict[tuple[str, tuple[int, ...]], list[_Job]] = defaultdict(list)
         for j in fresh:
             groups[(j.esc.dtype, tuple(j.esc.shape))].append(j)
-        failed: list[_Job] = []
         for group in groups.values():
             try:
-                inputs = np.stack([j.esc.tensor(self.limits) for j in group])
+                inputs = _stack(group)
                 verdicts = await handler(Batch(model, inputs, [j.esc for j in group]))
+                answers = [self._answer_of(handler, v) for v in verdicts]
             except Exception as exc:  # a handler failure must not stop the worker
                 self.stats.handler_errors += 1
                 log.error("handler for %r failed on %d inputs: %s", model, len(group), exc)
-                failed.extend(group)
                 continue
             self.stats.batches += 1
-            for j, v in zip(group, verdicts, strict=True):
-                j.answer = self._answer_of(handler, v)
-        if failed:
-            self._give_up(failed)
-        done = [j for j in jobs if j.answer is not None]
+            self.stats.handled += len(group)
+            for j, a in zip(group, answers, strict=True):
+                j.answer = a
         rows = []
         now = time.time()
-        for j in done:
-            assert j.answer is not None
-            self._answered.put(j.esc.id, j.answer)
-            if j in fresh:
+        for j in fresh:
+            if j.answer is not None:
                 self.stats.answered += 1
-                rows.append(
-                    example_row(j.esc, j.answer, received_at=j.msg.received_at, answered_at=now)
-                )
-        stored = asyncio.gather(*(self.store.add(r) for r in rows)) if rows else None
-        self._settle(done, stored=stored)
+                self._answered.put(j.esc.id, j.answer)
+                received = j.parent.msg.received_at
+                rows.append(example_row(j.esc, j.answer, received_at=received, answered_at=now))
+        stored = self.store.add_many(rows) if rows else None
+        for j in jobs:
+            # No answer (the handler failed): the case is left out of the reply, so the node
+            # falls back at its deadline, and its message is still acknowledged, so the broker
+            # does not hand the same failing input out again and again.
+            self._case_done(j, j.answer, stored)
+
+    def _case_done(
+        self, job: _Job, answer: Answer | None, stored: asyncio.Future[Any] | None
+    ) -> None:
+        """``job``'s case is decided (``answer`` None: no answer); so are the copies of it that
+        came in other messages meanwhile."""
+        copies = self._in_progress.pop(job.esc.id, None)
+        if copies is None:
+            return  # decided already
+        for copy in copies:
+            parent = copy.parent
+            if answer is not None:
+                parent.answered.append((copy.esc, answer))
+            if stored is not None and copy is job:
+                parent.stored.append(stored)
+            parent.waiting -= 1
+            if parent.waiting == 0:
+                self._settle(parent)
 
     def _answer_of(self, handler: Handler, v: Verdict) -> Answer:
         if not isinstance(v, Verdict):
@@ -345,86 +402,94 @@ class Worker:
         confidence = min(1.0, max(0.0, float(v.confidence)))
         return Answer(int(v.label), confidence, handler.version, self.worker_id)
 
-    def _give_up(self, jobs: list[_Job]) -> None:
-        """No answer (the handler failed): acknowledge, so the node falls back at its deadline
-        instead of the broker handing the same failing input out again and again."""
-        for j in jobs:
-            for copy in self._in_progress.pop(j.esc.id, [j]):
-                self._acker.finish(copy.ticket)
-
-    def _settle(self, jobs: list[_Job], *, stored: asyncio.Future[Any] | None) -> None:
-        task = asyncio.create_task(self._reply_and_ack(jobs, stored))
+    def _settle(self, message: _Message) -> None:
+        task = asyncio.create_task(self._reply_and_ack(message))
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
 
-    async def _reply_and_ack(self, jobs: list[_Job], stored: asyncio.Future[Any] | None) -> None:
-        copies: list[_Job] = []
-        for j in jobs:
-            copies.extend(self._in_progress.pop(j.esc.id, [j]))
-            for c in copies:
-                if c.answer is None:
-                    c.answer = j.answer
+    async def _reply_and_ack(self, message: _Message) -> None:
+        batch = message.batch
         now = time.time()
-        sends: list[asyncio.Future[None]] = []
-        uploads = 0
-        for c in copies:
-            if not c.esc.wants_reply:
-                uploads += 1
-                continue
-            if c.esc.expired(now):
-                self.stats.expired += 1
-                continue
-            sends.append(self._send_reply(c))
         ok = True
-        if stored is not None:
+        send: asyncio.Future[None] | None = None
+        verdicts: list[CaseVerdict] = []
+        if not batch.wants_reply:
+            self.stats.uploads += len(message.answered)
+        else:
+            for esc, answer in message.answered:
+                if esc.expired(now):
+                    self.stats.expired += 1
+                    continue
+                assert esc.corr is not None
+                verdicts.append(
+                    CaseVerdict(
+                        id=esc.id,
+                        corr=esc.corr,
+                        label=answer.label,
+                        confidence=answer.confidence,
+                        model=answer.model,
+                    )
+                )
+            if verdicts:
+                send = self._send_reply(message, verdicts)
+        for stored in {id(f): f for f in message.stored}.values():
             try:
                 await stored
             except StoreError as exc:
                 self.stats.store_errors += 1
                 log.error("hard examples not stored: %s", exc)
-        results = await asyncio.gather(*sends, return_exceptions=True)
-        for r in results:
-            if isinstance(r, BaseException):
+        if send is not None:
+            try:
+                await send
+            except Exception:
                 ok = False
                 self.stats.reply_failures += 1
             else:
                 self.stats.replies += 1
-        self.stats.uploads += uploads
+                self.stats.verdicts += len(verdicts)
         if ok or self.session.connected:
             # Delivered, or refused for good on a live connection (retrying cannot help).
-            self._acker.finish_all([c.ticket for c in copies])
-        # else: the connection dropped; the broker redelivers the escalations on the next one.
+            self._acker.finish(message.ticket)
+        # else: the connection dropped; the broker redelivers the escalation on the next one.
 
-    def _send_reply(self, job: _Job) -> asyncio.Future[None]:
-        esc, answer = job.esc, job.answer
-        assert answer is not None and esc.reply_to is not None and esc.corr is not None
-        reply = Reply(
-            id=esc.id,
-            corr=esc.corr,
-            node=esc.node,
-            label=answer.label,
-            confidence=answer.confidence,
-            worker=answer.worker,
-            model=answer.model,
+    def _send_reply(self, message: _Message, verdicts: list[CaseVerdict]) -> asyncio.Future[None]:
+        batch = message.batch
+        assert batch.reply_to is not None and batch.corr is not None
+        reply = ReplyBatch(
+            node=batch.node,
+            corr=batch.corr,
+            worker=self.worker_id,
             ts=time.time(),
+            verdicts=verdicts,
         )
-        topic = esc.reply_to
+        topic = batch.reply_to
         props: Properties | None = None
         if self.session.protocol == "5":
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            inbound = job.msg.properties
-            corr = esc.corr.encode()
+            inbound = message.msg.properties
+            corr = batch.corr.encode()
             if inbound is not None:
                 corr = getattr(inbound, "CorrelationData", None) or corr
                 response_topic = getattr(inbound, "ResponseTopic", None)
-                if isinstance(response_topic, str) and _is_reply_topic(response_topic, esc.node):
+                if isinstance(response_topic, str) and _is_reply_topic(response_topic, batch.node):
                     topic = response_topic
             props.CorrelationData = corr
-            if esc.deadline is not None:
-                props.MessageExpiryInterval = max(1, int(esc.deadline - time.time() + 1))
+            deadlines = [e.deadline for e, _ in message.answered if e.deadline is not None]
+            if deadlines:
+                props.MessageExpiryInterval = max(1, int(max(deadlines) - time.time() + 1))
         try:
-            return self.session.publish_nowait(topic, encode_reply(reply), qos=1, properties=props)
+            return self.session.publish_nowait(
+                topic, encode_replies(reply), qos=1, properties=props
+            )
         except MqttError as exc:  # pragma: no cover - publish_nowait reports through the future
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             fut.set_exception(exc)
             return fut
+
+
+def _stack(group: list[_Job]) -> np.ndarray:
+    """The group's inputs (one dtype and shape, checked when their message was decoded) as one
+    writable ``[N, *shape]`` array."""
+    first = group[0].esc
+    data = bytearray(b"".join(j.esc.data for j in group))
+    return np.frombuffer(data, dtype=DTYPES[first.dtype]).reshape(len(group), *first.shape)

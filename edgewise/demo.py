@@ -52,8 +52,8 @@ from releases import ReleaseError, decode_event
 from schemas import (
     ContractError,
     Topics,
-    decode_escalation,
-    decode_reply,
+    decode_escalations,
+    decode_replies,
     decode_results,
     decode_status,
 )
@@ -242,13 +242,15 @@ async def run_demo(
             return
         if msg.topic.startswith(f"{topics.cloud_root}/escalations/"):
             with contextlib.suppress(ContractError):
-                report.escalated_at.setdefault(decode_escalation(msg.payload).id, msg.received_at)
+                for case in decode_escalations(msg.payload).cases:
+                    report.escalated_at.setdefault(case.id, msg.received_at)
             return
         if msg.topic == topics.reply(node_id):
             with contextlib.suppress(ContractError):
-                sent_at = report.escalated_at.pop(decode_reply(msg.payload).id, None)
-                if sent_at is not None:
-                    report.round_trips_ms.append((msg.received_at - sent_at) * 1000.0)
+                for verdict in decode_replies(msg.payload).verdicts:
+                    sent_at = report.escalated_at.pop(verdict.id, None)
+                    if sent_at is not None:
+                        report.round_trips_ms.append((msg.received_at - sent_at) * 1000.0)
             return
         if msg.topic == topics.status(node_id):
             with contextlib.suppress(ContractError):

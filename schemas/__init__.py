@@ -14,8 +14,9 @@ Encoding
 Messages
     :class:`Frame` (``decode_frame``/``encode_frame``), :class:`ResultBatch` of
     :class:`Result` (``decode_results``/``encode_results``), :class:`Status`,
-    :class:`DeadLetter`, :class:`Escalation` and its :class:`Reply`
-    (``decode_escalation``/``decode_reply``), :class:`Telemetry`
+    :class:`DeadLetter`, :class:`EscalationBatch` of :class:`EscalationCase` (seen by workers
+    as :class:`Escalation`) and its :class:`ReplyBatch` of :class:`CaseVerdict`
+    (``decode_escalations``/``decode_replies``), :class:`Telemetry`
     (``decode_telemetry``/``encode_telemetry``) with its latency sketch :class:`SketchWire`
     (``decode_sketch``/``encode_sketch``), and ``decode_any`` for displaying payloads of
     unknown shape.
@@ -71,14 +72,19 @@ from .errors import (
     ReasonCode,
 )
 from .escalation import (
+    CASES_MAX,
+    CaseVerdict,
     EdgeVerdict,
     Escalation,
-    Reply,
-    decode_escalation,
-    decode_reply,
-    encode_escalation,
-    encode_reply,
-    make_escalation,
+    EscalationBatch,
+    EscalationCase,
+    ReplyBatch,
+    decode_escalations,
+    decode_replies,
+    encode_escalations,
+    encode_replies,
+    make_case,
+    make_escalation_batch,
 )
 from .frame import Frame, decode_frame, encode_frame
 from .ids import new_id
@@ -92,6 +98,7 @@ from .topics import Topics, validate_filter, validate_level, validate_topic
 from .wire import VERSION
 
 __all__ = [
+    "CASES_MAX",
     "COUNT_NAMES",
     "DEADLETTER_REASONS",
     "DEFAULT_LIMITS",
@@ -100,16 +107,19 @@ __all__ = [
     "SKETCH_BINS_MAX",
     "SKETCH_MAX_BYTES",
     "VERSION",
+    "CaseVerdict",
     "ContractError",
     "DeadLetter",
     "DeadLetterReason",
     "EdgeVerdict",
     "Escalation",
+    "EscalationBatch",
+    "EscalationCase",
     "Frame",
     "Limits",
     "NodeRejectReason",
     "ReasonCode",
-    "Reply",
+    "ReplyBatch",
     "Result",
     "ResultBatch",
     "SketchWire",
@@ -120,22 +130,23 @@ __all__ = [
     "Topics",
     "decode_any",
     "decode_deadletter",
-    "decode_escalation",
+    "decode_escalations",
     "decode_frame",
-    "decode_reply",
+    "decode_replies",
     "decode_results",
     "decode_sketch",
     "decode_status",
     "decode_telemetry",
     "encode_deadletter",
-    "encode_escalation",
+    "encode_escalations",
     "encode_frame",
-    "encode_reply",
+    "encode_replies",
     "encode_results",
     "encode_sketch",
     "encode_status",
     "encode_telemetry",
-    "make_escalation",
+    "make_case",
+    "make_escalation_batch",
     "new_id",
     "tensor_from_wire",
     "tensor_to_wire",

@@ -1,24 +1,35 @@
-"""Escalations (edge node -> cloud worker) and their replies (cloud worker -> edge node).
+"""Escalations (edge node -> cloud worker) and their replies (cloud worker -> edge node), both
+always a batch: one message carries 1..:data:`CASES_MAX` cases, one reply 1..:data:`CASES_MAX`
+verdicts, each naming its case.
 
-An escalation carries everything a worker needs, also on an MQTT 3.1.1 broker: the input
-tensor, the edge model's verdict with a summary of its probabilities, where to reply
-(``reply_to`` and ``corr``, which an MQTT 5 publish also carries as response topic and
-correlation data) and until when an answer is useful (``deadline``, seconds since the epoch,
-which an MQTT 5 publish also carries as message expiry). A *hard-example upload* (an
-escalation decided at the edge while the uplink was down, sent later for retraining) has no
-``reply_to``, ``corr`` or ``deadline``: nobody waits for it.
+An escalation message (:class:`EscalationBatch`) carries everything a worker needs, also on an
+MQTT 3.1.1 broker: per case the input tensor, the edge model's verdict with a summary of its
+probabilities, the case's correlation id and deadline; per message where to reply (``reply_to``
+and ``corr``, which an MQTT 5 publish also carries as response topic and correlation data) and
+until when the earliest case is worth answering (``deadline``, seconds since the epoch, which an
+MQTT 5 publish also carries as message expiry). A *hard-example upload* (cases decided at the
+edge while the uplink was down, sent later for retraining) has no ``reply_to``, ``corr`` or
+deadlines: nobody waits for it.
 
-A reply names the escalation it answers (``id``), echoes ``corr`` and the ``node`` that asked,
-and gives the cloud's label and confidence, the worker that answered and its model.
+A reply (:class:`ReplyBatch`) names the ``node`` that asked, echoes the message's ``corr`` and
+the worker that answered; each :class:`CaseVerdict` names its case (``id`` and the case's
+``corr``) and gives the cloud's label and confidence and the cloud model. A reply may answer
+part of a message's cases (the others were expired, or their handler failed).
+
+Workers and handlers see each case as an :class:`Escalation` (:meth:`EscalationBatch.cases_view`):
+the case's fields with the message's ``node``, ``model``, ``ts``, ``reply_to`` and ``offline``.
 
 Both are MessagePack only (no JSON: the producers are our own services). Decoding follows
-:mod:`schemas.wire`: size cap, structural pre-scan, version, typed decode, then the checks
-that depend on :class:`~schemas.limits.Limits` (name lengths, the tensor).
+:mod:`schemas.wire`: size cap, structural pre-scan (its value budget allows at most
+:data:`CASES_MAX` cases), version, typed decode (lists longer than :data:`CASES_MAX` are refused
+while decoding), then the checks that depend on :class:`~schemas.limits.Limits` (name lengths,
+every tensor).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Final
+from collections.abc import Sequence
+from typing import Annotated, Any, Final
 
 import msgspec
 import numpy as np
@@ -27,7 +38,7 @@ from msgspec import Meta
 from .errors import ContractError
 from .fields import Fraction, Int64, Level, Name, Seconds, Seq, Text, check_names
 from .limits import DEFAULT_LIMITS, Limits
-from .tensor import tensor_from_wire, wire_parts
+from .tensor import check_header, tensor_from_wire, wire_parts
 from .topics import validate_topic
 from .wire import decode_msgpack
 
@@ -36,6 +47,9 @@ TOP_MAX: Final = 16
 
 CORR_MAX_BYTES: Final = 64
 """Longest correlation id accepted (also as MQTT 5 correlation data)."""
+
+CASES_MAX: Final = 256
+"""At most this many cases in one escalation message, and verdicts in one reply."""
 
 Corr = Annotated[str, Meta(min_length=1, max_length=CORR_MAX_BYTES)]
 Probability = Fraction
@@ -56,30 +70,97 @@ class EdgeVerdict(msgspec.Struct, frozen=True, kw_only=True):
     top_probs: Annotated[list[Probability], Meta(max_length=TOP_MAX)] = []
 
 
-class Escalation(msgspec.Struct, frozen=True, kw_only=True):
+class EscalationCase(msgspec.Struct, frozen=True, kw_only=True):
+    """One unsure case inside an :class:`EscalationBatch`."""
+
     id: Name
-    """Unique, time-ordered; workers are idempotent by it."""
-    node: Level
-    model: Level
+    """Unique, time-ordered (the frame's final result id); workers are idempotent by it."""
     release: Seq
     device: Level
     sensor: Level
     frame_seq: Seq
-    ts: Seconds
-    """When the node sent it (seconds since the epoch)."""
     dtype: str
     shape: Annotated[list[int], Meta(max_length=8)]
     data: bytes
     edge: EdgeVerdict
+    corr: Corr | None = None
+    """Correlation id of this case, echoed in its verdict; None in a hard-example upload."""
+    deadline: Seconds | None = None
+    """No answer to this case is useful after this time (epoch seconds); None: the message's."""
+
+
+Cases = Annotated[list[EscalationCase], Meta(min_length=1, max_length=CASES_MAX)]
+
+
+class EscalationBatch(msgspec.Struct, frozen=True, kw_only=True):
+    """One escalation message: 1..CASES_MAX cases of one node and one model."""
+
+    node: Level
+    model: Level
+    ts: Seconds
+    """When the node sent it (seconds since the epoch)."""
+    cases: Cases
     reply_to: Text | None = None
     """Topic to publish the reply to (``edge/{node}/reply``); None for a hard-example upload."""
     corr: Corr | None = None
-    """Correlation id to echo in the reply; None for a hard-example upload."""
+    """Correlation id of the message (also its MQTT 5 correlation data), echoed in the reply."""
     deadline: Seconds | None = None
-    """No answer is useful after this time (seconds since the epoch); None: never expires."""
+    """The earliest deadline of the cases (also the MQTT 5 message expiry); None: never."""
     offline: bool = False
-    """True for a case the edge decided alone because the uplink was down (``edge_offline``)."""
+    """True for cases the edge decided alone because the uplink was down (``edge_offline``)."""
     v: int = 1
+
+    @property
+    def wants_reply(self) -> bool:
+        return self.reply_to is not None and self.corr is not None
+
+    def cases_view(self) -> list[Escalation]:
+        """Each case with the message's fields, as workers and handlers see it."""
+        return [
+            Escalation(
+                id=c.id,
+                node=self.node,
+                model=self.model,
+                release=c.release,
+                device=c.device,
+                sensor=c.sensor,
+                frame_seq=c.frame_seq,
+                ts=self.ts,
+                dtype=c.dtype,
+                shape=c.shape,
+                data=c.data,
+                edge=c.edge,
+                reply_to=self.reply_to,
+                corr=c.corr,
+                deadline=c.deadline if c.deadline is not None else self.deadline,
+                offline=self.offline,
+            )
+            for c in self.cases
+        ]
+
+
+class Escalation(msgspec.Struct, frozen=True, kw_only=True):
+    """One case of an escalation message with the message's fields: what a handler gets (see
+    :meth:`EscalationBatch.cases_view`). Not sent on its own."""
+
+    id: str
+    node: str
+    model: str
+    release: int
+    device: str
+    sensor: str
+    frame_seq: int
+    ts: float
+    dtype: str
+    shape: list[int]
+    data: bytes
+    edge: EdgeVerdict
+    reply_to: str | None = None
+    corr: str | None = None
+    """The case's correlation id."""
+    deadline: float | None = None
+    """The case's deadline (or the message's)."""
+    offline: bool = False
 
     @property
     def wants_reply(self) -> bool:
@@ -93,106 +174,174 @@ class Escalation(msgspec.Struct, frozen=True, kw_only=True):
         return self.deadline is not None and now > self.deadline
 
 
-class Reply(msgspec.Struct, frozen=True, kw_only=True):
+class CaseVerdict(msgspec.Struct, frozen=True, kw_only=True):
+    """The cloud's answer to one case."""
+
     id: Name
-    """The escalation this answers."""
+    """The case this answers."""
     corr: Corr
-    node: Level
-    """The node that asked (a node refuses replies naming another node)."""
+    """The case's ``corr``."""
     label: Int64
     confidence: Fraction
-    worker: Name
     model: Name
     """The cloud model (name and version) that decided."""
+
+
+class ReplyBatch(msgspec.Struct, frozen=True, kw_only=True):
+    """One reply message: verdicts for some or all cases of one escalation message."""
+
+    node: Level
+    """The node that asked (a node refuses replies naming another node)."""
+    corr: Corr
+    """The escalation message's ``corr``."""
+    worker: Name
     ts: Seconds
+    verdicts: Annotated[list[CaseVerdict], Meta(min_length=1, max_length=CASES_MAX)]
     v: int = 1
 
 
-_ESC_DECODER: Final = msgspec.msgpack.Decoder(Escalation)
-_REPLY_DECODER: Final = msgspec.msgpack.Decoder(Reply)
-_ESC_FIELDS: Final = 17
+_ESC_DECODER: Final = msgspec.msgpack.Decoder(EscalationBatch)
+_REPLY_DECODER: Final = msgspec.msgpack.Decoder(ReplyBatch)
+_BATCH_FIELDS: Final = 9
+_CASE_FIELDS: Final = 11
 _VERDICT_FIELDS: Final = 6
-_REPLY_FIELDS: Final = 9
+_REPLY_FIELDS: Final = 6
+_CASE_VERDICT_FIELDS: Final = 5
 
 
-def make_escalation(
+def make_case(
     *,
     id: str,
-    node: str,
-    model: str,
     release: int,
     device: str,
     sensor: str,
     frame_seq: int,
-    ts: float,
     tensor: np.ndarray,
     edge: EdgeVerdict,
-    reply_to: str | None = None,
     corr: str | None = None,
     deadline: float | None = None,
-    offline: bool = False,
-) -> Escalation:
-    """Build an escalation from an array; refuses tensors and topics no decoder would accept."""
+) -> EscalationCase:
+    """One case from an array; refuses tensors no decoder would accept."""
     name, shape, array = wire_parts(tensor)
-    if reply_to is not None:
-        validate_topic(reply_to)
-    return Escalation(
+    return EscalationCase(
         id=id,
-        node=node,
-        model=model,
         release=release,
         device=device,
         sensor=sensor,
         frame_seq=frame_seq,
-        ts=ts,
         dtype=name,
         shape=shape,
         data=array.tobytes(),
         edge=edge,
-        reply_to=reply_to,
         corr=corr,
         deadline=deadline,
+    )
+
+
+def make_escalation_batch(
+    *,
+    node: str,
+    model: str,
+    ts: float,
+    cases: Sequence[EscalationCase],
+    reply_to: str | None = None,
+    corr: str | None = None,
+    offline: bool = False,
+) -> EscalationBatch:
+    """A message of ``cases``; its ``deadline`` is the earliest of theirs. Refuses reply
+    topics no decoder would accept."""
+    if reply_to is not None:
+        validate_topic(reply_to)
+    deadlines = [c.deadline for c in cases if c.deadline is not None]
+    return EscalationBatch(
+        node=node,
+        model=model,
+        ts=ts,
+        cases=list(cases),
+        reply_to=reply_to,
+        corr=corr,
+        deadline=min(deadlines) if deadlines else None,
         offline=offline,
     )
 
 
-def encode_escalation(esc: Escalation) -> bytes:
-    """MessagePack of ``esc``. Encoding does not validate; decoding does."""
-    return msgspec.msgpack.encode(esc)
+def encode_escalations(batch: EscalationBatch) -> bytes:
+    """MessagePack of ``batch``. Encoding does not validate; decoding does."""
+    return msgspec.msgpack.encode(batch)
 
 
-def decode_escalation(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> Escalation:
-    """Decode and validate an escalation, its tensor included.
+def decode_escalations(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> EscalationBatch:
+    """Decode and validate an escalation message, every case's tensor included.
 
     Raises only :class:`~schemas.errors.ContractError`.
     """
-    budget = (
-        1 + 2 * _ESC_FIELDS + 8 + 1 + 2 * _VERDICT_FIELDS + 2 * TOP_MAX + limits.max_extra_items
-    )
-    esc = decode_msgpack(
+    per_case = 1 + 2 * _CASE_FIELDS + 8 + 1 + 2 * _VERDICT_FIELDS + 2 * TOP_MAX
+    budget = 1 + 2 * _BATCH_FIELDS + CASES_MAX * per_case + limits.max_extra_items
+    batch = decode_msgpack(
         payload, _ESC_DECODER.decode, what="escalation", limits=limits, budget=budget
     )
-    check_names(limits, "escalation", (esc.id, esc.node, esc.model, esc.device, esc.sensor))
-    if len(esc.edge.top_labels) != len(esc.edge.top_probs):
-        raise ContractError("bad_schema", "escalation: top_labels and top_probs differ in length")
-    if (esc.reply_to is None) != (esc.corr is None):
+    check_names(limits, "escalation", (batch.node, batch.model))
+    if (batch.reply_to is None) != (batch.corr is None):
         raise ContractError("bad_schema", "escalation: reply_to and corr go together")
-    if esc.reply_to is not None:
-        validate_topic(esc.reply_to)
-    esc.tensor(limits)
-    return esc
+    if batch.reply_to is not None:
+        validate_topic(batch.reply_to)
+    ids: set[str] = set()
+    for c in batch.cases:
+        check_names(limits, "escalation case", (c.id, c.device, c.sensor))
+        if c.id in ids:
+            raise ContractError("bad_schema", f"escalation: case {c.id[:40]!r} twice")
+        ids.add(c.id)
+        if len(c.edge.top_labels) != len(c.edge.top_probs):
+            raise ContractError(
+                "bad_schema", "escalation: top_labels and top_probs differ in length"
+            )
+        if (c.corr is None) != (batch.corr is None):
+            raise ContractError(
+                "bad_schema", "escalation: every case has a corr when the message wants a reply"
+            )
+    _check_tensors(batch.cases, limits)
+    return batch
 
 
-def encode_reply(reply: Reply) -> bytes:
+def _check_tensors(cases: list[EscalationCase], limits: Limits) -> None:
+    """Every case's tensor, as :func:`~schemas.tensor.tensor_from_wire` checks one (dtype,
+    shape, element count, data length, finite floats), each header once per message and the
+    float data of cases that share a header in one pass."""
+    headers: dict[tuple[str, tuple[int, ...]], tuple[np.dtype[Any], int]] = {}
+    floats: dict[tuple[str, tuple[int, ...]], list[bytes]] = {}
+    for c in cases:
+        key = (c.dtype, tuple(c.shape))
+        known = headers.get(key)
+        if known is None:
+            dt, _, count = check_header(c.dtype, c.shape, limits)
+            known = headers[key] = (dt, count * dt.itemsize)
+        dt, nbytes = known
+        if len(c.data) != nbytes:
+            raise ContractError(
+                "bad_shape",
+                f"data is {len(c.data)} bytes, shape {list(c.shape)} of {dt.name} needs {nbytes}",
+            )
+        if dt.kind == "f":
+            floats.setdefault(key, []).append(c.data)
+    for key, chunks in floats.items():
+        values = np.frombuffer(b"".join(chunks), dtype=headers[key][0])
+        if not np.isfinite(values).all():
+            raise ContractError("non_finite", f"{values.dtype.name} data holds NaN or infinity")
+
+
+def encode_replies(reply: ReplyBatch) -> bytes:
     """MessagePack of ``reply``. Encoding does not validate; decoding does."""
     return msgspec.msgpack.encode(reply)
 
 
-def decode_reply(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> Reply:
-    """Decode and validate a reply; raises only :class:`~schemas.errors.ContractError`."""
-    budget = 1 + 2 * _REPLY_FIELDS + limits.max_extra_items
+def decode_replies(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> ReplyBatch:
+    """Decode and validate a reply message; raises only :class:`~schemas.errors.ContractError`."""
+    budget = 1 + 2 * _REPLY_FIELDS + CASES_MAX * (1 + 2 * _CASE_VERDICT_FIELDS)
+    budget += limits.max_extra_items
     reply = decode_msgpack(
         payload, _REPLY_DECODER.decode, what="reply", limits=limits, budget=budget
     )
-    check_names(limits, "reply", (reply.id, reply.node, reply.worker, reply.model))
+    check_names(limits, "reply", (reply.node, reply.worker))
+    for v in reply.verdicts:
+        check_names(limits, "reply verdict", (v.id, v.model))
     return reply

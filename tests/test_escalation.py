@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -33,12 +34,14 @@ from edgewise.frames import load_holdout
 from local_broker import BrokerInfo, MosquittoProcess
 from mqtt_session import Inbound, MqttSession
 from schemas import (
+    CaseVerdict,
     EdgeVerdict,
-    Reply,
+    EscalationBatch,
+    ReplyBatch,
     Result,
     Topics,
-    decode_escalation,
-    encode_reply,
+    decode_escalations,
+    encode_replies,
     new_id,
 )
 from tests.test_worker_harness import mqtt_for, worker_config
@@ -267,31 +270,26 @@ def test_no_answer_falls_back_at_the_deadline_once_and_late_reply_is_ignored(
         ):
             cases = [_case(i) for i in range(5)]
             await esc.escalate(cases)
-            await spy.wait_for(5)
+            await spy.wait_for(1)
             await finals.wait_for(5, timeout_s=5)
             assert [f.result.source for f in finals.got] == ["edge_fallback"] * 5
             assert sorted(f.result.id for f in finals.got) == sorted(c.result.id for c in cases)
             assert esc.pending == 0
+            # The five cases of one call went out as one message.
+            esc_msg = decode_escalations(spy.seen[0].payload)
+            assert [c.id for c in esc_msg.cases] == [c.result.id for c in cases]
+            assert len(spy.seen) == 1 and esc.stats.batch_sizes == {5: 1}
             # The worker's answer arrives late: ignored, counted, no second result.
-            esc_msg = decode_escalation(spy.seen[0].payload)
             assert esc_msg.reply_to is not None and esc_msg.corr is not None
-            late = Reply(
-                id=esc_msg.id,
-                corr=esc_msg.corr,
-                node=esc_msg.node,
-                label=7,
-                confidence=0.99,
-                worker="slow",
-                model="m",
-                ts=time.time(),
-            )
-            await client.publish(esc_msg.reply_to, encode_reply(late))
-            await client.publish(esc_msg.reply_to, encode_reply(late))
-            await eventually(lambda: not (esc.stats.late_replies < 2), 5)
+            late = _reply(esc_msg, label=7)
+            await client.publish(esc_msg.reply_to, encode_replies(late))
+            await client.publish(esc_msg.reply_to, encode_replies(late))
+            await eventually(lambda: not (esc.stats.late_replies < 10), 5)
             assert len(finals.got) == 5
             assert esc.stats.replies_rejected == 0
             # The reply address twice: MQTT 5 response topic and correlation data, and the same
-            # inside the payload (for 3.1.1 brokers); message expiry = the deadline (300 ms -> 1 s).
+            # inside the payload (for 3.1.1 brokers); message expiry = the earliest deadline
+            # (300 ms -> 1 s), and each case's deadline inside.
             props = spy.seen[0].properties
             assert props is not None
             assert props.ResponseTopic == esc_msg.reply_to == esc.reply_topic
@@ -299,8 +297,28 @@ def test_no_answer_falls_back_at_the_deadline_once_and_late_reply_is_ignored(
             assert 0 < props.MessageExpiryInterval <= 1
             assert esc_msg.deadline is not None
             assert 0.0 < esc_msg.deadline - esc_msg.ts <= 0.3
+            assert esc_msg.deadline == min(c.deadline or 0.0 for c in esc_msg.cases)
 
     asyncio.run(scenario())
+
+
+def _reply(
+    e: EscalationBatch, *, label: int = 4, only: int | None = None, **changes: object
+) -> ReplyBatch:
+    """A worker's reply to the cases of ``e`` (the first ``only`` of them); ``changes`` replace
+    fields of the reply message."""
+    verdicts = [
+        CaseVerdict(id=c.id, corr=c.corr or "", label=label, confidence=0.97, model="m")
+        for c in e.cases[:only]
+    ]
+    fields: dict[str, object] = {
+        "node": e.node,
+        "corr": e.corr,
+        "worker": "w",
+        "ts": time.time(),
+        "verdicts": verdicts,
+    }
+    return ReplyBatch(**{**fields, **changes})  # type: ignore[arg-type]
 
 
 def test_hostile_replies_are_rejected_and_counted(mosquitto: BrokerInfo) -> None:
@@ -313,26 +331,23 @@ def test_hostile_replies_are_rejected_and_counted(mosquitto: BrokerInfo) -> None
         ):
             await esc.escalate([_case(0)])
             await spy.wait_for(1)
-            e = decode_escalation(spy.seen[0].payload)
+            e = decode_escalations(spy.seen[0].payload)
             assert e.reply_to is not None and e.corr is not None
-            good = Reply(
-                id=e.id,
-                corr=e.corr,
-                node=e.node,
-                label=4,
-                confidence=0.97,
-                worker="w",
-                model="m",
-                ts=time.time(),
-            )
+            good = _reply(e)
+            (case,) = good.verdicts
             topic = e.reply_to
+
+            def verdict(**changes: object) -> list[CaseVerdict]:
+                return [msgspec.structs.replace(case, **changes)]
+
             hostile = [
                 b"\xc1\xc1",  # malformed
-                b"\x80" * 5000,  # oversized (max_reply_bytes 4096)
+                b"\x80" * 70_000,  # oversized (max_reply_bytes 65536)
                 b"\x81\xa1v\x01",  # not a reply
-                encode_reply(Reply(**{**_fields(good), "corr": "deadbeef"})),
-                encode_reply(Reply(**{**_fields(good), "node": "someone-else"})),
-                encode_reply(Reply(**{**_fields(good), "id": "no-such-escalation"})),
+                encode_replies(_reply(e, verdicts=verdict(corr="deadbeef"))),
+                encode_replies(_reply(e, corr="deadbeef")),  # the message's corr
+                encode_replies(_reply(e, node="someone-else")),
+                encode_replies(_reply(e, verdicts=verdict(id="no-such-escalation"))),
             ]
             for payload in hostile:
                 await client.publish(topic, payload)
@@ -341,23 +356,78 @@ def test_hostile_replies_are_rejected_and_counted(mosquitto: BrokerInfo) -> None
                 "malformed": 1,
                 "payload_too_large": 1,
                 "bad_schema": 1,
-                "wrong_correlation": 1,
+                "wrong_correlation": 2,
                 "wrong_node": 1,
                 "unknown_escalation": 1,
             }
             assert finals.got == [] and esc.pending == 1  # still waiting, still serving
-            await client.publish(topic, encode_reply(good))
+            await client.publish(topic, encode_replies(good))
             await finals.wait_for(1)
             assert (finals.got[0].result.source, finals.got[0].result.label) == ("cloud", 4)
-            await client.publish(topic, encode_reply(good))  # duplicate
+            await client.publish(topic, encode_replies(good))  # duplicate
             await eventually(lambda: not (esc.stats.late_replies < 1), 5)
             assert len(finals.got) == 1
 
     asyncio.run(scenario())
 
 
-def _fields(r: Reply) -> dict[str, object]:
-    return {f: getattr(r, f) for f in r.__struct_fields__}
+def test_a_reply_for_half_a_batch_and_one_hostile_verdict(mosquitto: BrokerInfo) -> None:
+    """A message of six cases: the reply answers three (one of them with a forged corr, which is
+    rejected and counted); the two good ones are `cloud`, the other four fall back at their
+    deadline, each exactly once."""
+
+    async def scenario() -> None:
+        finals = Finals()
+        spy = Spy()
+        async with (
+            _client(mosquitto, spy) as client,
+            _escalator(mosquitto, finals, deadline_ms=1500) as esc,
+        ):
+            cases = [_case(i) for i in range(6)]
+            await esc.escalate(cases)
+            await spy.wait_for(1)
+            e = decode_escalations(spy.seen[0].payload)
+            assert len(e.cases) == 6 and e.reply_to is not None
+            half = _reply(e, only=3, label=9)
+            forged = msgspec.structs.replace(half.verdicts[2], corr="0" * 16)
+            reply = msgspec.structs.replace(half, verdicts=[*half.verdicts[:2], forged])
+            await client.publish(e.reply_to, encode_replies(reply))
+            await finals.wait_for(2)
+            assert {(f.result.id, f.result.source, f.result.label) for f in finals.got} == {
+                (c.result.id, "cloud", 9) for c in cases[:2]
+            }
+            assert esc.stats.reply_rejects == {"wrong_correlation": 1}
+            await finals.wait_for(6, timeout_s=10)
+            await esc.wait_settled()
+            by_id = {f.result.id: f.result.source for f in finals.got}
+            assert len(finals.got) == 6 == len(by_id)
+            assert [by_id[c.result.id] for c in cases] == ["cloud"] * 2 + ["edge_fallback"] * 4
+            assert (esc.stats.cloud, esc.stats.fallback, esc.pending) == (2, 4, 0)
+
+    asyncio.run(scenario())
+
+
+def test_cases_handed_over_in_one_turn_share_a_message(mosquitto: BrokerInfo) -> None:
+    """Two micro-batches' unsure cases handed over at the same moment go out as one message."""
+
+    async def scenario() -> None:
+        finals = Finals()
+        spy = Spy()
+        async with (
+            _client(mosquitto, spy),
+            _escalator(mosquitto, finals, deadline_ms=10_000) as esc,
+        ):
+            a, b = [_case(i) for i in range(3)], [_case(i) for i in range(3, 5)]
+            await asyncio.gather(esc.escalate(a), esc.escalate(b))
+            await spy.wait_for(1)
+            await asyncio.sleep(0.2)  # a second message would have arrived by now
+            assert len(spy.seen) == 1
+            e = decode_escalations(spy.seen[0].payload)
+            assert [c.id for c in e.cases] == [c.result.id for c in a + b]
+            assert len({c.corr for c in e.cases}) == 5  # each case its own correlation id
+            assert esc.stats.escalated == 5 and esc.stats.messages == 1
+
+    asyncio.run(scenario())
 
 
 def test_no_uplink_decides_edge_offline_at_once_and_uploads_after_reconnect(
@@ -392,11 +462,11 @@ def test_no_uplink_decides_edge_offline_at_once_and_uploads_after_reconnect(
             assert [f.result.id for f in decided] == [c.result.id for c in cases]
             assert [f.result.label for f in decided] == [1] * 10  # the edge verdict stands
             assert esc.pending == 0 and esc.stats.hard_examples_stored == 10
-            assert esc.hard_examples.stats().rows == 10
+            assert esc.hard_examples.stats().rows == 1  # ten cases in one upload message
             await asyncio.to_thread(persistent_mosquitto.restart)
-            await archive.wait_for(10, timeout_s=30)
+            await archive.wait_for(1, timeout_s=30)  # the ten cases in one message
             await eventually(lambda: not (esc.hard_examples.stats().rows), 10)
-        got = {decode_escalation(m.payload).id: decode_escalation(m.payload) for m in archive.seen}
+        got = {e.id: e for m in archive.seen for e in decode_escalations(m.payload).cases_view()}
         assert set(got) == {c.result.id for c in cases}
         assert all(e.offline and not e.wants_reply and e.deadline is None for e in got.values())
         np.testing.assert_array_equal(got[cases[3].result.id].tensor(), HOLDOUT.images[3])
@@ -446,3 +516,76 @@ def test_default_policy_figures_in_the_readme_hold() -> None:
     assert f"{correct / 540:.1%}".replace("%", " %") + f" ({correct}/540)" in readme
     assert f"{sent / 540:.1%}".replace("%", " %") + f" ({sent}/540)" in readme
     assert sent / 540 < 0.30 and correct >= 528
+
+
+def test_batches_round_trip_over_mqtt_3_1_1(mosquitto: BrokerInfo, tmp_path: Path) -> None:
+    """Node and worker speaking MQTT 3.1.1 (no response topic, correlation data or expiry): the
+    reply address, correlation ids and deadlines inside the payload are enough."""
+    n = 12
+    expected = _cloud_labels(HOLDOUT.images[:n])
+
+    async def scenario() -> None:
+        finals = Finals()
+        config = EscalationConfig(
+            enabled=True,
+            policies={"digits": PolicyConfig(max_softmax_below=0.95, deadline_ms=10_000)},
+            uplink=mqtt_for(mosquitto, protocol="3.1.1"),
+        )
+        cfg = worker_config(mosquitto, tmp_path, mqtt=mqtt_for(mosquitto, protocol="3.1.1"))
+        async with Worker(cfg) as worker:
+            esc = Escalator(
+                config,
+                node_id=f"gw-{uuid.uuid4().hex[:6]}",
+                node_mqtt=mqtt_for(mosquitto),
+                topics=Topics(),
+                state_dir=tmp_path / "node",
+                deliver=finals,
+            )
+            async with esc:
+                assert esc.uplink.protocol == "3.1.1" and worker.session.protocol == "3.1.1"
+                await esc.uplink.wait_connected(5)
+                await asyncio.sleep(0.05)
+                cases = [_case(i) for i in range(n)]
+                await esc.escalate(cases[:5])
+                await esc.escalate(cases[5:])
+                await finals.wait_for(n)
+                await esc.wait_settled()
+                assert esc.stats.messages == 2 and esc.stats.batch_sizes == {5: 1, 7: 1}
+                by_seq = {f.result.frame_seq: f.result for f in finals.got}
+                assert {r.source for r in by_seq.values()} == {"cloud"}
+                assert [by_seq[i].label for i in range(n)] == expected.tolist()
+                assert esc.stats.replies_rejected == 0
+            assert await worker.drain()
+            assert (worker.stats.received, worker.stats.replies, worker.stats.answered) == (2, 2, n)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("n", "settings", "sizes"),
+    [(300, {}, [256, 44]), (5, {"max_message_bytes": 1024}, [2, 2, 1])],
+    ids=["case cap", "byte cap"],
+)
+def test_a_hand_over_is_split_at_the_case_and_byte_caps(
+    mosquitto: BrokerInfo, n: int, settings: dict[str, object], sizes: list[int]
+) -> None:
+    """At most 256 cases per message; with max_message_bytes 1024, two 8x8 float32 cases
+    (256 bytes of tensor + ~256 of the rest each) per message."""
+
+    async def scenario() -> None:
+        finals = Finals()
+        spy = Spy()
+        async with (
+            _client(mosquitto, spy),
+            _escalator(mosquitto, finals, deadline_ms=10_000, **settings) as esc,
+        ):
+            cases = [_case(i % len(HOLDOUT.images), seq=i) for i in range(n)]
+            await esc.escalate(cases)
+            await spy.wait_for(len(sizes))
+            got = [decode_escalations(m.payload) for m in spy.seen]
+            assert [len(e.cases) for e in got] == sizes
+            assert [c.id for e in got for c in e.cases] == [c.result.id for c in cases]
+            assert len({e.corr for e in got}) == len(sizes)
+            assert esc.stats.escalated == n and esc.pending == n
+
+    asyncio.run(scenario())

@@ -15,6 +15,7 @@ import time
 import uuid
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -26,8 +27,10 @@ from local_broker import BrokerInfo
 from mqtt_session import MqttSession
 from tests.test_worker_harness import (
     Replies,
+    batch_bytes,
     escalation_bytes,
     mqtt_for,
+    one_case,
     start_worker_process,
     wait_ready,
     worker_config,
@@ -89,9 +92,10 @@ def test_worker_answers_with_the_cloud_model_and_stores_hard_examples(
         correct = sum(by_id[f"e{i}"].label == HOLDOUT.labels[i] for i in range(40))
         assert correct >= 38  # the cloud model is right on ~99 % of the held-out digits
         r = by_id["e0"]
-        assert (r.node, r.corr, r.worker, r.model) == (
+        assert (r.node, r.message_corr, r.corr, r.worker, r.model) == (
             node,
             "c0ffee",
+            "c0ffee-case",
             cfg.worker_id,
             "digits_cloud-1",
         )
@@ -417,3 +421,130 @@ def test_every_worker_setting_is_documented(tmp_path: Path) -> None:
     path = tmp_path / "worker.toml"
     path.write_text(example.group(1), encoding="utf-8")
     assert WorkerConfig.load(path).worker_id == "gpu-1"
+
+
+def test_a_batch_message_gets_one_reply_and_cases_of_messages_share_a_handler_call(
+    mosquitto: BrokerInfo, tmp_path: Path
+) -> None:
+    """Five messages of four cases, one an expired case and one a case answered before: each
+    message gets one reply (the expired case left out, the old case answered as before), and
+    the cases of the five messages go to the handler together (dynamic batching)."""
+    node = f"gw-{uuid.uuid4().hex[:6]}"
+    cfg = worker_config(mosquitto, tmp_path, batching={"max_batch_size": 18, "max_wait_ms": 1000})
+
+    async def scenario() -> None:
+        replies = Replies()
+        calls: list[list[str]] = []
+        worker = Worker(cfg)
+
+        @worker.handler("digits", version="seen-1")
+        def record(batch: Batch) -> list[Verdict]:
+            calls.append([e.id for e in batch.escalations])
+            return [Verdict(int(e.id[1:]) % 10, 0.9) for e in batch.escalations]
+
+        async with worker:
+            client = await _client(mosquitto, replies, node)
+            try:
+                await client.publish(
+                    "cloud/escalations/digits", escalation_bytes("b0", HOLDOUT.images[0], node=node)
+                )
+                await replies.wait_for(lambda: len(replies.got) >= 1)
+                calls.clear()
+                for m in range(5):
+                    cases = [one_case(f"b{4 * m + k + 1}", HOLDOUT.images[k]) for k in range(4)]
+                    if m == 1:
+                        cases[3] = one_case("b99", HOLDOUT.images[3], deadline_s=-1.0)
+                    if m == 2:
+                        cases[0] = one_case("b0", HOLDOUT.images[0])  # answered before
+                    payload = batch_bytes(cases, node=node, corr=f"msg{m}")
+                    await client.publish("cloud/escalations/digits", payload)
+                await replies.wait_for(lambda: len(replies.raw) >= 6)
+            finally:
+                await client.__aexit__(None, None, None)
+            assert await worker.drain()
+            s = worker.stats
+            assert (s.received, s.cases, s.replies, s.verdicts) == (6, 21, 6, 20)
+            assert (s.expired, s.duplicates, s.answered) == (1, 1, 19)
+            assert s.handled == 19 and await worker.store.count() == 19
+        assert len(calls) == 1 and len(calls[0]) == 18  # four messages' fresh cases, one call
+        per_message = {r.message_corr: [] for r in replies.got}
+        for r in replies.got:
+            per_message[r.message_corr].append(r.id)
+        assert per_message["msg0"] == ["b1", "b2", "b3", "b4"]
+        assert per_message["msg1"] == ["b5", "b6", "b7"]  # b99 expired: left out
+        assert sorted(per_message["msg2"]) == ["b0", "b10", "b11", "b12"]
+        assert {r.label for r in replies.got if r.id == "b0"} == {0}
+        assert all(r.corr == "case" and r.model == "seen-1" for r in replies.got if r.id != "b0")
+
+    asyncio.run(scenario())
+
+
+def test_a_reply_answers_the_part_of_a_batch_whose_handler_call_worked(
+    mosquitto: BrokerInfo, tmp_path: Path
+) -> None:
+    """One message, cases of two shapes (two handler calls); the call for the small inputs fails:
+    the reply answers the others, and the message is acknowledged (not handed out again)."""
+    node = f"gw-{uuid.uuid4().hex[:6]}"
+    cfg = worker_config(mosquitto, tmp_path)
+
+    async def scenario() -> None:
+        replies = Replies()
+        worker = Worker(cfg)
+
+        @worker.handler("digits", version="picky-1")
+        def picky(batch: Batch) -> list[Verdict]:
+            if batch.inputs.shape[1:] != (8, 8):
+                raise RuntimeError("only 8x8 digits")
+            return [Verdict(1, 0.8) for _ in range(len(batch))]
+
+        async with worker:
+            client = await _client(mosquitto, replies, node)
+            try:
+                small = np.zeros((4, 4), np.float32)
+                cases = [
+                    one_case("p0", HOLDOUT.images[0]),
+                    one_case("p1", small),
+                    one_case("p2", HOLDOUT.images[2]),
+                    one_case("p3", small),
+                ]
+                await client.publish("cloud/escalations/digits", batch_bytes(cases, node=node))
+                await replies.wait_for(lambda: len(replies.raw) >= 1)
+            finally:
+                await client.__aexit__(None, None, None)
+            assert await worker.drain()
+            assert worker.describe()["unacknowledged"] == 0
+            assert (worker.stats.handler_errors, worker.stats.answered) == (1, 2)
+            assert await worker.store.count() == 2
+        assert sorted(r.id for r in replies.got) == ["p0", "p2"]
+
+    asyncio.run(scenario())
+
+
+def test_a_batch_with_one_hostile_case_is_rejected_whole_and_counted(
+    mosquitto: BrokerInfo, tmp_path: Path
+) -> None:
+    node = f"gw-{uuid.uuid4().hex[:6]}"
+    cfg = worker_config(mosquitto, tmp_path)
+
+    async def scenario() -> None:
+        replies = Replies()
+        async with Worker(cfg) as worker:
+            client = await _client(mosquitto, replies, node)
+            try:
+                good = [one_case(f"h{i}", HOLDOUT.images[i]) for i in range(3)]
+                hostile = msgspec.structs.replace(good[1], shape=[9, 9])  # 81 floats, 64 sent
+                await client.publish(
+                    "cloud/escalations/digits",
+                    batch_bytes([good[0], hostile, good[2]], node=node),
+                )
+                await client.publish("cloud/escalations/digits", batch_bytes(good, node=node))
+                await replies.wait_for(lambda: len(replies.got) >= 3)
+            finally:
+                await client.__aexit__(None, None, None)
+            assert await worker.drain()
+            assert worker.stats.rejects == {"bad_shape": 1}
+            assert worker.stats.answered == 3
+        assert sorted(r.id for r in replies.got) == ["h0", "h1", "h2"]
+        assert len(replies.raw) == 1
+
+    asyncio.run(scenario())

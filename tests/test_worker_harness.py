@@ -18,7 +18,14 @@ import numpy as np
 from cloud_worker import WorkerConfig
 from local_broker import BrokerInfo
 from mqtt_session import Inbound, MqttConfig
-from schemas import EdgeVerdict, Reply, decode_reply, encode_escalation, make_escalation
+from schemas import (
+    EdgeVerdict,
+    EscalationCase,
+    decode_replies,
+    encode_escalations,
+    make_case,
+    make_escalation_batch,
+)
 
 VERDICT = EdgeVerdict(
     label=1, confidence=0.4, margin=0.1, entropy=1.2, top_labels=[1, 7], top_probs=[0.4, 0.3]
@@ -39,22 +46,52 @@ def escalation_bytes(
     corr: str = "c0ffee",
     reply_to: str | None = None,
 ) -> bytes:
-    now = time.time()
-    return encode_escalation(
-        make_escalation(
-            id=esc_id,
+    """An escalation message of one case (its case corr is ``corr`` + ``-case``)."""
+    return batch_bytes(
+        [one_case(esc_id, image, deadline_s=deadline_s, corr=f"{corr}-case" if reply else None)],
+        node=node,
+        reply=reply,
+        corr=corr,
+        reply_to=reply_to,
+    )
+
+
+def one_case(
+    esc_id: str,
+    image: np.ndarray,
+    *,
+    deadline_s: float | None = 30.0,
+    corr: str | None = "case",
+) -> EscalationCase:
+    return make_case(
+        id=esc_id,
+        release=1,
+        device="cam-1",
+        sensor="digits",
+        frame_seq=1,
+        tensor=image,
+        edge=VERDICT,
+        corr=corr,
+        deadline=None if deadline_s is None else time.time() + deadline_s,
+    )
+
+
+def batch_bytes(
+    cases: list[EscalationCase],
+    *,
+    node: str = "gw-test",
+    reply: bool = True,
+    corr: str = "c0ffee",
+    reply_to: str | None = None,
+) -> bytes:
+    return encode_escalations(
+        make_escalation_batch(
             node=node,
             model="digits",
-            release=1,
-            device="cam-1",
-            sensor="digits",
-            frame_seq=1,
-            ts=now,
-            tensor=image,
-            edge=VERDICT,
+            ts=time.time(),
+            cases=cases,
             reply_to=(reply_to or f"edge/{node}/reply") if reply else None,
             corr=corr if reply else None,
-            deadline=None if deadline_s is None else now + deadline_s,
             offline=not reply,
         )
     )
@@ -69,17 +106,36 @@ def worker_config(broker: BrokerInfo, tmp_path: Path, **kw: object) -> WorkerCon
     return WorkerConfig.load(**kw)  # type: ignore[arg-type]
 
 
+@dataclass(frozen=True)
+class Got:
+    """One verdict of a reply message, with the message's fields."""
+
+    id: str
+    corr: str
+    label: int
+    confidence: float
+    model: str
+    node: str
+    message_corr: str
+    worker: str
+
+
 @dataclass
 class Replies:
-    """Every reply seen on the subscribed topics, decoded, with an awaitable condition."""
+    """Every verdict of every reply seen on the subscribed topics, decoded, with an awaitable
+    condition; ``raw`` holds the reply messages."""
 
-    got: list[Reply] = field(default_factory=list)
+    got: list[Got] = field(default_factory=list)
     raw: list[Inbound] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __call__(self, msg: Inbound) -> None:
         self.raw.append(msg)
-        self.got.append(decode_reply(msg.payload))
+        r = decode_replies(msg.payload)
+        for v in r.verdicts:
+            self.got.append(
+                Got(v.id, v.corr, v.label, v.confidence, v.model, r.node, r.corr, r.worker)
+            )
         self.changed.set()
 
     async def wait_for(self, predicate: Callable[[], bool], timeout_s: float = 20.0) -> None:

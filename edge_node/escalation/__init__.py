@@ -3,7 +3,8 @@
 :class:`Escalator` is the one object a node talks to (see its module docstring);
 :mod:`edge_node.escalation.policy` holds the pure tests (max softmax, top-2 margin, entropy);
 :mod:`edge_node.escalation.journal` the durable record of acknowledged, still-pending frames.
-Design: docs/adr/0030-escalation.md, docs/adr/0031-escalation-acks.md.
+Design: docs/adr/0030-escalation.md, docs/adr/0031-escalation-acks.md,
+docs/adr/0032-escalation-batches.md.
 """
 
 from edge_node.escalation.cache import CloudVerdict, VerdictCache, input_key

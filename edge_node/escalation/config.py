@@ -49,7 +49,21 @@ class EscalationConfig(BaseModel):
     max_pending: int = Field(
         10_000, ge=1, description="escalations awaiting a reply; beyond it, edge_fallback at once"
     )
-    max_reply_bytes: int = Field(4096, ge=256, le=1_048_576)
+    max_message_bytes: int = Field(
+        524_288,
+        ge=1024,
+        le=16 * 1_048_576,
+        description="an escalation message holds cases while their tensors add up to less than"
+        " this (a case bigger than that goes alone); keep it below the workers'"
+        " max_payload_bytes",
+    )
+    max_reply_bytes: int = Field(
+        65_536,
+        ge=256,
+        le=1_048_576,
+        description="larger reply messages are rejected before decoding (one holds up to 256"
+        " verdicts of ~110 bytes)",
+    )
     cache_entries: int = Field(10_000, ge=0, description="cloud verdicts kept by input hash")
     cache_ttl_s: float = Field(600.0, gt=0)
     hard_example_outbox_max_bytes: int = Field(

@@ -8,11 +8,15 @@ The node calls :meth:`Escalator.triage` on each batch's scores to learn which ro
 then :meth:`Escalator.escalate` with those cases. ``escalate`` returns once every case is either
 decided already (``cloud_cached``: the cache knew the input; ``edge_offline``: no uplink;
 ``edge_fallback``: too many pending) — those results come back to be stored like any other — or
-durable in the journal and on its way to the cloud. Each pending case is resolved exactly once,
-by the first valid reply (``cloud``) or by its deadline (``edge_fallback``), and its final result
-is handed to the ``deliver`` callback, which stores it durably; only then does the journal let
-it go. Late and duplicate replies are ignored; hostile ones (malformed, oversized, for another
-node, wrong correlation id) are rejected and counted. Nothing here blocks other frames.
+durable in the journal and on its way to the cloud. The cases of one call, and of any other calls
+made in the same turn of the event loop, go out together: one message per model holds up to
+``schemas.CASES_MAX`` of them (docs/adr/0032-escalation-batches.md). Each pending case is
+resolved exactly once, by the first valid verdict for it (``cloud``) or by its deadline
+(``edge_fallback``), and its final result is handed to the ``deliver`` callback, which stores it
+durably; only then does the journal let it go. A reply may answer some cases of a message; the
+others fall back at their deadline. Late and duplicate verdicts are ignored; hostile replies
+(malformed, oversized, for another node) and verdicts (unknown case, wrong correlation id) are
+rejected and counted. Nothing here blocks other frames.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, Self
+from typing import Literal, Self, TypeVar
 
 import msgspec
 import numpy as np
@@ -43,20 +47,26 @@ from edge_node.escalation.policy import assess, edge_verdict, probabilities, wit
 from mqtt_session import Inbound, MqttConfig, MqttSession
 from outbox import AsyncOutbox, Forwarder, OutboxConfig, OutboxError, Record
 from schemas import (
+    CASES_MAX,
     ContractError,
     EdgeVerdict,
+    EscalationCase,
     Limits,
     Result,
     Source,
     Topics,
-    decode_reply,
-    encode_escalation,
-    make_escalation,
+    decode_replies,
+    encode_escalations,
+    make_case,
+    make_escalation_batch,
 )
 
 log = logging.getLogger(__name__)
 
 _RESOLVED_KEEP = 100_000
+_E = TypeVar("_E")
+_CASE_OVERHEAD_BYTES = 256
+"""Roughly what a case adds to a message besides its tensor (ids, edge verdict, keys)."""
 
 
 @dataclass(slots=True)
@@ -93,12 +103,16 @@ class _Entry:
     corr: str
     key: str
     deadline: float
+    message_corr: bytes | None = None
+    """The ``corr`` of the message that carried the case, as bytes (set when it is sent)."""
 
 
 @dataclass(slots=True)
 class EscalationStats:
     escalated: int = 0
     """Cases sent to the cloud (published)."""
+    messages: int = 0
+    """Escalation messages published (each holds one or more cases)."""
     cloud: int = 0
     cached: int = 0
     fallback: int = 0
@@ -108,10 +122,16 @@ class EscalationStats:
     recovered: int = 0
     """Pending cases found in the journal at start (decided ``edge_fallback``)."""
     late_replies: int = 0
+    """Verdicts for cases decided already (late or duplicate), ignored."""
     replies: int = 0
+    """Verdicts accepted (each resolves one case)."""
     hard_examples_stored: int = 0
     hard_examples_lost: int = 0
     reply_rejects: Counter[str] = field(default_factory=Counter)
+    """By reason: whole reply messages (malformed, wrong_node, ...) and single verdicts
+    (unknown_escalation, wrong_correlation)."""
+    batch_sizes: Counter[int] = field(default_factory=Counter)
+    """Escalation messages by number of cases."""
 
     @property
     def replies_rejected(self) -> int:
@@ -144,12 +164,15 @@ class Escalator:
         self._by_frame: dict[str, str] = {}
         self._resolved: OrderedDict[str, None] = OrderedDict()
         self._heap: list[tuple[float, str]] = []
+        self._outgoing: list[_Entry] = []
+        self._flush_scheduled = False
         self._deadline_wake = asyncio.Event()
         self._finals: list[Final] = []
         self._finals_wake = asyncio.Event()
         self._settled = asyncio.Event()
         self._settled.set()
         self._delivering = False
+        self._removing: set[asyncio.Future[None]] = set()
         self._stack: contextlib.AsyncExitStack | None = None
         self.journal = Journal(state_dir / f"{node_id}.escalations.db", synchronous=synchronous)
         self.uplink = MqttSession(
@@ -231,10 +254,15 @@ class Escalator:
         return self._by_frame.get(frame_key)
 
     async def wait_settled(self) -> None:
-        """Return once nothing is pending and every final result has been delivered."""
-        while self._pending or self._finals or self._delivering:
-            self._settled.clear()
-            await self._settled.wait()
+        """Return once nothing is pending, every final result has been delivered and its
+        journal entry deleted."""
+        while True:
+            while self._pending or self._finals or self._delivering:
+                self._settled.clear()
+                await self._settled.wait()
+            if not self._removing:
+                return
+            await asyncio.gather(*list(self._removing), return_exceptions=True)
 
     # ------------------------------------------------------------------ node API
     def policy(self, model: str) -> PolicyConfig:
@@ -279,7 +307,7 @@ class Escalator:
         online = self.uplink.connected
         decided: list[Final] = []
         entries: list[_Entry] = []
-        uploads: list[Record] = []
+        offline: list[Case] = []
         for c in cases:
             key = input_key(c.result.model, c.result.release, c.tensor)
             hit = self._cache.get(key, now)
@@ -289,7 +317,7 @@ class Escalator:
             elif not online:
                 self.stats.offline += 1
                 decided.append(self._final(c, "edge_offline"))
-                uploads.append(self._upload(c, now_wall))
+                offline.append(c)
             elif len(self._pending) + len(entries) >= self.config.max_pending:
                 self.stats.overflow += 1
                 self.stats.fallback += 1
@@ -298,8 +326,8 @@ class Escalator:
                 policy = self.policy(c.result.model)
                 deadline_s = policy.deadline_ms / 1000.0
                 entries.append(_Entry(c, secrets.token_hex(8), key, now + deadline_s))
-        if uploads:
-            await self._store_uploads(uploads)
+        if offline:
+            await self._store_uploads(self._uploads(offline, now_wall), len(offline))
         if not entries:
             return decided
         journaled = self.journal.add_nowait(
@@ -312,7 +340,7 @@ class Escalator:
         # insert before any delete a reply could cause, and the frames wait for the commit.
         self._settled.clear()
         for e in entries:
-            self._add_pending(e, now_wall, now)
+            self._add_pending(e)
         try:
             await journaled
         except JournalError as exc:
@@ -321,67 +349,115 @@ class Escalator:
         return decided
 
     # ------------------------------------------------------------------ sending
-    def _add_pending(self, e: _Entry, now_wall: float, now: float) -> None:
+    def _add_pending(self, e: _Entry) -> None:
         rid = e.case.result.id
         self._pending[rid] = e
         self._by_frame[e.case.frame_key] = rid
         if not self._heap or e.deadline < self._heap[0][0]:
             self._deadline_wake.set()
         heapq.heappush(self._heap, (e.deadline, rid))
-        remaining = e.deadline - now
-        esc = make_escalation(
-            id=rid,
+        self._outgoing.append(e)
+        if not self._flush_scheduled:
+            # Sent at the next turn of the event loop: cases handed over by other micro-batches
+            # in this turn go in the same messages.
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        outgoing, self._outgoing = self._outgoing, []
+        now_wall, now = time.time(), time.monotonic()
+        by_model: dict[str, list[tuple[_Entry, EscalationCase]]] = {}
+        for e in outgoing:
+            if e.case.result.id not in self._pending:
+                continue  # resolved already (its deadline passed meanwhile)
+            r = e.case.result
+            case = make_case(
+                id=r.id,
+                release=r.release,
+                device=r.device,
+                sensor=r.sensor,
+                frame_seq=r.frame_seq,
+                tensor=e.case.tensor,
+                edge=e.case.verdict,
+                corr=e.corr,
+                deadline=now_wall + (e.deadline - now),
+            )
+            by_model.setdefault(r.model, []).append((e, case))
+        for model, pairs in by_model.items():
+            for chunk in _chunks(pairs, self.config.max_message_bytes):
+                self._publish(model, chunk, now_wall, now)
+
+    def _publish(
+        self, model: str, chunk: list[tuple[_Entry, EscalationCase]], now_wall: float, now: float
+    ) -> None:
+        corr = secrets.token_hex(8)
+        for e, _ in chunk:
+            e.message_corr = corr.encode()
+        batch = make_escalation_batch(
             node=self.node_id,
-            model=e.case.result.model,
-            release=e.case.result.release,
-            device=e.case.result.device,
-            sensor=e.case.result.sensor,
-            frame_seq=e.case.result.frame_seq,
+            model=model,
             ts=now_wall,
-            tensor=e.case.tensor,
-            edge=e.case.verdict,
+            cases=[c for _, c in chunk],
             reply_to=self.reply_topic,
-            corr=e.corr,
-            deadline=now_wall + remaining,
+            corr=corr,
         )
         props: Properties | None = None
         if self.uplink.protocol == "5":
+            remaining = min(e.deadline for e, _ in chunk) - now
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             props.ResponseTopic = self.reply_topic
-            props.CorrelationData = e.corr.encode()
+            props.CorrelationData = corr.encode()
             props.MessageExpiryInterval = max(1, math.ceil(remaining))
         fut = self.uplink.publish_nowait(
-            self.topics.escalations(esc.model), encode_escalation(esc), qos=1, properties=props
+            self.topics.escalations(model), encode_escalations(batch), qos=1, properties=props
         )
         fut.add_done_callback(lambda f: f.exception())  # a lost one falls back at its deadline
-        self.stats.escalated += 1
+        self.stats.escalated += len(chunk)
+        self.stats.messages += 1
+        self.stats.batch_sizes[len(chunk)] += 1
 
-    def _upload(self, c: Case, now_wall: float) -> Record:
-        esc = make_escalation(
-            id=c.result.id,
-            node=self.node_id,
-            model=c.result.model,
-            release=c.result.release,
-            device=c.result.device,
-            sensor=c.result.sensor,
-            frame_seq=c.result.frame_seq,
-            ts=now_wall,
-            tensor=c.tensor,
-            edge=c.verdict,
-            offline=True,
-        )
-        return Record("hard_example", self.topics.escalations(esc.model), encode_escalation(esc))
+    def _uploads(self, cases: list[Case], now_wall: float) -> list[tuple[Record, int]]:
+        """Hard-example upload messages of ``cases`` (per model), with their case counts."""
+        by_model: dict[str, list[tuple[Case, EscalationCase]]] = {}
+        for c in cases:
+            r = c.result
+            case = make_case(
+                id=r.id,
+                release=r.release,
+                device=r.device,
+                sensor=r.sensor,
+                frame_seq=r.frame_seq,
+                tensor=c.tensor,
+                edge=c.verdict,
+            )
+            by_model.setdefault(r.model, []).append((c, case))
+        records: list[tuple[Record, int]] = []
+        for model, pairs in by_model.items():
+            for chunk in _chunks(pairs, self.config.max_message_bytes):
+                batch = make_escalation_batch(
+                    node=self.node_id,
+                    model=model,
+                    ts=now_wall,
+                    cases=[e for _, e in chunk],
+                    offline=True,
+                )
+                payload = encode_escalations(batch)
+                topic = self.topics.escalations(model)
+                record = Record("hard_example", topic, payload, items=len(chunk))
+                records.append((record, len(chunk)))
+        return records
 
-    async def _store_uploads(self, records: list[Record]) -> None:
+    async def _store_uploads(self, records: list[tuple[Record, int]], n: int) -> None:
         try:
-            ids = await self.hard_examples.append(records)
+            ids = await self.hard_examples.append([r for r, _ in records])
         except (OutboxError, ValueError) as exc:
-            self.stats.hard_examples_lost += len(records)
+            self.stats.hard_examples_lost += n
             log.error("hard examples not kept (%s): the results stand, the examples are lost", exc)
             return
-        self.stats.hard_examples_stored += len(records)
+        self.stats.hard_examples_stored += n
         now = time.time()
-        self.forwarder.offer([r.stored(i, now) for r, i in zip(records, ids, strict=True)])
+        self.forwarder.offer([r.stored(i, now) for (r, _), i in zip(records, ids, strict=True)])
 
     # ------------------------------------------------------------------ replies
     def _on_reply(self, msg: Inbound) -> None:
@@ -389,31 +465,33 @@ class Escalator:
             self._reject("bad_topic")
             return
         try:
-            reply = decode_reply(msg.payload, self._limits)
+            reply = decode_replies(msg.payload, self._limits)
         except ContractError as exc:
             self._reject(exc.reason)
             return
         if reply.node != self.node_id:
             self._reject("wrong_node")
             return
-        entry = self._pending.get(reply.id)
-        if entry is None:
-            if reply.id in self._resolved:
-                self.stats.late_replies += 1  # late or duplicate: the result is decided
-            else:
-                self._reject("unknown_escalation")
-            return
         corr_data = getattr(msg.properties, "CorrelationData", None) if msg.properties else None
-        if reply.corr != entry.corr or (
-            corr_data is not None and bytes(corr_data) != entry.corr.encode()
-        ):
-            self._reject("wrong_correlation")
-            return
-        self.stats.replies += 1
-        verdict = CloudVerdict(int(reply.label), float(reply.confidence))
-        self._cache.put(entry.key, verdict)
-        self.stats.cloud += 1
-        self._resolve(entry, "cloud", verdict)
+        message_corr: bytes | None = reply.corr.encode()
+        if corr_data is not None and bytes(corr_data) != message_corr:
+            message_corr = None  # MQTT 5 correlation data and payload disagree: no case matches
+        for v in reply.verdicts:
+            entry = self._pending.get(v.id)
+            if entry is None:
+                if v.id in self._resolved:
+                    self.stats.late_replies += 1  # late or duplicate: the result is decided
+                else:
+                    self._reject("unknown_escalation")
+                continue
+            if v.corr != entry.corr or message_corr is None or entry.message_corr != message_corr:
+                self._reject("wrong_correlation")
+                continue
+            self.stats.replies += 1
+            verdict = CloudVerdict(int(v.label), float(v.confidence))
+            self._cache.put(entry.key, verdict)
+            self.stats.cloud += 1
+            self._resolve(entry, "cloud", verdict)
 
     def _reject(self, reason: str) -> None:
         self.stats.reply_rejects[reason] += 1
@@ -456,6 +534,12 @@ class Escalator:
                 async with asyncio.timeout(timeout):
                     await self._deadline_wake.wait()
 
+    def _removed(self, fut: asyncio.Future[None]) -> None:
+        self._removing.discard(fut)
+        exc = None if fut.cancelled() else fut.exception()
+        if exc is not None:  # stays journaled: decided again (same id) after a restart
+            log.error("escalation journal delete failed: %s", exc)
+
     async def _deliveries(self) -> None:
         while True:
             if not self._finals:
@@ -474,8 +558,29 @@ class Escalator:
                 self._delivering = False
                 await asyncio.sleep(0.5)
                 continue
-            try:
-                await self.journal.remove([f.result.id for f in batch])
-            except JournalError as exc:  # stays journaled: decided again (same id) after restart
-                log.error("escalation journal delete failed: %s", exc)
+            # The delete commits in the background (in order, after this batch's insert): the
+            # next final results need not wait for it.
+            removed = self.journal.remove_nowait([f.result.id for f in batch])
+            self._removing.add(removed)
+            removed.add_done_callback(self._removed)
             self._delivering = False
+
+
+def _chunks(
+    pairs: list[tuple[_E, EscalationCase]], max_bytes: int
+) -> list[list[tuple[_E, EscalationCase]]]:
+    """``pairs`` in runs of at most ``CASES_MAX`` cases and about ``max_bytes`` (a case bigger
+    than that goes alone)."""
+    out: list[list[tuple[_E, EscalationCase]]] = []
+    run: list[tuple[_E, EscalationCase]] = []
+    size = 0
+    for pair in pairs:
+        n = len(pair[1].data) + _CASE_OVERHEAD_BYTES
+        if run and (len(run) >= CASES_MAX or size + n > max_bytes):
+            out.append(run)
+            run, size = [], 0
+        run.append(pair)
+        size += n
+    if run:
+        out.append(run)
+    return out

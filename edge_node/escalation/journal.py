@@ -69,7 +69,12 @@ class Journal:
         return self._queue("add", entries)
 
     async def remove(self, result_ids: list[str]) -> None:
-        await self._queue("remove", result_ids)
+        await self.remove_nowait(result_ids)
+
+    def remove_nowait(self, result_ids: list[str]) -> asyncio.Future[None]:
+        """Queue a delete now (it commits after everything queued before it); await the
+        result."""
+        return self._queue("remove", result_ids)
 
     def _queue(self, kind: str, rows: list[Any]) -> asyncio.Future[None]:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
