@@ -28,7 +28,7 @@ import pytest
 from paho.mqtt.enums import MQTTProtocolVersion
 
 from mqtt_session import MqttConfig, MqttSession
-from schemas import decode_reply, decode_results
+from schemas import decode_replies, decode_results
 from tests.bridgeharness import REPO, Client
 from tests.securebroker import Pki, SecureBroker, make_ca, make_pki
 
@@ -794,7 +794,7 @@ def test_compose_topology_runs_as_processes_from_its_configs(
         s.stop_all()
         observer.close()
     sources = Counter(results().values())
-    replies = [decode_reply(m.payload) for m in observer.snapshot() if m.topic.endswith("/reply")]
+    replies = [decode_replies(m.payload) for m in observer.snapshot() if m.topic.endswith("/reply")]
     assert sources["cloud"] > 0, f"no cloud verdict: {dict(sources)}\n{s.log('node-1')[-3000:]}"
     assert {r.worker for r in replies} == {"worker-1", "worker-2"}
     for name in s.procs:
