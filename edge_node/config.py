@@ -394,8 +394,9 @@ def _explain(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-OTHER_COMMANDS_ENV = frozenset({"EDGEWISE_BROKER", "EDGEWISE_VENV"})
-"""EDGEWISE_* variables read by other commands (``watch``, ``dev.sh``), not by the node."""
+OTHER_COMMANDS_ENV = frozenset({"EDGEWISE_BROKER", "EDGEWISE_VENV", "EDGEWISE_CRASHPOINT"})
+"""EDGEWISE_* variables that are not node settings: read by other commands (``watch``,
+``dev.sh``) or by fault tests (``EDGEWISE_CRASHPOINT``, edge_node/updates/crashpoints.py)."""
 
 
 def unknown_env_names(cls: type[BaseSettings] = NodeConfig) -> list[str]:

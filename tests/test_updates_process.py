@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -186,6 +187,69 @@ def test_kill_9_at_each_update_step(
         ).release
         == expected
     )
+    again.kill()
+    again.wait(10)
+
+
+@pytest.mark.parametrize(
+    ("point", "expected"),
+    [
+        ("updates.swap.before_move", None),
+        ("updates.swap.after_move", None),
+        ("updates.swap.after_state", 1),
+    ],
+)
+def test_kill_9_inside_the_swap(
+    point: str,
+    expected: int | None,
+    start_node: Start,
+    mqtt_probe: Callable[..., MqttProbe],
+    tmp_path: Path,
+    roots: dict[str, str],
+) -> None:
+    """The swap is a few file-system steps, too quick to hit with a kill from outside: the
+    node kills itself there (EDGEWISE_CRASHPOINT) and must restart serving exactly one
+    complete, verified model. Before the activating state write the update is abandoned and
+    redone from the retained manifest (it ends committed: release 2); after it the node was in
+    probation and rolls back to release 1."""
+    fleet = Fleet()
+    root_pub = tmp_path / "root.pub"
+    root_pub.write_bytes(public_pem(fleet.root))
+    node_id = f"swap-{uuid.uuid4().hex[:6]}"
+    settings = {
+        "EDGEWISE_UPDATES__PROBATION_S": "0.5",
+        "EDGEWISE_UPDATES__PROBATION_MIN_INFERENCES": "0",
+    }
+    probe = mqtt_probe()
+    probe.subscribe(f"edge/{node_id}/#")
+    operator = mqtt_probe()
+    doomed = start_node(node_id, root_pub, EDGEWISE_CRASHPOINT=point, **settings)
+    probe.wait_for(_online, 30)
+    m = manifest(CLOUD_MODEL, release=2, now=now(), hw_classes=("generic-cpu",))
+    operator.publish(f"{roots['fleet']}/keys", fleet.signed_key_set(now=now()), retain=True)
+    for i, part in enumerate(chunks(CLOUD_MODEL, m.chunk_bytes)):
+        operator.publish(f"{roots['models']}/{m.sha256}/{i}", part, retain=True)
+    operator.publish(
+        f"{roots['fleet']}/generic-cpu/models/digits", sign(m, fleet.release), retain=True
+    )
+    assert doomed.wait(60) == -signal.SIGKILL
+    assert not any(_is_event("activated")(x) for x in probe.messages)
+    probe.clear()
+
+    again = start_node(node_id, root_pub, **settings)
+    probe.wait_for(_online, 30)
+    if expected is None:
+        probe.wait_for(_is_event("committed"), 40)
+        expected = 2
+    else:
+        probe.wait_for(_is_event("rolled_back:crashed_in_probation"), 20)
+    reports = [
+        _event_kind(x) for x in probe.messages if x.topic.endswith("/events") and not x.retain
+    ]
+    assert {"abandoned", "rolled_back:crashed_in_probation"} & set(reports), reports
+    state_dir = tmp_path / "state" / f"{node_id}.updates"
+    assert _check_one_complete_model(state_dir) == expected
+    assert _serves(probe, mqtt_probe(), node_id, 901) == expected
     again.kill()
     again.wait(10)
 

@@ -40,6 +40,7 @@ from typing import Self
 from edge_node.errors import ModelLoadError, ModelRefused
 from edge_node.hardware import NodeHardware, load_model
 from edge_node.model import Prediction, ServedModel
+from edge_node.updates.crashpoints import crashpoint
 from edge_node.updates.config import UpdatesConfig
 from edge_node.updates.download import ChunkDownload
 from edge_node.updates.errors import StateError, StepFailed
@@ -518,8 +519,10 @@ class UpdateManager:
             raise
         try:
             self._set_pending(manifest_id, m.release, "swapping")
+            crashpoint("updates.swap.before_move")
             if staged != local:
                 await asyncio.to_thread(_move, staged, local)
+            crashpoint("updates.swap.after_move")
             # The model serves from the file it was validated from: reload from its final place
             # only matters for `path` (recycling); the session itself is the validated one.
             model.path = str(local)
@@ -544,6 +547,7 @@ class UpdateManager:
                 ),
             )
             self._set_state(activated)  # the one atomic write that activates
+            crashpoint("updates.swap.after_state")
             store.save_pending(None)
         except BaseException:
             model.close()
