@@ -19,5 +19,5 @@ _ARMED = os.environ.get(ENV) or None
 
 def crashpoint(name: str) -> None:
     """Die here, by SIGKILL, if ``EDGEWISE_CRASHPOINT`` names this point."""
-    if _ARMED is not None and _ARMED == name:
+    if _ARMED is not None and name == _ARMED:
         os.kill(os.getpid(), signal.SIGKILL)

@@ -40,8 +40,8 @@ from typing import Self
 from edge_node.errors import ModelLoadError, ModelRefused
 from edge_node.hardware import NodeHardware, load_model
 from edge_node.model import Prediction, ServedModel
-from edge_node.updates.crashpoints import crashpoint
 from edge_node.updates.config import UpdatesConfig
+from edge_node.updates.crashpoints import crashpoint
 from edge_node.updates.download import ChunkDownload
 from edge_node.updates.errors import StateError, StepFailed
 from edge_node.updates.files import fsync_dir, sha256_file
