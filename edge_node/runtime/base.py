@@ -5,7 +5,8 @@ CPU or a Coral Edge TPU): one input tensor in, one ``[N, C]`` score tensor out.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from types import TracebackType
+from typing import Any, Protocol, Self, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -89,3 +90,21 @@ class Runtime(Protocol):
     def run(self, batch: npt.NDArray[Any]) -> npt.NDArray[Any]: ...
 
     def close(self) -> None: ...
+
+
+class ClosesOnExit:
+    """``with backend.load(...) as rt:`` for the backends: the block's end calls ``close``."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

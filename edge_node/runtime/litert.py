@@ -25,13 +25,19 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType, TracebackType
-from typing import Any, Self
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from edge_node.runtime.base import RuntimeLoadError, RuntimeRunError, TensorSpec, format_shape
+from edge_node.runtime.base import (
+    ClosesOnExit,
+    RuntimeLoadError,
+    RuntimeRunError,
+    TensorSpec,
+    format_shape,
+)
 from edge_node.runtime.edgetpu import EDGETPU_CUSTOM_OP, open_delegate
 
 log = logging.getLogger(__name__)
@@ -106,7 +112,7 @@ def select_providers(requested: Sequence[str]) -> list[str]:
     return chosen
 
 
-class LiteRtRuntime:
+class LiteRtRuntime(ClosesOnExit):
     """One ``.tflite`` model in one LiteRT interpreter; see :class:`Runtime`."""
 
     def __init__(
@@ -337,17 +343,6 @@ class LiteRtRuntime:
         """Release the interpreter, then its delegate (idempotent)."""
         self._interpreter = None
         self._delegate = None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self._interpreter is None else self.provider

@@ -11,14 +11,13 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from edge_node.runtime.base import RuntimeLoadError, RuntimeRunError, TensorSpec
+from edge_node.runtime.base import ClosesOnExit, RuntimeLoadError, RuntimeRunError, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +82,7 @@ def serving_provider(session_providers: Sequence[str]) -> str:
     return next((p for p in session_providers if p not in _NOT_COMPUTE), CPU)
 
 
-class OnnxRuntime:
+class OnnxRuntime(ClosesOnExit):
     """One ONNX model in one ``onnxruntime.InferenceSession``; see :class:`Runtime`."""
 
     name = "onnxruntime"
@@ -194,17 +193,6 @@ class OnnxRuntime:
     def close(self) -> None:
         """Release the session (idempotent)."""
         self._session = None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self._session is None else self.provider
