@@ -384,7 +384,8 @@ def _explain(exc: ValidationError, source: str) -> str:
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"])
         env = "EDGEWISE_" + "__".join(str(p).upper() for p in err["loc"])
-        shown = shown_input(key, err["type"], err.get("input"))
+        given = err.get("input")
+        shown = shown_input(key, err["type"], given)
         lines.append(f"  {key}: {err['msg']}{shown}  [set it in the file or with {env}]")
         if err["type"] in ("tuple_type", "list_type") and isinstance(given, str):
             lines.append(
