@@ -171,6 +171,10 @@ class MqttSession:
         self.stats = SessionStats()
         self.broker_receive_maximum = 65535
         self.last_error: str | None = None
+        self.known_down_at = 0.0
+        """``time.monotonic()`` when the broker was last known out of reach: a connection lost
+        or a connect attempt failed (0.0: never). What happened after it may have happened
+        while the link was back and the next attempt not yet due."""
 
     # ------------------------------------------------------------------ lifecycle
     async def __aenter__(self) -> Self:
@@ -303,6 +307,7 @@ class MqttSession:
             try:
                 info = await self._connect_once()
             except ProtocolRefused as exc:
+                self.known_down_at = time.monotonic()
                 self._close_client()
                 if self.config.protocol == "auto" and self._protocol == "5":
                     log.warning("broker refused MQTT 5 (%s); falling back to MQTT 3.1.1", exc)
@@ -312,6 +317,7 @@ class MqttSession:
                 await self._after_failure(exc)
                 continue
             except NoConnack as exc:
+                self.known_down_at = time.monotonic()
                 self._close_client()
                 if self.config.protocol == "auto" and self._protocol == "5":
                     # Silence to an MQTT 5 CONNECT may mean a 3.1.1-only broker: try that once,
@@ -324,6 +330,7 @@ class MqttSession:
                 await self._after_failure(exc)
                 continue
             except (ConnectFailed, OSError, TimeoutError) as exc:
+                self.known_down_at = time.monotonic()
                 self._close_client()
                 self._end_protocol_trial()
                 await self._after_failure(exc)
@@ -347,6 +354,7 @@ class MqttSession:
             except MqttError as exc:
                 log.warning("connection dropped while setting up: %s", exc)
             await self._lost.wait()
+            self.known_down_at = time.monotonic()
             self._connected.clear()
             self._fail_pending(Disconnected("connection lost"))
             self._close_client()
@@ -611,7 +619,8 @@ class MqttSession:
         separate uplink) read one frame per event-loop iteration, so each frame paid a whole
         iteration and the micro-batcher saw batches of one or two (bench/outage.py: 3,400
         frames/s against 8,000 with one connection). paho reads exactly one packet's bytes at a
-        time, so the socket is readable exactly while whole or partial packets wait in it.
+        time, so the socket is readable exactly while whole or partial packets wait in it
+        (ADR 0006).
         """
         if client is not self._client:
             self._drop_stale(client)
@@ -709,6 +718,7 @@ class MqttSession:
             self.last_error = str(reason_code)
         # Now, not when _run gets to it: _run may itself be awaiting one of these futures (an
         # on_connect hook that publishes), and `connected` must not outlive the connection.
+        self.known_down_at = time.monotonic()
         self._connected.clear()
         self._lost.set()
         self._fail_pending(Disconnected("session closed" if self._stopping else "connection lost"))
