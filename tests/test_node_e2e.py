@@ -200,7 +200,7 @@ def test_frames_waiting_for_a_slow_commit_count_towards_the_bound(
     frames wait for their commit, and the node must stop reading rather than take the whole
     flood into memory."""
     bound = 20
-    flood = 200
+    flood = 100
 
     async def scenario() -> None:
         batching = {"max_pending_frames": bound}
