@@ -285,9 +285,10 @@ class Forwarder:
 
     async def _queue_fresh(self, first_id: int) -> None:
         """Queue the records stored from ``first_id`` on (at most one window) as live: sent
-        before the backlog, as if offered on this connection. Retained records stay in id
-        order: the last one sent is the state (ADR 0064). Read from the outbox, not kept from
-        ``offer``: what was evicted meanwhile must not be sent."""
+        before the backlog, as if offered on this connection, and kept from eviction while
+        they wait (as the backlog reader, from the end of the read on). Retained records stay
+        in id order: the last one sent is the state (ADR 0064). Read from the outbox, not kept
+        from ``offer``: what was evicted meanwhile must not be sent."""
         window = min(self._window, self._session.broker_receive_maximum)
         for record in await self._outbox.pending(window, after_id=first_id - 1):
             if record.retain or record.id in self._claimed or record.id in self._in_flight:
