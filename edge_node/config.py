@@ -114,8 +114,9 @@ class BatchingConfig(BaseModel):
     max_pending_frames: int = Field(
         2_000,
         ge=1,
-        description="frames waiting for inference before the node stops reading from the"
-        " broker (TCP backpressure) until half of them are done",
+        description="frames held (received, not yet acknowledged: waiting for inference or"
+        " for their results to be stored) before the node stops reading from the broker (TCP"
+        " backpressure) until half of them are done",
     )
 
 

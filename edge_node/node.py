@@ -715,12 +715,19 @@ class EdgeNode:
             return
         self._in_progress.setdefault(key, [])
         self._batcher.add(_Pending(ticket, device, sensor, frame, key))
-        if len(self._batcher) >= self._max_pending:
+        if self._held() >= self._max_pending:
             # Backpressure that does not rely on the broker honouring our Receive Maximum.
             self.session.pause_reading()
 
+    def _held(self) -> int:
+        """Frames the node holds in memory: received and not yet acknowledged, whether they
+        wait for inference, for their results to be stored, or behind an earlier frame's
+        acknowledgement (QoS 0 frames: until they are answered). Counting only those waiting
+        for inference let frames pile up behind a slow commit once reading kept pace."""
+        return max(len(self._in_progress), self._acker.outstanding)
+
     def _resume_if_drained(self) -> None:
-        if self.session.reading_paused and len(self._batcher) <= self._max_pending // 2:
+        if self.session.reading_paused and self._held() <= self._max_pending // 2:
             self.session.resume_reading()
 
     def _reject(self, msg: Inbound, reason: DeadLetterReason, detail: str) -> None:
@@ -734,11 +741,13 @@ class EdgeNode:
         for p in batch:
             tickets.extend(self._in_progress.pop(p.key, ()))
         self._acker.finish_all(tickets)
+        self._resume_if_drained()
 
     def _forget(self, batch: list[_Pending]) -> None:
         """These frames stay unacknowledged (the broker redelivers them): drop their state."""
         for p in batch:
             self._in_progress.pop(p.key, None)
+        self._resume_if_drained()
 
     async def _process(self, batch: list[_Pending]) -> None:
         if not self._serving.is_set():

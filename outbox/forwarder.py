@@ -9,7 +9,10 @@ deduplicate by the message ids inside the payloads.
 Live before backlog: what is stored while a connection is up (and handed to :meth:`Forwarder.offer`)
 goes out at once; whatever waited in the outbox when the connection began (the backlog after an
 outage) drains behind it, oldest first, at a capped rate and in at most half the window, so a
-long outage does not delay fresh results by the time its backlog takes to drain.
+long outage does not delay fresh results by the time its backlog takes to drain. Records stored
+after the link was last known down (its last failed connect attempt or the loss of the
+connection) count as live on the next connection: they may have been made after the link came
+back, while the next attempt was not yet due, and go out before the backlog (ADR 0007).
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ class ForwarderStats:
     """Records the broker acknowledged (each is then deleted from the outbox)."""
     refused: int = 0
     """Records the broker or the client refused for good (e.g. an ACL); deleted and logged."""
+    fresh: int = 0
+    """Records stored after the link was last known down, sent live on the next connection."""
 
 
 class _TokenBucket:
@@ -136,6 +141,12 @@ class Forwarder:
         self._after = 0
         self._at_tail = False
         self._kicks = 0
+        # Stored while no connection was served: the first id offered after the session's
+        # `known_down_at` (and that moment); ids from there on go first on the next connection.
+        self._fresh_since: float | None = None
+        self._fresh_from = 0
+        # Fresh records waiting in `_live`, protected from eviction until sent (ADR 0063).
+        self._guarded: set[int] = set()
         self.stats = ForwarderStats()
 
     # ------------------------------------------------------------------ what callers use
@@ -154,7 +165,10 @@ class Forwarder:
             return
         session = self._session
         if not (self._serving and self._serving == session.connection and session.connected):
-            self.kick()  # read back in order once a connection is being served
+            down_at = session.known_down_at
+            if self._fresh_since != down_at:  # the first record since the link was known down
+                self._fresh_since, self._fresh_from = down_at, records[0].id
+            self.kick()  # read back once a connection is being served
             return
         if not self._live_first:
             self._offer_in_order(records)
@@ -249,16 +263,44 @@ class Forwarder:
             self._abandon_in_flight()
 
     async def _serve(self, connection: int) -> None:
-        # A new connection resends everything still stored, oldest first, as backlog.
+        # A new connection resends everything still stored, oldest first, as backlog; what was
+        # stored after the link was last known down goes first.
         self._live.clear()
         self._claimed.clear()
         self._retry.clear()
+        self._unsettled.difference_update(self._guarded)
+        self._guarded.clear()
         self._after, self._at_tail = 0, False
+        fresh_from = 0
+        if self._fresh_since == self._session.known_down_at:
+            fresh_from = self._fresh_from  # no failed attempt since: they may be live
+        self._fresh_since, self._fresh_from = None, 0
         self._serving = connection
         try:
+            if fresh_from and self._live_first:
+                await self._queue_fresh(fresh_from)
             await self._serve_loop(connection)
         finally:
             self._serving = 0
+
+    async def _queue_fresh(self, first_id: int) -> None:
+        """Queue the records stored from ``first_id`` on (at most one window) as live: sent
+        before the backlog, as if offered on this connection, and kept from eviction while
+        they wait (as the backlog reader, from the end of the read on). Retained records stay
+        in id order: the last one sent is the state (ADR 0064). Read from the outbox, not kept
+        from ``offer``: what was evicted meanwhile must not be sent."""
+        window = min(self._window, self._session.broker_receive_maximum)
+        for record in await self._outbox.pending(window, after_id=first_id - 1):
+            if record.retain or record.id in self._claimed or record.id in self._in_flight:
+                continue  # retained: in id order; the others: offered live meanwhile
+            self._claimed.add(record.id)
+            self._live.append(record)
+            if record.id not in self._unsettled:
+                self._unsettled.add(record.id)
+                self._guarded.add(record.id)
+            self.stats.fresh += 1
+        if self._live:
+            self._idle.clear()
 
     def _room(self) -> int:
         return min(self._window, self._session.broker_receive_maximum) - len(self._in_flight)
@@ -349,6 +391,7 @@ class Forwarder:
             self._backlog_in_flight += 1
         self._in_flight[record.id] = (fut, record, live)
         self._unsettled.add(record.id)
+        self._guarded.discard(record.id)  # protected as sent from now on
         self._sent_times[record.id] = time.monotonic()
         fut.add_done_callback(functools.partial(self._settled, record.id))
 

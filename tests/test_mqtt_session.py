@@ -11,10 +11,12 @@ so the session's event loop keeps serving its socket meanwhile.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import random
 import socket
 import statistics
+import termios
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -36,6 +38,7 @@ from mqtt_session import (
     MqttConfig,
     MqttSession,
 )
+from mqtt_session.session import READS_PER_WAKEUP
 
 ProbeFactory = Callable[..., MqttProbe]
 
@@ -668,6 +671,121 @@ def test_session_socket_has_tcp_nodelay(mosquitto: BrokerInfo) -> None:
                 sock = client.socket()
                 assert isinstance(sock, socket.socket)
                 assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+    asyncio.run(scenario())
+
+
+# -- 7b: reading what the socket holds ------------------------------------------------------
+def _publish_bytes(topic: str, payload: bytes) -> int:
+    """Size on the wire of an MQTT 5 QoS 1 PUBLISH with no properties."""
+    remaining = 2 + len(topic.encode()) + 2 + 1 + len(payload)
+    return 1 + (1 if remaining < 128 else 2) + remaining
+
+
+async def _burst_in_socket(
+    session: MqttSession, mqtt_probe: ProbeFactory, broker: BrokerInfo, topic: str, n: int
+) -> list[bytes]:
+    """With reading paused, have the broker send ``n`` QoS 1 messages and wait until all of
+    them wait in the session's socket (``FIONREAD``); reading stays paused."""
+    payloads = [b"%04d" % i + b"x" * 60 for i in range(n)]
+    session.pause_reading()
+    publisher = mqtt_probe(broker)
+    await asyncio.to_thread(publisher.publish_many, topic, payloads)
+    client = session._client
+    assert client is not None
+    sock = client.socket()
+    assert isinstance(sock, socket.socket)
+    want = sum(_publish_bytes(topic, p) for p in payloads)
+    buf = bytearray(4)
+
+    def buffered() -> int:
+        fcntl.ioctl(sock.fileno(), termios.FIONREAD, buf)
+        return int.from_bytes(buf, "little")
+
+    await _eventually(lambda: buffered() >= want, f"{want} bytes in the socket")
+    return payloads
+
+
+def test_one_readable_event_reads_every_buffered_message(
+    mosquitto: BrokerInfo, mqtt_probe: ProbeFactory
+) -> None:
+    """paho reads one packet per ``loop_read`` when the client has nothing in flight outwards;
+    the session must read on while the socket holds more (one event-loop wakeup, not one per
+    message: the node's micro-batches depend on it)."""
+    topic = _topic("burst")
+    n = 50
+    assert n <= READS_PER_WAKEUP  # so the whole burst fits in one wakeup
+
+    async def scenario() -> None:
+        inbox = Inbox()
+        connects = Connects()
+        async with asyncio.timeout(SCENARIO_TIMEOUT_S):
+            async with MqttSession(
+                _config(mosquitto, protocol="5"),
+                client_id=_client_id("burst"),
+                on_message=inbox,
+                on_connect=connects,
+            ) as session:
+                inbox.ack_with = session
+                session.subscribe(topic)
+                await connects.wait_count(1)
+                payloads = await _burst_in_socket(session, mqtt_probe, mosquitto, topic, n)
+                wakeups = session.stats.read_wakeups
+                session.resume_reading()
+                await inbox.wait_for(topic, payloads[-1])
+                assert inbox.payloads(topic) == payloads
+                assert session.stats.read_wakeups - wakeups == 1
+
+    asyncio.run(scenario())
+
+
+def test_reading_a_burst_stops_at_pause_and_at_the_wakeup_cap(
+    mosquitto: BrokerInfo, mqtt_probe: ProbeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A handler that pauses reading (the node's backpressure) stops the burst at once; and one
+    wakeup makes at most READS_PER_WAKEUP reads, so other tasks get their turn."""
+    topic = _topic("burst-stop")
+    n = 40
+    monkeypatch.setattr("mqtt_session.session.READS_PER_WAKEUP", 8)
+
+    async def scenario() -> None:
+        got: list[Inbound] = []
+        changed = asyncio.Event()
+        session_box: list[MqttSession] = []
+
+        def handler(msg: Inbound) -> None:
+            got.append(msg)
+            session_box[0].ack(msg)
+            if len(got) == 5:
+                session_box[0].pause_reading()
+            changed.set()
+
+        async def wait_count(k: int) -> None:
+            while len(got) < k:
+                changed.clear()
+                await changed.wait()
+
+        connects = Connects()
+        async with asyncio.timeout(SCENARIO_TIMEOUT_S):
+            async with MqttSession(
+                _config(mosquitto, protocol="5"),
+                client_id=_client_id("burst-stop"),
+                on_message=handler,
+                on_connect=connects,
+            ) as session:
+                session_box.append(session)
+                session.subscribe(topic)
+                await connects.wait_count(1)
+                payloads = await _burst_in_socket(session, mqtt_probe, mosquitto, topic, n)
+                session.resume_reading()
+                await wait_count(5)  # returns after that wakeup's reads are over
+                assert session.reading_paused
+                assert len(got) == 5  # not one more read after the handler paused
+                wakeups = session.stats.read_wakeups
+                session.resume_reading()
+                await wait_count(n)
+                assert [m.payload for m in got] == payloads
+                assert session.stats.read_wakeups - wakeups == (n - 5 + 7) // 8  # 8 per wakeup
 
     asyncio.run(scenario())
 

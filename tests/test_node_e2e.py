@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
@@ -189,6 +190,44 @@ def test_a_backlog_at_the_bound_pauses_reading_and_loses_nothing(mosquitto: Brok
             assert h.node.session.stats.read_pauses >= 1
             assert not h.node.session.reading_paused
             assert h.messages("deadletter") == []
+
+
+def test_frames_waiting_for_a_slow_commit_count_towards_the_bound(
+    mosquitto: BrokerInfo, tmp_path: Path
+) -> None:
+    """The bound counts every frame the node holds until its acknowledgement, not only those
+    waiting for inference: with the outbox's write lock held by another connection, answered
+    frames wait for their commit, and the node must stop reading rather than take the whole
+    flood into memory."""
+    bound = 20
+    flood = 100
+
+    async def scenario() -> None:
+        batching = {"max_pending_frames": bound}
+        storage = {"state_dir": str(tmp_path)}
+        async with running_node(mosquitto, batching=batching, storage=storage) as h:
+            await h.send(frame_bytes(0, HOLDOUT.images[0]))
+            await h.seen.wait_for(lambda: len(_results(h)) >= 1)
+            node = h.node
+            db = tmp_path / f"{h.node_id}.outbox.db"
+            blocker = sqlite3.connect(db, isolation_level=None)
+            try:
+                blocker.execute("BEGIN IMMEDIATE")  # the node's commits wait (busy timeout 5 s)
+                taken = node.stats.frames_in
+                for i in range(1, flood + 1):
+                    await h.send(frame_bytes(i, HOLDOUT.images[i]))
+                async with asyncio.timeout(4):
+                    while not node.session.reading_paused:  # noqa: ASYNC110 - no event for it
+                        await asyncio.sleep(0.01)
+                assert node.stats.frames_in - taken < flood  # the rest wait at the broker
+                assert bound <= node._held() < 2 * bound
+            finally:
+                blocker.execute("ROLLBACK")
+                blocker.close()
+            await h.seen.wait_for(lambda: len(_results(h)) >= flood + 1, timeout_s=30)
+            assert sorted(r.frame_seq for r in _results(h)) == list(range(flood + 1))
+            assert not node.session.reading_paused
+            assert "storage_error" not in node.reasons
 
     asyncio.run(scenario())
 
