@@ -2,7 +2,8 @@
 
 Run from the repo root, once the models are built (random weights, nothing downloaded)::
 
-    /work/tfvenv/bin/python scripts/build_mobilenet_models.py    # once: bench/.models/
+    # once: bench/.models/ (TensorFlow in a venv of its own, see that script's docstring)
+    /tmp/tf/bin/python scripts/build_mobilenet_models.py
     .venv/bin/python -m bench.mobilenet                            # print the figures
     .venv/bin/python -m bench.mobilenet --write docs/benchmarks.md --label run1
 
@@ -70,7 +71,10 @@ from local_broker import MosquittoProcess, mosquitto_path
 
 MARKER = "<!-- bench:mobilenet:{label}:{end} -->"
 MODELS_DIR = Path(__file__).resolve().parent / ".models"
-BUILD_COMMAND = "/work/tfvenv/bin/python scripts/build_mobilenet_models.py"
+BUILD_COMMAND = (
+    "python3 -m venv /tmp/tf && /tmp/tf/bin/pip install -e '.[build-tflite]' tf2onnx"
+    " && /tmp/tf/bin/python scripts/build_mobilenet_models.py"
+)
 BUILD_HINT = (
     f"{BUILD_COMMAND}  (any Python with tensorflow-cpu, tf2onnx, onnx, onnxruntime and "
     "ai-edge-litert will do: it builds the graph in code and downloads nothing)"

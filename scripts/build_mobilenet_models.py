@@ -1,10 +1,10 @@
 """Build the MobileNetV3-Small benchmark models (random weights) for ``bench/mobilenet.py``.
 
 Dev-only, never run by the tests or CI. It needs TensorFlow, tf2onnx, onnx, onnxruntime and
-ai-edge-litert, which the project does not depend on; from the repository root::
+ai-edge-litert, which the project's runtime does not depend on; from the repository root::
 
-    /work/tfvenv/bin/pip install tf2onnx          # once, if that venv lacks it
-    /work/tfvenv/bin/python scripts/build_mobilenet_models.py
+    python3 -m venv /tmp/tf && /tmp/tf/bin/pip install -e '.[build-tflite]' tf2onnx   # once
+    /tmp/tf/bin/python scripts/build_mobilenet_models.py
 
 Nothing is downloaded. The graph is ``keras.applications.MobileNetV3Small(weights=None)``: the
 architecture built in code with random initial weights (1000 classes, ~2.55 M parameters, its
@@ -57,7 +57,7 @@ import numpy.typing as npt
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "bench" / ".models"
-COMMAND = "/work/tfvenv/bin/python scripts/build_mobilenet_models.py"
+COMMAND = "/tmp/tf/bin/python scripts/build_mobilenet_models.py"
 
 SIDE = 224
 CHANNELS = 3
