@@ -23,7 +23,9 @@ Both are MessagePack only (no JSON: the producers are our own services). Decodin
 :mod:`schemas.wire`: size cap, structural pre-scan (its value budget allows at most
 :data:`CASES_MAX` cases), version, typed decode (lists longer than :data:`CASES_MAX` are refused
 while decoding), then the checks that depend on :class:`~schemas.limits.Limits` (name lengths,
-every tensor).
+every tensor). An escalation message exactly as msgspec encodes it skips the pre-scan: its
+types are closed (unknown fields refused at the key, every list capped from its header, depth
+:data:`SCHEMA_DEPTH`), see docs/adr/0033-canonical-fast-path.md.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from .fields import Fraction, Int64, Level, Name, Seconds, Seq, Text, check_name
 from .limits import DEFAULT_LIMITS, Limits
 from .tensor import check_header, tensor_from_wire, wire_parts
 from .topics import validate_topic
-from .wire import decode_msgpack
+from .wire import decode_msgpack, decode_msgpack_canonical, run_decoder
 
 TOP_MAX: Final = 16
 """At most this many (label, probability) pairs summarise the edge model's output."""
@@ -56,7 +58,7 @@ Probability = Fraction
 NonNegative = Annotated[float, Meta(ge=0.0, le=1e6)]
 
 
-class EdgeVerdict(msgspec.Struct, frozen=True, kw_only=True):
+class EdgeVerdict(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """What the edge model said, and how unsure it was."""
 
     label: Int64
@@ -70,7 +72,7 @@ class EdgeVerdict(msgspec.Struct, frozen=True, kw_only=True):
     top_probs: Annotated[list[Probability], Meta(max_length=TOP_MAX)] = []
 
 
-class EscalationCase(msgspec.Struct, frozen=True, kw_only=True):
+class EscalationCase(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """One unsure case inside an :class:`EscalationBatch`."""
 
     id: Name
@@ -92,7 +94,7 @@ class EscalationCase(msgspec.Struct, frozen=True, kw_only=True):
 Cases = Annotated[list[EscalationCase], Meta(min_length=1, max_length=CASES_MAX)]
 
 
-class EscalationBatch(msgspec.Struct, frozen=True, kw_only=True):
+class EscalationBatch(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """One escalation message: 1..CASES_MAX cases of one node and one model."""
 
     node: Level
@@ -200,7 +202,23 @@ class ReplyBatch(msgspec.Struct, frozen=True, kw_only=True):
     v: int = 1
 
 
+class _LooseVerdict(EdgeVerdict, frozen=True, forbid_unknown_fields=False):
+    """:class:`EdgeVerdict` that skips unknown fields (only after the pre-scan)."""
+
+
+class _LooseCase(EscalationCase, frozen=True, forbid_unknown_fields=False):
+    edge: _LooseVerdict
+
+
+class _LooseBatch(EscalationBatch, frozen=True, forbid_unknown_fields=False):
+    cases: Annotated[list[_LooseCase], Meta(min_length=1, max_length=CASES_MAX)]  # type: ignore[assignment]
+
+
+SCHEMA_DEPTH: Final = 5
+"""Containers nested in an escalation message at most (message, cases, case, edge, top_*)."""
+
 _ESC_DECODER: Final = msgspec.msgpack.Decoder(EscalationBatch)
+_LOOSE_DECODER: Final = msgspec.msgpack.Decoder(_LooseBatch)
 _REPLY_DECODER: Final = msgspec.msgpack.Decoder(ReplyBatch)
 _BATCH_FIELDS: Final = 9
 _CASE_FIELDS: Final = 11
@@ -273,13 +291,39 @@ def encode_escalations(batch: EscalationBatch) -> bytes:
 def decode_escalations(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> EscalationBatch:
     """Decode and validate an escalation message, every case's tensor included.
 
+    A message exactly as msgspec encodes an :class:`EscalationBatch` (what nodes send) is
+    decoded once by the closed schema; any other (unknown fields, another encoder, or bad
+    input) goes through the pre-scan and a tolerant decode (docs/adr/0033-canonical-fast-path.md).
     Raises only :class:`~schemas.errors.ContractError`.
     """
-    per_case = 1 + 2 * _CASE_FIELDS + 8 + 1 + 2 * _VERDICT_FIELDS + 2 * TOP_MAX
-    budget = 1 + 2 * _BATCH_FIELDS + CASES_MAX * per_case + limits.max_extra_items
-    batch = decode_msgpack(
-        payload, _ESC_DECODER.decode, what="escalation", limits=limits, budget=budget
+    batch = decode_msgpack_canonical(
+        payload,
+        _ESC_DECODER.decode,
+        lambda p: _decode_scanned(p, limits),
+        limits=limits,
+        depth=SCHEMA_DEPTH,
     )
+    _check_batch(batch, limits)
+    return batch
+
+
+def _decode_scanned(payload: bytes, limits: Limits) -> EscalationBatch:
+    """The full pipeline (pre-scan, version, tolerant decode), then the closed types."""
+    loose = decode_msgpack(
+        payload, _LOOSE_DECODER.decode, what="escalation", limits=limits, budget=_budget(limits)
+    )
+    # The unknown fields are gone; what is left was validated by the same constraints.
+    return run_decoder(_ESC_DECODER.decode, encode_escalations(loose), "escalation")
+
+
+def _budget(limits: Limits) -> int:
+    """The values a message can hold: everything :data:`CASES_MAX` cases may need, plus
+    ``limits.max_extra_items`` for fields this version does not know."""
+    per_case = 1 + 2 * _CASE_FIELDS + 8 + 1 + 2 * _VERDICT_FIELDS + 2 * TOP_MAX
+    return 1 + 2 * _BATCH_FIELDS + CASES_MAX * per_case + limits.max_extra_items
+
+
+def _check_batch(batch: EscalationBatch, limits: Limits) -> None:
     check_names(limits, "escalation", (batch.node, batch.model))
     if (batch.reply_to is None) != (batch.corr is None):
         raise ContractError("bad_schema", "escalation: reply_to and corr go together")
@@ -300,7 +344,6 @@ def decode_escalations(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> Escal
                 "bad_schema", "escalation: every case has a corr when the message wants a reply"
             )
     _check_tensors(batch.cases, limits)
-    return batch
 
 
 def _check_tensors(cases: list[EscalationCase], limits: Limits) -> None:
