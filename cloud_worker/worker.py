@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections import Counter, defaultdict
@@ -46,7 +47,7 @@ from cloud_worker.config import WorkerConfig
 from cloud_worker.errors import HandlerError, StoreError
 from cloud_worker.handler import Batch, Handler, HandlerFn, Verdict
 from cloud_worker.onnx_model import onnx_handler
-from cloud_worker.store import Answer, HardExampleStore, example_row
+from cloud_worker.store import Answer, HardExampleStore, Row, example_row
 from edge_node.acks import InOrderAcker, Ticket
 from edge_node.batcher import MicroBatcher
 from edge_node.model import ServedModel
@@ -64,6 +65,9 @@ from schemas import (
 )
 
 log = logging.getLogger(__name__)
+
+BATCHES_IN_FLIGHT = 2
+"""Handler batches of one model in hand at once: one in the handler, the next being prepared."""
 
 
 @dataclass(slots=True)
@@ -146,6 +150,7 @@ class Worker:
         self._answered: BoundedCache[Answer] = BoundedCache(config.answered_cache_entries)
         self._in_progress: dict[str, list[_Job]] = {}
         self._settling: set[asyncio.Task[None]] = set()
+        self._answering: set[asyncio.Task[None]] = set()
         self._batchers: dict[str, MicroBatcher[_Job]] = {}
         self._draining = False
         self._stack: contextlib.AsyncExitStack | None = None
@@ -259,6 +264,7 @@ class Worker:
             "connected": self.session.connected,
             "waiting_for_a_batch": {k: len(b) for k, b in self._batchers.items()},
             "in_progress": len(self._in_progress),
+            "in_handler_batches": len(self._answering),
             "replying": len(self._settling),
             "rows_to_commit": self.store.queued,
             "unacknowledged": self._acker.outstanding,
@@ -267,8 +273,8 @@ class Worker:
     async def _finish_in_hand(self) -> None:
         for b in self._batchers.values():
             await b.wait_idle()
-        while self._settling:
-            await asyncio.gather(*list(self._settling), return_exceptions=True)
+        while self._answering or self._settling:
+            await asyncio.gather(*self._answering, *self._settling, return_exceptions=True)
         await self.store.flush()
 
     # ------------------------------------------------------------------ intake
@@ -321,17 +327,32 @@ class Worker:
 
     # ------------------------------------------------------------------ answering
     def _make_process(self, model: str) -> Callable[[list[_Job]], Any]:
-        async def process(jobs: list[_Job]) -> None:
+        """The batcher's callback: hands each batch to a task of its own, so the next batch
+        is looked up and stacked while this one is in the handler (at most
+        :data:`BATCHES_IN_FLIGHT` at a time; the handler itself is called for one batch at a
+        time, in order)."""
+        slots = asyncio.Semaphore(BATCHES_IN_FLIGHT)
+        calling = asyncio.Lock()
+
+        async def answer(jobs: list[_Job]) -> None:
             try:
-                await self._answer(model, jobs)
-            except Exception:  # never stop the batcher
+                await self._answer(model, jobs, calling)
+            except Exception:  # never stop answering
                 log.exception("unexpected error answering %d escalations", len(jobs))
                 for j in jobs:
                     self._case_done(j, None, None)
+            finally:
+                slots.release()
+
+        async def process(jobs: list[_Job]) -> None:
+            await slots.acquire()
+            task = asyncio.create_task(answer(jobs))
+            self._answering.add(task)
+            task.add_done_callback(self._answering.discard)
 
         return process
 
-    async def _answer(self, model: str, jobs: list[_Job]) -> None:
+    async def _answer(self, model: str, jobs: list[_Job], calling: asyncio.Lock) -> None:
         handler = self._handlers[model]
         try:
             known = await self.store.lookup([j.esc.id for j in jobs])
@@ -353,7 +374,8 @@ class Worker:
         for group in groups.values():
             try:
                 inputs = _stack(group)
-                verdicts = await handler(Batch(model, inputs, [j.esc for j in group]))
+                async with calling:
+                    verdicts = await handler(Batch(model, inputs, [j.esc for j in group]))
                 answers = [self._answer_of(handler, v) for v in verdicts]
             except Exception as exc:  # a handler failure must not stop the worker
                 self.stats.handler_errors += 1
@@ -363,14 +385,24 @@ class Worker:
             self.stats.handled += len(group)
             for j, a in zip(group, answers, strict=True):
                 j.answer = a
-        rows = []
+        rows: list[Row] = []
+        shapes: dict[tuple[int, ...], str] = {}  # the JSON of each shape, once
         now = time.time()
         for j in fresh:
             if j.answer is not None:
+                esc = j.esc
                 self.stats.answered += 1
-                self._answered.put(j.esc.id, j.answer)
+                self._answered.put(esc.id, j.answer)
+                key = tuple(esc.shape)
+                text = shapes.get(key)
+                if text is None:
+                    text = shapes[key] = json.dumps(esc.shape)
                 received = j.parent.msg.received_at
-                rows.append(example_row(j.esc, j.answer, received_at=received, answered_at=now))
+                rows.append(
+                    example_row(
+                        esc, j.answer, received_at=received, answered_at=now, shape_text=text
+                    )
+                )
         stored = self.store.add_many(rows) if rows else None
         for j in jobs:
             # No answer (the handler failed): the case is left out of the reply, so the node
