@@ -176,7 +176,7 @@ class Escalation(msgspec.Struct, frozen=True, kw_only=True):
         return self.deadline is not None and now > self.deadline
 
 
-class CaseVerdict(msgspec.Struct, frozen=True, kw_only=True):
+class CaseVerdict(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The cloud's answer to one case."""
 
     id: Name
@@ -189,7 +189,7 @@ class CaseVerdict(msgspec.Struct, frozen=True, kw_only=True):
     """The cloud model (name and version) that decided."""
 
 
-class ReplyBatch(msgspec.Struct, frozen=True, kw_only=True):
+class ReplyBatch(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """One reply message: verdicts for some or all cases of one escalation message."""
 
     node: Level
@@ -214,12 +214,24 @@ class _LooseBatch(EscalationBatch, frozen=True, forbid_unknown_fields=False):
     cases: Annotated[list[_LooseCase], Meta(min_length=1, max_length=CASES_MAX)]  # type: ignore[assignment]
 
 
+class _LooseCaseVerdict(CaseVerdict, frozen=True, forbid_unknown_fields=False):
+    """:class:`CaseVerdict` that skips unknown fields (only after the pre-scan)."""
+
+
+class _LooseReply(ReplyBatch, frozen=True, forbid_unknown_fields=False):
+    verdicts: Annotated[list[_LooseCaseVerdict], Meta(min_length=1, max_length=CASES_MAX)]  # type: ignore[assignment]
+
+
 SCHEMA_DEPTH: Final = 5
 """Containers nested in an escalation message at most (message, cases, case, edge, top_*)."""
+
+REPLY_SCHEMA_DEPTH: Final = 3
+"""Containers nested in a reply message at most (message, verdicts, verdict)."""
 
 _ESC_DECODER: Final = msgspec.msgpack.Decoder(EscalationBatch)
 _LOOSE_DECODER: Final = msgspec.msgpack.Decoder(_LooseBatch)
 _REPLY_DECODER: Final = msgspec.msgpack.Decoder(ReplyBatch)
+_LOOSE_REPLY_DECODER: Final = msgspec.msgpack.Decoder(_LooseReply)
 _BATCH_FIELDS: Final = 9
 _CASE_FIELDS: Final = 11
 _VERDICT_FIELDS: Final = 6
@@ -378,13 +390,37 @@ def encode_replies(reply: ReplyBatch) -> bytes:
 
 
 def decode_replies(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> ReplyBatch:
-    """Decode and validate a reply message; raises only :class:`~schemas.errors.ContractError`."""
-    budget = 1 + 2 * _REPLY_FIELDS + CASES_MAX * (1 + 2 * _CASE_VERDICT_FIELDS)
-    budget += limits.max_extra_items
-    reply = decode_msgpack(
-        payload, _REPLY_DECODER.decode, what="reply", limits=limits, budget=budget
+    """Decode and validate a reply message; raises only :class:`~schemas.errors.ContractError`.
+
+    Like :func:`decode_escalations`, a reply exactly as msgspec encodes a :class:`ReplyBatch`
+    (what workers send) is decoded once by the closed schema, any other through the pre-scan.
+    """
+    reply = decode_msgpack_canonical(
+        payload,
+        _REPLY_DECODER.decode,
+        lambda p: _decode_reply_scanned(p, limits),
+        limits=limits,
+        depth=REPLY_SCHEMA_DEPTH,
     )
+    _check_reply(reply, limits)
+    return reply
+
+
+def _check_reply(reply: ReplyBatch, limits: Limits) -> None:
     check_names(limits, "reply", (reply.node, reply.worker))
     for v in reply.verdicts:
         check_names(limits, "reply verdict", (v.id, v.model))
-    return reply
+
+
+def _reply_budget(limits: Limits) -> int:
+    budget = 1 + 2 * _REPLY_FIELDS + CASES_MAX * (1 + 2 * _CASE_VERDICT_FIELDS)
+    return budget + limits.max_extra_items
+
+
+def _decode_reply_scanned(payload: bytes, limits: Limits) -> ReplyBatch:
+    """The full pipeline (pre-scan, version, tolerant decode), then the closed types."""
+    loose = decode_msgpack(
+        payload, _LOOSE_REPLY_DECODER.decode, what="reply", limits=limits,
+        budget=_reply_budget(limits),
+    )  # fmt: skip
+    return run_decoder(_REPLY_DECODER.decode, encode_replies(loose), "reply")

@@ -25,18 +25,24 @@ from schemas import (
     EdgeVerdict,
     EscalationBatch,
     Limits,
+    ReplyBatch,
     decode_escalations,
+    decode_replies,
     encode_escalations,
+    encode_replies,
     make_case,
     make_escalation_batch,
 )
 from schemas.errors import ReasonCode
 from schemas.escalation import (
     _ESC_DECODER,
+    _REPLY_DECODER,
     SCHEMA_DEPTH,
     TOP_MAX,
     _budget,
     _check_batch,
+    _check_reply,
+    _decode_reply_scanned,
     _decode_scanned,
 )
 from schemas.scan_msgpack import scan_msgpack
@@ -266,3 +272,99 @@ def test_fast_path_accepts_exactly_what_the_full_pipeline_accepts(payload: bytes
     else:
         assert fast == full and type(fast) is EscalationBatch
         assert all(type(c).__name__ == "EscalationCase" for c in fast.cases)
+
+
+# Replies (worker -> node) take the same fast path.
+
+
+def _reply(n: int, **extra: Any) -> dict[str, Any]:
+    verdicts = [
+        {"id": f"e{i}", "corr": f"c{i}", "label": i % 10, "confidence": 0.9, "model": "m-1"} | extra
+        for i in range(n)
+    ]
+    return {"node": "gw-1", "corr": "m1", "worker": "w", "ts": 1.5, "verdicts": verdicts, "v": 1}
+
+
+def _reply_bytes(where: str, value: bytes) -> bytes:
+    message = _reply(1)
+    verdict = msgspec.msgpack.encode(message.pop("verdicts")[0])
+    if where == "verdict":
+        verdict = _with_raw_field(verdict, b"x", value)
+    raw = _with_raw_field(msgspec.msgpack.encode(message), b"verdicts", b"\x91" + verdict)
+    if where == "message":
+        raw = _with_raw_field(raw, b"x", value)
+    return raw
+
+
+def reply_refused(payload: bytes) -> tuple[ReasonCode, str, int]:
+    tracemalloc.start()
+    try:
+        decode_replies(payload)
+    except ContractError as exc:
+        return exc.reason, exc.detail, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    pytest.fail(f"{payload[:40]!r}... was accepted")
+
+
+def test_the_reply_helper_builds_valid_replies() -> None:
+    for where in ("message", "verdict"):
+        assert decode_replies(_reply_bytes(where, b"\x01")).verdicts[0].id == "e0"
+
+
+@pytest.mark.parametrize("where", ["message", "verdict"])
+@pytest.mark.parametrize(
+    "value", [DEEP, HUGE_CLAIM, MILLION], ids=["deep", "claim_2_32", "million_entries"]
+)
+def test_reply_unknown_field_deep_or_huge(where: str, value: bytes) -> None:
+    payload = _reply_bytes(where, value)
+    with pytest.raises(msgspec.DecodeError, match="unknown field `x`"):
+        _REPLY_DECODER.decode(payload)
+    reason, detail, peak = reply_refused(payload)
+    assert reason == "malformed", detail
+    assert peak < 64 * KiB
+
+
+@pytest.mark.parametrize("value", [HUGE_CLAIM, MILLION], ids=["claim_2_32", "million_entries"])
+def test_reply_verdicts_far_over_the_cap(value: bytes) -> None:
+    message = _reply(1)
+    del message["verdicts"]
+    payload = _with_raw_field(msgspec.msgpack.encode(message), b"verdicts", value)
+    with pytest.raises(msgspec.DecodeError, match="of length <="):
+        _REPLY_DECODER.decode(payload)
+    reason, detail, peak = reply_refused(payload)
+    assert reason in ("malformed", "bad_schema"), detail
+    assert peak < 64 * KiB
+
+
+reply_mutations = st.tuples(
+    st.builds(
+        lambda n, extra: (
+            encode_replies(msgspec.convert(_reply(n), ReplyBatch))
+            if not extra
+            else msgspec.msgpack.encode(_reply(n, **extra))
+        ),
+        st.integers(1, 4),
+        st.sampled_from([{}, {"later": [1]}, {"confidence": 2.0}]),
+    ),
+    st.integers(0, 10_000),
+    st.integers(0, 255),
+    st.sampled_from(["flip", "insert", "delete", "truncate", "none"]),
+)
+
+
+def _full_reply_pipeline(payload: bytes) -> ReplyBatch:
+    reply = _decode_reply_scanned(payload, Limits())
+    _check_reply(reply, Limits())
+    return reply
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(reply_mutations.map(_mutate))
+def test_reply_fast_path_accepts_exactly_what_the_full_pipeline_accepts(payload: bytes) -> None:
+    fast = _outcome(decode_replies, payload)
+    full = _outcome(_full_reply_pipeline, payload)
+    if isinstance(full, tuple):
+        assert isinstance(fast, tuple) and fast[0] == full[0], (fast, full)
+    else:
+        assert fast == full and type(fast) is ReplyBatch
