@@ -303,25 +303,29 @@ class Worker:
         parent = _Message(batch, msg, ticket)
         batcher = self._batchers[batch.model]
         now = time.time()
+        in_progress = self._in_progress
+        answered = self._answered
+        fresh: list[_Job] = []
         for esc in batch.cases_view():
-            if esc.expired(now):
+            if esc.deadline is not None and now > esc.deadline:  # esc.expired(now)
                 self.stats.expired += 1
                 continue
             job = _Job(esc, parent)
-            waiting = self._in_progress.get(esc.id)
+            waiting = in_progress.get(esc.id)
             if waiting is not None:
                 self.stats.duplicates += 1
                 parent.waiting += 1
                 waiting.append(job)  # answered together with the first copy
                 continue
-            cached = self._answered.get(esc.id)
+            cached = answered.get(esc.id) if answered else None
             if cached is not None:
                 self.stats.duplicates += 1
                 parent.answered.append((esc, cached))
                 continue
-            parent.waiting += 1
-            self._in_progress[esc.id] = [job]
-            batcher.add(job)
+            in_progress[esc.id] = [job]
+            fresh.append(job)
+        parent.waiting += len(fresh)
+        batcher.add_many(fresh)
         if parent.waiting == 0:
             self._settle(parent)
 
@@ -368,15 +372,12 @@ class Worker:
                 self._answered.put(j.esc.id, found)
             else:
                 fresh.append(j)
-        groups: dict[tuple[str, tuple[int, ...]], list[_Job]] = defaultdict(list)
-        for j in fresh:
-            groups[(j.esc.dtype, tuple(j.esc.shape))].append(j)
-        for group in groups.values():
+        for group in _by_input_kind(fresh):
             try:
                 inputs = _stack(group)
                 async with calling:
                     verdicts = await handler(Batch(model, inputs, [j.esc for j in group]))
-                answers = [self._answer_of(handler, v) for v in verdicts]
+                answers = self._answers_of(handler, verdicts)
             except Exception as exc:  # a handler failure must not stop the worker
                 self.stats.handler_errors += 1
                 log.error("handler for %r failed on %d inputs: %s", model, len(group), exc)
@@ -428,11 +429,17 @@ class Worker:
             if parent.waiting == 0:
                 self._settle(parent)
 
-    def _answer_of(self, handler: Handler, v: Verdict) -> Answer:
-        if not isinstance(v, Verdict):
-            raise HandlerError(f"handler for {handler.model!r} returned {type(v).__name__}")
-        confidence = min(1.0, max(0.0, float(v.confidence)))
-        return Answer(int(v.label), confidence, handler.version, self.worker_id)
+    def _answers_of(self, handler: Handler, verdicts: list[Verdict]) -> list[Answer]:
+        """The handler's verdicts as answers, confidence clamped to 0..1 (NaN: 0)."""
+        version, worker = handler.version, self.worker_id
+        answers = []
+        for v in verdicts:
+            if not isinstance(v, Verdict):
+                raise HandlerError(f"handler for {handler.model!r} returned {type(v).__name__}")
+            c = float(v.confidence)
+            confidence = 1.0 if c > 1.0 else c if c >= 0.0 else 0.0
+            answers.append(Answer(int(v.label), confidence, version, worker))
+        return answers
 
     def _settle(self, message: _Message) -> None:
         task = asyncio.create_task(self._reply_and_ack(message))
@@ -517,6 +524,20 @@ class Worker:
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             fut.set_exception(exc)
             return fut
+
+
+def _by_input_kind(jobs: list[_Job]) -> list[list[_Job]]:
+    """``jobs`` split by input dtype and shape (one group in the usual case), order kept."""
+    if not jobs:
+        return []
+    first = jobs[0].esc
+    dtype, shape = first.dtype, first.shape
+    if all(j.esc.dtype == dtype and j.esc.shape == shape for j in jobs):
+        return [jobs]
+    groups: dict[tuple[str, tuple[int, ...]], list[_Job]] = defaultdict(list)
+    for j in jobs:
+        groups[(j.esc.dtype, tuple(j.esc.shape))].append(j)
+    return list(groups.values())
 
 
 def _stack(group: list[_Job]) -> np.ndarray:

@@ -341,6 +341,28 @@ def _check_batch(batch: EscalationBatch, limits: Limits) -> None:
         raise ContractError("bad_schema", "escalation: reply_to and corr go together")
     if batch.reply_to is not None:
         validate_topic(batch.reply_to)
+    if not _cases_look_right(batch, limits):
+        _find_bad_case(batch, limits)
+    _check_tensors(batch.cases, limits)
+
+
+def _cases_look_right(batch: EscalationBatch, limits: Limits) -> bool:
+    """True when every case passes :func:`_find_bad_case` (one pass, no error detail)."""
+    cases = batch.cases
+    cap = limits.max_str_len
+    no_corr = batch.corr is None
+    return len({c.id for c in cases}) == len(cases) and all(
+        len(c.id) <= cap
+        and len(c.device) <= cap
+        and len(c.sensor) <= cap
+        and len(c.edge.top_labels) == len(c.edge.top_probs)
+        and (c.corr is None) == no_corr
+        for c in cases
+    )
+
+
+def _find_bad_case(batch: EscalationBatch, limits: Limits) -> None:
+    """Raise for the first case (in order) that breaks a rule."""
     ids: set[str] = set()
     for c in batch.cases:
         check_names(limits, "escalation case", (c.id, c.device, c.sensor))
@@ -355,13 +377,23 @@ def _check_batch(batch: EscalationBatch, limits: Limits) -> None:
             raise ContractError(
                 "bad_schema", "escalation: every case has a corr when the message wants a reply"
             )
-    _check_tensors(batch.cases, limits)
 
 
 def _check_tensors(cases: list[EscalationCase], limits: Limits) -> None:
     """Every case's tensor, as :func:`~schemas.tensor.tensor_from_wire` checks one (dtype,
     shape, element count, data length, finite floats), each header once per message and the
     float data of cases that share a header in one pass."""
+    first = cases[0]
+    dtype, shape = first.dtype, first.shape
+    if all(c.dtype == dtype and c.shape == shape for c in cases):  # the usual message
+        dt, _, count = check_header(dtype, shape, limits)
+        nbytes = count * dt.itemsize
+        if all(len(c.data) == nbytes for c in cases):
+            if dt.kind == "f":
+                values = np.frombuffer(b"".join([c.data for c in cases]), dtype=dt)
+                if not np.isfinite(values).all():
+                    raise ContractError("non_finite", f"{dt.name} data holds NaN or infinity")
+            return
     headers: dict[tuple[str, tuple[int, ...]], tuple[np.dtype[Any], int]] = {}
     floats: dict[tuple[str, tuple[int, ...]], list[bytes]] = {}
     for c in cases:
