@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import gc
 import random
 import re
 import signal
@@ -23,6 +24,7 @@ import pytest
 
 from cloud_worker import Batch, ConfigError, HardExampleStore, Verdict, Worker, WorkerConfig
 from cloud_worker.export import export
+from cloud_worker.service import GC_THRESHOLDS, fewer_gc_passes
 from edgewise.frames import load_holdout
 from local_broker import BrokerInfo
 from mqtt_session import MqttSession
@@ -600,3 +602,11 @@ def test_handler_calls_of_a_model_never_overlap_while_the_next_batch_is_prepared
         assert order == [f"s{m}-{k}" for m in range(6) for k in range(8)]
 
     asyncio.run(scenario())
+
+
+def test_a_serving_worker_collects_garbage_less_often_and_restores_the_thresholds() -> None:
+    before = gc.get_threshold()
+    with fewer_gc_passes():
+        assert gc.get_threshold() == GC_THRESHOLDS
+        assert GC_THRESHOLDS[0] > before[0]
+    assert gc.get_threshold() == before
