@@ -1,9 +1,11 @@
 """The hard-example store: every escalation a worker answered, in SQLite, for retraining.
 
 One row per escalation id (the primary key; the first answer wins, so a duplicate finds the
-answer it must repeat): the input tensor, the edge verdict, the cloud verdict, the node, both
-models' versions and the times. Written through ``sqlite-utils`` on one dedicated thread, in
-batches (one transaction per ``commit_max_rows`` rows or ``commit_interval_ms``), WAL mode.
+answer it must repeat): the input tensor (the bytes as they arrived), the edge verdict, the
+cloud verdict, the node, both models' versions and the times. The table is made through
+``sqlite-utils``; rows are tuples in :data:`COLUMNS` order, written on one dedicated thread by
+one prepared ``INSERT OR IGNORE`` per batch (``executemany``, one transaction per
+``commit_max_rows`` rows or ``commit_interval_ms``), WAL mode.
 :meth:`HardExampleStore.add_many` (the cases of a handler call) and :meth:`HardExampleStore.add`
 return a future that resolves once the rows are committed. sqlite3 errors become
 :class:`~cloud_worker.errors.StoreError` here and nowhere else.
@@ -20,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Final, Self
 
 import sqlite_utils
 
@@ -65,33 +67,53 @@ class Answer:
     worker: str
 
 
+Row = tuple[Any, ...]
+"""One hard example: its values in :data:`COLUMNS` order."""
+
+_INSERT: Final = (
+    f"INSERT OR IGNORE INTO {TABLE} ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+)
+
+
 def example_row(
-    esc: Escalation, answer: Answer, *, received_at: float, answered_at: float
-) -> dict[str, Any]:
-    return {
-        "id": esc.id,
-        "node": esc.node,
-        "model": esc.model,
-        "edge_release": esc.release,
-        "device": esc.device,
-        "sensor": esc.sensor,
-        "frame_seq": esc.frame_seq,
-        "sent_at": esc.ts,
-        "received_at": received_at,
-        "offline": int(esc.offline),
-        "dtype": esc.dtype,
-        "shape": json.dumps(esc.shape),
-        "input": esc.data,
-        "edge_label": esc.edge.label,
-        "edge_confidence": esc.edge.confidence,
-        "edge_margin": esc.edge.margin,
-        "edge_entropy": esc.edge.entropy,
-        "cloud_label": answer.label,
-        "cloud_confidence": answer.confidence,
-        "cloud_model": answer.model,
-        "worker": answer.worker,
-        "answered_at": answered_at,
-    }
+    esc: Escalation,
+    answer: Answer,
+    *,
+    received_at: float,
+    answered_at: float,
+    shape_text: str | None = None,
+) -> Row:
+    """The row of one answered case (``shape_text``: ``esc.shape`` as JSON, if known)."""
+    edge = esc.edge
+    return (
+        esc.id,
+        esc.node,
+        esc.model,
+        esc.release,
+        esc.device,
+        esc.sensor,
+        esc.frame_seq,
+        esc.ts,
+        received_at,
+        int(esc.offline),
+        esc.dtype,
+        json.dumps(esc.shape) if shape_text is None else shape_text,
+        esc.data,
+        edge.label,
+        edge.confidence,
+        edge.margin,
+        edge.entropy,
+        answer.label,
+        answer.confidence,
+        answer.model,
+        answer.worker,
+        answered_at,
+    )
+
+
+def row_of(values: dict[str, Any]) -> Row:
+    """A row from a mapping of every column (a KeyError names a missing one)."""
+    return tuple(values[c] for c in COLUMNS)
 
 
 def _open_db(path: Path) -> sqlite_utils.Database:
@@ -124,7 +146,7 @@ class HardExampleStore:
         self._read_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hard-examples-read")
         self._db: sqlite_utils.Database | None = None
         self._reader: sqlite3.Connection | None = None
-        self._rows: list[dict[str, Any]] = []
+        self._rows: list[Row] = []
         self._waiters: list[asyncio.Future[None]] = []
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -172,11 +194,11 @@ class HardExampleStore:
         """Rows added and not yet committed."""
         return len(self._rows)
 
-    def add(self, row: dict[str, Any]) -> asyncio.Future[None]:
+    def add(self, row: dict[str, Any] | Row) -> asyncio.Future[None]:
         """Queue one row; the future resolves once it is committed (or fails with StoreError)."""
-        return self.add_many([row])
+        return self.add_many([row if isinstance(row, tuple) else row_of(row)])
 
-    def add_many(self, rows: list[dict[str, Any]]) -> asyncio.Future[None]:
+    def add_many(self, rows: list[Row]) -> asyncio.Future[None]:
         """Queue rows; the future resolves once all of them are committed (in one transaction,
         with whatever else is queued), or fails with StoreError."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -233,10 +255,15 @@ class HardExampleStore:
                 if not fut.done():
                     fut.set_result(None)
 
-    def _insert(self, rows: list[dict[str, Any]]) -> None:
-        db = self._require()
-        with db.conn:
-            db[TABLE].insert_all(rows, pk="id", ignore=True, batch_size=1000)  # type: ignore[union-attr]
+    def _insert(self, rows: list[Row]) -> None:
+        conn = self._require().conn
+        conn.execute("BEGIN")
+        try:
+            conn.executemany(_INSERT, rows)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
 
     def _require(self) -> sqlite_utils.Database:
         if self._db is None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections import Counter, defaultdict
@@ -46,7 +47,7 @@ from cloud_worker.config import WorkerConfig
 from cloud_worker.errors import HandlerError, StoreError
 from cloud_worker.handler import Batch, Handler, HandlerFn, Verdict
 from cloud_worker.onnx_model import onnx_handler
-from cloud_worker.store import Answer, HardExampleStore, example_row
+from cloud_worker.store import Answer, HardExampleStore, Row, example_row
 from edge_node.acks import InOrderAcker, Ticket
 from edge_node.batcher import MicroBatcher
 from edge_node.model import ServedModel
@@ -64,6 +65,9 @@ from schemas import (
 )
 
 log = logging.getLogger(__name__)
+
+BATCHES_IN_FLIGHT = 2
+"""Handler batches of one model in hand at once: one in the handler, the next being prepared."""
 
 
 @dataclass(slots=True)
@@ -146,6 +150,7 @@ class Worker:
         self._answered: BoundedCache[Answer] = BoundedCache(config.answered_cache_entries)
         self._in_progress: dict[str, list[_Job]] = {}
         self._settling: set[asyncio.Task[None]] = set()
+        self._answering: set[asyncio.Task[None]] = set()
         self._batchers: dict[str, MicroBatcher[_Job]] = {}
         self._draining = False
         self._stack: contextlib.AsyncExitStack | None = None
@@ -259,6 +264,7 @@ class Worker:
             "connected": self.session.connected,
             "waiting_for_a_batch": {k: len(b) for k, b in self._batchers.items()},
             "in_progress": len(self._in_progress),
+            "in_handler_batches": len(self._answering),
             "replying": len(self._settling),
             "rows_to_commit": self.store.queued,
             "unacknowledged": self._acker.outstanding,
@@ -267,8 +273,8 @@ class Worker:
     async def _finish_in_hand(self) -> None:
         for b in self._batchers.values():
             await b.wait_idle()
-        while self._settling:
-            await asyncio.gather(*list(self._settling), return_exceptions=True)
+        while self._answering or self._settling:
+            await asyncio.gather(*self._answering, *self._settling, return_exceptions=True)
         await self.store.flush()
 
     # ------------------------------------------------------------------ intake
@@ -297,41 +303,60 @@ class Worker:
         parent = _Message(batch, msg, ticket)
         batcher = self._batchers[batch.model]
         now = time.time()
+        in_progress = self._in_progress
+        answered = self._answered
+        fresh: list[_Job] = []
         for esc in batch.cases_view():
-            if esc.expired(now):
+            if esc.deadline is not None and now > esc.deadline:  # esc.expired(now)
                 self.stats.expired += 1
                 continue
             job = _Job(esc, parent)
-            waiting = self._in_progress.get(esc.id)
+            waiting = in_progress.get(esc.id)
             if waiting is not None:
                 self.stats.duplicates += 1
                 parent.waiting += 1
                 waiting.append(job)  # answered together with the first copy
                 continue
-            cached = self._answered.get(esc.id)
+            cached = answered.get(esc.id) if answered else None
             if cached is not None:
                 self.stats.duplicates += 1
                 parent.answered.append((esc, cached))
                 continue
-            parent.waiting += 1
-            self._in_progress[esc.id] = [job]
-            batcher.add(job)
+            in_progress[esc.id] = [job]
+            fresh.append(job)
+        parent.waiting += len(fresh)
+        batcher.add_many(fresh)
         if parent.waiting == 0:
             self._settle(parent)
 
     # ------------------------------------------------------------------ answering
     def _make_process(self, model: str) -> Callable[[list[_Job]], Any]:
-        async def process(jobs: list[_Job]) -> None:
+        """The batcher's callback: hands each batch to a task of its own, so the next batch
+        is looked up and stacked while this one is in the handler (at most
+        :data:`BATCHES_IN_FLIGHT` at a time; the handler itself is called for one batch at a
+        time, in order)."""
+        slots = asyncio.Semaphore(BATCHES_IN_FLIGHT)
+        calling = asyncio.Lock()
+
+        async def answer(jobs: list[_Job]) -> None:
             try:
-                await self._answer(model, jobs)
-            except Exception:  # never stop the batcher
+                await self._answer(model, jobs, calling)
+            except Exception:  # never stop answering
                 log.exception("unexpected error answering %d escalations", len(jobs))
                 for j in jobs:
                     self._case_done(j, None, None)
+            finally:
+                slots.release()
+
+        async def process(jobs: list[_Job]) -> None:
+            await slots.acquire()
+            task = asyncio.create_task(answer(jobs))
+            self._answering.add(task)
+            task.add_done_callback(self._answering.discard)
 
         return process
 
-    async def _answer(self, model: str, jobs: list[_Job]) -> None:
+    async def _answer(self, model: str, jobs: list[_Job], calling: asyncio.Lock) -> None:
         handler = self._handlers[model]
         try:
             known = await self.store.lookup([j.esc.id for j in jobs])
@@ -347,14 +372,12 @@ class Worker:
                 self._answered.put(j.esc.id, found)
             else:
                 fresh.append(j)
-        groups: dict[tuple[str, tuple[int, ...]], list[_Job]] = defaultdict(list)
-        for j in fresh:
-            groups[(j.esc.dtype, tuple(j.esc.shape))].append(j)
-        for group in groups.values():
+        for group in _by_input_kind(fresh):
             try:
                 inputs = _stack(group)
-                verdicts = await handler(Batch(model, inputs, [j.esc for j in group]))
-                answers = [self._answer_of(handler, v) for v in verdicts]
+                async with calling:
+                    verdicts = await handler(Batch(model, inputs, [j.esc for j in group]))
+                answers = self._answers_of(handler, verdicts)
             except Exception as exc:  # a handler failure must not stop the worker
                 self.stats.handler_errors += 1
                 log.error("handler for %r failed on %d inputs: %s", model, len(group), exc)
@@ -363,14 +386,24 @@ class Worker:
             self.stats.handled += len(group)
             for j, a in zip(group, answers, strict=True):
                 j.answer = a
-        rows = []
+        rows: list[Row] = []
+        shapes: dict[tuple[int, ...], str] = {}  # the JSON of each shape, once
         now = time.time()
         for j in fresh:
             if j.answer is not None:
+                esc = j.esc
                 self.stats.answered += 1
-                self._answered.put(j.esc.id, j.answer)
+                self._answered.put(esc.id, j.answer)
+                key = tuple(esc.shape)
+                text = shapes.get(key)
+                if text is None:
+                    text = shapes[key] = json.dumps(esc.shape)
                 received = j.parent.msg.received_at
-                rows.append(example_row(j.esc, j.answer, received_at=received, answered_at=now))
+                rows.append(
+                    example_row(
+                        esc, j.answer, received_at=received, answered_at=now, shape_text=text
+                    )
+                )
         stored = self.store.add_many(rows) if rows else None
         for j in jobs:
             # No answer (the handler failed): the case is left out of the reply, so the node
@@ -396,11 +429,17 @@ class Worker:
             if parent.waiting == 0:
                 self._settle(parent)
 
-    def _answer_of(self, handler: Handler, v: Verdict) -> Answer:
-        if not isinstance(v, Verdict):
-            raise HandlerError(f"handler for {handler.model!r} returned {type(v).__name__}")
-        confidence = min(1.0, max(0.0, float(v.confidence)))
-        return Answer(int(v.label), confidence, handler.version, self.worker_id)
+    def _answers_of(self, handler: Handler, verdicts: list[Verdict]) -> list[Answer]:
+        """The handler's verdicts as answers, confidence clamped to 0..1 (NaN: 0)."""
+        version, worker = handler.version, self.worker_id
+        answers = []
+        for v in verdicts:
+            if not isinstance(v, Verdict):
+                raise HandlerError(f"handler for {handler.model!r} returned {type(v).__name__}")
+            c = float(v.confidence)
+            confidence = 1.0 if c > 1.0 else c if c >= 0.0 else 0.0
+            answers.append(Answer(int(v.label), confidence, version, worker))
+        return answers
 
     def _settle(self, message: _Message) -> None:
         task = asyncio.create_task(self._reply_and_ack(message))
@@ -485,6 +524,20 @@ class Worker:
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             fut.set_exception(exc)
             return fut
+
+
+def _by_input_kind(jobs: list[_Job]) -> list[list[_Job]]:
+    """``jobs`` split by input dtype and shape (one group in the usual case), order kept."""
+    if not jobs:
+        return []
+    first = jobs[0].esc
+    dtype, shape = first.dtype, first.shape
+    if all(j.esc.dtype == dtype and j.esc.shape == shape for j in jobs):
+        return [jobs]
+    groups: dict[tuple[str, tuple[int, ...]], list[_Job]] = defaultdict(list)
+    for j in jobs:
+        groups[(j.esc.dtype, tuple(j.esc.shape))].append(j)
+    return list(groups.values())
 
 
 def _stack(group: list[_Job]) -> np.ndarray:

@@ -46,6 +46,18 @@ class MicroBatcher(Generic[T]):
         if len(self._items) >= self.max_batch_size:
             self._full.set()
 
+    def add_many(self, items: list[T]) -> None:
+        """``add`` each of ``items``, in order."""
+        if not items:
+            return
+        if not self._items:
+            self._first_at = time.monotonic()
+            self._nonempty.set()
+        self._items.extend(items)
+        self._idle.clear()
+        if len(self._items) >= self.max_batch_size:
+            self._full.set()
+
     def __len__(self) -> int:
         return len(self._items)
 

@@ -23,7 +23,9 @@ Both are MessagePack only (no JSON: the producers are our own services). Decodin
 :mod:`schemas.wire`: size cap, structural pre-scan (its value budget allows at most
 :data:`CASES_MAX` cases), version, typed decode (lists longer than :data:`CASES_MAX` are refused
 while decoding), then the checks that depend on :class:`~schemas.limits.Limits` (name lengths,
-every tensor).
+every tensor). An escalation message exactly as msgspec encodes it skips the pre-scan: its
+types are closed (unknown fields refused at the key, every list capped from its header, depth
+:data:`SCHEMA_DEPTH`), see docs/adr/0033-canonical-fast-path.md.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from .fields import Fraction, Int64, Level, Name, Seconds, Seq, Text, check_name
 from .limits import DEFAULT_LIMITS, Limits
 from .tensor import check_header, tensor_from_wire, wire_parts
 from .topics import validate_topic
-from .wire import decode_msgpack
+from .wire import decode_msgpack, decode_msgpack_canonical, run_decoder
 
 TOP_MAX: Final = 16
 """At most this many (label, probability) pairs summarise the edge model's output."""
@@ -56,7 +58,7 @@ Probability = Fraction
 NonNegative = Annotated[float, Meta(ge=0.0, le=1e6)]
 
 
-class EdgeVerdict(msgspec.Struct, frozen=True, kw_only=True):
+class EdgeVerdict(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """What the edge model said, and how unsure it was."""
 
     label: Int64
@@ -70,7 +72,7 @@ class EdgeVerdict(msgspec.Struct, frozen=True, kw_only=True):
     top_probs: Annotated[list[Probability], Meta(max_length=TOP_MAX)] = []
 
 
-class EscalationCase(msgspec.Struct, frozen=True, kw_only=True):
+class EscalationCase(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """One unsure case inside an :class:`EscalationBatch`."""
 
     id: Name
@@ -92,7 +94,7 @@ class EscalationCase(msgspec.Struct, frozen=True, kw_only=True):
 Cases = Annotated[list[EscalationCase], Meta(min_length=1, max_length=CASES_MAX)]
 
 
-class EscalationBatch(msgspec.Struct, frozen=True, kw_only=True):
+class EscalationBatch(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """One escalation message: 1..CASES_MAX cases of one node and one model."""
 
     node: Level
@@ -174,7 +176,7 @@ class Escalation(msgspec.Struct, frozen=True, kw_only=True):
         return self.deadline is not None and now > self.deadline
 
 
-class CaseVerdict(msgspec.Struct, frozen=True, kw_only=True):
+class CaseVerdict(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The cloud's answer to one case."""
 
     id: Name
@@ -187,7 +189,7 @@ class CaseVerdict(msgspec.Struct, frozen=True, kw_only=True):
     """The cloud model (name and version) that decided."""
 
 
-class ReplyBatch(msgspec.Struct, frozen=True, kw_only=True):
+class ReplyBatch(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """One reply message: verdicts for some or all cases of one escalation message."""
 
     node: Level
@@ -200,8 +202,36 @@ class ReplyBatch(msgspec.Struct, frozen=True, kw_only=True):
     v: int = 1
 
 
+class _LooseVerdict(EdgeVerdict, frozen=True, forbid_unknown_fields=False):
+    """:class:`EdgeVerdict` that skips unknown fields (only after the pre-scan)."""
+
+
+class _LooseCase(EscalationCase, frozen=True, forbid_unknown_fields=False):
+    edge: _LooseVerdict
+
+
+class _LooseBatch(EscalationBatch, frozen=True, forbid_unknown_fields=False):
+    cases: Annotated[list[_LooseCase], Meta(min_length=1, max_length=CASES_MAX)]  # type: ignore[assignment]
+
+
+class _LooseCaseVerdict(CaseVerdict, frozen=True, forbid_unknown_fields=False):
+    """:class:`CaseVerdict` that skips unknown fields (only after the pre-scan)."""
+
+
+class _LooseReply(ReplyBatch, frozen=True, forbid_unknown_fields=False):
+    verdicts: Annotated[list[_LooseCaseVerdict], Meta(min_length=1, max_length=CASES_MAX)]  # type: ignore[assignment]
+
+
+SCHEMA_DEPTH: Final = 5
+"""Containers nested in an escalation message at most (message, cases, case, edge, top_*)."""
+
+REPLY_SCHEMA_DEPTH: Final = 3
+"""Containers nested in a reply message at most (message, verdicts, verdict)."""
+
 _ESC_DECODER: Final = msgspec.msgpack.Decoder(EscalationBatch)
+_LOOSE_DECODER: Final = msgspec.msgpack.Decoder(_LooseBatch)
 _REPLY_DECODER: Final = msgspec.msgpack.Decoder(ReplyBatch)
+_LOOSE_REPLY_DECODER: Final = msgspec.msgpack.Decoder(_LooseReply)
 _BATCH_FIELDS: Final = 9
 _CASE_FIELDS: Final = 11
 _VERDICT_FIELDS: Final = 6
@@ -273,18 +303,66 @@ def encode_escalations(batch: EscalationBatch) -> bytes:
 def decode_escalations(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> EscalationBatch:
     """Decode and validate an escalation message, every case's tensor included.
 
+    A message exactly as msgspec encodes an :class:`EscalationBatch` (what nodes send) is
+    decoded once by the closed schema; any other (unknown fields, another encoder, or bad
+    input) goes through the pre-scan and a tolerant decode (docs/adr/0033-canonical-fast-path.md).
     Raises only :class:`~schemas.errors.ContractError`.
     """
-    per_case = 1 + 2 * _CASE_FIELDS + 8 + 1 + 2 * _VERDICT_FIELDS + 2 * TOP_MAX
-    budget = 1 + 2 * _BATCH_FIELDS + CASES_MAX * per_case + limits.max_extra_items
-    batch = decode_msgpack(
-        payload, _ESC_DECODER.decode, what="escalation", limits=limits, budget=budget
+    batch = decode_msgpack_canonical(
+        payload,
+        _ESC_DECODER.decode,
+        lambda p: _decode_scanned(p, limits),
+        limits=limits,
+        depth=SCHEMA_DEPTH,
     )
+    _check_batch(batch, limits)
+    return batch
+
+
+def _decode_scanned(payload: bytes, limits: Limits) -> EscalationBatch:
+    """The full pipeline (pre-scan, version, tolerant decode), then the closed types."""
+    loose = decode_msgpack(
+        payload, _LOOSE_DECODER.decode, what="escalation", limits=limits, budget=_budget(limits)
+    )
+    # The unknown fields are gone; what is left was validated by the same constraints.
+    return run_decoder(_ESC_DECODER.decode, encode_escalations(loose), "escalation")
+
+
+def _budget(limits: Limits) -> int:
+    """The values a message can hold: everything :data:`CASES_MAX` cases may need, plus
+    ``limits.max_extra_items`` for fields this version does not know."""
+    per_case = 1 + 2 * _CASE_FIELDS + 8 + 1 + 2 * _VERDICT_FIELDS + 2 * TOP_MAX
+    return 1 + 2 * _BATCH_FIELDS + CASES_MAX * per_case + limits.max_extra_items
+
+
+def _check_batch(batch: EscalationBatch, limits: Limits) -> None:
     check_names(limits, "escalation", (batch.node, batch.model))
     if (batch.reply_to is None) != (batch.corr is None):
         raise ContractError("bad_schema", "escalation: reply_to and corr go together")
     if batch.reply_to is not None:
         validate_topic(batch.reply_to)
+    if not _cases_look_right(batch, limits):
+        _find_bad_case(batch, limits)
+    _check_tensors(batch.cases, limits)
+
+
+def _cases_look_right(batch: EscalationBatch, limits: Limits) -> bool:
+    """True when every case passes :func:`_find_bad_case` (one pass, no error detail)."""
+    cases = batch.cases
+    cap = limits.max_str_len
+    no_corr = batch.corr is None
+    return len({c.id for c in cases}) == len(cases) and all(
+        len(c.id) <= cap
+        and len(c.device) <= cap
+        and len(c.sensor) <= cap
+        and len(c.edge.top_labels) == len(c.edge.top_probs)
+        and (c.corr is None) == no_corr
+        for c in cases
+    )
+
+
+def _find_bad_case(batch: EscalationBatch, limits: Limits) -> None:
+    """Raise for the first case (in order) that breaks a rule."""
     ids: set[str] = set()
     for c in batch.cases:
         check_names(limits, "escalation case", (c.id, c.device, c.sensor))
@@ -299,14 +377,23 @@ def decode_escalations(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> Escal
             raise ContractError(
                 "bad_schema", "escalation: every case has a corr when the message wants a reply"
             )
-    _check_tensors(batch.cases, limits)
-    return batch
 
 
 def _check_tensors(cases: list[EscalationCase], limits: Limits) -> None:
     """Every case's tensor, as :func:`~schemas.tensor.tensor_from_wire` checks one (dtype,
     shape, element count, data length, finite floats), each header once per message and the
     float data of cases that share a header in one pass."""
+    first = cases[0]
+    dtype, shape = first.dtype, first.shape
+    if all(c.dtype == dtype and c.shape == shape for c in cases):  # the usual message
+        dt, _, count = check_header(dtype, shape, limits)
+        nbytes = count * dt.itemsize
+        if all(len(c.data) == nbytes for c in cases):
+            if dt.kind == "f":
+                values = np.frombuffer(b"".join([c.data for c in cases]), dtype=dt)
+                if not np.isfinite(values).all():
+                    raise ContractError("non_finite", f"{dt.name} data holds NaN or infinity")
+            return
     headers: dict[tuple[str, tuple[int, ...]], tuple[np.dtype[Any], int]] = {}
     floats: dict[tuple[str, tuple[int, ...]], list[bytes]] = {}
     for c in cases:
@@ -335,13 +422,37 @@ def encode_replies(reply: ReplyBatch) -> bytes:
 
 
 def decode_replies(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> ReplyBatch:
-    """Decode and validate a reply message; raises only :class:`~schemas.errors.ContractError`."""
-    budget = 1 + 2 * _REPLY_FIELDS + CASES_MAX * (1 + 2 * _CASE_VERDICT_FIELDS)
-    budget += limits.max_extra_items
-    reply = decode_msgpack(
-        payload, _REPLY_DECODER.decode, what="reply", limits=limits, budget=budget
+    """Decode and validate a reply message; raises only :class:`~schemas.errors.ContractError`.
+
+    Like :func:`decode_escalations`, a reply exactly as msgspec encodes a :class:`ReplyBatch`
+    (what workers send) is decoded once by the closed schema, any other through the pre-scan.
+    """
+    reply = decode_msgpack_canonical(
+        payload,
+        _REPLY_DECODER.decode,
+        lambda p: _decode_reply_scanned(p, limits),
+        limits=limits,
+        depth=REPLY_SCHEMA_DEPTH,
     )
+    _check_reply(reply, limits)
+    return reply
+
+
+def _check_reply(reply: ReplyBatch, limits: Limits) -> None:
     check_names(limits, "reply", (reply.node, reply.worker))
     for v in reply.verdicts:
         check_names(limits, "reply verdict", (v.id, v.model))
-    return reply
+
+
+def _reply_budget(limits: Limits) -> int:
+    budget = 1 + 2 * _REPLY_FIELDS + CASES_MAX * (1 + 2 * _CASE_VERDICT_FIELDS)
+    return budget + limits.max_extra_items
+
+
+def _decode_reply_scanned(payload: bytes, limits: Limits) -> ReplyBatch:
+    """The full pipeline (pre-scan, version, tolerant decode), then the closed types."""
+    loose = decode_msgpack(
+        payload, _LOOSE_REPLY_DECODER.decode, what="reply", limits=limits,
+        budget=_reply_budget(limits),
+    )  # fmt: skip
+    return run_decoder(_REPLY_DECODER.decode, encode_replies(loose), "reply")

@@ -7,6 +7,9 @@ typed decode, and the mapping of decoder failures onto reason codes.
 * ``bad_version``: a ``v`` other than :data:`VERSION`; checked before the rest of the
   schema, since another version may have another schema.
 * ``bad_schema``: well-formed, but a field is missing, of the wrong type or out of range.
+
+:func:`decode_msgpack_canonical` puts a fast path in front of :func:`decode_msgpack` for closed
+schemas whose senders are our own msgspec encoders (docs/adr/0033-canonical-fast-path.md).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ class _Versioned(msgspec.Struct):
 
 
 _MSGPACK_VERSION: Final = msgspec.msgpack.Decoder(_Versioned)
+_ENCODER: Final = msgspec.msgpack.Encoder()
 _JSON_VERSION: Final = msgspec.json.Decoder(_Versioned)
 
 
@@ -61,6 +65,38 @@ def decode_msgpack(
     scan_msgpack(payload, max_depth=limits.max_depth, max_items=budget)
     _check_version(run_decoder(_MSGPACK_VERSION.decode, payload, what).v, what)
     return run_decoder(decode, payload, what)
+
+
+def decode_msgpack_canonical(
+    payload: bytes,
+    decode_closed: Callable[[bytes], T],
+    fallback: Callable[[bytes], T],
+    *,
+    limits: Limits,
+    depth: int,
+) -> T:
+    """Decode ``payload`` with ``decode_closed`` and accept it if it is exactly the canonical
+    encoding of what came out; anything else goes to ``fallback`` (the full pipeline).
+
+    ``decode_closed`` must decode a *closed* schema: every struct ``forbid_unknown_fields`` (an
+    unknown key is refused before its value is read), every list ``Meta(max_length=...)``
+    (checked against the array header before any element is decoded), no recursive or ``Any``
+    types, ``depth`` levels of containers at most; and ``fallback``'s value budget must cover
+    what that schema can hold. Then this decode is depth- and length-capped while it runs, and
+    what it accepts (well-formed, version :data:`VERSION`, canonical, so no duplicate keys and
+    no extra values) is exactly what the pre-scan and the typed decode of ``fallback`` accept,
+    as the same object. Size is checked first, as everywhere.
+    """
+    payload = check_size(payload, limits)
+    if limits.max_depth >= depth:
+        try:
+            message = decode_closed(payload)
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+            pass  # ValidationError included: the fallback says why, with the usual reason
+        else:
+            if getattr(message, "v", None) == VERSION and _ENCODER.encode(message) == payload:
+                return message
+    return fallback(payload)
 
 
 def decode_json(

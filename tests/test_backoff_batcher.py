@@ -33,7 +33,7 @@ def test_backoff_rejects_nonsense() -> None:
         Backoff(first_s=2.0, cap_s=1.0)
 
 
-def _run_batcher(items: int, max_batch: int, max_wait_s: float) -> list[list[int]]:
+def _run_batcher(items: int, max_batch: int, max_wait_s: float, chunk: int = 0) -> list[list[int]]:
     batches: list[list[int]] = []
 
     async def main() -> None:
@@ -44,8 +44,13 @@ def _run_batcher(items: int, max_batch: int, max_wait_s: float) -> list[list[int
             process, max_batch_size=max_batch, max_wait_s=max_wait_s
         )
         runner = asyncio.create_task(b.run())
-        for i in range(items):
-            b.add(i)
+        if chunk:
+            b.add_many([])
+            for first in range(0, items, chunk):
+                b.add_many(list(range(first, min(items, first + chunk))))
+        else:
+            for i in range(items):
+                b.add(i)
         await asyncio.wait_for(b.wait_idle(), 5)
         runner.cancel()
 
@@ -55,6 +60,12 @@ def _run_batcher(items: int, max_batch: int, max_wait_s: float) -> list[list[int
 
 def test_batcher_caps_batch_size_and_keeps_order() -> None:
     batches = _run_batcher(100, max_batch=32, max_wait_s=0.5)
+    assert [len(b) for b in batches] == [32, 32, 32, 4]
+    assert [x for b in batches for x in b] == list(range(100))
+
+
+def test_batcher_add_many_batches_like_add() -> None:
+    batches = _run_batcher(100, max_batch=32, max_wait_s=0.5, chunk=24)
     assert [len(b) for b in batches] == [32, 32, 32, 4]
     assert [x for b in batches for x in b] == list(range(100))
 

@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import gc
 import random
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -22,6 +24,7 @@ import pytest
 
 from cloud_worker import Batch, ConfigError, HardExampleStore, Verdict, Worker, WorkerConfig
 from cloud_worker.export import export
+from cloud_worker.service import GC_THRESHOLDS, fewer_gc_passes
 from edgewise.frames import load_holdout
 from local_broker import BrokerInfo
 from mqtt_session import MqttSession
@@ -548,3 +551,62 @@ def test_a_batch_with_one_hostile_case_is_rejected_whole_and_counted(
         assert len(replies.raw) == 1
 
     asyncio.run(scenario())
+
+
+def test_handler_calls_of_a_model_never_overlap_while_the_next_batch_is_prepared(
+    mosquitto: BrokerInfo, tmp_path: Path
+) -> None:
+    """Batches are handed on so the next one is looked up and stacked while one is in the
+    handler, but a handler is still called for one batch at a time, in order: the first call
+    waits (bounded) for a second to start beside it, which must not happen."""
+    node = f"gw-{uuid.uuid4().hex[:6]}"
+    cfg = worker_config(mosquitto, tmp_path, batching={"max_batch_size": 8, "max_wait_ms": 0})
+
+    async def scenario() -> None:
+        replies = Replies()
+        lock = threading.Lock()
+        active = [0]
+        overlap = threading.Event()
+        calls: list[list[str]] = []
+        worker = Worker(cfg)
+
+        @worker.handler("digits", version="serial-1")
+        def serial(batch: Batch) -> list[Verdict]:
+            with lock:
+                active[0] += 1
+                if active[0] > 1:
+                    overlap.set()
+                calls.append([e.id for e in batch.escalations])
+            if len(calls) == 1:
+                overlap.wait(0.5)  # a second call beside this one would set it
+            with lock:
+                active[0] -= 1
+            return [Verdict(1, 0.9) for _ in range(len(batch))]
+
+        async with worker:
+            client = await _client(mosquitto, replies, node)
+            try:
+                for m in range(6):
+                    cases = [one_case(f"s{m}-{k}", HOLDOUT.images[k]) for k in range(8)]
+                    await client.publish(
+                        "cloud/escalations/digits", batch_bytes(cases, node=node, corr=f"m{m}")
+                    )
+                await replies.wait_for(lambda: len(replies.got) >= 48)
+            finally:
+                await client.__aexit__(None, None, None)
+            assert await worker.drain()
+            assert worker.stats.answered == 48 and await worker.store.count() == 48
+        assert not overlap.is_set()
+        assert len(calls) >= 2
+        order = [i for call in calls for i in call]
+        assert order == [f"s{m}-{k}" for m in range(6) for k in range(8)]
+
+    asyncio.run(scenario())
+
+
+def test_a_serving_worker_collects_garbage_less_often_and_restores_the_thresholds() -> None:
+    before = gc.get_threshold()
+    with fewer_gc_passes():
+        assert gc.get_threshold() == GC_THRESHOLDS
+        assert GC_THRESHOLDS[0] > before[0]
+    assert gc.get_threshold() == before
