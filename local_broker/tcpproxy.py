@@ -143,6 +143,11 @@ class TcpProxy:
         except OSError:
             _reset(writer)
             return
+        if self._refusing:  # cut while the upstream connection was being made: refuse it too
+            self.connections_refused += 1
+            for w in (writer, up_writer):
+                _reset(w)
+            return
         self.connections_accepted += 1
         for w in (writer, up_writer):
             sock = w.get_extra_info("socket")

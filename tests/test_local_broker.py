@@ -8,6 +8,7 @@ import struct
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from paho.mqtt.enums import MQTTProtocolVersion
@@ -389,3 +390,39 @@ def test_broker_info_url_round_trips() -> None:
     assert info.url == "mqtt://[::1]:1884"
     assert BrokerInfo("127.0.0.1", 1883, "embedded").url == "mqtt://127.0.0.1:1883"
     assert parse_broker_url(BrokerInfo("10.1.2.3", 1999, "external").url) == ("10.1.2.3", 1999)
+
+
+def test_a_cut_refuses_a_connection_whose_upstream_was_still_being_opened(
+    mosquitto: BrokerInfo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cut made while the proxy was still connecting upstream for a client must refuse that
+    client too: a cut that lets one connection through never makes the node see its uplink go."""
+    import asyncio
+    import threading
+
+    from local_broker import TcpProxy, tcpproxy
+
+    started, go = threading.Event(), threading.Event()
+    real_open = asyncio.open_connection
+
+    async def slow_open(*args: Any, **kwargs: Any) -> Any:
+        started.set()
+        await asyncio.to_thread(go.wait, 10)
+        return await real_open(*args, **kwargs)
+
+    monkeypatch.setattr(tcpproxy.asyncio, "open_connection", slow_open)
+    with TcpProxy(mosquitto.host, mosquitto.port) as proxy:
+        client = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+        try:
+            assert started.wait(10), "the proxy never began its upstream connection"
+            proxy.cut()
+            go.set()
+            try:
+                got = client.recv(1)
+            except ConnectionResetError:
+                got = b""
+            assert got == b"", "the cut let a connection through"
+            assert proxy.connections_accepted == 0
+            assert proxy.connections_refused == 1
+        finally:
+            client.close()
