@@ -4,7 +4,9 @@ CPU or a Coral Edge TPU): one input tensor in, one ``[N, C]`` score tensor out.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, Self, runtime_checkable
 
@@ -21,6 +23,21 @@ class RuntimeLoadError(Exception):
 class RuntimeRunError(Exception):
     """The backend refused or failed one ``run`` call (the batch does not fit the model, or the
     runtime failed); the runtime stays usable for the next batch."""
+
+
+def model_file(path: str | os.PathLike[str], intra_op_threads: int, inter_op_threads: int) -> Path:
+    """What every backend checks before it loads: thread counts >= 0 (ValueError: a caller's
+    bug) and an existing regular file (:class:`RuntimeLoadError` naming it)."""
+    if intra_op_threads < 0 or inter_op_threads < 0:
+        raise ValueError(
+            f"thread counts must be >= 0, got intra={intra_op_threads} inter={inter_op_threads}"
+        )
+    file = Path(path)
+    if not file.exists():
+        raise RuntimeLoadError(f"model file {file} does not exist")
+    if not file.is_file():
+        raise RuntimeLoadError(f"model path {file} is not a file")
+    return file
 
 
 def format_shape(shape: tuple[int | None, ...]) -> str:

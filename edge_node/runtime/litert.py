@@ -37,6 +37,7 @@ from edge_node.runtime.base import (
     RuntimeRunError,
     TensorSpec,
     format_shape,
+    model_file,
 )
 from edge_node.runtime.edgetpu import EDGETPU_CUSTOM_OP, open_delegate
 
@@ -183,15 +184,7 @@ class LiteRtRuntime(ClosesOnExit):
         not a loadable model, the model needs the Edge TPU and none serves, or it does not have
         exactly one input (with a batch dimension) and one 2-D output.
         """
-        if intra_op_threads < 0 or inter_op_threads < 0:
-            raise ValueError(
-                f"thread counts must be >= 0, got intra={intra_op_threads} inter={inter_op_threads}"
-            )
-        file = Path(path)
-        if not file.exists():
-            raise RuntimeLoadError(f"model file {file} does not exist")
-        if not file.is_file():
-            raise RuntimeLoadError(f"model path {file} is not a file")
+        file = model_file(path, intra_op_threads, inter_op_threads)
         module, name, version = interpreter_module()
         what = f"{name} {version}"
         # A first interpreter without delegates: proves the file is a model and lists its ops.

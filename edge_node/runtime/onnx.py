@@ -17,7 +17,13 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from edge_node.runtime.base import ClosesOnExit, RuntimeLoadError, RuntimeRunError, TensorSpec
+from edge_node.runtime.base import (
+    ClosesOnExit,
+    RuntimeLoadError,
+    RuntimeRunError,
+    TensorSpec,
+    model_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -136,15 +142,7 @@ class OnnxRuntime(ClosesOnExit):
         the model does not have exactly one tensor input (with a batch dimension) and one 2-D
         tensor output.
         """
-        if intra_op_threads < 0 or inter_op_threads < 0:
-            raise ValueError(
-                f"thread counts must be >= 0, got intra={intra_op_threads} inter={inter_op_threads}"
-            )
-        file = Path(path)
-        if not file.exists():
-            raise RuntimeLoadError(f"model file {file} does not exist")
-        if not file.is_file():
-            raise RuntimeLoadError(f"model path {file} is not a file")
+        file = model_file(path, intra_op_threads, inter_op_threads)
         chosen = select_providers(list(providers), ort.get_available_providers())
         options = _session_options(intra_op_threads, inter_op_threads)
         try:
