@@ -6,22 +6,35 @@ MessagePack (``data`` is ``bin``, viewed zero-copy)::
 
 or JSON, recognised by a first non-whitespace byte ``{`` (``data`` a flat list of numbers).
 ``ts`` is optional; device and sensor come from the topic, not the payload.
+
+A MessagePack frame that is exactly what :func:`encode_frame` writes (keys in that order, ``ts``
+left out when absent, the smallest headers) is decoded by a closed schema without the generic
+pre-scan; anything else takes the full pipeline (docs/adr/0066-canonical-frames.md).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Annotated, Any, Final
 
 import msgspec
 import numpy as np
+from msgspec import Meta
 
 from .errors import ContractError
 from .fields import SEQ_MAX, Seconds, Seq
 from .limits import DEFAULT_LIMITS, Limits
 from .tensor import array_from_values, check_header, tensor_from_wire, wire_parts
-from .wire import VERSION, check_size, decode_json, decode_msgpack, is_json_object, run_decoder
+from .wire import (
+    VERSION,
+    check_size,
+    decode_json,
+    decode_msgpack,
+    decode_msgpack_canonical,
+    is_json_object,
+    run_decoder,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +75,28 @@ class _JsonFrame(msgspec.Struct):
     ts: Seconds | None = None
 
 
+RANK_MAX: Final = 32
+"""The most dims the closed (canonical) schema reads; ``limits.max_rank`` still applies."""
+DTYPE_MAX_LEN: Final = 16
+
+
+class _CanonicalFrame(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    """Closed: no unknown key is read, one level of nesting (``shape``), every length capped.
+    Fields in the order :func:`encode_frame` writes them, so re-encoding gives the same bytes."""
+
+    v: int
+    seq: Seq
+    ts: Seconds | None = None
+    dtype: Annotated[str, Meta(max_length=DTYPE_MAX_LEN)]
+    shape: Annotated[list[int], Meta(max_length=RANK_MAX)]
+    data: memoryview
+
+
+SCHEMA_DEPTH: Final = 2
+"""Containers the closed schema nests: the frame's map, its ``shape``."""
+
 _MSGPACK: Final = msgspec.msgpack.Decoder(_MsgpackFrame)
+_CANONICAL: Final = msgspec.msgpack.Decoder(_CanonicalFrame)
 _JSON: Final = msgspec.json.Decoder(_JsonFrame)
 _JSON_FLOATS: Final = msgspec.json.Decoder(list[float])
 _JSON_INTS: Final = msgspec.json.Decoder(list[int])
@@ -88,8 +122,27 @@ def _header_values(limits: Limits) -> int:
 
 
 def _decode_msgpack(payload: bytes, limits: Limits) -> Frame:
+    def scanned(raw: bytes) -> _MsgpackFrame | _CanonicalFrame:
+        return _scanned(raw, limits)
+
+    wire = decode_msgpack_canonical(
+        payload, _CANONICAL.decode, scanned, limits=limits, depth=SCHEMA_DEPTH
+    )
+    return _frame_of(wire, limits)
+
+
+def _decode_msgpack_scanned(payload: bytes, limits: Limits) -> Frame:
+    """The full pipeline alone (pre-scan, version, tolerant decode): what the fast path must
+    agree with."""
+    return _frame_of(_scanned(payload, limits), limits)
+
+
+def _scanned(payload: bytes, limits: Limits) -> _MsgpackFrame:
     budget = _header_values(limits) + limits.max_extra_items
-    wire = decode_msgpack(payload, _MSGPACK.decode, what="frame", limits=limits, budget=budget)
+    return decode_msgpack(payload, _MSGPACK.decode, what="frame", limits=limits, budget=budget)
+
+
+def _frame_of(wire: _MsgpackFrame | _CanonicalFrame, limits: Limits) -> Frame:
     tensor = tensor_from_wire(wire.dtype, wire.shape, wire.data, limits)
     return Frame(seq=wire.seq, ts=wire.ts, tensor=tensor, v=wire.v)
 
