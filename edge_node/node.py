@@ -60,7 +60,7 @@ from schemas import (
     encode_results,
     encode_status,
     encode_telemetry,
-    new_id,
+    new_ids,
 )
 from telemetry import TelemetryWindow
 
@@ -794,6 +794,7 @@ class EdgeNode:
         confidences = pred.confidences.tolist()
         finite = pred.finite.tolist()
         unsure = self._triage(pred)
+        ids = new_ids(len(batch))
         cases: list[Case] = []
         escalated: list[_Pending] = []
         for i, (p, label, conf, ok) in enumerate(
@@ -805,7 +806,7 @@ class EdgeNode:
                 continue
             self._seq += 1
             result = Result(
-                id=new_id(),
+                id=ids[i],
                 seq=self._seq,
                 device=p.device,
                 sensor=p.sensor,

@@ -87,7 +87,7 @@ from .escalation import (
     make_escalation_batch,
 )
 from .frame import Frame, decode_frame, encode_frame
-from .ids import new_id
+from .ids import new_id, new_ids
 from .limits import DEFAULT_LIMITS, Limits
 from .results import Result, ResultBatch, Source, decode_results, encode_results
 from .sketch import SKETCH_BINS_MAX, SKETCH_MAX_BYTES, SketchWire, decode_sketch, encode_sketch
@@ -148,6 +148,7 @@ __all__ = [
     "make_case",
     "make_escalation_batch",
     "new_id",
+    "new_ids",
     "tensor_from_wire",
     "tensor_to_wire",
     "validate_filter",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import time
 import uuid
 
 import msgspec
@@ -19,6 +20,7 @@ from schemas import (
     decode_any,
     encode_frame,
     new_id,
+    new_ids,
 )
 
 
@@ -74,6 +76,24 @@ def test_new_id_is_unique_time_ordered_uuid7() -> None:
     parsed = uuid.UUID(ids[0])
     assert parsed.version == 7
     assert str(parsed) == ids[0]
+
+
+def test_new_ids_batches_are_uuid7_ascending_after_every_earlier_id() -> None:
+    earlier = new_id()
+    batches = [new_ids(n) for n in (1, 64, 0, 3, 4096)]
+    flat = [earlier] + [i for b in batches for i in b]
+    assert [len(b) for b in batches] == [1, 64, 0, 3, 4096]
+    assert len(set(flat)) == len(flat)
+    assert flat == sorted(flat)
+    for text in flat:
+        parsed = uuid.UUID(text)
+        assert (parsed.version, parsed.variant) == (7, uuid.RFC_4122)
+        assert str(parsed) == text
+    # The embedded time is the clock's (ms), not ahead of it by the number of ids made.
+    now_ms = time.time_ns() // 1_000_000
+    assert 0 <= now_ms - (uuid.UUID(flat[-1]).int >> 80) < 60_000
+    with pytest.raises(ValueError, match="n must be"):
+        new_ids(-1)
 
 
 def test_decode_any_msgpack() -> None:
