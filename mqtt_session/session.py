@@ -36,6 +36,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from mqtt_session.backoff import Backoff
+from mqtt_session.client import DirectClient
 from mqtt_session.config import MqttConfig
 from mqtt_session.errors import (
     ConnectFailed,
@@ -394,7 +395,7 @@ class MqttSession:
 
     def _make_client(self) -> paho.Client:
         v5 = self._protocol == "5"
-        client = paho.Client(
+        client = DirectClient(
             CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
             protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
