@@ -14,11 +14,20 @@ from mqtt_session import Inbound, MqttSession
 
 
 class Ticket:
-    __slots__ = ("done", "message")
+    """One received message. A message holding several frames (a batch) is finished once each
+    of its ``parts`` is: :meth:`InOrderAcker.finish` is called once per part."""
 
-    def __init__(self, message: Inbound) -> None:
+    __slots__ = ("done", "message", "parts")
+
+    def __init__(self, message: Inbound, parts: int = 1) -> None:
         self.message = message
+        self.parts = parts
         self.done = False
+
+    def finish_part(self) -> None:
+        self.parts -= 1
+        if self.parts <= 0:
+            self.done = True
 
 
 class InOrderAcker:
@@ -34,12 +43,14 @@ class InOrderAcker:
         return ticket
 
     def finish(self, ticket: Ticket) -> None:
-        ticket.done = True
+        """One part of ``ticket`` is done (for a single frame: the whole message)."""
+        ticket.finish_part()
         self._flush()
 
     def finish_all(self, tickets: list[Ticket]) -> None:
+        """One part of each (a ticket listed twice: two parts)."""
         for t in tickets:
-            t.done = True
+            t.finish_part()
         self._flush()
 
     @property

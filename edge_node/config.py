@@ -127,6 +127,7 @@ class LimitsConfig(BaseModel):
     max_tensor_elements: int = Field(262_144, ge=1)
     max_rank: int = Field(4, ge=1, le=8)
     max_str_len: int = Field(128, ge=8, le=4096)
+    max_frames_per_message: int = Field(256, ge=1, le=1024)
 
     def to_limits(self) -> Limits:
         return Limits(
@@ -134,6 +135,7 @@ class LimitsConfig(BaseModel):
             max_tensor_elements=self.max_tensor_elements,
             max_rank=self.max_rank,
             max_str_len=self.max_str_len,
+            max_frames_per_message=self.max_frames_per_message,
         )
 
 

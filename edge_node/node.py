@@ -56,7 +56,7 @@ from schemas import (
     ResultBatch,
     Status,
     Telemetry,
-    decode_frame,
+    decode_frames,
     encode_results,
     encode_status,
     encode_telemetry,
@@ -77,12 +77,14 @@ class _Pending:
     frame: Frame
     key: str
     """What identifies the frame across redeliveries: where it came from and its seq/ts."""
+    finished: bool = False
+    """Its part of the ticket is done: finishing it again must not count another part."""
 
 
-def _frame_key(topic: str, frame: Frame, payload: bytes) -> str:
+def _frame_key(topic: str, frame: Frame, digest: str) -> str:
     # seq and ts alone repeat when a sensor without a clock restarts its counter; the payload's
-    # digest keeps such a new frame from being taken for an answered one.
-    digest = hashlib.blake2b(payload, digest_size=8).hexdigest()
+    # digest keeps such a new frame from being taken for an answered one. A frame of a batch
+    # adds its index to this.
     return f"{topic}\x00{frame.seq}\x00{frame.ts!r}\x00{digest}"
 
 
@@ -696,8 +698,7 @@ class EdgeNode:
         ticket = self._acker.track(msg)
         try:
             device, sensor = self.topics.parse_sensor(msg.topic)
-            frame = decode_frame(msg.payload, self.limits)
-            self.model.check(frame.tensor)
+            frames = decode_frames(msg.payload, self.limits)
         except ContractError as exc:
             self._reject(msg, exc.reason, exc.detail)
             self._acker.finish(ticket)
@@ -707,7 +708,43 @@ class EdgeNode:
             self._reject(msg, "internal_error", f"{type(exc).__name__}: {exc}")
             self._acker.finish(ticket)
             return
-        key = _frame_key(msg.topic, frame, msg.payload)
+        digest = hashlib.blake2b(msg.payload, digest_size=8).hexdigest()
+        if len(frames) == 1:
+            key = _frame_key(msg.topic, frames[0], digest)
+            self._take(msg, ticket, device, sensor, frames[0], key)
+        else:  # a batch: the message is acknowledged once every frame in it is done
+            self.stats.frames_in += len(frames) - 1
+            ticket.parts = len(frames)
+            for i, frame in enumerate(frames):
+                key = f"{_frame_key(msg.topic, frame, digest)}\x00{i}"
+                self._take(msg, ticket, device, sensor, frame, key, index=i)
+        if self._held() >= self._max_pending:
+            # Backpressure that does not rely on the broker honouring our Receive Maximum.
+            self.session.pause_reading()
+
+    def _take(
+        self,
+        msg: Inbound,
+        ticket: Ticket,
+        device: str,
+        sensor: str,
+        frame: Frame,
+        key: str,
+        *,
+        index: int | None = None,
+    ) -> None:
+        """Check one frame against the model and queue it for inference."""
+        try:
+            self.model.check(frame.tensor)
+        except Exception as exc:
+            where = "" if index is None else f"frame {index} (seq {frame.seq}): "
+            if isinstance(exc, ContractError):
+                self._reject(msg, exc.reason, where + exc.detail)
+            else:  # a bug must not hold back every later acknowledgement
+                log.exception("unexpected error on a frame from %r", msg.topic[:128])
+                self._reject(msg, "internal_error", f"{where}{type(exc).__name__}: {exc}")
+            self._acker.finish(ticket)
+            return
         waiting = self._in_progress.get(key)
         if waiting is not None and msg.dup:
             # The first copy is still being answered: acknowledge this one with it.
@@ -715,9 +752,6 @@ class EdgeNode:
             return
         self._in_progress.setdefault(key, [])
         self._batcher.add(_Pending(ticket, device, sensor, frame, key))
-        if self._held() >= self._max_pending:
-            # Backpressure that does not rely on the broker honouring our Receive Maximum.
-            self.session.pause_reading()
 
     def _held(self) -> int:
         """Frames the node holds in memory: received and not yet acknowledged, whether they
@@ -737,8 +771,12 @@ class EdgeNode:
     def _finish(self, batch: list[_Pending]) -> None:
         """These frames are done (answered, stored or rejected): acknowledge them and any
         redelivered copies that arrived meanwhile."""
-        tickets = [p.ticket for p in batch]
+        tickets: list[Ticket] = []
         for p in batch:
+            if p.finished:
+                continue
+            p.finished = True
+            tickets.append(p.ticket)
             tickets.extend(self._in_progress.pop(p.key, ()))
         self._acker.finish_all(tickets)
         self._resume_if_drained()

@@ -181,6 +181,15 @@ def sensor_simulate(
     device: Annotated[str, typer.Option("--device", help="Device id (topic level).")] = "sim-1",
     sensor: Annotated[str, typer.Option("--sensor", help="Sensor name (topic level).")] = "digits",
     fmt: Annotated[str, typer.Option("--format", help="msgpack or json.")] = "msgpack",
+    per_message: Annotated[
+        int,
+        typer.Option(
+            "--frames-per-message",
+            min=1,
+            max=1024,
+            help="Send frame batches of this many frames (1: one frame per message).",
+        ),
+    ] = 1,
 ) -> None:
     """Publish the bundled held-out digits frames to sensors/DEVICE/SENSOR at a steady rate."""
     from edgewise.sensor import simulate
@@ -199,6 +208,7 @@ def sensor_simulate(
             duration_s=duration,
             qos=qos,
             fmt=kind,
+            per_message=per_message,
         )
     )
     Console().print(

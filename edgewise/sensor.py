@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from typing import Literal
 
 from edgewise.frames import LabelledFrames, load_holdout
 from mqtt_session import MqttConfig, MqttError, MqttSession
-from schemas import Frame, Topics, encode_frame
+from schemas import Frame, Topics, encode_frame, encode_frames
 
 
 @dataclass(slots=True)
@@ -36,25 +37,44 @@ async def simulate(
     on_sent: Callable[[int, int], None] | None = None,
     stop: asyncio.Event | None = None,
     start_seq: int = 0,
+    per_message: int = 1,
 ) -> SimStats:
     """Publish frames (cycling through the held-out set) until ``count``/``duration_s``/``stop``.
 
     ``on_sent(seq, label)`` is called for each frame as it is handed to the client, so a caller
-    can score the results it gets back.
+    can score the results it gets back. ``per_message`` > 1 sends frame batches: a message goes
+    out once that many frames are due (the last one with what is left), so each frame waits up
+    to ``per_message / rate_hz`` for its batch. ``sent``, ``acked`` and ``failed`` count frames.
     """
     if rate_hz <= 0:
         raise ValueError("rate_hz must be > 0")
+    if per_message < 1:
+        raise ValueError("per_message must be >= 1")
     frames = frames or load_holdout()
     topic = (topics or Topics()).sensor(device, sensor)
     stats = SimStats()
     pending: set[asyncio.Future[None]] = set()
 
-    def settled(f: asyncio.Future[None]) -> None:
+    def settled(n: int, f: asyncio.Future[None]) -> None:
         pending.discard(f)
         if f.exception() is None:
-            stats.acked += 1
+            stats.acked += n
         else:
-            stats.failed += 1
+            stats.failed += n
+
+    batch: list[Frame] = []
+
+    async def publish(session: MqttSession) -> None:
+        if len(batch) == 1:
+            payload = encode_frame(batch[0], as_json=fmt == "json")
+        else:
+            payload = encode_frames(batch, as_json=fmt == "json")
+        if not session.connected:
+            await session.wait_connected()
+        fut = session.publish_nowait(topic, payload, qos=qos)
+        pending.add(fut)
+        fut.add_done_callback(functools.partial(settled, len(batch)))
+        batch.clear()
 
     async with MqttSession(
         mqtt, client_id=f"edgewise-sensor-{device}-{sensor}", persistent=False, manual_ack=False
@@ -76,20 +96,17 @@ async def simulate(
                 due = min(due, count - stats.sent)
             for _ in range(max(due, 0)):
                 i = seq % len(frames)
-                payload = encode_frame(
-                    Frame(seq=seq, ts=time.time(), tensor=frames.images[i]), as_json=fmt == "json"
-                )
-                if not session.connected:
-                    await session.wait_connected()
-                fut = session.publish_nowait(topic, payload, qos=qos)
+                batch.append(Frame(seq=seq, ts=time.time(), tensor=frames.images[i]))
                 if on_sent is not None:
                     on_sent(seq, int(frames.labels[i]))
-                pending.add(fut)
-                fut.add_done_callback(settled)
                 stats.sent += 1
                 seq += 1
+                if len(batch) >= per_message:
+                    await publish(session)
             next_at = start + (stats.sent) * interval
             await asyncio.sleep(max(0.0, min(next_at - time.monotonic(), 0.05)))
+        if batch:
+            await publish(session)
         if pending:
             try:
                 async with asyncio.timeout(10):

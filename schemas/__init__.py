@@ -87,6 +87,7 @@ from .escalation import (
     make_escalation_batch,
 )
 from .frame import Frame, decode_frame, encode_frame
+from .frames import decode_frames, encode_frames
 from .ids import new_id, new_ids
 from .limits import DEFAULT_LIMITS, Limits
 from .results import Result, ResultBatch, Source, decode_results, encode_results
@@ -132,6 +133,7 @@ __all__ = [
     "decode_deadletter",
     "decode_escalations",
     "decode_frame",
+    "decode_frames",
     "decode_replies",
     "decode_results",
     "decode_sketch",
@@ -140,6 +142,7 @@ __all__ = [
     "encode_deadletter",
     "encode_escalations",
     "encode_frame",
+    "encode_frames",
     "encode_replies",
     "encode_results",
     "encode_sketch",

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Protocol
 
 import msgspec
 import numpy as np
@@ -150,6 +150,17 @@ def _frame_of(wire: _MsgpackFrame | _CanonicalFrame, limits: Limits) -> Frame:
 def _decode_json(payload: bytes, limits: Limits) -> Frame:
     budget = _header_values(limits) + limits.max_tensor_elements + limits.max_extra_items
     wire = decode_json(payload, _JSON.decode, what="frame", limits=limits, budget=budget)
+    return Frame(seq=wire.seq, ts=wire.ts, tensor=_json_tensor(wire, limits), v=wire.v)
+
+
+class _JsonTensor(Protocol):
+    dtype: str
+    shape: list[int]
+    data: msgspec.Raw
+
+
+def _json_tensor(wire: _JsonTensor, limits: Limits) -> np.ndarray:
+    """The tensor of a decoded JSON frame (``data`` still raw), fully checked."""
     dt, dims, count = check_header(wire.dtype, wire.shape, limits)
     # Refuse more values than the shape needs before building any of them.
     commas = int(np.count_nonzero(np.frombuffer(wire.data, dtype=np.uint8) == _COMMA))
@@ -165,8 +176,7 @@ def _decode_json(payload: bytes, limits: Limits) -> Frame:
         typed = False
         if not isinstance(values, list):
             raise ContractError("bad_schema", "frame data must be a flat list of numbers") from None
-    tensor = array_from_values(dt, dims, count, values, typed=typed)
-    return Frame(seq=wire.seq, ts=wire.ts, tensor=tensor, v=wire.v)
+    return array_from_values(dt, dims, count, values, typed=typed)
 
 
 def encode_frame(frame: Frame, *, as_json: bool = False) -> bytes:
@@ -176,6 +186,13 @@ def encode_frame(frame: Frame, *, as_json: bool = False) -> bytes:
     other than 1, ``seq`` outside 0..2**63-1, a negative or non-finite ``ts``, and tensors
     :func:`~schemas.tensor.tensor_to_wire` refuses.
     """
+    message = wire_message(frame, as_json=as_json)
+    return msgspec.json.encode(message) if as_json else msgspec.msgpack.encode(message)
+
+
+def wire_message(frame: Frame, *, as_json: bool = False) -> dict[str, object]:
+    """The map :func:`encode_frame` encodes (``data`` a buffer, or a list for JSON), after its
+    checks; keys in the canonical order."""
     if frame.v != VERSION:
         raise ContractError("bad_version", f"can only encode v={VERSION}, frame has v={frame.v}")
     if not isinstance(frame.seq, int | np.integer) or not 0 <= frame.seq <= SEQ_MAX:
@@ -190,6 +207,6 @@ def encode_frame(frame: Frame, *, as_json: bool = False) -> bytes:
     message["shape"] = shape
     if as_json:
         message["data"] = array.reshape(-1).tolist()
-        return msgspec.json.encode(message)
-    message["data"] = array.reshape(-1).view(np.uint8).data
-    return msgspec.msgpack.encode(message)
+    else:
+        message["data"] = array.reshape(-1).view(np.uint8).data
+    return message

@@ -20,6 +20,7 @@ class Limits:
     max_rank: int = 4
     max_str_len: int = 128
     max_results_per_batch: int = 4096
+    max_frames_per_message: int = 256
     max_depth: int = 16
     max_items: int = 65_536
     max_extra_items: int = 1_024

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 
 from local_broker import BrokerInfo, MqttProbe
-from schemas import Limits, Status, decode_frame, encode_status
+from schemas import Limits, Status, decode_frame, decode_frames, encode_status
 
 ProbeFactory = Callable[..., MqttProbe]
 
@@ -37,7 +37,10 @@ def test_help_lists_every_subcommand() -> None:
     [
         (["node", "--help"], ["--config", "--broker", "--node-id", "EDGEWISE_"]),
         (["demo", "--help"], ["--duration", "--rate", "--broker"]),
-        (["sensor", "simulate", "--help"], ["--rate", "--count", "--qos", "--format"]),
+        (
+            ["sensor", "simulate", "--help"],
+            ["--rate", "--count", "--qos", "--format", "--frames-per-message"],
+        ),
         (["watch", "--help"], ["--count", "--timeout", "--raw"]),
     ],
 )
@@ -65,6 +68,23 @@ def test_sensor_simulate_publishes_valid_frames(
     assert [f.seq for f in frames] == list(range(20))
     assert all(f.tensor.shape == (8, 8) for f in frames)
     assert all(m.payload.startswith(b"{") for m in messages)
+
+
+def test_sensor_simulate_sends_frame_batches(
+    mosquitto: BrokerInfo, mqtt_probe: ProbeFactory
+) -> None:
+    probe = mqtt_probe()
+    probe.subscribe("sensors/cli-batch/cam/#")
+    out = edgewise(
+        "sensor", "simulate", "--broker", mosquitto.url, "--device", "cli-batch", "--sensor",
+        "cam", "--count", "20", "--rate", "1000", "--frames-per-message", "8",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "sent 20 frames" in out.stdout and "20 acknowledged, 0 failed" in out.stdout
+    messages = probe.wait_count(3, 10)
+    batches = [decode_frames(m.payload, Limits()) for m in messages]
+    assert [len(b) for b in batches] == [8, 8, 4]
+    assert [f.seq for b in batches for f in b] == list(range(20))
 
 
 def test_watch_decodes_messagepack(mosquitto: BrokerInfo, mqtt_probe: ProbeFactory) -> None:

@@ -15,7 +15,7 @@ import pytest
 from edge_node.model import Prediction
 from edgewise.frames import load_holdout
 from local_broker import BrokerInfo, MosquittoProcess
-from schemas import decode_deadletter, decode_results, decode_status
+from schemas import Frame, decode_deadletter, decode_results, decode_status, encode_frames
 from tests.nodeharness import Harness, frame_bytes, running_node
 
 HOLDOUT = load_holdout()
@@ -333,5 +333,87 @@ def test_a_copy_redelivered_while_the_first_is_being_answered_gets_no_second_res
             assert h.node.stats.frames_in == 7  # three frames, their three copies, the marker
             assert h.node.stats.results_out == 4
             assert h.node._acker.outstanding <= 1  # at most the marker's, awaiting its commit
+
+    asyncio.run(scenario())
+
+
+def _batch(first: int, n: int, *, as_json: bool = False) -> bytes:
+    frames = [
+        Frame(seq=i, ts=1766400000.0 + i, tensor=HOLDOUT.images[i]) for i in range(first, first + n)
+    ]
+    return encode_frames(frames, as_json=as_json)
+
+
+def test_a_frame_batch_gets_one_result_per_frame_and_is_acked_once_all_are_stored(
+    mosquitto: BrokerInfo,
+) -> None:
+    async def scenario() -> None:
+        async with running_node(mosquitto, batching={"max_batch_size": 4}) as h:
+            acked = h.node._acker.acked
+            await h.send(_batch(0, 10))
+            await h.send(_batch(10, 5, as_json=True))
+            await h.seen.wait_for(lambda: len(_results(h)) >= 15)
+            results = _results(h)
+            assert sorted(r.frame_seq for r in results) == list(range(15))
+            assert len({r.id for r in results}) == 15
+            assert all(r.frame_ts == 1766400000.0 + r.frame_seq for r in results)
+            correct = sum(r.label == int(HOLDOUT.labels[r.frame_seq]) for r in results)
+            assert correct / 15 > 0.7
+            assert h.node.stats.frames_in == 15 and h.node.stats.rejected == 0
+            assert await h.node.drain(5)
+            assert h.node._acker.acked - acked == 2  # one PUBACK per message
+            assert h.node._acker.outstanding == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_bad_frame_in_a_batch_is_dead_lettered_and_the_rest_answered(
+    mosquitto: BrokerInfo,
+) -> None:
+    async def scenario() -> None:
+        async with running_node(mosquitto) as h:
+            good = [Frame(seq=i, ts=None, tensor=HOLDOUT.images[i]) for i in range(3)]
+            wrong = Frame(seq=7, ts=None, tensor=np.zeros((4, 4), np.float32))  # not the model's
+            await h.send(encode_frames([good[0], wrong, good[1], good[2]]))
+            await h.seen.wait_for(
+                lambda: len(_results(h)) >= 3 and len(h.messages("deadletter")) >= 1
+            )
+            assert sorted(r.frame_seq for r in _results(h)) == [0, 1, 2]
+            [letter] = [decode_deadletter(m.payload) for m in h.messages("deadletter")]
+            assert letter.reason == "bad_shape" and "frame 1 (seq 7)" in letter.detail
+            assert await h.node.drain(5)
+            assert h.node._acker.outstanding == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_batch_is_not_acked_until_its_last_frame_is_stored(mosquitto: BrokerInfo) -> None:
+    """Hold the commit of the batch's second half: the message must stay unacknowledged while
+    its first half is stored."""
+
+    async def scenario() -> None:
+        batching = {"max_batch_size": 2, "max_results_per_message": 2}
+        async with running_node(mosquitto, batching=batching) as h:
+            gate, held = asyncio.Event(), asyncio.Event()
+            store = h.node._store
+
+            async def gated(payload: bytes, answered: list, served: list) -> None:  # type: ignore[type-arg]
+                if any(p.frame.seq >= 2 for p in served):
+                    held.set()
+                    await gate.wait()
+                await store(payload, answered, served)
+
+            h.node._store = gated  # type: ignore[method-assign]
+            acked = h.node._acker.acked
+            await h.send(_batch(0, 4))
+            await asyncio.wait_for(held.wait(), 10)
+            async with asyncio.timeout(10):
+                while h.node.stats.results_stored < 2:  # noqa: ASYNC110 - no event in the node
+                    await asyncio.sleep(0.01)
+            assert h.node._acker.acked == acked and h.node._acker.outstanding == 1
+            gate.set()
+            await h.seen.wait_for(lambda: len(_results(h)) >= 4)
+            assert await h.node.drain(5)
+            assert h.node._acker.acked == acked + 1
 
     asyncio.run(scenario())
