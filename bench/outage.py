@@ -500,6 +500,7 @@ class OutageBench(Bench):
             n,
             self._client_id("pub"),
             window=self.args.window,
+            frames_per_message=self.args.frames_per_message,
         )
         pp = ctx.Process(target=publish_flood, args=(spec, ready, go, out), daemon=True)
         pp.start()
@@ -532,7 +533,7 @@ class OutageBench(Bench):
         if prep.error:
             raise RuntimeError(prep.error)
         run.store_cpu = {k: 100 * (cpu1[k] - cpu0[k]) / wall for k in cpu1 if k in cpu0}
-        run.publisher_rate = prep.rate
+        run.publisher_rate = prep.rate * self.args.frames_per_message  # frames/s
         run.answered = polls[-1][1] if polls else 0
         moving = [(t, c) for t, c in polls if c > 0]
         if len(moving) >= 2:
@@ -669,6 +670,7 @@ def run(args: argparse.Namespace, command: str) -> OutageFigures:
             "uplink_grace_s": args.uplink_grace_s,
             "synchronous": args.synchronous or "default (FULL)",
             "max_batch_size": args.max_batch_size or "default (64)",
+            "frames_per_message": args.frames_per_message,
         },
     )
     figures.busy_before = psutil.cpu_percent(interval=1.0)
@@ -850,8 +852,10 @@ def markdown(f: OutageFigures) -> str:
     )
     c = f.config
     out.append(
-        f"Settings: {c['frames']:,} frames flooded during each outage (publisher window "
-        f"{c['window']}); live frames at {c['live_rate']:g}/s (warm-up {c['warm_s']:g} s, and "
+        f"Settings: {c['frames']:,} frames flooded during each outage, "
+        f"{c.get('frames_per_message', 1)} per message (publisher window "
+        f"{c['window']} messages); live frames at {c['live_rate']:g}/s (warm-up "
+        f"{c['warm_s']:g} s, and "
         f"through each drain); uplink through a TcpProxy, reconnect backoff {c['reconnect']}, "
         f"health.uplink_grace_s {c['uplink_grace_s']:g}; outbox synchronous {c['synchronous']};"
         f" batching max_batch_size {c['max_batch_size']}; one fresh node per drain cap.\n"
@@ -915,6 +919,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--frames", type=int, default=100_000, help="frames flooded during each outage")
     p.add_argument("--window", type=int, default=1000, help="flood publisher QoS 1 window")
+    p.add_argument(
+        "--frames-per-message",
+        type=int,
+        default=1,
+        help="frames per flood message during the outage (> 1: frame batches, ADR 0067); the"
+        " input baseline and the live frames stay one per message",
+    )
     p.add_argument("--live-rate", type=float, default=100.0, help="live frames/s")
     p.add_argument("--warm-s", type=float, default=3.0, help="live-only warm-up seconds")
     p.add_argument(

@@ -31,7 +31,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edgewise.frames import load_holdout
-from schemas import ContractError, Frame, decode_results, encode_frame
+from schemas import ContractError, Frame, decode_results, encode_frame, encode_frames
 
 CONNECT_TIMEOUT_S = 10.0
 
@@ -142,6 +142,8 @@ class FloodSpec:
     """QoS 1 publishes in flight (sent, not yet PUBACKed); capped by the broker's Receive Max."""
     payload: bytes | None = None
     """Publish these bytes every time instead of digit frames (e.g. a node's results message)."""
+    frames_per_message: int = 1
+    """Digit frames per message (> 1: frame batches); ``count`` still counts frames."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +209,13 @@ def _payload(seq: int, image: Any) -> bytes:
     return encode_frame(Frame(seq=seq, ts=time.time(), tensor=image))
 
 
+def _batch_payload(first: int, count: int, images: Any) -> bytes:
+    now = time.time()
+    n = len(images)
+    frames = [Frame(seq=s, ts=now, tensor=images[s % n]) for s in range(first, first + count)]
+    return encode_frames(frames)
+
+
 def publish_flood(spec: FloodSpec, ready: Event, go: Event, out: Queue[PublishReport]) -> None:
     """Publish ``spec.count`` frames as fast as the broker takes them, keeping a window."""
     report = PublishReport()
@@ -224,13 +233,21 @@ def publish_flood(spec: FloodSpec, ready: Event, go: Event, out: Queue[PublishRe
         if not go.wait(60):
             raise TimeoutError("never told to start")
         n = len(images)
+        per = spec.frames_per_message
+        messages = -(-spec.count // per)  # ceil
         sent = 0
         report.started = time.monotonic()
         deadline = report.started + 120
-        while acks.acked < spec.count:
-            limit = min(spec.count, acks.acked + window)
+        while acks.acked < messages:
+            limit = min(messages, acks.acked + window)
             while sent < limit:
-                data = spec.payload or _payload(sent, images[sent % n])
+                if spec.payload is not None:
+                    data = spec.payload
+                elif per == 1:
+                    data = _payload(sent, images[sent % n])
+                else:
+                    first = sent * per
+                    data = _batch_payload(first, min(per, spec.count - first), images)
                 info = client.publish(spec.topic, data, qos=1)
                 if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                     raise ConnectionError(f"publish failed: {mqtt.error_string(info.rc)}")
@@ -239,7 +256,7 @@ def publish_flood(spec: FloodSpec, ready: Event, go: Event, out: Queue[PublishRe
                     client.loop(0)  # take the PUBACKs that are in
             client.loop(0.005)
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{acks.acked} of {spec.count} PUBACKs after 120 s")
+                raise TimeoutError(f"{acks.acked} of {messages} PUBACKs after 120 s")
         report.finished = time.monotonic()
         report.sent, report.acked, report.refused = sent, acks.acked, acks.refused
         _close(client)
