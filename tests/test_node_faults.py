@@ -20,7 +20,7 @@ import pytest
 
 from edgewise.frames import load_holdout
 from local_broker import BrokerInfo, Message, MosquittoProcess, MqttProbe
-from schemas import decode_status
+from schemas import Frame, decode_status, encode_frames
 from tests.nodeharness import frame_bytes
 from tests.nodeprocs import NodeProcesses, ResultLedger, online
 
@@ -36,8 +36,9 @@ def nodes(mosquitto: BrokerInfo, tmp_path: Path) -> Iterator[NodeProcesses]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("per_message", [1, 16], ids=["single-frames", "frame-batches"])
 def test_kill_9_of_the_node_loses_no_frame_and_gives_each_one_result_id(
-    nodes: NodeProcesses, mqtt_probe: ProbeFactory
+    nodes: NodeProcesses, mqtt_probe: ProbeFactory, per_message: int
 ) -> None:
     total = 10_000
     consumer = mqtt_probe()
@@ -57,7 +58,16 @@ def test_kill_9_of_the_node_loses_no_frame_and_gives_each_one_result_id(
         return check
 
     sensor = mqtt_probe()
-    payloads = [frame_bytes(i, HOLDOUT.images[i % len(HOLDOUT.images)]) for i in range(total)]
+    if per_message == 1:
+        payloads = [frame_bytes(i, HOLDOUT.images[i % len(HOLDOUT.images)]) for i in range(total)]
+    else:  # frame batches (ADR 0067): a message is acknowledged once all its frames are stored
+        frames = [
+            Frame(seq=i, ts=time.time(), tensor=HOLDOUT.images[i % len(HOLDOUT.images)])
+            for i in range(total)
+        ]
+        payloads = [
+            encode_frames(frames[i : i + per_message]) for i in range(0, total, per_message)
+        ]
     publisher = threading.Thread(
         target=sensor.publish_many, args=("sensors/cam-1/digits", payloads), daemon=True
     )
