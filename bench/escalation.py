@@ -31,6 +31,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -166,7 +167,14 @@ async def round_trip(
     return took, esc.stats.batch_sizes
 
 
-async def throughput(broker: BrokerInfo, count: int, per_message: int) -> float:
+async def throughput(
+    broker: BrokerInfo,
+    count: int,
+    per_message: int,
+    on_start: Callable[[], object] | None = None,
+) -> float:
+    """Escalations/s; ``on_start`` is called once the messages are built, just before the
+    first publish (bench/worker_cpu.py reads CPU counters there)."""
     images = load_holdout().images
     node = f"tp-{uuid.uuid4().hex[:6]}"
     topic = f"edge/{node}/reply"
@@ -202,6 +210,8 @@ async def throughput(broker: BrokerInfo, count: int, per_message: int) -> float:
         s.subscribe(topic)
         await s.wait_connected(10)
         await asyncio.sleep(0.2)
+        if on_start is not None:
+            on_start()
         start = time.perf_counter()
         window: set[asyncio.Future[None]] = set()
         for p in payloads:

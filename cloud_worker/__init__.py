@@ -8,7 +8,7 @@ Exceptions live in :mod:`cloud_worker.errors` (tree in its docstring).
 
 from cloud_worker.config import WorkerConfig
 from cloud_worker.errors import ConfigError, ExportError, HandlerError, StoreError, WorkerError
-from cloud_worker.handler import Batch, Handler, Verdict
+from cloud_worker.handler import Batch, Handler, Verdict, Verdicts
 from cloud_worker.service import run_worker
 from cloud_worker.store import Answer, HardExampleStore
 from cloud_worker.worker import Worker, WorkerStats
@@ -23,6 +23,7 @@ __all__ = [
     "HardExampleStore",
     "StoreError",
     "Verdict",
+    "Verdicts",
     "Worker",
     "WorkerConfig",
     "WorkerError",

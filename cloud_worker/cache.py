@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Generic, TypeVar
 
 V = TypeVar("V")
@@ -28,6 +29,18 @@ class BoundedCache(Generic[V]):
         self._items.move_to_end(key)
         while len(self._items) > self.max_entries:
             self._items.popitem(last=False)
+
+    def put_many(self, keys: Sequence[str], values: Sequence[V]) -> None:
+        """``put`` each key with its value, in order."""
+        if self.max_entries == 0:
+            return
+        items = self._items
+        for key, value in zip(keys, values, strict=True):
+            if key in items:
+                items.move_to_end(key)
+            items[key] = value
+        for _ in range(len(items) - self.max_entries):
+            items.popitem(last=False)
 
     def __len__(self) -> int:
         return len(self._items)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from cloud_worker.config import ModelConfig
 from cloud_worker.errors import ConfigError
-from cloud_worker.handler import Batch, Handler, Verdict
+from cloud_worker.handler import Batch, Handler, Verdicts
 from edge_node.errors import ModelLoadError
 from edge_node.model import ServedModel
 
@@ -23,13 +25,8 @@ def onnx_handler(name: str, cfg: ModelConfig) -> tuple[Handler, ServedModel]:
     except ModelLoadError as exc:
         raise ConfigError(f"models.{name}.path: {exc}") from None
 
-    def run(batch: Batch) -> list[Verdict]:
+    def run(batch: Batch) -> Verdicts:
         pred = model.predict(batch.inputs)
-        return [
-            Verdict(int(label), float(conf) if ok else 0.0)
-            for label, conf, ok in zip(
-                pred.labels.tolist(), pred.confidences.tolist(), pred.finite.tolist(), strict=True
-            )
-        ]
+        return Verdicts(pred.labels, np.where(pred.finite, pred.confidences, 0.0))
 
     return Handler(name, cfg.version, run), model

@@ -19,11 +19,11 @@ import sqlite3
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self
 
+import msgspec
 import sqlite_utils
 
 from cloud_worker.config import StoreConfig
@@ -57,9 +57,9 @@ COLUMNS: dict[str, Any] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class Answer:
-    """What a worker answered for one escalation id."""
+class Answer(msgspec.Struct, frozen=True, gc=False):
+    """What a worker answered for one escalation id (a struct: one is made per case, and a
+    frozen dataclass takes ~7 x as long to build)."""
 
     label: int
     confidence: float

@@ -32,20 +32,21 @@ import contextlib
 import json
 import logging
 import time
-from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections import Counter, defaultdict, deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Final, Self
 
 import numpy as np
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from cloud_worker.cache import BoundedCache
+from cloud_worker.caller import HandlerCaller
 from cloud_worker.config import WorkerConfig
 from cloud_worker.errors import HandlerError, StoreError
-from cloud_worker.handler import Batch, Handler, HandlerFn, Verdict
+from cloud_worker.handler import Batch, Handler, HandlerFn, Verdict, Verdicts
 from cloud_worker.onnx_model import onnx_handler
 from cloud_worker.store import Answer, HardExampleStore, Row, example_row
 from edge_node.acks import InOrderAcker, Ticket
@@ -66,8 +67,18 @@ from schemas import (
 
 log = logging.getLogger(__name__)
 
-BATCHES_IN_FLIGHT = 2
-"""Handler batches of one model in hand at once: one in the handler, the next being prepared."""
+BATCHES_IN_FLIGHT = 3
+"""Handler batches of one model in hand at once: one in the handler, the others being looked up
+and stacked, or queued on the handler's thread to start the moment the call before returns."""
+
+QUEUED_BATCHES_MAX = 4
+"""Intake stops while a model has cases for this many full batches waiting to be batched, and
+goes on as batches are formed: messages received meanwhile wait, undecoded, in arrival order,
+and reading from the broker pauses (it resumes once they are taken and half of this is left).
+Taking in everything the socket holds would otherwise keep the event loop on intake for as long
+as the broker has messages queued (paho reads as many packets per call as replies are in
+flight, a few hundred µs of decoding and bookkeeping each), while the handler idles for want
+of its next batch (docs/adr/0035-worker-model-thread.md)."""
 
 
 @dataclass(slots=True)
@@ -104,26 +115,27 @@ class WorkerStats:
         return sum(self.rejects.values())
 
 
-@dataclass(slots=True, eq=False)
 class _Message:
     """One escalation message in hand: settled (replied to, stored, acknowledged) once none of
     its cases is waiting any more."""
 
-    batch: EscalationBatch
-    msg: Inbound
-    ticket: Ticket
-    waiting: int = 0
-    answered: list[tuple[Escalation, Answer]] = field(default_factory=list)
-    stored: list[asyncio.Future[Any]] = field(default_factory=list)
+    __slots__ = ("answered", "batch", "msg", "stored", "ticket", "waiting")
+
+    def __init__(self, batch: EscalationBatch, msg: Inbound, ticket: Ticket) -> None:
+        self.batch = batch
+        self.msg = msg
+        self.ticket = ticket
+        self.waiting = 0
+        self.answered: list[tuple[Escalation, Answer]] = []
+        self.stored: list[asyncio.Future[Any]] = []
 
 
-@dataclass(slots=True, eq=False)
-class _Job:
-    """One case of a message."""
+_Job = tuple[Escalation, _Message]
+"""One case of a message, as it waits for its model's batch."""
 
-    esc: Escalation
-    parent: _Message
-    answer: Answer | None = None
+_NO_COPIES: Final[list[_Job]] = []
+"""``Worker._in_progress`` value of a case id no other message has sent meanwhile (shared,
+never appended to)."""
 
 
 def _is_reply_topic(topic: str, node: str) -> bool:
@@ -149,6 +161,12 @@ class Worker:
         self._models: list[ServedModel] = []
         self._answered: BoundedCache[Answer] = BoundedCache(config.answered_cache_entries)
         self._in_progress: dict[str, list[_Job]] = {}
+        """Case ids between intake and answer -> the copies of them other messages sent
+        meanwhile (answered together with the first)."""
+        self._callers: dict[str, HandlerCaller] = {}
+        self._pause_at = QUEUED_BATCHES_MAX * config.batching.max_batch_size
+        self._deferred: deque[tuple[Inbound, Ticket]] = deque()
+        """Messages received while a model was saturated, in arrival order (not decoded)."""
         self._settling: set[asyncio.Task[None]] = set()
         self._answering: set[asyncio.Task[None]] = set()
         self._batchers: dict[str, MicroBatcher[_Job]] = {}
@@ -189,7 +207,8 @@ class Worker:
             tasks = await stack.enter_async_context(asyncio.TaskGroup())
             self._tasks = tasks
             loops = []
-            for name in self._handlers:
+            for name, handler in self._handlers.items():
+                self._callers[name] = HandlerCaller(handler)
                 batcher: MicroBatcher[_Job] = MicroBatcher(
                     self._make_process(name),
                     max_batch_size=self.config.batching.max_batch_size,
@@ -223,6 +242,8 @@ class Worker:
         self.session.subscribe(self.subscription, qos=1)
 
     def _close_models(self) -> None:
+        for c in self._callers.values():
+            c.close()
         for m in self._models:
             m.close()
 
@@ -245,6 +266,7 @@ class Worker:
         # New escalations are left unacknowledged from now on; reading goes on, since the
         # PUBACKs of replies in flight must still come in.
         self._draining = True
+        self._take_deferred()  # received before: in hand
         timeout_s = self.config.drain_timeout_s if timeout_s is None else timeout_s
         try:
             async with asyncio.timeout(timeout_s):
@@ -263,6 +285,7 @@ class Worker:
         return {
             "connected": self.session.connected,
             "waiting_for_a_batch": {k: len(b) for k, b in self._batchers.items()},
+            "held_back_messages": len(self._deferred),
             "in_progress": len(self._in_progress),
             "in_handler_batches": len(self._answering),
             "replying": len(self._settling),
@@ -284,6 +307,32 @@ class Worker:
             return
         self.stats.received += 1
         ticket = self._acker.track(msg)
+        if self._deferred or self._saturated():
+            self._deferred.append((msg, ticket))
+            self.session.pause_reading()
+            return
+        self._take(msg, ticket)
+
+    def _saturated(self) -> bool:
+        """Some model has :data:`QUEUED_BATCHES_MAX` batches' worth of cases waiting."""
+        pause_at = self._pause_at
+        return any(len(b) >= pause_at for b in self._batchers.values())
+
+    def _take_deferred(self) -> None:
+        """Take the messages held back, in order, until a model is saturated again; resume
+        reading once none is held back and half of the limit is left."""
+        deferred = self._deferred
+        while deferred and (self._draining or not self._saturated()):
+            self._take(*deferred.popleft())
+        half = self._pause_at // 2
+        if (
+            not deferred
+            and self.session.reading_paused
+            and all(len(b) <= half for b in self._batchers.values())
+        ):
+            self.session.resume_reading()
+
+    def _take(self, msg: Inbound, ticket: Ticket) -> None:
         try:
             batch = decode_escalations(msg.payload, self.limits)
             if msg.topic != self.topics.escalations(batch.model):
@@ -299,33 +348,37 @@ class Worker:
             self.stats.rejects["no_handler"] += 1
             self._acker.finish(ticket)
             return
-        self.stats.cases += len(batch.cases)
+        cases = batch.cases_view()
+        self.stats.cases += len(cases)
         parent = _Message(batch, msg, ticket)
-        batcher = self._batchers[batch.model]
         now = time.time()
         in_progress = self._in_progress
-        answered = self._answered
+        cached = self._answered.get
         fresh: list[_Job] = []
-        for esc in batch.cases_view():
-            if esc.deadline is not None and now > esc.deadline:  # esc.expired(now)
+        for esc in cases:
+            deadline = esc.deadline
+            if deadline is not None and now > deadline:  # esc.expired(now)
                 self.stats.expired += 1
                 continue
-            job = _Job(esc, parent)
-            waiting = in_progress.get(esc.id)
-            if waiting is not None:
+            id_ = esc.id
+            copies = in_progress.get(id_)
+            if copies is not None:  # answered together with the first copy
                 self.stats.duplicates += 1
                 parent.waiting += 1
-                waiting.append(job)  # answered together with the first copy
+                if copies is _NO_COPIES:
+                    in_progress[id_] = [(esc, parent)]
+                else:
+                    copies.append((esc, parent))
                 continue
-            cached = answered.get(esc.id) if answered else None
-            if cached is not None:
+            answer = cached(id_)
+            if answer is not None:
                 self.stats.duplicates += 1
-                parent.answered.append((esc, cached))
+                parent.answered.append((esc, answer))
                 continue
-            in_progress[esc.id] = [job]
-            fresh.append(job)
+            in_progress[id_] = _NO_COPIES
+            fresh.append((esc, parent))
         parent.waiting += len(fresh)
-        batcher.add_many(fresh)
+        self._batchers[batch.model].add_many(fresh)
         if parent.waiting == 0:
             self._settle(parent)
 
@@ -333,105 +386,158 @@ class Worker:
     def _make_process(self, model: str) -> Callable[[list[_Job]], Any]:
         """The batcher's callback: hands each batch to a task of its own, so the next batch
         is looked up and stacked while this one is in the handler (at most
-        :data:`BATCHES_IN_FLIGHT` at a time; the handler itself is called for one batch at a
-        time, in order)."""
+        :data:`BATCHES_IN_FLIGHT` at a time). Batches reach the handler in the order the
+        batcher formed them: each task hands its batch to the :class:`HandlerCaller` only after
+        the task before it has (``turn``)."""
         slots = asyncio.Semaphore(BATCHES_IN_FLIGHT)
-        calling = asyncio.Lock()
+        loop = asyncio.get_running_loop()
+        previous: list[asyncio.Future[None]] = [loop.create_future()]
+        previous[0].set_result(None)
 
-        async def answer(jobs: list[_Job]) -> None:
+        async def answer(
+            jobs: list[_Job], turn: asyncio.Future[None], mine: asyncio.Future[None]
+        ) -> None:
             try:
-                await self._answer(model, jobs, calling)
+                await self._answer(model, jobs, turn, mine)
             except Exception:  # never stop answering
                 log.exception("unexpected error answering %d escalations", len(jobs))
-                for j in jobs:
-                    self._case_done(j, None, None)
+                for job in jobs:
+                    self._case_done(job, None, None)
             finally:
+                if not mine.done():
+                    mine.set_result(None)
                 slots.release()
 
         async def process(jobs: list[_Job]) -> None:
+            if self._deferred or self.session.reading_paused:
+                self._take_deferred()
             await slots.acquire()
-            task = asyncio.create_task(answer(jobs))
+            mine = loop.create_future()
+            turn, previous[0] = previous[0], mine
+            task = asyncio.create_task(answer(jobs, turn, mine))
             self._answering.add(task)
             task.add_done_callback(self._answering.discard)
 
         return process
 
-    async def _answer(self, model: str, jobs: list[_Job], calling: asyncio.Lock) -> None:
+    async def _answer(
+        self,
+        model: str,
+        jobs: list[_Job],
+        turn: asyncio.Future[None],
+        mine: asyncio.Future[None],
+    ) -> None:
+        """Look ``jobs`` up in the store, hand the rest to the handler once it is this batch's
+        ``turn`` (then set ``mine``), and decide every case."""
         handler = self._handlers[model]
         try:
-            known = await self.store.lookup([j.esc.id for j in jobs])
+            known = await self.store.lookup([esc.id for esc, _ in jobs])
         except StoreError as exc:
             log.warning("cannot look up earlier answers (%s)", exc)
             known = {}
-        fresh: list[_Job] = []
-        for j in jobs:
-            found = known.get(j.esc.id)
-            if found is not None:
+        fresh = jobs
+        if known:
+            fresh = []
+            for job in jobs:
+                found = known.get(job[0].id)
+                if found is None:
+                    fresh.append(job)
+                    continue
                 self.stats.duplicates += 1
-                j.answer = found
-                self._answered.put(j.esc.id, found)
-            else:
-                fresh.append(j)
+                self._answered.put(job[0].id, found)
+                self._case_done(job, found, None)
+        if not turn.done():
+            await turn
+        calls: list[tuple[list[_Job], asyncio.Future[Sequence[Verdict]] | None]] = []
+        caller = self._callers[model]
         for group in _by_input_kind(fresh):
             try:
-                inputs = _stack(group)
-                async with calling:
-                    verdicts = await handler(Batch(model, inputs, [j.esc for j in group]))
-                answers = self._answers_of(handler, verdicts)
-            except Exception as exc:  # a handler failure must not stop the worker
-                self.stats.handler_errors += 1
-                log.error("handler for %r failed on %d inputs: %s", model, len(group), exc)
-                continue
-            self.stats.batches += 1
-            self.stats.handled += len(group)
-            for j, a in zip(group, answers, strict=True):
-                j.answer = a
+                batch = Batch(model, _stack(group), [esc for esc, _ in group])
+                calls.append((group, caller.submit(batch)))
+            except Exception as exc:  # a bad group must not stop the others
+                self._handler_failed(model, group, exc)
+                calls.append((group, None))
+        mine.set_result(None)
+        decided: list[tuple[_Job, Answer | None]] = []
         rows: list[Row] = []
-        shapes: dict[tuple[int, ...], str] = {}  # the JSON of each shape, once
-        now = time.time()
-        for j in fresh:
-            if j.answer is not None:
-                esc = j.esc
-                self.stats.answered += 1
-                self._answered.put(esc.id, j.answer)
-                key = tuple(esc.shape)
-                text = shapes.get(key)
-                if text is None:
-                    text = shapes[key] = json.dumps(esc.shape)
-                received = j.parent.msg.received_at
-                rows.append(
-                    example_row(
-                        esc, j.answer, received_at=received, answered_at=now, shape_text=text
-                    )
-                )
+        for group, call in calls:
+            answers: Sequence[Answer | None] = [None] * len(group)
+            if call is not None:
+                try:
+                    answers = self._answers_of(handler, await call)
+                except Exception as exc:  # a handler failure must not stop the worker
+                    self._handler_failed(model, group, exc)
+                else:
+                    self.stats.batches += 1
+                    self.stats.handled += len(group)
+                    self.stats.answered += len(group)
+                    self._answered.put_many([esc.id for esc, _ in group], answers)
+                    rows.extend(self._rows(group, answers))
+            decided.extend(zip(group, answers, strict=True))
         stored = self.store.add_many(rows) if rows else None
-        for j in jobs:
+        for job, answer in decided:
             # No answer (the handler failed): the case is left out of the reply, so the node
             # falls back at its deadline, and its message is still acknowledged, so the broker
             # does not hand the same failing input out again and again.
-            self._case_done(j, j.answer, stored)
+            self._case_done(job, answer, stored)
+
+    def _handler_failed(self, model: str, group: list[_Job], exc: Exception) -> None:
+        self.stats.handler_errors += 1
+        log.error("handler for %r failed on %d inputs: %s", model, len(group), exc)
+
+    def _rows(self, group: list[_Job], answers: Sequence[Answer]) -> list[Row]:
+        """The hard-example rows of a group's answered cases."""
+        rows: list[Row] = []
+        shapes: dict[tuple[int, ...], str] = {}  # the JSON of each shape, once
+        now = time.time()
+        for (esc, parent), answer in zip(group, answers, strict=True):
+            key = tuple(esc.shape)
+            text = shapes.get(key)
+            if text is None:
+                text = shapes[key] = json.dumps(esc.shape)
+            rows.append(
+                example_row(
+                    esc, answer, received_at=parent.msg.received_at, answered_at=now,
+                    shape_text=text,
+                )
+            )  # fmt: skip
+        return rows
 
     def _case_done(
         self, job: _Job, answer: Answer | None, stored: asyncio.Future[Any] | None
     ) -> None:
         """``job``'s case is decided (``answer`` None: no answer); so are the copies of it that
         came in other messages meanwhile."""
-        copies = self._in_progress.pop(job.esc.id, None)
+        esc, parent = job
+        copies = self._in_progress.pop(esc.id, None)
         if copies is None:
             return  # decided already
-        for copy in copies:
-            parent = copy.parent
+        if answer is not None:
+            parent.answered.append((esc, answer))
+        if stored is not None and (not parent.stored or parent.stored[-1] is not stored):
+            parent.stored.append(stored)
+        parent.waiting -= 1
+        if parent.waiting == 0:
+            self._settle(parent)
+        for esc, parent in copies:
             if answer is not None:
-                parent.answered.append((copy.esc, answer))
-            if stored is not None and copy is job:
-                parent.stored.append(stored)
+                parent.answered.append((esc, answer))
             parent.waiting -= 1
             if parent.waiting == 0:
                 self._settle(parent)
 
-    def _answers_of(self, handler: Handler, verdicts: list[Verdict]) -> list[Answer]:
+    def _answers_of(self, handler: Handler, verdicts: Sequence[Verdict]) -> list[Answer]:
         """The handler's verdicts as answers, confidence clamped to 0..1 (NaN: 0)."""
         version, worker = handler.version, self.worker_id
+        if isinstance(verdicts, Verdicts):
+            # fmax: NaN -> 0 (it returns the number of a NaN and a number), then at most 1.
+            confidences = np.minimum(np.fmax(verdicts.confidences, 0.0), 1.0)
+            return [
+                Answer(label, confidence, version, worker)
+                for label, confidence in zip(
+                    verdicts.labels.tolist(), confidences.tolist(), strict=True
+                )
+            ]
         answers = []
         for v in verdicts:
             if not isinstance(v, Verdict):
@@ -456,7 +562,8 @@ class Worker:
             self.stats.uploads += len(message.answered)
         else:
             for esc, answer in message.answered:
-                if esc.expired(now):
+                deadline = esc.deadline
+                if deadline is not None and now > deadline:  # esc.expired(now)
                     self.stats.expired += 1
                     continue
                 assert esc.corr is not None
@@ -530,19 +637,19 @@ def _by_input_kind(jobs: list[_Job]) -> list[list[_Job]]:
     """``jobs`` split by input dtype and shape (one group in the usual case), order kept."""
     if not jobs:
         return []
-    first = jobs[0].esc
+    first = jobs[0][0]
     dtype, shape = first.dtype, first.shape
-    if all(j.esc.dtype == dtype and j.esc.shape == shape for j in jobs):
+    if all(esc.dtype == dtype and esc.shape == shape for esc, _ in jobs):
         return [jobs]
     groups: dict[tuple[str, tuple[int, ...]], list[_Job]] = defaultdict(list)
-    for j in jobs:
-        groups[(j.esc.dtype, tuple(j.esc.shape))].append(j)
+    for job in jobs:
+        groups[(job[0].dtype, tuple(job[0].shape))].append(job)
     return list(groups.values())
 
 
 def _stack(group: list[_Job]) -> np.ndarray:
     """The group's inputs (one dtype and shape, checked when their message was decoded) as one
-    writable ``[N, *shape]`` array."""
-    first = group[0].esc
-    data = bytearray(b"".join(j.esc.data for j in group))
+    writable ``[N, *shape]`` array (one copy of the bytes)."""
+    first = group[0][0]
+    data = bytearray().join([esc.data for esc, _ in group])
     return np.frombuffer(data, dtype=DTYPES[first.dtype]).reshape(len(group), *first.shape)

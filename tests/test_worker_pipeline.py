@@ -1,0 +1,223 @@
+"""The worker's answering pipeline (ADR 0035) against a real Mosquitto: a handler's own thread,
+array verdicts, coroutine handlers in order, and intake held back while a model is saturated."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cloud_worker import Batch, Verdict, Verdicts, Worker
+from cloud_worker.handler import Handler
+from cloud_worker.worker import QUEUED_BATCHES_MAX
+from edgewise.frames import load_holdout
+from local_broker import BrokerInfo
+from mqtt_session import MqttSession
+from tests.test_escalation import eventually
+from tests.test_worker_harness import Replies, batch_bytes, mqtt_for, one_case, worker_config
+
+HOLDOUT = load_holdout()
+
+
+async def _client(broker: BrokerInfo, replies: Replies, node: str) -> MqttSession:
+    s = MqttSession(
+        mqtt_for(broker),
+        client_id=f"t-{uuid.uuid4().hex[:6]}",
+        on_message=replies,
+        manual_ack=False,
+        persistent=False,
+        keep_properties=True,
+    )
+    await s.__aenter__()
+    s.subscribe(f"edge/{node}/reply")
+    await s.wait_connected(5)
+    return s
+
+
+# ---------------------------------------------------------------------- Verdicts (pure)
+def test_verdicts_are_a_sequence_of_verdict_held_as_arrays() -> None:
+    v = Verdicts(np.array([3, 1, 4]), np.array([0.5, 0.25, 1.0], dtype=np.float32))
+    assert len(v) == 3
+    assert v[0] == Verdict(3, 0.5) and v[-1] == Verdict(4, 1.0)
+    assert list(v) == [Verdict(3, 0.5), Verdict(1, 0.25), Verdict(4, 1.0)]
+    assert list(v[1:]) == [Verdict(1, 0.25), Verdict(4, 1.0)]
+    assert v.labels.dtype == np.int64 and v.confidences.dtype == np.float64
+    assert all(type(x.label) is int and type(x.confidence) is float for x in v)
+    with pytest.raises(ValueError, match="differ"):
+        Verdicts([1, 2], [0.5])
+
+
+def test_a_handler_result_of_the_wrong_length_is_refused_also_as_verdicts() -> None:
+    from cloud_worker.errors import HandlerError
+
+    handler = Handler("digits", "v", lambda b: Verdicts([1], [0.5]))
+    escalations = [one_case("x", HOLDOUT.images[0])] * 2
+    batch = Batch("digits", np.zeros((2, 8, 8), np.float32), escalations)  # type: ignore[arg-type]
+    with pytest.raises(HandlerError, match="1 verdicts for 2 inputs"):
+        handler.checked(batch, Verdicts([1], [0.5]))
+
+
+# ---------------------------------------------------------------------- with a broker
+def test_verdicts_from_a_handler_are_clamped_like_verdict_objects(
+    mosquitto: BrokerInfo, tmp_path: Path
+) -> None:
+    """A handler may answer with arrays; NaN, negative and >1 confidences become 0, 0 and 1."""
+    node = f"gw-{uuid.uuid4().hex[:6]}"
+    cfg = worker_config(mosquitto, tmp_path, batching={"max_batch_size": 4, "max_wait_ms": 1000})
+
+    async def scenario() -> None:
+        replies = Replies()
+        worker = Worker(cfg)
+
+        @worker.handler("digits", version="arrays-1")
+        def arrays(batch: Batch) -> Verdicts:
+            return Verdicts(np.arange(len(batch)), [math.nan, -0.5, 2.0, 0.75][: len(batch)])
+
+        async with worker:
+            client = await _client(mosquitto, replies, node)
+            try:
+                cases = [one_case(f"v{k}", HOLDOUT.images[k]) for k in range(4)]
+                await client.publish("cloud/escalations/digits", batch_bytes(cases, node=node))
+                await replies.wait_for(lambda: len(replies.got) >= 4)
+            finally:
+                await client.__aexit__(None, None, None)
+            assert await worker.drain()
+            assert worker.stats.answered == 4 and await worker.store.count() == 4
+        got = {r.id: (r.label, r.confidence) for r in replies.got}
+        assert got == {"v0": (0, 0.0), "v1": (1, 0.0), "v2": (2, 1.0), "v3": (3, 0.75)}
+
+    asyncio.run(scenario())
+
+
+def test_calls_of_a_coroutine_handler_never_overlap_and_keep_the_order(
+    mosquitto: BrokerInfo, tmp_path: Path
+) -> None:
+    node = f"gw-{uuid.uuid4().hex[:6]}"
+    cfg = worker_config(mosquitto, tmp_path, batching={"max_batch_size": 8, "max_wait_ms": 0})
+
+    async def scenario() -> None:
+        replies = Replies()
+        active = [0]
+        overlapped = [False]
+        calls: list[list[str]] = []
+        worker = Worker(cfg)
+
+        @worker.handler("digits", version="async-1")
+        async def slow(batch: Batch) -> list[Verdict]:
+            active[0] += 1
+            overlapped[0] |= active[0] > 1
+            calls.append([e.id for e in batch.escalations])
+            for _ in range(20):  # let the loop run other tasks (the next batches) meanwhile
+                await asyncio.sleep(0)
+            active[0] -= 1
+            return [Verdict(1, 0.9) for _ in range(len(batch))]
+
+        async with worker:
+            client = await _client(mosquitto, replies, node)
+            try:
+                for m in range(6):
+                    cases = [one_case(f"a{m}-{k}", HOLDOUT.images[k]) for k in range(8)]
+                    payload = batch_bytes(cases, node=node, corr=f"m{m}")
+                    await client.publish("cloud/escalations/digits", payload)
+                await replies.wait_for(lambda: len(replies.got) >= 48)
+            finally:
+                await client.__aexit__(None, None, None)
+            assert await worker.drain()
+        assert not overlapped[0]
+        assert [i for call in calls for i in call] == [
+            f"a{m}-{k}" for m in range(6) for k in range(8)
+        ]
+
+    asyncio.run(scenario())
+
+
+def test_a_plain_handler_returning_an_awaitable_is_awaited_on_the_loop(
+    mosquitto: BrokerInfo, tmp_path: Path
+) -> None:
+    node = f"gw-{uuid.uuid4().hex[:6]}"
+    cfg = worker_config(mosquitto, tmp_path)
+
+    async def scenario() -> None:
+        replies = Replies()
+        worker = Worker(cfg)
+        loop = asyncio.get_running_loop()
+
+        async def answer(n: int) -> list[Verdict]:
+            assert asyncio.get_running_loop() is loop
+            return [Verdict(7, 0.5)] * n
+
+        @worker.handler("digits", version="later-1")
+        def later(batch: Batch):  # type: ignore[no-untyped-def]
+            assert threading.current_thread() is not threading.main_thread()
+            return answer(len(batch))
+
+        async with worker:
+            client = await _client(mosquitto, replies, node)
+            try:
+                cases = [one_case(f"l{k}", HOLDOUT.images[k]) for k in range(3)]
+                await client.publish("cloud/escalations/digits", batch_bytes(cases, node=node))
+                await replies.wait_for(lambda: len(replies.got) >= 3)
+            finally:
+                await client.__aexit__(None, None, None)
+            assert await worker.drain()
+        assert {(r.label, r.confidence) for r in replies.got} == {(7, 0.5)}
+
+    asyncio.run(scenario())
+
+
+def test_intake_is_held_back_while_the_model_is_saturated_and_nothing_is_lost(
+    mosquitto: BrokerInfo, tmp_path: Path
+) -> None:
+    """The handler blocks: batches pile up to the limit, later messages wait undecoded and
+    reading pauses; a drain started then answers and acknowledges every message received
+    before it (held back ones included), in order; those never read are handed back."""
+    node = f"gw-{uuid.uuid4().hex[:6]}"
+    size = 4
+    cfg = worker_config(mosquitto, tmp_path, batching={"max_batch_size": size, "max_wait_ms": 0})
+    messages = 3 + QUEUED_BATCHES_MAX + 6  # batches in hand + the limit + some held back
+
+    async def scenario() -> None:
+        replies = Replies()
+        release = threading.Event()
+        calls: list[list[str]] = []
+        worker = Worker(cfg)
+
+        @worker.handler("digits", version="blocked-1")
+        def blocked(batch: Batch) -> list[Verdict]:
+            release.wait(30)
+            calls.append([e.id for e in batch.escalations])
+            return [Verdict(2, 0.5) for _ in range(len(batch))]
+
+        async with worker:
+            client = await _client(mosquitto, replies, node)
+            try:
+                for m in range(messages):
+                    cases = [one_case(f"q{m:02d}-{k}", HOLDOUT.images[k]) for k in range(size)]
+                    payload = batch_bytes(cases, node=node, corr=f"m{m}")
+                    await client.publish("cloud/escalations/digits", payload)
+                await eventually(lambda: worker.describe()["held_back_messages"] != 0)
+                assert worker.session.reading_paused
+                waiting = worker.describe()["waiting_for_a_batch"]
+                assert waiting == {"digits": QUEUED_BATCHES_MAX * size}
+                draining = asyncio.create_task(worker.drain())
+                release.set()
+                assert await draining
+                received = worker.stats.received
+                assert received > 3 + QUEUED_BATCHES_MAX  # the held back ones among them
+                await replies.wait_for(lambda: len(replies.got) >= received * size)
+            finally:
+                await client.__aexit__(None, None, None)
+            s = worker.stats
+            assert (s.answered, s.replies) == (received * size, received)
+            assert worker.describe()["unacknowledged"] == 0
+            assert worker.describe()["held_back_messages"] == 0
+            assert await worker.store.count() == received * size
+        order = [i for call in calls for i in call]
+        assert order == [f"q{m:02d}-{k}" for m in range(received) for k in range(size)]
+
+    asyncio.run(scenario())
