@@ -99,3 +99,13 @@ def test_the_node_config_the_bench_sets_accepts_its_frames_and_no_bigger(
     with pytest.raises(ContractError) as err:
         decode_frame(encode_frame(Frame(seq=3, ts=time.time(), tensor=as_floats)), limits)
     assert err.value.reason == "payload_too_large"
+
+
+def test_paced_calls_cycle_through_the_frames_once_per_tick() -> None:
+    from bench.mobilenet import time_paced_calls
+
+    frames = np.arange(3 * 4, dtype=np.uint8).reshape(3, 4)
+    seen: list[int] = []
+    out = time_paced_calls(lambda f: seen.append(int(f[0])), frames, 7, rate_hz=1000.0)
+    assert seen == [0, 4, 8, 0, 4, 8, 0]
+    assert len(out) == 7 and all(x >= 0.0 for x in out)
