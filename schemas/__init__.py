@@ -12,7 +12,8 @@ Encoding
     levels (node, device, sensor, model) must be valid levels (see Topics).
 
 Messages
-    :class:`Frame` (``decode_frame``/``encode_frame``), :class:`ResultBatch` of
+    :class:`Frame` (``decode_frame``/``encode_frame``; a message may also hold a batch of
+    frames, ``decode_frames``/``encode_frames``), :class:`ResultBatch` of
     :class:`Result` (``decode_results``/``encode_results``), :class:`Status`,
     :class:`DeadLetter`, :class:`EscalationBatch` of :class:`EscalationCase` (seen by workers
     as :class:`Escalation`) and its :class:`ReplyBatch` of :class:`CaseVerdict`
@@ -32,6 +33,9 @@ Decoding untrusted bytes
        multiple of the payload size, and ``decode_any`` at most ``max_items`` Python
        objects (a few MiB at the defaults), whatever the payload;
     3. version, then schema (types and ranges, via msgspec), then the tensor.
+    Frames, escalations and replies exactly as our encoders write them skip step 2: a closed
+    schema caps depth and lengths while decoding, and re-encoding proves them canonical
+    (docs/adr/0033-canonical-fast-path.md, 0066-canonical-frames.md).
     Decoders raise :class:`ContractError` and nothing else, whatever the bytes.
     Encoders of msgspec structs do not validate; ``encode_frame`` refuses tensors and
     fields no decoder would accept.
