@@ -19,8 +19,8 @@ the single form fails and the message has a ``frames`` key. Batches exactly as
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Annotated, Any, Final
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any, Final, Protocol, TypeVar
 
 import msgspec
 import numpy as np
@@ -94,6 +94,19 @@ class _HasFrames(msgspec.Struct):
     frames: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)  # empty: no such key
 
 
+class _EntryLike(Protocol):
+    @property
+    def seq(self) -> int: ...
+    @property
+    def ts(self) -> float | None: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def shape(self) -> list[int]: ...
+
+
+E = TypeVar("E", bound=_EntryLike)
+
 _CANONICAL_BATCH: Final = msgspec.msgpack.Decoder(_CanonicalBatch)
 _MSGPACK_BATCH: Final = msgspec.msgpack.Decoder(_Batch)
 _JSON_BATCH: Final = msgspec.json.Decoder(_JsonBatch)
@@ -118,7 +131,7 @@ def decode_frames(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> list[Frame
     if limits.max_depth >= SCHEMA_DEPTH:
         closed = _closed(_CANONICAL_SINGLE, payload)
         if isinstance(closed, _CanonicalFrame):
-            return [_frame(closed, VERSION, limits)]
+            return [_frame(closed, limits)]
     if limits.max_depth >= BATCH_SCHEMA_DEPTH:
         batch = _closed(_CANONICAL_BATCH, payload)
         # Over the limit: the full pipeline says why, as for any other encoding.
@@ -126,7 +139,9 @@ def decode_frames(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> list[Frame
             isinstance(batch, _CanonicalBatch)
             and len(batch.frames) <= limits.max_frames_per_message
         ):
-            return _frames(batch.frames, limits)
+            return _frames(
+                batch.frames, limits, lambda e: tensor_from_wire(e.dtype, e.shape, e.data, limits)
+            )
     try:
         return [_decode_msgpack_scanned(payload, limits)]
     except ContractError as single:
@@ -166,56 +181,58 @@ def _batch_budget(limits: Limits, per_frame: int) -> int:
 
 
 def _msgpack_batch(payload: bytes, limits: Limits, single: ContractError) -> list[Frame]:
-    per_frame = _header_values(limits) - 2  # an entry has no "v"
-    budget = _batch_budget(limits, per_frame)
-    try:
-        has = decode_msgpack(
-            payload, _MSGPACK_HAS_FRAMES.decode, what="frames", limits=limits, budget=budget
-        )
-    except ContractError:
-        raise single from None
-    if not has.frames:
+    """The full pipeline for a MessagePack batch; ``single``, the single form's refusal, is
+    raised if the payload is no batch either."""
+    budget = _batch_budget(limits, _header_values(limits) - 2)  # an entry has no "v"
+    if not _has_frames(decode_msgpack, _MSGPACK_HAS_FRAMES.decode, payload, limits, budget):
         raise single
     batch = run_decoder(_MSGPACK_BATCH.decode, payload, "frame batch")
-    return _frames(batch.frames, limits)
+    return _frames(
+        batch.frames, limits, lambda e: tensor_from_wire(e.dtype, e.shape, e.data, limits)
+    )
 
 
 def _json_batch(payload: bytes, limits: Limits, single: ContractError) -> list[Frame]:
-    per_frame = _header_values(limits) - 2
-    budget = _batch_budget(limits, per_frame) + limits.max_tensor_elements
-    try:
-        has = decode_json(
-            payload, _JSON_HAS_FRAMES.decode, what="frames", limits=limits, budget=budget
-        )
-    except ContractError:
-        raise single from None
-    if not has.frames:
+    """As :func:`_msgpack_batch`, for JSON (``data`` lists count as values)."""
+    budget = _batch_budget(limits, _header_values(limits) - 2) + limits.max_tensor_elements
+    if not _has_frames(decode_json, _JSON_HAS_FRAMES.decode, payload, limits, budget):
         raise single
     batch = run_decoder(_JSON_BATCH.decode, payload, "frame batch")
-    _check_count(len(batch.frames), limits)
-    total = 0
-    out: list[Frame] = []
-    for i, entry in enumerate(batch.frames):
-        _, _, count = _header(entry.dtype, entry.shape, limits, i)
-        total = _add_elements(total, count, limits)
-        out.append(Frame(seq=entry.seq, ts=entry.ts, tensor=_json_tensor(entry, limits)))
-    return out
+    return _frames(batch.frames, limits, lambda e: _json_tensor(e, limits))
 
 
-def _frames(entries: Sequence[_Entry | _CanonicalEntry], limits: Limits) -> list[Frame]:
+def _has_frames(
+    pipeline: Callable[..., _HasFrames],
+    decode: Callable[[bytes], _HasFrames],
+    payload: bytes,
+    limits: Limits,
+    budget: int,
+) -> bool:
+    """Pre-scanned with the batch budget, version-checked: does the payload have ``frames``?
+    (False when it fails those checks too: the single form's refusal then stands.)"""
+    try:
+        has = pipeline(payload, decode, what="frames", limits=limits, budget=budget)
+    except ContractError:
+        return False
+    return bool(has.frames)
+
+
+def _frames(entries: Sequence[E], limits: Limits, tensor: Callable[[E], np.ndarray]) -> list[Frame]:
+    """Every entry's frame, checking the count and each header (with the running element
+    total) before that entry's data is touched."""
     _check_count(len(entries), limits)
     total = 0
     out: list[Frame] = []
     for i, entry in enumerate(entries):
         _, _, count = _header(entry.dtype, entry.shape, limits, i)
         total = _add_elements(total, count, limits)
-        out.append(_frame(entry, VERSION, limits))
+        out.append(Frame(seq=entry.seq, ts=entry.ts, tensor=tensor(entry), v=VERSION))
     return out
 
 
-def _frame(entry: _Entry | _CanonicalEntry | _CanonicalFrame, v: int, limits: Limits) -> Frame:
+def _frame(entry: _CanonicalFrame, limits: Limits) -> Frame:
     tensor = tensor_from_wire(entry.dtype, entry.shape, entry.data, limits)
-    return Frame(seq=entry.seq, ts=entry.ts, tensor=tensor, v=v)
+    return Frame(seq=entry.seq, ts=entry.ts, tensor=tensor, v=entry.v)
 
 
 def _check_count(n: int, limits: Limits) -> None:

@@ -8,7 +8,6 @@ Payloads are built before measuring, so the tracemalloc peak is what decoding al
 
 from __future__ import annotations
 
-import struct
 import time
 import tracemalloc
 from typing import Any
@@ -46,6 +45,7 @@ from schemas.escalation import (
     _decode_scanned,
 )
 from schemas.scan_msgpack import scan_msgpack
+from tests.hostile_bytes import DEEP, HUGE_CLAIM, MILLION, mutate, with_raw_field
 
 KiB = 1024
 IMAGE = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
@@ -67,13 +67,6 @@ def _message(cases: list[Any]) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _with_raw_field(encoded_map: bytes, name: bytes, raw_value: bytes) -> bytes:
-    """``encoded_map`` (a fixmap) with one more key, whose value is ``raw_value`` as is."""
-    assert 0x80 <= encoded_map[0] < 0x8F
-    key = bytes([0xA0 + len(name)]) + name
-    return bytes([encoded_map[0] + 1]) + encoded_map[1:] + key + raw_value
-
-
 def refused(payload: bytes, limits: Limits | None = None) -> tuple[ReasonCode, str, int]:
     """(reason, detail, peak bytes allocated while decoding)."""
     tracemalloc.start()
@@ -92,26 +85,21 @@ def closed_decoder_refusal(payload: bytes) -> str:
     return str(excinfo.value)
 
 
-DEEP = b"\x91" * 500_000 + b"\x00"  # half a million nested one-element arrays
-HUGE_CLAIM = b"\xdd\xff\xff\xff\xff"  # array32 claiming 2**32-1 entries, none there
-MILLION = b"\xdd" + struct.pack(">I", 1_000_000) + b"\x00" * 1_000_000  # a real 1M-entry list
-
-
 def _hostile_unknown_field(where: str, value: bytes) -> bytes:
     """A one-case message with an unknown field ``x`` = ``value`` in the message, the case
     or the case's edge verdict."""
     case = _case(0)
     edge = msgspec.msgpack.encode(case.pop("edge"))
     if where == "edge":
-        edge = _with_raw_field(edge, b"x", value)
-    case_raw = _with_raw_field(msgspec.msgpack.encode(case), b"edge", edge)
+        edge = with_raw_field(edge, b"x", value)
+    case_raw = with_raw_field(msgspec.msgpack.encode(case), b"edge", edge)
     if where == "case":
-        case_raw = _with_raw_field(case_raw, b"x", value)
+        case_raw = with_raw_field(case_raw, b"x", value)
     message = _message([])
     del message["cases"]
-    raw = _with_raw_field(msgspec.msgpack.encode(message), b"cases", b"\x91" + case_raw)
+    raw = with_raw_field(msgspec.msgpack.encode(message), b"cases", b"\x91" + case_raw)
     if where == "message":
-        raw = _with_raw_field(raw, b"x", value)
+        raw = with_raw_field(raw, b"x", value)
     return raw
 
 
@@ -145,14 +133,14 @@ def test_known_list_far_over_its_cap(field: str, value: bytes) -> None:
     target.pop(field, None)
     edge_raw = msgspec.msgpack.encode(edge)
     if target is edge:
-        edge_raw = _with_raw_field(edge_raw, field.encode(), value)
-    case_raw = _with_raw_field(msgspec.msgpack.encode(case), b"edge", edge_raw)
+        edge_raw = with_raw_field(edge_raw, field.encode(), value)
+    case_raw = with_raw_field(msgspec.msgpack.encode(case), b"edge", edge_raw)
     if target is case:
-        case_raw = _with_raw_field(case_raw, field.encode(), value)
+        case_raw = with_raw_field(case_raw, field.encode(), value)
     message = _message([])
     del message["cases"]
     cases = value if field == "cases" else b"\x91" + case_raw
-    payload = _with_raw_field(msgspec.msgpack.encode(message), b"cases", cases)
+    payload = with_raw_field(msgspec.msgpack.encode(message), b"cases", cases)
     assert len(payload) <= Limits().max_payload_bytes
     # Refused from the array header: no element is decoded.
     assert "of length <=" in closed_decoder_refusal(payload)
@@ -180,13 +168,13 @@ def test_duplicate_keys_take_the_full_pipeline() -> None:
     # msgspec keeps the last of duplicate keys; such a payload is not canonical, so the
     # pre-scan counts every value, as before: a few duplicates pass, many are refused.
     one = msgspec.msgpack.encode(_message([_case(0)]))
-    two = _with_raw_field(one, b"ts", msgspec.msgpack.encode(5.0))
+    two = with_raw_field(one, b"ts", msgspec.msgpack.encode(5.0))
     assert msgspec.msgpack.encode(_ESC_DECODER.decode(two)) != two
     assert decode_escalations(two).ts == 5.0
     many = one
     full = msgspec.msgpack.encode([_case(i) for i in range(CASES_MAX)])
     for _ in range(8):
-        many = _with_raw_field(many, b"cases", full)
+        many = with_raw_field(many, b"cases", full)
     assert len(many) <= Limits().max_payload_bytes
     assert _ESC_DECODER.decode(many)  # the closed schema alone would accept it
     reason, detail, _ = refused(many)
@@ -234,20 +222,6 @@ mutations = st.tuples(
 )
 
 
-def _mutate(case: tuple[bytes, int, int, str]) -> bytes:
-    base, at, byte, how = case
-    at %= len(base)
-    if how == "flip":
-        return base[:at] + bytes([byte]) + base[at + 1 :]
-    if how == "insert":
-        return base[:at] + bytes([byte]) + base[at:]
-    if how == "delete":
-        return base[:at] + base[at + 1 :]
-    if how == "truncate":
-        return base[:at]
-    return base
-
-
 def _outcome(decode: Any, payload: bytes) -> EscalationBatch | tuple[str, str]:
     try:
         result: EscalationBatch = decode(payload)
@@ -263,7 +237,7 @@ def _full_pipeline(payload: bytes) -> EscalationBatch:
 
 
 @settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
-@given(mutations.map(_mutate))
+@given(mutations.map(mutate))
 def test_fast_path_accepts_exactly_what_the_full_pipeline_accepts(payload: bytes) -> None:
     fast = _outcome(decode_escalations, payload)
     full = _outcome(_full_pipeline, payload)
@@ -289,10 +263,10 @@ def _reply_bytes(where: str, value: bytes) -> bytes:
     message = _reply(1)
     verdict = msgspec.msgpack.encode(message.pop("verdicts")[0])
     if where == "verdict":
-        verdict = _with_raw_field(verdict, b"x", value)
-    raw = _with_raw_field(msgspec.msgpack.encode(message), b"verdicts", b"\x91" + verdict)
+        verdict = with_raw_field(verdict, b"x", value)
+    raw = with_raw_field(msgspec.msgpack.encode(message), b"verdicts", b"\x91" + verdict)
     if where == "message":
-        raw = _with_raw_field(raw, b"x", value)
+        raw = with_raw_field(raw, b"x", value)
     return raw
 
 
@@ -329,7 +303,7 @@ def test_reply_unknown_field_deep_or_huge(where: str, value: bytes) -> None:
 def test_reply_verdicts_far_over_the_cap(value: bytes) -> None:
     message = _reply(1)
     del message["verdicts"]
-    payload = _with_raw_field(msgspec.msgpack.encode(message), b"verdicts", value)
+    payload = with_raw_field(msgspec.msgpack.encode(message), b"verdicts", value)
     with pytest.raises(msgspec.DecodeError, match="of length <="):
         _REPLY_DECODER.decode(payload)
     reason, detail, peak = reply_refused(payload)
@@ -360,7 +334,7 @@ def _full_reply_pipeline(payload: bytes) -> ReplyBatch:
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
-@given(reply_mutations.map(_mutate))
+@given(reply_mutations.map(mutate))
 def test_reply_fast_path_accepts_exactly_what_the_full_pipeline_accepts(payload: bytes) -> None:
     fast = _outcome(decode_replies, payload)
     full = _outcome(_full_reply_pipeline, payload)

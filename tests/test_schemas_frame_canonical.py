@@ -8,7 +8,6 @@ Payloads are built before measuring, so the tracemalloc peak is what decoding al
 
 from __future__ import annotations
 
-import struct
 import tracemalloc
 from typing import Any
 
@@ -23,12 +22,10 @@ from schemas.errors import ReasonCode
 from schemas.frame import _CANONICAL, RANK_MAX, SCHEMA_DEPTH, _decode_msgpack_scanned
 from schemas.scan_msgpack import scan_msgpack
 from schemas.wire import is_json_object
+from tests.hostile_bytes import DEEP, HUGE_CLAIM, MILLION, mutate, outcome, with_raw_field
 
 KiB = 1024
 IMAGE = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
-DEEP = b"\x91" * 500_000 + b"\x00"  # half a million nested one-element arrays
-HUGE_CLAIM = b"\xdd\xff\xff\xff\xff"  # array32 claiming 2**32-1 entries, none there
-MILLION = b"\xdd" + struct.pack(">I", 1_000_000) + b"\x00" * 1_000_000  # a real 1M-entry list
 
 
 def _frame(**fields: Any) -> dict[str, Any]:
@@ -37,13 +34,6 @@ def _frame(**fields: Any) -> dict[str, Any]:
         "data": IMAGE.tobytes(),
     }  # fmt: skip
     return base | fields
-
-
-def _with_raw_field(encoded_map: bytes, name: bytes, raw_value: bytes) -> bytes:
-    """``encoded_map`` (a fixmap) with one more key, whose value is ``raw_value`` as is."""
-    assert 0x80 <= encoded_map[0] < 0x8F
-    key = bytes([0xA0 + len(name)]) + name
-    return bytes([encoded_map[0] + 1]) + encoded_map[1:] + key + raw_value
 
 
 def refused(payload: bytes, limits: Limits | None = None) -> tuple[ReasonCode, str, int]:
@@ -71,7 +61,7 @@ def test_what_encode_frame_writes_is_canonical() -> None:
     "value", [DEEP, HUGE_CLAIM, MILLION], ids=["500k-deep", "2**32-claim", "1M-list"]
 )
 def test_unknown_field_deep_or_huge(value: bytes) -> None:
-    payload = _with_raw_field(msgspec.msgpack.encode(_frame()), b"x", value)
+    payload = with_raw_field(msgspec.msgpack.encode(_frame()), b"x", value)
     with pytest.raises(msgspec.ValidationError, match="unknown field"):
         _CANONICAL.decode(payload)  # refused at the key: the value is never read
     reason, detail, peak = refused(payload)
@@ -83,7 +73,7 @@ def test_unknown_field_deep_or_huge(value: bytes) -> None:
 def test_shape_far_over_its_cap(value: bytes) -> None:
     frame = _frame()
     del frame["shape"]
-    payload = _with_raw_field(msgspec.msgpack.encode(frame), b"shape", value)
+    payload = with_raw_field(msgspec.msgpack.encode(frame), b"shape", value)
     with pytest.raises(msgspec.ValidationError, match="length"):
         _CANONICAL.decode(payload)  # from the array header, before any element
     reason, detail, peak = refused(payload)
@@ -94,7 +84,7 @@ def test_shape_far_over_its_cap(value: bytes) -> None:
 def test_data_claiming_2_gib() -> None:
     frame = _frame()
     del frame["data"]
-    payload = _with_raw_field(msgspec.msgpack.encode(frame), b"data", b"\xc6\x7f\xff\xff\xff")
+    payload = with_raw_field(msgspec.msgpack.encode(frame), b"data", b"\xc6\x7f\xff\xff\xff")
     reason, detail, peak = refused(payload)
     assert reason == "malformed", detail
     assert peak < 64 * KiB
@@ -104,12 +94,12 @@ def test_duplicate_keys_take_the_full_pipeline() -> None:
     # msgspec keeps the last of duplicate keys: such a payload is not canonical, so the
     # pre-scan counts every value, as before: one duplicate passes, past the budget they fail.
     one = msgspec.msgpack.encode(_frame())
-    two = _with_raw_field(one, b"seq", msgspec.msgpack.encode(5))
+    two = with_raw_field(one, b"seq", msgspec.msgpack.encode(5))
     assert msgspec.msgpack.encode(_CANONICAL.decode(two)) != two
     assert decode_frame(two).seq == 5
     many = one
     for _ in range(9):  # a fixmap holds 15 keys
-        many = _with_raw_field(many, b"seq", b"\x05")
+        many = with_raw_field(many, b"seq", b"\x05")
     assert _CANONICAL.decode(many).seq == 5  # the closed schema alone would accept it
     reason, detail, _ = refused(many, Limits(max_extra_items=8))
     assert reason == "malformed" and "values" in detail
@@ -173,34 +163,12 @@ mutations = st.tuples(
 )
 
 
-def _mutate(case: tuple[bytes, int, int, str]) -> bytes:
-    base, at, byte, how = case
-    at %= len(base)
-    if how == "flip":
-        return base[:at] + bytes([byte]) + base[at + 1 :]
-    if how == "insert":
-        return base[:at] + bytes([byte]) + base[at:]
-    if how == "delete":
-        return base[:at] + base[at + 1 :]
-    if how == "truncate":
-        return base[:at]
-    return base
-
-
-def _outcome(decode: Any, payload: bytes) -> Frame | tuple[str, str]:
-    try:
-        result: Frame = decode(payload, Limits())
-    except ContractError as exc:
-        return (exc.reason, exc.detail)
-    return result
-
-
 @settings(max_examples=800, suppress_health_check=[HealthCheck.too_slow])
-@given(mutations.map(_mutate))
+@given(mutations.map(mutate))
 def test_fast_path_accepts_exactly_what_the_full_pipeline_accepts(payload: bytes) -> None:
     assume(not is_json_object(payload))  # a flip to "{" makes it a JSON frame: another path
-    fast = _outcome(decode_frame, payload)
-    full = _outcome(_decode_msgpack_scanned, payload)
+    fast = outcome(decode_frame, payload)
+    full = outcome(lambda p: _decode_msgpack_scanned(p, Limits()), payload)
     if isinstance(full, tuple):
         assert isinstance(fast, tuple) and fast[0] == full[0], (fast, full)
     else:

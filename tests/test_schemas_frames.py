@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import struct
 import tracemalloc
-from typing import Any
 
 import msgspec
 import numpy as np
@@ -25,13 +24,11 @@ from schemas import (
 )
 from schemas.frames import _CANONICAL_BATCH, FRAMES_MAX, _msgpack_batch
 from schemas.wire import is_json_object
+from tests.hostile_bytes import DEEP, HUGE_CLAIM, MILLION, mutate, outcome
 
 KiB = 1024
 IMAGES = [np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8) * k for k in (1, 2, 3)]
 FRAMES = [Frame(seq=i, ts=1766400000.0 + i, tensor=img) for i, img in enumerate(IMAGES)]
-DEEP = b"\x91" * 500_000 + b"\x00"
-HUGE_CLAIM = b"\xdd\xff\xff\xff\xff"
-MILLION = b"\xdd" + struct.pack(">I", 1_000_000) + b"\x00" * 1_000_000
 
 
 def refused(payload: bytes, limits: Limits | None = None) -> tuple[str, str, int]:
@@ -138,27 +135,6 @@ mutations = st.tuples(
 )
 
 
-def _mutate(case: tuple[bytes, int, int, str]) -> bytes:
-    base, at, byte, how = case
-    at %= len(base)
-    if how == "flip":
-        return base[:at] + bytes([byte]) + base[at + 1 :]
-    if how == "insert":
-        return base[:at] + bytes([byte]) + base[at:]
-    if how == "delete":
-        return base[:at] + base[at + 1 :]
-    if how == "truncate":
-        return base[:at]
-    return base
-
-
-def _outcome(decode: Any, payload: bytes) -> Any:
-    try:
-        return decode(payload)
-    except ContractError as exc:
-        return (exc.reason, exc.detail)
-
-
 def _full(payload: bytes) -> list[Frame]:
     try:
         return [decode_frame(payload)]
@@ -167,11 +143,11 @@ def _full(payload: bytes) -> list[Frame]:
 
 
 @settings(max_examples=800, suppress_health_check=[HealthCheck.too_slow])
-@given(mutations.map(_mutate))
+@given(mutations.map(mutate))
 def test_the_fast_paths_agree_with_the_full_pipeline(payload: bytes) -> None:
     assume(not is_json_object(payload))
-    fast = _outcome(decode_frames, payload)
-    full = _outcome(_full, payload)
+    fast = outcome(decode_frames, payload)
+    full = outcome(_full, payload)
     if isinstance(full, tuple):
         assert isinstance(fast, tuple) and fast[0] == full[0], (fast, full)
     else:

@@ -27,6 +27,7 @@ from schemas import (
     encode_frame,
 )
 from schemas.errors import ReasonCode
+from tests.hostile_bytes import mutate
 
 MiB = 1 << 20
 Decoder = Callable[[bytes], object]
@@ -261,18 +262,6 @@ mutations = st.tuples(
     st.integers(0, 255),
     st.sampled_from(["flip", "insert", "delete", "truncate"]),
 )
-
-
-def mutate(case: tuple[bytes, int, int, str]) -> bytes:
-    base, at, byte, how = case
-    at %= len(base)
-    if how == "flip":
-        return base[:at] + bytes([byte]) + base[at + 1 :]
-    if how == "insert":
-        return base[:at] + bytes([byte]) + base[at:]
-    if how == "delete":
-        return base[:at] + base[at + 1 :]
-    return base[:at]
 
 
 frame_like = st.fixed_dictionaries(
