@@ -83,10 +83,21 @@ def _age(seconds: float | None) -> str:
 _STATE_STYLE = {"online": "green", "degraded": "yellow", "offline": "red"}
 
 
+def _serving(row: dict[str, Any]) -> str:
+    """Hardware class, then what really serves: runtime and provider (or delegate)."""
+    cls = row.get("hardware_class") or "-"
+    runtime = row.get("runtime")
+    if runtime is None:
+        return escape(cls)
+    provider = str(row.get("provider") or "").removesuffix("ExecutionProvider")
+    return escape(f"{cls} · {runtime}" + (f" ({provider})" if provider else ""))
+
+
 def render(report: dict[str, Any], console: Console) -> None:
     table = Table(title="edgewise fleet", title_justify="left")
     for name, justify in (
-        ("node", "left"), ("status", "left"), ("model", "left"), ("p50 ms", "right"),
+        ("node", "left"), ("status", "left"), ("model", "left"), ("class · runtime", "left"),
+        ("p50 ms", "right"),
         ("p99 ms", "right"), ("frames/s", "right"), ("esc. rate", "right"),
         ("outbox rows", "right"), ("evictions", "right"), ("last seen", "right"),
     ):  # fmt: skip
@@ -108,6 +119,7 @@ def render(report: dict[str, Any], console: Console) -> None:
             escape(row["node"]),
             status,
             model,
+            _serving(row),
             _ms(row["p50_ms"]),
             _ms(row["p99_ms"]),
             _num(row["frames_per_s"]),

@@ -140,6 +140,8 @@ def _row(n: NodeState, now: float) -> dict[str, Any]:
         "model": (t.model if t else None) or (s.model if s else None),
         "release": t.release if t and t.release is not None else (s.release if s else None),
         "hardware_class": t.hardware_class if t else None,
+        "runtime": t.runtime if t else None,
+        "provider": t.provider if t else None,
         "p50_ms": n.sketch.quantile(0.5) if n.sketch else None,
         "p99_ms": n.sketch.quantile(0.99) if n.sketch else None,
         "latency_count": n.sketch.count if n.sketch else None,

@@ -192,6 +192,7 @@ def test_fleet_status_table(broker: BrokerInfo, mqtt_probe: ProbeFactory) -> Non
         assert p99 is not None
         assert f"{p99:.3g}" in row
         assert "digits@3" in row
+    assert "x86-cpu · onnxruntime" in out.stdout  # the class and what really serves
     assert "degraded uplink_down" in out.stdout
     fleet = merged([LatencySketch.from_bytes(n.latest.latency) for n in nodes])
     fleet_p99 = fleet.quantile(0.99)
