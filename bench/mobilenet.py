@@ -67,6 +67,7 @@ from bench.node_throughput import (
     machine_info,
     write_markdown,
 )
+from bench.relay import RelaySpec, run_relay
 from bench.stacks import IDLE, Summary, summarize
 from bench.workers import ConsumeReport, PublishReport, random_frames
 from edge_node.runtime import load_runtime
@@ -143,6 +144,9 @@ class EndToEnd:
     """bare paho subscriber, the same frames at the same rate (one hop)"""
     bare: Stats
     """the bare ONNX Runtime call on the node's model and thread count, blocks between runs"""
+    relay: Latency | None = None
+    """bare paho relay (bench.relay): frames in, the same model inline, a result out; the same
+    frames at the same rate, the same consumer (two hops, no batching, no durable store)"""
     paced: Stats | None = None
     """the same call paced at the node's frame rate (the CPU idles between calls, as the node's
     does: caches go cold, the core may sleep); the like-for-like baseline"""
@@ -159,6 +163,10 @@ class EndToEnd:
     @property
     def overhead_share(self) -> float:
         return overhead_share(self.node.p50, self.bare.p50)
+
+    @property
+    def relay_overhead_ms(self) -> float:
+        return float("nan") if self.relay is None else self.node.p50 - self.relay.p50
 
     @property
     def paced_overhead_ms(self) -> float:
@@ -366,7 +374,9 @@ def run_end_to_end(
     runs: dict[str, tuple[list[ConsumeReport], list[PublishReport]]] = {
         "node": ([], []),
         "baseline": ([], []),
+        "relay": ([], []),
     }
+    relay = start_relay(bench, model, args)
     rounds: list[tuple[float, float, float]] = []
     try:
         warm, _ = bench.paced("node", args.rate, args.warmup_s, tag="warmup")
@@ -376,7 +386,7 @@ def run_end_to_end(
             bare_ms += block
             paced_ms += time_paced_calls(bare, frames, max(20, int(args.rate * secs)), args.rate)
             p50s = [Stats.of(block).p50]
-            kinds: tuple[Literal["node", "baseline"], ...] = ("node", "baseline")
+            kinds: tuple[Literal["node", "baseline", "relay"], ...] = ("node", "baseline", "relay")
             for kind in kinds:
                 crep, prep = bench.paced(kind, args.rate, secs, tag=f"{kind[0]}{r}")
                 runs[kind][0].append(crep)
@@ -385,7 +395,8 @@ def run_end_to_end(
             rounds.append((p50s[0], p50s[1], p50s[2]))
             log(
                 f"round {r + 1}/{args.e2e_rounds}: bare call p50 {p50s[0]:.2f} ms, node e2e "
-                f"p50 {p50s[1]:.2f} ms, bare paho p50 {p50s[2]:.2f} ms"
+                f"p50 {p50s[1]:.2f} ms, bare paho p50 {p50s[2]:.2f} ms, bare relay e2e p50 "
+                f"{p50s[3]:.2f} ms"
             )
         bare_ms += time_calls(bare, frames, args.iterations)
         rss = round(node.rss_mb(), 1)
@@ -395,9 +406,11 @@ def run_end_to_end(
         exit_note = node.stop()
         forget_session(bench.host, bench.port, bench.node_id)
         bench.node = None
+        relay.stop()
     e2e = EndToEnd(
         node=latency_of("node", args.rate, *runs["node"]),
         mqtt=latency_of("baseline", args.rate, *runs["baseline"]),
+        relay=latency_of("relay", args.rate, *runs["relay"]),
         bare=Stats.of(bare_ms),
         paced=Stats.of(paced_ms),
         rounds=rounds,
@@ -406,6 +419,48 @@ def run_end_to_end(
         node_rss_mb=rss,
     )
     return e2e, profile
+
+
+class RelayProcess:
+    """bench.relay in a process of its own (spawn), serving until stopped."""
+
+    def __init__(self, bench: Bench, spec: RelaySpec) -> None:
+        ctx = bench.mp
+        self._stop = ctx.Event()
+        self._errors: Any = ctx.Queue()
+        ready = ctx.Event()
+        self._proc = ctx.Process(
+            target=run_relay, args=(spec, ready, self._stop, self._errors), daemon=True
+        )
+        self._proc.start()
+        if not ready.wait(60):
+            raise RuntimeError("the bare relay did not start in 60 s")
+        self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if not self._errors.empty():
+            raise RuntimeError(f"bare relay failed:\n{self._errors.get()}")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._proc.join(10)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join()
+        self._raise_if_failed()
+
+
+def start_relay(bench: Bench, model: Path, args: argparse.Namespace) -> RelayProcess:
+    spec = RelaySpec(
+        bench.host,
+        bench.port,
+        bench.relay_id,
+        str(model),
+        threads=NODE_THREADS,
+        max_payload_bytes=args.max_payload_bytes,
+        max_tensor_elements=args.max_tensor_elements,
+    )
+    return RelayProcess(bench, spec)
 
 
 def profile_node(args: argparse.Namespace, bench: Bench, node: NodeProcess) -> Profile:
@@ -627,6 +682,20 @@ def e2e_rows(e: EndToEnd) -> list[list[str]]:
             if e.paced is not None
             else []
         ),
+        *(
+            [
+                [
+                    "bare paho relay: frame published -> result received (the same model"
+                    " inline in paho's callback; no batching, checks or durable store)",
+                    _ms(e.relay.p50),
+                    _ms(e.relay.p99),
+                    _ms(e.relay.max),
+                    f"{e.relay.received:,}/{e.relay.sent:,}",
+                ]
+            ]
+            if e.relay is not None
+            else []
+        ),
         [
             "bare paho subscriber, same frames and rate (one MQTT hop)",
             _ms(m.p50),
@@ -667,6 +736,13 @@ def verdict(e: EndToEnd) -> str:
         text += (
             f"; against the bare call paced at the same rate ({e.paced.p50:.2f} ms): "
             f"{e.paced_overhead_ms:.2f} ms = {e.paced_overhead_share:.1%}"
+        )
+    if e.relay is not None:
+        base = e.paced if e.paced is not None else e.bare
+        text += (
+            f"; a bare paho relay of the same model (e2e p50 {e.relay.p50:.2f} ms) itself adds "
+            f"{e.relay.p50 - base.p50:.2f} ms = {overhead_share(e.relay.p50, base.p50):.1%} to "
+            f"that call, and the node {e.relay_overhead_ms:.2f} ms more than the relay"
         )
     return text
 

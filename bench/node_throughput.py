@@ -112,7 +112,7 @@ class Flood:
 
 @dataclass(slots=True)
 class Latency:
-    kind: Literal["baseline", "node"]
+    kind: Literal["baseline", "node", "relay"]
     rate_hz: float
     sent: int
     received: int
@@ -129,7 +129,7 @@ class Latency:
 
 
 def latency_of(
-    kind: Literal["baseline", "node"],
+    kind: Literal["baseline", "node", "relay"],
     rate: float,
     creps: list[ConsumeReport],
     preps: list[PublishReport],
@@ -449,6 +449,8 @@ class Bench:
             self.extra_env["EDGEWISE_STORAGE__SYNCHRONOUS"] = args.synchronous
         self.node: NodeProcess | None = None
         self.node_id = f"bench-{os.getpid()}"
+        self.relay_id = f"relay-{os.getpid()}"
+        """the bare relay's results topic level (bench.relay, started by bench.mobilenet)"""
         self.frames_to_node = 0
         self._clients = 0
         self.frame_shape: tuple[int, ...] | None = None
@@ -554,7 +556,7 @@ class Bench:
                     raise RuntimeError(f"worker not ready after {timeout_s:.0f} s")
 
     def _specs(
-        self, kind: Literal["baseline", "node"], device: str, expect: int, latency: bool
+        self, kind: Literal["baseline", "node", "relay"], device: str, expect: int, latency: bool
     ) -> tuple[str, ConsumeSpec]:
         if kind == "baseline":
             topic = f"baseline/{device}/digits"
@@ -568,11 +570,13 @@ class Bench:
                 latency=latency,
             )
         else:
-            topic = f"sensors/{device}/digits"
+            # The node's results, or a bare relay's (bench.relay) in the same format.
+            topic = f"{'sensors' if kind == 'node' else 'relay'}/{device}/digits"
+            results_of = self.node_id if kind == "node" else self.relay_id
             cspec = ConsumeSpec(
                 self.host,
                 self.port,
-                f"edge/{self.node_id}/results",
+                f"edge/{results_of}/results",
                 self._client_id("results"),
                 "results",
                 expect,
@@ -609,7 +613,11 @@ class Bench:
 
     # -- latency -----------------------------------------------------------------------
     def paced(
-        self, kind: Literal["baseline", "node"], rate: float, secs: float, tag: str = "lat"
+        self,
+        kind: Literal["baseline", "node", "relay"],
+        rate: float,
+        secs: float,
+        tag: str = "lat",
     ) -> tuple[ConsumeReport, PublishReport]:
         """Frames at a steady rate to the bare subscriber or the node; the raw reports."""
         expect = round(rate * secs)

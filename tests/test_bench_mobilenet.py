@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from bench.mobilenet import FRAME_BYTES, FRAME_SHAPE, Stats, node_env, overhead_
 from bench.stacks import IDLE, OTHER, parse_frame, summarize
 from bench.workers import random_frames
 from edge_node.config import NodeConfig
+from local_broker import BrokerInfo, MqttProbe
 from schemas import ContractError, Frame, decode_frame, encode_frame
 
 RAW = """\
@@ -109,3 +111,41 @@ def test_paced_calls_cycle_through_the_frames_once_per_tick() -> None:
     out = time_paced_calls(lambda f: seen.append(int(f[0])), frames, 7, rate_hz=1000.0)
     assert seen == [0, 4, 8, 0, 4, 8, 0]
     assert len(out) == 7 and all(x >= 0.0 for x in out)
+
+
+def test_the_bare_relay_answers_each_frame_in_the_nodes_results_format(
+    mosquitto: BrokerInfo, mqtt_probe: Callable[..., MqttProbe]
+) -> None:
+    import queue
+    import threading
+
+    from bench.relay import RelaySpec, run_relay
+    from edge_node.config import bundled_asset
+    from edgewise.frames import load_holdout
+    from schemas import decode_results
+
+    relay_id = f"relay-test-{time.monotonic_ns()}"
+    spec = RelaySpec(
+        mosquitto.host, mosquitto.port, relay_id, str(bundled_asset("digits_edge.onnx"))
+    )
+    ready, stop, errors = threading.Event(), threading.Event(), queue.Queue()
+    thread = threading.Thread(target=run_relay, args=(spec, ready, stop, errors), daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(30) and errors.empty()
+        probe = mqtt_probe(mosquitto)
+        probe.subscribe(f"edge/{relay_id}/results")
+        holdout = load_holdout()
+        for seq in range(3):
+            frame = Frame(seq=seq, ts=time.time(), tensor=holdout.images[seq])
+            probe.publish("relay/cam-9/digits", encode_frame(frame), qos=1)
+        messages = probe.wait_count(3, 20)
+    finally:
+        stop.set()
+        thread.join(10)
+    assert errors.empty()
+    results = [r for m in messages for r in decode_results(m.payload).results]
+    assert [(r.device, r.sensor, r.frame_seq) for r in results] == [
+        ("cam-9", "digits", s) for s in range(3)
+    ]
+    assert all(r.frame_ts is not None and r.latency_ms >= 0 for r in results)
