@@ -34,7 +34,7 @@ from edge_node.batcher import MicroBatcher
 from edge_node.config import NodeConfig
 from edge_node.deadletter import DeadLetters
 from edge_node.errors import ConfigError
-from edge_node.escalation import Case, Escalator, Final
+from edge_node.escalation import HARD_EXAMPLE, Case, Escalator, Final
 from edge_node.hardware import load_model
 from edge_node.inference import AdaptiveRunner
 from edge_node.model import Prediction, ServedModel
@@ -186,6 +186,7 @@ class EdgeNode:
             self.uplink,
             window=config.storage.uplink_window,
             drain_max_per_s=config.storage.drain_max_msgs_per_s,
+            exclude_kinds=frozenset({HARD_EXAMPLE}),  # the escalator's forwarder sends those
         )
         self._acker = InOrderAcker(self.session)
         # Hybrid inference (docs/adr/0030-escalation.md): unsure verdicts go to cloud workers.
@@ -199,6 +200,7 @@ class EdgeNode:
                 state_dir=config.storage.state_dir,
                 deliver=self._store_finals,
                 synchronous=config.storage.synchronous,
+                outbox=self.outbox,  # one outbox for everything the node sends (ADR 0069)
             )
         self._batcher: MicroBatcher[_Pending] = MicroBatcher(
             self._process,
@@ -567,10 +569,10 @@ class EdgeNode:
         )
 
     def _evictions(self, outbox: dict[str, int]) -> dict[str, int]:
-        """Evicted items by kind, from every outbox the node keeps: its own and the
-        escalator's file of hard examples (which has its own bound)."""
+        """Evicted items by kind. Hard examples share the node's outbox (ADR 0069); an
+        escalator with a file of its own (not in a node) would count there."""
         total = dict(outbox)
-        if self.escalator is not None:
+        if self.escalator is not None and self.escalator.owns_outbox:
             for kind, n in self.escalator.hard_examples.stats().evicted_items.items():
                 total[kind] = total.get(kind, 0) + n
         return total

@@ -143,7 +143,7 @@ class AsyncOutbox:
         self._kinds = frozenset(config.eviction_order)
         self._executor: ThreadPoolExecutor | None = None
         self._outbox: Outbox | None = None
-        self._protected: Callable[[], AbstractSet[int]] | None = None
+        self._protectors: list[Callable[[], AbstractSet[int]]] = []
         self._stats: OutboxStats | None = None
         self._inflight: set[asyncio.Future[Any]] = set()
         self._closed = False
@@ -201,11 +201,18 @@ class AsyncOutbox:
 
     # -- the API -----------------------------------------------------------------------------
 
-    def protect(self, unsettled: Callable[[], AbstractSet[int]] | None) -> None:
-        """Ids eviction must skip (see :meth:`Outbox.protect`); may be set before opening."""
-        self._protected = unsettled
+    def protect(self, unsettled: Callable[[], AbstractSet[int]]) -> None:
+        """Add ids eviction must skip (see :meth:`Outbox.protect`): each forwarder of this
+        outbox adds its own; may be called before opening."""
+        self._protectors.append(unsettled)
         if self._outbox is not None:
-            self._outbox.protect(unsettled)
+            self._outbox.protect(self._protected)
+
+    def _protected(self) -> AbstractSet[int]:
+        """On the outbox's thread: the union of every protector's snapshot."""
+        if len(self._protectors) == 1:
+            return self._protectors[0]()
+        return frozenset().union(*(p() for p in self._protectors))
 
     @property
     def recovered_from(self) -> Path | None:
@@ -234,9 +241,18 @@ class AsyncOutbox:
             return 0
         return await self._deleter.submit(wanted, len(wanted))
 
-    async def pending(self, limit: int, after_id: int = 0) -> list[Stored]:
+    async def pending(
+        self,
+        limit: int,
+        after_id: int = 0,
+        *,
+        kinds: AbstractSet[str] | None = None,
+        exclude: AbstractSet[str] | None = None,
+    ) -> list[Stored]:
         outbox = self._check_open()
-        return await self._submit(outbox.pending, limit, after_id)
+        return await self._submit(
+            functools.partial(outbox.pending, kinds=kinds, exclude=exclude), limit, after_id
+        )
 
     async def answered(self, frame_key: str) -> str | None:
         outbox = self._check_open()

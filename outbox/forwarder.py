@@ -86,7 +86,8 @@ class Forwarder:
     ``max_rate_per_s`` caps everything sent, live records included (None: no cap).
     ``live_first=False`` keeps strict id order instead (the bridge promises order per topic):
     offered records go out at once only when nothing older waits, and the whole window is
-    the backlog's.
+    the backlog's. ``kinds`` / ``exclude_kinds`` let two forwarders share one outbox, each
+    reading only its records (the node's and its escalator's, over two connections).
     """
 
     def __init__(
@@ -102,6 +103,8 @@ class Forwarder:
         delete_batch: int = 256,
         delete_linger_s: float = 0.5,
         retry_s: float = 1.0,
+        kinds: frozenset[str] | None = None,
+        exclude_kinds: frozenset[str] | None = None,
     ) -> None:
         if window < 1 or delete_batch < 1 or live_queue_max < 1:
             raise ValueError("window, delete_batch and live_queue_max must be >= 1")
@@ -111,6 +114,9 @@ class Forwarder:
             raise ValueError("max_rate_per_s must be > 0 (or None for no cap)")
         # A cap on everything sent, live or backlog (the bridge's rate limit).
         self._total = _TokenBucket(max_rate_per_s or 0.0)
+        # Two forwarders may share one outbox, each with its kinds (each reads only its own).
+        self._kinds = kinds
+        self._exclude_kinds = exclude_kinds
         self._live_first = live_first
         self._outbox = outbox
         self._session = session
@@ -196,11 +202,20 @@ class Forwarder:
             if in_line:  # nothing older waits: move the reader past them, claim nothing
                 self._after = records[-1].id
             self._total.take(len(records))
+            self._bound_claims()
             return
         for record in records:
             self._claimed.add(record.id)
             self._live.append(record)
         self._wake.set()
+        self._bound_claims()
+
+    def _bound_claims(self) -> None:
+        """Ids of another forwarder's records (a shared outbox), or of appends that committed
+        out of order, keep offers out of line, and each claims its id until the reader passes
+        it. A read past them frees the claims; ask for one before they pile up."""
+        if len(self._claimed) > 4 * self._window:
+            self.kick()
 
     def _offer_in_order(self, records: list[Stored]) -> None:
         n = len(records)
@@ -290,7 +305,7 @@ class Forwarder:
         in id order: the last one sent is the state (ADR 0064). Read from the outbox, not kept
         from ``offer``: what was evicted meanwhile must not be sent."""
         window = min(self._window, self._session.broker_receive_maximum)
-        for record in await self._outbox.pending(window, after_id=first_id - 1):
+        for record in await self._read(window, first_id - 1):
             if record.retain or record.id in self._claimed or record.id in self._in_flight:
                 continue  # retained: in id order; the others: offered live meanwhile
             self._claimed.add(record.id)
@@ -301,6 +316,11 @@ class Forwarder:
             self.stats.fresh += 1
         if self._live:
             self._idle.clear()
+
+    async def _read(self, limit: int, after_id: int) -> list[Stored]:
+        return await self._outbox.pending(
+            limit, after_id, kinds=self._kinds, exclude=self._exclude_kinds
+        )
 
     def _room(self) -> int:
         return min(self._window, self._session.broker_receive_maximum) - len(self._in_flight)
@@ -361,7 +381,7 @@ class Forwarder:
         if want <= 0:
             return 0
         kicks = self._kicks
-        read = await self._outbox.pending(want, after_id=self._after)
+        read = await self._read(want, self._after)
         sent = 0
         for record in read:
             if record.id <= self._after:

@@ -438,16 +438,30 @@ class Outbox:
             "append", lambda st: self._append(st, records, costs, answered, now)
         )
 
-    def pending(self, limit: int, after_id: int = 0) -> list[Stored]:
-        """Up to ``limit`` stored records with ``id > after_id``, in ascending id order."""
+    def pending(
+        self,
+        limit: int,
+        after_id: int = 0,
+        *,
+        kinds: Set[str] | None = None,
+        exclude: Set[str] | None = None,
+    ) -> list[Stored]:
+        """Up to ``limit`` stored records with ``id > after_id``, in ascending id order; only
+        of ``kinds`` if given, none of ``exclude`` (two forwarders can share one outbox)."""
         self._check_open()
         if limit < 0:
             raise ValueError("limit must be >= 0")
+        where = "id > ?"
+        params: list[object] = [after_id]
+        for names, op in ((kinds, "IN"), (exclude, "NOT IN")):
+            if names is not None:
+                where += f" AND kind {op} ({', '.join('?' * len(names))})"
+                params += sorted(names)
         try:
             rows = self._conn.execute(
                 "SELECT id, kind, topic, payload, qos, retain, created_at, items FROM records "
-                "WHERE id > ? ORDER BY id LIMIT ?",
-                (after_id, limit),
+                f"WHERE {where} ORDER BY id LIMIT ?",
+                (*params, limit),
             ).fetchall()
         except sqlite3.Error as exc:
             raise translate(exc, "reading pending records") from exc

@@ -322,7 +322,10 @@ def test_node_without_uplink_answers_edge_offline_and_uploads_later(
                 final = _check_offline(h, unsure, sure)
                 assert all(r.latency_ms < 2000 for r in final)  # decided at once, no deadline
                 assert esc.stats.hard_examples_stored == 20
-                assert 1 <= esc.hard_examples.stats().rows <= 20  # messages of 1 or more cases
+                # In the node's one outbox (ADR 0069), as messages of 1 or more cases; the
+                # node's results went to its own broker meanwhile.
+                assert esc.hard_examples is h.node.outbox
+                assert 1 <= h.node.outbox.stats().rows_by_kind.get("hard_example", 0) <= 20
                 await asyncio.to_thread(persistent_mosquitto.restart)
                 async with asyncio.timeout(30):
                     while sum(len(decode_escalations(p).cases) for p in got) < 20:
@@ -332,18 +335,20 @@ def test_node_without_uplink_answers_edge_offline_and_uploads_later(
     asyncio.run(scenario())
 
 
-def test_hard_examples_evicted_while_offline_are_counted_in_telemetry(
-    mosquitto: BrokerInfo,
+def test_hard_examples_share_the_node_outbox_and_are_evicted_before_results(
+    mosquitto: BrokerInfo, tmp_path: Path
 ) -> None:
-    """The hard examples have an outbox of their own; what it evicts shows in the node's
-    telemetry like the node outbox's evictions."""
+    """Hard examples wait in the node's one outbox (ADR 0069), under its byte bound: when it
+    fills, they go before any result, and every eviction shows in the node's telemetry."""
     dead = {"host": "127.0.0.1", "port": free_port(), "reconnect_cap_s": 1.0}
-    escalation = _escalation(uplink=dead, hard_example_outbox_max_bytes=1024 * 1024)
+    storage = {"state_dir": str(tmp_path), "outbox_max_bytes": 1024 * 1024}
 
     async def scenario() -> None:
-        async with running_node(mosquitto, escalation=escalation) as h:
+        async with running_node(
+            mosquitto, escalation=_escalation(uplink=dead), storage=storage
+        ) as h:
             esc = h.node.escalator
-            assert esc is not None
+            assert esc is not None and esc.hard_examples is h.node.outbox
             n = 3000
             for seq in range(n):
                 await h.send(_frame(seq, HOLDOUT.images[UNSURE[seq % len(UNSURE)]]))
@@ -352,13 +357,18 @@ def test_hard_examples_evicted_while_offline_are_counted_in_telemetry(
             while esc.stats.hard_examples_stored < n:
                 assert time.monotonic() < deadline, f"{esc.stats.hard_examples_stored} stored"
                 await asyncio.sleep(0.05)
-            evicted = esc.hard_examples.stats().evicted_items.get("hard_example", 0)
-            assert evicted > 0, "the hard-example outbox never filled up"
+            stats = h.node.outbox.stats()
+            evicted = stats.evicted_items.get("hard_example", 0)
+            assert evicted > 0, "the outbox never filled up"
+            assert stats.evicted_items.get("result", 0) == 0  # hard examples go first
             # Records may carry several cases (ADR 0032): count the cases still stored.
-            path = h.node.config.storage.state_dir / f"{h.node.node_id}.hard_examples.db"
+            path = tmp_path / f"{h.node.node_id}.outbox.db"
+            assert not (tmp_path / f"{h.node.node_id}.hard_examples.db").exists()
             db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
             try:
-                (kept,) = db.execute("SELECT COALESCE(SUM(items), 0) FROM records").fetchone()
+                (kept,) = db.execute(
+                    "SELECT COALESCE(SUM(items), 0) FROM records WHERE kind = 'hard_example'"
+                ).fetchone()
             finally:
                 db.close()
             assert kept == n - evicted

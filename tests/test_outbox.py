@@ -936,3 +936,29 @@ def test_a_schema_1_outbox_is_upgraded_in_place_and_keeps_its_records(tmp_path: 
         box.append([Record("result", "edge/gw-1/results", b"new", items=3)])
         assert [s.items for s in box.pending(10)] == [1, 3]
     assert integrity(path) == ["ok"]
+
+
+def test_pending_reads_only_the_kinds_asked_for(tmp_path: Path) -> None:
+    box = Outbox.open(OutboxConfig(path=tmp_path / "k.db", synchronous="OFF"))
+    try:
+        kinds = ["result", "hard_example", "event", "hard_example", "result"]
+        ids = box.append([Record(k, f"t/{i}", b"p") for i, k in enumerate(kinds)])
+        assert [r.id for r in box.pending(10, kinds={"hard_example"})] == [ids[1], ids[3]]
+        assert [r.id for r in box.pending(10, exclude={"hard_example"})] == [
+            ids[0], ids[2], ids[4],
+        ]  # fmt: skip
+        assert [r.id for r in box.pending(10, after_id=ids[1], kinds={"hard_example"})] == [ids[3]]
+        assert [r.id for r in box.pending(10)] == ids
+    finally:
+        box.close()
+
+
+def test_two_forwarders_protectors_are_both_honoured(tmp_path: Path) -> None:
+    async def scenario() -> frozenset[int]:
+        cfg = OutboxConfig(path=tmp_path / "p.db", synchronous="OFF")
+        async with AsyncOutbox(cfg) as box:
+            box.protect(lambda: frozenset({1, 2}))
+            box.protect(lambda: frozenset({7}))
+            return frozenset(box._protected())
+
+    assert asyncio.run(scenario()) == {1, 2, 7}

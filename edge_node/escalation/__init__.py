@@ -10,6 +10,7 @@ docs/adr/0032-escalation-batches.md.
 from edge_node.escalation.cache import CloudVerdict, VerdictCache, input_key
 from edge_node.escalation.config import EscalationConfig, PolicyConfig
 from edge_node.escalation.escalator import (
+    HARD_EXAMPLE,
     Case,
     Deliver,
     EscalationStats,
@@ -21,6 +22,7 @@ from edge_node.escalation.journal import Journal, JournalError
 from edge_node.escalation.policy import Assessment, assess, edge_verdict, probabilities
 
 __all__ = [
+    "HARD_EXAMPLE",
     "Assessment",
     "Case",
     "CloudVerdict",

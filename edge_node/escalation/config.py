@@ -69,5 +69,6 @@ class EscalationConfig(BaseModel):
     hard_example_outbox_max_bytes: int = Field(
         64 * 1024 * 1024,
         ge=1024 * 1024,
-        description="bound of the file holding hard examples made while the uplink was down",
+        description="bound of the file holding hard examples made while the uplink was down,"
+        " for an escalator on its own; in a node they share its outbox (storage.outbox_max_bytes)",
     )

@@ -1,8 +1,9 @@
 """The node's side of hybrid inference: send unsure cases to the cloud, always answer.
 
 ``async with Escalator(...) as esc`` owns an uplink MQTT session (to the cloud workers' broker;
-by default the node's own), the pending-escalation journal, a verdict cache, and a small outbox
-of hard examples for cases decided while the uplink was down, forwarded once it is back.
+by default the node's own), the pending-escalation journal, a verdict cache, and a forwarder of
+the hard examples for cases decided while the uplink was down: they wait in the node's outbox
+(ADR 0069; in a file of their own for an escalator outside a node) until it is back.
 
 The node calls :meth:`Escalator.triage` on each batch's scores to learn which rows are unsure,
 then :meth:`Escalator.escalate` with those cases. ``escalate`` returns once every case is either
@@ -62,6 +63,9 @@ from schemas import (
 )
 
 log = logging.getLogger(__name__)
+
+HARD_EXAMPLE = "hard_example"
+"""The outbox record kind of hard-example uploads (evicted before results by default)."""
 
 _RESOLVED_KEEP = 100_000
 _E = TypeVar("_E")
@@ -149,7 +153,11 @@ class Escalator:
         state_dir: Path,
         deliver: Deliver,
         synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "FULL",
+        outbox: AsyncOutbox | None = None,
     ) -> None:
+        """``outbox``: the node's outbox, opened by the node before this is entered; hard
+        examples are stored there (kind ``hard_example``, bounded and evicted with the node's
+        records). Without it (the escalator on its own) they get a file of their own."""
         self.config = config
         self.node_id = node_id
         self.topics = topics
@@ -183,7 +191,8 @@ class Escalator:
             persistent=False,
             keep_properties=True,
         )
-        self.hard_examples = AsyncOutbox(
+        self.owns_outbox = outbox is None
+        self.hard_examples = outbox or AsyncOutbox(
             OutboxConfig(
                 path=state_dir / f"{node_id}.hard_examples.db",
                 max_bytes=config.hard_example_outbox_max_bytes,
@@ -192,14 +201,17 @@ class Escalator:
                 answered_keep=0,
             )
         )
-        self.forwarder = Forwarder(self.hard_examples, self.uplink, window=64)
+        self.forwarder = Forwarder(
+            self.hard_examples, self.uplink, window=64, kinds=frozenset({HARD_EXAMPLE})
+        )
 
     # ------------------------------------------------------------------ lifecycle
     async def __aenter__(self) -> Self:
         async with contextlib.AsyncExitStack() as stack:
             left = await self.journal.open()
             stack.push_async_callback(self.journal.close)
-            await stack.enter_async_context(self.hard_examples)
+            if self.owns_outbox:
+                await stack.enter_async_context(self.hard_examples)
             await stack.enter_async_context(self.uplink)
             self.uplink.subscribe(self.reply_topic, qos=1)
             tasks = await stack.enter_async_context(asyncio.TaskGroup())
@@ -444,7 +456,7 @@ class Escalator:
                 )
                 payload = encode_escalations(batch)
                 topic = self.topics.escalations(model)
-                record = Record("hard_example", topic, payload, items=len(chunk))
+                record = Record(HARD_EXAMPLE, topic, payload, items=len(chunk))
                 records.append((record, len(chunk)))
         return records
 
