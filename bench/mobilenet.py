@@ -646,15 +646,16 @@ BARE_COLUMNS = (
 
 def e2e_rows(e: EndToEnd) -> list[list[str]]:
     """what, p50, p99, max, count of the end-to-end comparison."""
-    n, m, b = e.node, e.mqtt, e.bare
-    return [
-        [
-            "node: frame published -> result received",
-            _ms(n.p50),
-            _ms(n.p99),
-            _ms(n.max),
-            f"{n.received:,}/{n.sent:,}",
-        ],
+
+    def latency(what: str, lat: Latency) -> list[str]:
+        return [what, _ms(lat.p50), _ms(lat.p99), _ms(lat.max), f"{lat.received:,}/{lat.sent:,}"]
+
+    def stats(what: str, st: Stats) -> list[str]:
+        return [what, _ms(st.p50), _ms(st.p99), _ms(st.max), f"{st.n:,}"]
+
+    n = e.node
+    rows = [
+        latency("node: frame published -> result received", n),
         [
             "inside the node (its latency_ms: frame in -> result built)",
             _ms(n.node_p50 if n.node_p50 is not None else float("nan")),
@@ -662,48 +663,19 @@ def e2e_rows(e: EndToEnd) -> list[list[str]]:
             "-",
             "-",
         ],
-        [
-            f"bare ONNX Runtime call, fp32, {NODE_THREADS} thread (baseline)",
-            _ms(b.p50),
-            _ms(b.p99),
-            _ms(b.max),
-            f"{b.n:,}",
-        ],
-        *(
-            [
-                [
-                    f"the same bare call paced at the node's frame rate ({e.node.rate_hz:g}/s)",
-                    _ms(e.paced.p50),
-                    _ms(e.paced.p99),
-                    _ms(e.paced.max),
-                    f"{e.paced.n:,}",
-                ]
-            ]
-            if e.paced is not None
-            else []
-        ),
-        *(
-            [
-                [
-                    "bare paho relay: frame published -> result received (the same model"
-                    " inline in paho's callback; no batching, checks or durable store)",
-                    _ms(e.relay.p50),
-                    _ms(e.relay.p99),
-                    _ms(e.relay.max),
-                    f"{e.relay.received:,}/{e.relay.sent:,}",
-                ]
-            ]
-            if e.relay is not None
-            else []
-        ),
-        [
-            "bare paho subscriber, same frames and rate (one MQTT hop)",
-            _ms(m.p50),
-            _ms(m.p99),
-            _ms(m.max),
-            f"{m.received:,}/{m.sent:,}",
-        ],
+        stats(f"bare ONNX Runtime call, fp32, {NODE_THREADS} thread (baseline)", e.bare),
     ]
+    if e.paced is not None:
+        what = f"the same bare call paced at the node's frame rate ({n.rate_hz:g}/s)"
+        rows.append(stats(what, e.paced))
+    if e.relay is not None:
+        what = (
+            "bare paho relay: frame published -> result received (the same model inline in"
+            " paho's callback; no batching, checks or durable store)"
+        )
+        rows.append(latency(what, e.relay))
+    rows.append(latency("bare paho subscriber, same frames and rate (one MQTT hop)", e.mqtt))
+    return rows
 
 
 def breakdown(e: EndToEnd) -> str:

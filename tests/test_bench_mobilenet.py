@@ -149,3 +149,21 @@ def test_the_bare_relay_answers_each_frame_in_the_nodes_results_format(
         ("cam-9", "digits", s) for s in range(3)
     ]
     assert all(r.frame_ts is not None and r.latency_ms >= 0 for r in results)
+
+
+def test_end_to_end_rows_name_every_baseline_in_order() -> None:
+    from bench.mobilenet import EndToEnd, e2e_rows
+    from bench.node_throughput import Latency
+
+    def lat(kind: str, p50: float) -> Latency:
+        return Latency(kind, 20.0, 100, 99, p50, p50, p50 + 1, p50 + 2, p50, 0.0, 99, 4.0, 5.0)  # type: ignore[arg-type]
+
+    e = EndToEnd(
+        node=lat("node", 7.5), mqtt=lat("baseline", 1.0), bare=Stats.of([2.0, 2.5]),
+        relay=lat("relay", 5.25), paced=Stats.of([3.5]),
+    )  # fmt: skip
+    rows = e2e_rows(e)
+    assert [r[0].split(" ")[0] for r in rows] == ["node:", "inside", "bare", "the", "bare", "bare"]
+    assert [r[1] for r in rows] == ["7.50", "4.00", "2.25", "3.50", "5.25", "1.00"]
+    assert rows[0][4] == "99/100" and rows[2][4] == "2"
+    assert e.relay_overhead_ms == 7.5 - 5.25 and e.paced_overhead_ms == 7.5 - 3.5
