@@ -5,6 +5,7 @@ CPU or a Coral Edge TPU): one input tensor in, one ``[N, C]`` score tensor out.
 from __future__ import annotations
 
 import os
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -107,6 +108,23 @@ class Runtime(Protocol):
     def run(self, batch: npt.NDArray[Any]) -> npt.NDArray[Any]: ...
 
     def close(self) -> None: ...
+
+
+def order_providers(
+    requested: Sequence[str], known: Container[str], fallback: str
+) -> tuple[list[str], list[str]]:
+    """The ``requested`` providers that are ``known``, in the requested order and without
+    repeats, with ``fallback`` last (it serves whatever the others cannot); and the unknown
+    ones, for the backend to say so."""
+    chosen: list[str] = []
+    unknown: list[str] = []
+    for name in requested:
+        if name in chosen or name in unknown:
+            continue
+        (chosen if name in known else unknown).append(name)
+    if fallback not in chosen:
+        chosen.append(fallback)
+    return chosen, unknown
 
 
 class ClosesOnExit:

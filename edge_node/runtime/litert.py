@@ -38,6 +38,7 @@ from edge_node.runtime.base import (
     TensorSpec,
     format_shape,
     model_file,
+    order_providers,
 )
 from edge_node.runtime.edgetpu import EDGETPU_CUSTOM_OP, open_delegate
 
@@ -98,18 +99,11 @@ def interpreter_module() -> tuple[ModuleType, str, str]:
 def select_providers(requested: Sequence[str]) -> list[str]:
     """The requested providers this backend knows, in the requested order, with ``"cpu"`` last
     as the fallback. Unknown names (e.g. ONNX Runtime's) are dropped with one warning."""
-    chosen: list[str] = []
-    unknown: list[str] = []
-    for name in requested:
-        if name in chosen or name in unknown:
-            continue
-        (chosen if name in PROVIDERS else unknown).append(name)
+    chosen, unknown = order_providers(requested, PROVIDERS, CPU)
     if unknown:
         log.warning(
             "LiteRT has no provider %s; known: %s", ", ".join(unknown), ", ".join(PROVIDERS)
         )
-    if CPU not in chosen:
-        chosen.append(CPU)
     return chosen
 
 

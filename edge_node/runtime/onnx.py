@@ -23,6 +23,7 @@ from edge_node.runtime.base import (
     RuntimeRunError,
     TensorSpec,
     model_file,
+    order_providers,
 )
 
 log = logging.getLogger(__name__)
@@ -59,12 +60,7 @@ _LOAD_FAILURES = {
 def select_providers(requested: Sequence[str], available: Sequence[str]) -> list[str]:
     """The requested providers this onnxruntime build has, in the requested order, with the
     CPU provider last as the fallback (it serves whatever the others cannot)."""
-    chosen: list[str] = []
-    missing: list[str] = []
-    for name in requested:
-        if name in chosen or name in missing:
-            continue
-        (chosen if name in available else missing).append(name)
+    chosen, missing = order_providers(requested, available, CPU)
     if missing:
         log.warning(
             "onnxruntime %s has no %s; available: %s",
@@ -72,8 +68,6 @@ def select_providers(requested: Sequence[str], available: Sequence[str]) -> list
             ", ".join(missing),
             ", ".join(available) or "none",
         )
-    if CPU not in chosen:
-        chosen.append(CPU)
     return chosen
 
 
