@@ -60,6 +60,7 @@ from bench.node_throughput import (
     Latency,
     NodeProcess,
     Observer,
+    RunInfo,
     console,
     forget_session,
     latency_of,
@@ -198,14 +199,7 @@ class Profile:
 
 
 @dataclass(slots=True)
-class Figures:
-    command: str
-    date: str
-    machine: dict[str, str]
-    load_before: tuple[float, float, float]
-    busy_before: float = 0.0
-    load_after: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    config: dict[str, Any] = field(default_factory=dict)
+class Figures(RunInfo):
     models: dict[str, Any] = field(default_factory=dict)
     bare: list[BareCase] = field(default_factory=list)
     litert_note: str = ""

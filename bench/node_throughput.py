@@ -172,7 +172,9 @@ class Startup:
 
 
 @dataclass(slots=True)
-class Figures:
+class RunInfo:
+    """What every benchmark's figures start with: how it was run, where, and how busy."""
+
     command: str
     date: str
     machine: dict[str, str]
@@ -181,6 +183,10 @@ class Figures:
     busy_before: float = 0.0
     """machine busy % (100 = every core) over 1 s just before the run: others' work"""
     config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Figures(RunInfo):
     startups: list[Startup] = field(default_factory=list)
     floods: list[Flood] = field(default_factory=list)
     latencies: list[Latency] = field(default_factory=list)

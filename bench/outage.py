@@ -58,6 +58,7 @@ from bench.node_throughput import (
     Bench,
     NodeProcess,
     Observer,
+    RunInfo,
     _sigterm_as_interrupt,
     console,
     forget_session,
@@ -174,14 +175,7 @@ class OutageRun:
 
 
 @dataclass(slots=True)
-class OutageFigures:
-    command: str
-    date: str
-    machine: dict[str, str]
-    load_before: tuple[float, float, float]
-    busy_before: float = 0.0
-    load_after: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    config: dict[str, Any] = field(default_factory=dict)
+class OutageFigures(RunInfo):
     input_rate: float = 0.0
     """bare paho subscriber, frames/s, first to last received"""
     input_publisher_rate: float = 0.0

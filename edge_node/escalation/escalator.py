@@ -383,19 +383,8 @@ class Escalator:
         for e in outgoing:
             if e.case.result.id not in self._pending:
                 continue  # resolved already (its deadline passed meanwhile)
-            r = e.case.result
-            case = make_case(
-                id=r.id,
-                release=r.release,
-                device=r.device,
-                sensor=r.sensor,
-                frame_seq=r.frame_seq,
-                tensor=e.case.tensor,
-                edge=e.case.verdict,
-                corr=e.corr,
-                deadline=now_wall + (e.deadline - now),
-            )
-            by_model.setdefault(r.model, []).append((e, case))
+            case = _wire_case(e.case, corr=e.corr, deadline=now_wall + (e.deadline - now))
+            by_model.setdefault(e.case.result.model, []).append((e, case))
         for model, pairs in by_model.items():
             for chunk in _chunks(pairs, self.config.max_message_bytes):
                 self._publish(model, chunk, now_wall, now)
@@ -433,17 +422,7 @@ class Escalator:
         """Hard-example upload messages of ``cases`` (per model), with their case counts."""
         by_model: dict[str, list[tuple[Case, EscalationCase]]] = {}
         for c in cases:
-            r = c.result
-            case = make_case(
-                id=r.id,
-                release=r.release,
-                device=r.device,
-                sensor=r.sensor,
-                frame_seq=r.frame_seq,
-                tensor=c.tensor,
-                edge=c.verdict,
-            )
-            by_model.setdefault(r.model, []).append((c, case))
+            by_model.setdefault(c.result.model, []).append((c, _wire_case(c)))
         records: list[tuple[Record, int]] = []
         for model, pairs in by_model.items():
             for chunk in _chunks(pairs, self.config.max_message_bytes):
@@ -596,3 +575,22 @@ def _chunks(
     if run:
         out.append(run)
     return out
+
+
+def _wire_case(
+    c: Case, *, corr: str | None = None, deadline: float | None = None
+) -> EscalationCase:
+    """``c`` as it goes on the wire: to the workers (with ``corr`` and ``deadline``) or in a
+    hard-example upload (without)."""
+    r = c.result
+    return make_case(
+        id=r.id,
+        release=r.release,
+        device=r.device,
+        sensor=r.sensor,
+        frame_seq=r.frame_seq,
+        tensor=c.tensor,
+        edge=c.verdict,
+        corr=corr,
+        deadline=deadline,
+    )
