@@ -27,12 +27,11 @@ from cloud_worker.export import export
 from cloud_worker.service import GC_THRESHOLDS, fewer_gc_passes
 from edgewise.frames import load_holdout
 from local_broker import BrokerInfo
-from mqtt_session import MqttSession
 from tests.test_worker_harness import (
     Replies,
     batch_bytes,
     escalation_bytes,
-    mqtt_for,
+    node_client,
     one_case,
     start_worker_process,
     wait_ready,
@@ -41,22 +40,6 @@ from tests.test_worker_harness import (
 
 HOLDOUT = load_holdout()
 REPO = Path(__file__).resolve().parent.parent
-
-
-async def _client(broker: BrokerInfo, replies: Replies | None, node: str) -> MqttSession:
-    s = MqttSession(
-        mqtt_for(broker),
-        client_id=f"t-{uuid.uuid4().hex[:6]}",
-        on_message=replies,
-        manual_ack=False,
-        persistent=False,
-        keep_properties=True,
-    )
-    await s.__aenter__()
-    if replies is not None:
-        s.subscribe(f"edge/{node}/reply")
-    await s.wait_connected(5)
-    return s
 
 
 def _random_worker(cfg: WorkerConfig) -> Worker:
@@ -79,14 +62,11 @@ def test_worker_answers_with_the_cloud_model_and_stores_hard_examples(
     async def scenario() -> None:
         replies = Replies()
         async with Worker(cfg) as worker:
-            client = await _client(mosquitto, replies, node)
-            try:
+            async with node_client(mosquitto, replies, node) as client:
                 for i in range(40):
                     payload = escalation_bytes(f"e{i}", HOLDOUT.images[i], node=node)
                     await client.publish("cloud/escalations/digits", payload)
                 await replies.wait_for(lambda: len(replies.got) >= 40)
-            finally:
-                await client.__aexit__(None, None, None)
             await worker.drain()
             assert worker.stats.answered == 40
             assert worker.stats.batches <= 40
@@ -117,8 +97,7 @@ def test_duplicate_escalation_gets_the_same_answer_also_after_restart(
 
     async def scenario() -> None:
         replies = Replies()
-        client = await _client(mosquitto, replies, node)
-        try:
+        async with node_client(mosquitto, replies, node) as client:
             async with _random_worker(cfg) as worker:
                 for _ in range(3):  # back to back: one in progress, then from the cache
                     await client.publish("cloud/escalations/digits", payload)
@@ -136,8 +115,6 @@ def test_duplicate_escalation_gets_the_same_answer_also_after_restart(
                 assert again.stats.answered == 0
                 assert again.stats.duplicates == 1
                 assert await again.store.count() == 1
-        finally:
-            await client.__aexit__(None, None, None)
         answers = {(r.label, r.confidence, r.worker) for r in replies.got}
         assert len(answers) == 1, answers
 
@@ -151,15 +128,12 @@ def test_expired_escalation_is_ignored(mosquitto: BrokerInfo, tmp_path: Path) ->
     async def scenario() -> None:
         replies = Replies()
         async with Worker(cfg) as worker:
-            client = await _client(mosquitto, replies, node)
-            try:
+            async with node_client(mosquitto, replies, node) as client:
                 stale = escalation_bytes("old", HOLDOUT.images[0], node=node, deadline_s=-1.0)
                 await client.publish("cloud/escalations/digits", stale)
                 fresh = escalation_bytes("new", HOLDOUT.images[1], node=node)
                 await client.publish("cloud/escalations/digits", fresh)
                 await replies.wait_for(lambda: any(r.id == "new" for r in replies.got))
-            finally:
-                await client.__aexit__(None, None, None)
             await worker.drain()
             assert worker.stats.expired == 1
             assert worker.stats.answered == 1
@@ -178,9 +152,8 @@ def test_hostile_escalations_are_rejected_and_counted(
     async def scenario() -> None:
         replies = Replies()
         async with Worker(cfg) as worker:
-            client = await _client(mosquitto, replies, node)
-            client.subscribe("edge/victim/#")
-            try:
+            async with node_client(mosquitto, replies, node) as client:
+                client.subscribe("edge/victim/#")
                 topic = "cloud/escalations/digits"
                 await client.publish(topic, b"\xc1garbage")
                 await client.publish(topic, b"\x80" * 5000)  # oversized
@@ -198,8 +171,6 @@ def test_hostile_escalations_are_rejected_and_counted(
                 )
                 await client.publish(topic, escalation_bytes("ok", HOLDOUT.images[2], node=node))
                 await replies.wait_for(lambda: any(r.id == "ok" for r in replies.got))
-            finally:
-                await client.__aexit__(None, None, None)
             await worker.drain()
             s = worker.stats
             assert s.rejects["malformed"] == 1
@@ -222,8 +193,7 @@ def test_hard_example_upload_is_stored_without_a_reply(
     async def scenario() -> None:
         replies = Replies()
         async with Worker(cfg) as worker:
-            client = await _client(mosquitto, replies, node)
-            try:
+            async with node_client(mosquitto, replies, node) as client:
                 up = escalation_bytes(
                     "up", HOLDOUT.images[5], node=node, reply=False, deadline_s=None
                 )
@@ -232,8 +202,6 @@ def test_hard_example_upload_is_stored_without_a_reply(
                     "cloud/escalations/digits", escalation_bytes("m", HOLDOUT.images[6], node=node)
                 )
                 await replies.wait_for(lambda: any(r.id == "m" for r in replies.got))
-            finally:
-                await client.__aexit__(None, None, None)
             await worker.drain()
             assert worker.stats.uploads == 1
             assert await worker.store.count() == 2
@@ -249,14 +217,11 @@ def test_export_parquet_and_csv(mosquitto: BrokerInfo, tmp_path: Path) -> None:
     async def fill() -> None:
         replies = Replies()
         async with Worker(cfg) as worker:
-            client = await _client(mosquitto, replies, node)
-            try:
+            async with node_client(mosquitto, replies, node) as client:
                 for i in range(25):
                     p = escalation_bytes(f"x{i}", HOLDOUT.images[i], node=node)
                     await client.publish("cloud/escalations/digits", p)
                 await replies.wait_for(lambda: len(replies.got) >= 25)
-            finally:
-                await client.__aexit__(None, None, None)
             await worker.drain()
 
     asyncio.run(fill())
@@ -320,8 +285,7 @@ def test_sigterm_finishes_in_hand_and_hands_back_the_rest(
 
     async def scenario() -> None:
         replies = Replies()
-        client = await _client(mosquitto, replies, node)
-        try:
+        async with node_client(mosquitto, replies, node) as client:
             p, log = start_worker_process(tmp_path, mosquitto, wid)
             await asyncio.to_thread(wait_ready, p, log)
             for i in range(total):
@@ -343,8 +307,6 @@ def test_sigterm_finishes_in_hand_and_hands_back_the_rest(
             await replies.wait_for(lambda: len({r.id for r in replies.got}) >= total, 40)
             p2.send_signal(signal.SIGTERM)
             assert await asyncio.to_thread(p2.wait, 30) == 0
-        finally:
-            await client.__aexit__(None, None, None)
         assert {r.id for r in replies.got} == {f"s{i}" for i in range(total)}
         assert len(first_run) >= 1
         async with HardExampleStore(
@@ -373,33 +335,32 @@ def test_readme_worker_example_runs(mosquitto: BrokerInfo, tmp_path: Path) -> No
 
     async def scenario() -> None:
         replies = Replies()
-        client = await _client(mosquitto, replies, node)
-        proc = await asyncio.to_thread(
-            subprocess.Popen,
-            [sys.executable, str(script)],
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            deadline = time.monotonic() + 30
-            sent = 0
-            while not replies.got and time.monotonic() < deadline:
-                sent += 1
-                payload = escalation_bytes(f"r{sent}", HOLDOUT.images[0], node=node)
-                await client.publish("cloud/escalations/digits", payload)
-                with_timeout = asyncio.wait_for(replies.changed.wait(), 0.5)
-                with contextlib.suppress(TimeoutError):
-                    await with_timeout
-            assert replies.got, "the README worker never answered"
-            assert replies.got[0].model == "threshold-1"
-            proc.send_signal(signal.SIGTERM)
-            out, _ = await asyncio.to_thread(proc.communicate, timeout=30)
-            assert proc.returncode == 0, out
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            await client.__aexit__(None, None, None)
+        async with node_client(mosquitto, replies, node) as client:
+            proc = await asyncio.to_thread(
+                subprocess.Popen,
+                [sys.executable, str(script)],
+                cwd=tmp_path,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+            try:
+                deadline = time.monotonic() + 30
+                sent = 0
+                while not replies.got and time.monotonic() < deadline:
+                    sent += 1
+                    payload = escalation_bytes(f"r{sent}", HOLDOUT.images[0], node=node)
+                    await client.publish("cloud/escalations/digits", payload)
+                    with_timeout = asyncio.wait_for(replies.changed.wait(), 0.5)
+                    with contextlib.suppress(TimeoutError):
+                        await with_timeout
+                assert replies.got, "the README worker never answered"
+                assert replies.got[0].model == "threshold-1"
+                proc.send_signal(signal.SIGTERM)
+                out, _ = await asyncio.to_thread(proc.communicate, timeout=30)
+                assert proc.returncode == 0, out
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
 
     asyncio.run(scenario())
 
@@ -446,8 +407,7 @@ def test_a_batch_message_gets_one_reply_and_cases_of_messages_share_a_handler_ca
             return [Verdict(int(e.id[1:]) % 10, 0.9) for e in batch.escalations]
 
         async with worker:
-            client = await _client(mosquitto, replies, node)
-            try:
+            async with node_client(mosquitto, replies, node) as client:
                 await client.publish(
                     "cloud/escalations/digits", escalation_bytes("b0", HOLDOUT.images[0], node=node)
                 )
@@ -462,8 +422,6 @@ def test_a_batch_message_gets_one_reply_and_cases_of_messages_share_a_handler_ca
                     payload = batch_bytes(cases, node=node, corr=f"msg{m}")
                     await client.publish("cloud/escalations/digits", payload)
                 await replies.wait_for(lambda: len(replies.raw) >= 6)
-            finally:
-                await client.__aexit__(None, None, None)
             assert await worker.drain()
             s = worker.stats
             assert (s.received, s.cases, s.replies, s.verdicts) == (6, 21, 6, 20)
@@ -501,8 +459,7 @@ def test_a_reply_answers_the_part_of_a_batch_whose_handler_call_worked(
             return [Verdict(1, 0.8) for _ in range(len(batch))]
 
         async with worker:
-            client = await _client(mosquitto, replies, node)
-            try:
+            async with node_client(mosquitto, replies, node) as client:
                 small = np.zeros((4, 4), np.float32)
                 cases = [
                     one_case("p0", HOLDOUT.images[0]),
@@ -512,8 +469,6 @@ def test_a_reply_answers_the_part_of_a_batch_whose_handler_call_worked(
                 ]
                 await client.publish("cloud/escalations/digits", batch_bytes(cases, node=node))
                 await replies.wait_for(lambda: len(replies.raw) >= 1)
-            finally:
-                await client.__aexit__(None, None, None)
             assert await worker.drain()
             assert worker.describe()["unacknowledged"] == 0
             assert (worker.stats.handler_errors, worker.stats.answered) == (1, 2)
@@ -532,8 +487,7 @@ def test_a_batch_with_one_hostile_case_is_rejected_whole_and_counted(
     async def scenario() -> None:
         replies = Replies()
         async with Worker(cfg) as worker:
-            client = await _client(mosquitto, replies, node)
-            try:
+            async with node_client(mosquitto, replies, node) as client:
                 good = [one_case(f"h{i}", HOLDOUT.images[i]) for i in range(3)]
                 hostile = msgspec.structs.replace(good[1], shape=[9, 9])  # 81 floats, 64 sent
                 await client.publish(
@@ -542,8 +496,6 @@ def test_a_batch_with_one_hostile_case_is_rejected_whole_and_counted(
                 )
                 await client.publish("cloud/escalations/digits", batch_bytes(good, node=node))
                 await replies.wait_for(lambda: len(replies.got) >= 3)
-            finally:
-                await client.__aexit__(None, None, None)
             assert await worker.drain()
             assert worker.stats.rejects == {"bad_shape": 1}
             assert worker.stats.answered == 3
@@ -584,16 +536,13 @@ def test_handler_calls_of_a_model_never_overlap_while_the_next_batch_is_prepared
             return [Verdict(1, 0.9) for _ in range(len(batch))]
 
         async with worker:
-            client = await _client(mosquitto, replies, node)
-            try:
+            async with node_client(mosquitto, replies, node) as client:
                 for m in range(6):
                     cases = [one_case(f"s{m}-{k}", HOLDOUT.images[k]) for k in range(8)]
                     await client.publish(
                         "cloud/escalations/digits", batch_bytes(cases, node=node, corr=f"m{m}")
                     )
                 await replies.wait_for(lambda: len(replies.got) >= 48)
-            finally:
-                await client.__aexit__(None, None, None)
             assert await worker.drain()
             assert worker.stats.answered == 48 and await worker.store.count() == 48
         assert not overlap.is_set()

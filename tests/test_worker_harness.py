@@ -4,12 +4,13 @@ worker configs, worker processes, and a recorder of replies."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import numpy as np
 
 from cloud_worker import WorkerConfig
 from local_broker import BrokerInfo
-from mqtt_session import Inbound, MqttConfig
+from mqtt_session import Inbound, MqttConfig, MqttSession
 from schemas import (
     EdgeVerdict,
     EscalationCase,
@@ -190,3 +191,23 @@ def wait_ready(p: subprocess.Popen[bytes], log_path: Path, timeout_s: float = 30
             raise AssertionError(f"worker exited {p.returncode}: {log_path.read_text()}")
         time.sleep(0.05)
     raise AssertionError(f"worker not ready in {timeout_s} s: {log_path.read_text()}")
+
+
+@contextlib.asynccontextmanager
+async def node_client(
+    broker: BrokerInfo, replies: Replies | None, node: str
+) -> AsyncIterator[MqttSession]:
+    """A node's side for worker tests: connected, and subscribed to ``node``'s replies when
+    ``replies`` takes them."""
+    async with MqttSession(
+        mqtt_for(broker),
+        client_id=f"t-{uuid.uuid4().hex[:6]}",
+        on_message=replies,
+        manual_ack=False,
+        persistent=False,
+        keep_properties=True,
+    ) as session:
+        if replies is not None:
+            session.subscribe(f"edge/{node}/reply")
+        await session.wait_connected(5)
+        yield session

@@ -17,26 +17,16 @@ from cloud_worker.handler import Handler
 from cloud_worker.worker import QUEUED_BATCHES_MAX
 from edgewise.frames import load_holdout
 from local_broker import BrokerInfo
-from mqtt_session import MqttSession
 from tests.test_escalation import eventually
-from tests.test_worker_harness import Replies, batch_bytes, mqtt_for, one_case, worker_config
+from tests.test_worker_harness import (
+    Replies,
+    batch_bytes,
+    node_client,
+    one_case,
+    worker_config,
+)
 
 HOLDOUT = load_holdout()
-
-
-async def _client(broker: BrokerInfo, replies: Replies, node: str) -> MqttSession:
-    s = MqttSession(
-        mqtt_for(broker),
-        client_id=f"t-{uuid.uuid4().hex[:6]}",
-        on_message=replies,
-        manual_ack=False,
-        persistent=False,
-        keep_properties=True,
-    )
-    await s.__aenter__()
-    s.subscribe(f"edge/{node}/reply")
-    await s.wait_connected(5)
-    return s
 
 
 # ---------------------------------------------------------------------- Verdicts (pure)
@@ -79,13 +69,10 @@ def test_verdicts_from_a_handler_are_clamped_like_verdict_objects(
             return Verdicts(np.arange(len(batch)), [math.nan, -0.5, 2.0, 0.75][: len(batch)])
 
         async with worker:
-            client = await _client(mosquitto, replies, node)
-            try:
+            async with node_client(mosquitto, replies, node) as client:
                 cases = [one_case(f"v{k}", HOLDOUT.images[k]) for k in range(4)]
                 await client.publish("cloud/escalations/digits", batch_bytes(cases, node=node))
                 await replies.wait_for(lambda: len(replies.got) >= 4)
-            finally:
-                await client.__aexit__(None, None, None)
             assert await worker.drain()
             assert worker.stats.answered == 4 and await worker.store.count() == 4
         got = {r.id: (r.label, r.confidence) for r in replies.got}
@@ -118,15 +105,12 @@ def test_calls_of_a_coroutine_handler_never_overlap_and_keep_the_order(
             return [Verdict(1, 0.9) for _ in range(len(batch))]
 
         async with worker:
-            client = await _client(mosquitto, replies, node)
-            try:
+            async with node_client(mosquitto, replies, node) as client:
                 for m in range(6):
                     cases = [one_case(f"a{m}-{k}", HOLDOUT.images[k]) for k in range(8)]
                     payload = batch_bytes(cases, node=node, corr=f"m{m}")
                     await client.publish("cloud/escalations/digits", payload)
                 await replies.wait_for(lambda: len(replies.got) >= 48)
-            finally:
-                await client.__aexit__(None, None, None)
             assert await worker.drain()
         assert not overlapped[0]
         assert [i for call in calls for i in call] == [
@@ -157,13 +141,10 @@ def test_a_plain_handler_returning_an_awaitable_is_awaited_on_the_loop(
             return answer(len(batch))
 
         async with worker:
-            client = await _client(mosquitto, replies, node)
-            try:
+            async with node_client(mosquitto, replies, node) as client:
                 cases = [one_case(f"l{k}", HOLDOUT.images[k]) for k in range(3)]
                 await client.publish("cloud/escalations/digits", batch_bytes(cases, node=node))
                 await replies.wait_for(lambda: len(replies.got) >= 3)
-            finally:
-                await client.__aexit__(None, None, None)
             assert await worker.drain()
         assert {(r.label, r.confidence) for r in replies.got} == {(7, 0.5)}
 
@@ -194,8 +175,7 @@ def test_intake_is_held_back_while_the_model_is_saturated_and_nothing_is_lost(
             return [Verdict(2, 0.5) for _ in range(len(batch))]
 
         async with worker:
-            client = await _client(mosquitto, replies, node)
-            try:
+            async with node_client(mosquitto, replies, node) as client:
                 for m in range(messages):
                     cases = [one_case(f"q{m:02d}-{k}", HOLDOUT.images[k]) for k in range(size)]
                     payload = batch_bytes(cases, node=node, corr=f"m{m}")
@@ -210,8 +190,6 @@ def test_intake_is_held_back_while_the_model_is_saturated_and_nothing_is_lost(
                 received = worker.stats.received
                 assert received > 3 + QUEUED_BATCHES_MAX  # the held back ones among them
                 await replies.wait_for(lambda: len(replies.got) >= received * size)
-            finally:
-                await client.__aexit__(None, None, None)
             s = worker.stats
             assert (s.answered, s.replies) == (received * size, received)
             assert worker.describe()["unacknowledged"] == 0
