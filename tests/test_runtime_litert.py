@@ -319,18 +319,6 @@ def test_a_batch_of_the_wrong_dtype_raises_run_error_and_the_runtime_survives(
         assert rt.run(images[:2]).shape == (2, 10)
 
 
-def test_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(RuntimeLoadError, match=r"model file .*nope\.tflite does not exist"):
-        LiteRtRuntime.load(tmp_path / "nope.tflite")
-
-
-def test_directory_instead_of_file(tmp_path: Path) -> None:
-    path = tmp_path / "model.tflite"
-    path.mkdir()
-    with pytest.raises(RuntimeLoadError, match=r"model path .*model\.tflite is not a file"):
-        LiteRtRuntime.load(path)
-
-
 def test_garbage_file(tmp_path: Path) -> None:
     path = tmp_path / "garbage.tflite"
     path.write_bytes(b"\xff\xfe this is not a flatbuffer \x00" * 50)

@@ -160,19 +160,6 @@ def test_negative_thread_counts_are_refused() -> None:
 
 
 # ---------------------------------------------------------------------------- load failures
-def test_missing_file(tmp_path: Path) -> None:
-    path = tmp_path / "nope.onnx"
-    with pytest.raises(RuntimeLoadError, match=r"model file .*nope\.onnx does not exist"):
-        OnnxRuntime.load(path)
-
-
-def test_directory_instead_of_file(tmp_path: Path) -> None:
-    path = tmp_path / "model.onnx"
-    path.mkdir()
-    with pytest.raises(RuntimeLoadError, match=r"model path .*model\.onnx is not a file"):
-        OnnxRuntime.load(path)
-
-
 def test_garbage_file(tmp_path: Path) -> None:
     path = tmp_path / "garbage.onnx"
     path.write_bytes(b"\xff\xfe this is not a protobuf \x00" * 50)
