@@ -556,7 +556,7 @@ class EdgeNode:
                 **escalation_counts,
             },
             rejects_total=dict(stats.rejects),
-            evictions=self._evictions(st.evicted_items),
+            evictions=dict(st.evicted_items),  # hard examples included (ADR 0069)
             outbox_rows=st.rows,
             outbox_bytes=st.file_bytes,
             state=self.state,
@@ -567,15 +567,6 @@ class EdgeNode:
             provider=m.runtime.provider,
             hardware_class=self.config.hardware_class,
         )
-
-    def _evictions(self, outbox: dict[str, int]) -> dict[str, int]:
-        """Evicted items by kind. Hard examples share the node's outbox (ADR 0069); an
-        escalator with a file of its own (not in a node) would count there."""
-        total = dict(outbox)
-        if self.escalator is not None and self.escalator.owns_outbox:
-            for kind, n in self.escalator.hard_examples.stats().evicted_items.items():
-                total[kind] = total.get(kind, 0) + n
-        return total
 
     def _updater(self) -> UpdateManager | None:
         """The updater, if the node is enrolled with a root key (see docs/model-updates.md)."""

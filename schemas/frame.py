@@ -162,17 +162,24 @@ class _JsonTensor(Protocol):
 def _json_tensor(wire: _JsonTensor, limits: Limits) -> np.ndarray:
     """The tensor of a decoded JSON frame (``data`` still raw), fully checked."""
     dt, dims, count = check_header(wire.dtype, wire.shape, limits)
+    return json_data_tensor(wire.data, dt, dims, count)
+
+
+def json_data_tensor(
+    data: msgspec.Raw, dt: np.dtype[Any], dims: tuple[int, ...], count: int
+) -> np.ndarray:
+    """The tensor a JSON ``data`` list holds, for a header already checked."""
     # Refuse more values than the shape needs before building any of them.
-    commas = int(np.count_nonzero(np.frombuffer(wire.data, dtype=np.uint8) == _COMMA))
+    commas = int(np.count_nonzero(np.frombuffer(data, dtype=np.uint8) == _COMMA))
     if commas >= count:
         raise ContractError("bad_shape", f"data has more than the {count} values shape needs")
     values: Any
     try:
-        values = (_JSON_FLOATS if dt.kind == "f" else _JSON_INTS).decode(wire.data)
+        values = (_JSON_FLOATS if dt.kind == "f" else _JSON_INTS).decode(data)
         typed = True
     except msgspec.ValidationError:
         # Rare path: decode untyped to say why (a number beyond float range is non_finite).
-        values = run_decoder(_JSON_ANY.decode, wire.data, "frame data")
+        values = run_decoder(_JSON_ANY.decode, data, "frame data")
         typed = False
         if not isinstance(values, list):
             raise ContractError("bad_schema", "frame data must be a flat list of numbers") from None

@@ -38,11 +38,11 @@ from .frame import (
     _decode_json,
     _decode_msgpack_scanned,
     _header_values,
-    _json_tensor,
+    json_data_tensor,
     wire_message,
 )
 from .limits import DEFAULT_LIMITS, Limits
-from .tensor import check_header, tensor_from_wire
+from .tensor import array_from_buffer, check_header, tensor_from_wire
 from .wire import VERSION, check_size, decode_json, decode_msgpack, is_json_object, run_decoder
 
 FRAMES_MAX: Final = 1024
@@ -139,9 +139,7 @@ def decode_frames(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> list[Frame
             isinstance(batch, _CanonicalBatch)
             and len(batch.frames) <= limits.max_frames_per_message
         ):
-            return _frames(
-                batch.frames, limits, lambda e: tensor_from_wire(e.dtype, e.shape, e.data, limits)
-            )
+            return _frames(batch.frames, limits, _buffer_tensor)
     try:
         return [_decode_msgpack_scanned(payload, limits)]
     except ContractError as single:
@@ -187,9 +185,7 @@ def _msgpack_batch(payload: bytes, limits: Limits, single: ContractError) -> lis
     if not _has_frames(decode_msgpack, _MSGPACK_HAS_FRAMES.decode, payload, limits, budget):
         raise single
     batch = run_decoder(_MSGPACK_BATCH.decode, payload, "frame batch")
-    return _frames(
-        batch.frames, limits, lambda e: tensor_from_wire(e.dtype, e.shape, e.data, limits)
-    )
+    return _frames(batch.frames, limits, _buffer_tensor)
 
 
 def _json_batch(payload: bytes, limits: Limits, single: ContractError) -> list[Frame]:
@@ -198,7 +194,7 @@ def _json_batch(payload: bytes, limits: Limits, single: ContractError) -> list[F
     if not _has_frames(decode_json, _JSON_HAS_FRAMES.decode, payload, limits, budget):
         raise single
     batch = run_decoder(_JSON_BATCH.decode, payload, "frame batch")
-    return _frames(batch.frames, limits, lambda e: _json_tensor(e, limits))
+    return _frames(batch.frames, limits, lambda e, h: json_data_tensor(e.data, *h))
 
 
 def _has_frames(
@@ -217,17 +213,27 @@ def _has_frames(
     return bool(has.frames)
 
 
-def _frames(entries: Sequence[E], limits: Limits, tensor: Callable[[E], np.ndarray]) -> list[Frame]:
+Header = tuple[np.dtype[Any], tuple[int, ...], int]
+"""What :func:`~schemas.tensor.check_header` returns: dtype, dims, element count."""
+
+
+def _frames(
+    entries: Sequence[E], limits: Limits, tensor: Callable[[E, Header], np.ndarray]
+) -> list[Frame]:
     """Every entry's frame, checking the count and each header (with the running element
-    total) before that entry's data is touched."""
+    total) before that entry's data is touched; ``tensor`` builds it from the checked header."""
     _check_count(len(entries), limits)
     total = 0
     out: list[Frame] = []
     for i, entry in enumerate(entries):
-        _, _, count = _header(entry.dtype, entry.shape, limits, i)
-        total = _add_elements(total, count, limits)
-        out.append(Frame(seq=entry.seq, ts=entry.ts, tensor=tensor(entry), v=VERSION))
+        header = _header(entry.dtype, entry.shape, limits, i)
+        total = _add_elements(total, header[2], limits)
+        out.append(Frame(seq=entry.seq, ts=entry.ts, tensor=tensor(entry, header), v=VERSION))
     return out
+
+
+def _buffer_tensor(entry: _Entry | _CanonicalEntry, header: Header) -> np.ndarray:
+    return array_from_buffer(*header, entry.data)
 
 
 def _frame(entry: _CanonicalFrame, limits: Limits) -> Frame:
