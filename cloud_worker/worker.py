@@ -512,14 +512,9 @@ class Worker:
         copies = self._in_progress.pop(esc.id, None)
         if copies is None:
             return  # decided already
-        if answer is not None:
-            parent.answered.append((esc, answer))
         if stored is not None and (not parent.stored or parent.stored[-1] is not stored):
-            parent.stored.append(stored)
-        parent.waiting -= 1
-        if parent.waiting == 0:
-            self._settle(parent)
-        for esc, parent in copies:
+            parent.stored.append(stored)  # the copies' messages do not wait for this row
+        for esc, parent in (job, *copies):
             if answer is not None:
                 parent.answered.append((esc, answer))
             parent.waiting -= 1
