@@ -81,11 +81,12 @@ class _Pending:
     """Its part of the ticket is done: finishing it again must not count another part."""
 
 
-def _frame_key(topic: str, frame: Frame, digest: str) -> str:
+def _frame_key(topic: str, frame: Frame, digest: str, index: int | None = None) -> str:
     # seq and ts alone repeat when a sensor without a clock restarts its counter; the payload's
     # digest keeps such a new frame from being taken for an answered one. A frame of a batch
-    # adds its index to this.
-    return f"{topic}\x00{frame.seq}\x00{frame.ts!r}\x00{digest}"
+    # adds its index in the message.
+    key = f"{topic}\x00{frame.seq}\x00{frame.ts!r}\x00{digest}"
+    return key if index is None else f"{key}\x00{index}"
 
 
 @dataclass(slots=True)
@@ -709,7 +710,7 @@ class EdgeNode:
             self.stats.frames_in += len(frames) - 1
             ticket.parts = len(frames)
             for i, frame in enumerate(frames):
-                key = f"{_frame_key(msg.topic, frame, digest)}\x00{i}"
+                key = _frame_key(msg.topic, frame, digest, i)
                 self._take(msg, ticket, device, sensor, frame, key, index=i)
         if self._held() >= self._max_pending:
             # Backpressure that does not rely on the broker honouring our Receive Maximum.
