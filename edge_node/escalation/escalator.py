@@ -192,13 +192,17 @@ class Escalator:
             keep_properties=True,
         )
         self.owns_outbox = outbox is None
-        self.hard_examples = outbox or AsyncOutbox(
-            OutboxConfig(
-                path=state_dir / f"{node_id}.hard_examples.db",
-                max_bytes=config.hard_example_outbox_max_bytes,
-                synchronous=synchronous,
-                eviction_order=("hard_example",),
-                answered_keep=0,
+        self.hard_examples = (
+            outbox
+            if outbox is not None
+            else AsyncOutbox(
+                OutboxConfig(
+                    path=state_dir / f"{node_id}.hard_examples.db",
+                    max_bytes=config.hard_example_outbox_max_bytes,
+                    synchronous=synchronous,
+                    eviction_order=("hard_example",),
+                    answered_keep=0,
+                )
             )
         )
         self.forwarder = Forwarder(
