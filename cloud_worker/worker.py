@@ -39,8 +39,6 @@ from types import TracebackType
 from typing import Any, Final, Self
 
 import numpy as np
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from cloud_worker.cache import BoundedCache
 from cloud_worker.caller import HandlerCaller
@@ -52,7 +50,7 @@ from cloud_worker.store import Answer, HardExampleStore, Row, example_row
 from edge_node.acks import InOrderAcker, Ticket
 from edge_node.batcher import MicroBatcher
 from edge_node.model import ServedModel
-from mqtt_session import Inbound, MqttError, MqttSession
+from mqtt_session import Inbound, MqttError, MqttSession, PublishProperties
 from schemas import (
     DTYPES,
     CaseVerdict,
@@ -604,9 +602,8 @@ class Worker:
             verdicts=verdicts,
         )
         topic = batch.reply_to
-        props: Properties | None = None
+        props: PublishProperties | None = None
         if self.session.protocol == "5":
-            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             inbound = message.msg.properties
             corr = batch.corr.encode()
             if inbound is not None:
@@ -614,10 +611,9 @@ class Worker:
                 response_topic = getattr(inbound, "ResponseTopic", None)
                 if isinstance(response_topic, str) and _is_reply_topic(response_topic, batch.node):
                     topic = response_topic
-            props.CorrelationData = corr
             deadlines = [e.deadline for e, _ in message.answered if e.deadline is not None]
-            if deadlines:
-                props.MessageExpiryInterval = max(1, int(max(deadlines) - time.time() + 1))
+            expiry = max(1, int(max(deadlines) - time.time() + 1)) if deadlines else None
+            props = PublishProperties(correlation_data=corr, message_expiry_interval_s=expiry)
         try:
             return self.session.publish_nowait(
                 topic, encode_replies(reply), qos=1, properties=props

@@ -15,6 +15,7 @@ from mqtt_session.errors import (
     PublishRejected,
 )
 from mqtt_session.message import Inbound
+from mqtt_session.properties import PublishProperties
 from mqtt_session.session import ConnectInfo, MqttSession, SessionStats, Subscription, Will
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "NoConnack",
     "ProtocolRefused",
     "PublishFailed",
+    "PublishProperties",
     "PublishRejected",
     "SessionStats",
     "Subscription",

@@ -113,7 +113,7 @@ class MqttSession:
     (the default) the application calls :meth:`ack` when it is done with a QoS 1 message.
     ``on_connect`` runs after every successful CONNECT (after re-subscribing), e.g. to publish a
     retained status. ``keep_properties`` keeps each message's MQTT 5 properties on
-    :attr:`Inbound.properties` (about 6 KB each in paho, so only for those who read them).
+    :attr:`Inbound.properties` (read only for those who ask: mqtt_session/client.py).
 
     ``resubscribe`` sends every subscription again on the first connection even when the broker
     kept the session: for a service whose filters come from a config that may have changed
@@ -403,6 +403,7 @@ class MqttSession:
             manual_ack=self._manual_ack,
             reconnect_on_failure=False,
         )
+        client.keep_properties = self._keep_properties
         client.max_inflight_messages_set(self.config.receive_maximum)
         client.max_queued_messages_set(0)
         client.on_socket_open = self._on_socket_open

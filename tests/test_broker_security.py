@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 from paho.mqtt.enums import MQTTProtocolVersion
 
-from mqtt_session import MqttConfig, MqttSession
+from mqtt_session import MqttConfig, MqttSession, PublishRejected
 from schemas import decode_replies, decode_results
 from tests.bridgeharness import REPO, Client
 from tests.securebroker import Pki, SecureBroker, make_ca, make_pki
@@ -799,3 +799,29 @@ def test_compose_topology_runs_as_processes_from_its_configs(
     assert {r.worker for r in replies} == {"worker-1", "worker-2"}
     for name in s.procs:
         assert "Traceback" not in s.log(name), s.log(name)
+
+
+def test_mqtt5_publish_refused_by_the_acl_fails_with_the_brokers_reason(
+    brokers: Brokers, tmp_path: Path
+) -> None:
+    """An MQTT 5 PUBACK carrying a refusal (longer than the two bytes of a success, so paho
+    decodes it, mqtt_session/client.py) fails that publish only."""
+    pw = tmp_path / "gw-1.password"
+    pw.write_text(brokers.site_pw["gw-1"] + "\n")
+    cfg = MqttConfig(
+        host="localhost", port=brokers.site.tls_port, username="gw-1", password_file=pw,
+        tls_ca_file=brokers.pki.ca_cert, protocol="5",
+    )  # fmt: skip
+
+    async def scenario() -> BaseException | None:
+        async with MqttSession(cfg, client_id="gw-1") as s:
+            await s.wait_connected(10)
+            refused = s.publish_nowait("fleet/cam/models/digits", b"not mine", qos=1)
+            allowed = s.publish_nowait("edge/gw-1/results", b"mine", qos=1)
+            outcomes = await asyncio.gather(refused, allowed, return_exceptions=True)
+            assert outcomes[1] is None
+            return outcomes[0]
+
+    error = asyncio.run(scenario())
+    assert isinstance(error, PublishRejected)
+    assert error.reason_code == 135  # Not authorized

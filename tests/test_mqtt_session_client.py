@@ -10,9 +10,12 @@ import uuid
 
 import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.enums import MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from local_broker import BrokerInfo
-from mqtt_session import ConnectInfo, Inbound, MqttConfig, MqttSession
+from mqtt_session import ConnectInfo, Inbound, MqttConfig, MqttSession, PublishProperties
 from mqtt_session.client import DirectClient
 
 TIMEOUT_S = 20
@@ -74,3 +77,105 @@ def test_every_message_reaches_the_handler_and_a_failing_handler_is_counted(
     assert [m.payload for m in got] == [b"one", b"boom", b"three"]
     assert {m.topic for m in got} == {topic}
     assert errors == 1
+
+
+def test_paho_still_hands_pubacks_to_the_overridden_method() -> None:
+    assert "_handle_pubackcomp" in vars(paho.Client)
+    source = inspect.getsource(paho.Client._packet_handle)
+    assert '_handle_pubackcomp("PUBACK")' in source
+    assert "_do_on_publish" in vars(paho.Client)
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_two_byte_pubacks_skip_pahos_decoding_and_complete_every_publish(
+    mosquitto: BrokerInfo, protocol: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = {"paho": 0}
+    original = paho.Client._handle_pubackcomp
+
+    def counted(self: paho.Client, cmd: str) -> MQTTErrorCode:
+        seen["paho"] += 1
+        return original(self, cmd)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(paho.Client, "_handle_pubackcomp", counted)
+    topic = f"test/puback/{uuid.uuid4().hex}"
+
+    async def scenario() -> int:
+        cfg = MqttConfig(host=mosquitto.host, port=mosquitto.port, protocol=protocol)
+        client_id = f"pub-{uuid.uuid4().hex[:8]}"
+        async with asyncio.timeout(TIMEOUT_S):
+            async with MqttSession(cfg, client_id=client_id, persistent=False) as pub:
+                await pub.wait_connected()
+                futures = [pub.publish_nowait(topic, b"%d" % i, qos=1) for i in range(200)]
+                results = await asyncio.gather(*futures, return_exceptions=True)
+                return sum(r is None for r in results)
+
+    assert asyncio.run(scenario()) == 200  # each publish completed by its PUBACK
+    assert seen["paho"] == 0
+
+
+def test_paho_still_hands_publishes_to_the_overridden_method() -> None:
+    assert "_handle_publish" in vars(paho.Client)
+    source = inspect.getsource(paho.Client._packet_handle)
+    assert "self._handle_publish()" in source
+    for name in ("_send_puback", "_in_packet", "_manual_ack", "_protocol"):
+        assert name in inspect.getsource(paho.Client), name
+    assert callable(paho.time_func)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_mqtt5_messages_arrive_whole_by_either_reader(mosquitto: BrokerInfo, keep: bool) -> None:
+    """Messages with the common properties are read by DirectClient, one with a user property
+    by paho: both arrive with their topic, payload and (when kept) properties."""
+    topic = f"test/v5read/{uuid.uuid4().hex}"
+    got: list[Inbound] = []
+    done = asyncio.Event()
+
+    def handler(msg: Inbound) -> None:
+        got.append(msg)
+        if len(got) == 3:
+            done.set()
+
+    async def scenario() -> None:
+        cfg = MqttConfig(host=mosquitto.host, port=mosquitto.port, protocol="5")
+        subscribed = asyncio.Event()
+
+        async def on_connect(info: ConnectInfo) -> None:
+            subscribed.set()
+
+        sub = MqttSession(
+            cfg, client_id=f"sub-{uuid.uuid4().hex[:8]}", on_message=handler,
+            on_connect=on_connect, manual_ack=False, persistent=False, keep_properties=keep,
+        )  # fmt: skip
+        sub.subscribe(topic, qos=1)
+        user = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        user.UserProperty = ("k", "v")
+        user.CorrelationData = b"c3"
+        async with asyncio.timeout(TIMEOUT_S):
+            async with (
+                sub,
+                MqttSession(cfg, client_id=f"pub-{uuid.uuid4().hex[:8]}", persistent=False) as pub,
+            ):
+                await subscribed.wait()
+                await pub.wait_connected()
+                await pub.publish(topic, b"plain", qos=0)
+                await pub.publish(
+                    topic, b"common", qos=1,
+                    properties=PublishProperties(response_topic="r/1", correlation_data=b"c2"),
+                )  # fmt: skip
+                await pub.publish(topic, b"user", qos=1, properties=user)
+                await done.wait()
+
+    asyncio.run(scenario())
+    assert [(m.topic, m.payload) for m in got] == [
+        (topic, b"plain"), (topic, b"common"), (topic, b"user"),
+    ]  # fmt: skip
+    if not keep:
+        assert [m.properties for m in got[:2]] == [None, None]
+        return
+    plain, common, user_msg = (m.properties for m in got)
+    assert plain is not None and plain.isEmpty()
+    assert common is not None
+    assert (common.ResponseTopic, common.CorrelationData) == ("r/1", b"c2")
+    assert user_msg is not None
+    assert (user_msg.UserProperty, user_msg.CorrelationData) == ([("k", "v")], b"c3")

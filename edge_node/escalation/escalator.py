@@ -38,14 +38,12 @@ from typing import Literal, Self, TypeVar
 
 import msgspec
 import numpy as np
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from edge_node.escalation.cache import CloudVerdict, VerdictCache, input_key
 from edge_node.escalation.config import EscalationConfig, PolicyConfig
 from edge_node.escalation.journal import Journal, JournalError
 from edge_node.escalation.policy import assess, edge_verdict, probabilities, with_thresholds
-from mqtt_session import Inbound, MqttConfig, MqttSession
+from mqtt_session import Inbound, MqttConfig, MqttSession, PublishProperties
 from outbox import AsyncOutbox, Forwarder, OutboxConfig, OutboxError, Record
 from schemas import (
     CASES_MAX,
@@ -407,13 +405,14 @@ class Escalator:
             reply_to=self.reply_topic,
             corr=corr,
         )
-        props: Properties | None = None
+        props: PublishProperties | None = None
         if self.uplink.protocol == "5":
             remaining = min(e.deadline for e, _ in chunk) - now
-            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            props.ResponseTopic = self.reply_topic
-            props.CorrelationData = corr.encode()
-            props.MessageExpiryInterval = max(1, math.ceil(remaining))
+            props = PublishProperties(
+                response_topic=self.reply_topic,
+                correlation_data=corr.encode(),
+                message_expiry_interval_s=max(1, math.ceil(remaining)),
+            )
         fut = self.uplink.publish_nowait(
             self.topics.escalations(model), encode_escalations(batch), qos=1, properties=props
         )
