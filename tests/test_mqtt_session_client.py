@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import socket
 import uuid
 
 import paho.mqtt.client as paho
@@ -179,3 +180,87 @@ def test_mqtt5_messages_arrive_whole_by_either_reader(mosquitto: BrokerInfo, kee
     assert (common.ResponseTopic, common.CorrelationData) == ("r/1", b"c2")
     assert user_msg is not None
     assert (user_msg.UserProperty, user_msg.CorrelationData) == ([("k", "v")], b"c3")
+
+
+def test_paho_still_queues_and_scans_where_the_overrides_expect() -> None:
+    assert {"_update_inflight", "_messages_reconnect_reset_out", "publish"} <= set(
+        vars(paho.Client)
+    )
+    assert "message.state = mqtt_ms_queued" in inspect.getsource(paho.Client.publish)
+    assert "m.state = mqtt_ms_queued" in inspect.getsource(
+        paho.Client._messages_reconnect_reset_out
+    )
+    assert "self._update_inflight()" in inspect.getsource(paho.Client._do_on_publish) or (
+        "self._update_inflight()" in inspect.getsource(paho.Client)
+    )
+
+
+@pytest.mark.parametrize("window", [5, 1000])
+def test_publishes_beyond_the_in_flight_window_wait_and_all_arrive_in_order(
+    mosquitto: BrokerInfo, window: int
+) -> None:
+    """With a window of 5, most of 300 publishes wait in paho's queue and go, oldest first, as
+    PUBACKs free slots; with 1,000 none waits."""
+    topic = f"test/window/{uuid.uuid4().hex}"
+    got: list[bytes] = []
+    done = asyncio.Event()
+
+    def handler(msg: Inbound) -> None:
+        got.append(msg.payload)
+        if len(got) == 300:
+            done.set()
+
+    async def scenario() -> int:
+        cfg = MqttConfig(host=mosquitto.host, port=mosquitto.port, protocol="5")
+        subscribed = asyncio.Event()
+
+        async def on_connect(info: ConnectInfo) -> None:
+            subscribed.set()
+
+        sub = MqttSession(
+            cfg, client_id=f"sub-{uuid.uuid4().hex[:8]}", on_message=handler,
+            on_connect=on_connect, manual_ack=False, persistent=False,
+        )  # fmt: skip
+        sub.subscribe(topic, qos=1)
+        narrow = cfg.model_copy(update={"receive_maximum": window})
+        client_id = f"pub-{uuid.uuid4().hex[:8]}"
+        async with asyncio.timeout(TIMEOUT_S):
+            async with sub, MqttSession(narrow, client_id=client_id, persistent=False) as pub:
+                await subscribed.wait()
+                await pub.wait_connected()
+                futures = [pub.publish_nowait(topic, b"%d" % i, qos=1) for i in range(300)]
+                client = pub._client
+                assert isinstance(client, DirectClient)
+                waited = len(client._queued or [])
+                assert await asyncio.gather(*futures) == [None] * 300
+                await done.wait()
+                assert not client._queued
+                return waited
+
+    waited = asyncio.run(scenario())
+    assert got == [b"%d" % i for i in range(300)]
+    assert waited == (300 - window if window < 300 else 0)
+
+
+def test_queued_publishes_are_tracked_through_a_reconnect_reset() -> None:
+    client = DirectClient(paho.CallbackAPIVersion.VERSION2, client_id="x")
+    client.max_inflight_messages_set(2)
+    ours, theirs = socket.socketpair()
+    try:
+        ours.setblocking(False)
+        client._sock = ours  # sends succeed: two go in flight, the rest wait for a slot
+        infos = [client.publish("t", b"%d" % i, qos=1) for i in range(6)]
+
+        def waiting() -> list[int]:
+            return [
+                m for m, msg in client._out_messages.items() if msg.state == paho.mqtt_ms_queued
+            ]
+
+        assert waiting() == [i.mid for i in infos[2:]]
+        assert list(client._queued or []) == waiting()
+        client._messages_reconnect_reset_out()
+        assert list(client._queued or []) == waiting()
+    finally:
+        client._sock = None
+        ours.close()
+        theirs.close()
