@@ -11,10 +11,13 @@ after the previous one has finished.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 from cloud_worker.handler import Batch, Handler, Verdict
+
+T = TypeVar("T")
 
 
 class HandlerCaller:
@@ -28,6 +31,18 @@ class HandlerCaller:
                 max_workers=1, thread_name_prefix=f"handler-{handler.model}"
             )
         self._last: asyncio.Future[Sequence[Verdict]] | None = None
+
+    @property
+    def threaded(self) -> bool:
+        """The handler runs on a thread of its own (a plain function)."""
+        return self._pool is not None
+
+    def run(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+        """Run ``fn`` on the handler's thread, in order with the batches submitted (only for a
+        :attr:`threaded` caller); ``fn`` may call :meth:`Handler.call_blocking` itself."""
+        if self._pool is None:
+            raise RuntimeError(f"the handler for {self.handler.model!r} runs on the event loop")
+        return asyncio.get_running_loop().run_in_executor(self._pool, fn)
 
     def submit(self, batch: Batch) -> asyncio.Future[Sequence[Verdict]]:
         """The handler's checked verdicts for ``batch`` (or its error), once its turn came."""

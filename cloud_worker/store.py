@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -135,6 +136,16 @@ def _open_reader(path: Path) -> sqlite3.Connection:
     return conn
 
 
+def _select_answers(reader: sqlite3.Connection, ids: list[str]) -> dict[str, Answer]:
+    marks = ",".join("?" * len(ids))
+    cursor = reader.execute(
+        f"SELECT id, cloud_label, cloud_confidence, cloud_model, worker FROM {TABLE}"
+        f" WHERE id IN ({marks})",
+        ids,
+    )
+    return {row[0]: Answer(row[1], row[2], row[3], row[4]) for row in cursor.fetchall()}
+
+
 class HardExampleStore:
     """``async with HardExampleStore(config) as store``: batched, durable inserts."""
 
@@ -146,6 +157,10 @@ class HardExampleStore:
         self._read_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hard-examples-read")
         self._db: sqlite_utils.Database | None = None
         self._reader: sqlite3.Connection | None = None
+        self._local = threading.local()
+        self._local_lock = threading.Lock()
+        self._local_readers: list[sqlite3.Connection] = []
+        """Connections of :meth:`lookup_here` (one per calling thread), closed with the store."""
         self._rows: list[Row] = []
         self._waiters: list[asyncio.Future[None]] = []
         self._wake = asyncio.Event()
@@ -175,6 +190,10 @@ class HardExampleStore:
         db, reader = self._db, self._reader
         self._db = self._reader = None
         loop = asyncio.get_running_loop()
+        with self._local_lock:
+            others, self._local_readers = self._local_readers, []
+        for conn in others:  # a thread still inside a look-up gets a StoreError
+            conn.close()
         if reader is not None:
             await loop.run_in_executor(self._read_pool, reader.close)
         if db is not None:
@@ -271,23 +290,38 @@ class HardExampleStore:
         return self._db
 
     async def lookup(self, ids: Sequence[str]) -> dict[str, Answer]:
-        """The stored answers among ``ids`` (one query)."""
+        """The stored answers among ``ids`` (one query, on the store's reading thread)."""
         if not ids:
             return {}
         result: dict[str, Answer] = await self._run(self._lookup, list(ids), pool=self._read_pool)
         return result
 
+    def lookup_here(self, ids: Sequence[str]) -> dict[str, Answer]:
+        """The stored answers among ``ids``, read on the calling thread (not the event loop's:
+        it blocks) with a connection of that thread's own; raises :class:`StoreError`.
+
+        For a thread that calls a model anyway: looking up there, right before the call,
+        spares a hand-over to the reading thread and back (docs/adr/0035-worker-model-thread.md).
+        """
+        if not ids:
+            return {}
+        try:
+            reader = getattr(self._local, "reader", None)
+            if reader is None:
+                if self._db is None:
+                    raise sqlite3.ProgrammingError("store is closed")
+                reader = self._local.reader = _open_reader(self.config.path)
+                with self._local_lock:
+                    self._local_readers.append(reader)
+            return _select_answers(reader, list(ids))
+        except sqlite3.Error as exc:
+            raise StoreError(f"hard-example store {self.config.path}: {exc}") from exc
+
     def _lookup(self, ids: list[str]) -> dict[str, Answer]:
         reader = self._reader
         if reader is None:
             raise sqlite3.ProgrammingError("store is closed")
-        marks = ",".join("?" * len(ids))
-        cursor = reader.execute(
-            f"SELECT id, cloud_label, cloud_confidence, cloud_model, worker FROM {TABLE}"
-            f" WHERE id IN ({marks})",
-            ids,
-        )
-        return {row[0]: Answer(row[1], row[2], row[3], row[4]) for row in cursor.fetchall()}
+        return _select_answers(reader, ids)
 
     async def count(self) -> int:
         n: int = await self._run(lambda: self._require()[TABLE].count)

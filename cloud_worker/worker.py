@@ -131,6 +131,9 @@ class _Message:
 _Job = tuple[Escalation, _Message]
 """One case of a message, as it waits for its model's batch."""
 
+_Outcome = tuple[list[_Job], Sequence[Verdict] | Exception]
+"""A group of cases sharing an input kind, and the handler's verdicts for them or its error."""
+
 _NO_COPIES: Final[list[_Job]] = []
 """``Worker._in_progress`` value of a case id no other message has sent meanwhile (shared,
 never appended to)."""
@@ -425,45 +428,97 @@ class Worker:
         turn: asyncio.Future[None],
         mine: asyncio.Future[None],
     ) -> None:
-        """Look ``jobs`` up in the store, hand the rest to the handler once it is this batch's
-        ``turn`` (then set ``mine``), and decide every case."""
+        """Decide every case of ``jobs``: those answered before (the store) get that answer
+        again, the rest go to the handler once it is this batch's ``turn`` (then ``mine`` is
+        set). A thread handler's thread looks them up itself, right before the call: one
+        hand-over per batch; a coroutine handler gets them after a look-up on the store's
+        reading thread."""
         handler = self._handlers[model]
+        caller = self._callers[model]
+        outcomes: list[_Outcome] = []
+        if caller.threaded:
+            if not turn.done():
+                await turn
+            loop = asyncio.get_running_loop()
+            work = caller.run(lambda: self._look_up_and_call(model, handler, jobs, loop))
+            mine.set_result(None)
+            known, outcomes = await work
+        else:
+            known = await self._look_up(jobs)
+            fresh = [j for j in jobs if j[0].id not in known] if known else jobs
+            if not turn.done():
+                await turn
+            calls: list[tuple[list[_Job], asyncio.Future[Sequence[Verdict]] | Exception]] = []
+            for group in _by_input_kind(fresh):
+                try:
+                    batch = Batch(model, _stack(group), [esc for esc, _ in group])
+                    calls.append((group, caller.submit(batch)))
+                except Exception as exc:  # a bad group must not stop the others
+                    calls.append((group, exc))
+            mine.set_result(None)
+            for group, call in calls:
+                if isinstance(call, Exception):
+                    outcomes.append((group, call))
+                    continue
+                try:
+                    outcomes.append((group, await call))
+                except Exception as exc:  # a handler failure must not stop the worker
+                    outcomes.append((group, exc))
+        self._decide(model, handler, jobs, known, outcomes)
+
+    async def _look_up(self, jobs: list[_Job]) -> dict[str, Answer]:
         try:
-            known = await self.store.lookup([esc.id for esc, _ in jobs])
+            return await self.store.lookup([esc.id for esc, _ in jobs])
+        except StoreError as exc:
+            log.warning("cannot look up earlier answers (%s)", exc)
+            return {}
+
+    def _look_up_and_call(
+        self, model: str, handler: Handler, jobs: list[_Job], loop: asyncio.AbstractEventLoop
+    ) -> tuple[dict[str, Answer], list[_Outcome]]:
+        """On the handler's thread: the stored answers among ``jobs``, and the handler's verdicts
+        (or its error) for each group of the others. Touches no state of the worker's."""
+        try:
+            known = self.store.lookup_here([esc.id for esc, _ in jobs])
         except StoreError as exc:
             log.warning("cannot look up earlier answers (%s)", exc)
             known = {}
-        fresh = jobs
-        if known:
-            fresh = []
-            for job in jobs:
-                found = known.get(job[0].id)
-                if found is None:
-                    fresh.append(job)
-                    continue
-                self.stats.duplicates += 1
-                self._answered.put(job[0].id, found)
-                self._case_done(job, found, None)
-        if not turn.done():
-            await turn
-        calls: list[tuple[list[_Job], asyncio.Future[Sequence[Verdict]] | None]] = []
-        caller = self._callers[model]
+        fresh = [j for j in jobs if j[0].id not in known] if known else jobs
+        outcomes: list[_Outcome] = []
         for group in _by_input_kind(fresh):
             try:
                 batch = Batch(model, _stack(group), [esc for esc, _ in group])
-                calls.append((group, caller.submit(batch)))
-            except Exception as exc:  # a bad group must not stop the others
-                self._handler_failed(model, group, exc)
-                calls.append((group, None))
-        mine.set_result(None)
+                outcomes.append((group, handler.call_blocking(batch, loop)))
+            except Exception as exc:  # a bad group or a handler failure stops nothing else
+                outcomes.append((group, exc))
+        return known, outcomes
+
+    def _decide(
+        self,
+        model: str,
+        handler: Handler,
+        jobs: list[_Job],
+        known: dict[str, Answer],
+        outcomes: list[_Outcome],
+    ) -> None:
+        """Settle ``jobs``: the ``known`` answers, then each group's verdicts or failure."""
+        if known:
+            for job in jobs:
+                found = known.get(job[0].id)
+                if found is not None:
+                    self.stats.duplicates += 1
+                    self._answered.put(job[0].id, found)
+                    self._case_done(job, found, None)
         decided: list[tuple[_Job, Answer | None]] = []
         rows: list[Row] = []
-        for group, call in calls:
+        for group, out in outcomes:
             answers: Sequence[Answer | None] = [None] * len(group)
-            if call is not None:
+            if isinstance(out, Exception):
+                self._handler_failed(model, group, out)
+            else:
                 try:
-                    answers = self._answers_of(handler, await call)
-                except Exception as exc:  # a handler failure must not stop the worker
+                    answers = self._answers_of(handler, out)
+                except Exception as exc:  # verdicts of the wrong type
                     self._handler_failed(model, group, exc)
                 else:
                     self.stats.batches += 1

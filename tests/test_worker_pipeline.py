@@ -12,8 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cloud_worker import Batch, Verdict, Verdicts, Worker
+from cloud_worker import Batch, HardExampleStore, Verdict, Verdicts, Worker, WorkerConfig
+from cloud_worker.errors import StoreError
 from cloud_worker.handler import Handler
+from cloud_worker.store import COLUMNS, Answer
 from cloud_worker.worker import QUEUED_BATCHES_MAX
 from edgewise.frames import load_holdout
 from local_broker import BrokerInfo
@@ -21,6 +23,7 @@ from tests.test_escalation import eventually
 from tests.test_worker_harness import (
     Replies,
     batch_bytes,
+    escalation_bytes,
     node_client,
     one_case,
     worker_config,
@@ -197,5 +200,83 @@ def test_intake_is_held_back_while_the_model_is_saturated_and_nothing_is_lost(
             assert await worker.store.count() == received * size
         order = [i for call in calls for i in call]
         assert order == [f"q{m:02d}-{k}" for m in range(received) for k in range(size)]
+
+    asyncio.run(scenario())
+
+
+def test_a_thread_handler_looks_up_answers_on_its_own_thread_with_its_own_connection(
+    tmp_path: Path,
+) -> None:
+    """`HardExampleStore.lookup_here`: each calling thread reads with a connection of its own,
+    finds what was committed, and fails with StoreError (not sqlite3's) once the store closed."""
+    cfg = WorkerConfig.load(worker_id="w", store={"path": str(tmp_path / "w.db")}).store
+    answer = Answer(7, 0.75, "cloud-1", "w")
+
+    async def scenario() -> None:
+        async with HardExampleStore(cfg) as store:
+            row = {c: 0 for c in COLUMNS} | {
+                "id": "a", "cloud_label": 7, "cloud_confidence": 0.75, "cloud_model": "cloud-1",
+                "worker": "w", "input": b"", "shape": "[]",
+            }  # fmt: skip
+            await store.add(row)
+            seen: dict[str, tuple[int, dict[str, Answer]]] = {}
+
+            def look(name: str) -> None:
+                got = store.lookup_here(["a", "b"])
+                seen[name] = (id(store._local.reader), got)
+
+            threads = [threading.Thread(target=look, args=(n,)) for n in ("t1", "t2")]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert seen["t1"][1] == seen["t2"][1] == {"a": answer}
+            assert seen["t1"][0] != seen["t2"][0]
+            assert len(store._local_readers) == 2
+        with pytest.raises(StoreError):
+            await asyncio.to_thread(store.lookup_here, ["a"])
+        assert store._local_readers == []
+
+    asyncio.run(scenario())
+
+
+def test_a_thread_handler_gets_one_hand_over_per_batch(
+    mosquitto: BrokerInfo, tmp_path: Path
+) -> None:
+    """The look-up runs on the handler's thread just before the call: no batch goes through
+    the store's reading thread."""
+    cfg = worker_config(mosquitto, tmp_path)
+    node = f"gw-{uuid.uuid4().hex[:6]}"
+    threads: set[str] = set()
+
+    async def scenario() -> None:
+        worker = Worker(cfg)
+
+        @worker.handler("digits", version="t-1")
+        def classify(batch: Batch) -> list[Verdict]:
+            threads.add(threading.current_thread().name)
+            return [Verdict(1, 0.9) for _ in range(len(batch))]
+
+        read_pool_calls = 0
+        replies = Replies()
+        async with node_client(mosquitto, replies, node) as client, worker:
+            original = worker.store.lookup
+
+            async def counted(ids: list[str]) -> dict[str, Answer]:
+                nonlocal read_pool_calls
+                read_pool_calls += 1
+                return await original(ids)
+
+            worker.store.lookup = counted  # type: ignore[method-assign]
+            for i in range(5):
+                await client.publish(
+                    "cloud/escalations/digits",
+                    escalation_bytes(f"h{i}", HOLDOUT.images[i], node=node),
+                )
+            await replies.wait_for(lambda: len(replies.got) >= 5)
+            assert await worker.drain()
+        assert read_pool_calls == 0
+        assert len(threads) == 1 and next(iter(threads)).startswith("handler-digits")
+        assert {r.id for r in replies.got} == {f"h{i}" for i in range(5)}
 
     asyncio.run(scenario())
