@@ -21,9 +21,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties, VariableByteIntegers
 
 from local_broker import BrokerInfo
-from mqtt_session import ConnectInfo, Inbound, MqttConfig, MqttError, MqttSession, PublishProperties
+from mqtt_session import Inbound, MqttError, PublishProperties
 from mqtt_session.client import read_publish_v5
 from mqtt_session.properties import read_publish_properties
+from tests.test_mqtt_session_client import subscribed_pair
 
 TIMEOUT_S = 20
 
@@ -103,24 +104,10 @@ def test_a_real_broker_passes_them_on(mosquitto: BrokerInfo) -> None:
         done.set()
 
     async def scenario() -> None:
-        cfg = MqttConfig(host=mosquitto.host, port=mosquitto.port, protocol="5")
-        subscribed = asyncio.Event()
-
-        async def on_connect(info: ConnectInfo) -> None:  # after the SUBACK
-            subscribed.set()
-
-        sub = MqttSession(
-            cfg, client_id=f"sub-{uuid.uuid4().hex[:8]}", on_message=on_message,
-            on_connect=on_connect, manual_ack=False, persistent=False, keep_properties=True,
-        )  # fmt: skip
-        sub.subscribe(topic, qos=1)
         async with asyncio.timeout(TIMEOUT_S):
-            async with (
-                sub,
-                MqttSession(cfg, client_id=f"pub-{uuid.uuid4().hex[:8]}", persistent=False) as pub,
-            ):
-                await subscribed.wait()
-                await pub.wait_connected()
+            async with subscribed_pair(
+                mosquitto, topic, on_message, protocol="5", keep_properties=True
+            ) as (_, pub):
                 props = PublishProperties(
                     message_expiry_interval_s=600,
                     response_topic="edge/gw-1/reply",

@@ -5,9 +5,12 @@ that messages and handler errors still go where they did, against a real Mosquit
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import socket
 import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Literal
 
 import paho.mqtt.client as paho
 import pytest
@@ -20,6 +23,38 @@ from mqtt_session import ConnectInfo, Inbound, MqttConfig, MqttSession, PublishP
 from mqtt_session.client import DirectClient
 
 TIMEOUT_S = 20
+
+
+@contextlib.asynccontextmanager
+async def subscribed_pair(
+    broker: BrokerInfo,
+    topic: str,
+    on_message: Callable[[Inbound], None],
+    *,
+    protocol: Literal["auto", "5", "3.1.1"] = "auto",
+    keep_properties: bool = False,
+    publisher: Callable[[MqttConfig], MqttConfig] = lambda cfg: cfg,
+) -> AsyncIterator[tuple[MqttSession, MqttSession]]:
+    """A session subscribed to ``topic`` at QoS 1 (its SUBACK in) and a connected publisher
+    (its config made from the subscriber's by ``publisher``), on ``broker``."""
+    cfg = MqttConfig(host=broker.host, port=broker.port, protocol=protocol)
+    subscribed = asyncio.Event()
+
+    async def on_connect(info: ConnectInfo) -> None:  # after the SUBACK
+        subscribed.set()
+
+    sub = MqttSession(
+        cfg, client_id=f"sub-{uuid.uuid4().hex[:8]}", on_message=on_message,
+        on_connect=on_connect, manual_ack=False, persistent=False,
+        keep_properties=keep_properties,
+    )  # fmt: skip
+    sub.subscribe(topic, qos=1)
+    pub_cfg = publisher(cfg)
+    pub_id = f"pub-{uuid.uuid4().hex[:8]}"
+    async with sub, MqttSession(pub_cfg, client_id=pub_id, persistent=False) as pub:
+        await subscribed.wait()
+        await pub.wait_connected()
+        yield sub, pub
 
 
 def test_paho_still_routes_received_publishes_through_the_overridden_method() -> None:
@@ -50,25 +85,9 @@ def test_every_message_reaches_the_handler_and_a_failing_handler_is_counted(
             done.set()
 
     async def scenario() -> int:
-        cfg = MqttConfig(host=mosquitto.host, port=mosquitto.port)
-        subscribed = asyncio.Event()
-
-        async def on_connect(info: ConnectInfo) -> None:  # after the SUBACK
-            subscribed.set()
-
-        sub = MqttSession(
-            cfg, client_id=f"sub-{uuid.uuid4().hex[:8]}", on_message=handler,
-            on_connect=on_connect, manual_ack=False, persistent=False,
-        )  # fmt: skip
-        sub.subscribe(topic, qos=1)
         async with asyncio.timeout(TIMEOUT_S):
-            async with (
-                sub,
-                MqttSession(cfg, client_id=f"pub-{uuid.uuid4().hex[:8]}", persistent=False) as pub,
-            ):
-                await subscribed.wait()
+            async with subscribed_pair(mosquitto, topic, handler) as (sub, pub):
                 assert isinstance(sub._client, DirectClient)
-                await pub.wait_connected()
                 for payload in (b"one", b"boom", b"three"):
                     await pub.publish(topic, payload, qos=qos)
                 await done.wait()
@@ -138,27 +157,13 @@ def test_mqtt5_messages_arrive_whole_by_either_reader(mosquitto: BrokerInfo, kee
             done.set()
 
     async def scenario() -> None:
-        cfg = MqttConfig(host=mosquitto.host, port=mosquitto.port, protocol="5")
-        subscribed = asyncio.Event()
-
-        async def on_connect(info: ConnectInfo) -> None:
-            subscribed.set()
-
-        sub = MqttSession(
-            cfg, client_id=f"sub-{uuid.uuid4().hex[:8]}", on_message=handler,
-            on_connect=on_connect, manual_ack=False, persistent=False, keep_properties=keep,
-        )  # fmt: skip
-        sub.subscribe(topic, qos=1)
         user = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         user.UserProperty = ("k", "v")
         user.CorrelationData = b"c3"
         async with asyncio.timeout(TIMEOUT_S):
-            async with (
-                sub,
-                MqttSession(cfg, client_id=f"pub-{uuid.uuid4().hex[:8]}", persistent=False) as pub,
-            ):
-                await subscribed.wait()
-                await pub.wait_connected()
+            async with subscribed_pair(
+                mosquitto, topic, handler, protocol="5", keep_properties=keep
+            ) as (_, pub):
                 await pub.publish(topic, b"plain", qos=0)
                 await pub.publish(
                     topic, b"common", qos=1,
@@ -211,23 +216,11 @@ def test_publishes_beyond_the_in_flight_window_wait_and_all_arrive_in_order(
             done.set()
 
     async def scenario() -> int:
-        cfg = MqttConfig(host=mosquitto.host, port=mosquitto.port, protocol="5")
-        subscribed = asyncio.Event()
-
-        async def on_connect(info: ConnectInfo) -> None:
-            subscribed.set()
-
-        sub = MqttSession(
-            cfg, client_id=f"sub-{uuid.uuid4().hex[:8]}", on_message=handler,
-            on_connect=on_connect, manual_ack=False, persistent=False,
-        )  # fmt: skip
-        sub.subscribe(topic, qos=1)
-        narrow = cfg.model_copy(update={"receive_maximum": window})
-        client_id = f"pub-{uuid.uuid4().hex[:8]}"
         async with asyncio.timeout(TIMEOUT_S):
-            async with sub, MqttSession(narrow, client_id=client_id, persistent=False) as pub:
-                await subscribed.wait()
-                await pub.wait_connected()
+            async with subscribed_pair(
+                mosquitto, topic, handler, protocol="5",
+                publisher=lambda cfg: cfg.model_copy(update={"receive_maximum": window}),
+            ) as (_, pub):  # fmt: skip
                 futures = [pub.publish_nowait(topic, b"%d" % i, qos=1) for i in range(300)]
                 client = pub._client
                 assert isinstance(client, DirectClient)
