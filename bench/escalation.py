@@ -57,13 +57,13 @@ VERDICT = EdgeVerdict(label=1, confidence=0.5, margin=0.1, entropy=1.0)
 
 
 def start_worker(
-    broker: BrokerInfo, tmp: Path, worker_id: str, group: str
+    broker: BrokerInfo, tmp: Path, worker_id: str, group: str, extra_toml: str = ""
 ) -> subprocess.Popen[bytes]:
     cfg = tmp / f"{worker_id}.toml"
     cfg.write_text(
         f'worker_id = "{worker_id}"\ngroup = "{group}"\nlog_level = "WARNING"\n'
         f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\n'
-        f'[store]\npath = "{tmp / worker_id}.db"\n',
+        f'[store]\npath = "{tmp / worker_id}.db"\n{extra_toml}',
         encoding="utf-8",
     )
     log = tmp / f"{worker_id}.log"
@@ -264,7 +264,18 @@ def main() -> None:
     parser.add_argument(
         "--cases", default="16,64", help="cases per message in the throughput runs (comma list)"
     )
+    parser.add_argument(
+        "--worker-max-wait-ms",
+        type=float,
+        default=None,
+        help="the workers' [batching] max_wait_ms (default: the worker's own default)",
+    )
     args = parser.parse_args()
+    extra = (
+        ""
+        if args.worker_max_wait_ms is None
+        else f"[batching]\nmax_wait_ms = {args.worker_max_wait_ms}\n"
+    )
     per_message = [int(c) for c in args.cases.split(",")]
     with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp_s:
         tmp = Path(tmp_s)
@@ -280,7 +291,8 @@ def main() -> None:
             for rate in (100.0, 1000.0):
                 group = f"rt{int(rate)}"
                 w = [
-                    start_worker(info, tmp, f"{group}-w{i}", group) for i in range(args.rt_workers)
+                    start_worker(info, tmp, f"{group}-w{i}", group, extra)
+                    for i in range(args.rt_workers)
                 ]
                 try:
                     took, batch_sizes = asyncio.run(round_trip(info, tmp, rate, args.seconds))
@@ -304,7 +316,9 @@ def main() -> None:
             for cases in per_message:
                 for n in (1, 2):
                     group = f"tp{cases}x{n}"
-                    procs = [start_worker(info, tmp, f"{group}-w{i}", group) for i in range(n)]
+                    procs = [
+                        start_worker(info, tmp, f"{group}-w{i}", group, extra) for i in range(n)
+                    ]
                     try:
                         rate = asyncio.run(throughput(info, args.count, cases))
                     finally:
