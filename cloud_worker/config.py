@@ -66,7 +66,15 @@ class BatchingConfig(BaseModel):
 
     max_batch_size: int = Field(64, ge=1, le=4096)
     max_wait_ms: float = Field(
-        1.0, ge=0, le=1000, description="how long the first escalation waits for others"
+        1.0,
+        ge=0,
+        le=1000,
+        description="how long the first escalation waits for others while the model is busy",
+    )
+    wait_when_idle: bool = Field(
+        False,
+        description="wait max_wait_ms also when the model has no batch in hand (fuller calls"
+        " at moderate rates, for latency)",
     )
 
 

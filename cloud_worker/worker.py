@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -210,10 +211,14 @@ class Worker:
             loops = []
             for name, handler in self._handlers.items():
                 self._callers[name] = HandlerCaller(handler)
+                batching = self.config.batching
+                process, busy = self._make_process(name, functools.partial(self._model_free, name))
                 batcher: MicroBatcher[_Job] = MicroBatcher(
-                    self._make_process(name),
-                    max_batch_size=self.config.batching.max_batch_size,
-                    max_wait_s=self.config.batching.max_wait_ms / 1000.0,
+                    process,
+                    max_batch_size=batching.max_batch_size,
+                    max_wait_s=batching.max_wait_ms / 1000.0,
+                    # An idle model takes a case at once; while it is busy cases gather.
+                    wait_if=None if batching.wait_when_idle else busy,
                 )
                 self._batchers[name] = batcher
                 loops.append(tasks.create_task(batcher.run(), name=f"worker-batcher-{name}"))
@@ -384,13 +389,23 @@ class Worker:
             self._settle(parent)
 
     # ------------------------------------------------------------------ answering
-    def _make_process(self, model: str) -> Callable[[list[_Job]], Any]:
-        """The batcher's callback: hands each batch to a task of its own, so the next batch
-        is looked up and stacked while this one is in the handler (at most
-        :data:`BATCHES_IN_FLIGHT` at a time). Batches reach the handler in the order the
-        batcher formed them: each task hands its batch to the :class:`HandlerCaller` only after
-        the task before it has (``turn``)."""
+    def _model_free(self, model: str) -> None:
+        """``model`` has no batch in hand: the cases that gathered meanwhile go now."""
+        if not self.config.batching.wait_when_idle:
+            self._batchers[model].wake()
+
+    def _make_process(
+        self, model: str, idle: Callable[[], None]
+    ) -> tuple[Callable[[list[_Job]], Any], Callable[[], bool]]:
+        """The batcher's callback, and whether the model has a batch in hand (being answered);
+        ``idle`` is called whenever the last batch in hand is done.
+
+        The callback hands each batch to a task of its own, so the next batch is prepared
+        while this one is in the handler (at most :data:`BATCHES_IN_FLIGHT` at a time). Batches
+        reach the handler in the order the batcher formed them: each task hands its batch to
+        the :class:`HandlerCaller` only after the task before it has (``turn``)."""
         slots = asyncio.Semaphore(BATCHES_IN_FLIGHT)
+        in_hand = 0
         loop = asyncio.get_running_loop()
         previous: list[asyncio.Future[None]] = [loop.create_future()]
         previous[0].set_result(None)
@@ -398,6 +413,7 @@ class Worker:
         async def answer(
             jobs: list[_Job], turn: asyncio.Future[None], mine: asyncio.Future[None]
         ) -> None:
+            nonlocal in_hand
             try:
                 await self._answer(model, jobs, turn, mine)
             except Exception:  # never stop answering
@@ -405,21 +421,26 @@ class Worker:
                 for job in jobs:
                     self._case_done(job, None, None)
             finally:
+                in_hand -= 1
+                if in_hand == 0:
+                    idle()
                 if not mine.done():
                     mine.set_result(None)
                 slots.release()
 
         async def process(jobs: list[_Job]) -> None:
+            nonlocal in_hand
             if self._deferred or self.session.reading_paused:
                 self._take_deferred()
             await slots.acquire()
+            in_hand += 1
             mine = loop.create_future()
             turn, previous[0] = previous[0], mine
             task = asyncio.create_task(answer(jobs, turn, mine))
             self._answering.add(task)
             task.add_done_callback(self._answering.discard)
 
-        return process
+        return process, lambda: in_hand > 0
 
     async def _answer(
         self,

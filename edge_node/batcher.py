@@ -2,6 +2,10 @@
 
 While one batch is being processed, new items keep arriving, so under load batches grow by
 themselves (up to ``max_batch_size``) and the fixed wait only applies when traffic is light.
+``wait_if`` limits the wait further: the oldest item waits only while it says so, and
+:meth:`MicroBatcher.wake` ends a wait early (a cloud worker waits only while its model has a
+batch in hand and wakes its batcher when the model is free, so an idle model takes a case at
+once and cases that came while it was busy go together the moment it is free).
 """
 
 from __future__ import annotations
@@ -22,12 +26,14 @@ class MicroBatcher(Generic[T]):
         *,
         max_batch_size: int,
         max_wait_s: float,
+        wait_if: Callable[[], bool] | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         self._process = process
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
+        self._wait_if = wait_if
         self._items: deque[T] = deque()
         self._first_at = 0.0
         self._nonempty = asyncio.Event()
@@ -36,6 +42,8 @@ class MicroBatcher(Generic[T]):
         self._idle.set()
         self.batches = 0
         self.items = 0
+        self.timeouts = 0
+        """Batches that went because their oldest item had waited ``max_wait_s``."""
 
     def add(self, item: T) -> None:
         if not self._items:
@@ -61,6 +69,11 @@ class MicroBatcher(Generic[T]):
     def __len__(self) -> int:
         return len(self._items)
 
+    def wake(self) -> None:
+        """End the current wait: the items gathered so far go now (the consumer is free)."""
+        if self._items:
+            self._full.set()
+
     async def wait_idle(self) -> None:
         """Return once every added item has been processed."""
         await self._idle.wait()
@@ -68,7 +81,11 @@ class MicroBatcher(Generic[T]):
     async def run(self) -> None:
         while True:
             await self._nonempty.wait()
-            if len(self._items) < self.max_batch_size and self.max_wait_s > 0:
+            if (
+                len(self._items) < self.max_batch_size
+                and self.max_wait_s > 0
+                and (self._wait_if is None or self._wait_if())
+            ):
                 deadline = self._first_at + self.max_wait_s
                 delay = deadline - time.monotonic()
                 if delay > 0:
@@ -76,7 +93,7 @@ class MicroBatcher(Generic[T]):
                         async with asyncio.timeout(delay):
                             await self._full.wait()
                     except TimeoutError:
-                        pass
+                        self.timeouts += 1
             n = min(len(self._items), self.max_batch_size)
             batch = [self._items.popleft() for _ in range(n)]
             if self._items:

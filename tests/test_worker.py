@@ -27,6 +27,7 @@ from cloud_worker.export import export
 from cloud_worker.service import GC_THRESHOLDS, fewer_gc_passes
 from edgewise.frames import load_holdout
 from local_broker import BrokerInfo
+from tests.test_escalation import eventually
 from tests.test_worker_harness import (
     Replies,
     batch_bytes,
@@ -392,9 +393,13 @@ def test_a_batch_message_gets_one_reply_and_cases_of_messages_share_a_handler_ca
 ) -> None:
     """Five messages of four cases, one an expired case and one a case answered before: each
     message gets one reply (the expired case left out, the old case answered as before), and
-    the cases of the five messages go to the handler together (dynamic batching)."""
+    the cases of the five messages go to the handler together (dynamic batching; the first case
+    waits for the others although the model is idle: ``wait_when_idle``)."""
     node = f"gw-{uuid.uuid4().hex[:6]}"
-    cfg = worker_config(mosquitto, tmp_path, batching={"max_batch_size": 18, "max_wait_ms": 1000})
+    cfg = worker_config(
+        mosquitto, tmp_path,
+        batching={"max_batch_size": 18, "max_wait_ms": 1000, "wait_when_idle": True},
+    )  # fmt: skip
 
     async def scenario() -> None:
         replies = Replies()
@@ -438,6 +443,53 @@ def test_a_batch_message_gets_one_reply_and_cases_of_messages_share_a_handler_ca
         assert all(r.corr == "case" and r.model == "seen-1" for r in replies.got if r.id != "b0")
 
     asyncio.run(scenario())
+
+
+def test_an_idle_model_takes_a_case_at_once_and_cases_gather_while_it_is_busy(
+    mosquitto: BrokerInfo, tmp_path: Path
+) -> None:
+    """Default batching with the longest ``max_wait_ms`` (1 s): the first case goes to the idle
+    model at once; the cases that come while its call is held up go together, in one call, the
+    moment the model is free. Neither batch waits for ``max_wait_ms`` to run out."""
+    node = f"gw-{uuid.uuid4().hex[:6]}"
+    cfg = worker_config(mosquitto, tmp_path, batching={"max_wait_ms": 1000})
+    release = threading.Event()
+
+    async def scenario() -> list[list[str]]:
+        replies = Replies()
+        calls: list[list[str]] = []
+        worker = Worker(cfg)
+
+        @worker.handler("digits", version="held-1")
+        def held(batch: Batch) -> list[Verdict]:
+            calls.append([e.id for e in batch.escalations])
+            if len(calls) == 1:
+                release.wait(30)
+            return [Verdict(1, 0.9) for _ in batch.escalations]
+
+        async with worker, node_client(mosquitto, replies, node) as client:
+            await client.publish(
+                "cloud/escalations/digits", escalation_bytes("i0", HOLDOUT.images[0], node=node)
+            )
+            await eventually(lambda: len(calls) == 1)  # in the handler, without a wait
+            for i in (1, 2, 3):
+                await client.publish(
+                    "cloud/escalations/digits",
+                    escalation_bytes(f"i{i}", HOLDOUT.images[i], node=node),
+                )
+            await eventually(lambda: worker.stats.cases == 4)  # all taken in, waiting
+            assert len(calls) == 1
+            release.set()
+            await replies.wait_for(lambda: len(replies.got) >= 4)
+            assert await worker.drain()
+            assert worker._batchers["digits"].timeouts == 0
+        return calls
+
+    try:
+        calls = asyncio.run(scenario())
+    finally:
+        release.set()
+    assert calls == [["i0"], ["i1", "i2", "i3"]]
 
 
 def test_a_reply_answers_the_part_of_a_batch_whose_handler_call_worked(
