@@ -617,36 +617,45 @@ class Worker:
         return answers
 
     def _settle(self, message: _Message) -> None:
-        task = asyncio.create_task(self._reply_and_ack(message))
+        """None of ``message``'s cases waits any more: reply now, acknowledge once the reply
+        has its PUBACK and the message's rows are committed."""
+        send, verdicts = self._reply(message)
+        task = asyncio.create_task(self._ack_when_done(message, send, verdicts))
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
 
-    async def _reply_and_ack(self, message: _Message) -> None:
+    def _reply(self, message: _Message) -> tuple[asyncio.Future[None] | None, int]:
+        """Publish the reply with the verdicts of ``message``'s answered cases that are still
+        in time; returns its PUBACK future (None: nothing to send) and its verdict count."""
         batch = message.batch
-        now = time.time()
-        ok = True
-        send: asyncio.Future[None] | None = None
-        verdicts: list[CaseVerdict] = []
         if not batch.wants_reply:
             self.stats.uploads += len(message.answered)
-        else:
-            for esc, answer in message.answered:
-                deadline = esc.deadline
-                if deadline is not None and now > deadline:  # esc.expired(now)
-                    self.stats.expired += 1
-                    continue
-                assert esc.corr is not None
-                verdicts.append(
-                    CaseVerdict(
-                        id=esc.id,
-                        corr=esc.corr,
-                        label=answer.label,
-                        confidence=answer.confidence,
-                        model=answer.model,
-                    )
+            return None, 0
+        now = time.time()
+        verdicts: list[CaseVerdict] = []
+        for esc, answer in message.answered:
+            deadline = esc.deadline
+            if deadline is not None and now > deadline:  # esc.expired(now)
+                self.stats.expired += 1
+                continue
+            assert esc.corr is not None
+            verdicts.append(
+                CaseVerdict(
+                    id=esc.id,
+                    corr=esc.corr,
+                    label=answer.label,
+                    confidence=answer.confidence,
+                    model=answer.model,
                 )
-            if verdicts:
-                send = self._send_reply(message, verdicts)
+            )
+        if not verdicts:
+            return None, 0
+        return self._send_reply(message, verdicts), len(verdicts)
+
+    async def _ack_when_done(
+        self, message: _Message, send: asyncio.Future[None] | None, verdicts: int
+    ) -> None:
+        ok = True
         for stored in {id(f): f for f in message.stored}.values():
             try:
                 await stored
@@ -661,7 +670,7 @@ class Worker:
                 self.stats.reply_failures += 1
             else:
                 self.stats.replies += 1
-                self.stats.verdicts += len(verdicts)
+                self.stats.verdicts += verdicts
         if ok or self.session.connected:
             # Delivered, or refused for good on a live connection (retrying cannot help).
             self._acker.finish(message.ticket)
