@@ -458,10 +458,13 @@ class Worker:
         caller = self._callers[model]
         outcomes: list[_Outcome] = []
         if caller.threaded:
+            # Grouped and stacked here, before this batch's turn (while the one before it is
+            # in the handler): the handler's thread only looks up and calls.
+            prepared = [_prepare(model, group) for group in _by_input_kind(jobs)]
             if not turn.done():
                 await turn
             loop = asyncio.get_running_loop()
-            work = caller.run(lambda: self._look_up_and_call(model, handler, jobs, loop))
+            work = caller.run(lambda: self._look_up_and_call(model, handler, jobs, prepared, loop))
             mine.set_result(None)
             known, outcomes = await work
         else:
@@ -495,22 +498,35 @@ class Worker:
             return {}
 
     def _look_up_and_call(
-        self, model: str, handler: Handler, jobs: list[_Job], loop: asyncio.AbstractEventLoop
+        self,
+        model: str,
+        handler: Handler,
+        jobs: list[_Job],
+        prepared: list[tuple[list[_Job], Batch | Exception]],
+        loop: asyncio.AbstractEventLoop,
     ) -> tuple[dict[str, Answer], list[_Outcome]]:
         """On the handler's thread: the stored answers among ``jobs``, and the handler's verdicts
-        (or its error) for each group of the others. Touches no state of the worker's."""
+        (or its error) for each ``prepared`` group of the others (a group with cases answered
+        before is stacked again without them). Touches no state of the worker's."""
         try:
             known = self.store.lookup_here([esc.id for esc, _ in jobs])
         except StoreError as exc:
             log.warning("cannot look up earlier answers (%s)", exc)
             known = {}
-        fresh = [j for j in jobs if j[0].id not in known] if known else jobs
         outcomes: list[_Outcome] = []
-        for group in _by_input_kind(fresh):
+        for group, batch in prepared:
+            if known:
+                fresh = [j for j in group if j[0].id not in known]
+                if not fresh:
+                    continue
+                if len(fresh) < len(group):
+                    group, batch = _prepare(model, fresh)
+            if isinstance(batch, Exception):
+                outcomes.append((group, batch))
+                continue
             try:
-                batch = Batch(model, _stack(group), [esc for esc, _ in group])
                 outcomes.append((group, handler.call_blocking(batch, loop)))
-            except Exception as exc:  # a bad group or a handler failure stops nothing else
+            except Exception as exc:  # a handler failure stops nothing else
                 outcomes.append((group, exc))
         return known, outcomes
 
@@ -721,6 +737,14 @@ def _by_input_kind(jobs: list[_Job]) -> list[list[_Job]]:
     for job in jobs:
         groups[(job[0].dtype, tuple(job[0].shape))].append(job)
     return list(groups.values())
+
+
+def _prepare(model: str, group: list[_Job]) -> tuple[list[_Job], Batch | Exception]:
+    """``group`` (one input kind) and its handler batch, or why it could not be made."""
+    try:
+        return group, Batch(model, _stack(group), [esc for esc, _ in group])
+    except Exception as exc:  # a bad group must not stop the others
+        return group, exc
 
 
 def _stack(group: list[_Job]) -> np.ndarray:
