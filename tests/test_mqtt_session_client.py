@@ -10,7 +10,7 @@ import inspect
 import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Literal
+from typing import Any, Literal
 
 import paho.mqtt.client as paho
 import pytest
@@ -257,3 +257,50 @@ def test_queued_publishes_are_tracked_through_a_reconnect_reset() -> None:
         client._sock = None
         ours.close()
         theirs.close()
+
+
+def test_what_the_socket_cannot_take_at_once_waits_for_it_to_be_writable(
+    mosquitto: BrokerInfo,
+) -> None:
+    """Packets are written at the next turn of the loop without asking the selector (small
+    publishes never register a writer); 64 MiB published in one go do not fit the socket, so
+    the session waits for it to be writable (add_writer), and every message arrives whole, in
+    order."""
+    topic = f"test/full/{uuid.uuid4().hex}"
+    got: list[bytes] = []
+    done = asyncio.Event()
+    small = [b"s%d" % i for i in range(10)]
+    payloads = small + [bytes([i]) * (1 << 20) for i in range(64)]
+
+    def handler(msg: Inbound) -> None:
+        got.append(msg.payload)
+        if len(got) == len(payloads):
+            done.set()
+
+    async def scenario() -> tuple[int, int]:
+        loop = asyncio.get_running_loop()
+        waits = 0
+        original = loop.add_writer
+
+        def add_writer(fd: Any, callback: Any, *args: Any) -> None:
+            nonlocal waits
+            waits += 1
+            original(fd, callback, *args)
+
+        loop.add_writer = add_writer  # type: ignore[method-assign]
+        async with asyncio.timeout(60):
+            async with subscribed_pair(mosquitto, topic, handler) as (_, pub):
+                waits = 0
+                for p in small:
+                    await pub.publish(topic, p, qos=1)
+                after_small = waits
+                big = payloads[len(small) :]
+                futures = [pub.publish_nowait(topic, p, qos=1) for p in big]
+                assert await asyncio.gather(*futures) == [None] * len(big)
+                await done.wait()
+        return after_small, waits
+
+    after_small, waits = asyncio.run(scenario())
+    assert after_small == 0
+    assert waits > 0
+    assert got == payloads
