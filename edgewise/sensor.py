@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from edgewise.frames import LabelledFrames, load_holdout
-from mqtt_session import MqttConfig, MqttError, MqttSession
+from mqtt_session import MqttConfig, MqttError, MqttSession, PublishRejected
 from schemas import Frame, Topics, encode_frame, encode_frames
 
 
@@ -19,6 +19,8 @@ class SimStats:
     sent: int = 0
     acked: int = 0
     failed: int = 0
+    resent: int = 0
+    """Frames published again because their connection dropped before the broker acked them."""
     elapsed_s: float = 0.0
 
 
@@ -44,7 +46,10 @@ async def simulate(
     ``on_sent(seq, label)`` is called for each frame as it is handed to the client, so a caller
     can score the results it gets back. ``per_message`` > 1 sends frame batches: a message goes
     out once that many frames are due (the last one with what is left), so each frame waits up
-    to ``per_message / rate_hz`` for its batch. ``sent``, ``acked`` and ``failed`` count frames.
+    to ``per_message / rate_hz`` for its batch. A message whose connection dropped before the
+    broker acknowledged it is published again once connected (at least once, as a QoS 1 sensor
+    must; the node may then get a frame twice); one the broker refused is not. ``sent``,
+    ``acked``, ``failed`` (not acknowledged in the end) and ``resent`` count frames.
     """
     if rate_hz <= 0:
         raise ValueError("rate_hz must be > 0")
@@ -55,26 +60,41 @@ async def simulate(
     stats = SimStats()
     pending: set[asyncio.Future[None]] = set()
 
-    def settled(n: int, f: asyncio.Future[None]) -> None:
+    unacked: list[tuple[int, bytes]] = []
+    """Messages (frames in them, payload) whose publish failed: published again."""
+
+    def settled(n: int, payload: bytes, f: asyncio.Future[None]) -> None:
         pending.discard(f)
-        if f.exception() is None:
+        exc = f.exception()
+        if exc is None:
             stats.acked += n
-        else:
-            stats.failed += n
+        elif not isinstance(exc, PublishRejected):  # the connection dropped: send it again
+            unacked.append((n, payload))
 
     batch: list[Frame] = []
+
+    async def send(session: MqttSession, n: int, payload: bytes) -> None:
+        if not session.connected:
+            await session.wait_connected()
+        fut = session.publish_nowait(topic, payload, qos=qos)
+        pending.add(fut)
+        fut.add_done_callback(functools.partial(settled, n, payload))
+
+    async def resend(session: MqttSession) -> None:
+        while unacked:
+            n, payload = unacked.pop(0)
+            stats.resent += n
+            await send(session, n, payload)
 
     async def publish(session: MqttSession) -> None:
         if len(batch) == 1:
             payload = encode_frame(batch[0], as_json=fmt == "json")
         else:
             payload = encode_frames(batch, as_json=fmt == "json")
-        if not session.connected:
-            await session.wait_connected()
-        fut = session.publish_nowait(topic, payload, qos=qos)
-        pending.add(fut)
-        fut.add_done_callback(functools.partial(settled, len(batch)))
+        n = len(batch)
         batch.clear()
+        await resend(session)
+        await send(session, n, payload)
 
     async with MqttSession(
         mqtt, client_id=f"edgewise-sensor-{device}-{sensor}", persistent=False, manual_ack=False
@@ -107,12 +127,14 @@ async def simulate(
             await asyncio.sleep(max(0.0, min(next_at - time.monotonic(), 0.05)))
         if batch:
             await publish(session)
-        if pending:
-            try:
-                async with asyncio.timeout(10):
+        try:
+            async with asyncio.timeout(10):
+                while pending or unacked:
+                    await resend(session)
                     await asyncio.gather(*list(pending), return_exceptions=True)
-            except TimeoutError:
-                pass
+        except TimeoutError:
+            pass
+        stats.failed = stats.sent - stats.acked
         stats.elapsed_s = time.monotonic() - start
     return stats
 
