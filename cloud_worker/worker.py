@@ -473,12 +473,9 @@ class Worker:
             if not turn.done():
                 await turn
             calls: list[tuple[list[_Job], asyncio.Future[Sequence[Verdict]] | Exception]] = []
-            for group in _by_input_kind(fresh):
-                try:
-                    batch = Batch(model, _stack(group), [esc for esc, _ in group])
-                    calls.append((group, caller.submit(batch)))
-                except Exception as exc:  # a bad group must not stop the others
-                    calls.append((group, exc))
+            for group, batch in (_prepare(model, g) for g in _by_input_kind(fresh)):
+                call = batch if isinstance(batch, Exception) else caller.submit(batch)
+                calls.append((group, call))
             mine.set_result(None)
             for group, call in calls:
                 if isinstance(call, Exception):

@@ -37,7 +37,8 @@ class MicroBatcher(Generic[T]):
         self._items: deque[T] = deque()
         self._first_at = 0.0
         self._nonempty = asyncio.Event()
-        self._full = asyncio.Event()
+        self._go = asyncio.Event()
+        """Set when the batch should go before ``max_wait_s``: it is full, or :meth:`wake`."""
         self._idle = asyncio.Event()
         self._idle.set()
         self.batches = 0
@@ -52,7 +53,7 @@ class MicroBatcher(Generic[T]):
         self._items.append(item)
         self._idle.clear()
         if len(self._items) >= self.max_batch_size:
-            self._full.set()
+            self._go.set()
 
     def add_many(self, items: list[T]) -> None:
         """``add`` each of ``items``, in order."""
@@ -64,7 +65,7 @@ class MicroBatcher(Generic[T]):
         self._items.extend(items)
         self._idle.clear()
         if len(self._items) >= self.max_batch_size:
-            self._full.set()
+            self._go.set()
 
     def __len__(self) -> int:
         return len(self._items)
@@ -72,7 +73,7 @@ class MicroBatcher(Generic[T]):
     def wake(self) -> None:
         """End the current wait: the items gathered so far go now (the consumer is free)."""
         if self._items:
-            self._full.set()
+            self._go.set()
 
     async def wait_idle(self) -> None:
         """Return once every added item has been processed."""
@@ -91,7 +92,7 @@ class MicroBatcher(Generic[T]):
                 if delay > 0:
                     try:
                         async with asyncio.timeout(delay):
-                            await self._full.wait()
+                            await self._go.wait()
                     except TimeoutError:
                         self.timeouts += 1
             n = min(len(self._items), self.max_batch_size)
@@ -99,10 +100,10 @@ class MicroBatcher(Generic[T]):
             if self._items:
                 self._first_at = time.monotonic()
                 if len(self._items) < self.max_batch_size:
-                    self._full.clear()
+                    self._go.clear()
             else:
                 self._nonempty.clear()
-                self._full.clear()
+                self._go.clear()
             self.batches += 1
             self.items += n
             await self._process(batch)
