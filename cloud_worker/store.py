@@ -14,6 +14,7 @@ return a future that resolves once the rows are committed. sqlite3 errors become
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import sqlite3
 import threading
@@ -295,6 +296,31 @@ class HardExampleStore:
             return {}
         result: dict[str, Answer] = await self._run(self._lookup, list(ids), pool=self._read_pool)
         return result
+
+    def lookup_ahead(self, ids: Sequence[str]) -> concurrent.futures.Future[dict[str, Answer]]:
+        """Start looking up the stored answers among ``ids`` on the store's reading thread, for
+        a thread that will need them later (its ``result()`` raises :class:`StoreError`).
+
+        While a model thread is busy with one batch, the next batch's look-up runs here, so
+        the model finds its answer ready instead of waiting for SQLite and, between SQLite's
+        steps, for the GIL (docs/adr/0035-worker-model-thread.md).
+        """
+        ids = list(ids)
+        done: concurrent.futures.Future[dict[str, Answer]] = concurrent.futures.Future()
+        if not ids:
+            done.set_result({})
+            return done
+        try:
+            return self._read_pool.submit(self._lookup_translated, ids)
+        except RuntimeError:  # the pool was shut down: the store is closed
+            done.set_exception(StoreError(f"hard-example store {self.config.path}: closed"))
+            return done
+
+    def _lookup_translated(self, ids: list[str]) -> dict[str, Answer]:
+        try:
+            return self._lookup(ids)
+        except sqlite3.Error as exc:
+            raise StoreError(f"hard-example store {self.config.path}: {exc}") from exc
 
     def lookup_here(self, ids: Sequence[str]) -> dict[str, Answer]:
         """The stored answers among ``ids``, read on the calling thread (not the event loop's:

@@ -28,6 +28,7 @@ Use::
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import json
@@ -411,11 +412,11 @@ class Worker:
         previous[0].set_result(None)
 
         async def answer(
-            jobs: list[_Job], turn: asyncio.Future[None], mine: asyncio.Future[None]
+            jobs: list[_Job], turn: asyncio.Future[None], mine: asyncio.Future[None], ahead: bool
         ) -> None:
             nonlocal in_hand
             try:
-                await self._answer(model, jobs, turn, mine)
+                await self._answer(model, jobs, turn, mine, ahead=ahead)
             except Exception:  # never stop answering
                 log.exception("unexpected error answering %d escalations", len(jobs))
                 for job in jobs:
@@ -436,7 +437,10 @@ class Worker:
             in_hand += 1
             mine = loop.create_future()
             turn, previous[0] = previous[0], mine
-            task = asyncio.create_task(answer(jobs, turn, mine))
+            # Another batch in hand: the model is busy, so this one's ids are looked up
+            # meanwhile, on the store's reading thread (else on the model's, right before).
+            ahead = in_hand > 1
+            task = asyncio.create_task(answer(jobs, turn, mine, ahead))
             self._answering.add(task)
             task.add_done_callback(self._answering.discard)
 
@@ -448,23 +452,29 @@ class Worker:
         jobs: list[_Job],
         turn: asyncio.Future[None],
         mine: asyncio.Future[None],
+        *,
+        ahead: bool = False,
     ) -> None:
         """Decide every case of ``jobs``: those answered before (the store) get that answer
         again, the rest go to the handler once it is this batch's ``turn`` (then ``mine`` is
-        set). A thread handler's thread looks them up itself, right before the call: one
-        hand-over per batch; a coroutine handler gets them after a look-up on the store's
-        reading thread."""
+        set). For a thread handler the look-up is started now on the store's reading thread
+        when the model is busy with an earlier batch (``ahead``), else the handler's thread
+        does it right before the call: one hand-over per batch either way; a coroutine handler
+        gets them after a look-up on the store's reading thread."""
         handler = self._handlers[model]
         caller = self._callers[model]
         outcomes: list[_Outcome] = []
         if caller.threaded:
             # Grouped and stacked here, before this batch's turn (while the one before it is
-            # in the handler): the handler's thread only looks up and calls.
+            # in the handler): the handler's thread only looks up (or collects) and calls.
             prepared = [_prepare(model, group) for group in _by_input_kind(jobs)]
+            found = self.store.lookup_ahead([esc.id for esc, _ in jobs]) if ahead else None
             if not turn.done():
                 await turn
             loop = asyncio.get_running_loop()
-            work = caller.run(lambda: self._look_up_and_call(model, handler, jobs, prepared, loop))
+            work = caller.run(
+                lambda: self._look_up_and_call(model, handler, jobs, prepared, found, loop)
+            )
             mine.set_result(None)
             known, outcomes = await work
         else:
@@ -500,13 +510,18 @@ class Worker:
         handler: Handler,
         jobs: list[_Job],
         prepared: list[tuple[list[_Job], Batch | Exception]],
+        found: concurrent.futures.Future[dict[str, Answer]] | None,
         loop: asyncio.AbstractEventLoop,
     ) -> tuple[dict[str, Answer], list[_Outcome]]:
-        """On the handler's thread: the stored answers among ``jobs``, and the handler's verdicts
-        (or its error) for each ``prepared`` group of the others (a group with cases answered
-        before is stacked again without them). Touches no state of the worker's."""
+        """On the handler's thread: the stored answers among ``jobs`` (``found``, looked up
+        ahead, or looked up now), and the handler's verdicts (or its error) for each
+        ``prepared`` group of the others (a group with cases answered before is stacked again
+        without them). Touches no state of the worker's."""
         try:
-            known = self.store.lookup_here([esc.id for esc, _ in jobs])
+            if found is not None:
+                known = found.result()
+            else:
+                known = self.store.lookup_here([esc.id for esc, _ in jobs])
         except StoreError as exc:
             log.warning("cannot look up earlier answers (%s)", exc)
             known = {}

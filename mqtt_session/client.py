@@ -27,9 +27,19 @@ in a flood, that scan was a fifth of the worker's event loop (py-spy). :class:`D
 keeps the ids of the publishes that were queued (the window was full, or a reconnect put
 messages back), oldest first, and sends from them as slots free: no scan.
 
+paho reads a packet with a ``recv`` system call per byte of its fixed header and one for the
+rest: three or four per packet, ~7 per escalation a worker answers (its PUBLISH, and the PUBACK
+of its reply). :class:`DirectClient` reads what the socket holds (up to
+:data:`READ_AHEAD_BYTES`) in one call and serves paho's reads from that; the session reads on
+while bytes are buffered (:meth:`DirectClient.buffered`). paho also sends each queued packet
+with a ``send`` of its own; :class:`DirectClient` joins the packets queued at once (PUBACKs
+after a commit, replies) into one ``send``, except those paho must act on once written (a QoS 0
+PUBLISH, DISCONNECT) (docs/adr/0072-buffered-socket-io.md).
+
 This overrides private methods of paho 2.x (``Client._handle_publish``,
 ``Client._handle_on_message``, called by it for QoS 0 and 1, ``Client._handle_pubackcomp``,
-``Client._update_inflight`` and ``Client._messages_reconnect_reset_out``).
+``Client._update_inflight``, ``Client._messages_reconnect_reset_out``, ``Client._sock_recv``,
+called by ``Client._packet_read``, ``Client._packet_write`` and ``Client._sock_close``).
 ``tests/test_mqtt_session_client.py`` checks that paho still has them and still calls them,
 so an upgrade that changes either fails there, not silently.
 """
@@ -58,6 +68,15 @@ _SHORT_PUBACK_REASONS: Final = {
 
 NO_PUBACK_PROPERTIES: Final = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
 """The properties of every short PUBACK: none (shared: callbacks must not change it)."""
+
+READ_AHEAD_BYTES: Final = 256 * 1024
+"""Most bytes one ``recv`` takes from the socket (paho asks for one to a few at a time)."""
+
+WRITE_JOIN_BYTES: Final = 256 * 1024
+"""Queued packets are joined into one ``send`` up to about this many bytes."""
+
+_PUBLISH: Final = 0x30
+_DISCONNECT: Final = 0xE0
 
 
 class Publish(NamedTuple):
@@ -110,6 +129,79 @@ class DirectClient(paho.Client):
     _queued: deque[int] | None = None
     """The ids of publishes that may be waiting for a slot in the in-flight window, oldest
     first (paho sends them in that order); None or empty: none is waiting."""
+
+    _read_buf: bytes = b""
+    """Bytes read from the socket and not yet handed to paho (from ``_read_pos`` on)."""
+    _read_pos: int = 0
+
+    def buffered(self) -> int:
+        """Bytes read from the socket that paho has not taken yet: while there are any, reading
+        must go on even though the socket itself may not be readable."""
+        return len(self._read_buf) - self._read_pos
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        buf, pos = self._read_buf, self._read_pos
+        if pos < len(buf):
+            end = pos + bufsize
+            if end >= len(buf):
+                self._read_buf, self._read_pos = b"", 0
+                return buf[pos:] if pos else buf
+            self._read_pos = end
+            return buf[pos:end]
+        data = super()._sock_recv(max(bufsize, READ_AHEAD_BYTES))
+        if len(data) <= bufsize:
+            return data
+        self._read_buf, self._read_pos = data, bufsize
+        return data[:bufsize]
+
+    def _sock_close(self) -> None:
+        self._read_buf, self._read_pos = b"", 0  # what was read belongs to the closed socket
+        super()._sock_close()
+
+    def _packet_write(self) -> MQTTErrorCode:
+        """Send the packets queued, several in one ``send`` where paho needs to do nothing once
+        they are written; the rest (and a lone packet) as paho does."""
+        out = self._out_packet
+        while len(out) > 1:
+            parts: list[bytes | bytearray | memoryview] = []
+            size = 0
+            for packet in out:
+                command = packet["command"] & 0xF0
+                if command == _DISCONNECT or (command == _PUBLISH and packet["qos"] == 0):
+                    break
+                data = packet["packet"]
+                pos = packet["pos"]
+                parts.append(memoryview(data)[pos:] if pos else data)
+                size += packet["to_process"]
+                if size >= WRITE_JOIN_BYTES:
+                    break
+            if len(parts) < 2:
+                break
+            try:
+                sent = written = self._sock_send(b"".join(parts))
+            except (AttributeError, ValueError):
+                return MQTTErrorCode.MQTT_ERR_SUCCESS
+            except BlockingIOError:
+                return MQTTErrorCode.MQTT_ERR_AGAIN
+            except OSError as err:
+                self._easy_log(paho.MQTT_LOG_ERR, "failed to send on socket: %s", err)
+                return MQTTErrorCode.MQTT_ERR_CONN_LOST
+            with self._msgtime_mutex:
+                self._last_msg_out = paho.time_func()
+            while written > 0:  # drop the packets written whole; the last may be partly
+                packet = out[0]
+                if written >= packet["to_process"]:
+                    written -= packet["to_process"]
+                    packet["pos"] += packet["to_process"]
+                    packet["to_process"] = 0
+                    out.popleft()
+                else:
+                    packet["pos"] += written
+                    packet["to_process"] -= written
+                    written = 0
+            if sent < size:
+                return MQTTErrorCode.MQTT_ERR_SUCCESS  # the socket is full: wait for it
+        return super()._packet_write()
 
     def publish(self, *args: Any, **kwargs: Any) -> paho.MQTTMessageInfo:
         info = super().publish(*args, **kwargs)

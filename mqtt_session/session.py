@@ -601,6 +601,7 @@ class MqttSession:
         sock = client.socket() if client is not None else None
         if client is not None and sock is not None and self._loop is not None:
             self._loop.add_reader(sock, self._read, client)
+            self._read_buffered_soon(client)
 
     def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         assert self._loop is not None
@@ -645,21 +646,32 @@ class MqttSession:
         one: a client that publishes nothing (the sensors' connection when the node has a
         separate uplink) read one frame per event-loop iteration, so each frame paid a whole
         iteration and the micro-batcher saw batches of one or two (bench/outage.py: 3,400
-        frames/s against 8,000 with one connection). paho reads exactly one packet's bytes at a
-        time, so the socket is readable exactly while whole or partial packets wait in it
-        (ADR 0006).
+        frames/s against 8,000 with one connection). Packets wait in the socket or, read
+        ahead, in the client (:meth:`DirectClient.buffered`): reading goes on while either
+        holds some, and bytes still buffered when this wakeup's reads are used up (or when
+        reading resumes) are read at the next turn of the loop, since the socket will not wake
+        it for them (ADR 0006, ADR 0072).
         """
         if client is not self._client:
             self._drop_stale(client)
             return
         self.stats.read_wakeups += 1
+        buffered = client.buffered if isinstance(client, DirectClient) else None
         for _ in range(READS_PER_WAKEUP):
             client.loop_read()
             if self._reading_paused or client is not self._client:
                 return  # the handler asked for backpressure, or the connection is gone
+            if buffered is not None and buffered():
+                continue
             sock = client.socket()
             if sock is None or not self._readable(sock):
                 return
+        self._read_buffered_soon(client)
+
+    def _read_buffered_soon(self, client: paho.Client) -> None:
+        """Read at the next turn what ``client`` has buffered (its socket may be drained)."""
+        if isinstance(client, DirectClient) and client.buffered() and self._loop is not None:
+            self._loop.call_soon(self._read, client)
 
     def _readable(self, sock: Any) -> bool:
         """Bytes wait to be read: in a TLS (or WebSocket) layer's buffer, or in the kernel's."""

@@ -4,10 +4,13 @@ that messages and handler errors still go where they did, against a real Mosquit
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
+import fcntl
 import inspect
 import socket
+import termios
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
@@ -21,6 +24,7 @@ from paho.mqtt.properties import Properties
 from local_broker import BrokerInfo
 from mqtt_session import ConnectInfo, Inbound, MqttConfig, MqttSession, PublishProperties
 from mqtt_session.client import DirectClient
+from tests.test_escalation import eventually
 
 TIMEOUT_S = 20
 
@@ -304,3 +308,156 @@ def test_what_the_socket_cannot_take_at_once_waits_for_it_to_be_writable(
     assert after_small == 0
     assert waits > 0
     assert got == payloads
+
+
+# ---------------------------------------------------------------------- buffered socket I/O
+def test_paho_still_reads_and_writes_through_the_overridden_methods() -> None:
+    assert {"_sock_recv", "_sock_close", "_packet_write", "_packet_read"} <= set(vars(paho.Client))
+    assert inspect.getsource(paho.Client._packet_read).count("self._sock_recv(") >= 3
+    assert "self._packet_write()" in inspect.getsource(paho.Client.loop_write)
+    assert "self._sock_close()" in inspect.getsource(paho.Client._reset_sockets)
+
+
+def test_read_ahead_is_served_in_order_and_dropped_with_its_socket() -> None:
+    client = DirectClient(paho.CallbackAPIVersion.VERSION2, client_id="x")
+    ours, theirs = socket.socketpair()
+    try:
+        ours.setblocking(False)
+        client._sock = ours
+        theirs.sendall(b"abcdefgh")
+        assert client._sock_recv(1) == b"a"  # one recv took all eight bytes
+        assert client.buffered() == 7
+        assert client._sock_recv(3) == b"bcd"
+        assert client._sock_recv(10) == b"efgh"  # what is left, no more
+        assert client.buffered() == 0
+        with pytest.raises(BlockingIOError):
+            client._sock_recv(1)
+        theirs.sendall(b"xyz")
+        assert client._sock_recv(1) == b"x" and client.buffered() == 2
+        client._sock_close()  # a reconnect: the old socket's bytes must not reach the new one
+        assert client.buffered() == 0
+    finally:
+        theirs.close()
+
+
+def test_many_packets_are_read_with_few_recv_calls_and_arrive_in_order(
+    mosquitto: BrokerInfo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """500 messages queued for a subscriber while it is away arrive with far fewer ``recv``
+    calls than packets (paho alone makes three or more per packet)."""
+    topic = f"test/readahead/{uuid.uuid4().hex}"
+    got: list[bytes] = []
+    done = asyncio.Event()
+    recvs = 0
+    original = paho.Client._sock_recv
+
+    def counted(self: paho.Client, bufsize: int) -> bytes:
+        nonlocal recvs
+        recvs += 1
+        return original(self, bufsize)
+
+    def handler(msg: Inbound) -> None:
+        got.append(msg.payload)
+        if len(got) == 500:
+            done.set()
+
+    async def scenario() -> None:
+        async with asyncio.timeout(TIMEOUT_S):
+            async with subscribed_pair(mosquitto, topic, handler) as (_, pub):
+                monkeypatch.setattr(paho.Client, "_sock_recv", counted)
+                futures = [pub.publish_nowait(topic, b"%d" % i, qos=1) for i in range(500)]
+                await asyncio.gather(*futures)
+                await done.wait()
+
+    asyncio.run(scenario())
+    assert got == [b"%d" % i for i in range(500)]
+    assert recvs < 500  # both sessions' reads: PUBACKs to the publisher, PUBLISHes to the other
+
+
+def test_messages_read_ahead_while_reading_is_paused_arrive_once_it_resumes(
+    mosquitto: BrokerInfo,
+) -> None:
+    """The subscriber pauses reading at its first message while later ones sit in its read-ahead
+    buffer (the socket itself may hold nothing more): resuming delivers them all, although no
+    new byte arrives to wake the loop."""
+    topic = f"test/paused/{uuid.uuid4().hex}"
+    got: list[bytes] = []
+    done = asyncio.Event()
+    buffered_at_pause: list[int] = []
+    sub_box: list[MqttSession] = []
+
+    def handler(msg: Inbound) -> None:
+        got.append(msg.payload)
+        if len(got) == 1:
+            sub = sub_box[0]
+            client = sub._client
+            assert isinstance(client, DirectClient)
+            buffered_at_pause.append(client.buffered())
+            sub.pause_reading()
+            asyncio.get_running_loop().call_later(0.2, sub.resume_reading)
+        if len(got) == 200:
+            done.set()
+
+    payloads = [b"%d" % i for i in range(200)]
+    # MQTT 5, QoS 1, no properties: header byte, 1-byte length, topic, id, property length.
+    expected = sum(1 + 1 + 2 + len(topic) + 2 + 1 + len(p) for p in payloads)
+
+    def pending(sock: socket.socket) -> int:
+        buf = array.array("i", [0])
+        fcntl.ioctl(sock.fileno(), termios.FIONREAD, buf)
+        return buf[0]
+
+    async def scenario() -> None:
+        async with asyncio.timeout(TIMEOUT_S):
+            async with subscribed_pair(mosquitto, topic, handler, protocol="5") as (sub, pub):
+                sub_box.append(sub)
+                sub.pause_reading()  # all 200 wait in the socket, then come in one read
+                futures = [pub.publish_nowait(topic, p, qos=1) for p in payloads]
+                await asyncio.gather(*futures)
+                client = sub._client
+                assert isinstance(client, DirectClient)
+                sock = client.socket()
+                assert isinstance(sock, socket.socket)
+                await eventually(lambda: pending(sock) >= expected)
+                sub.resume_reading()
+                await done.wait()
+
+    asyncio.run(scenario())
+    assert buffered_at_pause and buffered_at_pause[0] > 0
+    assert got == payloads
+
+
+def test_packets_queued_together_go_in_few_sends_and_arrive_whole_in_order(
+    mosquitto: BrokerInfo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """600 publishes queued in one turn (20 KB each and small ones, interleaved: 6 MB, more than
+    the socket takes at once, so joined sends are cut short and resumed) go in far fewer
+    ``send`` calls than packets, and every message arrives whole, in order."""
+    topic = f"test/join/{uuid.uuid4().hex}"
+    payloads = [bytes([i % 251]) * 20_000 if i % 2 else b"s%d" % i for i in range(600)]
+    got: list[bytes] = []
+    done = asyncio.Event()
+    sends = 0
+    original = paho.Client._sock_send
+
+    def counted(self: paho.Client, buf: bytes | bytearray) -> int:
+        nonlocal sends
+        sends += 1
+        return original(self, buf)
+
+    def handler(msg: Inbound) -> None:
+        got.append(msg.payload)
+        if len(got) == len(payloads):
+            done.set()
+
+    async def scenario() -> None:
+        async with asyncio.timeout(60):
+            async with subscribed_pair(mosquitto, topic, handler) as (_, pub):
+                monkeypatch.setattr(paho.Client, "_sock_send", counted)
+                futures = [pub.publish_nowait(topic, p, qos=1) for p in payloads]
+                assert await asyncio.gather(*futures) == [None] * len(payloads)
+                await done.wait()
+
+    asyncio.run(scenario())
+    assert got == payloads
+    assert sends < len(payloads) // 2  # the subscriber's PUBACKs counted too

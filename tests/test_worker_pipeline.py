@@ -208,7 +208,8 @@ def test_a_thread_handler_looks_up_answers_on_its_own_thread_with_its_own_connec
     tmp_path: Path,
 ) -> None:
     """`HardExampleStore.lookup_here`: each calling thread reads with a connection of its own,
-    finds what was committed, and fails with StoreError (not sqlite3's) once the store closed."""
+    finds what was committed, and fails with StoreError (not sqlite3's) once the store closed;
+    so does `lookup_ahead` (on the store's reading thread)."""
     cfg = WorkerConfig.load(worker_id="w", store={"path": str(tmp_path / "w.db")}).store
     answer = Answer(7, 0.75, "cloud-1", "w")
 
@@ -233,8 +234,12 @@ def test_a_thread_handler_looks_up_answers_on_its_own_thread_with_its_own_connec
             assert seen["t1"][1] == seen["t2"][1] == {"a": answer}
             assert seen["t1"][0] != seen["t2"][0]
             assert len(store._local_readers) == 2
+            assert store.lookup_ahead(["a", "b"]).result(10) == {"a": answer}
+            assert store.lookup_ahead([]).result(10) == {}
         with pytest.raises(StoreError):
             await asyncio.to_thread(store.lookup_here, ["a"])
+        with pytest.raises(StoreError):
+            store.lookup_ahead(["a"]).result(10)
         assert store._local_readers == []
 
     asyncio.run(scenario())
@@ -278,5 +283,59 @@ def test_a_thread_handler_gets_one_hand_over_per_batch(
         assert read_pool_calls == 0
         assert len(threads) == 1 and next(iter(threads)).startswith("handler-digits")
         assert {r.id for r in replies.got} == {f"h{i}" for i in range(5)}
+
+    asyncio.run(scenario())
+
+
+def test_an_answer_stored_earlier_is_found_ahead_while_the_model_is_busy(
+    mosquitto: BrokerInfo, tmp_path: Path
+) -> None:
+    """While the handler is busy with one batch, the next batch's ids are looked up on the
+    store's reading thread (``lookup_ahead``): a case answered in an earlier run (in the store,
+    not in memory) gets that answer again and never reaches the handler."""
+    cfg = worker_config(mosquitto, tmp_path)
+    node = f"gw-{uuid.uuid4().hex[:6]}"
+    release = threading.Event()
+    handled: list[str] = []
+    ahead: list[list[str]] = []
+
+    async def scenario() -> None:
+        async with HardExampleStore(cfg.store) as store:  # an earlier run's answer
+            row = {c: 0 for c in COLUMNS} | {
+                "id": "known", "cloud_label": 7, "cloud_confidence": 0.75,
+                "cloud_model": "earlier-1", "worker": "w-old", "input": b"", "shape": "[]",
+            }  # fmt: skip
+            await store.add(row)
+        worker = Worker(cfg)
+
+        @worker.handler("digits", version="now-1")
+        def classify(batch: Batch) -> list[Verdict]:
+            handled.extend(e.id for e in batch.escalations)
+            release.wait(10)
+            return [Verdict(1, 0.5) for _ in range(len(batch))]
+
+        replies = Replies()
+        async with node_client(mosquitto, replies, node) as client, worker:
+            original = worker.store.lookup_ahead
+
+            def spied(ids: list[str]) -> object:
+                ahead.append(list(ids))
+                return original(ids)
+
+            worker.store.lookup_ahead = spied  # type: ignore[assignment,method-assign]
+            topic = "cloud/escalations/digits"
+            await client.publish(topic, escalation_bytes("first", HOLDOUT.images[0], node=node))
+            await eventually(lambda: handled == ["first"])  # the handler is now busy
+            cases = [one_case(i, HOLDOUT.images[k]) for k, i in enumerate(("known", "fresh"))]
+            await client.publish(topic, batch_bytes(cases, node=node))
+            await eventually(lambda: any("known" in ids for ids in ahead))
+            release.set()
+            await replies.wait_for(lambda: len(replies.got) >= 3)
+            assert await worker.drain()
+        by_id = {r.id: r for r in replies.got}
+        assert (by_id["known"].label, by_id["known"].confidence) == (7, 0.75)
+        assert by_id["fresh"].label == by_id["first"].label == 1
+        assert "known" not in handled and handled.count("fresh") == 1
+        assert worker.stats.duplicates == 1
 
     asyncio.run(scenario())
