@@ -13,11 +13,13 @@ from cloud_worker.worker import Worker
 
 log = logging.getLogger(__name__)
 
-GC_THRESHOLDS = (50_000, 20, 10)
+GC_THRESHOLDS = (500_000, 20, 10)
 """The collector's thresholds while a worker serves (Python's default: 700, 10, 10). A worker
 makes ~15 short-lived container objects per case, nearly all freed by reference counting; with
 the default the young generation is collected every ~50 cases and the whole heap now and then,
-about a fifth of the event loop's CPU (docs/adr/0034-worker-pipeline-and-rows.md)."""
+about a fifth of the event loop's CPU. Each young pass scans the objects of every case in
+flight (thousands in a flood), so passes are made rare
+(docs/adr/0034-worker-pipeline-and-rows.md)."""
 
 
 @contextlib.contextmanager

@@ -668,13 +668,7 @@ class Worker:
                 continue
             assert esc.corr is not None
             verdicts.append(
-                CaseVerdict(
-                    id=esc.id,
-                    corr=esc.corr,
-                    label=answer.label,
-                    confidence=answer.confidence,
-                    model=answer.model,
-                )
+                CaseVerdict(esc.id, esc.corr, answer.label, answer.confidence, answer.model)
             )
         if not verdicts:
             return None, 0

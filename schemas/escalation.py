@@ -118,32 +118,24 @@ class EscalationBatch(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
 
     def cases_view(self) -> list[Escalation]:
         """Each case with the message's fields, as workers and handlers see it."""
-        return [
-            Escalation(
-                id=c.id,
-                node=self.node,
-                model=self.model,
-                release=c.release,
-                device=c.device,
-                sensor=c.sensor,
-                frame_seq=c.frame_seq,
-                ts=self.ts,
-                dtype=c.dtype,
-                shape=c.shape,
-                data=c.data,
-                edge=c.edge,
-                reply_to=self.reply_to,
-                corr=c.corr,
-                deadline=c.deadline if c.deadline is not None else self.deadline,
-                offline=self.offline,
-            )
-            for c in self.cases
-        ]
+        node, model, ts, reply_to = self.node, self.model, self.ts, self.reply_to
+        deadline, offline = self.deadline, self.offline
+        # Positional: msgspec matches keyword arguments by name, ~4 x as long for 16 fields.
+        views = []
+        for c in self.cases:
+            view = Escalation(
+                c.id, node, model, c.release, c.device, c.sensor, c.frame_seq, ts, c.dtype,
+                c.shape, c.data, c.edge, reply_to, c.corr,
+                c.deadline if c.deadline is not None else deadline, offline,
+            )  # fmt: skip
+            views.append(view)
+        return views
 
 
-class Escalation(msgspec.Struct, frozen=True, kw_only=True):
+class Escalation(msgspec.Struct, frozen=True):
     """One case of an escalation message with the message's fields: what a handler gets (see
-    :meth:`EscalationBatch.cases_view`). Not sent on its own."""
+    :meth:`EscalationBatch.cases_view`). Not sent on its own. Built with its fields in this
+    order (or by keyword)."""
 
     id: str
     node: str
@@ -176,8 +168,9 @@ class Escalation(msgspec.Struct, frozen=True, kw_only=True):
         return self.deadline is not None and now > self.deadline
 
 
-class CaseVerdict(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """The cloud's answer to one case."""
+class CaseVerdict(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The cloud's answer to one case (built with its fields in this order, or by keyword:
+    a worker makes one per case, positionally)."""
 
     id: Name
     """The case this answers."""
