@@ -119,13 +119,16 @@ class _Message:
     """One escalation message in hand: settled (replied to, stored, acknowledged) once none of
     its cases is waiting any more."""
 
-    __slots__ = ("answered", "batch", "msg", "stored", "ticket", "waiting")
+    __slots__ = ("answered", "batch", "msg", "stored", "ticket", "unsettled", "waiting")
 
     def __init__(self, batch: EscalationBatch, msg: Inbound, ticket: Ticket) -> None:
         self.batch = batch
         self.msg = msg
         self.ticket = ticket
         self.waiting = 0
+        """Cases not yet decided."""
+        self.unsettled = 0
+        """Once replied to: the reply's PUBACK and the rows' commits not yet in."""
         self.answered: list[tuple[Escalation, Answer]] = []
         self.stored: list[asyncio.Future[Any]] = []
 
@@ -170,7 +173,10 @@ class Worker:
         self._pause_at = QUEUED_BATCHES_MAX * config.batching.max_batch_size
         self._deferred: deque[tuple[Inbound, Ticket]] = deque()
         """Messages received while a model was saturated, in arrival order (not decoded)."""
-        self._settling: set[asyncio.Task[None]] = set()
+        self._settling: set[_Message] = set()
+        """Messages replied to, waiting for their reply's PUBACK and their rows' commits."""
+        self._all_settled = asyncio.Event()
+        self._all_settled.set()
         self._answering: set[asyncio.Task[None]] = set()
         self._batchers: dict[str, MicroBatcher[_Job]] = {}
         self._draining = False
@@ -304,7 +310,10 @@ class Worker:
         for b in self._batchers.values():
             await b.wait_idle()
         while self._answering or self._settling:
-            await asyncio.gather(*self._answering, *self._settling, return_exceptions=True)
+            if self._answering:
+                await asyncio.gather(*self._answering, return_exceptions=True)
+            else:
+                await self._all_settled.wait()
         await self.store.flush()
 
     # ------------------------------------------------------------------ intake
@@ -646,11 +655,36 @@ class Worker:
 
     def _settle(self, message: _Message) -> None:
         """None of ``message``'s cases waits any more: reply now, acknowledge once the reply
-        has its PUBACK and the message's rows are committed."""
+        has its PUBACK and the message's rows are committed (callbacks on those futures, not a
+        task per message: a task's creation and steps cost more than the rest of this)."""
         send, verdicts = self._reply(message)
-        task = asyncio.create_task(self._ack_when_done(message, send, verdicts))
-        self._settling.add(task)
-        task.add_done_callback(self._settling.discard)
+        waits = {id(f): f for f in message.stored}
+        if send is not None:
+            waits[id(send)] = send
+        message.unsettled = len(waits)
+        if not waits:
+            self._acknowledge(message, send, verdicts)
+            return
+        self._settling.add(message)
+        self._all_settled.clear()
+        done = functools.partial(self._settle_step, message, send, verdicts)
+        for fut in waits.values():
+            fut.add_done_callback(done)
+
+    def _settle_step(
+        self,
+        message: _Message,
+        send: asyncio.Future[None] | None,
+        verdicts: int,
+        _done: asyncio.Future[Any],
+    ) -> None:
+        message.unsettled -= 1
+        if message.unsettled:
+            return
+        self._settling.discard(message)
+        if not self._settling:
+            self._all_settled.set()
+        self._acknowledge(message, send, verdicts)
 
     def _reply(self, message: _Message) -> tuple[asyncio.Future[None] | None, int]:
         """Publish the reply with the verdicts of ``message``'s answered cases that are still
@@ -674,20 +708,23 @@ class Worker:
             return None, 0
         return self._send_reply(message, verdicts), len(verdicts)
 
-    async def _ack_when_done(
+    def _acknowledge(
         self, message: _Message, send: asyncio.Future[None] | None, verdicts: int
     ) -> None:
+        """The reply's PUBACK and the rows' commits are in (every future is done): count how
+        they went and acknowledge the escalation, unless the connection dropped first."""
         ok = True
         for stored in {id(f): f for f in message.stored}.values():
-            try:
-                await stored
-            except StoreError as exc:
+            if stored.cancelled():
+                return  # the store shut down under it: the broker hands it out again
+            exc = stored.exception()
+            if exc is not None:
                 self.stats.store_errors += 1
                 log.error("hard examples not stored: %s", exc)
         if send is not None:
-            try:
-                await send
-            except Exception:
+            if send.cancelled():
+                return
+            if send.exception() is not None:
                 ok = False
                 self.stats.reply_failures += 1
             else:

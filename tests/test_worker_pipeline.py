@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import sqlite3
 import threading
 import uuid
 from pathlib import Path
@@ -337,5 +338,38 @@ def test_an_answer_stored_earlier_is_found_ahead_while_the_model_is_busy(
         assert by_id["fresh"].label == by_id["first"].label == 1
         assert "known" not in handled and handled.count("fresh") == 1
         assert worker.stats.duplicates == 1
+
+    asyncio.run(scenario())
+
+
+def test_rows_the_store_cannot_commit_are_counted_and_the_escalation_still_acknowledged(
+    mosquitto: BrokerInfo, tmp_path: Path
+) -> None:
+    """The table disappears under a running worker (another program drops it): the commit
+    fails, the failure is counted and logged, the node still gets its reply, and the escalation
+    is acknowledged (not handed out again and again)."""
+    cfg = worker_config(mosquitto, tmp_path)
+    node = f"gw-{uuid.uuid4().hex[:6]}"
+
+    async def scenario() -> None:
+        worker = Worker(cfg)
+
+        @worker.handler("digits", version="t-1")
+        def classify(batch: Batch) -> list[Verdict]:
+            return [Verdict(3, 0.9) for _ in range(len(batch))]
+
+        replies = Replies()
+        async with node_client(mosquitto, replies, node) as client, worker:
+            with sqlite3.connect(cfg.store.path) as other:
+                other.execute("DROP TABLE examples")
+            await client.publish(
+                "cloud/escalations/digits", escalation_bytes("gone", HOLDOUT.images[0], node=node)
+            )
+            await replies.wait_for(lambda: len(replies.got) >= 1)
+            await eventually(lambda: worker.describe()["unacknowledged"] == 0)
+            assert await worker.drain()
+            assert worker.stats.store_errors == 1 and worker.stats.replies == 1
+            assert worker.describe()["replying"] == 0
+        assert [(r.id, r.label) for r in replies.got] == [("gone", 3)]
 
     asyncio.run(scenario())
