@@ -61,6 +61,19 @@ async def subscribed_pair(
         yield sub, pub
 
 
+def collector(count: int) -> tuple[list[bytes], asyncio.Event, Callable[[Inbound], None]]:
+    """A message handler that keeps the payloads, and an event set once ``count`` arrived."""
+    got: list[bytes] = []
+    done = asyncio.Event()
+
+    def handler(msg: Inbound) -> None:
+        got.append(msg.payload)
+        if len(got) == count:
+            done.set()
+
+    return got, done, handler
+
+
 def test_paho_still_routes_received_publishes_through_the_overridden_method() -> None:
     assert "_handle_on_message" in vars(paho.Client)
     source = inspect.getsource(paho.Client._handle_publish)
@@ -211,13 +224,7 @@ def test_publishes_beyond_the_in_flight_window_wait_and_all_arrive_in_order(
     """With a window of 5, most of 300 publishes wait in paho's queue and go, oldest first, as
     PUBACKs free slots; with 1,000 none waits."""
     topic = f"test/window/{uuid.uuid4().hex}"
-    got: list[bytes] = []
-    done = asyncio.Event()
-
-    def handler(msg: Inbound) -> None:
-        got.append(msg.payload)
-        if len(got) == 300:
-            done.set()
+    got, done, handler = collector(300)
 
     async def scenario() -> int:
         async with asyncio.timeout(TIMEOUT_S):
@@ -271,15 +278,9 @@ def test_what_the_socket_cannot_take_at_once_waits_for_it_to_be_writable(
     the session waits for it to be writable (add_writer), and every message arrives whole, in
     order."""
     topic = f"test/full/{uuid.uuid4().hex}"
-    got: list[bytes] = []
-    done = asyncio.Event()
     small = [b"s%d" % i for i in range(10)]
     payloads = small + [bytes([i]) * (1 << 20) for i in range(64)]
-
-    def handler(msg: Inbound) -> None:
-        got.append(msg.payload)
-        if len(got) == len(payloads):
-            done.set()
+    got, done, handler = collector(len(payloads))
 
     async def scenario() -> tuple[int, int]:
         loop = asyncio.get_running_loop()
@@ -346,8 +347,7 @@ def test_many_packets_are_read_with_few_recv_calls_and_arrive_in_order(
     """500 messages queued for a subscriber while it is away arrive with far fewer ``recv``
     calls than packets (paho alone makes three or more per packet)."""
     topic = f"test/readahead/{uuid.uuid4().hex}"
-    got: list[bytes] = []
-    done = asyncio.Event()
+    got, done, handler = collector(500)
     recvs = 0
     original = paho.Client._sock_recv
 
@@ -355,11 +355,6 @@ def test_many_packets_are_read_with_few_recv_calls_and_arrive_in_order(
         nonlocal recvs
         recvs += 1
         return original(self, bufsize)
-
-    def handler(msg: Inbound) -> None:
-        got.append(msg.payload)
-        if len(got) == 500:
-            done.set()
 
     async def scenario() -> None:
         async with asyncio.timeout(TIMEOUT_S):
@@ -435,8 +430,7 @@ def test_packets_queued_together_go_in_few_sends_and_arrive_whole_in_order(
     ``send`` calls than packets, and every message arrives whole, in order."""
     topic = f"test/join/{uuid.uuid4().hex}"
     payloads = [bytes([i % 251]) * 20_000 if i % 2 else b"s%d" % i for i in range(600)]
-    got: list[bytes] = []
-    done = asyncio.Event()
+    got, done, handler = collector(len(payloads))
     sends = 0
     original = paho.Client._sock_send
 
@@ -444,11 +438,6 @@ def test_packets_queued_together_go_in_few_sends_and_arrive_whole_in_order(
         nonlocal sends
         sends += 1
         return original(self, buf)
-
-    def handler(msg: Inbound) -> None:
-        got.append(msg.payload)
-        if len(got) == len(payloads):
-            done.set()
 
     async def scenario() -> None:
         async with asyncio.timeout(60):
