@@ -4,8 +4,9 @@ One row per escalation id (the primary key; the first answer wins, so a duplicat
 answer it must repeat): the input tensor (the bytes as they arrived), the edge verdict, the
 cloud verdict, the node, both models' versions and the times. The table is made through
 ``sqlite-utils``; rows are tuples in :data:`COLUMNS` order, written on one dedicated thread by
-one prepared ``INSERT OR IGNORE`` per batch (``executemany``, one transaction per
-``commit_max_rows`` rows or ``commit_interval_ms``), WAL mode.
+multi-row ``INSERT OR IGNORE`` statements of :data:`ROWS_PER_STATEMENT` rows (the rest by
+``executemany``), one transaction per ``commit_max_rows`` rows or ``commit_interval_ms``, WAL
+mode.
 :meth:`HardExampleStore.add_many` (the cases of a handler call) and :meth:`HardExampleStore.add`
 return a future that resolves once the rows are committed. sqlite3 errors become
 :class:`~cloud_worker.errors.StoreError` here and nowhere else.
@@ -21,6 +22,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from itertools import chain
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self
@@ -75,6 +77,20 @@ Row = tuple[Any, ...]
 _INSERT: Final = (
     f"INSERT OR IGNORE INTO {TABLE} ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 )
+
+ROWS_PER_STATEMENT: Final = 64
+"""Rows one INSERT statement writes at most (fewer where SQLite allows fewer variables than
+``64 * len(COLUMNS)``). ``executemany`` runs its statement once per row, and the sqlite3
+module lets go of the GIL and takes it back around every run: a 512-row commit took the GIL
+512 times from the event loop and the model's thread. One statement per 64 rows takes it 8
+times, and costs ~20 % less CPU per row (docs/adr/0034-worker-pipeline-and-rows.md)."""
+
+
+def _multi_insert(rows: int) -> str:
+    values = "(" + ", ".join("?" * len(COLUMNS)) + ")"
+    return f"INSERT OR IGNORE INTO {TABLE} ({', '.join(COLUMNS)}) VALUES " + ", ".join(
+        [values] * rows
+    )
 
 
 def example_row(
@@ -171,6 +187,9 @@ class HardExampleStore:
         self._closing = False
         self.commits = 0
         self.rows_written = 0
+        self._statement_rows = 0
+        """Rows per multi-row INSERT on the writer's connection (0: not yet known)."""
+        self._statement = ""
 
     async def __aenter__(self) -> Self:
         self._db = await self._run(_open_db, self.config.path)
@@ -277,9 +296,18 @@ class HardExampleStore:
 
     def _insert(self, rows: list[Row]) -> None:
         conn = self._require().conn
+        if self._statement_rows == 0:
+            limit = conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+            self._statement_rows = max(1, min(ROWS_PER_STATEMENT, limit // len(COLUMNS)))
+            self._statement = _multi_insert(self._statement_rows)
+        per, statement = self._statement_rows, self._statement
+        whole = len(rows) - len(rows) % per if per > 1 else 0
         conn.execute("BEGIN")
         try:
-            conn.executemany(_INSERT, rows)
+            for start in range(0, whole, per):
+                conn.execute(statement, list(chain.from_iterable(rows[start : start + per])))
+            if whole < len(rows):
+                conn.executemany(_INSERT, rows[whole:])
         except BaseException:
             conn.execute("ROLLBACK")
             raise

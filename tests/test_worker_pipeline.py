@@ -373,3 +373,36 @@ def test_rows_the_store_cannot_commit_are_counted_and_the_escalation_still_ackno
         assert [(r.id, r.label) for r in replies.got] == [("gone", 3)]
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("variable_limit", [None, 100])
+def test_rows_go_in_multi_row_statements_and_the_first_answer_of_an_id_wins(
+    tmp_path: Path, variable_limit: int | None
+) -> None:
+    """150 rows (two statements of 64 and 22 by ``executemany``; with SQLite allowing only 100
+    variables, statements of 4 rows) with repeated ids inside and across statements: every
+    id once, with its first row's answer, and the rows' values as given."""
+    cfg = WorkerConfig.load(worker_id="w", store={"path": str(tmp_path / "w.db")}).store
+
+    def row(i: int, label: int) -> tuple[object, ...]:
+        values = {c: 0 for c in COLUMNS} | {
+            "id": f"id{i % 120}", "cloud_label": label, "cloud_confidence": 0.5,
+            "cloud_model": "m", "worker": "w", "input": bytes([i % 256]) * 4, "shape": "[4]",
+        }  # fmt: skip
+        return tuple(values[c] for c in COLUMNS)
+
+    async def scenario() -> dict[str, Answer]:
+        async with HardExampleStore(cfg) as store:
+            assert store._db is not None
+            if variable_limit is not None:
+                store._db.conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, variable_limit)
+            await store.add_many([row(i, label=i) for i in range(150)])
+            assert store._statement_rows == (64 if variable_limit is None else 4)
+            assert await store.count() == 120
+            return await store.lookup([f"id{i}" for i in range(120)])
+
+    got = asyncio.run(scenario())
+    assert {k: v.label for k, v in got.items()} == {f"id{i}": i for i in range(120)}
+    with sqlite3.connect(cfg.path) as conn:
+        inputs = dict(conn.execute("SELECT id, input FROM examples"))
+    assert inputs == {f"id{i}": bytes([i]) * 4 for i in range(120)}
