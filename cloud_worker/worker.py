@@ -144,9 +144,11 @@ _NO_COPIES: Final[list[_Job]] = []
 never appended to)."""
 
 
+@functools.lru_cache(maxsize=4096)
 def _is_reply_topic(topic: str, node: str) -> bool:
     """A worker replies only to ``.../{node}/reply`` of the node that asked: an escalation cannot
-    make it publish anywhere else on the cloud broker."""
+    make it publish anywhere else on the cloud broker. (Asked twice per message, for the same
+    few nodes: remembered.)"""
     try:
         validate_topic(topic)
     except ContractError:
