@@ -30,6 +30,7 @@ types are closed (unknown fields refused at the key, every list capped from its 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Annotated, Any, Final
 
@@ -38,7 +39,7 @@ import numpy as np
 from msgspec import Meta
 
 from .errors import ContractError
-from .fields import Fraction, Int64, Level, Name, Seconds, Seq, Text, check_names
+from .fields import LEVEL_PATTERN, Fraction, Int64, Level, Name, Seconds, Seq, Text, check_names
 from .limits import DEFAULT_LIMITS, Limits
 from .tensor import check_header, tensor_from_wire, wire_parts
 from .topics import validate_topic
@@ -52,6 +53,10 @@ CORR_MAX_BYTES: Final = 64
 
 CASES_MAX: Final = 256
 """At most this many cases in one escalation message, and verdicts in one reply."""
+
+_LEVEL: Final = re.compile(LEVEL_PATTERN)
+"""What a :data:`~schemas.fields.Level` must match (cases' ``device`` and ``sensor`` are checked
+against it once per distinct value of a message)."""
 
 Corr = Annotated[str, Meta(min_length=1, max_length=CORR_MAX_BYTES)]
 Probability = Fraction
@@ -78,8 +83,10 @@ class EscalationCase(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     id: Name
     """Unique, time-ordered (the frame's final result id); workers are idempotent by it."""
     release: Seq
-    device: Level
-    sensor: Level
+    device: Name
+    """A topic level, like ``sensor``: checked once per distinct value of the message (by
+    :func:`decode_escalations`), not once per case."""
+    sensor: Name
     frame_seq: Seq
     dtype: str
     shape: Annotated[list[int], Meta(max_length=8)]
@@ -344,14 +351,18 @@ def _cases_look_right(batch: EscalationBatch, limits: Limits) -> bool:
     cases = batch.cases
     cap = limits.max_str_len
     no_corr = batch.corr is None
-    return len({c.id for c in cases}) == len(cases) and all(
+    if len({c.id for c in cases}) != len(cases) or not all(
         len(c.id) <= cap
         and len(c.device) <= cap
         and len(c.sensor) <= cap
         and len(c.edge.top_labels) == len(c.edge.top_probs)
         and (c.corr is None) == no_corr
         for c in cases
-    )
+    ):
+        return False
+    levels = {c.device for c in cases}
+    levels.update([c.sensor for c in cases])
+    return all(_LEVEL.search(level) for level in levels)
 
 
 def _find_bad_case(batch: EscalationBatch, limits: Limits) -> None:
@@ -370,6 +381,13 @@ def _find_bad_case(batch: EscalationBatch, limits: Limits) -> None:
             raise ContractError(
                 "bad_schema", "escalation: every case has a corr when the message wants a reply"
             )
+        for what, level in (("device", c.device), ("sensor", c.sensor)):
+            if not _LEVEL.search(level):
+                raise ContractError(
+                    "bad_schema",
+                    f"escalation case {c.id[:40]!r}: {what} {level[:64]!r} is not a topic level"
+                    " (no '/', '+', '#', control characters or leading '$')",
+                )
 
 
 def _check_tensors(cases: list[EscalationCase], limits: Limits) -> None:

@@ -219,6 +219,11 @@ def test_one_hostile_case_refuses_the_whole_message() -> None:
     assert reason(decode_escalations, _batch([good[0], nan])) == "non_finite"
     bad_device = msgspec.structs.replace(good[2], device="a/b")
     assert reason(decode_escalations, _batch([good[0], bad_device])) == "bad_schema"
+    for sensor in ("$SYS", "s+", "s#", "s\x00", ""):
+        bad_sensor = msgspec.structs.replace(good[1], sensor=sensor)
+        with pytest.raises(ContractError, match=r"sensor|length") as caught:
+            decode_escalations(_batch([good[0], bad_sensor]))
+        assert caught.value.reason == "bad_schema"
     twice = _batch([good[0], good[1], good[0]])
     assert reason(decode_escalations, twice) == "bad_schema"
     no_corr = msgspec.structs.replace(good[1], corr=None)
