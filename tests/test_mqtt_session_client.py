@@ -450,3 +450,54 @@ def test_packets_queued_together_go_in_few_sends_and_arrive_whole_in_order(
     asyncio.run(scenario())
     assert got == payloads
     assert sends < len(payloads) // 2  # the subscriber's PUBACKs counted too
+
+
+def _publish_v311(topic: bytes, payload: bytes) -> bytes:
+    """A QoS 0 MQTT 3.1.1 PUBLISH, with its remaining length as a variable byte integer."""
+    body = len(topic).to_bytes(2, "big") + topic + payload
+    length, header = len(body), bytearray([0x30])
+    while True:
+        byte, length = length % 128, length // 128
+        header.append(byte | (0x80 if length else 0))
+        if not length:
+            return bytes(header) + body
+
+
+@pytest.mark.parametrize("reader", [DirectClient, paho.Client])
+def test_whole_and_split_packets_are_read_alike_with_and_without_read_ahead(
+    reader: type[paho.Client],
+) -> None:
+    """The same bytes through `DirectClient` (paho's reads served from its read-ahead buffer)
+    and through plain paho: payloads of 0 B to 20 KB (remaining lengths of 1 to 3 bytes), a
+    packet cut across two reads, then a remaining length of five bytes (refused)."""
+    payloads = [b"", b"hello", b"x" * 200, bytes(range(256)) * 80]
+    got: list[bytes] = []
+    client = reader(paho.CallbackAPIVersion.VERSION2, client_id="x")
+    client.on_message = lambda c, u, m: got.append(bytes(m.payload))
+    ours, theirs = socket.socketpair()
+
+    def read_all() -> MQTTErrorCode:
+        while True:
+            rc = client._packet_read()
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                return rc
+
+    try:
+        ours.setblocking(False)
+        client._sock = ours
+        theirs.sendall(b"".join(_publish_v311(b"t/1", p) for p in payloads))
+        assert read_all() == MQTTErrorCode.MQTT_ERR_AGAIN
+        assert got == payloads
+        cut = _publish_v311(b"t/2", b"y" * 1000)
+        theirs.sendall(_publish_v311(b"t/2", b"first") + cut[:500])
+        assert read_all() == MQTTErrorCode.MQTT_ERR_AGAIN
+        assert got[-1] == b"first"
+        theirs.sendall(cut[500:])
+        assert read_all() == MQTTErrorCode.MQTT_ERR_AGAIN
+        assert got[-1] == b"y" * 1000 and len(got) == len(payloads) + 2
+        theirs.sendall(b"\x30\xff\xff\xff\xff\x01")
+        assert read_all() == MQTTErrorCode.MQTT_ERR_PROTOCOL
+    finally:
+        client._sock = None
+        ours.close()
+        theirs.close()
