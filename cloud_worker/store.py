@@ -221,12 +221,16 @@ class HardExampleStore:
         self._read_pool.shutdown(wait=True)
         self._pool.shutdown(wait=True)
 
+    def _error(self, what: object) -> StoreError:
+        """The one form of this store's errors (sqlite3's are translated here)."""
+        return StoreError(f"hard-example store {self.config.path}: {what}")
+
     async def _run(self, fn: Any, *args: Any, pool: ThreadPoolExecutor | None = None) -> Any:
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(pool or self._pool, fn, *args)
         except sqlite3.Error as exc:
-            raise StoreError(f"hard-example store {self.config.path}: {exc}") from exc
+            raise self._error(exc) from exc
 
     @property
     def queued(self) -> int:
@@ -341,14 +345,14 @@ class HardExampleStore:
         try:
             return self._read_pool.submit(self._lookup_translated, ids)
         except RuntimeError:  # the pool was shut down: the store is closed
-            done.set_exception(StoreError(f"hard-example store {self.config.path}: closed"))
+            done.set_exception(self._error("closed"))
             return done
 
     def _lookup_translated(self, ids: list[str]) -> dict[str, Answer]:
         try:
             return self._lookup(ids)
         except sqlite3.Error as exc:
-            raise StoreError(f"hard-example store {self.config.path}: {exc}") from exc
+            raise self._error(exc) from exc
 
     def lookup_here(self, ids: Sequence[str]) -> dict[str, Answer]:
         """The stored answers among ``ids``, read on the calling thread (not the event loop's:
@@ -369,7 +373,7 @@ class HardExampleStore:
                     self._local_readers.append(reader)
             return _select_answers(reader, list(ids))
         except sqlite3.Error as exc:
-            raise StoreError(f"hard-example store {self.config.path}: {exc}") from exc
+            raise self._error(exc) from exc
 
     def _lookup(self, ids: list[str]) -> dict[str, Answer]:
         reader = self._reader

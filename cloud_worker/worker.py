@@ -660,9 +660,9 @@ class Worker:
         has its PUBACK and the message's rows are committed (callbacks on those futures, not a
         task per message: a task's creation and steps cost more than the rest of this)."""
         send, verdicts = self._reply(message)
-        waits = {id(f): f for f in message.stored}
-        if send is not None:
-            waits[id(send)] = send
+        # A commit can cover several of the message's groups: each future once.
+        message.stored = list({id(f): f for f in message.stored}.values())
+        waits = message.stored if send is None else [*message.stored, send]
         message.unsettled = len(waits)
         if not waits:
             self._acknowledge(message, send, verdicts)
@@ -670,7 +670,7 @@ class Worker:
         self._settling.add(message)
         self._all_settled.clear()
         done = functools.partial(self._settle_step, message, send, verdicts)
-        for fut in waits.values():
+        for fut in waits:
             fut.add_done_callback(done)
 
     def _settle_step(
@@ -716,7 +716,7 @@ class Worker:
         """The reply's PUBACK and the rows' commits are in (every future is done): count how
         they went and acknowledge the escalation, unless the connection dropped first."""
         ok = True
-        for stored in {id(f): f for f in message.stored}.values():
+        for stored in message.stored:
             if stored.cancelled():
                 return  # the store shut down under it: the broker hands it out again
             exc = stored.exception()
