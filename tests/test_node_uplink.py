@@ -111,6 +111,13 @@ def test_a_stalled_then_flapping_uplink_says_uplink_down_and_loses_no_result(
                     await _until(
                         lambda n=sent: h.node.stats.results_stored >= n, 20, "results stored"
                     )
+                    # The cut lasts until the node has knocked and been refused (not a fixed
+                    # time: on a loaded machine its backoff may not have come round yet).
+                    await _until(
+                        lambda r=proxy.connections_refused: proxy.connections_refused > r,
+                        20,
+                        "a refused reconnect",
+                    )
                     proxy.restore()
                     await _send_range(h, sent, sent + 100)
                     sent += 100
