@@ -3,7 +3,9 @@
 #   ./dev.sh demo [edgewise demo options]   set up and run the demo
 #   ./dev.sh test [pytest options]          set up and run lint, type checks and the tests
 # Set-up is automatic and idempotent: a virtualenv in .venv with the project installed, and for
-# the tests the Mosquitto broker and clients (from Debian's packages when running as root).
+# the tests the Mosquitto broker and clients (from Debian's packages when running as root) and
+# the edgewise_clientid Mosquitto plugin the secured broker configs load, built from C
+# (compose/mosquitto/plugin) into $VENV/lib/edgewise-mosquitto/, where the tests find it.
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV="${EDGEWISE_VENV:-.venv}"
@@ -64,6 +66,20 @@ ensure_mosquitto() {
     die "the tests need Mosquitto: run 'sudo apt-get install mosquitto mosquitto-clients'"
 }
 
+# The plugin compose/mosquitto/{site,cloud}/mosquitto.conf load (docs/security.md, "Connection
+# identity"): compiled against Mosquitto's plugin headers, rebuilt only when its source changes.
+PLUGIN_DIR="$VENV/lib/edgewise-mosquitto"
+ensure_clientid_plugin() {
+  if ! command -v cc >/dev/null 2>&1 ||
+     ! printf '#include <mosquitto.h>\n#include <mosquitto_broker.h>\n#include <mosquitto_plugin.h>\n' |
+       cc -E -x c - >/dev/null 2>&1; then
+    apt_install gcc libc6-dev mosquitto-dev libmosquitto-dev ||
+      die "building the Mosquitto plugin needs a C compiler and Mosquitto's headers: run 'sudo apt-get install gcc libc6-dev mosquitto-dev libmosquitto-dev'"
+  fi
+  compose/mosquitto/plugin/build.sh "$PLUGIN_DIR" ||
+    die "building compose/mosquitto/plugin/edgewise_clientid.c failed (compiler output above)"
+}
+
 cmd="${1:-}"; [ $# -gt 0 ] && shift
 case "$cmd" in
   demo)
@@ -73,6 +89,7 @@ case "$cmd" in
   test)
     ensure_venv "test"
     ensure_mosquitto
+    ensure_clientid_plugin
     export PATH="$PATH:/usr/sbin"
     "$VENV/bin/ruff" check .
     "$VENV/bin/ruff" format --check .

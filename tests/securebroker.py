@@ -2,18 +2,23 @@
 certificates made here (``cryptography``) and a password file made by ``mosquitto_passwd``.
 
 Only what cannot be the same outside a container changes: paths under ``/mosquitto/`` move to a
-temporary directory, and the listeners 1883 (plain) and 8883 (TLS) move to free loopback ports.
+temporary directory, the edgewise_clientid plugin is the one ``./dev.sh`` built from
+compose/mosquitto/plugin (:func:`clientid_plugin`), the listeners 1883 (plain) and 8883 (TLS)
+move to free loopback ports, and the broker also logs to a file (flushed per line, so a test can
+read the log while the broker runs; its stdout is block-buffered).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import ipaddress
 import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +33,31 @@ from local_broker.info import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_MOSQUITTO = REPO / "compose" / "mosquitto"
+PLUGIN_SOURCE = COMPOSE_MOSQUITTO / "plugin" / "edgewise_clientid.c"
+#: Where the compose configs load the plugin from (the compose brokers' image has it there).
+PLUGIN_IN_IMAGE = "/mosquitto/plugins/edgewise_clientid.so"
+
+
+def clientid_plugin() -> Path:
+    """The edgewise_clientid plugin ``./dev.sh`` built from :data:`PLUGIN_SOURCE`.
+
+    ``compose/mosquitto/plugin/build.sh`` builds it into ``$EDGEWISE_MOSQUITTO_PLUGIN_DIR``, by
+    default ``<virtualenv>/lib/edgewise-mosquitto/``, next to a ``.sha256`` of the source it was
+    built from: a missing or stale build is an error naming the command that makes it.
+    """
+    default = Path(sys.prefix) / "lib" / "edgewise-mosquitto"
+    built = Path(os.environ.get("EDGEWISE_MOSQUITTO_PLUGIN_DIR") or default)
+    so = built / "edgewise_clientid.so"
+    stamp = built / "edgewise_clientid.so.sha256"
+    want = hashlib.sha256(PLUGIN_SOURCE.read_bytes()).hexdigest()
+    have = stamp.read_text().strip() if stamp.exists() else ""
+    if not so.exists() or have != want:
+        state = "is not built" if not so.exists() else "was built from an older source"
+        raise RuntimeError(
+            f"the edgewise_clientid Mosquitto plugin {state} ({so}): run ./dev.sh test once, or "
+            f"compose/mosquitto/plugin/build.sh {built}"
+        )
+    return so
 
 
 @dataclass(frozen=True)
@@ -112,6 +142,24 @@ def make_pki(dir: Path, *, hosts: tuple[str, ...] = ("localhost", "127.0.0.1")) 
     return Pki(ca_path, server_cert, server_key)
 
 
+def mounted_secrets(role: str) -> list[tuple[str, str]]:
+    """What compose/docker-compose.yml mounts from make-secrets.sh's directory into a Mosquitto
+    broker: (file in that directory, path under /mosquitto/)."""
+    return [
+        (f"{role}.passwd", f"secrets/{role}.passwd"),
+        ("certs/ca.crt", "certs/ca.crt"),
+        ("certs/server.crt", "certs/server.crt"),
+        ("mosquitto-server.key", "certs/server.key"),
+    ]
+
+
+def _copy_as_mounted(src: Path, dst: Path) -> None:
+    """``src`` at ``dst`` with its bytes, mode and owner: what a bind mount of it shows."""
+    shutil.copy2(src, dst)
+    st = src.stat()
+    os.chown(dst, st.st_uid, st.st_gid)
+
+
 def write_passwords(path: Path, passwords: dict[str, str]) -> None:
     """A mosquitto password file (hashed by mosquitto_passwd itself)."""
     tool = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
@@ -122,11 +170,27 @@ def write_passwords(path: Path, passwords: dict[str, str]) -> None:
 
 
 class SecureBroker:
-    """A mosquitto from ``compose/mosquitto/{role}/mosquitto.conf`` on ``plain``/``tls`` ports."""
+    """A mosquitto from ``compose/mosquitto/{role}/mosquitto.conf`` on ``plain``/``tls`` ports.
 
-    def __init__(self, role: str, root: Path, passwords: dict[str, str], pki: Pki) -> None:
+    By default with ``passwords`` hashed here and the certificates of ``pki``. With ``secrets``
+    (a directory made by compose/make-secrets.sh) it takes the very files compose mounts
+    instead, each copied with its owner and mode (as a bind mount shows them), and with
+    ``run_as_uid`` it runs as that user (``setpriv``; needs root), as in the container.
+    """
+
+    def __init__(
+        self,
+        role: str,
+        root: Path,
+        passwords: dict[str, str] | None = None,
+        pki: Pki | None = None,
+        *,
+        secrets: Path | None = None,
+        run_as_uid: int | None = None,
+    ) -> None:
         self.role, self.root, self.pki = role, root, pki
-        self.passwords = passwords
+        self.passwords = passwords or {}
+        self.run_as_uid = run_as_uid
         self.plain_port = free_port()
         self.tls_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -136,14 +200,21 @@ class SecureBroker:
             COMPOSE_MOSQUITTO / "conf.d", root / "config" / "conf.d", dirs_exist_ok=True
         )
         shutil.copyfile(COMPOSE_MOSQUITTO / role / "acl", root / "config" / "acl")
-        for src, name in (
-            (pki.ca_cert, "ca.crt"),
-            (pki.server_cert, "server.crt"),
-            (pki.server_key, "server.key"),
-        ):
-            shutil.copyfile(src, root / "certs" / name)
-        write_passwords(root / "secrets" / f"{role}.passwd", passwords)
+        if secrets is None:
+            assert pki is not None and passwords is not None
+            for src, name in (
+                (pki.ca_cert, "ca.crt"),
+                (pki.server_cert, "server.crt"),
+                (pki.server_key, "server.key"),
+            ):
+                shutil.copyfile(src, root / "certs" / name)
+            write_passwords(root / "secrets" / f"{role}.passwd", passwords)
+        else:  # what docker-compose.yml mounts into the broker's container
+            for made, mounted in mounted_secrets(role):
+                _copy_as_mounted(secrets / made, root / mounted)
         text = (COMPOSE_MOSQUITTO / role / "mosquitto.conf").read_text()
+        assert text.count(f"plugin {PLUGIN_IN_IMAGE}\n") == 1, "the compose config loads the plugin"
+        text = text.replace(PLUGIN_IN_IMAGE, str(clientid_plugin()))
         text = text.replace("/mosquitto/", f"{root}/")
         text, n1 = re.subn(
             r"^listener 1883$", f"listener {self.plain_port} 127.0.0.1", text, flags=re.M
@@ -152,11 +223,15 @@ class SecureBroker:
             r"^listener 8883$", f"listener {self.tls_port} 127.0.0.1", text, flags=re.M
         )
         assert n1 == n2 == 1, "the compose config must have listeners 1883 and 8883"
-        if os.geteuid() == 0:
-            text += "\nuser root\n"
+        self.log = root / "mosquitto.log"  # stdout and stderr (block-buffered)
+        self.log_file = root / "data" / "broker.log"  # the same lines, flushed one by one
+        text += f"\nlog_dest file {self.log_file}\n"
+        if run_as_uid is not None:
+            os.chown(root / "data", run_as_uid, run_as_uid)  # its data volume
+        elif os.geteuid() == 0:
+            text += "user root\n"
         self.config = root / "mosquitto.conf"
         self.config.write_text(text)
-        self.log = root / "mosquitto.log"
 
     @property
     def plain(self) -> BrokerInfo:
@@ -169,9 +244,13 @@ class SecureBroker:
     def start(self, timeout_s: float = 10.0) -> None:
         binary = mosquitto_path()
         assert binary is not None, "mosquitto not installed"
+        command = [binary, "-c", str(self.config)]
+        if self.run_as_uid is not None:
+            uid = self.run_as_uid
+            command = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *command]
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [binary, "-c", str(self.config)],
+                command,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=self.root,
@@ -204,4 +283,7 @@ class SecureBroker:
                 self.proc.wait()
 
     def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
+        """What the broker has logged so far (its log file: complete up to the last line)."""
+        if not self.log_file.exists():
+            return ""
+        return self.log_file.read_text(errors="replace")

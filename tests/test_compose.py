@@ -8,7 +8,9 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 import subprocess
+import tempfile
 import tomllib
 import typing
 from pathlib import Path
@@ -22,6 +24,8 @@ from typer.testing import CliRunner
 
 from broker_bridge import BridgeConfig
 from edgewise.cli import app
+from tests.bridgeharness import Client
+from tests.securebroker import SecureBroker, mounted_secrets
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "compose"
@@ -92,11 +96,12 @@ def test_no_credentials_on_any_command_line_or_in_environment_values(
     compose: dict[str, Any],
 ) -> None:
     for service, svc in compose["services"].items():
-        words = " ".join(map(str, svc.get("command") or []))
-        assert not re.search(r"pass|secret|token", words, re.I), service
+        words = " ".join(map(str, (svc.get("entrypoint") or []) + (svc.get("command") or [])))
+        assert not re.search(r"pass|secret|token|cookie", words, re.I), service
         for key, value in (svc.get("environment") or {}).items():
             if "PASSWORD" in key:
                 assert key.endswith("PASSWORD_FILE") and str(value).startswith("/run/secrets/")
+            assert "COOKIE" not in key, (service, key)
 
 
 def mounts(compose: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -120,26 +125,212 @@ def test_every_mounted_config_is_in_the_repo(compose: dict[str, Any]) -> None:
         assert REPO in path.parents
 
 
+MAKE_SECRETS = COMPOSE / "make-secrets.sh"
+
+
+def make_secrets(
+    out: Path, *args: str, sudo_uid: int | None = None
+) -> subprocess.CompletedProcess[str]:
+    if shutil.which("openssl") is None or shutil.which("mosquitto_passwd") is None:
+        pytest.fail("make-secrets.sh needs openssl and mosquitto_passwd (apt-get install them)")
+    env = {k: v for k, v in os.environ.items() if k != "SUDO_UID"}
+    if sudo_uid is not None:
+        env["SUDO_UID"] = str(sudo_uid)
+    return subprocess.run(
+        [str(MAKE_SECRETS), "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+
+
+def dotenv() -> dict[str, str]:
+    return dict(
+        line.split("=", 1)
+        for line in (COMPOSE / ".env").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+
+
+def image_uids(compose: dict[str, Any]) -> dict[str, int]:
+    """The uid each service's processes run as: the edgewise image's from its Dockerfile's
+    ``useradd --uid``, the broker images' from compose/.env (MOSQUITTO_UID is checked against
+    the image when compose/mosquitto/Dockerfile builds; EMQX_UID is emqx/emqx:5.8's user)."""
+    m = re.search(r"useradd\b[^\n]*--uid (\d+)", (COMPOSE / "Dockerfile").read_text())
+    assert m is not None, "compose/Dockerfile: no useradd --uid"
+    env = dotenv()
+    uids = {}
+    for name, svc in compose["services"].items():
+        build = svc.get("build") or {}
+        if build.get("dockerfile") == "compose/Dockerfile":
+            uids[name] = int(m.group(1))
+        elif build.get("context") == "./mosquitto":
+            uids[name] = int(env["MOSQUITTO_UID"])
+        elif str(svc.get("image", "")).startswith("emqx/emqx:"):
+            uids[name] = int(env["EMQX_UID"])
+    assert set(uids) == set(compose["services"]), set(compose["services"]) - set(uids)
+    return uids
+
+
+def readers(compose: dict[str, Any], operator_uid: int = 0) -> dict[str, set[int]]:
+    """Each file under secrets/ the stack mounts (relative to secrets/), with the uids that read
+    it (bind mounts and file-based Docker secrets alike keep the host file's owner and mode);
+    and operator_password, which the operator's commands read on the host."""
+    uids = image_uids(compose)
+    out: dict[str, set[int]] = {"operator_password": {operator_uid}}
+    for service, source, _ in mounts(compose):
+        if source.startswith("./secrets/"):
+            out.setdefault(source.removeprefix("./secrets/"), set()).add(uids[service])
+    for service, svc in compose["services"].items():
+        for name in svc.get("secrets", []):
+            file = compose["secrets"][name]["file"].removeprefix("./secrets/")
+            out.setdefault(file, set()).add(uids[service])
+    return out
+
+
+PUBLIC = {"certs/ca.crt", "certs/server.crt"}
+
+
 def test_make_secrets_makes_every_secret_the_stack_mounts(
     compose: dict[str, Any], tmp_path: Path
 ) -> None:
-    if shutil.which("openssl") is None or shutil.which("mosquitto_passwd") is None:
-        pytest.fail("make-secrets.sh needs openssl and mosquitto_passwd (apt-get install them)")
-    copy = tmp_path / "compose"
-    shutil.copytree(COMPOSE, copy, ignore=shutil.ignore_patterns("secrets"))
-    subprocess.run([str(copy / "make-secrets.sh")], check=True, capture_output=True)
-    wanted = [s for _, s, _ in mounts(compose) if s.startswith("./secrets/")]
-    wanted += [v["file"] for v in compose["secrets"].values()]
-    for source in wanted:
-        assert (copy / source).exists(), f"make-secrets.sh does not make {source}"
+    made = make_secrets(tmp_path / "s", "--local")
+    assert made.returncode == 0, made.stderr
+    for source in readers(compose):
+        assert (tmp_path / "s" / source).exists(), f"make-secrets.sh does not make {source}"
     for svc in compose["services"].values():
         for name in svc.get("secrets", []):
             assert name in compose["secrets"]
     # The password files are what mosquitto reads: user:$7$... hashes, never a clear password.
     for side in ("site", "cloud"):
-        for line in (copy / "secrets" / f"{side}.passwd").read_text().splitlines():
+        for line in (tmp_path / "s" / f"{side}.passwd").read_text().splitlines():
             user, hashed = line.split(":", 1)
             assert hashed.startswith("$7$"), user
+
+
+def test_each_secret_is_readable_by_exactly_the_container_user_that_reads_it(
+    compose: dict[str, Any], tmp_path: Path
+) -> None:
+    """make-secrets.sh (run as root, as it must be) gives every secret to the uid of the one
+    image that mounts it, mode 0400; the certificates are public; what no container mounts (the
+    CA's key, the master server key) stays root's. Files no rule covers fail the test."""
+    out = tmp_path / "s"
+    if os.geteuid() != 0:  # only root can give files away: the script must say so and stop
+        refused = make_secrets(out)
+        assert refused.returncode == 2 and "sudo" in refused.stderr, refused.stderr
+        assert not out.exists() or not any(out.iterdir())
+        pytest.fail("run this test as root: it checks the files' owners (dev.sh runs as root)")
+    made = make_secrets(out, sudo_uid=4242)  # as `sudo` by uid 4242
+    assert made.returncode == 0, made.stderr
+    want = readers(compose, operator_uid=4242)
+    for source, uids in want.items():
+        if source not in PUBLIC:
+            assert len(uids) == 1, f"{source} is read by several users: {uids}"
+    seen = set()
+    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+        rel = path.relative_to(out).as_posix()
+        st = path.stat()
+        mode = stat.S_IMODE(st.st_mode)
+        seen.add(rel)
+        if rel in PUBLIC:
+            assert mode == 0o644, (rel, oct(mode))
+        elif rel in want:
+            (uid,) = want[rel]
+            assert (st.st_uid, st.st_gid, mode) == (uid, uid, 0o400), (rel, st.st_uid, oct(mode))
+        else:
+            assert rel in {"certs/ca.key", "certs/server.key", "certs/ca.srl"}, f"unexpected {rel}"
+            assert (st.st_uid, mode) == (0, 0o400), (rel, st.st_uid, oct(mode))
+    assert set(want) <= seen
+    for d in (out, out / "certs"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
+    # Re-running keeps the passwords (and the rules above: checked again below).
+    before = {p: (out / p).read_bytes() for p in want if p.endswith("_password")}
+    assert make_secrets(out, sudo_uid=4242).returncode == 0
+    assert {p: (out / p).read_bytes() for p in before} == before
+
+
+@pytest.mark.parametrize("role", ["site", "cloud"])
+def test_mosquitto_as_its_image_user_reads_its_secrets_and_another_user_cannot(
+    compose: dict[str, Any], tmp_path: Path, role: str
+) -> None:
+    """The broker's config, with the files make-secrets.sh made mounted as compose mounts them
+    (owner and mode kept), run as the uid of eclipse-mosquitto:2's user: it reads its password
+    file and its TLS key (Mosquitto 2.0.11 reads both after dropping root) and a principal logs
+    in over TLS. Run as the edgewise image's uid instead, it cannot start."""
+    if os.geteuid() != 0:
+        pytest.fail("run this test as root: it runs Mosquitto as other users (dev.sh runs as root)")
+    out = tmp_path / "s"
+    made = make_secrets(out)
+    assert made.returncode == 0, made.stderr
+    service = "site-broker" if role == "site" else "cloud-broker"
+    mounted = {
+        (source.removeprefix("./secrets/"), target)
+        for svc, source, target in mounts(compose)
+        if svc == service and source.startswith("./secrets/")
+    }
+    assert mounted == {(f, f"/mosquitto/{m}") for f, m in mounted_secrets(role)}
+    uids = image_uids(compose)
+    user = "gw-1" if role == "site" else "worker-1"
+    view = Path(tempfile.mkdtemp(prefix="edgewise-mounts-"))  # a path other users can traverse
+    try:
+        view.chmod(0o755)
+        broker = SecureBroker(role, view / "ok", secrets=out, run_as_uid=uids[service])
+        broker.start()
+        try:
+            client = Client(
+                broker.tls,
+                client_id=f"{user}:check",
+                username=user,
+                password=(out / f"{user}_password").read_text().strip(),
+                tls_ca=out / "certs" / "ca.crt",
+            )
+            client.connect()
+            client.close()
+        finally:
+            broker.stop()
+        other = SecureBroker(role, view / "other", secrets=out, run_as_uid=uids["node-1"])
+        with pytest.raises(RuntimeError, match=r"Permission denied|Unable to open"):
+            other.start()
+        other.stop()
+    finally:
+        shutil.rmtree(view)
+
+
+def test_make_secrets_for_local_processes_keeps_every_file_to_its_caller(tmp_path: Path) -> None:
+    """--local: for services run as processes by the caller (the tests): every secret the
+    caller's, mode 0400, whoever the caller is."""
+    out = tmp_path / "s"
+    made = make_secrets(out, "--local")
+    assert made.returncode == 0, made.stderr
+    for path in (p for p in out.rglob("*") if p.is_file()):
+        st = path.stat()
+        want = 0o644 if path.relative_to(out).as_posix() in PUBLIC else 0o400
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (os.geteuid(), want), path
+
+
+def test_make_secrets_refuses_to_leave_files_containers_cannot_read(
+    compose: dict[str, Any], tmp_path: Path
+) -> None:
+    """Not root and not --local: it says what to run, writes nothing, exits 2."""
+    if os.geteuid() == 0:
+        nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        out = tmp_path / "s"
+        tmp_path.chmod(0o777)
+        done = subprocess.run(
+            [*nobody, str(MAKE_SECRETS), "--out", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    else:
+        out = tmp_path / "s"
+        done = make_secrets(out)
+    assert done.returncode == 2, done.stderr
+    assert f"sudo {MAKE_SECRETS} --out {out}" in done.stderr and "--local" in done.stderr
+    for uid in set(image_uids(compose).values()):
+        assert f"uid {uid} " in done.stderr, uid
+    assert not out.exists()
 
 
 def test_every_broker_config_includes_the_shared_tuning(compose: dict[str, Any]) -> None:
@@ -156,9 +347,25 @@ def test_every_broker_config_includes_the_shared_tuning(compose: dict[str, Any])
 
 
 def test_both_mosquitto_brokers_are_eclipse_mosquitto_2(compose: dict[str, Any]) -> None:
+    """...with the edgewise_clientid plugin, built in compose/mosquitto/Dockerfile where the
+    configs load it from, and the image's uid checked against compose/.env's MOSQUITTO_UID."""
     services = compose["services"]
-    assert services["site-broker"]["image"] == "eclipse-mosquitto:2"
-    assert services["cloud-broker"]["image"] == "eclipse-mosquitto:2"
+    for name in ("site-broker", "cloud-broker"):
+        assert services[name]["build"] == {
+            "context": "./mosquitto",
+            "args": {"MOSQUITTO_UID": "${MOSQUITTO_UID}"},
+        }
+        assert services[name]["image"] == "edgewise-mosquitto:local"
+    dockerfile = (COMPOSE / "mosquitto" / "Dockerfile").read_text()
+    assert re.findall(r"^FROM (\S+)", dockerfile, re.M) == ["eclipse-mosquitto:2"] * 2
+    assert "sh /src/plugin/build.sh /out" in dockerfile
+    assert 'test "$(id -u mosquitto)" = "$MOSQUITTO_UID"' in dockerfile
+    m = re.search(r"^COPY --from=build /out/edgewise_clientid.so (\S+)$", dockerfile, re.M)
+    assert m is not None
+    for side in ("site", "cloud"):
+        conf = (COMPOSE / "mosquitto" / side / "mosquitto.conf").read_text()
+        assert re.findall(r"^plugin (\S+)$", conf, re.M) == [m.group(1)], side
+        assert "use_username_as_clientid" not in conf.replace("# ", ""), side
 
 
 def test_emqx_profile_swaps_the_cloud_broker(compose: dict[str, Any]) -> None:
@@ -168,12 +375,7 @@ def test_emqx_profile_swaps_the_cloud_broker(compose: dict[str, Any]) -> None:
     assert services["cloud-emqx"]["image"].startswith("emqx/emqx:")
     for name in ("cloud-broker", "cloud-emqx"):
         assert services[name]["networks"]["default"]["aliases"] == ["cloud"]
-    env = dict(
-        line.split("=", 1)
-        for line in (COMPOSE / ".env").read_text().splitlines()
-        if line and not line.startswith("#")
-    )
-    assert env["COMPOSE_PROFILES"] == "mosquitto"
+    assert dotenv()["COMPOSE_PROFILES"] == "mosquitto"
     # Every service that talks to the cloud broker uses the alias, whichever broker it is.
     assert BridgeConfig.model_validate(toml("bridge/bridge.toml")).cloud_broker.host == "cloud"
     assert toml("worker/worker.toml")["mqtt"]["host"] == "cloud"
@@ -181,14 +383,30 @@ def test_emqx_profile_swaps_the_cloud_broker(compose: dict[str, Any]) -> None:
 
     worker = WorkerConfig.load(COMPOSE / "worker" / "worker.toml")
     assert (worker.mqtt.host, worker.mqtt.port) == ("cloud", 8883)
-    # Mosquitto's cloud rights and EMQX's name the same principals.
-    acl = (COMPOSE / "mosquitto" / "cloud" / "acl").read_text()
-    emqx = (COMPOSE / "emqx" / "acl.conf").read_text()
-    users = set(re.findall(r"^user (\S+)$", acl, re.M))
-    assert users == {"bridge", "worker-1", "worker-2", "operator"}
-    for user in ("bridge", "operator"):
-        assert f'{{username, "{user}"}}' in emqx
-    assert "^worker-[0-9]+$" in emqx and emqx.rstrip().endswith("{deny, all}.")
+    # (The principals and rights of both cloud brokers: tests/test_emqx_acl.py.)
+
+
+def test_emqx_dashboard_and_cluster_cookie_are_not_the_defaults(compose: dict[str, Any]) -> None:
+    """The dashboard is published on loopback only unless EMQX_DASHBOARD_BIND says otherwise,
+    its first password and the cluster cookie come from secrets make-secrets.sh makes (handed
+    to EMQX by emqx/entrypoint.sh, in no command line or environment value of the spec)."""
+    emqx = compose["services"]["cloud-emqx"]
+    dashboard = [p for p in emqx["ports"] if str(p).endswith(":18083")]
+    assert dashboard == ["${EMQX_DASHBOARD_BIND:-127.0.0.1}:18083:18083"]
+    assert dotenv()["EMQX_DASHBOARD_BIND"] == "127.0.0.1"
+    assert sorted(emqx["secrets"]) == ["emqx_cookie", "emqx_dashboard_password"]
+    assert emqx["entrypoint"] == ["/bin/sh", "/opt/edgewise/entrypoint.sh"]
+    assert ("cloud-emqx", "./emqx/entrypoint.sh", "/opt/edgewise/entrypoint.sh") in mounts(compose)
+    script = (COMPOSE / "emqx" / "entrypoint.sh").read_text()
+    for secret, variable in (
+        ("emqx_dashboard_password", "EMQX_DASHBOARD__DEFAULT_PASSWORD"),
+        ("emqx_cookie", "EMQX_NODE__COOKIE"),
+    ):
+        assert f"{variable}=$(cat /run/secrets/{secret})" in script
+        assert "export EMQX_DASHBOARD__DEFAULT_PASSWORD EMQX_NODE__COOKIE" in script
+        assert variable not in (emqx.get("environment") or {})
+    assert script.rstrip().endswith('exec /usr/bin/docker-entrypoint.sh "$@"')
+    assert emqx["command"] == ["/opt/emqx/bin/emqx", "foreground"]  # the image's own CMD
 
 
 def toml(relative: str) -> dict[str, Any]:
@@ -259,10 +477,14 @@ def test_every_environment_variable_a_service_sets_is_a_setting_it_reads(
 
 
 def test_dockerfile_copies_what_exists() -> None:
-    for line in (COMPOSE / "Dockerfile").read_text().splitlines():
-        if line.startswith("COPY "):
-            for source in line.split()[1:-1]:
-                if source in PENDING_SOURCES:
-                    assert not (REPO / source).exists(), f"{source} exists now: unlist it"
-                    continue
-                assert (REPO / source).exists(), source
+    for dockerfile, context in (
+        (COMPOSE / "Dockerfile", REPO),
+        (COMPOSE / "mosquitto" / "Dockerfile", COMPOSE / "mosquitto"),
+    ):
+        for line in dockerfile.read_text().splitlines():
+            if line.startswith("COPY ") and "--from=" not in line:
+                for source in line.split()[1:-1]:
+                    if source in PENDING_SOURCES:
+                        assert not (context / source).exists(), f"{source} exists now: unlist it"
+                        continue
+                    assert (context / source).exists(), (dockerfile, source)
