@@ -102,6 +102,19 @@ rm -f "$S/emqx-users.csv"
   for u in "${CLOUD_USERS[@]}"; do echo "$u,$(pw_of cloud "$u"),false"; done
 } > "$S/emqx-users.csv"
 
+# The fleet's update keys (docs/model-updates.md): the nodes are enrolled with root.pub (public,
+# mounted into them); root.key and the release key are the operator's, on the host, never
+# mounted. Made with the project's own CLI (`edgewise keys init`), once.
+K="$S/fleet-keys"
+if [ ! -s "$K/root.pub" ]; then
+  EDGEWISE_CLI="${EDGEWISE_CLI:-$(command -v edgewise || true)}"
+  [ -n "$EDGEWISE_CLI" ] || [ ! -x ../.venv/bin/edgewise ] || EDGEWISE_CLI=../.venv/bin/edgewise
+  [ -n "$EDGEWISE_CLI" ] ||
+    die "the fleet's keys are made by 'edgewise keys init': install the CLI first" \
+        "('pip install .' or '../dev.sh demo' once), or set EDGEWISE_CLI"
+  "$EDGEWISE_CLI" keys init --out-dir "$K" >/dev/null
+fi
+
 C="$S/certs"
 if [ ! -s "$C/server.crt" ]; then
   openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 825 \
@@ -131,5 +144,9 @@ own "$MOSQUITTO_UID" "$S/site.passwd" "$S/cloud.passwd" "$S/mosquitto-server.key
 own "$EMQX_UID" "$S/emqx-users.csv" "$S/emqx-server.key" "$S/emqx-dashboard.password" \
   "$S/emqx-cookie"
 own "$(id -u)" "$C/ca.key" "$C/server.key" "$C"/*.srl # the CA and the master key: never mounted
+# The fleet's keys are the operator's (the user who ran sudo): private keys 0600 as `keys init`
+# made them; root.pub (0644) is mounted into the nodes.
+chmod 0700 "$K" && chmod 0644 "$K"/*.pub
+[ "$LOCAL" = 1 ] || chown -R "${SUDO_UID:-$(id -u)}:${SUDO_GID:-$(id -g)}" "$K"
 chmod 0644 "$C/ca.crt" "$C/server.crt"
 echo "make-secrets.sh: $S ready ($(find "$S" -type f | wc -l) files$([ "$LOCAL" = 1 ] && echo ", all yours"))"

@@ -10,6 +10,7 @@ import re
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 import tomllib
 import typing
@@ -19,11 +20,13 @@ from typing import Any
 import pytest
 import typer
 import yaml
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel
 from typer.testing import CliRunner
 
 from broker_bridge import BridgeConfig
 from edgewise.cli import app
+from releases.signing import public_pem
 from tests.bridgeharness import Client
 from tests.securebroker import SecureBroker, mounted_secrets
 
@@ -134,6 +137,8 @@ def make_secrets(
     if shutil.which("openssl") is None or shutil.which("mosquitto_passwd") is None:
         pytest.fail("make-secrets.sh needs openssl and mosquitto_passwd (apt-get install them)")
     env = {k: v for k, v in os.environ.items() if k != "SUDO_UID"}
+    # The fleet's update keys are made by the project's own `edgewise keys init`.
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     if sudo_uid is not None:
         env["SUDO_UID"] = str(sudo_uid)
     return subprocess.run(
@@ -192,6 +197,17 @@ def readers(compose: dict[str, Any], operator_uid: int = 0) -> dict[str, set[int
 PUBLIC = {"certs/ca.crt", "certs/server.crt"}
 
 
+def public(rel: str) -> bool:
+    """Certificates and public keys (the fleet's root.pub is mounted into the nodes): 0644."""
+    return rel in PUBLIC or (rel.startswith("fleet-keys/") and rel.endswith(".pub"))
+
+
+def operators(rel: str) -> bool:
+    """The fleet's private signing keys and key ring: the operator's, on the host, never
+    mounted; 0600 as `edgewise keys init` writes them (the ring's version grows in place)."""
+    return rel.startswith("fleet-keys/") and not rel.endswith(".pub")
+
+
 def test_make_secrets_makes_every_secret_the_stack_mounts(
     compose: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -225,7 +241,7 @@ def test_each_secret_is_readable_by_exactly_the_container_user_that_reads_it(
     assert made.returncode == 0, made.stderr
     want = readers(compose, operator_uid=4242)
     for source, uids in want.items():
-        if source not in PUBLIC:
+        if not public(source):
             assert len(uids) == 1, f"{source} is read by several users: {uids}"
     seen = set()
     for path in sorted(p for p in out.rglob("*") if p.is_file()):
@@ -233,8 +249,10 @@ def test_each_secret_is_readable_by_exactly_the_container_user_that_reads_it(
         st = path.stat()
         mode = stat.S_IMODE(st.st_mode)
         seen.add(rel)
-        if rel in PUBLIC:
+        if public(rel):
             assert mode == 0o644, (rel, oct(mode))
+        elif operators(rel):
+            assert (st.st_uid, mode) == (4242, 0o600), (rel, st.st_uid, oct(mode))
         elif rel in want:
             (uid,) = want[rel]
             assert (st.st_uid, st.st_gid, mode) == (uid, uid, 0o400), (rel, st.st_uid, oct(mode))
@@ -242,7 +260,9 @@ def test_each_secret_is_readable_by_exactly_the_container_user_that_reads_it(
             assert rel in {"certs/ca.key", "certs/server.key", "certs/ca.srl"}, f"unexpected {rel}"
             assert (st.st_uid, mode) == (0, 0o400), (rel, st.st_uid, oct(mode))
     assert set(want) <= seen
-    for d in (out, out / "certs"):
+    assert (out / "fleet-keys" / "root.pub").is_file()
+    assert (out / "fleet-keys").stat().st_uid == 4242
+    for d in (out, out / "certs", out / "fleet-keys"):
         assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
     # Re-running keeps the passwords (and the rules above: checked again below).
     before = {p: (out / p).read_bytes() for p in want if p.endswith("_password")}
@@ -305,7 +325,8 @@ def test_make_secrets_for_local_processes_keeps_every_file_to_its_caller(tmp_pat
     assert made.returncode == 0, made.stderr
     for path in (p for p in out.rglob("*") if p.is_file()):
         st = path.stat()
-        want = 0o644 if path.relative_to(out).as_posix() in PUBLIC else 0o400
+        rel = path.relative_to(out).as_posix()
+        want = 0o644 if public(rel) else 0o600 if operators(rel) else 0o400
         assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (os.geteuid(), want), path
 
 
@@ -414,7 +435,9 @@ def toml(relative: str) -> dict[str, Any]:
         return tomllib.load(f)
 
 
-def test_mounted_edgewise_configs_load(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mounted_edgewise_configs_load(
+    compose: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     for name in list(os.environ):
         if name.startswith("EDGEWISE_"):
             monkeypatch.delenv(name)
@@ -423,7 +446,15 @@ def test_mounted_edgewise_configs_load(monkeypatch: pytest.MonkeyPatch) -> None:
     assert {r.direction for r in bridge.rules} == {"up", "down"}
     from edge_node.config import NodeConfig
 
-    node = NodeConfig.model_validate(toml("node/node.toml"))
+    node_toml = toml("node/node.toml")
+    # Enrolled for updates with the root key compose mounts from make-secrets.sh's fleet-keys/.
+    assert node_toml["updates"]["root_key"] == "/etc/edgewise/root.pub"
+    assert ("node-1", "./secrets/fleet-keys/root.pub", "/etc/edgewise/root.pub") in mounts(compose)
+    root_pub = tmp_path / "root.pub"
+    root_pub.write_bytes(public_pem(Ed25519PrivateKey.generate()))
+    node_toml["updates"]["root_key"] = str(root_pub)
+    node = NodeConfig.model_validate(node_toml)
+    assert node.updates.root_key_bytes() is not None
     assert node.mqtt.host == "site-broker"
     assert node.mqtt.tls_ca_file == Path("/etc/edgewise/ca.crt")
 
