@@ -608,7 +608,7 @@ def test_operator_publishes_a_model_with_credentials_from_the_environment(
     model.write_bytes(EDGE_MODEL)
     published = _edgewise(
         "model", "publish", str(model), "--name", "digits", "--release", "2",
-        "--hw-class", "cpu", "-k", str(keys),
+        "--hw-class", "generic-cpu", "-k", str(keys),
         "--broker", f"mqtt://127.0.0.1:{brokers.cloud.plain_port}",
         env=env,
     )  # fmt: skip
@@ -616,7 +616,7 @@ def test_operator_publishes_a_model_with_credentials_from_the_environment(
     assert published.returncode == 0, output[-2000:]
     assert brokers.cloud_pw["operator"] not in output
     state = retained_under(brokers, "cloud", "fleet/#", "fleet/zz/end")
-    manifest = decode_document(decode_envelope(state["fleet/cpu/models/digits"]), Manifest)
+    manifest = decode_document(decode_envelope(state["fleet/generic-cpu/models/digits"]), Manifest)
     assert (manifest.name, manifest.release) == ("digits", 2)
 
 
