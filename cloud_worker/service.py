@@ -51,8 +51,30 @@ async def run_worker(worker: Worker, *, stop: asyncio.Event | None = None) -> in
     return 0
 
 
+async def _started(worker: Worker, stop: asyncio.Event) -> bool:
+    """Enter ``worker`` (which waits for its broker, however long), unless ``stop`` comes first:
+    True once it has entered."""
+    entering = asyncio.ensure_future(worker.__aenter__())
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait([entering, stopping], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if entering.done():
+        entering.result()  # its error, if it failed
+        return True
+    entering.cancel()  # it closes what it had opened
+    with contextlib.suppress(asyncio.CancelledError):
+        await entering
+    return False
+
+
 async def _serve(worker: Worker, stop: asyncio.Event) -> None:
-    async with worker:
+    if not await _started(worker, stop):
+        log.info("stopped before the broker answered")
+        return
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_exit(worker)
         print(f"worker {worker.worker_id} ready on {worker.subscription}", flush=True)
         await stop.wait()
         log.info("stopping: finishing escalations in hand")

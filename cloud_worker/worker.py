@@ -243,7 +243,12 @@ class Worker:
         return self
 
     async def _subscribe(self) -> None:
-        await self.session.wait_connected(self.config.mqtt.connect_timeout_s)
+        # The subscription depends on the protocol the broker speaks: wait for it, however long
+        # (a worker may start before its broker); the session retries with backoff and logs why.
+        if not self.session.connected:
+            mqtt = self.config.mqtt
+            log.info("waiting for the broker at %s:%d before subscribing", mqtt.host, mqtt.port)
+        await self.session.wait_connected()
         if self.session.protocol == "5":
             self.subscription = self.topics.escalations_filter(self.config.group)
         else:

@@ -6,14 +6,28 @@ import asyncio
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal, NoReturn
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.markup import escape
 
 from edgewise import bridge_cmd as _bridge_cmd
+from edgewise.connect import (
+    DEFAULT_BROKER,
+    BrokerOpt,
+    PasswordFileOpt,
+    ServiceBrokerOpt,
+    ServicePasswordFileOpt,
+    ServiceTlsCaOpt,
+    ServiceUsernameOpt,
+    TlsCaOpt,
+    UsernameOpt,
+    broker_option,
+    broker_settings,
+    fail,
+    service_mqtt,
+)
 
 app = typer.Typer(
     name="edgewise",
@@ -34,19 +48,7 @@ app.add_typer(worker_app, name="worker")
 app.command("bridge")(_bridge_cmd.bridge)
 
 err = Console(stderr=True)
-
-BrokerOpt = Annotated[
-    str,
-    typer.Option(
-        "--broker", "-b", help="Broker URL, mqtt://HOST[:PORT].", envvar="EDGEWISE_BROKER"
-    ),
-]
-
-
-def _fail(message: str, code: int = 2) -> NoReturn:
-    """Print ``error: message`` (verbatim: no markup, no hard wrapping) and exit with ``code``."""
-    err.print(f"[red]error:[/] {escape(message)}", soft_wrap=True)
-    raise typer.Exit(code)
+_fail = fail
 
 
 def _logging(level: str) -> None:
@@ -59,35 +61,23 @@ def _logging(level: str) -> None:
     )
 
 
-def _mqtt(url: str) -> Any:
-    from local_broker import parse_broker_url
-    from mqtt_session import MqttConfig
-
-    try:
-        host, port = parse_broker_url(url)
-    except ValueError as exc:
-        _fail(str(exc))
-    from edgewise.credentials import mqtt_credentials_from_env
-
-    return MqttConfig(host=host, port=port, **mqtt_credentials_from_env())
-
-
 @app.command()
 def node(
     config: Annotated[
         Path | None,
         typer.Option("--config", "-c", help="Node config (TOML). See docs/configuration.md."),
     ] = None,
-    broker: Annotated[
-        str | None,
-        typer.Option("--broker", "-b", help="Override mqtt.host/port: mqtt://HOST[:PORT]."),
-    ] = None,
+    broker: ServiceBrokerOpt = None,
     node_id: Annotated[str | None, typer.Option("--node-id", help="Override node_id.")] = None,
+    username: ServiceUsernameOpt = None,
+    password_file: ServicePasswordFileOpt = None,
+    tls_ca: ServiceTlsCaOpt = None,
 ) -> None:
     """Run an edge node: subscribe to sensor frames, infer locally, publish results.
 
     Settings come from --config, then EDGEWISE_* environment variables (nested keys joined with
     `__`, e.g. EDGEWISE_MQTT__HOST), then these flags. SIGTERM drains in-flight frames and exits 0.
+    An unreachable broker is retried (with backoff, the reason in the log) until it answers.
     """
     from edge_node.config import NodeConfig, unknown_env_names
     from edge_node.errors import EdgeNodeError
@@ -98,11 +88,9 @@ def node(
         overrides["node_id"] = node_id
     try:
         cfg = NodeConfig.load(config, **overrides)
-        if broker:
-            m = _mqtt(broker)
-            cfg = cfg.model_copy(
-                update={"mqtt": cfg.mqtt.model_copy(update={"host": m.host, "port": m.port})}
-            )
+        mqtt = service_mqtt(cfg.mqtt, broker, username, password_file, tls_ca)
+        if mqtt is not cfg.mqtt:
+            cfg = cfg.model_copy(update={"mqtt": mqtt})
         _logging(cfg.log_level)
         for name in unknown_env_names():
             logging.getLogger("edgewise").warning(
@@ -122,10 +110,15 @@ def demo(
     rate: Annotated[float, typer.Option("--rate", "-r", min=1, help="Frames per second.")] = 200.0,
     broker: Annotated[
         str | None,
-        typer.Option(
-            "--broker", "-b", help="Use this broker (mqtt://HOST[:PORT]) instead of starting one."
+        broker_option(
+            "Use this broker (mqtt://HOST[:PORT] or mqtts://HOST[:PORT]) instead of starting one;"
+            " --username, --password-file and --tls-ca apply to it.",
+            envvar=None,
         ),
     ] = None,
+    username: UsernameOpt = None,
+    password_file: PasswordFileOpt = None,
+    tls_ca: TlsCaOpt = None,
     update: Annotated[
         bool,
         typer.Option(
@@ -139,17 +132,19 @@ def demo(
 
     Starts Mosquitto from the project's config when `mosquitto` is installed, else an embedded
     MQTT 3.1.1 broker. Exits 0 when every frame got its result (and, with --update, the signed
-    update was committed).
+    update was committed); 2 with one line saying why if --broker cannot be reached.
     """
+    from edgewise.connect import run
     from edgewise.demo import run_demo
 
+    external = broker_settings(broker, username, password_file, tls_ca) if broker else None
     _logging("WARNING")
     console = Console()
-    report = asyncio.run(
+    report = run(
         run_demo(
             duration_s=duration,
             rate_hz=rate,
-            broker_url=broker,
+            broker=external,
             console=console,
             live=console.is_terminal,
             update=update,
@@ -167,7 +162,10 @@ def demo(
 
 @sensor_app.command("simulate")
 def sensor_simulate(
-    broker: BrokerOpt = "mqtt://127.0.0.1:1883",
+    broker: BrokerOpt = DEFAULT_BROKER,
+    username: UsernameOpt = None,
+    password_file: PasswordFileOpt = None,
+    tls_ca: TlsCaOpt = None,
     rate: Annotated[
         float, typer.Option("--rate", "-r", min=0.01, help="Frames per second.")
     ] = 10.0,
@@ -191,26 +189,35 @@ def sensor_simulate(
         ),
     ] = 1,
 ) -> None:
-    """Publish the bundled held-out digits frames to sensors/DEVICE/SENSOR at a steady rate."""
-    from edgewise.sensor import simulate
+    """Publish the bundled held-out digits frames to sensors/DEVICE/SENSOR at a steady rate.
+
+    Exits 2 with one line saying why if the broker cannot be reached or refuses the credentials;
+    a connection lost later is re-made and unacknowledged frames are sent again."""
+    from edgewise.connect import run, session
+    from edgewise.sensor import SimStats, sensor_client_id, simulate
 
     if fmt not in ("msgpack", "json"):
         _fail(f"--format must be msgpack or json, not {fmt!r}")
+    conn = broker_settings(broker, username, password_file, tls_ca)
     _logging("WARNING")
     kind: Literal["msgpack", "json"] = "json" if fmt == "json" else "msgpack"
-    stats = asyncio.run(
-        simulate(
-            _mqtt(broker),
-            device=device,
-            sensor=sensor,
-            rate_hz=rate,
-            count=count,
-            duration_s=duration,
-            qos=qos,
-            fmt=kind,
-            per_message=per_message,
-        )
-    )
+
+    async def go() -> SimStats:
+        client_id = sensor_client_id(device, sensor)
+        async with session(conn, purpose="sensor", client_id=client_id) as s:
+            return await simulate(
+                s,
+                device=device,
+                sensor=sensor,
+                rate_hz=rate,
+                count=count,
+                duration_s=duration,
+                qos=qos,
+                fmt=kind,
+                per_message=per_message,
+            )
+
+    stats = run(go())
     Console().print(
         f"sent {stats.sent} frames in {stats.elapsed_s:.1f} s "
         f"({stats.acked} acknowledged, {stats.failed} failed)"
@@ -223,7 +230,10 @@ def watch(
     filters: Annotated[
         list[str] | None, typer.Argument(help="Topic filters (default: edge/#).")
     ] = None,
-    broker: BrokerOpt = "mqtt://127.0.0.1:1883",
+    broker: BrokerOpt = DEFAULT_BROKER,
+    username: UsernameOpt = None,
+    password_file: PasswordFileOpt = None,
+    tls_ca: TlsCaOpt = None,
     count: Annotated[
         int | None, typer.Option("--count", "-n", min=1, help="Exit after N messages.")
     ] = None,
@@ -232,13 +242,18 @@ def watch(
     ] = None,
     raw: Annotated[bool, typer.Option("--raw", help="Show raw bytes instead of decoding.")] = False,
 ) -> None:
-    """Subscribe and pretty-print decoded MessagePack/JSON messages (results, status, ...)."""
+    """Subscribe and pretty-print decoded MessagePack/JSON messages (results, status, ...).
+
+    Exits 2 with one line saying why if the broker cannot be reached or refuses the credentials
+    or a subscription."""
+    from edgewise.connect import run
     from edgewise.watch import watch as run_watch
 
+    conn = broker_settings(broker, username, password_file, tls_ca)
     _logging("WARNING")
-    seen = asyncio.run(
+    seen = run(
         run_watch(
-            _mqtt(broker),
+            conn,
             filters or ["edge/#"],
             count=count,
             timeout_s=timeout,

@@ -9,7 +9,16 @@ from typing import Annotated, get_args
 
 import typer
 
-from edgewise.keys_cmd import BrokerOpt, Keyring, KeysDirOpt, fail, out, write_file
+from edgewise.connect import (
+    DEFAULT_BROKER,
+    BrokerOpt,
+    PasswordFileOpt,
+    TlsCaOpt,
+    UsernameOpt,
+    broker_settings,
+    fail,
+)
+from edgewise.keys_cmd import Keyring, KeysDirOpt, out, write_file
 from releases import Command, Target, sign
 from releases.wire import CommandName
 from schemas import ContractError, Topics, validate_level
@@ -30,7 +39,10 @@ def send(
         float, typer.Option("--ttl-s", min=1, max=7 * 86400, help="Valid for this long.")
     ] = 600.0,
     keys_dir: KeysDirOpt = Path("edgewise-keys"),
-    broker: BrokerOpt = "mqtt://127.0.0.1:1883",
+    broker: BrokerOpt = DEFAULT_BROKER,
+    username: UsernameOpt = None,
+    password_file: PasswordFileOpt = None,
+    tls_ca: TlsCaOpt = None,
     out_file: Annotated[
         Path | None, typer.Option("--out", help="Write the signed command to FILE instead.")
     ] = None,
@@ -42,8 +54,6 @@ def send(
 
     Example: `edgewise cmd send --node gw-1 set_threshold escalate_below=0.8`.
     """
-    from edgewise.keys_cmd import mqtt_config
-
     if name not in NAMES:
         fail(f"unknown command {name!r}; one of: {', '.join(NAMES)}")
     if (node is None) == (hw_class is None):
@@ -76,20 +86,15 @@ def send(
         out.print(f"wrote command {command.id} to {out_file}")
         out.print(f"send it: mosquitto_pub -q 1 -t {topic} -f {out_file}")
         return
-    import asyncio
+    from edgewise.connect import publish, run, session
 
-    from mqtt_session import MqttError, MqttSession
+    conn = broker_settings(broker, username, password_file, tls_ca)
 
     async def go() -> None:  # one publish, not retained: a command is an event
-        mqtt = mqtt_config(broker)
-        async with MqttSession(
-            mqtt, client_id=f"edgewise-cmd-{command.id[:8]}", persistent=False
-        ) as s:
-            await s.wait_connected(mqtt.connect_timeout_s)
-            await s.publish(topic, data, qos=1)
+        async with session(conn, purpose="cmd") as s:
+            await publish(s, conn, topic, data)
 
-    try:
-        asyncio.run(go())
-    except (MqttError, TimeoutError) as exc:
-        fail(f"cannot publish to {broker}: {exc} (is the broker running? check --broker)")
-    out.print(f"sent {name} ({command.id}) on {topic}; outcome on {edge_root}/<node>/events")
+    run(go())
+    out.print(
+        f"sent {name} ({command.id}) on {topic} at {conn.url}; outcome on {edge_root}/<node>/events"
+    )

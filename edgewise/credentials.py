@@ -1,16 +1,14 @@
-"""Broker credentials for the short-lived commands (``sensor simulate``, ``watch``, and the
-operator's ``model``, ``keys``, ``cmd`` and ``fleet status``).
+"""The environment variables that carry a command's broker credentials: the ones the node's
+``[mqtt]`` section reads (``EDGEWISE_MQTT__USERNAME``, ``EDGEWISE_MQTT__PASSWORD_FILE`` or
+``EDGEWISE_MQTT__PASSWORD``, ``EDGEWISE_MQTT__TLS_CA_FILE``).
 
-They come from the same environment variables the services read (``EDGEWISE_MQTT__USERNAME``,
-``EDGEWISE_MQTT__PASSWORD_FILE`` or ``EDGEWISE_MQTT__PASSWORD``, ``EDGEWISE_MQTT__TLS_CA_FILE``),
-never from a command-line flag: a flag is visible to every user of the machine (``ps``) and
-lands in shell histories and container specs (docs/security.md).
+Every command that connects also takes ``--username``, ``--password-file`` and ``--tls-ca``
+(a flag wins over its variable; :mod:`edgewise.connect`), but never a password: a flag is
+visible to every user of the machine (``ps``) and lands in shell histories and container specs
+(docs/security.md).
 """
 
 from __future__ import annotations
-
-import os
-from typing import Any
 
 _ENV = {
     "username": "EDGEWISE_MQTT__USERNAME",
@@ -18,8 +16,3 @@ _ENV = {
     "password_file": "EDGEWISE_MQTT__PASSWORD_FILE",
     "tls_ca_file": "EDGEWISE_MQTT__TLS_CA_FILE",
 }
-
-
-def mqtt_credentials_from_env() -> dict[str, Any]:
-    """``MqttConfig`` keyword arguments for whichever of the variables are set (and not empty)."""
-    return {key: os.environ[name] for key, name in _ENV.items() if os.environ.get(name)}

@@ -37,16 +37,11 @@ from cloud_worker import Worker, WorkerConfig
 from edge_node.config import NodeConfig, bundled_asset
 from edge_node.model import ServedModel
 from edge_node.node import EdgeNode
+from edgewise.connect import Broker, broker_settings, connected
 from edgewise.demo_update import DemoFleet
 from edgewise.frames import load_holdout
 from edgewise.sensor import simulate
-from local_broker import (
-    BrokerInfo,
-    EmbeddedBroker,
-    MosquittoProcess,
-    mosquitto_path,
-    parse_broker_url,
-)
+from local_broker import BrokerInfo, EmbeddedBroker, MosquittoProcess, mosquitto_path
 from mqtt_session import Inbound, MqttConfig, MqttSession
 from releases import ReleaseError, decode_event
 from schemas import (
@@ -186,12 +181,7 @@ def _table(
     return t
 
 
-async def _start_broker(
-    stack: contextlib.AsyncExitStack, url: str | None, console: Console
-) -> BrokerInfo:
-    if url:
-        host, port = parse_broker_url(url)
-        return BrokerInfo(host=host, port=port, kind="external")
+async def _start_broker(stack: contextlib.AsyncExitStack, console: Console) -> BrokerInfo:
     if mosquitto_path() is not None:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edgewise-demo-")))
         proc = MosquittoProcess(workdir)
@@ -213,6 +203,7 @@ async def run_demo(
     duration_s: float = 15.0,
     rate_hz: float = 200.0,
     broker_url: str | None = None,
+    broker: Broker | None = None,
     console: Console | None = None,
     live: bool = True,
     node_id: str = "demo-gw",
@@ -221,7 +212,10 @@ async def run_demo(
     update_at_s: float | None = None,
 ) -> DemoReport:
     """Run the demo for ``duration_s``; with ``update``, publish a signed release of the edge
-    model ``update_at_s`` after the sensor starts (default: a quarter of the run)."""
+    model ``update_at_s`` after the sensor starts (default: a quarter of the run).
+
+    ``broker`` (or ``broker_url``, without credentials): an existing broker instead of one
+    started here; :class:`~edgewise.connect.BrokerTrouble` if it cannot be reached."""
     console = console or Console()
     report = DemoReport(cloud=cloud, update=update)
     frames = load_holdout()
@@ -277,12 +271,18 @@ async def run_demo(
             if r.frame_ts is not None:
                 report.latencies_ms.append((now - r.frame_ts) * 1000.0)
 
+    if broker is None and broker_url:
+        broker = broker_settings(broker_url, None, None, None)
     async with contextlib.AsyncExitStack() as stack:
-        info = await _start_broker(stack, broker_url, console)
-        report.broker = f"{info.kind} {info.url}"
-        # amqtt speaks MQTT 3.1.1 only: say so up front instead of waiting for the fallback.
-        protocol = "3.1.1" if info.kind == "embedded" else "auto"
-        mqtt = MqttConfig(host=info.host, port=info.port, protocol=protocol)
+        if broker is not None:
+            report.broker = f"external {broker.url}"
+        else:
+            info = await _start_broker(stack, console)
+            report.broker = f"{info.kind} {info.url}"
+            # amqtt speaks MQTT 3.1.1 only: say so up front instead of waiting for the fallback.
+            protocol = "3.1.1" if info.kind == "embedded" else "auto"
+            broker = Broker(info.url, MqttConfig(host=info.host, port=info.port, protocol=protocol))
+        mqtt = broker.mqtt
         viewer = await stack.enter_async_context(
             MqttSession(
                 mqtt,
@@ -292,6 +292,7 @@ async def run_demo(
                 persistent=False,
             )
         )
+        await connected(viewer, broker)  # or one line saying why, before anything else starts
         viewer.subscribe(topics.results(node_id))
         viewer.subscribe(topics.status(node_id))
         if update:

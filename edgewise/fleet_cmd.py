@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -14,9 +13,22 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from edgewise.connect import (
+    DEFAULT_BROKER,
+    Broker,
+    BrokerOpt,
+    PasswordFileOpt,
+    TlsCaOpt,
+    UsernameOpt,
+    broker_settings,
+    fail,
+    run,
+    session,
+)
+
 if TYPE_CHECKING:  # imported when the command runs: `edgewise --help` stays quick
     from edgewise.fleet_view import FleetView
-    from mqtt_session import Inbound, MqttConfig
+    from mqtt_session import Inbound
     from schemas import Limits, Topics
 
 fleet_app = typer.Typer(help="The fleet: what every node reports.", no_args_is_help=True)
@@ -25,16 +37,16 @@ _err = Console(stderr=True)
 
 
 async def listen(
-    mqtt: MqttConfig,
+    broker: Broker,
     *,
     duration_s: float,
     topics: Topics | None = None,
     limits: Limits | None = None,
     console: Console | None = None,
-) -> tuple[FleetView, bool]:
-    """Collect status (retained) and telemetry for ``duration_s``; (view, ever connected)."""
+) -> FleetView:
+    """Collect status (retained) and telemetry for ``duration_s``, once connected and
+    subscribed (:class:`~edgewise.connect.BrokerTrouble` if that fails)."""
     from edgewise.fleet_view import FleetView
-    from mqtt_session import MqttSession
     from schemas import Limits, Topics
 
     view = FleetView(topics or Topics(), limits or Limits())
@@ -43,15 +55,8 @@ async def listen(
         view.ingest(msg.topic, msg.payload)
 
     root = view.topics.edge_root
-    async with MqttSession(
-        mqtt,
-        client_id=f"edgewise-fleet-{uuid.uuid4().hex[:12]}",
-        on_message=on_message,
-        manual_ack=False,
-        persistent=False,
-    ) as session:
-        session.subscribe(f"{root}/+/status", qos=1)
-        session.subscribe(f"{root}/+/telemetry", qos=1)
+    filters = [f"{root}/+/status", f"{root}/+/telemetry"]
+    async with session(broker, purpose="fleet", on_message=on_message, filters=filters):
         if console is not None:
             with console.status(
                 f"listening to {root}/+/status and {root}/+/telemetry for {duration_s:g} s ..."
@@ -59,7 +64,7 @@ async def listen(
                 await asyncio.sleep(duration_s)
         else:
             await asyncio.sleep(duration_s)
-        return view, session.stats.connects > 0
+    return view
 
 
 def _ms(value: float | None) -> str:
@@ -150,12 +155,10 @@ def render(report: dict[str, Any], console: Console) -> None:
 
 @fleet_app.command("status")
 def status(
-    broker: Annotated[
-        str,
-        typer.Option(
-            "--broker", "-b", help="Broker URL, mqtt://HOST[:PORT].", envvar="EDGEWISE_BROKER"
-        ),
-    ] = "mqtt://127.0.0.1:1883",
+    broker: BrokerOpt = DEFAULT_BROKER,
+    username: UsernameOpt = None,
+    password_file: PasswordFileOpt = None,
+    tls_ca: TlsCaOpt = None,
     duration: Annotated[
         float,
         typer.Option(
@@ -175,34 +178,17 @@ def status(
     fleet-wide p50/p99 from the merged latency sketches.
 
     Nodes that published no telemetry while listening show their retained status only.
-    Malformed messages are counted in a footer. Exits 1 if the broker could not be reached.
+    Malformed messages are counted in a footer. Exits 2 with one line saying why if the broker
+    cannot be reached or refuses the credentials or a subscription.
     """
-    from edgewise.credentials import mqtt_credentials_from_env
-    from local_broker import parse_broker_url
-    from mqtt_session import MqttConfig
     from schemas import ContractError, Topics
 
+    conn = broker_settings(broker, username, password_file, tls_ca)
     try:
-        host, port = parse_broker_url(broker)
         topics = Topics(edge_root=edge_root)
-    except (ValueError, ContractError) as exc:
-        _err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(2) from None
-    view, connected = asyncio.run(
-        listen(
-            MqttConfig(host=host, port=port, **mqtt_credentials_from_env()),
-            duration_s=duration,
-            topics=topics,
-            console=None if as_json else _err,
-        )
-    )
-    if not connected:
-        _err.print(
-            f"[red]error:[/] could not connect to {escape(broker)} within {duration:g} s: "
-            "is the broker running? (--broker mqtt://HOST:PORT, or EDGEWISE_BROKER)",
-            soft_wrap=True,
-        )
-        raise typer.Exit(1)
+    except ContractError as exc:
+        fail(f"--edge-root: {exc}")
+    view = run(listen(conn, duration_s=duration, topics=topics, console=None if as_json else _err))
     report = view.report(time.time())
     if as_json:
         typer.echo(json.dumps(report, indent=2))

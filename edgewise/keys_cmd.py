@@ -8,7 +8,8 @@ Files in the keys directory (``--keys-dir``, default ``edgewise-keys``)::
     releases/{model}.jsonl                what `model publish` published (for rollback and gc)
 
 Private keys are written 0600 with O_EXCL and never printed. Also the shared helpers of the
-``keys``, ``model`` and ``cmd`` commands (broker URL, retained publish, retained collect).
+``keys``, ``model`` and ``cmd`` commands (retained publish, retained collect); how they reach
+the broker is :mod:`edgewise.connect`.
 """
 
 from __future__ import annotations
@@ -17,17 +18,29 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated
 
 import typer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
+from edgewise.connect import (
+    DEFAULT_BROKER,
+    Broker,
+    BrokerOpt,
+    PasswordFileOpt,
+    TlsCaOpt,
+    UsernameOpt,
+    broker_settings,
+    fail,
+    publish,
+    run,
+    session,
+)
 from releases import KeySet, public_entry, sign
 from releases.errors import BadKey
 from releases.signing import generate, key_id, load_private, private_pem, public_pem, raw_public
@@ -47,32 +60,7 @@ KeysDirOpt = Annotated[
         envvar="EDGEWISE_KEYS_DIR",
     ),
 ]  # fmt: skip
-BrokerOpt = Annotated[
-    str,
-    typer.Option(
-        "--broker", "-b", help="Broker URL, mqtt://HOST[:PORT].", envvar="EDGEWISE_BROKER"
-    ),
-]
 FleetRootOpt = Annotated[str, typer.Option("--fleet-root", help="Topic root of fleet topics.")]
-
-
-def fail(message: str, code: int = 2) -> NoReturn:
-    err.print(f"[red]error:[/] {escape(message)}", soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def mqtt_config(url: str) -> Any:
-    """The broker at ``url``, with the operator's credentials from the environment
-    (``EDGEWISE_MQTT__USERNAME``, ``EDGEWISE_MQTT__PASSWORD_FILE`` …; docs/security.md)."""
-    from edgewise.credentials import mqtt_credentials_from_env
-    from local_broker import parse_broker_url
-    from mqtt_session import MqttConfig
-
-    try:
-        host, port = parse_broker_url(url)
-    except ValueError as exc:
-        fail(str(exc))
-    return MqttConfig(host=host, port=port, connect_timeout_s=10, **mqtt_credentials_from_env())
 
 
 def write_private(path: Path, data: bytes) -> None:
@@ -154,45 +142,36 @@ class Keyring:
 
 
 # ----------------------------------------------------------------------------- MQTT helpers
-async def _publish(
-    mqtt: Any, items: list[tuple[str, bytes]], on_done: Callable[[int], None] | None
-) -> None:
-    from mqtt_session import MqttSession
+async def _publish(broker: Broker, items: list[tuple[str, bytes]], label: str) -> None:
+    async with session(broker, purpose="cli") as s:
+        # The bar starts once connected: a broker out of reach is one line, not a bar and a line.
+        total = sum(len(p) for _, p in items)
+        with Progress(
+            TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+            TransferSpeedColumn(), console=err, transient=False, disable=not label,
+        ) as progress:  # fmt: skip
+            task = progress.add_task(label or "publishing", total=max(total, 1))
+            window = asyncio.Semaphore(64)
 
-    async with MqttSession(
-        mqtt, client_id=f"edgewise-cli-{os.getpid()}-{os.urandom(3).hex()}", persistent=False
-    ) as session:
-        await session.wait_connected(mqtt.connect_timeout_s)
-        window = asyncio.Semaphore(64)
+            async def one(topic: str, payload: bytes) -> None:
+                async with window:
+                    await publish(s, broker, topic, payload, retain=True)
+                progress.advance(task, len(payload))
 
-        async def one(topic: str, payload: bytes) -> None:
-            async with window:
-                await session.publish(topic, payload, qos=1, retain=True)
-            if on_done is not None:
-                on_done(len(payload))
-
-        await asyncio.gather(*(one(t, p) for t, p in items))
-
-
-def publish_retained(broker: str, items: list[tuple[str, bytes]], *, label: str = "") -> None:
-    """Publish retained at QoS 1 and wait for every PUBACK, with a progress bar over bytes."""
-    from mqtt_session import MqttError
-
-    mqtt = mqtt_config(broker)
-    total = sum(len(p) for _, p in items)
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-        console=err, transient=False, disable=not label,
-    ) as progress:  # fmt: skip
-        task = progress.add_task(label or "publishing", total=max(total, 1))
-        try:
-            asyncio.run(_publish(mqtt, items, lambda n: progress.advance(task, n)))
-        except (MqttError, TimeoutError) as exc:
-            fail(f"cannot publish to {broker}: {exc} (is the broker running? check --broker)")
+            outcomes = await asyncio.gather(*(one(t, p) for t, p in items), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome  # the first that failed (BrokerTrouble: the topic and why)
 
 
-async def _collect(mqtt: Any, filters: Iterable[str], settle_s: float) -> dict[str, bytes]:
-    from mqtt_session import Inbound, MqttSession
+def publish_retained(broker: Broker, items: list[tuple[str, bytes]], *, label: str = "") -> None:
+    """Publish retained at QoS 1 and wait for every PUBACK, with a progress bar over bytes
+    (when ``label`` is given)."""
+    run(_publish(broker, items, label))
+
+
+async def _collect(broker: Broker, filters: Iterable[str], settle_s: float) -> dict[str, bytes]:
+    from mqtt_session import Inbound
 
     got: dict[str, bytes] = {}
 
@@ -200,25 +179,24 @@ async def _collect(mqtt: Any, filters: Iterable[str], settle_s: float) -> dict[s
         if msg.retain:
             got[msg.topic] = msg.payload
 
-    async with MqttSession(
-        mqtt, client_id=f"edgewise-cli-{os.getpid()}-{os.urandom(3).hex()}",
-        on_message=keep, manual_ack=False, persistent=False,
-    ) as session:  # fmt: skip
-        for f in filters:
-            session.subscribe(f, qos=1)
-        await session.wait_connected(mqtt.connect_timeout_s)
+    async with session(broker, purpose="cli", on_message=keep, filters=filters):
         await asyncio.sleep(settle_s)
     return {t: p for t, p in got.items() if p}
 
 
-def collect_retained(broker: str, filters: Iterable[str], settle_s: float) -> dict[str, bytes]:
-    """The retained messages under ``filters`` (waiting ``settle_s`` for them to arrive)."""
-    from mqtt_session import MqttError
-
-    try:
-        return asyncio.run(_collect(mqtt_config(broker), filters, settle_s))
-    except (MqttError, TimeoutError) as exc:
-        fail(f"cannot read from {broker}: {exc} (is the broker running? check --broker)")
+def collect_retained(broker: Broker, filters: Iterable[str], settle_s: float) -> dict[str, bytes]:
+    """The retained messages under ``filters`` (waiting ``settle_s`` for them to arrive); says
+    on stderr which broker it read (one line)."""
+    filters = list(filters)
+    got = run(_collect(broker, filters, settle_s))
+    err.print(
+        f"read {len(got)} retained message{'' if len(got) == 1 else 's'} under"
+        f" {', '.join(filters)} from {broker.who}",
+        soft_wrap=True,
+        markup=False,
+        highlight=False,
+    )
+    return got
 
 
 def write_out(out_dir: Path, items: list[tuple[str, bytes]], names: list[str]) -> Path:
@@ -269,23 +247,70 @@ def init(
     )
 
 
-def _publish_set(
-    ring: Keyring, broker: str, expires_days: float, out_file: Path | None, fleet_root: str
-) -> None:
+def _key_set_topic(fleet_root: str) -> str:
     from schemas import Topics
 
+    return Topics(fleet_root=fleet_root).fleet_keys()
+
+
+def _check_newer_than_retained(
+    ring: Keyring, broker: Broker, topic: str, settle_s: float, force: bool
+) -> None:
+    """Refuse (unless ``force``) to publish a key set whose version is not above the one
+    retained on the broker: nodes holding that one refuse it (``key_set_rollback``), and a keys
+    directory behind the broker is most likely an old copy that lacks newer release keys."""
+    from releases import Rejected, decode_document, decode_envelope
+
+    got = collect_retained(broker, [topic], settle_s)
+    if topic not in got:
+        return
+    try:
+        retained = decode_document(decode_envelope(got[topic]), KeySet).version
+    except Rejected as exc:
+        err.print(
+            f"note: the retained message on {topic} is not a key set ({exc}); replacing it",
+            markup=False, highlight=False, soft_wrap=True,
+        )  # fmt: skip
+        return
+    mine = ring.version + 1
+    if retained >= mine and not force:
+        fail(
+            f"{broker.url} already holds key set v{retained} on {topic}, and {ring.dir} would"
+            f" publish v{mine}: nodes refuse a key set that is not newer than theirs. Is"
+            f" {ring.dir} an old copy of the keys directory? (--force publishes it anyway)"
+        )
+
+
+def _publish_set(
+    ring: Keyring, target: Target, expires_days: float, out_file: Path | None, fleet_root: str
+) -> None:
     key_set, data = ring.signed_set(expires_days)
-    topic = Topics(fleet_root=fleet_root).fleet_keys()
+    topic = _key_set_topic(fleet_root)
     if out_file is not None:
         write_file(out_file, data)
         out.print(f"wrote key set v{key_set.version} to {out_file}")
         out.print(f"publish it: mosquitto_pub -r -q 1 -t {topic} -f {out_file}")
     else:
+        broker = target.broker()
         publish_retained(broker, [(topic, data)])
-        out.print(f"published key set v{key_set.version} retained on {topic}")
+        out.print(f"published key set v{key_set.version} retained on {topic} at {broker.url}")
     ring.version = key_set.version
     ring.save()
     out.print(f"trusted release keys: {', '.join(ring.active_ids())}")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A command's broker options, made into :class:`Broker` settings only when it connects
+    (``--out`` writes files and needs none)."""
+
+    url: str
+    username: str | None
+    password_file: Path | None
+    tls_ca: Path | None
+
+    def broker(self) -> Broker:
+        return broker_settings(self.url, self.username, self.password_file, self.tls_ca)
 
 
 ExpiresOpt = Annotated[
@@ -294,57 +319,107 @@ ExpiresOpt = Annotated[
 OutFileOpt = Annotated[
     Path | None, typer.Option("--out", help="Write the signed set to FILE instead of publishing.")
 ]
+SettleOpt = Annotated[
+    float,
+    typer.Option(
+        "--settle-s", min=0.1, help="How long to wait for retained messages when reading them."
+    ),
+]
+ForceSetOpt = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        help="Publish even if the broker holds a key set of the same or a higher version.",
+    ),
+]
+
+
+def _guarded(
+    ring: Keyring, target: Target, out_file: Path | None, fleet_root: str, settle_s: float,
+    force: bool,
+) -> None:  # fmt: skip
+    """The version check against the broker, before the keys directory changes."""
+    if out_file is None:
+        _check_newer_than_retained(
+            ring, target.broker(), _key_set_topic(fleet_root), settle_s, force
+        )
 
 
 @keys_app.command("publish-set")
 def publish_set(
     keys_dir: KeysDirOpt = Path("edgewise-keys"),
-    broker: BrokerOpt = "mqtt://127.0.0.1:1883",
+    broker: BrokerOpt = DEFAULT_BROKER,
+    username: UsernameOpt = None,
+    password_file: PasswordFileOpt = None,
+    tls_ca: TlsCaOpt = None,
     expires_days: ExpiresOpt = 90.0,
     out_file: OutFileOpt = None,
     fleet_root: FleetRootOpt = "fleet",
+    settle_s: SettleOpt = 1.0,
+    force: ForceSetOpt = False,
 ) -> None:
     """Sign the trusted release-key set with the root key (version + 1) and publish it retained
-    on `fleet/keys`."""
-    _publish_set(Keyring.load(keys_dir), broker, expires_days, out_file, fleet_root)
+    on `fleet/keys`.
+
+    Refuses when the broker already holds a key set of that version or a higher one (read
+    from the retained `fleet/keys`), unless --force."""
+    ring = Keyring.load(keys_dir)
+    target = Target(broker, username, password_file, tls_ca)
+    _guarded(ring, target, out_file, fleet_root, settle_s, force)
+    _publish_set(ring, target, expires_days, out_file, fleet_root)
 
 
 @keys_app.command("rotate")
 def rotate(
     keys_dir: KeysDirOpt = Path("edgewise-keys"),
-    broker: BrokerOpt = "mqtt://127.0.0.1:1883",
+    broker: BrokerOpt = DEFAULT_BROKER,
+    username: UsernameOpt = None,
+    password_file: PasswordFileOpt = None,
+    tls_ca: TlsCaOpt = None,
     expires_days: ExpiresOpt = 90.0,
     out_file: OutFileOpt = None,
     fleet_root: FleetRootOpt = "fleet",
     revoke_old: Annotated[
         bool, typer.Option("--revoke-old", help="Also revoke every older release key.")
     ] = False,
+    settle_s: SettleOpt = 1.0,
+    force: ForceSetOpt = False,
 ) -> None:
-    """Add a new release key (it signs from now on) and publish the new set."""
+    """Add a new release key (it signs from now on) and publish the new set (refused, with the
+    keys directory unchanged, if the broker holds a newer set; see publish-set)."""
     ring = Keyring.load(keys_dir)
+    target = Target(broker, username, password_file, tls_ca)
+    _guarded(ring, target, out_file, fleet_root, settle_s, force)
     old = ring.active_ids()
     kid = ring.new_release_key()
     if revoke_old:
         ring.revoked.extend(old)
     ring.save()
     out.print(f"new release key {kid}")
-    _publish_set(ring, broker, expires_days, out_file, fleet_root)
+    _publish_set(ring, target, expires_days, out_file, fleet_root)
 
 
 @keys_app.command("revoke")
 def revoke(
     key: Annotated[str, typer.Argument(help="The release key id to revoke.")],
     keys_dir: KeysDirOpt = Path("edgewise-keys"),
-    broker: BrokerOpt = "mqtt://127.0.0.1:1883",
+    broker: BrokerOpt = DEFAULT_BROKER,
+    username: UsernameOpt = None,
+    password_file: PasswordFileOpt = None,
+    tls_ca: TlsCaOpt = None,
     expires_days: ExpiresOpt = 90.0,
     out_file: OutFileOpt = None,
     fleet_root: FleetRootOpt = "fleet",
+    settle_s: SettleOpt = 1.0,
+    force: ForceSetOpt = False,
 ) -> None:
     """Revoke a release key: publish a new set without it (nodes refuse what it signs)."""
     ring = Keyring.load(keys_dir)
     if key not in ring.release_keys:
         fail(f"no release key {key} in {keys_dir}; known: {', '.join(ring.release_keys)}")
+    target = Target(broker, username, password_file, tls_ca)
+    _guarded(ring, target, out_file, fleet_root, settle_s, force)
     if key not in ring.revoked:
         ring.revoked.append(key)
     ring.save()
-    _publish_set(ring, broker, expires_days, out_file, fleet_root)
+    _publish_set(ring, target, expires_days, out_file, fleet_root)

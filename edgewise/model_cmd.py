@@ -6,6 +6,7 @@ import base64
 import hashlib
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,12 +14,21 @@ import msgspec
 import typer
 from rich.table import Table
 
-from edgewise.keys_cmd import (
+from edgewise.connect import (
+    DEFAULT_BROKER,
+    Broker,
     BrokerOpt,
+    PasswordFileOpt,
+    TlsCaOpt,
+    UsernameOpt,
+    fail,
+)
+from edgewise.keys_cmd import (
     Keyring,
     KeysDirOpt,
+    Target,
     collect_retained,
-    fail,
+    err,
     out,
     publish_retained,
     write_out,
@@ -49,7 +59,11 @@ DAY = 86400.0
 NameOpt = Annotated[str, typer.Option("--name", "-n", help="Model name (a topic level).")]
 HwOpt = Annotated[
     list[str] | None,
-    typer.Option("--hw-class", "-c", help="Target hardware class (repeat for several)."),
+    typer.Option(
+        "--hw-class",
+        "-c",
+        help="Target hardware class (repeat for several): a class of the fleet's classes file.",
+    ),
 ]
 SettleOpt = Annotated[
     float, typer.Option("--settle-s", min=0.1, help="How long to collect retained messages.")
@@ -152,7 +166,12 @@ def _items(m: Manifest, data: bytes, topics: Topics, key: Any) -> tuple[list[Any
 
 
 def _ship(
-    m: Manifest, data: bytes, topics: Topics, ring: Keyring, broker: str, out_dir: Path | None
+    m: Manifest,
+    data: bytes,
+    topics: Topics,
+    ring: Keyring,
+    broker: Broker | None,
+    out_dir: Path | None,
 ) -> None:
     items, names = _items(m, data, topics, ring.release_key())
     if out_dir is not None:
@@ -160,9 +179,11 @@ def _ship(
         out.print(f"wrote {len(items)} payloads to {out_dir}; publish them with {script}")
         out.print("  (chunks first, then the manifest: mosquitto_pub -r -q 1 -t TOPIC -f FILE)")
         return
+    assert broker is not None
     publish_retained(broker, items, label=f"{m.name} release {m.release}")
     for hw in m.hw_classes:
-        out.print(f"published {m.name} release {m.release} on {topics.fleet_model(hw, m.name)}")
+        topic = topics.fleet_model(hw, m.name)
+        out.print(f"published {m.name} release {m.release} on {topic} at {broker.url}")
     out.print(
         f"sha256 {m.sha256}, {m.size} bytes in {m.chunks} chunks, rollout {m.rollout_percent:g}%"
     )
@@ -203,15 +224,42 @@ def publish(
     chunk_kib: Annotated[int, typer.Option("--chunk-kib", min=1, max=16384)] = DEFAULT_CHUNK_BYTES
     // 1024,
     keys_dir: KeysDirOpt = Path("edgewise-keys"),
-    broker: BrokerOpt = "mqtt://127.0.0.1:1883",
+    broker: BrokerOpt = DEFAULT_BROKER,
+    username: UsernameOpt = None,
+    password_file: PasswordFileOpt = None,
+    tls_ca: TlsCaOpt = None,
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="Write the signed payloads to DIR instead.")
     ] = None,
     fleet_root: FleetRootOpt = "fleet",
     models_root: ModelsRootOpt = "models",
+    classes_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--hw-classes-file",
+            help="The fleet's hardware_classes.toml: every --hw-class must be a class in it."
+            " Default: the file shipped with edgewise (what nodes read with"
+            " hardware_classes_file unset).",
+            envvar="EDGEWISE_HARDWARE_CLASSES_FILE",
+        ),
+    ] = None,
+    settle_s: SettleOpt = 1.0,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Publish even if --release is not above the last release of this model, or a"
+            " --hw-class is not in the classes file.",
+        ),
+    ] = False,
 ) -> None:
     """Sign a release manifest for MODEL and publish it retained on `fleet/{class}/models/{name}`,
-    with the artifact as retained chunks on `models/{sha256}/{i}`."""
+    with the artifact as retained chunks on `models/{sha256}/{i}`.
+
+    Refuses, unless --force: a --release not above the last one of this model (in the publish
+    history of --keys-dir, and in the retained manifests on the broker for these classes: the
+    nodes would refuse it as `older_release`), and a --hw-class that is not a class of
+    --hw-classes-file (no node has it)."""
     from edge_node.runtime import RuntimeLoadError, load_runtime
 
     fmt = format_of(model)
@@ -224,7 +272,25 @@ def publish(
         fail("--output must be probabilities or logits")
     if not hw_class:
         fail("give at least one --hw-class (the nodes' hardware_class setting)")
+    classes = list(dict.fromkeys(hw_class))
+    _check_classes(classes, classes_file, force)
     ring = Keyring.load(keys_dir)
+    topics = Topics(fleet_root=fleet_root, models_root=models_root)
+    conn = None if out_dir is not None else Target(broker, username, password_file, tls_ca).broker()
+    last = _last_release(keys_dir, name, classes, topics, conn, settle_s)
+    if last is not None and release <= last.release:
+        if not force:
+            fail(
+                f"release {release} of {name} is not above release {last.release}, the last"
+                f" published ({last.where}): nodes that have it refuse an older or equal"
+                f" release (older_release, same_release). Publish --release"
+                f" {last.release + 1}, or pass --force"
+            )
+        err.print(
+            f"note: --force: publishing release {release} of {name} at or below release"
+            f" {last.release} ({last.where})",
+            markup=False, highlight=False, soft_wrap=True,
+        )  # fmt: skip
     data = model.read_bytes()
     try:
         rt = load_runtime(model)
@@ -247,21 +313,74 @@ def publish(
         output_kind=output_kind,  # type: ignore[arg-type]
         input=input_decl,
         output=output_decl,
-        hw_classes=list(dict.fromkeys(hw_class)),
+        hw_classes=classes,
         rollout_percent=rollout,
         issued_at=now,
         expires_at=now + expires_days * DAY,
         golden=_golden(golden, dtype, min_agreement) if golden else None,
         thresholds=_thresholds(threshold),
     )
-    topics = Topics(fleet_root=fleet_root, models_root=models_root)
-    _ship(m, data, topics, ring, broker, out_dir)
+    _ship(m, data, topics, ring, conn, out_dir)
     _record(keys_dir, m, model)
 
 
-def _current(broker: str, topics: Topics, hw: str, name: str, settle_s: float) -> Manifest:
-    topic = topics.fleet_model(hw, name)
-    got = collect_retained(broker, [topic], settle_s)
+# ----------------------------------------------------------------------------- guards
+def _check_classes(classes: list[str], classes_file: Path | None, force: bool) -> None:
+    """Refuse (unless ``force``) a class the fleet's classes file does not define: a mistyped
+    class publishes to a topic no node subscribes to, and nothing would say so."""
+    from edge_node.errors import ConfigError
+    from edge_node.hardware import load_classes, shipped_classes_file
+
+    path = classes_file or shipped_classes_file()
+    try:
+        known = load_classes(path)
+    except ConfigError as exc:
+        fail(f"--hw-classes-file: {exc}")
+    unknown = [c for c in classes if c not in known]
+    if not unknown:
+        return
+    which = "the shipped classes file" if classes_file is None else str(path)
+    message = (
+        f"--hw-class {', '.join(unknown)}: not a class of {which} (classes: {', '.join(known)})"
+    )
+    if not force:
+        fail(f"{message}; no node would take this release. Give --hw-classes-file, or --force")
+    err.print(f"note: --force: {message}", markup=False, highlight=False, soft_wrap=True)
+
+
+@dataclass(frozen=True)
+class _Last:
+    release: int
+    where: str
+
+
+def _last_release(
+    keys_dir: Path,
+    name: str,
+    classes: list[str],
+    topics: Topics,
+    broker: Broker | None,
+    settle_s: float,
+) -> _Last | None:
+    """The highest release of ``name`` published: in the publish history of ``keys_dir`` (any
+    class), and retained on the broker for ``classes`` (``broker`` None: history only)."""
+    found: list[_Last] = [
+        _Last(e["release"], f"publish history {_history_path(keys_dir, name)}")
+        for e in _history(keys_dir, name)
+    ]
+    if broker is not None:
+        wanted = [topics.fleet_model(hw, name) for hw in classes]
+        for topic, payload in collect_retained(broker, wanted, settle_s).items():
+            try:
+                m = decode_document(decode_envelope(payload), Manifest)
+            except Rejected:
+                continue  # not a manifest: nothing a node holds either
+            found.append(_Last(m.release, f"retained on {topic} at {broker.url}"))
+    return max(found, key=lambda f: f.release, default=None)
+
+
+def _current(got: dict[str, bytes], topic: str) -> Manifest:
+    """The retained manifest on ``topic`` among the retained messages ``got``."""
     if topic not in got:
         fail(f"no retained manifest on {topic}: publish one with `edgewise model publish`")
     try:
@@ -279,12 +398,16 @@ def _classes(keys_dir: Path, name: str, given: list[str] | None) -> list[str]:
     return list(history[-1]["hw_classes"])
 
 
-def _node_events(broker: str, edge_root: str, settle_s: float) -> dict[str, Any]:
-    got = collect_retained(broker, [f"{edge_root}/+/events", f"{edge_root}/+/status"], settle_s)
+def _node_filters(edge_root: str) -> list[str]:
+    return [f"{edge_root}/+/events", f"{edge_root}/+/status"]
+
+
+def _node_events(got: dict[str, bytes], edge_root: str) -> dict[str, Any]:
+    """Each node's last update event and status among the retained messages ``got``."""
     nodes: dict[str, Any] = {}
     for topic, payload in got.items():
         parts = topic.split("/")
-        if len(parts) != 3:
+        if len(parts) != 3 or parts[0] != edge_root or parts[2] not in ("events", "status"):
             continue
         entry = nodes.setdefault(parts[1], {})
         try:
@@ -310,7 +433,10 @@ def promote(
     expires_days: ExpiresOpt = 30.0,
     settle_s: SettleOpt = 2.0,
     keys_dir: KeysDirOpt = Path("edgewise-keys"),
-    broker: BrokerOpt = "mqtt://127.0.0.1:1883",
+    broker: BrokerOpt = DEFAULT_BROKER,
+    username: UsernameOpt = None,
+    password_file: PasswordFileOpt = None,
+    tls_ca: TlsCaOpt = None,
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="Write payloads to DIR instead.")
     ] = None,
@@ -325,8 +451,11 @@ def promote(
     ring = Keyring.load(keys_dir)
     topics = Topics(fleet_root=fleet_root, models_root=models_root)
     classes = _classes(keys_dir, name, hw_class)
-    m = _current(broker, topics, classes[0], name, settle_s)
-    nodes = _node_events(broker, edge_root, settle_s)
+    conn = Target(broker, username, password_file, tls_ca).broker()
+    topic = topics.fleet_model(classes[0], name)
+    got = collect_retained(conn, [topic, *_node_filters(edge_root)], settle_s)
+    m = _current(got, topic)
+    nodes = _node_events(got, edge_root)
     ok = bad = 0
     for entry in nodes.values():
         e = entry.get("events")
@@ -354,9 +483,10 @@ def promote(
         write_out(out_dir, [i for i, _ in manifests], [n for _, n in manifests])
         out.print(f"wrote the promoted manifest(s) to {out_dir}")
     else:
-        publish_retained(broker, [i for i, _ in manifests])
+        publish_retained(conn, [i for i, _ in manifests])
         out.print(
             f"{name} release {m.release} now reaches {rollout:g}% of {', '.join(m.hw_classes)}"
+            f" (published at {conn.url})"
         )
     _record(keys_dir, wider, None)
 
@@ -366,15 +496,20 @@ def rollback(
     name: NameOpt,
     expires_days: ExpiresOpt = 30.0,
     keys_dir: KeysDirOpt = Path("edgewise-keys"),
-    broker: BrokerOpt = "mqtt://127.0.0.1:1883",
+    broker: BrokerOpt = DEFAULT_BROKER,
+    username: UsernameOpt = None,
+    password_file: PasswordFileOpt = None,
+    tls_ca: TlsCaOpt = None,
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="Write payloads to DIR instead.")
     ] = None,
     fleet_root: FleetRootOpt = "fleet",
     models_root: ModelsRootOpt = "models",
+    settle_s: SettleOpt = 1.0,
 ) -> None:
     """Make the previous artifact the newest release: a higher release number pointing at the
-    old bytes, so nodes never need anti-rollback bypassed."""
+    old bytes, so nodes never need anti-rollback bypassed. The number is one above the highest
+    of the publish history and (unless --out) the manifests retained on the broker."""
     ring = Keyring.load(keys_dir)
     history = _history(keys_dir, name)
     if not history:
@@ -386,10 +521,14 @@ def rollback(
     if not older:
         fail(f"{name} has no earlier artifact than release {current['release']} to roll back to")
     previous = max(older, key=lambda e: e["release"])
+    topics = Topics(fleet_root=fleet_root, models_root=models_root)
+    conn = None if out_dir is not None else Target(broker, username, password_file, tls_ca).broker()
+    classes = list(_manifest_of(previous).hw_classes)
+    last = _last_release(keys_dir, name, classes, topics, conn, settle_s)
     now = time.time()
     m = msgspec.structs.replace(
         _manifest_of(previous),
-        release=current["release"] + 1,
+        release=max(current["release"], last.release if last else 0) + 1,
         rollout_percent=100.0,
         issued_at=now,
         expires_at=now + expires_days * DAY,
@@ -398,7 +537,6 @@ def rollback(
     data = artifact.read_bytes() if artifact and artifact.is_file() else b""
     if data and hashlib.sha256(data).hexdigest() != m.sha256:
         data = b""
-    topics = Topics(fleet_root=fleet_root, models_root=models_root)
     items, names = _items(m, data, topics, ring.release_key())
     if not data:  # chunks stay retained from the earlier release (gc keeps them)
         keep = [(i, n) for i, n in zip(items, names, strict=True) if n.startswith("manifest")]
@@ -407,10 +545,11 @@ def rollback(
         write_out(out_dir, items, names)
         out.print(f"wrote the rollback payloads to {out_dir}")
     else:
-        publish_retained(broker, items, label=f"{name} rollback")
+        assert conn is not None
+        publish_retained(conn, items, label=f"{name} rollback")
         out.print(
             f"{name} release {m.release} = the bytes of release {previous['release']}"
-            f" (sha256 {m.sha256[:16]}…)"
+            f" (sha256 {m.sha256[:16]}…), published at {conn.url}"
         )
     _record(keys_dir, m, artifact)
 
@@ -420,12 +559,16 @@ def status(
     name: Annotated[
         str | None, typer.Option("--name", "-n", help="Only nodes serving this model.")
     ] = None,
-    broker: BrokerOpt = "mqtt://127.0.0.1:1883",
+    broker: BrokerOpt = DEFAULT_BROKER,
+    username: UsernameOpt = None,
+    password_file: PasswordFileOpt = None,
+    tls_ca: TlsCaOpt = None,
     settle_s: SettleOpt = 2.0,
     edge_root: EdgeRootOpt = "edge",
 ) -> None:
     """Per node: the release it serves, its state, its last update event and error."""
-    nodes = _node_events(broker, edge_root, settle_s)
+    conn = Target(broker, username, password_file, tls_ca).broker()
+    nodes = _node_events(collect_retained(conn, _node_filters(edge_root), settle_s), edge_root)
     table = Table("node", "state", "model", "release", "last update event", "reason", "detail")
     shown = 0
     for node_id in sorted(nodes):
@@ -459,7 +602,10 @@ def status(
 @model_app.command("gc")
 def gc(
     keys_dir: KeysDirOpt = Path("edgewise-keys"),
-    broker: BrokerOpt = "mqtt://127.0.0.1:1883",
+    broker: BrokerOpt = DEFAULT_BROKER,
+    username: UsernameOpt = None,
+    password_file: PasswordFileOpt = None,
+    tls_ca: TlsCaOpt = None,
     settle_s: SettleOpt = 2.0,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would go.")] = False,
     fleet_root: FleetRootOpt = "fleet",
@@ -467,7 +613,8 @@ def gc(
 ) -> None:
     """Clear retained chunks no current manifest needs (keeping each model's previous artifact,
     the rollback target)."""
-    got = collect_retained(broker, [f"{fleet_root}/+/models/+", f"{models_root}/+/+"], settle_s)
+    conn = Target(broker, username, password_file, tls_ca).broker()
+    got = collect_retained(conn, [f"{fleet_root}/+/models/+", f"{models_root}/+/+"], settle_s)
     needed: set[str] = set()
     chunk_topics: dict[str, list[str]] = {}
     for topic, payload in got.items():
@@ -491,7 +638,7 @@ def gc(
     for sha in sorted(drop):
         out.print(f"{'would clear' if dry_run else 'clearing'} {sha} ({len(drop[sha])} chunks)")
     if not dry_run and drop:
-        publish_retained(broker, [(t, b"") for ts in drop.values() for t in ts])
+        publish_retained(conn, [(t, b"") for ts in drop.values() for t in ts])
     out.print(
         f"{len(needed)} artifacts in use; {n} chunks of {len(drop)} artifacts"
         f" {'to clear' if dry_run else 'cleared'}"

@@ -14,7 +14,8 @@ from rich.table import Table
 from edgewise.compress.check import DEFAULT_RUNS, DEFAULT_WARMUP, CheckReport, ModelFigures
 from edgewise.compress.errors import CompressError
 from edgewise.compress.quantize import Mode, QuantizeResult
-from edgewise.keys_cmd import err, fail, out
+from edgewise.connect import fail
+from edgewise.keys_cmd import err, out
 
 SAMPLES_HELP = (
     ".npz with x [N, *sample] in the model's input dtype (or images / inputs) and y [N] integer "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 from collections.abc import Callable
@@ -24,8 +25,12 @@ class SimStats:
     elapsed_s: float = 0.0
 
 
+def sensor_client_id(device: str, sensor: str) -> str:
+    return f"edgewise-sensor-{device}-{sensor}"
+
+
 async def simulate(
-    mqtt: MqttConfig,
+    mqtt: MqttConfig | MqttSession,
     *,
     device: str = "sim-1",
     sensor: str = "digits",
@@ -50,6 +55,10 @@ async def simulate(
     broker acknowledged it is published again once connected (at least once, as a QoS 1 sensor
     must; the node may then get a frame twice); one the broker refused is not. ``sent``,
     ``acked``, ``failed`` (not acknowledged in the end) and ``resent`` count frames.
+
+    ``mqtt`` is the broker's settings, or a session already connected (a command's,
+    :func:`edgewise.connect.session`). A session of its own that cannot connect raises
+    :class:`~mqtt_session.ConnectFailed` at the first failed attempt (or ``TimeoutError``).
     """
     if rate_hz <= 0:
         raise ValueError("rate_hz must be > 0")
@@ -96,10 +105,19 @@ async def simulate(
         await resend(session)
         await send(session, n, payload)
 
-    async with MqttSession(
-        mqtt, client_id=f"edgewise-sensor-{device}-{sensor}", persistent=False, manual_ack=False
-    ) as session:
-        await session.wait_connected(mqtt.connect_timeout_s)
+    async with contextlib.AsyncExitStack() as stack:
+        if isinstance(mqtt, MqttSession):
+            session = mqtt
+        else:
+            session = await stack.enter_async_context(
+                MqttSession(
+                    mqtt,
+                    client_id=sensor_client_id(device, sensor),
+                    persistent=False,
+                    manual_ack=False,
+                )
+            )
+            await session.wait_connected_or_failed(2 * mqtt.connect_timeout_s + 5)
         start = time.monotonic()
         seq = start_seq
         interval = 1.0 / rate_hz
@@ -139,4 +157,4 @@ async def simulate(
     return stats
 
 
-__all__ = ["MqttError", "SimStats", "simulate"]
+__all__ = ["MqttError", "SimStats", "sensor_client_id", "simulate"]

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 from datetime import datetime
 
 from rich.console import Console
 from rich.pretty import Pretty
 
-from mqtt_session import Inbound, MqttConfig, MqttSession
+from edgewise.connect import Broker, session
+from mqtt_session import Inbound
 from schemas import ContractError, Limits, decode_any
 
 
@@ -32,7 +32,7 @@ def render(msg: Inbound, console: Console, *, limits: Limits, raw: bool = False)
 
 
 async def watch(
-    mqtt: MqttConfig,
+    broker: Broker,
     filters: list[str],
     *,
     count: int | None = None,
@@ -41,7 +41,10 @@ async def watch(
     console: Console | None = None,
     limits: Limits | None = None,
 ) -> int:
-    """Print messages until ``count`` were shown or ``timeout_s`` passed; return how many."""
+    """Print messages until ``count`` were shown or ``timeout_s`` passed; return how many.
+
+    :class:`~edgewise.connect.BrokerTrouble` if the broker cannot be reached or refuses a
+    subscription."""
     console = console or Console()
     limits = limits or Limits()
     seen = 0
@@ -56,15 +59,7 @@ async def watch(
         if count is not None and seen >= count:
             done.set()
 
-    async with MqttSession(
-        mqtt,
-        client_id=f"edgewise-watch-{uuid.uuid4().hex[:12]}",
-        on_message=on_message,
-        manual_ack=False,
-        persistent=False,
-    ) as session:
-        for f in filters:
-            session.subscribe(f, qos=1)
+    async with session(broker, purpose="watch", on_message=on_message, filters=filters):
         try:
             async with asyncio.timeout(timeout_s):
                 await done.wait()

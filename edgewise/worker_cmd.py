@@ -13,6 +13,14 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from edgewise.connect import (
+    ServiceBrokerOpt,
+    ServicePasswordFileOpt,
+    ServiceTlsCaOpt,
+    ServiceUsernameOpt,
+    service_mqtt,
+)
+
 worker_app = typer.Typer(
     help="Cloud workers: answer escalated (unsure) edge cases with a bigger model.",
     invoke_without_command=True,
@@ -34,37 +42,33 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 def worker(
     ctx: typer.Context,
     config: ConfigOpt = None,
-    broker: Annotated[
-        str | None,
-        typer.Option("--broker", "-b", help="Override mqtt.host/port: mqtt://HOST[:PORT]."),
-    ] = None,
+    broker: ServiceBrokerOpt = None,
     worker_id: Annotated[
         str | None, typer.Option("--worker-id", help="Override worker_id.")
     ] = None,
+    username: ServiceUsernameOpt = None,
+    password_file: ServicePasswordFileOpt = None,
+    tls_ca: ServiceTlsCaOpt = None,
 ) -> None:
     """Run a cloud worker: shared subscription to escalations, batched inference, replies.
 
     Settings come from --config, then EDGEWISE_WORKER_* environment variables (nested keys
     joined with `__`), then these flags. SIGTERM finishes the escalations in hand and exits 0.
+    A worker started before its broker waits for it (retrying with backoff, the reason in the
+    log) and subscribes once it answers.
     """
     if ctx.invoked_subcommand is not None:
         return
     from cloud_worker import Worker, WorkerConfig, WorkerError, run_worker
-    from local_broker import parse_broker_url
 
     overrides: dict[str, object] = {}
     if worker_id:
         overrides["worker_id"] = worker_id
     try:
         cfg = WorkerConfig.load(config, **overrides)
-        if broker:
-            try:
-                host, port = parse_broker_url(broker)
-            except ValueError as exc:
-                raise _fail(str(exc)) from None
-            cfg = cfg.model_copy(
-                update={"mqtt": cfg.mqtt.model_copy(update={"host": host, "port": port})}
-            )
+        mqtt = service_mqtt(cfg.mqtt, broker, username, password_file, tls_ca)
+        if mqtt is not cfg.mqtt:
+            cfg = cfg.model_copy(update={"mqtt": mqtt})
         logging.basicConfig(
             level=cfg.log_level,
             format="%(message)s",

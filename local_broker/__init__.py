@@ -3,7 +3,8 @@
 * :class:`MosquittoProcess` runs a real mosquitto on a free loopback port with a generated
   config that includes the shared tuning (``tuning.conf``, from ``compose/mosquitto/conf.d``).
 * :class:`EmbeddedBroker` runs amqtt in-process (MQTT 3.1.1 only) where mosquitto is missing.
-* :func:`parse_broker_url` / :class:`BrokerInfo` describe any broker, including external ones.
+* :func:`parse_broker_url` / :class:`BrokerInfo` describe any broker, including external ones;
+  :func:`parse_broker` / :class:`BrokerUrl` also take ``mqtts://`` (TLS).
 * :class:`MqttProbe` is a blocking paho client for tests and smoke checks.
 * :class:`TcpProxy` sits between a client and a broker and cuts, stalls or flaps the link.
 """
@@ -16,10 +17,13 @@ from local_broker.embedded import (
 )
 from local_broker.info import (
     DEFAULT_MQTT_PORT,
+    DEFAULT_MQTTS_PORT,
     LOOPBACK,
     BrokerInfo,
     BrokerKind,
+    BrokerUrl,
     free_port,
+    parse_broker,
     parse_broker_url,
 )
 from local_broker.mosquitto import (
@@ -37,6 +41,7 @@ from local_broker.probe import DisconnectEvent, Message, MqttProbe, ProbeError, 
 from local_broker.tcpproxy import TcpProxy
 
 __all__ = [
+    "DEFAULT_MQTTS_PORT",
     "DEFAULT_MQTT_PORT",
     "LOOPBACK",
     "MQTT5_CONNACK_RETURN_CODE",
@@ -44,6 +49,7 @@ __all__ = [
     "BrokerInfo",
     "BrokerKind",
     "BrokerStartError",
+    "BrokerUrl",
     "DisconnectEvent",
     "EmbeddedBroker",
     "EmbeddedBrokerThread",
@@ -57,6 +63,7 @@ __all__ = [
     "live_processes",
     "mosquitto_path",
     "mqtt_ping",
+    "parse_broker",
     "parse_broker_url",
     "quiet_amqtt_logging",
     "read_tuning",

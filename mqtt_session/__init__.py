@@ -13,6 +13,7 @@ from mqtt_session.errors import (
     ProtocolRefused,
     PublishFailed,
     PublishRejected,
+    SubscribeRefused,
 )
 from mqtt_session.message import Inbound
 from mqtt_session.properties import PublishProperties
@@ -33,6 +34,7 @@ __all__ = [
     "PublishProperties",
     "PublishRejected",
     "SessionStats",
+    "SubscribeRefused",
     "Subscription",
     "Will",
     "shown_input",

@@ -37,6 +37,11 @@ class MqttConfig(BaseModel):
     password: str | None = Field(None, repr=False)
     password_file: Path | None = None
     tls_ca_file: Path | None = None
+    tls: bool = Field(
+        False,
+        description="TLS even without tls_ca_file: the broker's certificate must chain to a CA"
+        " the system trusts (setting tls_ca_file turns TLS on too)",
+    )
     tls_insecure: bool = False
 
     @model_validator(mode="after")
@@ -47,6 +52,10 @@ class MqttConfig(BaseModel):
                 f" ({self.reconnect_first_s})"
             )
         return self
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.tls or self.tls_ca_file is not None
 
     def resolved_password(self) -> str | None:
         if self.password is not None:

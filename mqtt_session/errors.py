@@ -11,7 +11,8 @@ Tree::
     │   └── NoConnack          the socket connected but no CONNACK came before the timeout
     ├── Disconnected           the connection dropped before an awaited acknowledgement arrived
     ├── PublishFailed          the client refused to queue a publish (e.g. payload too large)
-    └── PublishRejected        the broker's PUBACK carried a failure reason code (MQTT 5)
+    ├── PublishRejected        the broker's PUBACK carried a failure reason code (MQTT 5)
+    └── SubscribeRefused       the broker's SUBACK refused a subscription
 """
 
 from __future__ import annotations
@@ -58,4 +59,13 @@ class PublishRejected(MqttError):
 
     def __init__(self, message: str, *, reason_code: int) -> None:
         super().__init__(message)
+        self.reason_code = reason_code
+
+
+class SubscribeRefused(MqttError):
+    """The broker refused a subscription (a SUBACK reason code of 0x80 or more)."""
+
+    def __init__(self, message: str, *, topic_filter: str, reason_code: int) -> None:
+        super().__init__(message)
+        self.topic_filter = topic_filter
         self.reason_code = reason_code

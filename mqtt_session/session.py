@@ -46,6 +46,7 @@ from mqtt_session.errors import (
     ProtocolRefused,
     PublishFailed,
     PublishRejected,
+    SubscribeRefused,
 )
 from mqtt_session.message import Inbound
 
@@ -174,6 +175,8 @@ class MqttSession:
         self.stats = SessionStats()
         self.broker_receive_maximum = 65535
         self.last_error: str | None = None
+        self._failure_waiter: asyncio.Future[BaseException] | None = None
+        """Told of the next failed connect attempt (:meth:`wait_connected_or_failed`)."""
         self.known_down_at = 0.0
         """``time.monotonic()`` when the broker was last known out of reach: a connection lost
         or a connect attempt failed (0.0: never). What happened after it may have happened
@@ -231,6 +234,29 @@ class MqttSession:
         async with asyncio.timeout(timeout_s):
             await self._connected.wait()
 
+    async def wait_connected_or_failed(self, timeout_s: float | None = None) -> None:
+        """Wait for the connection, but raise :class:`ConnectFailed` (the attempt's error as its
+        cause) as soon as an attempt fails, instead of waiting through the retries: for a
+        command, which says why and exits; a service waits with :meth:`wait_connected`."""
+        if self._connected.is_set():
+            return
+        assert self._loop is not None, "use the session inside 'async with'"
+        failed: asyncio.Future[BaseException] = self._loop.create_future()
+        self._failure_waiter = failed
+        connected = asyncio.ensure_future(self._connected.wait())
+        either: list[asyncio.Future[Any]] = [failed, connected]
+        try:
+            async with asyncio.timeout(timeout_s):
+                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            connected.cancel()
+            self._failure_waiter = None
+        if self._connected.is_set():
+            return
+        exc = failed.result()
+        code = exc.reason_code if isinstance(exc, ConnectFailed) else None
+        raise ConnectFailed(str(exc) or type(exc).__name__, reason_code=code) from exc
+
     async def wait_disconnected(self) -> None:
         while self._connected.is_set():
             await self._lost.wait()
@@ -250,6 +276,32 @@ class MqttSession:
         self._unconfirmed[topic_filter] = sub
         if self._client is not None and self._connected.is_set():
             self._send_subscribe([sub])
+
+    async def subscribe_confirmed(self, topic_filter: str, qos: int = 1) -> int:
+        """:meth:`subscribe` and wait for the broker's answer: the QoS granted, or
+        :class:`SubscribeRefused` with the broker's reason (the subscription is then dropped).
+        :class:`Disconnected` if not connected or the connection drops first (the subscription
+        is kept for the next connection)."""
+        sub = Subscription(topic_filter, qos)
+        self._subscriptions[topic_filter] = sub
+        self._unconfirmed[topic_filter] = sub
+        fut = self._send_subscribe([sub]) if self._connected.is_set() else None
+        if fut is None:
+            raise Disconnected("not connected")
+        if not await self._unless_lost(fut) or fut.cancelled():
+            raise Disconnected("connection lost before SUBACK")
+        code = fut.result()[0]
+        if code < 0x80:
+            return code
+        if self._subscriptions.get(topic_filter) is sub:
+            del self._subscriptions[topic_filter]
+        reason = ReasonCode(PacketTypes.SUBACK, identifier=code)
+        raise SubscribeRefused(
+            f"the broker refused the subscription to {topic_filter!r} ({reason},"
+            f" reason code 0x{code:02x})",
+            topic_filter=topic_filter,
+            reason_code=code,
+        )
 
     def publish_nowait(
         self,
@@ -375,6 +427,9 @@ class MqttSession:
     async def _after_failure(self, exc: BaseException) -> None:
         self.stats.connect_failures += 1
         self.last_error = str(exc) or type(exc).__name__
+        waiter = self._failure_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(exc)
         delay = self._backoff.next_delay_s()
         log.warning(
             "cannot connect to %s:%d (%s); retrying in %.2f s",
@@ -421,8 +476,9 @@ class MqttSession:
             client.will_set(self._will.topic, self._will.payload, self._will.qos, self._will.retain)
         if self.config.username is not None:
             client.username_pw_set(self.config.username, self.config.resolved_password())
-        if self.config.tls_ca_file is not None:
-            client.tls_set(ca_certs=str(self.config.tls_ca_file), cert_reqs=ssl.CERT_REQUIRED)
+        if self.config.uses_tls:  # no tls_ca_file: the system's CAs
+            ca = self.config.tls_ca_file
+            client.tls_set(ca_certs=None if ca is None else str(ca), cert_reqs=ssl.CERT_REQUIRED)
             client.tls_insecure_set(self.config.tls_insecure)
         return client
 
@@ -455,7 +511,11 @@ class MqttSession:
                 ),
                 self.config.connect_timeout_s,
             )
-        except (OSError, TimeoutError) as exc:
+        except TimeoutError as exc:  # from wait_for: its message is empty
+            raise ConnectFailed(
+                f"no answer within {self.config.connect_timeout_s:g} s (TCP or TLS connect)"
+            ) from exc
+        except OSError as exc:
             raise ConnectFailed(f"{type(exc).__name__}: {exc}") from exc
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise ConnectFailed(paho.error_string(rc))
@@ -472,7 +532,8 @@ class MqttSession:
             # so does a broker going down or a proxy without a broker: not a refusal, so MQTT 3.1.1
             # gets one try and is kept only if it works.
             raise NoConnack("connection closed before CONNACK")
-        raise ConnectFailed(self.last_error or "connection closed before CONNACK")
+        closed = "the broker closed the connection before its CONNACK"
+        raise ConnectFailed(f"{closed} ({self.last_error})" if self.last_error else closed)
 
     async def _unless_lost(self, fut: asyncio.Future[Any], timeout_s: float | None = None) -> bool:
         """Wait for ``fut`` unless the connection drops first; True if ``fut`` finished."""

@@ -968,7 +968,7 @@ def test_operator_publishes_a_model_with_credentials_from_the_environment(
     model.write_bytes(EDGE_MODEL)
     published = _edgewise(
         "model", "publish", str(model), "--name", "digits", "--release", "2",
-        "--hw-class", "cpu", "-k", str(keys),
+        "--hw-class", "generic-cpu", "-k", str(keys),
         "--broker", f"mqtt://127.0.0.1:{brokers.cloud.plain_port}",
         env=env,
     )  # fmt: skip
@@ -980,7 +980,7 @@ def test_operator_publishes_a_model_with_credentials_from_the_environment(
         return
     assert published.returncode == 0, output[-2000:]
     state = retained_under(brokers, "cloud", "fleet/#", "fleet/zz/end")
-    manifest = decode_document(decode_envelope(state["fleet/cpu/models/digits"]), Manifest)
+    manifest = decode_document(decode_envelope(state["fleet/generic-cpu/models/digits"]), Manifest)
     assert (manifest.name, manifest.release) == ("digits", 2)
 
 

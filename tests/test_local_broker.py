@@ -25,6 +25,7 @@ from local_broker import (
     free_port,
     live_processes,
     mqtt_ping,
+    parse_broker,
     parse_broker_url,
     read_tuning,
     write_mosquitto_config,
@@ -382,6 +383,34 @@ def test_a_refused_url_never_shows_its_password(url: str) -> None:
         parse_broker_url(url)
     assert "s3cret-pw" not in str(err.value)
     assert "***@host" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("mqtt://broker.example", ("broker.example", 1883, False)),
+        ("mqtts://broker.example", ("broker.example", 8883, True)),
+        ("mqtts://broker.example:18883", ("broker.example", 18883, True)),
+        ("MQTTS://[::1]", ("::1", 8883, True)),
+    ],
+)
+def test_parse_broker_takes_mqtts_with_its_own_default_port(
+    url: str, expected: tuple[str, int, bool]
+) -> None:
+    got = parse_broker(url)
+    assert (got.host, got.port, got.tls) == expected
+    assert parse_broker(got.url) == got
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [("tcp://host", "scheme 'tcp'; expected mqtt://host[:port] or mqtts://host[:port]"),
+     ("mqtts://op:s3cret-pw@host", "credentials"), ("mqtts://host:0", "outside 1-65535")],
+)  # fmt: skip
+def test_parse_broker_refuses_other_urls_without_showing_a_password(url: str, problem: str) -> None:
+    with pytest.raises(ValueError, match="broker URL") as err:
+        parse_broker(url)
+    assert problem in str(err.value) and "s3cret-pw" not in str(err.value)
 
 
 def test_broker_info_url_round_trips() -> None:

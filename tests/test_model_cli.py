@@ -98,15 +98,21 @@ def test_model_publish_out_writes_verifiable_payloads(keys: Path, tmp_path: Path
     key_set = verify_key_set((tmp_path / "set.bin").read_bytes(), root_public=_root(keys),
                              held=None, now=now()).key_set  # fmt: skip
     out = tmp_path / "out"
-    run("model", "publish", str(model), "--name", "digits", "--release", "4", "--hw-class", "cpu",
-        "--hw-class", "arm", "--rollout", "100", "--threshold", "escalate_below=0.8",
+    run("model", "publish", str(model), "--name", "digits", "--release", "4", "--hw-class",
+        "generic-cpu", "--hw-class", "x86-cpu-gateway", "--rollout", "100", "--threshold",
+        "escalate_below=0.8",
         "-k", str(keys), "--out", str(out), "--chunk-kib", "64")  # fmt: skip
     verdict = verify_manifest(
-        (out / "manifest-arm.bin").read_bytes(), keys=key_set, node_id="n1", hw_class="arm",
+        (out / "manifest-x86-cpu-gateway.bin").read_bytes(), keys=key_set, node_id="n1",
+        hw_class="x86-cpu-gateway",
         floor=1, installed_sha256=None, now=now(),
     )  # fmt: skip
     m = verdict.manifest
-    assert (m.release, m.size, m.hw_classes) == (4, len(CLOUD_MODEL), ["cpu", "arm"])
+    assert (m.release, m.size, m.hw_classes) == (
+        4,
+        len(CLOUD_MODEL),
+        ["generic-cpu", "x86-cpu-gateway"],
+    )
     assert m.format == "onnx"  # from the file's suffix
     assert m.thresholds == {"escalate_below": 0.8}
     assert (m.input.dtype, m.input.shape, m.output.shape) == ("float32", [-1, 8, 8], [-1, 10])
@@ -118,7 +124,8 @@ def test_model_publish_out_writes_verifiable_payloads(keys: Path, tmp_path: Path
 def test_model_publish_refuses_a_file_that_is_not_a_model(keys: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a model")
-    out = run("model", "publish", str(bad), "--name", "d", "--release", "2", "--hw-class", "cpu",
+    out = run("model", "publish", str(bad), "--name", "d", "--release", "2", "--hw-class",
+              "generic-cpu",
               "-k", str(keys), "--out", str(tmp_path / "o"), code=2)  # fmt: skip
     assert "not a model a node can load" in out
 
@@ -129,7 +136,7 @@ def test_model_publish_refuses_a_file_whose_suffix_names_no_format(
     model = tmp_path / "digits.model"  # an ONNX model under a name that says nothing
     model.write_bytes(CLOUD_MODEL)
     out = run("model", "publish", str(model), "--name", "d", "--release", "2", "--hw-class",
-              "cpu", "-k", str(keys), "--out", str(tmp_path / "o"), code=2)  # fmt: skip
+              "generic-cpu", "-k", str(keys), "--out", str(tmp_path / "o"), code=2)  # fmt: skip
     assert "end in .onnx or .tflite" in out
     assert not (tmp_path / "o").exists()
 
@@ -149,13 +156,13 @@ def test_publish_promote_rollback_status_gc_against_a_broker(
     import numpy as np
 
     np.savez(golden, images=HOLDOUT.images[:50], labels=HOLDOUT.labels[:50])
-    common = ["--name", "digits", "--hw-class", "cpu", "-k", str(keys), *broker, *roots]
+    common = ["--name", "digits", "--hw-class", "generic-cpu", "-k", str(keys), *broker, *roots]
     run("model", "publish", str(first), "--release", "2", "--golden", str(golden), *common)
     out = run("model", "publish", str(second), "--release", "3", "--rollout", "10", *common)
     assert "rollout 10%" in out
     fleet_root, models_root = roots[1], roots[3]
     watcher = mqtt_probe()
-    watcher.subscribe(f"{fleet_root}/cpu/models/digits")
+    watcher.subscribe(f"{fleet_root}/generic-cpu/models/digits")
     (retained,) = watcher.wait_for(lambda m: m.retain, 5)
     current = decode_document(decode_envelope(retained.payload), Manifest)
     assert (current.release, current.rollout_percent) == (3, 10.0)
