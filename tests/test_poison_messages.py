@@ -241,9 +241,8 @@ def test_worker_settles_a_message_that_fails_at_each_stage_and_answers_the_next_
             rejected = worker.stats.rejected
             await client.publish(ESCALATIONS, poison_escalation(node))
             await publish_all(client, ESCALATIONS, garbage(GARBAGE, node))
-            await publish_all(
-                client, ESCALATIONS, [escalation_bytes(f"ok{i}", image, node=node) for i in range(3)]
-            )
+            valid = [escalation_bytes(f"ok{i}", image, node=node) for i in range(3)]
+            await publish_all(client, ESCALATIONS, valid)
             await replies.wait_for(lambda: len(answered("ok")) == 3, 30)
             await eventually(lambda: worker.stats.rejected - rejected == GARBAGE + 1, 20)
             assert worker.stats.rejects["bad_schema"] >= 1  # the poison, among others
