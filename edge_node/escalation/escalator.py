@@ -484,7 +484,7 @@ class Escalator:
                 self.stats.fallback += 1
                 self.stats.unavailable_fallback += 1
                 self._resolve(entry, "edge_fallback")
-        elif after and before == 0 and self.unavailable is not None:
+        elif after and not before and self.unavailable is not None:
             self._next_probe_at = 0.0  # a worker is back: the next unsure case probes
 
     # ------------------------------------------------------------------ sending
@@ -692,7 +692,7 @@ class Escalator:
         for i, final in enumerate(batch):
             try:
                 await self._deliver([final])
-            except OutboxError:
+            except (OutboxError, OSError):
                 self._finals[:0] = batch[i:]
                 break
             except Exception as exc:
@@ -714,7 +714,7 @@ class Escalator:
             self._delivering = True
             try:
                 await self._deliver(batch)
-            except OutboxError as exc:  # the node could not store them: keep them, try again
+            except (OutboxError, OSError) as exc:  # storage trouble: keep them, try again
                 log.error("storing %d final results failed (%s); retrying", len(batch), exc)
                 self._finals[:0] = batch
                 self._delivering = False
