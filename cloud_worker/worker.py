@@ -193,6 +193,7 @@ class Worker:
         self._batchers: dict[str, MicroBatcher[_Job]] = {}
         self._draining = False
         self._said_offline = False
+        self._subscribed = False
         self._stack: contextlib.AsyncExitStack | None = None
         self._tasks: asyncio.TaskGroup | None = None
         self.subscription = ""
@@ -273,6 +274,10 @@ class Worker:
                 self.subscription,
             )
         self.session.subscribe(self.subscription, qos=1)
+        # After the SUBSCRIBE on the same connection: a node that sees this worker online
+        # sees it once the broker has its subscription.
+        self._subscribed = True
+        self._announce()
 
     def _close_models(self) -> None:
         for c in self._callers.values():
@@ -305,6 +310,10 @@ class Worker:
         )
 
     async def _say_online(self, info: ConnectInfo) -> None:
+        if self._subscribed:  # a reconnect (the first connect announces after subscribing)
+            self._announce()
+
+    def _announce(self) -> None:
         if self._draining:
             return
         # Not awaited: a broker that refuses it (an ACL without the presence topic) must not

@@ -264,7 +264,10 @@ def test_worker_process_answers_3_of_3_after_the_poison_and_2500_garbage_message
 ) -> None:
     """The report's scenario against ``edgewise worker`` as a real process."""
     node = f"gw-{uuid.uuid4().hex[:6]}"
-    proc, log = start_worker_process(tmp_path, mosquitto, f"w-{uuid.uuid4().hex[:6]}")
+    # A share group of its own: the session outlives the process for a minute, and in the
+    # default group it would take its share of other tests' escalations meanwhile.
+    group = f'"g-{uuid.uuid4().hex[:6]}"'
+    proc, log = start_worker_process(tmp_path, mosquitto, f"w-{uuid.uuid4().hex[:6]}", group=group)
     image = HOLDOUT.images[3]
     try:
         wait_ready(proc, log)

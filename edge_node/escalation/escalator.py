@@ -422,9 +422,13 @@ class Escalator:
         self._probes[c.result.id] = entry
         while len(self._probes) > _PROBES_KEEP:
             self._probes.popitem(last=False)
-        case = _wire_case(c, corr=entry.corr, deadline=time.time() + (deadline - now))
+        try:
+            case = _wire_case(c, corr=entry.corr, deadline=time.time() + (deadline - now))
+            self._publish(c.result.model, [(entry, case)], time.time(), now)
+        except Exception as exc:  # the case is decided already; the next one probes
+            log.warning("probe not sent: %s: %s", type(exc).__name__, exc)
+            return
         self.stats.probes += 1
-        self._publish(c.result.model, [(entry, case)], time.time(), now)
 
     def _set_unavailable(self, reason: str) -> None:
         if self.unavailable is not None:
