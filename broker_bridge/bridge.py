@@ -338,6 +338,7 @@ class Bridge:
             in_flight=f.in_flight,
             source_connected=lane.source.connected,
             target_connected=lane.target.connected,
+            failed=lane.stats.failed,
         )
 
     async def _telemetry_loop(self) -> None:

@@ -25,6 +25,11 @@ KIND_MESSAGE = "message"
 KIND_RETAINED = "retained"
 EVICTION_ORDER = (KIND_MESSAGE, KIND_RETAINED)
 
+_TOPIC_MAX_BYTES = 65_535
+"""The longest topic MQTT carries (a two-byte length), UTF-8 encoded."""
+_TOPIC_MAX_CHARS = _TOPIC_MAX_BYTES // 4
+"""Topics of at most this many characters fit whatever they hold (4 bytes a character)."""
+
 
 @dataclass(slots=True)
 class DirectionStats:
@@ -34,6 +39,10 @@ class DirectionStats:
     oversize_dropped: int = 0
     unmatched: int = 0
     queue_errors: int = 0
+    failed: int = 0
+    """Messages dropped (and acknowledged) because a stage failed unexpectedly."""
+    ack_failures: int = 0
+    """Acknowledgements the session refused (the broker sends those messages again)."""
 
 
 class Lane:
@@ -135,58 +144,106 @@ class Lane:
     def _classify(self, batch: list[Inbound]) -> list[Record]:
         records: list[Record] = []
         now = time.monotonic()
-        ledger = self.source_ledger
         for message in batch:
-            if (
-                ledger is not None
-                and len(ledger)
-                and ledger.is_echo(message.topic, message.payload, now)
-            ):
-                self.stats.echoes_dropped += 1
+            try:
+                record = self._record_of(message, now)
+            except Exception as exc:  # a bug must not stop the lane
+                self._failed(1, "classify", exc)
                 continue
-            if len(message.payload) > self._max_payload:
-                self.stats.oversize_dropped += 1
-                log.warning(
-                    "%s: not forwarding %d-byte message on %r (max_payload_bytes is %d)",
-                    self.direction,
-                    len(message.payload),
-                    message.topic,
-                    self._max_payload,
-                )
-                continue
-            found = first_match(self.rules, message.topic)
-            if found is None:
-                self.stats.unmatched += 1
-                continue
-            rule, dest = found
-            retain = message.retain and rule.retain
-            records.append(
-                Record(
-                    kind=KIND_RETAINED if retain else KIND_MESSAGE,
-                    topic=dest,
-                    payload=message.payload,
-                    qos=min(rule.qos, message.qos),
-                    retain=retain,
-                )
-            )
+            if record is not None:
+                records.append(record)
         return records
 
+    def _failed(self, n: int, stage: str, exc: Exception) -> None:
+        self.stats.failed += n
+        log.error(
+            "%s: %d message(s) dropped at %s: %s: %s",
+            self.direction,
+            n,
+            stage,
+            type(exc).__name__,
+            exc,
+        )
+
+    def _record_of(self, message: Inbound, now: float) -> Record | None:
+        """The queue record of ``message``, or None (an echo, too big, no rule: counted)."""
+        ledger = self.source_ledger
+        if (
+            ledger is not None
+            and len(ledger)
+            and ledger.is_echo(message.topic, message.payload, now)
+        ):
+            self.stats.echoes_dropped += 1
+            return None
+        if len(message.payload) > self._max_payload:
+            self.stats.oversize_dropped += 1
+            log.warning(
+                "%s: not forwarding %d-byte message on %r (max_payload_bytes is %d)",
+                self.direction,
+                len(message.payload),
+                message.topic,
+                self._max_payload,
+            )
+            return None
+        found = first_match(self.rules, message.topic)
+        if found is None:
+            self.stats.unmatched += 1
+            return None
+        rule, dest = found
+        if len(dest) > _TOPIC_MAX_CHARS and len(dest.encode()) > _TOPIC_MAX_BYTES:
+            # A template's prefix made it longer than MQTT can carry: it could never go.
+            self.stats.oversize_dropped += 1
+            log.warning(
+                "%s: not forwarding a message on %r: its destination is longer than %d bytes",
+                self.direction,
+                message.topic[:128],
+                _TOPIC_MAX_BYTES,
+            )
+            return None
+        retain = message.retain and rule.retain
+        return Record(
+            kind=KIND_RETAINED if retain else KIND_MESSAGE,
+            topic=dest,
+            payload=message.payload,
+            qos=min(rule.qos, message.qos),
+            retain=retain,
+        )
+
     async def _take(self, batch: list[Inbound]) -> None:
+        """Queue ``batch`` and acknowledge it. A stage that fails unexpectedly (a bug, a
+        fault) drops what it held, counted in ``failed``; the batch is acknowledged all the
+        same, so the source broker's in-flight window never fills with messages we hold."""
         records = self._classify(batch)
         if records:
-            ids = await self._append(records)
-            self.stats.queued += len(records)
-            forwarder = self.forwarder
-            if forwarder is not None:
-                if ids is None:
-                    forwarder.kick()
-                else:
-                    now = time.time()
-                    forwarder.offer([r.stored(i, now) for r, i in zip(records, ids, strict=True)])
+            try:
+                ids = await self._append(records)
+            except Exception as exc:
+                self._failed(len(records), "store", exc)
+            else:
+                self.stats.queued += len(records)
+                self._offer(records, ids)
         source = self.source
         if source is not None:
             for message in batch:
-                source.ack(message)
+                try:
+                    source.ack(message)
+                except Exception as exc:  # the broker redelivers it after a reconnect
+                    self.stats.ack_failures += 1
+                    log.error("%s: acknowledging a message failed: %s", self.direction, exc)
+
+    def _offer(self, records: list[Record], ids: list[int] | None) -> None:
+        forwarder = self.forwarder
+        if forwarder is None:
+            return
+        try:
+            if ids is None:
+                forwarder.kick()
+            else:
+                now = time.time()
+                forwarder.offer([r.stored(i, now) for r, i in zip(records, ids, strict=True)])
+        except Exception as exc:  # queued all the same: the forwarder reads them from there
+            log.error("%s: handing records to the forwarder failed: %s", self.direction, exc)
+            forwarder.kick()
 
     async def _append(self, records: list[Record]) -> list[int] | None:
         """Append until it works; the ids, or None if the append evicted (read them back)."""

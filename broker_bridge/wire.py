@@ -34,6 +34,9 @@ class DirectionTelemetry(msgspec.Struct, frozen=True, kw_only=True):
     in_flight: int
     source_connected: bool
     target_connected: bool
+    failed: int = 0
+    """Messages dropped (and acknowledged) because a stage failed unexpectedly (a bug, a
+    fault): one bad message never holds back the others."""
 
 
 class BridgeTelemetry(msgspec.Struct, frozen=True, kw_only=True):

@@ -34,11 +34,12 @@ import functools
 import json
 import logging
 import time
+import uuid
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final, Literal, Self
 
 import numpy as np
 
@@ -52,7 +53,8 @@ from cloud_worker.store import Answer, HardExampleStore, Row, example_row
 from edge_node.acks import InOrderAcker, Ticket
 from edge_node.batcher import MicroBatcher
 from edge_node.model import ServedModel
-from mqtt_session import Inbound, MqttError, MqttSession, PublishProperties
+from mqtt_session import ConnectInfo, Inbound, MqttError, MqttSession, PublishProperties, Will
+from mqtt_session.properties import expiry_interval_s
 from schemas import (
     DTYPES,
     CaseVerdict,
@@ -60,8 +62,10 @@ from schemas import (
     Escalation,
     EscalationBatch,
     ReplyBatch,
+    Status,
     decode_escalations,
     encode_replies,
+    encode_status,
     validate_topic,
 )
 
@@ -109,6 +113,12 @@ class WorkerStats:
     ignored_draining: int = 0
     rejects: Counter[str] = field(default_factory=Counter)
     """Messages rejected, by reason."""
+    failures: Counter[str] = field(default_factory=Counter)
+    """Unexpected failures (a bug, a fault) by the stage they stopped: ``intake`` (decode or
+    checks: the message is rejected, reason ``internal_error``), ``store`` (its rows: the reply
+    goes all the same), ``answer`` (a batch between intake and the handler: its cases go
+    unanswered), ``reply`` (making or sending it: the cases go unanswered). Each message
+    is settled and acknowledged all the same: one bad message never holds back the others."""
 
     @property
     def rejected(self) -> int:
@@ -182,14 +192,23 @@ class Worker:
         self._answering: set[asyncio.Task[None]] = set()
         self._batchers: dict[str, MicroBatcher[_Job]] = {}
         self._draining = False
+        self._said_offline = False
+        self._subscribed = False
         self._stack: contextlib.AsyncExitStack | None = None
         self._tasks: asyncio.TaskGroup | None = None
         self.subscription = ""
         self.store = HardExampleStore(config.store)
+        self.boot_id = uuid.uuid4().hex[:12]
+        self.presence_topic = self.topics.worker_status(self.worker_id)
+        """Retained: ``online`` while this worker is connected and taking escalations, else
+        ``offline`` (its will says so if it dies); nodes count who is online
+        (docs/adr/0074-cloud-availability.md)."""
         self.session = MqttSession(
             config.mqtt,
             client_id=f"edgewise-worker-{self.worker_id}",
             on_message=self._on_message,
+            on_connect=self._say_online,
+            will=Will(self.presence_topic, self._presence("offline", ["connection_lost"])),
             keep_properties=True,
         )
         self._acker = InOrderAcker(self.session)
@@ -260,6 +279,10 @@ class Worker:
                 self.subscription,
             )
         self.session.subscribe(self.subscription, qos=1)
+        # After the SUBSCRIBE on the same connection: a node that sees this worker online
+        # sees it once the broker has its subscription.
+        self._subscribed = True
+        self._announce()
 
     def _close_models(self) -> None:
         for c in self._callers.values():
@@ -274,7 +297,54 @@ class Worker:
         tb: TracebackType | None,
     ) -> None:
         if self._stack is not None:
+            if not self._said_offline:
+                await self._say_offline()
             await self._stack.__aexit__(None, None, None)
+
+    # ------------------------------------------------------------------ presence
+    def _presence(self, state: Literal["online", "offline"], reasons: list[str]) -> bytes:
+        return encode_status(
+            Status(
+                node=self.worker_id,
+                state=state,
+                ts=time.time(),
+                reasons=reasons,
+                runtime="worker",
+                boot_id=self.boot_id,
+            )
+        )
+
+    async def _say_online(self, info: ConnectInfo) -> None:
+        if self._subscribed:  # a reconnect (the first connect announces after subscribing)
+            self._announce()
+
+    def _announce(self) -> None:
+        if self._draining:
+            return
+        # Not awaited: a broker that refuses it (an ACL without the presence topic) must not
+        # keep the worker from serving; nodes then go by replies alone.
+        fut = self.session.publish_nowait(
+            self.presence_topic, self._presence("online", []), qos=1, retain=True
+        )
+        fut.add_done_callback(self._presence_sent)
+
+    def _presence_sent(self, fut: asyncio.Future[None]) -> None:
+        exc = None if fut.cancelled() else fut.exception()
+        if exc is not None:
+            log.warning("presence on %s not published: %s", self.presence_topic, exc)
+
+    async def _say_offline(self) -> None:
+        """Retained ``offline``: nodes stop waiting for this worker at once (a clean
+        DISCONNECT discards the will, so it is said here)."""
+        self._said_offline = True
+        if not self.session.connected:
+            return
+        fut = self.session.publish_nowait(
+            self.presence_topic, self._presence("offline", ["shutdown"]), qos=1, retain=True
+        )
+        with contextlib.suppress(MqttError, TimeoutError):
+            async with asyncio.timeout(2.0):
+                await fut
 
     async def drain(self, timeout_s: float | None = None) -> bool:
         """Stop taking escalations, finish (reply, store, acknowledge) the ones in hand.
@@ -288,6 +358,7 @@ class Worker:
         self._draining = True
         self._take_deferred()  # received before: in hand
         timeout_s = self.config.drain_timeout_s if timeout_s is None else timeout_s
+        finished = True
         try:
             async with asyncio.timeout(timeout_s):
                 await asyncio.shield(self._finish_in_hand())
@@ -297,8 +368,9 @@ class Worker:
                 timeout_s,
                 self.describe(),
             )
-            return False
-        return True
+            finished = False
+        await self._say_offline()
+        return finished
 
     def describe(self) -> dict[str, object]:
         """Where the worker's work stands (for an operator chasing a stall)."""
@@ -367,6 +439,12 @@ class Worker:
             log.debug("rejected escalation on %r: %s", msg.topic[:128], exc)
             self._acker.finish(ticket)
             return
+        except Exception as exc:  # a bug must not hold back every later acknowledgement
+            self.stats.failures["intake"] += 1
+            self.stats.rejects["internal_error"] += 1
+            log.error("escalation on %r rejected: %s: %s", msg.topic[:128], type(exc).__name__, exc)
+            self._acker.finish(ticket)
+            return
         if batch.model not in self._batchers:
             self.stats.rejects["no_handler"] += 1
             self._acker.finish(ticket)
@@ -401,7 +479,14 @@ class Worker:
             in_progress[id_] = _NO_COPIES
             fresh.append((esc, parent))
         parent.waiting += len(fresh)
-        self._batchers[batch.model].add_many(fresh)
+        try:
+            self._batchers[batch.model].add_many(fresh)
+        except Exception as exc:  # never answered: forget them, settle the message without
+            self.stats.failures["intake"] += 1
+            log.error("%d cases not queued: %s: %s", len(fresh), type(exc).__name__, exc)
+            for esc, _ in fresh:
+                in_progress.pop(esc.id, None)
+            parent.waiting -= len(fresh)
         if parent.waiting == 0:
             self._settle(parent)
 
@@ -434,6 +519,7 @@ class Worker:
             try:
                 await self._answer(model, jobs, turn, mine, ahead=ahead)
             except Exception:  # never stop answering
+                self.stats.failures["answer"] += 1
                 log.exception("unexpected error answering %d escalations", len(jobs))
                 for job in jobs:
                     self._case_done(job, None, None)
@@ -592,7 +678,14 @@ class Worker:
                     self._answered.put_many([esc.id for esc, _ in group], answers)
                     rows.extend(self._rows(group, answers))
             decided.extend(zip(group, answers, strict=True))
-        stored = self.store.add_many(rows) if rows else None
+        stored: asyncio.Future[Any] | None = None
+        if rows:
+            try:
+                stored = self.store.add_many(rows)
+            except Exception as exc:  # the answers still go out; the rows are lost
+                self.stats.failures["store"] += 1
+                self.stats.store_errors += 1
+                log.error("hard examples not stored (%d rows): %s", len(rows), exc)
         for job, answer in decided:
             # No answer (the handler failed): the case is left out of the reply, so the node
             # falls back at its deadline, and its message is still acknowledged, so the broker
@@ -663,8 +756,22 @@ class Worker:
     def _settle(self, message: _Message) -> None:
         """None of ``message``'s cases waits any more: reply now, acknowledge once the reply
         has its PUBACK and the message's rows are committed (callbacks on those futures, not a
-        task per message: a task's creation and steps cost more than the rest of this)."""
-        send, verdicts = self._reply(message)
+        task per message: a task's creation and steps cost more than the rest of this). A reply
+        that cannot be made or sent (a bug, a fault) leaves the cases unanswered (the node
+        falls back at their deadlines); the message is acknowledged all the same."""
+        try:
+            send, verdicts = self._reply(message)
+        except Exception as exc:
+            self.stats.failures["reply"] += 1
+            self.stats.reply_failures += 1
+            log.error(
+                "reply to %s not sent (%d cases unanswered): %s: %s",
+                message.batch.node,
+                len(message.answered),
+                type(exc).__name__,
+                exc,
+            )
+            send, verdicts = None, 0
         # A commit can cover several of the message's groups: each future once.
         message.stored = list({id(f): f for f in message.stored}.values())
         waits = message.stored if send is None else [*message.stored, send]
@@ -763,12 +870,12 @@ class Worker:
                 if isinstance(response_topic, str) and _is_reply_topic(response_topic, batch.node):
                     topic = response_topic
             deadlines = [e.deadline for e, _ in message.answered if e.deadline is not None]
-            expiry = max(1, int(max(deadlines) - time.time() + 1)) if deadlines else None
+            # Clamped to what the wire carries, whatever deadline the escalation named.
+            expiry = expiry_interval_s(max(deadlines) - time.time()) if deadlines else None
             props = PublishProperties(correlation_data=corr, message_expiry_interval_s=expiry)
+        payload = encode_replies(reply)
         try:
-            return self.session.publish_nowait(
-                topic, encode_replies(reply), qos=1, properties=props
-            )
+            return self.session.publish_nowait(topic, payload, qos=1, properties=props)
         except MqttError as exc:  # pragma: no cover - publish_nowait reports through the future
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             fut.set_exception(exc)

@@ -8,9 +8,12 @@ redelivers them on the next connection (persistent session).
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 
 from mqtt_session import Inbound, MqttSession
+
+log = logging.getLogger(__name__)
 
 
 class Ticket:
@@ -35,6 +38,7 @@ class InOrderAcker:
         self._session = session
         self._queue: deque[Ticket] = deque()
         self.acked = 0
+        self.ack_errors = 0
 
     def track(self, message: Inbound) -> Ticket:
         ticket = Ticket(message)
@@ -68,5 +72,10 @@ class InOrderAcker:
         while q and (q[0].done or q[0].message.connection != current):
             t = q.popleft()
             if t.message.connection == current:
-                self._session.ack(t.message)
+                try:
+                    self._session.ack(t.message)
+                except Exception as exc:  # never stop acknowledging the ones behind it
+                    self.ack_errors += 1
+                    log.error("acknowledging message %d failed: %s", t.message.mid, exc)
+                    continue
                 self.acked += 1

@@ -202,6 +202,7 @@ class EdgeNode:
                 deliver=self._store_finals,
                 synchronous=config.storage.synchronous,
                 outbox=self.outbox,  # one outbox for everything the node sends (ADR 0069)
+                on_cloud_change=self._cloud_changed,
             )
         self._batcher: MicroBatcher[_Pending] = MicroBatcher(
             self._process,
@@ -444,6 +445,10 @@ class EdgeNode:
         for session in self._sessions:
             self._publish_status(session)
 
+    def _cloud_changed(self, available: bool) -> None:
+        """The escalator's verdict on the cloud workers (docs/adr/0074-cloud-availability.md)."""
+        self._set_reason("cloud_unavailable", not available)
+
     def _check_accelerator(self, served: ServedModel) -> None:
         """``degraded: accelerator_unavailable`` while the model serves on a provider other
         than the one the node prefers (its class's first); it keeps serving on the fallback."""
@@ -535,6 +540,9 @@ class EdgeNode:
                 "edge_fallback": esc.fallback,
                 "edge_offline": esc.offline,
                 "late_replies": esc.late_replies,
+                "edge_fallback_cloud_unavailable": esc.unavailable_fallback,
+                "cloud_unavailable_episodes": esc.unavailable_episodes,
+                "cloud_probes": esc.probes,
             }
         )
         m = self.model
@@ -891,13 +899,28 @@ class EdgeNode:
                     results += r
                     answered += a
                     served += p
-                payload = encode_results(
-                    ResultBatch(node=self.node_id, results=results), as_json=self._results_as_json
-                )
+                try:
+                    payload = encode_results(
+                        ResultBatch(node=self.node_id, results=results),
+                        as_json=self._results_as_json,
+                    )
+                except Exception as exc:  # a bug must not hold back every later acknowledgement
+                    self._fail_results(served, "encode", exc)
+                    continue
                 self.stats.result_messages += 1
                 await self._store(payload, answered, served)
         finally:
             self._store_task = None
+
+    def _fail_results(self, frames: list[_Pending], stage: str, exc: Exception) -> None:
+        """Results that could not be made or stored (a bug, a fault): their frames are
+        dead-lettered (``internal_error``, naming the stage) and acknowledged, so one bad batch
+        never holds back the acknowledgements behind it."""
+        log.error("%d results lost at %s: %s: %s", len(frames), stage, type(exc).__name__, exc)
+        why = f"{stage}: {type(exc).__name__}: {exc}"
+        for p in frames:
+            self._reject(p.ticket.message, "internal_error", why)
+        self._finish(frames)
 
     def _telemetry_observe(self, latency_ms: float) -> None:
         with contextlib.suppress(ValueError):  # a clock step could make one negative
@@ -959,13 +982,18 @@ class EdgeNode:
             self._finish(waiting)
         if decided:
             results = [f.result for f in decided]
-            payload = encode_results(
-                ResultBatch(node=self.node_id, results=results), as_json=self._results_as_json
-            )
+            served = [p for p in escalated if p.key in now]
+            try:
+                payload = encode_results(
+                    ResultBatch(node=self.node_id, results=results), as_json=self._results_as_json
+                )
+            except Exception as exc:  # a bug must not hold back every later acknowledgement
+                self._fail_results(served, "encode", exc)
+                return
             self.stats.results_out += len(results)
             self.stats.result_messages += 1
             answered = [(f.frame_key, f.result.id) for f in decided]
-            await self._store(payload, answered, [p for p in escalated if p.key in now])
+            await self._store(payload, answered, served)
 
     async def _store_finals(self, finals: list[Final]) -> None:
         """The escalator's final results (cloud, edge_fallback): durable in the outbox before

@@ -46,6 +46,23 @@ _READ_NAMES: Final = {
 _U32_MAX: Final = 2**32 - 1
 _BINARY_MAX: Final = 65_535
 
+EXPIRY_MAX_S: Final = _U32_MAX
+"""The longest MQTT 5 message expiry interval the wire can carry (a four-byte integer)."""
+
+
+def expiry_interval_s(remaining_s: float) -> int:
+    """A message expiry interval for something worth delivering for ``remaining_s`` more
+    seconds, clamped to what the wire carries: at least 1 s (0 would mean "expired"; the
+    reader drops what is late anyway), at most :data:`EXPIRY_MAX_S`, rounded up. A value
+    computed from received input (a case's deadline) can be anything: NaN and less than 1 s
+    give 1, more than :data:`EXPIRY_MAX_S` gives the maximum, never an error."""
+    if not remaining_s > 1.0:  # NaN too
+        return 1
+    if remaining_s >= EXPIRY_MAX_S:
+        return EXPIRY_MAX_S
+    whole = int(remaining_s)
+    return whole if whole == remaining_s else whole + 1
+
 
 class PublishProperties(Properties):
     """The MQTT 5 properties of one PUBLISH: message expiry (seconds), response topic and

@@ -401,9 +401,13 @@ class Forwarder:
         return sent
 
     def _send(self, record: Stored, *, live: bool) -> None:
-        fut = self._session.publish_nowait(
-            record.topic, record.payload, qos=record.qos, retain=record.retain
-        )
+        try:
+            fut = self._session.publish_nowait(
+                record.topic, record.payload, qos=record.qos, retain=record.retain
+            )
+        except Exception as exc:  # a bug must not stop the forwarder: refused, like a bad ACL
+            fut = asyncio.get_running_loop().create_future()
+            fut.set_exception(PublishFailed(f"publish to {record.topic[:128]!r} failed: {exc}"))
         self.stats.published += 1
         if live:
             self.stats.live_published += 1

@@ -7,7 +7,7 @@ from typing import Annotated, Final
 import msgspec
 from msgspec import Meta
 
-from .fields import Level, Name, Seconds, Seq, Text, check_names
+from .fields import Epoch, Level, Name, Seq, Text, check_names
 from .limits import DEFAULT_LIMITS, Limits
 from .wire import decode_msgpack
 
@@ -19,7 +19,7 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     id: Name
     seq: Seq
     """Per-node counter of dead letters."""
-    ts: Seconds
+    ts: Epoch
     topic: Text
     """Where the rejected message arrived (callers may shorten it)."""
     reason: Name

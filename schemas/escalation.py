@@ -39,7 +39,7 @@ import numpy as np
 from msgspec import Meta
 
 from .errors import ContractError
-from .fields import LEVEL_PATTERN, Fraction, Int64, Level, Name, Seconds, Seq, Text, check_names
+from .fields import LEVEL_PATTERN, Epoch, Fraction, Int64, Level, Name, Seq, Text, check_names
 from .limits import DEFAULT_LIMITS, Limits
 from .tensor import check_header, tensor_from_wire, wire_parts
 from .topics import validate_topic
@@ -94,7 +94,7 @@ class EscalationCase(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     edge: EdgeVerdict
     corr: Corr | None = None
     """Correlation id of this case, echoed in its verdict; None in a hard-example upload."""
-    deadline: Seconds | None = None
+    deadline: Epoch | None = None
     """No answer to this case is useful after this time (epoch seconds); None: the message's."""
 
 
@@ -106,14 +106,14 @@ class EscalationBatch(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
 
     node: Level
     model: Level
-    ts: Seconds
+    ts: Epoch
     """When the node sent it (seconds since the epoch)."""
     cases: Cases
     reply_to: Text | None = None
     """Topic to publish the reply to (``edge/{node}/reply``); None for a hard-example upload."""
     corr: Corr | None = None
     """Correlation id of the message (also its MQTT 5 correlation data), echoed in the reply."""
-    deadline: Seconds | None = None
+    deadline: Epoch | None = None
     """The earliest deadline of the cases (also the MQTT 5 message expiry); None: never."""
     offline: bool = False
     """True for cases the edge decided alone because the uplink was down (``edge_offline``)."""
@@ -197,7 +197,7 @@ class ReplyBatch(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     corr: Corr
     """The escalation message's ``corr``."""
     worker: Name
-    ts: Seconds
+    ts: Epoch
     verdicts: Annotated[list[CaseVerdict], Meta(min_length=1, max_length=CASES_MAX)]
     v: int = 1
 

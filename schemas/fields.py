@@ -24,6 +24,15 @@ Int64 = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
 Seconds = Annotated[float, Meta(ge=0.0, le=sys.float_info.max)]
 """A finite, non-negative float (NaN and infinity fail the bounds): timestamps, latencies."""
 
+EPOCH_MAX: Final = 4_102_444_800.0
+"""2100-01-01T00:00:00Z in seconds since the Unix epoch: the latest time a message may name."""
+
+Epoch = Annotated[float, Meta(ge=0.0, le=EPOCH_MAX)]
+"""A point in time, seconds since the Unix epoch, finite and from 1970 to 2100 (:data:`EPOCH_MAX`):
+timestamps and deadlines. Anything later is refused while decoding (``bad_schema``, naming the
+field and the bound), so no duration a service computes from it (an MQTT 5 message expiry,
+a timeout) can leave its range. A sensor clock that counts from its boot fits too."""
+
 Fraction = Annotated[float, Meta(ge=0.0, le=1.0)]
 
 LEVEL_PATTERN: Final = r"\A[^$/+#\x00-\x1f\x7f-\x9f][^/+#\x00-\x1f\x7f-\x9f]*\Z"

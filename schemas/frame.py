@@ -23,7 +23,7 @@ import numpy as np
 from msgspec import Meta
 
 from .errors import ContractError
-from .fields import SEQ_MAX, Seconds, Seq
+from .fields import EPOCH_MAX, SEQ_MAX, Epoch, Seq
 from .limits import DEFAULT_LIMITS, Limits
 from .tensor import array_from_values, check_header, tensor_from_wire, wire_parts
 from .wire import (
@@ -63,7 +63,7 @@ class _MsgpackFrame(msgspec.Struct):
     dtype: str
     shape: list[int]
     data: memoryview
-    ts: Seconds | None = None
+    ts: Epoch | None = None
 
 
 class _JsonFrame(msgspec.Struct):
@@ -72,7 +72,7 @@ class _JsonFrame(msgspec.Struct):
     dtype: str
     shape: list[int]
     data: msgspec.Raw
-    ts: Seconds | None = None
+    ts: Epoch | None = None
 
 
 RANK_MAX: Final = 32
@@ -86,7 +86,7 @@ class _CanonicalFrame(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, 
 
     v: int
     seq: Seq
-    ts: Seconds | None = None
+    ts: Epoch | None = None
     dtype: Annotated[str, Meta(max_length=DTYPE_MAX_LEN)]
     shape: Annotated[list[int], Meta(max_length=RANK_MAX)]
     data: memoryview
@@ -204,8 +204,8 @@ def wire_message(frame: Frame, *, as_json: bool = False) -> dict[str, object]:
         raise ContractError("bad_version", f"can only encode v={VERSION}, frame has v={frame.v}")
     if not isinstance(frame.seq, int | np.integer) or not 0 <= frame.seq <= SEQ_MAX:
         raise ContractError("bad_schema", f"seq {frame.seq!r} not in 0..2**63-1")
-    if frame.ts is not None and not (math.isfinite(frame.ts) and frame.ts >= 0):
-        raise ContractError("bad_schema", f"ts {frame.ts!r} is not a finite time >= 0")
+    if frame.ts is not None and not (math.isfinite(frame.ts) and 0 <= frame.ts <= EPOCH_MAX):
+        raise ContractError("bad_schema", f"ts {frame.ts!r} not a time in 0..{EPOCH_MAX:.0f}")
     name, shape, array = wire_parts(frame.tensor)
     message: dict[str, object] = {"v": VERSION, "seq": int(frame.seq)}
     if frame.ts is not None:

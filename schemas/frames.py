@@ -27,7 +27,7 @@ import numpy as np
 from msgspec import Meta
 
 from .errors import ContractError
-from .fields import Seconds, Seq
+from .fields import Epoch, Seq
 from .frame import _CANONICAL as _CANONICAL_SINGLE
 from .frame import (
     DTYPE_MAX_LEN,
@@ -53,7 +53,7 @@ BATCH_SCHEMA_DEPTH: Final = 4
 
 class _CanonicalEntry(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
     seq: Seq
-    ts: Seconds | None = None
+    ts: Epoch | None = None
     dtype: Annotated[str, Meta(max_length=DTYPE_MAX_LEN)]
     shape: Annotated[list[int], Meta(max_length=RANK_MAX)]
     data: memoryview
@@ -69,7 +69,7 @@ class _Entry(msgspec.Struct):
     dtype: str
     shape: list[int]
     data: memoryview
-    ts: Seconds | None = None
+    ts: Epoch | None = None
 
 
 class _Batch(msgspec.Struct):
@@ -82,7 +82,7 @@ class _JsonEntry(msgspec.Struct):
     dtype: str
     shape: list[int]
     data: msgspec.Raw
-    ts: Seconds | None = None
+    ts: Epoch | None = None
 
 
 class _JsonBatch(msgspec.Struct):

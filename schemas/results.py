@@ -12,7 +12,7 @@ import msgspec
 from msgspec import Meta
 
 from .errors import ContractError
-from .fields import Fraction, Int64, Level, Name, Seconds, Seq, check_names
+from .fields import Epoch, Fraction, Int64, Level, Name, Seconds, Seq, check_names
 from .limits import DEFAULT_LIMITS, Limits
 from .wire import check_size, decode_json, decode_msgpack, is_json_object
 
@@ -30,7 +30,7 @@ class Result(msgspec.Struct, frozen=True, kw_only=True):
     device: Level
     sensor: Level
     frame_seq: Seq
-    frame_ts: Seconds | None = None
+    frame_ts: Epoch | None = None
     model: Level
     release: Seq
     label: Int64

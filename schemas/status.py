@@ -7,7 +7,7 @@ from typing import Annotated, Final, Literal
 import msgspec
 from msgspec import Meta
 
-from .fields import REASONS_MAX, Level, Name, Seconds, Seq, check_names
+from .fields import REASONS_MAX, Epoch, Level, Name, Seq, check_names
 from .limits import DEFAULT_LIMITS, Limits
 from .wire import decode_msgpack
 
@@ -17,7 +17,7 @@ State = Literal["online", "offline", "degraded"]
 class Status(msgspec.Struct, frozen=True, kw_only=True):
     node: Level
     state: State
-    ts: Seconds
+    ts: Epoch
     """When the node said so (its clock), seconds since the epoch."""
     reasons: Annotated[list[Name], Meta(max_length=REASONS_MAX)] = []
     """Why it is degraded/offline, as short codes (e.g. ``no_model``)."""

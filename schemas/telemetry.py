@@ -15,7 +15,7 @@ import msgspec
 from msgspec import Meta
 
 from .errors import ContractError
-from .fields import REASONS_MAX, Level, Name, Seconds, Seq, check_names
+from .fields import REASONS_MAX, Epoch, Level, Name, Seconds, Seq, check_names
 from .limits import DEFAULT_LIMITS, Limits
 from .sketch import SKETCH_MAX_BYTES, decode_sketch
 from .status import State
@@ -52,7 +52,7 @@ class Telemetry(msgspec.Struct, frozen=True, kw_only=True):
     """Changes at every start of the node; ``seq`` restarts with it."""
     seq: Seq
     """Telemetry window counter within the boot (0, 1, 2, ...)."""
-    ts: Seconds
+    ts: Epoch
     """End of the window (node clock), seconds since the epoch."""
     window_s: Seconds
     """Length of the window, seconds."""

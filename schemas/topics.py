@@ -158,6 +158,22 @@ class Topics:
         """``{cloud_root}/escalations/{model}``: low-confidence cases for the cloud."""
         return f"{self.cloud_root}/escalations/{validate_level(model)}"
 
+    def worker_status(self, worker: str) -> str:
+        """``{cloud_root}/workers/{worker}/status``: a worker's retained presence."""
+        return f"{self.cloud_root}/workers/{validate_level(worker)}/status"
+
+    def worker_status_filter(self) -> str:
+        """Every worker's presence."""
+        return f"{self.cloud_root}/workers/+/status"
+
+    def parse_worker_status(self, topic: str) -> str | None:
+        """The worker a presence topic names, or None if ``topic`` is not one."""
+        prefix = f"{self.cloud_root}/workers/"
+        if not (topic.startswith(prefix) and topic.endswith("/status")):
+            return None
+        worker = topic[len(prefix) : -len("/status")]
+        return worker if worker and "/" not in worker else None
+
     def escalations_filter(self, group: str | None = "workers") -> str:
         """All escalations, as a shared subscription of ``group`` (``None``: unshared)."""
         plain = f"{self.cloud_root}/escalations/+"

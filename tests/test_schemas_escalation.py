@@ -30,6 +30,7 @@ from schemas import (
     make_escalation_batch,
 )
 from schemas.errors import ReasonCode
+from schemas.fields import EPOCH_MAX
 from schemas.scan_msgpack import scan_msgpack
 
 levels = st.text(
@@ -41,6 +42,7 @@ names = st.text(st.characters(codec="utf-8"), min_size=1, max_size=40)
 corrs = st.text(st.characters(codec="utf-8"), min_size=1, max_size=16)
 counters = st.integers(0, 2**63 - 1)
 seconds = st.floats(0, sys.float_info.max, allow_nan=False, allow_infinity=False)
+epochs = st.floats(0, EPOCH_MAX)
 fractions = st.floats(0, 1)
 int64s = st.integers(-(2**63), 2**63 - 1)
 
@@ -81,14 +83,14 @@ def escalation_batches(draw: st.DrawFn) -> EscalationBatch:
             tensor=draw(tensors),
             edge=draw(verdicts()),
             corr=draw(corrs) if wants_reply else None,
-            deadline=draw(st.none() | seconds),
+            deadline=draw(st.none() | epochs),
         )
         for i in ids
     ]
     return make_escalation_batch(
         node=draw(levels),
         model=draw(levels),
-        ts=draw(seconds),
+        ts=draw(epochs),
         cases=cases,
         reply_to="edge/gw-1/reply" if wants_reply else None,
         corr=draw(corrs) if wants_reply else None,
@@ -104,7 +106,7 @@ reply_batches = st.builds(
     node=levels,
     corr=corrs,
     worker=names,
-    ts=seconds,
+    ts=epochs,
     verdicts=st.lists(case_verdicts, min_size=1, max_size=8),
 )
 

@@ -13,6 +13,7 @@ from hypothesis.extra import numpy as hnp
 
 from schemas import DTYPES, ContractError, Frame, Limits, decode_frame, encode_frame
 from schemas.errors import ReasonCode
+from schemas.fields import EPOCH_MAX
 
 
 def reason(payload: bytes, limits: Limits | None = None) -> ReasonCode:
@@ -51,7 +52,7 @@ def tensors() -> st.SearchStrategy[np.ndarray]:
 frames = st.builds(
     Frame,
     seq=st.integers(0, 2**63 - 1),
-    ts=st.none() | st.floats(min_value=0, allow_nan=False, allow_infinity=False),
+    ts=st.none() | st.floats(0, EPOCH_MAX),
     tensor=tensors(),
 )
 

@@ -26,6 +26,7 @@ from schemas import (
     new_id,
 )
 from schemas.errors import ReasonCode
+from schemas.fields import EPOCH_MAX
 
 # Names that are also valid topic levels, and free text; no surrogates (not UTF-8).
 levels = st.text(
@@ -37,6 +38,7 @@ names = st.text(st.characters(codec="utf-8"), min_size=1, max_size=40)
 texts = st.text(st.characters(codec="utf-8"), max_size=200)
 counters = st.integers(0, 2**63 - 1)
 seconds = st.floats(0, sys.float_info.max, allow_nan=False, allow_infinity=False)
+epochs = st.floats(0, EPOCH_MAX)
 
 results = st.builds(
     Result,
@@ -45,7 +47,7 @@ results = st.builds(
     device=levels,
     sensor=levels,
     frame_seq=counters,
-    frame_ts=st.none() | seconds,
+    frame_ts=st.none() | epochs,
     model=levels,
     release=counters,
     label=st.integers(-(2**63), 2**63 - 1),
@@ -58,7 +60,7 @@ statuses = st.builds(
     Status,
     node=levels,
     state=st.sampled_from(["online", "offline", "degraded"]),
-    ts=seconds,
+    ts=epochs,
     reasons=st.lists(names, max_size=5),
     model=st.none() | levels,
     release=st.none() | counters,
@@ -71,7 +73,7 @@ letters = st.builds(
     node=levels,
     id=names,
     seq=counters,
-    ts=seconds,
+    ts=epochs,
     topic=texts,
     reason=names,
     detail=texts,

@@ -22,6 +22,7 @@ from schemas import (
     new_id,
 )
 from schemas.errors import ReasonCode
+from schemas.fields import EPOCH_MAX
 from schemas.telemetry import COUNTER_KEYS_MAX
 from telemetry import LatencySketch
 
@@ -53,7 +54,7 @@ def windows(draw: st.DrawFn) -> Telemetry:
         id=draw(st.just(new_id()) | names),
         boot_id=draw(names),
         seq=draw(counters),
-        ts=draw(seconds),
+        ts=draw(st.floats(0, EPOCH_MAX)),
         window_s=draw(seconds),
         state=draw(st.sampled_from(["online", "offline", "degraded"])),
         reasons=draw(st.lists(names, max_size=5)),

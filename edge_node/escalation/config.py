@@ -64,6 +64,28 @@ class EscalationConfig(BaseModel):
         description="larger reply messages are rejected before decoding (one holds up to 256"
         " verdicts of ~110 bytes)",
     )
+    unavailable_after_unanswered: int = Field(
+        5,
+        ge=1,
+        le=1_000_000,
+        description="this many escalated cases in a row ending at their deadline with no reply"
+        " mark the cloud unavailable (degraded: cloud_unavailable): unsure cases are then"
+        " decided edge_fallback at once, and probes ask whether the cloud is back",
+    )
+    probe_interval_s: float = Field(
+        1.0,
+        gt=0,
+        le=3600,
+        description="while the cloud is unavailable, at most one unsure case per interval is"
+        " also sent to the workers as a probe (its result is decided at once all the same);"
+        " the first in-time reply clears cloud_unavailable",
+    )
+    watch_worker_presence: bool = Field(
+        True,
+        description="follow the workers' retained presence ({cloud_root}/workers/+/status):"
+        " when the number online drops from one or more to none, the cloud is unavailable at"
+        " once",
+    )
     cache_entries: int = Field(10_000, ge=0, description="cloud verdicts kept by input hash")
     cache_ttl_s: float = Field(600.0, gt=0)
     hard_example_outbox_max_bytes: int = Field(

@@ -18,6 +18,15 @@ durably; only then does the journal let it go. A reply may answer some cases of 
 others fall back at their deadline. Late and duplicate verdicts are ignored; hostile replies
 (malformed, oversized, for another node) and verdicts (unknown case, wrong correlation id) are
 rejected and counted. Nothing here blocks other frames.
+
+The escalator also notices when the cloud is gone (docs/adr/0074-cloud-availability.md): after
+``unavailable_after_unanswered`` cases in a row ended at their deadline with no reply, or when
+the number of workers online on the retained presence topics (``{cloud_root}/workers/+/status``)
+drops from one or more to none, the cloud is *unavailable*: unsure cases
+are decided ``edge_fallback`` at once (cases pending on a worker pool that went offline too),
+and at most one case per ``probe_interval_s`` is also sent to the workers as a probe. The first
+in-time reply (to a probe or any case) makes it available again. ``on_cloud_change`` hears each
+change (the node says ``degraded: cloud_unavailable``).
 """
 
 from __future__ import annotations
@@ -26,7 +35,6 @@ import asyncio
 import contextlib
 import heapq
 import logging
-import math
 import secrets
 import time
 from collections import Counter, OrderedDict
@@ -44,9 +52,11 @@ from edge_node.escalation.config import EscalationConfig, PolicyConfig
 from edge_node.escalation.journal import Journal, JournalError
 from edge_node.escalation.policy import assess, edge_verdict, probabilities, with_thresholds
 from mqtt_session import Inbound, MqttConfig, MqttSession, PublishProperties
+from mqtt_session.properties import expiry_interval_s
 from outbox import AsyncOutbox, Forwarder, OutboxConfig, OutboxError, Record
 from schemas import (
     CASES_MAX,
+    CaseVerdict,
     ContractError,
     EdgeVerdict,
     EscalationCase,
@@ -55,6 +65,7 @@ from schemas import (
     Source,
     Topics,
     decode_replies,
+    decode_status,
     encode_escalations,
     make_case,
     make_escalation_batch,
@@ -69,6 +80,11 @@ _RESOLVED_KEEP = 100_000
 _E = TypeVar("_E")
 _CASE_OVERHEAD_BYTES = 256
 """Roughly what a case adds to a message besides its tensor (ids, edge verdict, keys)."""
+_PROBES_KEEP = 64
+"""Probes awaiting a reply remembered at most (older ones are forgotten: their replies then
+count as unknown)."""
+_PRESENCE_MAX = 10_000
+"""Workers whose presence is followed at most (a flood of made-up worker ids is ignored)."""
 
 
 @dataclass(slots=True)
@@ -134,6 +150,20 @@ class EscalationStats:
     (unknown_escalation, wrong_correlation)."""
     batch_sizes: Counter[int] = field(default_factory=Counter)
     """Escalation messages by number of cases."""
+    unavailable_fallback: int = 0
+    """Cases decided ``edge_fallback`` because the cloud was unavailable (at once, or pending
+    when the last worker went offline); counted in ``fallback`` too."""
+    unavailable_episodes: int = 0
+    """Times the cloud became unavailable."""
+    probes: int = 0
+    """Probe cases sent while the cloud was unavailable."""
+    probe_replies: int = 0
+    """In-time verdicts for probes."""
+    finals_lost: int = 0
+    """Final results given up because storing them failed for a reason other than storage
+    (a bug, a fault); their frames were acknowledged when they were journaled."""
+    presence_rejects: int = 0
+    """Presence messages that were not a valid status of the worker their topic names."""
 
     @property
     def replies_rejected(self) -> int:
@@ -152,6 +182,7 @@ class Escalator:
         deliver: Deliver,
         synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "FULL",
         outbox: AsyncOutbox | None = None,
+        on_cloud_change: Callable[[bool], None] | None = None,
     ) -> None:
         """``outbox``: the node's outbox, opened by the node before this is entered; hard
         examples are stored there (kind ``hard_example``, bounded and evicted with the node's
@@ -180,6 +211,16 @@ class Escalator:
         self._delivering = False
         self._removing: set[asyncio.Future[None]] = set()
         self._stack: contextlib.AsyncExitStack | None = None
+        self._on_cloud_change = on_cloud_change
+        self.unavailable: str | None = None
+        """Why the cloud is taken for unavailable (``no_replies``, ``no_workers``), or None."""
+        self._unanswered = 0
+        """Escalated cases in a row that ended at their deadline with no reply."""
+        self._next_probe_at = 0.0
+        self._probes: OrderedDict[str, _Entry] = OrderedDict()
+        self.workers: dict[str, bool] = {}
+        """Worker id -> online, from the retained presence messages seen."""
+        self._presence_filter = topics.worker_status_filter()
         self.journal = Journal(state_dir / f"{node_id}.escalations.db", synchronous=synchronous)
         self.uplink = MqttSession(
             config.uplink or node_mqtt,
@@ -209,6 +250,7 @@ class Escalator:
 
     # ------------------------------------------------------------------ lifecycle
     async def __aenter__(self) -> Self:
+        config = self.config
         async with contextlib.AsyncExitStack() as stack:
             left = await self.journal.open()
             stack.push_async_callback(self.journal.close)
@@ -216,6 +258,8 @@ class Escalator:
                 await stack.enter_async_context(self.hard_examples)
             await stack.enter_async_context(self.uplink)
             self.uplink.subscribe(self.reply_topic, qos=1)
+            if config.watch_worker_presence:
+                self.uplink.subscribe(self._presence_filter, qos=1)
             tasks = await stack.enter_async_context(asyncio.TaskGroup())
             loops = [
                 tasks.create_task(self._deadlines(), name="escalation-deadlines"),
@@ -336,6 +380,13 @@ class Escalator:
                 self.stats.overflow += 1
                 self.stats.fallback += 1
                 decided.append(self._final(c, "edge_fallback"))
+            elif self.unavailable is not None:
+                self.stats.fallback += 1
+                self.stats.unavailable_fallback += 1
+                decided.append(self._final(c, "edge_fallback"))
+                if now >= self._next_probe_at:
+                    self._next_probe_at = now + self.config.probe_interval_s
+                    self._probe(c, key, now)
             else:
                 policy = self.policy(c.result.model)
                 deadline_s = policy.deadline_ms / 1000.0
@@ -361,6 +412,84 @@ class Escalator:
             log.error("escalation journal write failed (%s); the frames stay unacknowledged", exc)
             raise
         return decided
+
+    # ------------------------------------------------------------------ availability
+    def _probe(self, c: Case, key: str, now: float) -> None:
+        """Send ``c`` (decided already) to the workers as well: its reply, if one comes in
+        time, says the cloud is back."""
+        deadline = now + self.policy(c.result.model).deadline_ms / 1000.0
+        entry = _Entry(c, secrets.token_hex(8), key, deadline)
+        self._probes[c.result.id] = entry
+        while len(self._probes) > _PROBES_KEEP:
+            self._probes.popitem(last=False)
+        try:
+            case = _wire_case(c, corr=entry.corr, deadline=time.time() + (deadline - now))
+            self._publish(c.result.model, [(entry, case)], time.time(), now)
+        except Exception as exc:  # the case is decided already; the next one probes
+            log.warning("probe not sent: %s: %s", type(exc).__name__, exc)
+            return
+        self.stats.probes += 1
+
+    def _set_unavailable(self, reason: str) -> None:
+        if self.unavailable is not None:
+            self.unavailable = reason
+            return
+        self.unavailable = reason
+        self.stats.unavailable_episodes += 1
+        self._next_probe_at = time.monotonic() + self.config.probe_interval_s
+        log.warning(
+            "cloud unavailable (%s): unsure cases are decided edge_fallback at once; probing"
+            " every %.1f s",
+            reason,
+            self.config.probe_interval_s,
+        )
+        if self._on_cloud_change is not None:
+            self._on_cloud_change(False)
+
+    def _cloud_answered(self) -> None:
+        """An in-time reply: the cloud answers."""
+        self._unanswered = 0
+        if self.unavailable is None:
+            return
+        log.info("cloud available again (was: %s)", self.unavailable)
+        self.unavailable = None
+        if self._on_cloud_change is not None:
+            self._on_cloud_change(True)
+
+    @property
+    def workers_online(self) -> int | None:
+        """Workers whose presence says online (None: no worker ever announced itself)."""
+        if not self.workers:
+            return None
+        return sum(self.workers.values())
+
+    def _on_presence(self, msg: Inbound, worker: str) -> None:
+        before = self.workers_online
+        if not msg.payload:  # a retained presence cleared
+            self.workers.pop(worker, None)
+        else:
+            try:
+                status = decode_status(msg.payload)
+            except ContractError:
+                self.stats.presence_rejects += 1
+                return
+            if status.node != worker:
+                self.stats.presence_rejects += 1
+                return
+            if worker not in self.workers and len(self.workers) >= _PRESENCE_MAX:
+                self.stats.presence_rejects += 1
+                return
+            self.workers[worker] = status.state != "offline"
+        after = self.workers_online
+        if after == 0 and before:  # the last worker seen online is gone
+            # Nobody can answer what is pending (nor what comes): decide it all now.
+            self._set_unavailable("no_workers")
+            for entry in list(self._pending.values()):
+                self.stats.fallback += 1
+                self.stats.unavailable_fallback += 1
+                self._resolve(entry, "edge_fallback")
+        elif after and not before and self.unavailable is not None:
+            self._next_probe_at = 0.0  # a worker is back: the next unsure case probes
 
     # ------------------------------------------------------------------ sending
     def _add_pending(self, e: _Entry) -> None:
@@ -411,7 +540,7 @@ class Escalator:
             props = PublishProperties(
                 response_topic=self.reply_topic,
                 correlation_data=corr.encode(),
-                message_expiry_interval_s=max(1, math.ceil(remaining)),
+                message_expiry_interval_s=expiry_interval_s(remaining),
             )
         fut = self.uplink.publish_nowait(
             self.topics.escalations(model), encode_escalations(batch), qos=1, properties=props
@@ -456,7 +585,11 @@ class Escalator:
     # ------------------------------------------------------------------ replies
     def _on_reply(self, msg: Inbound) -> None:
         if msg.topic != self.reply_topic:
-            self._reject("bad_topic")
+            worker = self.topics.parse_worker_status(msg.topic)
+            if worker is not None and self.config.watch_worker_presence:
+                self._on_presence(msg, worker)
+            else:
+                self._reject("bad_topic")
             return
         try:
             reply = decode_replies(msg.payload, self._limits)
@@ -473,6 +606,9 @@ class Escalator:
         for v in reply.verdicts:
             entry = self._pending.get(v.id)
             if entry is None:
+                probe = self._probes.get(v.id)
+                if probe is not None and self._probe_answered(probe, v, message_corr):
+                    continue
                 if v.id in self._resolved:
                     self.stats.late_replies += 1  # late or duplicate: the result is decided
                 else:
@@ -486,6 +622,20 @@ class Escalator:
             self._cache.put(entry.key, verdict)
             self.stats.cloud += 1
             self._resolve(entry, "cloud", verdict)
+            self._cloud_answered()
+
+    def _probe_answered(self, probe: _Entry, v: CaseVerdict, message_corr: bytes | None) -> bool:
+        """A verdict for a probe: True if it is the probe's and in time (the cloud is back)."""
+        if v.corr != probe.corr or message_corr is None or probe.message_corr != message_corr:
+            return False
+        del self._probes[v.id]
+        if time.monotonic() > probe.deadline:
+            self.stats.late_replies += 1
+            return True
+        self.stats.probe_replies += 1
+        self._cache.put(probe.key, CloudVerdict(int(v.label), float(v.confidence)))
+        self._cloud_answered()
+        return True
 
     def _reject(self, reason: str) -> None:
         self.stats.reply_rejects[reason] += 1
@@ -522,6 +672,9 @@ class Escalator:
                 if entry is not None:
                     self.stats.fallback += 1
                     self._resolve(entry, "edge_fallback")
+                    self._unanswered += 1
+                    if self._unanswered >= self.config.unavailable_after_unanswered:
+                        self._set_unavailable("no_replies")
             self._deadline_wake.clear()
             timeout = self._heap[0][0] - now if self._heap else None
             with contextlib.suppress(TimeoutError):
@@ -533,6 +686,25 @@ class Escalator:
         exc = None if fut.cancelled() else fut.exception()
         if exc is not None:  # stays journaled: decided again (same id) after a restart
             log.error("escalation journal delete failed: %s", exc)
+
+    async def _deliver_each(self, batch: list[Final]) -> list[Final]:
+        """Deliver ``batch`` one result at a time; a result that fails alone for a reason other
+        than storage is given up (logged, counted in ``finals_lost``), so it cannot hold back
+        the others for ever; one that meets storage trouble waits for the next round. Returns
+        the results done with (delivered or given up)."""
+        done: list[Final] = []
+        for i, final in enumerate(batch):
+            try:
+                await self._deliver([final])
+            except (OutboxError, OSError):
+                self._finals[:0] = batch[i:]
+                break
+            except Exception as exc:
+                self.stats.finals_lost += 1
+                why = f"{type(exc).__name__}: {exc}"
+                log.error("final result %s given up: %s", final.result.id, why)
+            done.append(final)
+        return done
 
     async def _deliveries(self) -> None:
         while True:
@@ -546,17 +718,21 @@ class Escalator:
             self._delivering = True
             try:
                 await self._deliver(batch)
-            except Exception as exc:  # the node could not store them: keep them, try again
+            except (OutboxError, OSError) as exc:  # storage trouble: keep them, try again
                 log.error("storing %d final results failed (%s); retrying", len(batch), exc)
                 self._finals[:0] = batch
                 self._delivering = False
                 await asyncio.sleep(0.5)
                 continue
+            except Exception as exc:  # not storage: one of them may be what fails, every time
+                log.error("storing %d final results failed (%s); one by one", len(batch), exc)
+                batch = await self._deliver_each(batch)
             # The delete commits in the background (in order, after this batch's insert): the
             # next final results need not wait for it.
-            removed = self.journal.remove_nowait([f.result.id for f in batch])
-            self._removing.add(removed)
-            removed.add_done_callback(self._removed)
+            if batch:
+                removed = self.journal.remove_nowait([f.result.id for f in batch])
+                self._removing.add(removed)
+                removed.add_done_callback(self._removed)
             self._delivering = False
 
 
