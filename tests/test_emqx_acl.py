@@ -110,9 +110,15 @@ def test_every_worker_principal_has_the_workers_rights(acl: Acl) -> None:
     for row in broker_rights.ROWS["cloud"]:
         for action in actions:
             want = acl.allows("worker-1", action, row.topic)
-            assert acl.allows("worker-2", action, row.topic) is want
-            assert acl.allows("worker-10", action, row.topic) is want
+            # A worker's own presence topic carries its name: the others' decision is on theirs
+            # (the tested worker's name and the other's swapped in the topic).
+            for other in ("worker-2", "worker-10"):
+                levels = row.topic.split("/")
+                swap = {"worker-1": other, other: "worker-1"}
+                topic = "/".join(swap.get(level, level) for level in levels)
+                assert acl.allows(other, action, topic) is want, (other, action, topic)
             assert not acl.allows("worker-1x", action, row.topic)
+    assert not acl.allows("worker-2", "publish", "cloud/workers/worker-1/status")
 
 
 def _bridge() -> BridgeConfig:
