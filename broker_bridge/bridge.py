@@ -249,6 +249,8 @@ class Bridge:
             out.append("uplink_down")
         if side == "cloud" and not self.site.connected:
             out.append("site_down")
+        if self.site.client_id_conflict or self.cloud.client_id_conflict:
+            out.append("client_id_conflict")  # another bridge runs with this id (ADR 0073)
         return out
 
     def _status_payload(self, state: str, reasons: list[str]) -> bytes:

@@ -182,7 +182,8 @@ class Escalator:
         self._stack: contextlib.AsyncExitStack | None = None
         self.journal = Journal(state_dir / f"{node_id}.escalations.db", synchronous=synchronous)
         self.uplink = MqttSession(
-            config.uplink or node_mqtt,
+            # An explicit client id in the node's config names the node's own connection.
+            config.uplink or node_mqtt.model_copy(update={"client_id": ""}),
             client_id=f"edgewise-node-{node_id}-uplink",
             on_message=self._on_reply,
             manual_ack=False,
