@@ -62,6 +62,7 @@ from schemas import (
     ReplyBatch,
     decode_escalations,
     encode_replies,
+    log_text,
     validate_topic,
 )
 
@@ -299,6 +300,7 @@ class Worker:
         """Where the worker's work stands (for an operator chasing a stall)."""
         return {
             "connected": self.session.connected,
+            "client_id_conflict": self.session.client_id_conflict,
             "waiting_for_a_batch": {k: len(b) for k, b in self._batchers.items()},
             "held_back_messages": len(self._deferred),
             "in_progress": len(self._in_progress),
@@ -359,7 +361,7 @@ class Worker:
                 raise ContractError("bad_topic", f"reply_to {batch.reply_to!r} is not node's reply")
         except ContractError as exc:
             self.stats.rejects[exc.reason] += 1
-            log.debug("rejected escalation on %r: %s", msg.topic[:128], exc)
+            log.debug("rejected escalation on %s: %s", log_text(msg.topic, 128), log_text(str(exc)))
             self._acker.finish(ticket)
             return
         if batch.model not in self._batchers:

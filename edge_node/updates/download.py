@@ -16,6 +16,7 @@ import hashlib
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from edge_node.updates.errors import StepFailed
@@ -37,8 +38,11 @@ class ChunkDownload:
         client_id: str,
         partial_root: Path,
         staged: Path,
+        on_garbage: Callable[[str, bytes, str], object] | None = None,
     ) -> None:
+        """``on_garbage(topic, payload, detail)`` hears of messages that are no chunk."""
         self.manifest = manifest
+        self._on_garbage = on_garbage
         self._mqtt = mqtt
         self._topics = topics
         self._client_id = client_id
@@ -91,7 +95,11 @@ class ChunkDownload:
     def _index(self, msg: Inbound) -> int | None:
         m = self.manifest
         tail = msg.topic[len(self._prefix) :]
-        if not msg.topic.startswith(self._prefix) or not tail.isdigit() or not msg.payload:
+        if not msg.topic.startswith(self._prefix) or not (tail.isascii() and tail.isdigit()):
+            if self._on_garbage is not None:
+                self._on_garbage(msg.topic, msg.payload, "the topic's last level is no index")
+            return None
+        if not msg.payload:
             return None  # an empty retained message is a cleared chunk: ignore it
         index = int(tail)
         if index >= m.chunks:
