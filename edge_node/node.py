@@ -40,6 +40,7 @@ from edge_node.inference import AdaptiveRunner
 from edge_node.model import Prediction, ServedModel
 from edge_node.updates import UpdateManager
 from mqtt_session import (
+    Conflict,
     ConnectInfo,
     Inbound,
     MqttError,
@@ -158,6 +159,9 @@ class EdgeNode:
             self.topics.status(self.node_id),
             self._status_payload("offline", ["connection_lost"]),
         )
+        # One count of takeovers for all the node's connections: a duplicate of the node gives
+        # way after 5 in all, not 5 per connection (docs/adr/0073-client-id-conflict.md).
+        self.conflict = Conflict()
         self.session = MqttSession(
             config.mqtt,
             client_id=f"edgewise-node-{self.node_id}",
@@ -165,6 +169,8 @@ class EdgeNode:
             on_connect=self._on_connect,
             will=will,
             on_takeover=self._taken_over,
+            conflict=self.conflict,
+            announce_conflict=True,  # its on_connect publishes the status
         )
         # Everything the node publishes goes to the uplink: the sensors' broker unless a
         # separate one is configured (sensors on a site broker, results straight to the cloud).
@@ -177,6 +183,8 @@ class EdgeNode:
                 on_connect=self._on_uplink_connect,
                 will=will,
                 on_takeover=self._taken_over,
+                conflict=self.conflict,
+                announce_conflict=True,
             )
         )
         self._sessions = [self.session]
@@ -206,6 +214,7 @@ class EdgeNode:
                 deliver=self._store_finals,
                 synchronous=config.storage.synchronous,
                 outbox=self.outbox,  # one outbox for everything the node sends (ADR 0069)
+                conflict=self.conflict,
             )
         self._batcher: MicroBatcher[_Pending] = MicroBatcher(
             self._process,
@@ -453,7 +462,7 @@ class EdgeNode:
         client id: the broker redelivers them to that process, which answers them; answering
         them here too would give each a second result id."""
         session = self.session
-        if not session.stats.takeovers:
+        if not session.lost_any_to_takeover:
             return batch, []
         kept: list[_Pending] = []
         lost: list[_Pending] = []
@@ -650,6 +659,7 @@ class EdgeNode:
             dead_letter=lambda topic, payload, reason, detail: self.deadletters.reject(
                 topic, payload, reason, detail
             ),
+            conflict=self.conflict,
         )
 
     def swap_model(self, new: ServedModel) -> ServedModel:
@@ -744,6 +754,9 @@ class EdgeNode:
     def _on_message(self, msg: Inbound) -> None:
         if self._draining:
             self.stats.frames_ignored_draining += 1
+            return
+        if self.session.giving_way:  # another process with this node id has them (ADR 0073)
+            self.stats.frames_left_to_other += 1
             return
         self.stats.frames_in += 1
         ticket = self._acker.track(msg)

@@ -48,7 +48,7 @@ from mqtt_session.errors import (
     PublishRejected,
 )
 from mqtt_session.message import Inbound
-from mqtt_session.takeover import TakeoverGuard
+from mqtt_session.takeover import Conflict, TakeoverGuard
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,11 @@ class MqttSession:
     used (``{username}:{base}`` with a username). A connection another one with the same id
     takes over is detected (:mod:`mqtt_session.takeover`): :attr:`client_id_conflict` turns
     true, ``on_takeover(connection)`` is called, and reconnects back off, down to one try every
-    5 minutes (docs/adr/0073-client-id-conflict.md).
+    5 minutes (docs/adr/0073-client-id-conflict.md). The sessions of one service share one
+    ``conflict`` (:class:`~mqtt_session.takeover.Conflict`): it gives way after 5 takeovers of
+    any of them. A session with ``announce_conflict`` (one that publishes the service's status
+    in its ``on_connect``) connects once more when the service gives way while it is down, so
+    the status says why, then leaves too.
     """
 
     def __init__(
@@ -154,11 +158,19 @@ class MqttSession:
         keep_properties: bool = False,
         resubscribe: bool = False,
         on_takeover: TakeoverHook | None = None,
+        conflict: Conflict | None = None,
+        announce_conflict: bool = False,
     ) -> None:
         self.config = config
         self.client_id = config.client_id_for(client_id)
-        self._takeover = TakeoverGuard(self.client_id, config.takeover_backoff_first_s)
+        self._takeover = TakeoverGuard(
+            self.client_id, config.takeover_backoff_first_s, conflict or Conflict()
+        )
         self._on_takeover = on_takeover
+        self._conflict_token: int | None = None
+        self._announce_conflict = announce_conflict
+        self._farewell = False
+        """The service gave way while this session was down: it connects once to say so."""
         self._taken_over: set[int] = set()
         """Numbers of the connections another connection took over (the last few)."""
         self._server_reason: int | None = None
@@ -208,6 +220,7 @@ class MqttSession:
         self._loop_thread = threading.get_ident()
         self._tasks = asyncio.TaskGroup()
         await self._tasks.__aenter__()
+        self._conflict_token = self._takeover.shared.join(self._give_way)
         self._background = [
             self._tasks.create_task(self._run(), name=f"mqtt-session-{self.client_id}"),
             self._tasks.create_task(self._misc_loop(), name=f"mqtt-misc-{self.client_id}"),
@@ -221,6 +234,8 @@ class MqttSession:
         tb: TracebackType | None,
     ) -> None:
         self._stopping = True
+        if self._conflict_token is not None:
+            self._takeover.shared.leave(self._conflict_token)
         client = self._client
         if client is not None and self._connected.is_set():
             # A clean DISCONNECT, written now: the broker then discards our will.
@@ -255,10 +270,20 @@ class MqttSession:
         """Another connection has been taking this session's client id (ADR 0073)."""
         return self._takeover.conflict
 
+    @property
+    def giving_way(self) -> bool:
+        """The service gave way to another with its client ids: take no work (what arrives is
+        handed to the other process when this connection leaves)."""
+        return self._takeover.shared.pause_left_s() > 0
+
     def lost_to_takeover(self, connection: int) -> bool:
-        """Connection number ``connection`` ended because another took its client id: what it
-        left unacknowledged is redelivered to that other connection, not to us."""
+        """Connection number ``connection`` ended because another took its client id (or gave
+        way to it): what it left unacknowledged is redelivered to that other connection."""
         return connection in self._taken_over
+
+    @property
+    def lost_any_to_takeover(self) -> bool:
+        return bool(self._taken_over)
 
     async def wait_connected(self, timeout_s: float | None = None) -> None:
         async with asyncio.timeout(timeout_s):
@@ -340,6 +365,13 @@ class MqttSession:
     # ------------------------------------------------------------------ connection loop
     async def _run(self) -> None:
         while not self._stopping:
+            pause = self._takeover.shared.pause_left_s()
+            # The service gave way to another with its client ids (ADR 0073); a session that
+            # speaks for it connects once more first, to say so (its on_connect hook).
+            farewell, self._farewell = self._farewell and pause > 0, False
+            if pause > 0 and not farewell:
+                await asyncio.sleep(pause)
+                continue
             try:
                 info = await self._connect_once()
             except ProtocolRefused as exc:
@@ -390,6 +422,8 @@ class MqttSession:
                 await self._after_connect(info)
             except MqttError as exc:
                 log.warning("connection dropped while setting up: %s", exc)
+            if self._takeover.shared.pause_left_s() > 0:
+                self._give_way()  # said what it had to (or connected as the service gave way)
             await self._lost.wait()
             self.known_down_at = time.monotonic()
             self._connected.clear()
@@ -397,6 +431,8 @@ class MqttSession:
             self._close_client()
             if not self._stopping:
                 taken = self._takeover_delay()
+                if taken is None and self._takeover.shared.pause_left_s() > 0:
+                    continue  # this one gave way: the loop's top waits the pause out
                 delay = self._backoff.next_delay_s() if taken is None else taken
                 if taken is None:
                     log.warning("disconnected from broker; reconnecting in %.2f s", delay)
@@ -407,6 +443,19 @@ class MqttSession:
         if self._protocol_on_trial:
             self._protocol = "5"
             self._protocol_on_trial = False
+
+    def _give_way(self) -> None:
+        """The service stops fighting for its client ids: leave the broker, cleanly (no will,
+        and no takeover for the other process)."""
+        client = self._client
+        if client is None or not self._connected.is_set() or self._stopping:
+            self._farewell = self._announce_conflict and not self._stopping
+            return
+        log.info("client id %r gives way to the other connection", self.client_id)
+        self._taken_over.add(self._connection)  # what it holds goes to the other process
+        client.disconnect()
+        with contextlib.suppress(Exception):
+            client.loop_write()  # the DISCONNECT, now
 
     def _takeover_delay(self) -> float | None:
         """The lost connection was taken over: how long to wait (the guard logs it)."""

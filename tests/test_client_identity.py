@@ -9,6 +9,7 @@ MQTT 5 "Session taken over" reason code (EMQX) is checked on the guard itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import random
@@ -17,11 +18,11 @@ import uuid
 import pytest
 
 from local_broker import MosquittoProcess
-from mqtt_session import MqttConfig, MqttSession
+from mqtt_session import Conflict, MqttConfig, MqttSession
 from mqtt_session.takeover import (
+    ARMED_FOR_CONFLICT,
     PAUSE_S,
     SESSION_TAKEN_OVER,
-    SUSPECTS_FOR_CONFLICT,
     TAKEOVERS_BEFORE_PAUSE,
     TakeoverGuard,
 )
@@ -86,7 +87,7 @@ class _Clock:
 
 def test_mqtt5_session_taken_over_counts_at_once_and_backs_off() -> None:
     clock = _Clock()
-    guard = TakeoverGuard("c", first_s=1.0, rng=random.Random(1), clock=clock)
+    guard = TakeoverGuard("c", 1.0, Conflict(clock=clock), rng=random.Random(1))
     delays = []
     for _ in range(TAKEOVERS_BEFORE_PAUSE + 1):
         guard.connected()
@@ -102,7 +103,7 @@ def test_mqtt5_session_taken_over_counts_at_once_and_backs_off() -> None:
 def test_a_broker_restart_is_not_taken_for_a_takeover() -> None:
     """Closes by the broker with a failed connect attempt between them: not a streak."""
     clock = _Clock()
-    guard = TakeoverGuard("c", clock=clock)
+    guard = TakeoverGuard("c", 1.0, Conflict(clock=clock))
     for _ in range(10):
         guard.connected()
         clock.now += 1.0
@@ -113,7 +114,7 @@ def test_a_broker_restart_is_not_taken_for_a_takeover() -> None:
 
 def test_long_lived_connections_closed_by_the_broker_are_not_suspects() -> None:
     clock = _Clock()
-    guard = TakeoverGuard("c", clock=clock)
+    guard = TakeoverGuard("c", 1.0, Conflict(clock=clock))
     for _ in range(10):
         guard.connected()
         clock.now += 120.0
@@ -123,15 +124,16 @@ def test_long_lived_connections_closed_by_the_broker_are_not_suspects() -> None:
 
 def test_a_streak_of_quick_closes_is_a_conflict_that_clears_when_left_alone() -> None:
     clock = _Clock()
-    guard = TakeoverGuard("c", clock=clock)
+    guard = TakeoverGuard("c", 1.0, Conflict(clock=clock))
     results = []
-    for _ in range(SUSPECTS_FOR_CONFLICT):
+    closes = ARMED_FOR_CONFLICT + 1  # the first close of a connection arms it
+    for _ in range(closes):
         guard.connected()
         clock.now += 0.3
         results.append(guard.lost(server_reason=None, peer_closed=True))
-    assert results[:-1] == [None] * (SUSPECTS_FOR_CONFLICT - 1)
+    assert results[:-1] == [None] * (closes - 1)
     assert results[-1] is not None
-    assert guard.takeovers == SUSPECTS_FOR_CONFLICT
+    assert guard.takeovers == closes  # every close of the streak was one
     guard.connected()
     clock.now += 599.0
     assert guard.conflict
@@ -184,3 +186,58 @@ def test_two_connections_with_one_client_id_stop_fighting(
     assert sum(counts) <= fights  # each takeover a session counted, the broker logged
     stopped = [r for r in caplog.records if "stopped fighting" in r.getMessage()]
     assert len(stopped) == 1 and client_id in stopped[0].getMessage()
+
+
+def test_a_duplicate_service_with_two_connections_gives_way_within_ten_takeovers(
+    fresh_mosquitto: MosquittoProcess,
+) -> None:
+    """Two services of two connections each (a node's main and updater connections), one pair
+    of client ids: each service's connections share one count, so the broker logs at most 10
+    takeovers in all, not 10 per client id."""
+    info = fresh_mosquitto.info
+    ids = [f"dup-main-{uuid.uuid4().hex[:6]}", f"dup-updates-{uuid.uuid4().hex[:6]}"]
+    config = MqttConfig(
+        host=info.host,
+        port=info.port,
+        reconnect_first_s=0.05,
+        reconnect_cap_s=0.2,
+        takeover_backoff_first_s=0.05,
+    )
+
+    async def run() -> list[int]:
+        taken = asyncio.Event()
+        services = [Conflict(), Conflict()]
+
+        def session(client_id: str, conflict: Conflict) -> MqttSession:
+            return MqttSession(
+                config, client_id=client_id, on_takeover=lambda c: taken.set(), conflict=conflict
+            )
+
+        sessions = [session(i, c) for c in services for i in ids]  # a's two, then b's two
+        async with sessions[0], sessions[1], sessions[2], sessions[3]:
+
+            def settled() -> bool:
+                """One service gave way on both connections, the other holds both."""
+                a, b = sessions[:2], sessions[2:]
+                for loser, winner, conflict in ((a, b, services[0]), (b, a, services[1])):
+                    if (
+                        conflict.takeovers >= TAKEOVERS_BEFORE_PAUSE
+                        and not any(s.connected for s in loser)
+                        and all(s.connected for s in winner)
+                    ):
+                        return True
+                return False
+
+            async with asyncio.timeout(60):
+                while not settled():
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(0.5):  # connects are not announced
+                            await taken.wait()
+                    taken.clear()
+            return [c.takeovers for c in services]
+
+    counts = asyncio.run(run())
+    fights = fresh_mosquitto.log_text().count(TAKEOVER_LINE)
+    assert max(counts) >= TAKEOVERS_BEFORE_PAUSE
+    assert fights <= 2 * TAKEOVERS_BEFORE_PAUSE, (fights, counts)
+    print(f"two services of two connections: {fights} takeovers in the broker log, {counts}")

@@ -15,9 +15,11 @@ import pytest
 
 from edgewise.frames import load_holdout
 from local_broker import Message, MosquittoProcess, MqttProbe
+from releases.signing import public_pem
 from schemas import decode_results, decode_status
 from tests.nodeharness import frame_bytes
 from tests.nodeprocs import NodeProcesses
+from tests.updatekit import Fleet
 
 pytestmark = pytest.mark.timeout(180)
 HOLDOUT = load_holdout()
@@ -48,7 +50,14 @@ def test_two_nodes_with_one_id_report_the_conflict_and_stop_fighting(
 ) -> None:
     broker = fresh_mosquitto.info
     node_id = f"dup-{uuid.uuid4().hex[:6]}"
-    env = {"EDGEWISE_MQTT__TAKEOVER_BACKOFF_FIRST_S": "0.25", "COLUMNS": "400"}
+    root_pub = tmp_path / "root.pub"
+    root_pub.write_bytes(public_pem(Fleet().root))
+    env = {
+        "EDGEWISE_MQTT__TAKEOVER_BACKOFF_FIRST_S": "0.25",
+        # Enrolled for updates: two connections each (main and updater), both fought over.
+        "EDGEWISE_UPDATES__ROOT_KEY": str(root_pub),
+        "COLUMNS": "400",
+    }
     nodes = []
     for name in ("a", "b"):
         state = tmp_path / name
@@ -77,7 +86,7 @@ def test_two_nodes_with_one_id_report_the_conflict_and_stop_fighting(
         watcher.wait_for(_conflict, 30)  # the retained status says so
 
         logs = [n.state_dir / "node-0.log" for n in nodes]
-        stopped = f"client id 'edgewise-node-{node_id}' taken over again"
+        stopped = "stopped fighting: all connections give way"
         watcher.wait_for(lambda m: any(stopped in _log(p) for p in logs), 90)
         # The one that gave way waits 5 minutes: the other serves. A last frame after the
         # fight comes back answered, and with it every frame before it.

@@ -43,7 +43,7 @@ from edge_node.escalation.cache import CloudVerdict, VerdictCache, input_key
 from edge_node.escalation.config import EscalationConfig, PolicyConfig
 from edge_node.escalation.journal import Journal, JournalError
 from edge_node.escalation.policy import assess, edge_verdict, probabilities, with_thresholds
-from mqtt_session import Inbound, MqttConfig, MqttSession, PublishProperties
+from mqtt_session import Conflict, Inbound, MqttConfig, MqttSession, PublishProperties
 from outbox import AsyncOutbox, Forwarder, OutboxConfig, OutboxError, Record
 from schemas import (
     CASES_MAX,
@@ -152,10 +152,12 @@ class Escalator:
         deliver: Deliver,
         synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "FULL",
         outbox: AsyncOutbox | None = None,
+        conflict: Conflict | None = None,
     ) -> None:
         """``outbox``: the node's outbox, opened by the node before this is entered; hard
         examples are stored there (kind ``hard_example``, bounded and evicted with the node's
-        records). Without it (the escalator on its own) they get a file of their own."""
+        records). Without it (the escalator on its own) they get a file of their own.
+        ``conflict``: the node's takeover count, shared by its connections (ADR 0073)."""
         self.config = config
         self.node_id = node_id
         self.topics = topics
@@ -189,6 +191,7 @@ class Escalator:
             manual_ack=False,
             persistent=False,
             keep_properties=True,
+            conflict=conflict,
         )
         self.owns_outbox = outbox is None
         self.hard_examples = (

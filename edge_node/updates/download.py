@@ -21,7 +21,7 @@ from pathlib import Path
 
 from edge_node.updates.errors import StepFailed
 from edge_node.updates.files import fsync_dir, write_atomic
-from mqtt_session import Inbound, MqttConfig, MqttSession
+from mqtt_session import Conflict, Inbound, MqttConfig, MqttSession
 from releases import Manifest, Reason
 from schemas import Topics
 
@@ -39,9 +39,12 @@ class ChunkDownload:
         partial_root: Path,
         staged: Path,
         on_garbage: Callable[[str, bytes, str], object] | None = None,
+        conflict: Conflict | None = None,
     ) -> None:
-        """``on_garbage(topic, payload, detail)`` hears of messages that are no chunk."""
+        """``on_garbage(topic, payload, detail)`` hears of messages that are no chunk;
+        ``conflict``: the node's takeover count, shared by its connections (ADR 0073)."""
         self.manifest = manifest
+        self._conflict = conflict
         self._on_garbage = on_garbage
         self._mqtt = mqtt
         self._topics = topics
@@ -81,6 +84,7 @@ class ChunkDownload:
             on_message=self._queue.put_nowait,
             manual_ack=False,
             persistent=False,
+            conflict=self._conflict,
         ) as session:
             session.subscribe(f"{self._prefix}+", qos=1)
             while len(have) < m.chunks:

@@ -67,7 +67,7 @@ from edge_node.updates.state import (
     Step,
 )
 from edge_node.updates.validate import validate
-from mqtt_session import ConnectInfo, Inbound, MqttConfig, MqttSession
+from mqtt_session import Conflict, ConnectInfo, Inbound, MqttConfig, MqttSession
 from releases import (
     TRUST_DEPENDENT,
     Command,
@@ -144,16 +144,19 @@ class UpdateManager:
         clock: Callable[[], float] = time.time,
         publish_event: Callable[[str, bytes], None] | None = None,
         dead_letter: DeadLetterSink | None = None,
+        conflict: Conflict | None = None,
     ) -> None:
         """``publish_event(topic, payload)``, when given, takes every event (retained, QoS 1)
         instead of this manager's own connection: the node stores them in its outbox.
-        ``dead_letter``, when given, reports garbage on chunk topics (rate-capped)."""
+        ``dead_letter``, when given, reports garbage on chunk topics (rate-capped);
+        ``conflict``: the node's takeover count, shared by its connections (ADR 0073)."""
         root = config.root_key_bytes()
         if root is None:
             raise ValueError("updates.root_key is not set: the node has no root key to trust")
         # Own sessions need their own client ids, whatever mqtt.client_id says.
         mqtt = mqtt.model_copy(update={"client_id": ""})
         self._dead_letter = dead_letter
+        self._conflict = conflict
         self.config = config
         self.node_id = node_id
         self.hardware = hardware
@@ -204,6 +207,7 @@ class UpdateManager:
             on_connect=self._on_connect,
             persistent=config.command_session_expiry_s > 0,
             resubscribe=True,  # the class, model or topics may have changed since
+            conflict=conflict,
         )
         self.stats = UpdateStats()
         self.state_changes: list[str] = []
@@ -606,6 +610,7 @@ class UpdateManager:
                 on_garbage=lambda topic, payload, detail: self.rejects.reject(
                     Rejection("chunk", topic, Reason.MALFORMED, detail, payload)
                 ),
+                conflict=self._conflict,
             )
             try:
                 staged = await download.fetch(self.config.download_timeout_s)
