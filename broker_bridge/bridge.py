@@ -29,7 +29,7 @@ from broker_bridge.direction import EVICTION_ORDER, Lane
 from broker_bridge.echo import EchoLedger
 from broker_bridge.errors import QueueUnusable
 from broker_bridge.wire import BridgeTelemetry, DirectionTelemetry, encode_telemetry
-from mqtt_session import ConnectInfo, MqttError, MqttSession, Will
+from mqtt_session import Conflict, ConnectInfo, MqttError, MqttSession, Will
 from outbox import AsyncOutbox, Forwarder, OutboxConfig, OutboxError
 from schemas import Status, encode_status
 
@@ -142,11 +142,14 @@ class Bridge:
         self.up = Lane("up", cfg.compiled("up"), up_q, **lane_args)
         self.down = Lane("down", cfg.compiled("down"), down_q, **lane_args)
         offline = self._status_payload("offline", ["shutdown_unclean"])
+        conflict = Conflict()  # one count of takeovers for both sides (ADR 0073)
         self.site = _LedgerSession(
             cfg.site_broker,
             client_id=f"{cfg.bridge_id}-site",
             on_message=self.up.receive,
             on_connect=self._on_connect_site,
+            conflict=conflict,
+            announce_conflict=True,  # on_connect publishes the status
             resubscribe=True,  # the rules may have changed since the broker kept the session
             will=Will(self.status_topic, offline, qos=1, retain=True),
         )
@@ -155,6 +158,8 @@ class Bridge:
             client_id=f"{cfg.bridge_id}-cloud",
             on_message=self.down.receive,
             on_connect=self._on_connect_cloud,
+            conflict=conflict,
+            announce_conflict=True,  # on_connect publishes the status
             resubscribe=True,
             will=Will(self.status_topic, offline, qos=1, retain=True),
         )
@@ -249,6 +254,8 @@ class Bridge:
             out.append("uplink_down")
         if side == "cloud" and not self.site.connected:
             out.append("site_down")
+        if self.site.client_id_conflict or self.cloud.client_id_conflict:
+            out.append("client_id_conflict")  # another bridge runs with this id (ADR 0073)
         return out
 
     def _status_payload(self, state: str, reasons: list[str]) -> bytes:

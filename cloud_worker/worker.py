@@ -66,6 +66,7 @@ from schemas import (
     decode_escalations,
     encode_replies,
     encode_status,
+    log_text,
     validate_topic,
 )
 
@@ -376,6 +377,7 @@ class Worker:
         """Where the worker's work stands (for an operator chasing a stall)."""
         return {
             "connected": self.session.connected,
+            "client_id_conflict": self.session.client_id_conflict,
             "waiting_for_a_batch": {k: len(b) for k, b in self._batchers.items()},
             "held_back_messages": len(self._deferred),
             "in_progress": len(self._in_progress),
@@ -436,7 +438,7 @@ class Worker:
                 raise ContractError("bad_topic", f"reply_to {batch.reply_to!r} is not node's reply")
         except ContractError as exc:
             self.stats.rejects[exc.reason] += 1
-            log.debug("rejected escalation on %r: %s", msg.topic[:128], exc)
+            log.debug("rejected escalation on %s: %s", log_text(msg.topic, 128), log_text(str(exc)))
             self._acker.finish(ticket)
             return
         except Exception as exc:  # a bug must not hold back every later acknowledgement

@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-from schemas import DeadLetter, encode_deadletter, new_id
+from schemas import DeadLetter, encode_deadletter, log_text, new_id
 
 log = logging.getLogger(__name__)
 
@@ -81,5 +81,7 @@ class DeadLetters:
             return
         more = self._unlogged.pop(reason, 0)
         suffix = f" (+{more} more since last report)" if more else ""
-        log.warning("rejected input on %r: %s: %s%s", topic[:128], reason, detail[:200], suffix)
+        log.warning(
+            "rejected input on %s: %s: %s%s", log_text(topic, 128), reason, log_text(detail), suffix
+        )
         self._last_log[reason] = now

@@ -40,6 +40,7 @@ from edge_node.inference import AdaptiveRunner
 from edge_node.model import Prediction, ServedModel
 from edge_node.updates import UpdateManager
 from mqtt_session import (
+    Conflict,
     ConnectInfo,
     Inbound,
     MqttError,
@@ -96,6 +97,8 @@ class NodeStats:
     frames_in: int = 0
     frames_ignored_draining: int = 0
     frames_already_answered: int = 0
+    frames_left_to_other: int = 0
+    """Frames not answered: another process took their connection over (client id conflict)."""
     results_out: int = 0
     results_stored: int = 0
     results_acked: int = 0
@@ -156,12 +159,18 @@ class EdgeNode:
             self.topics.status(self.node_id),
             self._status_payload("offline", ["connection_lost"]),
         )
+        # One count of takeovers for all the node's connections: a duplicate of the node gives
+        # way after 5 in all, not 5 per connection (docs/adr/0073-client-id-conflict.md).
+        self.conflict = Conflict()
         self.session = MqttSession(
             config.mqtt,
             client_id=f"edgewise-node-{self.node_id}",
             on_message=self._on_message,
             on_connect=self._on_connect,
             will=will,
+            on_takeover=self._taken_over,
+            conflict=self.conflict,
+            announce_conflict=True,  # its on_connect publishes the status
         )
         # Everything the node publishes goes to the uplink: the sensors' broker unless a
         # separate one is configured (sensors on a site broker, results straight to the cloud).
@@ -173,6 +182,9 @@ class EdgeNode:
                 client_id=f"edgewise-node-{self.node_id}-uplink",
                 on_connect=self._on_uplink_connect,
                 will=will,
+                on_takeover=self._taken_over,
+                conflict=self.conflict,
+                announce_conflict=True,
             )
         )
         self._sessions = [self.session]
@@ -203,6 +215,7 @@ class EdgeNode:
                 synchronous=config.storage.synchronous,
                 outbox=self.outbox,  # one outbox for everything the node sends (ADR 0069)
                 on_cloud_change=self._cloud_changed,
+                conflict=self.conflict,
             )
         self._batcher: MicroBatcher[_Pending] = MicroBatcher(
             self._process,
@@ -410,6 +423,7 @@ class EdgeNode:
     async def _on_connect(self, info: ConnectInfo) -> None:
         if self.uplink is self.session:
             self._uplink_up()
+        self._sync_conflict()
         await self.session.publish(
             self.topics.status(self.node_id),
             self._status_payload(self.state, self.reasons),
@@ -418,11 +432,46 @@ class EdgeNode:
 
     async def _on_uplink_connect(self, info: ConnectInfo) -> None:
         self._uplink_up()
+        self._sync_conflict()
         await self.uplink.publish(
             self.topics.status(self.node_id),
             self._status_payload(self.state, self.reasons),
             retain=True,
         )
+
+    # ------------------------------------------------------------------ duplicate identity
+    def _all_sessions(self) -> list[MqttSession]:
+        """Every long-lived connection of the node (the downloader's comes and goes)."""
+        sessions = list(self._sessions)
+        if self.updates is not None:
+            sessions.append(self.updates.session)
+        if self.escalator is not None:
+            sessions.append(self.escalator.uplink)
+        return sessions
+
+    def _sync_conflict(self) -> None:
+        """``degraded: client_id_conflict`` while another process takes one of the node's
+        connections over: it runs with this node's id (docs/adr/0073-client-id-conflict.md)."""
+        conflict = any(s.client_id_conflict for s in self._all_sessions())
+        self._set_reason("client_id_conflict", conflict)
+
+    def _taken_over(self, connection: int) -> None:
+        self._sync_conflict()
+
+    def _frames_taken_over(self, batch: list[_Pending]) -> tuple[list[_Pending], list[_Pending]]:
+        """Split off the QoS 1 frames whose connection another process took over with our
+        client id: the broker redelivers them to that process, which answers them; answering
+        them here too would give each a second result id."""
+        session = self.session
+        if not session.lost_any_to_takeover:
+            return batch, []
+        kept: list[_Pending] = []
+        lost: list[_Pending] = []
+        for p in batch:
+            m = p.ticket.message
+            (lost if m.qos and session.lost_to_takeover(m.connection) else kept).append(p)
+        self.stats.frames_left_to_other += len(lost)
+        return kept, lost
 
     def _uplink_up(self) -> None:
         self._uplink_bad_since = None
@@ -495,6 +544,7 @@ class EdgeNode:
                 self._uplink_bad_since = now
             elif now - self._uplink_bad_since >= health.uplink_grace_s:
                 self._set_reason("uplink_down", True)
+            self._sync_conflict()
             if recycle_s > 0 and now - loaded_at >= recycle_s and not self._draining:
                 await self.recycle_session()
                 loaded_at = time.monotonic()
@@ -559,6 +609,9 @@ class EdgeNode:
                 "inference_errors": stats.inference_errors,
                 "publish_failures": stats.publish_failures,
                 "reconnects": reconnects,
+                "takeovers": sum(s.stats.takeovers for s in self._all_sessions()),
+                "frames_left_to_other": stats.frames_left_to_other,
+                **self._update_counts(),
                 "session_recycles": stats.session_recycles,
                 "uplink_published": self.forwarder.stats.published,
                 "uplink_delivered": self.forwarder.stats.delivered,
@@ -576,6 +629,16 @@ class EdgeNode:
             provider=m.runtime.provider,
             hardware_class=self.config.hardware_class,
         )
+
+    def _update_counts(self) -> dict[str, int]:
+        u = self.updates
+        if u is None:
+            return {}
+        return {
+            "control_rejects": u.rejects.total,
+            "control_rejects_unreported": u.rejects.suppressed,
+            "commands_run": u.stats.commands_run,
+        }
 
     def _updater(self) -> UpdateManager | None:
         """The updater, if the node is enrolled with a root key (see docs/model-updates.md)."""
@@ -601,6 +664,10 @@ class EdgeNode:
                 "resume_inference": self.resume_inference,
             },
             publish_event=lambda topic, payload: self._store_event(topic, payload, retain=True),
+            dead_letter=lambda topic, payload, reason, detail: self.deadletters.reject(
+                topic, payload, reason, detail
+            ),
+            conflict=self.conflict,
         )
 
     def swap_model(self, new: ServedModel) -> ServedModel:
@@ -695,6 +762,9 @@ class EdgeNode:
     def _on_message(self, msg: Inbound) -> None:
         if self._draining:
             self.stats.frames_ignored_draining += 1
+            return
+        if self.session.giving_way:  # another process with this node id has them (ADR 0073)
+            self.stats.frames_left_to_other += 1
             return
         self.stats.frames_in += 1
         ticket = self._acker.track(msg)
@@ -803,6 +873,11 @@ class EdgeNode:
             self._resume_if_drained()
 
     async def _answer(self, batch: list[_Pending]) -> None:
+        batch, lost = self._frames_taken_over(batch)
+        if lost:
+            self._forget(lost)
+            if not batch:
+                return
         if any(p.ticket.message.dup for p in batch):
             batch = await self._skip_answered(batch)
             if not batch:
@@ -899,6 +974,17 @@ class EdgeNode:
                     results += r
                     answered += a
                     served += p
+                every = served
+                served, lost = self._frames_taken_over(every)
+                if lost:  # taken over while inference ran: the other process answers them
+                    self._forget(lost)
+                    gone = {id(x) for x in lost}
+                    keep = [i for i, x in enumerate(every) if id(x) not in gone]
+                    results = [results[i] for i in keep]
+                    answered = [answered[i] for i in keep]
+                    self.stats.results_out -= len(lost)
+                    if not results:
+                        continue
                 try:
                     payload = encode_results(
                         ResultBatch(node=self.node_id, results=results),

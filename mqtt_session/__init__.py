@@ -18,9 +18,11 @@ from mqtt_session.errors import (
 from mqtt_session.message import Inbound
 from mqtt_session.properties import PublishProperties
 from mqtt_session.session import ConnectInfo, MqttSession, SessionStats, Subscription, Will
+from mqtt_session.takeover import Conflict
 
 __all__ = [
     "Backoff",
+    "Conflict",
     "ConnectFailed",
     "ConnectInfo",
     "Disconnected",

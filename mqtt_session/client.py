@@ -134,6 +134,11 @@ class DirectClient(paho.Client):
     """Bytes read from the socket and not yet handed to paho (from ``_read_pos`` on)."""
     _read_pos: int = 0
 
+    peer_closed: bool = False
+    """The broker closed the connection: a read found the end of the stream (not a socket
+    error). Mosquitto closes a connection so when another takes its client id
+    (:mod:`mqtt_session.takeover`)."""
+
     def buffered(self) -> int:
         """Bytes read from the socket that paho has not taken yet: while there are any, reading
         must go on even though the socket itself may not be readable."""
@@ -149,6 +154,8 @@ class DirectClient(paho.Client):
             self._read_pos = end
             return buf[pos:end]
         data = super()._sock_recv(max(bufsize, READ_AHEAD_BYTES))
+        if not data:
+            self.peer_closed = True
         if len(data) <= bufsize:
             return data
         self._read_buf, self._read_pos = data, bufsize

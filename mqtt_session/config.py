@@ -20,7 +20,9 @@ class MqttConfig(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(1883, ge=1, le=65535)
     client_id: str = Field(
-        "", description="stable client id; empty means derived from the service id"
+        "",
+        description="stable client id, used as given; empty: derived from the connection's"
+        " base id, as ``{username}:{base}`` when a username is set (see client_id_for)",
     )
     protocol: Literal["auto", "5", "3.1.1"] = "auto"
     keepalive_s: int = Field(30, ge=5, le=65535)
@@ -43,6 +45,13 @@ class MqttConfig(BaseModel):
         " the system trusts (setting tls_ca_file turns TLS on too)",
     )
     tls_insecure: bool = False
+    takeover_backoff_first_s: float = Field(
+        1.0,
+        gt=0,
+        le=60.0,
+        description="first wait after the broker gave this client id to another connection;"
+        " doubles per takeover, and after 5 takeovers one try every 300 s (ADR 0073)",
+    )
 
     @model_validator(mode="after")
     def _cap_not_below_first(self) -> MqttConfig:
@@ -56,6 +65,17 @@ class MqttConfig(BaseModel):
     @property
     def uses_tls(self) -> bool:
         return self.tls or self.tls_ca_file is not None
+
+    def client_id_for(self, base: str) -> str:
+        """The client id of a connection whose own name is ``base`` (the team's rule, see
+        docs/configuration.md): an explicit ``client_id`` as given; else ``{username}:{base}``
+        when the connection authenticates, so the broker can tell whose it is (':' cannot be
+        in a Mosquitto username); else ``base``."""
+        if self.client_id:
+            return self.client_id
+        if self.username:
+            return f"{self.username}:{base}"
+        return base
 
     def resolved_password(self) -> str | None:
         if self.password is not None:

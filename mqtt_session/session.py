@@ -49,6 +49,7 @@ from mqtt_session.errors import (
     SubscribeRefused,
 )
 from mqtt_session.message import Inbound
+from mqtt_session.takeover import Conflict, TakeoverGuard
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,12 @@ _UNSUPPORTED_PROTOCOL = (0x84, 0x01)  # MQTT 5 "Unsupported Protocol Version"; 3
 READS_PER_WAKEUP = 256
 """Most ``loop_read`` calls for one readable event: buffered packets are read in one go (see
 ``MqttSession._read``), and then the loop's other tasks get their turn."""
+
+
+class _ClosedAfterConnack(ConnectFailed):
+    """The broker closed the connection right after its CONNACK."""
+
+    takeover_delay: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +94,7 @@ class ConnectInfo:
 
 MessageHandler = Callable[[Inbound], None]
 ConnectHook = Callable[[ConnectInfo], Awaitable[None]]
+TakeoverHook = Callable[[int], None]
 
 
 @dataclass(slots=True)
@@ -98,6 +106,8 @@ class SessionStats:
     read_pauses: int = 0
     read_wakeups: int = 0
     """readable events served (each reads every packet buffered, up to READS_PER_WAKEUP calls)"""
+    takeovers: int = 0
+    """connections another connection with our client id took over (mqtt_session.takeover)"""
 
 
 class MqttSession:
@@ -124,6 +134,16 @@ class MqttSession:
     :meth:`pause_reading` stops reading from the socket until :meth:`resume_reading`: the
     kernel's buffers fill and TCP makes the broker wait. That bounds what an application holds
     even where the broker does not honour our Receive Maximum (Mosquitto before 2.0.13).
+
+    ``client_id`` is the connection's base id; :meth:`MqttConfig.client_id_for` makes the id
+    used (``{username}:{base}`` with a username). A connection another one with the same id
+    takes over is detected (:mod:`mqtt_session.takeover`): :attr:`client_id_conflict` turns
+    true, ``on_takeover(connection)`` is called, and reconnects back off, down to one try every
+    5 minutes (docs/adr/0073-client-id-conflict.md). The sessions of one service share one
+    ``conflict`` (:class:`~mqtt_session.takeover.Conflict`): it gives way after 5 takeovers of
+    any of them. A session with ``announce_conflict`` (one that publishes the service's status
+    in its ``on_connect``) connects once more when the service gives way while it is down, so
+    the status says why, then leaves too.
     """
 
     def __init__(
@@ -138,9 +158,24 @@ class MqttSession:
         persistent: bool = True,
         keep_properties: bool = False,
         resubscribe: bool = False,
+        on_takeover: TakeoverHook | None = None,
+        conflict: Conflict | None = None,
+        announce_conflict: bool = False,
     ) -> None:
         self.config = config
-        self.client_id = config.client_id or client_id
+        self.client_id = config.client_id_for(client_id)
+        self._takeover = TakeoverGuard(
+            self.client_id, config.takeover_backoff_first_s, conflict or Conflict()
+        )
+        self._on_takeover = on_takeover
+        self._conflict_token: int | None = None
+        self._announce_conflict = announce_conflict
+        self._farewell = False
+        """The service gave way while this session was down: it connects once to say so."""
+        self._taken_over: set[int] = set()
+        """Numbers of the connections another connection took over (the last few)."""
+        self._server_reason: int | None = None
+        self._peer_closed = False
         self._on_message = on_message
         self._on_connect = on_connect
         self._will = will
@@ -188,6 +223,7 @@ class MqttSession:
         self._loop_thread = threading.get_ident()
         self._tasks = asyncio.TaskGroup()
         await self._tasks.__aenter__()
+        self._conflict_token = self._takeover.shared.join(self._give_way)
         self._background = [
             self._tasks.create_task(self._run(), name=f"mqtt-session-{self.client_id}"),
             self._tasks.create_task(self._misc_loop(), name=f"mqtt-misc-{self.client_id}"),
@@ -201,6 +237,8 @@ class MqttSession:
         tb: TracebackType | None,
     ) -> None:
         self._stopping = True
+        if self._conflict_token is not None:
+            self._takeover.shared.leave(self._conflict_token)
         client = self._client
         if client is not None and self._connected.is_set():
             # A clean DISCONNECT, written now: the broker then discards our will.
@@ -229,6 +267,26 @@ class MqttSession:
     @property
     def connection(self) -> int:
         return self._connection
+
+    @property
+    def client_id_conflict(self) -> bool:
+        """Another connection has been taking this session's client id (ADR 0073)."""
+        return self._takeover.conflict
+
+    @property
+    def giving_way(self) -> bool:
+        """The service gave way to another with its client ids: take no work (what arrives is
+        handed to the other process when this connection leaves)."""
+        return self._takeover.shared.pause_left_s() > 0
+
+    def lost_to_takeover(self, connection: int) -> bool:
+        """Connection number ``connection`` ended because another took its client id (or gave
+        way to it): what it left unacknowledged is redelivered to that other connection."""
+        return connection in self._taken_over
+
+    @property
+    def lost_any_to_takeover(self) -> bool:
+        return bool(self._taken_over)
 
     async def wait_connected(self, timeout_s: float | None = None) -> None:
         async with asyncio.timeout(timeout_s):
@@ -359,6 +417,13 @@ class MqttSession:
     # ------------------------------------------------------------------ connection loop
     async def _run(self) -> None:
         while not self._stopping:
+            pause = self._takeover.shared.pause_left_s()
+            # The service gave way to another with its client ids (ADR 0073); a session that
+            # speaks for it connects once more first, to say so (its on_connect hook).
+            farewell, self._farewell = self._farewell and pause > 0, False
+            if pause > 0 and not farewell:
+                await asyncio.sleep(pause)
+                continue
             try:
                 info = await self._connect_once()
             except ProtocolRefused as exc:
@@ -392,6 +457,7 @@ class MqttSession:
                 continue
             self._protocol_on_trial = False  # MQTT 3.1.1 on trial worked: keep it
             self._backoff.reset()
+            self._takeover.connected()
             self.stats.connects += 1
             if self.stats.connects > 1:
                 self.stats.reconnects += 1
@@ -408,14 +474,20 @@ class MqttSession:
                 await self._after_connect(info)
             except MqttError as exc:
                 log.warning("connection dropped while setting up: %s", exc)
+            if self._takeover.shared.pause_left_s() > 0:
+                self._give_way()  # said what it had to (or connected as the service gave way)
             await self._lost.wait()
             self.known_down_at = time.monotonic()
             self._connected.clear()
             self._fail_pending(Disconnected("connection lost"))
             self._close_client()
             if not self._stopping:
-                delay = self._backoff.next_delay_s()
-                log.warning("disconnected from broker; reconnecting in %.2f s", delay)
+                taken = self._takeover_delay()
+                if taken is None and self._takeover.shared.pause_left_s() > 0:
+                    continue  # this one gave way: the loop's top waits the pause out
+                delay = self._backoff.next_delay_s() if taken is None else taken
+                if taken is None:
+                    log.warning("disconnected from broker; reconnecting in %.2f s", delay)
                 await asyncio.sleep(delay)
 
     def _end_protocol_trial(self) -> None:
@@ -424,12 +496,57 @@ class MqttSession:
             self._protocol = "5"
             self._protocol_on_trial = False
 
+    def _give_way(self) -> None:
+        """The service stops fighting for its client ids: leave the broker, cleanly (no will,
+        and no takeover for the other process)."""
+        client = self._client
+        if client is None or not self._connected.is_set() or self._stopping:
+            self._farewell = self._announce_conflict and not self._stopping
+            return
+        log.info("client id %r gives way to the other connection", self.client_id)
+        self._taken_over.add(self._connection)  # what it holds goes to the other process
+        client.disconnect()
+        with contextlib.suppress(Exception):
+            client.loop_write()  # the DISCONNECT, now
+
+    def _takeover_delay(self) -> float | None:
+        """The lost connection was taken over: how long to wait (the guard logs it)."""
+        delay = self._takeover.lost(
+            server_reason=self._server_reason, peer_closed=self._peer_closed
+        )
+        if delay is None:
+            return None
+        self.stats.takeovers = self._takeover.total
+        self._taken_over.add(self._connection)
+        self._taken_over.discard(self._connection - 64)
+        self.last_error = f"client id {self.client_id!r} taken over by another connection"
+        if self._on_takeover is not None:
+            try:
+                self._on_takeover(self._connection)
+            except Exception:
+                log.exception("takeover hook failed")
+        return delay
+
+    def _closed_after_connack(self) -> ConnectFailed:
+        """The broker accepted the connection and closed it at once: another connection with
+        our client id may have come in between (a takeover the guard must see too)."""
+        self._takeover.connected()
+        exc = _ClosedAfterConnack(self.last_error or "connection closed right after CONNACK")
+        exc.takeover_delay = self._takeover_delay()
+        return exc
+
     async def _after_failure(self, exc: BaseException) -> None:
+        taken = exc.takeover_delay if isinstance(exc, _ClosedAfterConnack) else None
+        if not isinstance(exc, _ClosedAfterConnack):
+            self._takeover.connect_failed()  # the broker was away: no takeover streak
         self.stats.connect_failures += 1
         self.last_error = str(exc) or type(exc).__name__
         waiter = self._failure_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(exc)
+        if taken is not None:
+            await asyncio.sleep(taken)  # the guard said why
+            return
         delay = self._backoff.next_delay_s()
         log.warning(
             "cannot connect to %s:%d (%s); retrying in %.2f s",
@@ -486,6 +603,8 @@ class MqttSession:
         assert self._loop is not None
         self._connection += 1
         self._lost.clear()
+        self._server_reason = None
+        self._peer_closed = False
         client = self._make_client()
         self._client = client
         self._connack = self._loop.create_future()
@@ -522,7 +641,7 @@ class MqttSession:
         if await self._unless_lost(self._connack, self.config.connect_timeout_s):
             info = self._connack.result()
             if self._lost.is_set():  # CONNACK, then the socket closed at once
-                raise ConnectFailed(self.last_error or "connection closed right after CONNACK")
+                raise self._closed_after_connack()
             self._connected.set()
             return info
         if not self._lost.is_set():
@@ -816,6 +935,9 @@ class MqttSession:
             return
         if reason_code.is_failure:
             self.last_error = str(reason_code)
+        if flags.is_disconnect_packet_from_server:
+            self._server_reason = int(reason_code.value)
+        self._peer_closed = bool(getattr(client, "peer_closed", False))
         # Now, not when _run gets to it: _run may itself be awaiting one of these futures (an
         # on_connect hook that publishes), and `connected` must not outlive the connection.
         self.known_down_at = time.monotonic()

@@ -48,6 +48,7 @@ class Reason(StrEnum):
     # -- commands
     UNSUPPORTED_COMMAND = "unsupported_command"
     COMMAND_FAILED = "command_failed"
+    QUEUE_FULL = "queue_full"
 
 
 TRUST_DEPENDENT: frozenset[Reason] = frozenset(

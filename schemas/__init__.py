@@ -94,6 +94,7 @@ from .frame import Frame, decode_frame, encode_frame
 from .frames import decode_frames, encode_frames
 from .ids import new_id, new_ids
 from .limits import DEFAULT_LIMITS, Limits
+from .logtext import log_text
 from .results import Result, ResultBatch, Source, decode_results, encode_results
 from .sketch import SKETCH_BINS_MAX, SKETCH_MAX_BYTES, SketchWire, decode_sketch, encode_sketch
 from .status import State, Status, decode_status, encode_status
@@ -152,6 +153,7 @@ __all__ = [
     "encode_sketch",
     "encode_status",
     "encode_telemetry",
+    "log_text",
     "make_case",
     "make_escalation_batch",
     "new_id",

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import secrets
 import ssl
 import subprocess
@@ -42,13 +41,6 @@ from tests.securebroker import Pki, SecureBroker, make_ca, make_pki
 SITE_USERS = ("cam-1", "cam-2", "gw-1", "gw-2", "gw-1-esc", "gw-2-esc", "bridge-s1", "operator")
 CLOUD_USERS = ("bridge-s1", "worker-1", "worker-2", "operator")
 TAKEOVER = "already connected, closing old connection"
-
-#: Commands whose connections still use their base client id (``edgewise-sensor-...``) because
-#: mqtt_session does not apply the team's identity rule yet (``U:<base>`` for username U; branch
-#: "identity", issue 15) and the command has no client-id setting: the brokers refuse them. While
-#: a command is listed, its test proves exactly that refusal; once the rule lands the command
-#: connects, and its test fails until the command is taken off this list.
-IDENTITY_PENDING = {"sensor simulate", "model publish", "fleet status"}
 
 
 class Brokers:
@@ -685,9 +677,8 @@ def test_mqtt_session_over_tls_with_password_file(brokers: Brokers, tmp_path: Pa
 # -- the bridge with its credentials ----------------------------------------------------------
 
 
-#: Client ids given explicitly to the edgewise services these tests start (an explicit
-#: ``client_id`` is used as given), inside each principal's namespace: the services' own ids
-#: follow the identity rule only once mqtt_session applies it (IDENTITY_PENDING above).
+#: Client ids given explicitly to the bridge these tests start (an explicit ``client_id`` is
+#: used as given), inside its principal's namespace as the identity rule requires.
 BRIDGE_IDS = {"site_broker": "bridge-s1:site", "cloud_broker": "bridge-s1:cloud"}
 
 
@@ -861,28 +852,6 @@ def test_compose_bridge_rules_fit_the_broker_acls_end_to_end(
     assert got.topic == "sites/s1/edge/gw-1/results"
 
 
-def refused_while_identity_pending(
-    command: str,
-    done: subprocess.CompletedProcess[bytes],
-    broker: SecureBroker,
-    user: str,
-    base_id: str,
-) -> bool:
-    """Whether ``command`` is in IDENTITY_PENDING; if so, it must have been refused by the
-    edgewise_clientid plugin for its base client id (a regex) and have failed."""
-    if command not in IDENTITY_PENDING:
-        return False
-    refused = re.search(
-        rf"edgewise_clientid: refused client id '{base_id}' for username '{re.escape(user)}'",
-        broker.log_text(),
-    )
-    assert done.returncode != 0 and refused, (
-        f"`edgewise {command}` connected: mqtt_session applies the identity rule now, take "
-        f"{command!r} off IDENTITY_PENDING"
-    )
-    return True
-
-
 def test_sensor_simulate_takes_its_credentials_from_the_environment(
     brokers: Brokers, tmp_path: Path
 ) -> None:
@@ -918,10 +887,6 @@ def test_sensor_simulate_takes_its_credentials_from_the_environment(
             timeout=60,
         )
         assert brokers.site_pw["cam-1"] not in done.stdout.decode() + done.stderr.decode()
-        if refused_while_identity_pending(
-            "sensor simulate", done, brokers.site, "cam-1", "edgewise-sensor-cam-1-[^']+"
-        ):
-            return
         assert done.returncode == 0, done.stderr.decode()[-2000:]
         observer.wait_count(3, 10)
     finally:
@@ -971,10 +936,6 @@ def test_operator_publishes_a_model_with_credentials_from_the_environment(
     )  # fmt: skip
     output = published.stdout.decode() + published.stderr.decode()
     assert brokers.cloud_pw["operator"] not in output
-    if refused_while_identity_pending(
-        "model publish", published, brokers.cloud, "operator", "edgewise-cli-[^']+"
-    ):
-        return
     assert published.returncode == 0, output[-2000:]
     state = retained_under(brokers, "cloud", "fleet/#", "fleet/zz/end")
     manifest = decode_document(decode_envelope(state["fleet/generic-cpu/models/digits"]), Manifest)
@@ -991,10 +952,6 @@ def test_fleet_status_reads_a_secured_broker_with_credentials_from_the_environme
     )  # fmt: skip
     output = status.stdout.decode() + status.stderr.decode()
     assert brokers.site_pw["operator"] not in output
-    if refused_while_identity_pending(
-        "fleet status", status, brokers.site, "operator", "edgewise-fleet-[^']+"
-    ):
-        return
     assert status.returncode == 0, output[-2000:]  # 1: the broker refused the connection
     assert "nodes" in json.loads(status.stdout)
 

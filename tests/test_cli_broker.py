@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from local_broker import free_port
+from local_broker.probe import unique_client_id
 from releases import Command, decode_document, decode_envelope, verify_key_set, verify_manifest
 from releases.signing import load_public, raw_public
 from schemas import Status, encode_status
@@ -62,12 +63,11 @@ class Secured:
                 "--tls-ca", str(self.pki.ca_cert)]  # fmt: skip
 
     def client(self, user: str) -> Client:
-        """A paho client over TLS as ``user`` (never the operator: the broker still takes the
-        username as client id, so a second operator connection would take the CLI's over)."""
-        assert user != "operator"
+        """A paho client over TLS as ``user``, with a client id of its own inside the
+        principal's namespace (``{user}:...``, as the broker's identity rule requires)."""
         c = Client(
             self.broker.tls, username=user, password=self.passwords[user],
-            tls_ca=self.pki.ca_cert,
+            tls_ca=self.pki.ca_cert, client_id=unique_client_id(f"{user}:test"),
         )  # fmt: skip
         c.connect()
         return c
@@ -169,11 +169,11 @@ def test_operator_publishes_a_key_set_and_a_release_over_tls_with_flags(
 
 
 def _clear(secured: Secured, topics: list[str]) -> None:
-    """Remove retained messages the operator's commands left (the operator is the one who may;
-    no CLI runs now, so this connection takes over nobody)."""
+    """Remove retained messages the operator's commands left (the operator is the one who
+    may)."""
     op = Client(
         secured.broker.tls, username="operator", password=secured.passwords["operator"],
-        tls_ca=secured.pki.ca_cert,
+        tls_ca=secured.pki.ca_cert, client_id=unique_client_id("operator:clear"),
     )  # fmt: skip
     op.connect()
     try:

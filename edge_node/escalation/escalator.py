@@ -51,7 +51,7 @@ from edge_node.escalation.cache import CloudVerdict, VerdictCache, input_key
 from edge_node.escalation.config import EscalationConfig, PolicyConfig
 from edge_node.escalation.journal import Journal, JournalError
 from edge_node.escalation.policy import assess, edge_verdict, probabilities, with_thresholds
-from mqtt_session import Inbound, MqttConfig, MqttSession, PublishProperties
+from mqtt_session import Conflict, Inbound, MqttConfig, MqttSession, PublishProperties
 from mqtt_session.properties import expiry_interval_s
 from outbox import AsyncOutbox, Forwarder, OutboxConfig, OutboxError, Record
 from schemas import (
@@ -183,10 +183,12 @@ class Escalator:
         synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "FULL",
         outbox: AsyncOutbox | None = None,
         on_cloud_change: Callable[[bool], None] | None = None,
+        conflict: Conflict | None = None,
     ) -> None:
         """``outbox``: the node's outbox, opened by the node before this is entered; hard
         examples are stored there (kind ``hard_example``, bounded and evicted with the node's
-        records). Without it (the escalator on its own) they get a file of their own."""
+        records). Without it (the escalator on its own) they get a file of their own.
+        ``conflict``: the node's takeover count, shared by its connections (ADR 0073)."""
         self.config = config
         self.node_id = node_id
         self.topics = topics
@@ -223,12 +225,14 @@ class Escalator:
         self._presence_filter = topics.worker_status_filter()
         self.journal = Journal(state_dir / f"{node_id}.escalations.db", synchronous=synchronous)
         self.uplink = MqttSession(
-            config.uplink or node_mqtt,
+            # An explicit client id in the node's config names the node's own connection.
+            config.uplink or node_mqtt.model_copy(update={"client_id": ""}),
             client_id=f"edgewise-node-{node_id}-uplink",
             on_message=self._on_reply,
             manual_ack=False,
             persistent=False,
             keep_properties=True,
+            conflict=conflict,
         )
         self.owns_outbox = outbox is None
         self.hard_examples = (

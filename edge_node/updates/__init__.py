@@ -5,6 +5,8 @@
 * :mod:`.download`   chunked, capped, resumable, hash-verified artifact download
 * :mod:`.validate`   fresh session, declared spec, golden set, finite outputs
 * :mod:`.probation`  the health window after a swap
+* :mod:`.journal`    the command journal: recorded before acknowledged, run once, in order
+* :mod:`.rejects`    rejections on the control topics: counted, logged and reported capped
 * :mod:`.config`     :class:`UpdatesConfig` (``[updates]`` in the node config)
 * :mod:`.errors`     ``UpdateError`` > ``StepFailed`` | ``StateError``
 """

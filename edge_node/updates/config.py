@@ -62,6 +62,23 @@ class UpdatesConfig(BaseModel):
     probation_min_mean_confidence: float = Field(
         0.3, ge=0, le=1, description="roll back below this mean confidence (a collapse)"
     )
+    command_session_expiry_s: int = Field(
+        7 * 24 * 3600,
+        ge=0,
+        le=2**32 - 1,
+        description="how long the broker keeps the updater's session, and the QoS 1 commands"
+        " sent to it, while the node is away; 0: commands sent meanwhile are lost",
+    )
+    command_queue_max: int = Field(
+        100, ge=1, le=100_000, description="verified commands waiting to run; more: queue_full"
+    )
+    rejection_events_max_per_s: float = Field(
+        1.0,
+        ge=0,
+        le=1000,
+        description="events per second per rejection reason on the control topics, after a"
+        " burst of 10; beyond it rejections are counted and logged only",
+    )
 
     @field_validator("root_key")
     @classmethod

@@ -16,11 +16,12 @@ import hashlib
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from edge_node.updates.errors import StepFailed
 from edge_node.updates.files import fsync_dir, write_atomic
-from mqtt_session import Inbound, MqttConfig, MqttSession
+from mqtt_session import Conflict, Inbound, MqttConfig, MqttSession
 from releases import Manifest, Reason
 from schemas import Topics
 
@@ -37,8 +38,14 @@ class ChunkDownload:
         client_id: str,
         partial_root: Path,
         staged: Path,
+        on_garbage: Callable[[str, bytes, str], object] | None = None,
+        conflict: Conflict | None = None,
     ) -> None:
+        """``on_garbage(topic, payload, detail)`` hears of messages that are no chunk;
+        ``conflict``: the node's takeover count, shared by its connections (ADR 0073)."""
         self.manifest = manifest
+        self._conflict = conflict
+        self._on_garbage = on_garbage
         self._mqtt = mqtt
         self._topics = topics
         self._client_id = client_id
@@ -77,6 +84,7 @@ class ChunkDownload:
             on_message=self._queue.put_nowait,
             manual_ack=False,
             persistent=False,
+            conflict=self._conflict,
         ) as session:
             session.subscribe(f"{self._prefix}+", qos=1)
             while len(have) < m.chunks:
@@ -91,7 +99,11 @@ class ChunkDownload:
     def _index(self, msg: Inbound) -> int | None:
         m = self.manifest
         tail = msg.topic[len(self._prefix) :]
-        if not msg.topic.startswith(self._prefix) or not tail.isdigit() or not msg.payload:
+        if not msg.topic.startswith(self._prefix) or not (tail.isascii() and tail.isdigit()):
+            if self._on_garbage is not None:
+                self._on_garbage(msg.topic, msg.payload, "the topic's last level is no index")
+            return None
+        if not msg.payload:
             return None  # an empty retained message is a cleared chunk: ignore it
         index = int(tail)
         if index >= m.chunks:

@@ -1,9 +1,11 @@
 """The node's updater: signed keys, manifests and commands in; verified models swapped in.
 
 ``UpdateManager`` is an async context manager the node enters beside its other resources. It
-owns one MQTT session of its own (clean, so the broker resends the retained key set and
-manifest on every connect: the manifest is desired state, not an event) and two loops in one
-TaskGroup: keys + manifests, and commands. It talks to the node through three things only:
+owns one MQTT session of its own, persistent (``updates.command_session_expiry_s``), so QoS 1
+commands sent while the node is away wait for it at the broker; the retained key set and
+manifest are subscribed again on every connect, so the broker resends them too (the manifest
+is desired state, not an event). Its loops, in one TaskGroup: keys + manifests; the command
+journal's writer; the commands. It talks to the node through three things only:
 
 * :meth:`boot` (before the node loads its model): finish or abandon what a crash interrupted
   and load the model the persisted state says is active (``None``: the configured model);
@@ -21,6 +23,13 @@ The update state machine (persisted, see :mod:`edge_node.updates.state`)::
 model active and the update is reported ``abandoned`` (the retained manifest then restarts it,
 the download resuming from its chunks); a crash after it, during probation, is a failed
 probation: the node boots the previous model and reports ``rolled_back``.
+
+Commands (docs/adr/0073-client-id-conflict.md has the why): verified on receipt (garbage never
+takes a place in the queue), recorded in the journal (:mod:`edge_node.updates.journal`, fsynced)
+and only then acknowledged to the broker, run one at a time in the order received, marked done.
+A crash between receipt and execution runs the command once after the restart; a copy that
+comes again runs no more. Rejections on the control topics are counted, logged and reported at
+a capped rate (:mod:`edge_node.updates.rejects`).
 """
 
 from __future__ import annotations
@@ -45,7 +54,9 @@ from edge_node.updates.crashpoints import crashpoint
 from edge_node.updates.download import ChunkDownload
 from edge_node.updates.errors import StateError, StepFailed
 from edge_node.updates.files import fsync_dir, sha256_file
+from edge_node.updates.journal import CommandJournal, Entry
 from edge_node.updates.probation import ProbationWindow
+from edge_node.updates.rejects import ControlRejects, Kind, Rejection
 from edge_node.updates.state import (
     Installed,
     NodeState,
@@ -56,9 +67,10 @@ from edge_node.updates.state import (
     Step,
 )
 from edge_node.updates.validate import validate
-from mqtt_session import ConnectInfo, Inbound, MqttConfig, MqttSession
+from mqtt_session import Conflict, ConnectInfo, Inbound, MqttConfig, MqttSession
 from releases import (
     TRUST_DEPENDENT,
+    Command,
     KeySet,
     Manifest,
     Reason,
@@ -73,13 +85,32 @@ from releases import (
     verify_manifest,
 )
 from releases.events import EventKind
-from schemas import Topics, new_id
+from schemas import Topics, log_text, new_id
 
 log = logging.getLogger(__name__)
 
 Swap = Callable[[ServedModel], ServedModel]
 TRANSIENT = frozenset({Reason.DOWNLOAD_TIMEOUT, Reason.STORAGE_ERROR})
 CommandHandler = Callable[[Mapping[str, str]], object]
+DeadLetterSink = Callable[[str, bytes, str, str], None]
+"""``(topic, payload, reason, detail)``: the node's dead-letter publisher."""
+_HANDLED_KEYS_MAX = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """What came of a command: the event that reports it."""
+
+    kind: EventKind
+    reason: Reason | None
+    detail: str
+
+
+_EVENT_OF: dict[Kind, EventKind] = {
+    "command": "command_rejected",
+    "manifest": "rejected",
+    "keys": "keys_rejected",
+}
 
 
 @dataclass(slots=True)
@@ -89,6 +120,10 @@ class UpdateStats:
     """Seen again (retained, on every connect) and already judged: not verified again."""
     downloads: int = 0
     """Chunk downloads started (a session subscribed to ``models/{sha256}/+``)."""
+    commands_run: int = 0
+    """Commands whose turn came (ran, failed, or refused then, e.g. expired)."""
+    commands_again: int = 0
+    """Copies of a command already recorded and not yet run (a redelivery): acknowledged."""
 
 
 class UpdateManager:
@@ -108,14 +143,20 @@ class UpdateManager:
         commands: Mapping[str, CommandHandler] | None = None,
         clock: Callable[[], float] = time.time,
         publish_event: Callable[[str, bytes], None] | None = None,
+        dead_letter: DeadLetterSink | None = None,
+        conflict: Conflict | None = None,
     ) -> None:
         """``publish_event(topic, payload)``, when given, takes every event (retained, QoS 1)
-        instead of this manager's own connection: the node stores them in its outbox."""
+        instead of this manager's own connection: the node stores them in its outbox.
+        ``dead_letter``, when given, reports garbage on chunk topics (rate-capped);
+        ``conflict``: the node's takeover count, shared by its connections (ADR 0073)."""
         root = config.root_key_bytes()
         if root is None:
             raise ValueError("updates.root_key is not set: the node has no root key to trust")
         # Own sessions need their own client ids, whatever mqtt.client_id says.
         mqtt = mqtt.model_copy(update={"client_id": ""})
+        self._dead_letter = dead_letter
+        self._conflict = conflict
         self.config = config
         self.node_id = node_id
         self.hardware = hardware
@@ -136,7 +177,21 @@ class UpdateManager:
         self._manifests: dict[str, bytes] = {}
         self._key_payload: bytes | None = None
         self._wake = asyncio.Event()
-        self._command_queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=100)
+        self.journal = CommandJournal(self.store.root / "commands.db")
+        self._to_record: list[tuple[Command, Inbound]] = []
+        """Verified commands waiting for their journal write (then their acknowledgement)."""
+        self._record_wake = asyncio.Event()
+        self._waiting: collections.deque[Entry] = collections.deque()
+        """Commands recorded and not yet run, in the order received."""
+        self._run_wake = asyncio.Event()
+        self._in_hand: set[str] = set()
+        """Ids of the commands in ``_to_record`` and ``_waiting``: the bounded queue."""
+        self._done_ids: set[str] = set()
+        """Ids of the commands that ran (journal and, from before it, seen.json)."""
+        self.rejects = ControlRejects(
+            self._report_rejection, events_per_s=config.rejection_events_max_per_s
+        )
+        self._handled_keys: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._handled: set[str] = set()
         self._transient: set[str] = set()
         """Refused for a passing cause (a timeout, the disk): tried again after a reconnect."""
@@ -145,12 +200,14 @@ class UpdateManager:
         self._probation: ProbationWindow | None = None
         self._stack: contextlib.AsyncExitStack | None = None
         self.session = MqttSession(
-            mqtt,
+            # Persistent: QoS 1 commands sent while the node is away wait at the broker.
+            mqtt.model_copy(update={"session_expiry_s": config.command_session_expiry_s}),
             client_id=f"edgewise-node-{node_id}-updates",
             on_message=self._on_message,
             on_connect=self._on_connect,
-            manual_ack=False,
-            persistent=False,
+            persistent=config.command_session_expiry_s > 0,
+            resubscribe=True,  # the class, model or topics may have changed since
+            conflict=conflict,
         )
         self.stats = UpdateStats()
         self.state_changes: list[str] = []
@@ -175,6 +232,7 @@ class UpdateManager:
         self._keys = self._load_keys()
         self._state = store.state()
         self._seen = store.seen()
+        self._open_journal()
         state = self._state
         if state.probation is not None:
             failed = state.active
@@ -205,6 +263,18 @@ class UpdateManager:
             store.save_pending(None)
         self._prune()
         return self._load_active()
+
+    def _open_journal(self) -> None:
+        """Open the command journal; the commands recorded and not run go first (in order)."""
+        journal = self.journal
+        journal.open()
+        journal.prune(self._clock())
+        self._done_ids = journal.done_ids() | set(self._seen.commands)
+        waiting = journal.waiting()
+        self._waiting = collections.deque(waiting)
+        self._in_hand = {e.id for e in waiting}
+        if waiting:
+            log.info("%d commands received before the restart wait to run", len(waiting))
 
     def _load_keys(self) -> KeySet | None:
         data = self.store.key_set_bytes()
@@ -255,6 +325,9 @@ class UpdateManager:
 
     # ------------------------------------------------------------------ lifecycle
     async def __aenter__(self) -> Self:
+        if not self.journal.is_open:  # boot() was not called (the node was handed its model)
+            self.store.open()
+            self._open_journal()
         async with contextlib.AsyncExitStack() as stack:
             await stack.enter_async_context(self.session)
             t = self.topics
@@ -265,6 +338,7 @@ class UpdateManager:
             tasks = await stack.enter_async_context(asyncio.TaskGroup())
             loops = [
                 tasks.create_task(self._manifest_loop(), name="updates-manifests"),
+                tasks.create_task(self._record_loop(), name="updates-command-journal"),
                 tasks.create_task(self._command_loop(), name="updates-commands"),
             ]
             stack.callback(lambda: [x.cancel() for x in loops])
@@ -279,26 +353,32 @@ class UpdateManager:
     ) -> None:
         if self._stack is not None:
             await self._stack.__aexit__(None, None, None)
+        self.journal.close()
 
     # ------------------------------------------------------------------ inbound
     def _on_message(self, msg: Inbound) -> None:
         t = self.topics
+        if msg.topic in (t.cmd(self.node_id), t.fleet_cmd(self.hw_class)):
+            self._take_command(msg)  # acknowledged there, once recorded or refused
+            return
+        # Key sets and manifests are state, held in memory until judged: acknowledged now (the
+        # retained copy comes again on the next connect).
+        self.session.ack(msg)
         if msg.topic == t.fleet_keys():
             self._key_payload = msg.payload
             self._wake.set()
-        elif msg.topic in (t.cmd(self.node_id), t.fleet_cmd(self.hw_class)):
-            if msg.retain:
-                return  # commands are events: a retained one would run on every connect
-            try:
-                self._command_queue.put_nowait(msg.payload)
-            except asyncio.QueueFull:
-                log.warning("command queue full: dropped a command")
         else:
             self._manifests[msg.topic] = msg.payload
             self._wake.set()
 
     async def _on_connect(self, info: ConnectInfo) -> None:
         self._transient.clear()
+        if info.session_present and self.session.stats.connects > 1:
+            # The broker kept the session and its subscriptions, so it would not send the
+            # retained key set and manifest again: subscribing anew makes it.
+            t = self.topics
+            self.session.subscribe(t.fleet_keys(), qos=1)
+            self.session.subscribe(t.fleet_model(self.hw_class, self._model_name), qos=1)
         self._flush_events()
 
     # ------------------------------------------------------------------ events
@@ -311,7 +391,9 @@ class UpdateManager:
         detail: str = "",
         ref: str | None = None,
         running: int | None = None,
+        quiet: bool = False,
     ) -> None:
+        """Report an event (``quiet``: its log line was written already, rate-capped)."""
         if running is None:
             running = self._state.active.release if self._state.active else self._model_release
         event = UpdateEvent(
@@ -327,7 +409,10 @@ class UpdateManager:
             ref=ref,
         )
         self.state_changes.append(kind if reason is None else f"{kind}:{reason.value}")
-        log.info("update event %s release=%s reason=%s %s", kind, release, reason, detail)
+        if not quiet:
+            log.info(
+                "update event %s release=%s reason=%s %s", kind, release, reason, log_text(detail)
+            )
         topic, payload = self.topics.events(self.node_id), encode_event(event)
         if self._publish_event is not None:
             self._publish_event(topic, payload)
@@ -399,10 +484,12 @@ class UpdateManager:
                 payload, root_public=self._root, held=self._keys, now=self._clock()
             )
         except Rejected as exc:
-            key = f"keys:{envelope_id(payload)}"
-            if key not in self._handled:
-                self._handled.add(key)
-                self._event("keys_rejected", reason=exc.reason, detail=exc.detail)
+            key = envelope_id(payload)
+            if key not in self._handled_keys:  # the retained copy comes on every connect
+                self._handled_keys[key] = None
+                if len(self._handled_keys) > _HANDLED_KEYS_MAX:
+                    self._handled_keys.popitem(last=False)
+                self._rejected("keys", self.topics.fleet_keys(), exc, payload)
             return
         if verdict.status == "same":
             return
@@ -479,7 +566,29 @@ class UpdateManager:
             self._transient.add(manifest_id)
         else:
             self._remember_rejection(manifest_id, reason)
-        self._event("rejected", release=release, reason=reason, detail=detail, ref=manifest_id)
+        topic = self.topics.fleet_model(self.hw_class, self._model_name)
+        self.rejects.reject(
+            Rejection("manifest", topic, reason, detail, ref=manifest_id, release=release)
+        )
+
+    # ------------------------------------------------------------------ rejections
+    def _rejected(self, kind: Kind, topic: str, exc: Rejected, payload: bytes = b"") -> None:
+        self.rejects.reject(Rejection(kind, topic, exc.reason, exc.detail, payload))
+
+    def _report_rejection(self, r: Rejection) -> None:
+        """A rejection the rate cap lets through: an event (its log line is written)."""
+        if r.kind == "chunk":
+            if self._dead_letter is not None:
+                self._dead_letter(r.topic, r.payload, r.reason.value, r.detail)
+            return
+        self._event(
+            _EVENT_OF[r.kind],
+            release=r.release,
+            reason=r.reason,
+            detail=r.detail,
+            ref=r.ref,
+            quiet=True,
+        )
 
     async def _apply(self, m: Manifest, manifest_id: str) -> None:
         store = self.store
@@ -498,6 +607,10 @@ class UpdateManager:
                 client_id=f"edgewise-node-{self.node_id}-download",
                 partial_root=store.partial,
                 staged=staged,
+                on_garbage=lambda topic, payload, detail: self.rejects.reject(
+                    Rejection("chunk", topic, Reason.MALFORMED, detail, payload)
+                ),
+                conflict=self._conflict,
             )
             try:
                 staged = await download.fetch(self.config.download_timeout_s)
@@ -638,56 +751,110 @@ class UpdateManager:
         )
 
     # ------------------------------------------------------------------ commands
-    async def _command_loop(self) -> None:
-        while True:
-            payload = await self._command_queue.get()
-            await self._handle_command(payload)
-
-    async def _handle_command(self, payload: bytes) -> None:
-        now = self._clock()
+    def _take_command(self, msg: Inbound) -> None:
+        """Verify a command on receipt; queue it for the journal, or refuse it (acknowledged,
+        counted, reported at a capped rate). Only verified commands take a place in the
+        bounded queue, so garbage can never crowd out an operator's command."""
+        topic = msg.topic
+        if msg.retain:
+            self.session.ack(msg)  # commands are events: a retained one would run each connect
+            return
         try:
             command = verify_command(
-                payload,
+                msg.payload,
                 keys=self._keys,
                 node_id=self.node_id,
                 hw_class=self.hw_class,
-                seen_ids=set(self._seen.commands),
-                now=now,
+                seen_ids=self._done_ids,
+                now=self._clock(),
             )
         except Rejected as exc:
-            self._event("command_rejected", reason=exc.reason, detail=exc.detail)
+            self.session.ack(msg)
+            self._rejected("command", topic, exc, msg.payload)
             return
-        # Remembered before it runs: a crash mid-command must not make it run twice.
-        self._seen.commands[command.id] = command.expires_at
-        try:
-            self.store.save_seen(self._seen, now)
-        except StateError as exc:
-            self._event(
-                "command_rejected", reason=Reason.STORAGE_ERROR, detail=str(exc), ref=command.id
+        if command.id in self._in_hand:  # recorded (or being recorded), not run yet: a copy
+            self.stats.commands_again += 1
+            self.session.ack(msg)
+            return
+        if len(self._in_hand) >= self.config.command_queue_max:
+            self.session.ack(msg)
+            self.rejects.reject(
+                Rejection(
+                    "command",
+                    topic,
+                    Reason.QUEUE_FULL,
+                    f"{len(self._in_hand)} commands wait already (updates.command_queue_max)",
+                    msg.payload,
+                    ref=command.id,
+                )
             )
             return
+        self._in_hand.add(command.id)
+        self._to_record.append((command, msg))
+        self._record_wake.set()
+
+    async def _record_loop(self) -> None:
+        """Record verified commands (fsynced), then acknowledge them; hand them on to run."""
+        while True:
+            await self._record_wake.wait()
+            self._record_wake.clear()
+            batch, self._to_record = self._to_record, []
+            if not batch:
+                continue
+            rows = [(c.id, m.payload, c.expires_at) for c, m in batch]
+            try:
+                made = await asyncio.to_thread(self.journal.record, rows)
+            except StateError as exc:
+                # Not acknowledged: the broker hands them to the session's next connection.
+                for c, m in batch:
+                    self._in_hand.discard(c.id)
+                    self.rejects.reject(
+                        Rejection("command", m.topic, Reason.STORAGE_ERROR, str(exc), ref=c.id)
+                    )
+                continue
+            for _, m in batch:
+                self.session.ack(m)
+            self._waiting.extend(made)
+            self._run_wake.set()
+
+    async def _command_loop(self) -> None:
+        while True:
+            while not self._waiting:
+                await self._run_wake.wait()
+                self._run_wake.clear()
+            entry = self._waiting[0]
+            crashpoint("updates.command.before_run")  # fault tests: recorded, acked, not run
+            ref, outcome = await self._run_command(entry)
+            # Done in memory at once (a copy arriving now is a replay), then on disk, then said.
+            self._waiting.popleft()
+            self._in_hand.discard(entry.id)
+            self._done_ids.add(entry.id)
+            self.stats.commands_run += 1
+            summary = outcome.kind if outcome.reason is None else outcome.reason.value
+            try:
+                await asyncio.to_thread(self.journal.done, entry.id, f"{summary}: {outcome.detail}")
+            except StateError as exc:  # it would run again after a restart
+                log.error("cannot mark a command done: %s", log_text(str(exc)))
+            self._event(outcome.kind, reason=outcome.reason, detail=outcome.detail, ref=ref)
+
+    async def _run_command(self, entry: Entry) -> tuple[str, _Outcome]:
+        """Run a recorded command (verified when received): its id and what came of it."""
+        command = decode_document(decode_envelope(entry.payload), Command)
+        if entry.expires_at <= self._clock():
+            detail = f"expired at {entry.expires_at:.0f} before its turn came"
+            return command.id, _Outcome("command_rejected", Reason.EXPIRED, detail)
         handler = self.commands.get(command.name)
         if handler is None:
-            self._event(
-                "command_rejected",
-                reason=Reason.UNSUPPORTED_COMMAND,
-                detail=f"this node does not do {command.name}",
-                ref=command.id,
-            )
-            return
+            detail = f"this node does not do {command.name}"
+            return command.id, _Outcome("command_rejected", Reason.UNSUPPORTED_COMMAND, detail)
         try:
             outcome = handler(command.args)
             if asyncio.iscoroutine(outcome):
                 outcome = await outcome
         except Exception as exc:  # a handler's failure is the command's outcome, not ours
-            self._event(
-                "command_rejected",
-                reason=Reason.COMMAND_FAILED,
-                detail=f"{command.name}: {type(exc).__name__}: {exc}",
-                ref=command.id,
-            )
-            return
-        self._event("command_done", detail=f"{command.name}: {outcome}", ref=command.id)
+            detail = f"{command.name}: {type(exc).__name__}: {exc}"
+            return command.id, _Outcome("command_rejected", Reason.COMMAND_FAILED, detail)
+        return command.id, _Outcome("command_done", None, f"{command.name}: {outcome}")
 
     def describe(self) -> dict[str, object]:
         active = self._state.active
@@ -696,6 +863,8 @@ class UpdateManager:
             "key_set_version": self._keys.version if self._keys else None,
             "busy": self.busy,
             "in_probation": self._probation is not None,
+            "commands_waiting": len(self._in_hand),
+            "control_rejects": dict(self.rejects.counts),
         }
 
 

@@ -5,7 +5,8 @@ Layout (``{storage.state_dir}/{node_id}.updates/``)::
     keys.signed        the trusted key set, as received (root-signed envelope)
     state.json         active + previous artifact, release floor per model, probation marker
     pending.json       the update in progress before activation, and its step
-    seen.json          rejected manifest ids (with reason) and command ids already run
+    seen.json          rejected manifest ids (with reason); command ids run before the journal
+    commands.db        the command journal: every verified command, received → done (journal.py)
     artifacts/{sha}.{format}  verified, validated artifacts: at most the active and the previous
                        one; the suffix (.onnx, .tflite) is the manifest's format, so the runtime
                        that loads it is the right one
