@@ -312,6 +312,7 @@ def test_the_secured_compose_topology_runs_end_to_end(stack: Stack, tmp_path: Pa
         # Fleet status at the cloud shows both nodes.
         status = ["fleet", "status", "--edge-root", "sites/s1/edge", "--json", "--duration", "3"]
         report = json.loads(_operator(stack, status))
+        running = {n: _statuses(site_watch, n) for n in NODES}  # before they are stopped
     finally:
         s.stop_all()
         site_watch.close()
@@ -338,7 +339,7 @@ def test_the_secured_compose_topology_runs_end_to_end(stack: Stack, tmp_path: Pa
     assert not [k for k, _, _ in _events(cloud_watch, "gw-2") if k.startswith("command")]
     assert {n["node"] for n in report["nodes"]} >= set(NODES), report
     for node in NODES:
-        states = _statuses(site_watch, node)
+        states = running[node]
         first_online = states.index("online")
         assert "offline" not in states[first_online:], f"{node} flapped: {states}"
     for broker in (stack.site, stack.cloud):
