@@ -53,7 +53,15 @@ from cloud_worker.store import Answer, HardExampleStore, Row, example_row
 from edge_node.acks import InOrderAcker, Ticket
 from edge_node.batcher import MicroBatcher
 from edge_node.model import ServedModel
-from mqtt_session import ConnectInfo, Inbound, MqttError, MqttSession, PublishProperties, Will
+from mqtt_session import (
+    ConnectInfo,
+    Inbound,
+    MqttError,
+    MqttSession,
+    PublishProperties,
+    Will,
+    max_packet_for,
+)
 from mqtt_session.properties import expiry_interval_s
 from schemas import (
     DTYPES,
@@ -211,6 +219,8 @@ class Worker:
             on_connect=self._say_online,
             will=Will(self.presence_topic, self._presence("offline", ["connection_lost"])),
             keep_properties=True,
+            # The broker drops what no escalation can be (issue 16 point 8, ADR 0077).
+            max_packet_bytes=max_packet_for(config.max_payload_bytes),
         )
         self._acker = InOrderAcker(self.session)
 

@@ -46,6 +46,7 @@ from mqtt_session import (
     MqttError,
     MqttSession,
     Will,
+    max_packet_for,
 )
 from outbox import AsyncOutbox, Forwarder, OutboxError, Record, StorageFull
 from schemas import (
@@ -162,6 +163,8 @@ class EdgeNode:
         # One count of takeovers for all the node's connections: a duplicate of the node gives
         # way after 5 in all, not 5 per connection (docs/adr/0073-client-id-conflict.md).
         self.conflict = Conflict()
+        # The broker sends nothing larger than a frame can be (issue 16 point 8, ADR 0077).
+        max_packet = max_packet_for(config.limits.max_payload_bytes)
         self.session = MqttSession(
             config.mqtt,
             client_id=f"edgewise-node-{self.node_id}",
@@ -171,6 +174,7 @@ class EdgeNode:
             on_takeover=self._taken_over,
             conflict=self.conflict,
             announce_conflict=True,  # its on_connect publishes the status
+            max_packet_bytes=max_packet,
         )
         # Everything the node publishes goes to the uplink: the sensors' broker unless a
         # separate one is configured (sensors on a site broker, results straight to the cloud).
@@ -185,6 +189,7 @@ class EdgeNode:
                 on_takeover=self._taken_over,
                 conflict=self.conflict,
                 announce_conflict=True,
+                max_packet_bytes=max_packet,
             )
         )
         self._sessions = [self.session]
@@ -610,6 +615,7 @@ class EdgeNode:
                 "publish_failures": stats.publish_failures,
                 "reconnects": reconnects,
                 "takeovers": sum(s.stats.takeovers for s in self._all_sessions()),
+                "bytes_received": sum(s.bytes_received for s in self._all_sessions()),
                 "frames_left_to_other": stats.frames_left_to_other,
                 **self._update_counts(),
                 "session_recycles": stats.session_recycles,

@@ -221,8 +221,16 @@ def publish(
         str, typer.Option("--output", help="probabilities or logits.")
     ] = "probabilities",
     expires_days: ExpiresOpt = 30.0,
-    chunk_kib: Annotated[int, typer.Option("--chunk-kib", min=1, max=16384)] = DEFAULT_CHUNK_BYTES
-    // 1024,
+    chunk_kib: Annotated[
+        int,
+        typer.Option(
+            "--chunk-kib",
+            min=1,
+            max=1024,
+            help="Chunk size; at most 1024, so a chunk fits the shipped brokers' 1 MiB + 64 KiB"
+            " max_packet_size.",
+        ),
+    ] = DEFAULT_CHUNK_BYTES // 1024,
     keys_dir: KeysDirOpt = Path("edgewise-keys"),
     broker: BrokerOpt = DEFAULT_BROKER,
     username: UsernameOpt = None,

@@ -17,10 +17,19 @@ from mqtt_session.errors import (
 )
 from mqtt_session.message import Inbound
 from mqtt_session.properties import PublishProperties
-from mqtt_session.session import ConnectInfo, MqttSession, SessionStats, Subscription, Will
+from mqtt_session.session import (
+    PACKET_OVERHEAD_BYTES,
+    ConnectInfo,
+    MqttSession,
+    SessionStats,
+    Subscription,
+    Will,
+    max_packet_for,
+)
 from mqtt_session.takeover import Conflict
 
 __all__ = [
+    "PACKET_OVERHEAD_BYTES",
     "Backoff",
     "Conflict",
     "ConnectFailed",
@@ -39,5 +48,6 @@ __all__ = [
     "SubscribeRefused",
     "Subscription",
     "Will",
+    "max_packet_for",
     "shown_input",
 ]

@@ -39,7 +39,10 @@ PUBLISH, DISCONNECT) (docs/adr/0072-buffered-socket-io.md).
 This overrides private methods of paho 2.x (``Client._handle_publish``,
 ``Client._handle_on_message``, called by it for QoS 0 and 1, ``Client._handle_pubackcomp``,
 ``Client._update_inflight``, ``Client._messages_reconnect_reset_out``, ``Client._sock_recv``,
-called by ``Client._packet_read``, ``Client._packet_write`` and ``Client._sock_close``).
+called by ``Client._packet_read``, ``Client._sock_send``, called by ``Client._packet_write``,
+``Client._packet_write`` and ``Client._sock_close``). ``_sock_recv`` and ``_sock_send`` also
+note the first socket error (:attr:`DirectClient.net_error`: why a connection ended) and count
+the bytes received.
 ``tests/test_mqtt_session_client.py`` checks that paho still has them and still calls them,
 so an upgrade that changes either fails there, not silently.
 """
@@ -139,6 +142,13 @@ class DirectClient(paho.Client):
     error). Mosquitto closes a connection so when another takes its client id
     (:mod:`mqtt_session.takeover`)."""
 
+    net_error: OSError | None = None
+    """The first socket error a read or a write met (a reset, a broken pipe …): the connection
+    was lost to the network, not closed by the broker."""
+
+    bytes_received: int = 0
+    """Bytes read from the socket (TLS: after decryption), whatever they held."""
+
     def buffered(self) -> int:
         """Bytes read from the socket that paho has not taken yet: while there are any, reading
         must go on even though the socket itself may not be readable."""
@@ -153,13 +163,31 @@ class DirectClient(paho.Client):
                 return buf[pos:] if pos else buf
             self._read_pos = end
             return buf[pos:end]
-        data = super()._sock_recv(max(bufsize, READ_AHEAD_BYTES))
+        try:
+            data = super()._sock_recv(max(bufsize, READ_AHEAD_BYTES))
+        except BlockingIOError:
+            raise
+        except OSError as err:
+            if self.net_error is None and self._sock is not None:
+                self.net_error = err
+            raise
         if not data:
             self.peer_closed = True
+        self.bytes_received += len(data)
         if len(data) <= bufsize:
             return data
         self._read_buf, self._read_pos = data, bufsize
         return data[:bufsize]
+
+    def _sock_send(self, buf: bytes | bytearray) -> int:
+        try:
+            return super()._sock_send(buf)
+        except BlockingIOError:
+            raise
+        except OSError as err:
+            if self.net_error is None and self._sock is not None:
+                self.net_error = err
+            raise
 
     def _sock_close(self) -> None:
         self._read_buf, self._read_pos = b"", 0  # what was read belongs to the closed socket

@@ -33,8 +33,33 @@ class MqttConfig(BaseModel):
     receive_maximum: int = Field(
         1000, ge=1, le=65535, description="in-flight QoS>0 messages we accept"
     )
-    reconnect_first_s: float = Field(0.5, gt=0, le=2.0)
-    reconnect_cap_s: float = Field(30.0, gt=0, le=60.0)
+    reconnect_first_s: float = Field(
+        0.5, gt=0, le=2.0, description="longest first wait after a loss; doubles per attempt"
+    )
+    reconnect_fast_cap_s: float = Field(
+        2.0,
+        gt=0,
+        le=60.0,
+        description="longest wait while the outage is younger than reconnect_fast_for_s, so a"
+        " broker back within that time is tried again within this (ADR 0077)",
+    )
+    reconnect_fast_for_s: float = Field(
+        60.0, ge=0, le=3600.0, description="how long after a loss the fast waits apply"
+    )
+    reconnect_cap_s: float = Field(
+        10.0,
+        gt=0,
+        le=60.0,
+        description="wait once the outage is older: between half of it and it, so at most"
+        " 120 / reconnect_cap_s attempts a minute (12 with 10 s)",
+    )
+    reconnect_reset_after_s: float = Field(
+        10.0,
+        ge=0,
+        le=3600.0,
+        description="a connection up this long starts a fresh schedule when it ends; one that"
+        " ends sooner (a broker that accepts and drops) goes on with its outage's schedule",
+    )
     username: str | None = None
     password: str | None = Field(None, repr=False)
     password_file: Path | None = None

@@ -60,6 +60,45 @@ READS_PER_WAKEUP = 256
 ``MqttSession._read``), and then the loop's other tasks get their turn."""
 
 
+_MAX_PACKET_LIMIT = 268_435_460
+"""The largest MQTT packet there can be: a 268,435,455-byte remaining length and its header."""
+_KEEP_ALIVE_TIMEOUT = 0x8D
+"""The reason code paho reports when it ends a connection for a missing PINGRESP."""
+_PROTOCOL_ERROR = 0x82
+_NORMAL = 0x00
+
+
+PACKET_OVERHEAD_BYTES = 65_536
+"""Room for everything in a PUBLISH but its payload: the topic (at most 65,535 bytes), the
+fixed header, the packet id and the common properties (not hostile user properties)."""
+
+
+def max_packet_for(payload_bytes: int) -> int:
+    """The Maximum Packet Size a connection that takes payloads of up to ``payload_bytes``
+    tells the broker: a payload over the cap by less than the overhead still arrives (and is
+    refused and counted by the application); a packet larger than this, the broker drops."""
+    return min(payload_bytes + PACKET_OVERHEAD_BYTES, _MAX_PACKET_LIMIT)
+
+
+def packet_size(topic: str, payload: bytes, qos: int, properties: bytes | None) -> int:
+    """Bytes of the PUBLISH packet for ``topic`` and ``payload``; ``properties``: the packed
+    MQTT 5 properties (their length included), None for MQTT 3.1.1."""
+    remaining = 2 + len(topic.encode("utf-8")) + (2 if qos else 0) + len(payload)
+    if properties is not None:
+        remaining += len(properties)
+    header = 2 if remaining < 128 else 3 if remaining < 16_384 else 4 if remaining < 2**21 else 5
+    return header + remaining
+
+
+def _os_text(err: OSError) -> str:
+    return err.strerror or str(err) or type(err).__name__
+
+
+class _ClosedBeforeConnack(NoConnack):
+    """The broker (or a proxy before it) closed the connection after the CONNECT, with no
+    CONNACK and no socket error."""
+
+
 class _ClosedAfterConnack(ConnectFailed):
     """The broker closed the connection right after its CONNACK."""
 
@@ -161,8 +200,12 @@ class MqttSession:
         on_takeover: TakeoverHook | None = None,
         conflict: Conflict | None = None,
         announce_conflict: bool = False,
+        max_packet_bytes: int | None = None,
     ) -> None:
+        if max_packet_bytes is not None and not 16 <= max_packet_bytes <= _MAX_PACKET_LIMIT:
+            raise ValueError(f"max_packet_bytes must be 16..{_MAX_PACKET_LIMIT}")
         self.config = config
+        self.max_packet_bytes = max_packet_bytes
         self.client_id = config.client_id_for(client_id)
         self._takeover = TakeoverGuard(
             self.client_id, config.takeover_backoff_first_s, conflict or Conflict()
@@ -206,7 +249,16 @@ class MqttSession:
         self._loop_thread: int | None = None
         self._tasks: asyncio.TaskGroup | None = None
         self._background: list[asyncio.Task[None]] = []
-        self._backoff = Backoff(config.reconnect_first_s, config.reconnect_cap_s)
+        self._backoff = Backoff.of(config)
+        self._up_since = 0.0
+        """``time.monotonic()`` when the current (or last) connection came up."""
+        self._bytes_before = 0
+        """Bytes received on the connections closed so far."""
+        self._trial_spent = False
+        """An MQTT 3.1.1 trial after a close before CONNACK failed in this outage: no more."""
+        self._end_reason: str | None = None
+        self.broker_max_packet_bytes: int | None = None
+        """The broker's Maximum Packet Size (MQTT 5 CONNACK); None: it named none."""
         self.stats = SessionStats()
         self.broker_receive_maximum = 65535
         self.last_error: str | None = None
@@ -267,6 +319,13 @@ class MqttSession:
     @property
     def connection(self) -> int:
         return self._connection
+
+    @property
+    def bytes_received(self) -> int:
+        """Bytes read from the broker since the start, over every connection."""
+        client = self._client
+        now = client.bytes_received if isinstance(client, DirectClient) else 0
+        return self._bytes_before + now
 
     @property
     def client_id_conflict(self) -> bool:
@@ -380,6 +439,22 @@ class MqttSession:
         if client is None or not self._connected.is_set() or self._lost.is_set():
             fut.set_exception(Disconnected("not connected"))
             return fut
+        limit = self.broker_max_packet_bytes
+        if limit is not None and (
+            properties is not None or len(payload) + 4 * len(topic) + 16 > limit
+        ):
+            # A packet over the broker's limit would make it drop the connection (Mosquitto:
+            # DISCONNECT 0x95), and the same publish, sent again, the next one: refuse it here.
+            packed = b"\x00" if properties is None else bytes(properties.pack())  # type: ignore[no-untyped-call]
+            size = packet_size(topic, payload, qos, packed if self._protocol == "5" else None)
+            if size > limit:
+                fut.set_exception(
+                    PublishFailed(
+                        f"publish to {topic[:128]!r} refused: a {size}-byte packet, over the"
+                        f" broker's maximum packet size ({limit} bytes)"
+                    )
+                )
+                return fut
         try:
             info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         except ValueError as exc:
@@ -439,12 +514,22 @@ class MqttSession:
             except NoConnack as exc:
                 self.known_down_at = time.monotonic()
                 self._close_client()
-                if self.config.protocol == "auto" and self._protocol == "5":
-                    # Silence to an MQTT 5 CONNECT may mean a 3.1.1-only broker: try that once,
-                    # and keep it only if it works.
+                auto5 = self.config.protocol == "auto" and self._protocol == "5"
+                if auto5 and not isinstance(exc, _ClosedBeforeConnack):
+                    # Silence to an MQTT 5 CONNECT (for connect_timeout_s) may mean a 3.1.1-only
+                    # broker: try that at once, and keep it only if it works.
                     log.warning("no answer to an MQTT 5 CONNECT; trying MQTT 3.1.1")
                     self._protocol = "3.1.1"
                     self._protocol_on_trial = True
+                    continue
+                if auto5 and not self._trial_spent:
+                    # Closed after our MQTT 5 CONNECT without a CONNACK: a broker that does not
+                    # speak 5 may do that, but so does a broker going down, or a proxy whose
+                    # broker is away. The next attempt, at its ordinary time (no extra
+                    # connect), tries MQTT 3.1.1, once an outage (ADR 0077).
+                    self._protocol = "3.1.1"
+                    self._protocol_on_trial = True
+                    await self._after_failure(exc, next_try="MQTT 3.1.1")
                     continue
                 self._end_protocol_trial()
                 await self._after_failure(exc)
@@ -456,7 +541,8 @@ class MqttSession:
                 await self._after_failure(exc)
                 continue
             self._protocol_on_trial = False  # MQTT 3.1.1 on trial worked: keep it
-            self._backoff.reset()
+            self._trial_spent = False
+            self._up_since = time.monotonic()
             self._takeover.connected()
             self.stats.connects += 1
             if self.stats.connects > 1:
@@ -478,23 +564,39 @@ class MqttSession:
                 self._give_way()  # said what it had to (or connected as the service gave way)
             await self._lost.wait()
             self.known_down_at = time.monotonic()
+            lived = self.known_down_at - self._up_since
             self._connected.clear()
             self._fail_pending(Disconnected("connection lost"))
             self._close_client()
             if not self._stopping:
+                why = self._end_reason or "connection lost"
                 taken = self._takeover_delay()
                 if taken is None and self._takeover.shared.pause_left_s() > 0:
                     continue  # this one gave way: the loop's top waits the pause out
-                delay = self._backoff.next_delay_s() if taken is None else taken
                 if taken is None:
-                    log.warning("disconnected from broker; reconnecting in %.2f s", delay)
+                    self.last_error = why
+                    if lived >= self.config.reconnect_reset_after_s:
+                        self._backoff.reset()  # a fresh outage; else the last one goes on
+                    delay = self._backoff.next_delay_s()
+                    log.warning(
+                        "connection to %s:%d ended after %.1f s: %s; reconnecting in %.2f s",
+                        self.config.host,
+                        self.config.port,
+                        lived,
+                        why,
+                        delay,
+                    )
+                else:
+                    delay = taken  # the guard said why
                 await asyncio.sleep(delay)
 
     def _end_protocol_trial(self) -> None:
-        """MQTT 3.1.1 on trial failed too: the broker was just down, so speak MQTT 5 again."""
+        """MQTT 3.1.1 on trial failed too: the broker was just down, so speak MQTT 5 again
+        (and try no more MQTT 3.1.1 after a close until a connection has been made)."""
         if self._protocol_on_trial:
             self._protocol = "5"
             self._protocol_on_trial = False
+            self._trial_spent = True
 
     def _give_way(self) -> None:
         """The service stops fighting for its client ids: leave the broker, cleanly (no will,
@@ -535,24 +637,27 @@ class MqttSession:
         exc.takeover_delay = self._takeover_delay()
         return exc
 
-    async def _after_failure(self, exc: BaseException) -> None:
+    async def _after_failure(self, exc: BaseException, *, next_try: str = "") -> None:
+        """Count and log a failed attempt, and wait for the next one (``next_try``: what it
+        tries differently; a command waiting for the outcome hears of that one instead)."""
         taken = exc.takeover_delay if isinstance(exc, _ClosedAfterConnack) else None
         if not isinstance(exc, _ClosedAfterConnack):
             self._takeover.connect_failed()  # the broker was away: no takeover streak
         self.stats.connect_failures += 1
         self.last_error = str(exc) or type(exc).__name__
         waiter = self._failure_waiter
-        if waiter is not None and not waiter.done():
+        if waiter is not None and not waiter.done() and not next_try:
             waiter.set_result(exc)
         if taken is not None:
             await asyncio.sleep(taken)  # the guard said why
             return
         delay = self._backoff.next_delay_s()
         log.warning(
-            "cannot connect to %s:%d (%s); retrying in %.2f s",
+            "cannot connect to %s:%d (%s); retrying%s in %.2f s",
             self.config.host,
             self.config.port,
             self.last_error,
+            f" with {next_try}" if next_try else "",
             delay,
         )
         await asyncio.sleep(delay)
@@ -605,6 +710,7 @@ class MqttSession:
         self._lost.clear()
         self._server_reason = None
         self._peer_closed = False
+        self._end_reason = None
         client = self._make_client()
         self._client = client
         self._connack = self._loop.create_future()
@@ -614,6 +720,11 @@ class MqttSession:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = self.config.session_expiry_s if self._persistent else 0
             props.ReceiveMaximum = self.config.receive_maximum
+            if self.max_packet_bytes is not None:
+                # The broker sends nothing larger (Mosquitto drops such a message for this
+                # client and logs "Dropping too large outgoing PUBLISH"): a hostile size never
+                # reaches this process's memory (docs/adr/0077-reconnect-schedule.md).
+                props.MaximumPacketSize = self.max_packet_bytes
             clean_start = not self._persistent
         connect = client.connect
         try:
@@ -646,11 +757,16 @@ class MqttSession:
             return info
         if not self._lost.is_set():
             raise NoConnack("no CONNACK before the connect timeout")
+        err = client.net_error if isinstance(client, DirectClient) else None
+        if err is not None:
+            # A reset (a link cut, a proxy refusing): the network's doing, no answer to the
+            # CONNECT, so no reason to try another protocol version.
+            raise ConnectFailed(f"network error before its CONNACK: {_os_text(err)}")
         if self._protocol == "5":
             # A 3.1.1-only broker may close the socket instead of answering an MQTT 5 CONNECT, but
             # so does a broker going down or a proxy without a broker: not a refusal, so MQTT 3.1.1
-            # gets one try and is kept only if it works.
-            raise NoConnack("connection closed before CONNACK")
+            # gets one try (_run) and is kept only if it works.
+            raise _ClosedBeforeConnack("the broker closed the connection before its CONNACK")
         closed = "the broker closed the connection before its CONNACK"
         raise ConnectFailed(f"{closed} ({self.last_error})" if self.last_error else closed)
 
@@ -721,6 +837,8 @@ class MqttSession:
         self._client = None
         if client is None:
             return
+        if isinstance(client, DirectClient):
+            self._bytes_before += client.bytes_received
         client.on_disconnect = None
         client.on_socket_close = None
         sock = client.socket()
@@ -910,6 +1028,8 @@ class MqttSession:
         if properties is not None and hasattr(properties, "ReceiveMaximum"):
             receive_max = int(properties.ReceiveMaximum)
         self.broker_receive_maximum = receive_max
+        limit = getattr(properties, "MaximumPacketSize", None) if properties is not None else None
+        self.broker_max_packet_bytes = int(limit) if limit is not None else None
         if receive_max < self.config.receive_maximum:
             # paho neither honours the broker's Receive Maximum nor lets it be set once connected.
             # This client is fresh, so nothing is in flight yet and lowering its window is safe.
@@ -938,12 +1058,38 @@ class MqttSession:
         if flags.is_disconnect_packet_from_server:
             self._server_reason = int(reason_code.value)
         self._peer_closed = bool(getattr(client, "peer_closed", False))
+        self._end_reason = self._why_ended(client, flags, reason_code)
         # Now, not when _run gets to it: _run may itself be awaiting one of these futures (an
         # on_connect hook that publishes), and `connected` must not outlive the connection.
         self.known_down_at = time.monotonic()
         self._connected.clear()
         self._lost.set()
         self._fail_pending(Disconnected("session closed" if self._stopping else "connection lost"))
+
+    def _why_ended(
+        self, client: paho.Client, flags: paho.DisconnectFlags, reason_code: ReasonCode
+    ) -> str:
+        """Why a connection ended, in words, for the log line that says it ended."""
+        code = int(reason_code.value)
+        if flags.is_disconnect_packet_from_server:
+            return f"the broker sent DISCONNECT: {reason_code} (reason code 0x{code:02x})"
+        if code == _KEEP_ALIVE_TIMEOUT:
+            return (
+                "keep-alive timeout: nothing from the broker, not even a PINGRESP, within"
+                f" keepalive_s ({self.config.keepalive_s} s)"
+            )
+        err = client.net_error if isinstance(client, DirectClient) else None
+        if err is not None:
+            return f"network error: {_os_text(err)}"
+        if self._peer_closed:
+            return "the broker closed the connection (no DISCONNECT)"
+        if code == _PROTOCOL_ERROR:
+            return "protocol error: the broker sent a malformed packet"
+        if self._stopping:
+            return "session closed"
+        if code == _NORMAL:
+            return "this client disconnected"
+        return f"connection lost ({reason_code})"
 
     def _on_message_cb(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         handler = self._on_message

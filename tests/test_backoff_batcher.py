@@ -1,36 +1,17 @@
-"""Unit tests of reconnect backoff, micro-batching and dead-letter rate limiting."""
+"""Unit tests of micro-batching and dead-letter rate limiting (the reconnect schedule:
+tests/test_reconnect_schedule.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
-
 from edge_node.batcher import MicroBatcher
 from edge_node.deadletter import DeadLetters
 from edge_node.inference import AdaptiveRunner
-from mqtt_session import Backoff
 from schemas import decode_deadletter
-
-
-def test_backoff_grows_to_cap_with_jitter() -> None:
-    b = Backoff(first_s=0.5, cap_s=30.0, rng=random.Random(7))
-    delays = [b.next_delay_s() for _ in range(40)]
-    assert delays[0] <= 0.5
-    assert all(0.25 <= d <= 30.0 for d in delays)
-    assert max(delays[10:]) > 15.0  # reaches the cap region
-    assert len({round(d, 6) for d in delays[10:]}) > 20  # jittered, not a fixed ladder
-    b.reset()
-    assert b.next_delay_s() <= 0.5
-
-
-def test_backoff_rejects_nonsense() -> None:
-    with pytest.raises(ValueError, match="cap_s"):
-        Backoff(first_s=2.0, cap_s=1.0)
 
 
 def _run_batcher(items: int, max_batch: int, max_wait_s: float, chunk: int = 0) -> list[list[int]]:

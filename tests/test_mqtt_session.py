@@ -13,9 +13,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import logging
-import random
 import socket
-import statistics
 import termios
 import threading
 import uuid
@@ -31,7 +29,6 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from local_broker import BrokerInfo, MosquittoProcess, MqttProbe, ProbeError
 from mqtt_session import (
-    Backoff,
     ConnectInfo,
     Disconnected,
     Inbound,
@@ -890,61 +887,7 @@ def test_own_smaller_window_is_kept_and_mqtt311_has_no_broker_limit(
     asyncio.run(scenario())
 
 
-# -- 9: backoff (unit) -----------------------------------------------------------------------
-def test_backoff_first_retry_within_2s_for_any_allowed_config() -> None:
-    config = MqttConfig(reconnect_first_s=2.0, reconnect_cap_s=60.0)  # the largest allowed
-    for seed in range(500):
-        b = Backoff(config.reconnect_first_s, config.reconnect_cap_s, rng=random.Random(seed))
-        assert 1.0 <= b.next_delay_s() <= 2.0
-    default = MqttConfig()
-    b = Backoff(default.reconnect_first_s, default.reconnect_cap_s, rng=random.Random(1))
-    assert b.next_delay_s() <= 2.0
-    with pytest.raises(ValueError, match="reconnect_first_s"):
-        MqttConfig(reconnect_first_s=2.5)
-
-
-def test_backoff_never_exceeds_cap_even_after_many_attempts() -> None:
-    b = Backoff(first_s=0.5, cap_s=3.0, rng=random.Random(3))
-    delays = [b.next_delay_s() for _ in range(2000)]  # far past 2**32 growth
-    assert max(delays) <= 3.0
-    assert min(delays) >= 0.25
-    # Once grown, the delays use the whole [first/2, cap] range, close to the cap too.
-    assert max(delays) > 2.9
-    b = Backoff(first_s=1.0, cap_s=1.0, rng=random.Random(4))
-    assert all(0.5 <= b.next_delay_s() <= 1.0 for _ in range(100))
-
-
-def test_backoff_jitter_is_uniform_over_the_window() -> None:
-    """At a fixed attempt the delay is spread evenly over [first/2, ceiling]: no fixed ladder,
-    no clustering at either end (a fleet that lost its broker together spreads out)."""
-    first, cap = 0.5, 30.0
-    n = 5000
-    draws: list[float] = []
-    rng = random.Random(12345)
-    for _ in range(n):
-        b = Backoff(first, cap, rng=rng)
-        for _ in range(3):
-            b.next_delay_s()
-        draws.append(b.next_delay_s())  # attempt 3: window [0.25, 4.0]
-    low, high = first / 2, first * 2**3
-    assert all(low <= d <= high for d in draws)
-    assert statistics.fmean(draws) == pytest.approx((low + high) / 2, rel=0.03)
-    width = (high - low) / 10
-    buckets = [0] * 10
-    for d in draws:
-        buckets[min(int((d - low) / width), 9)] += 1
-    assert all(0.08 * n <= count <= 0.12 * n for count in buckets), buckets
-    # Two sessions started at the same moment do not retry in lockstep.
-    a, b2 = Backoff(first, cap), Backoff(first, cap)
-    assert [a.next_delay_s() for _ in range(5)] != [b2.next_delay_s() for _ in range(5)]
-
-
-def test_session_reconnect_delays_follow_its_config() -> None:
-    config = MqttConfig(reconnect_first_s=0.1, reconnect_cap_s=0.5)
-    session = MqttSession(config, client_id=_client_id("backoff"))
-    delays = [session._backoff.next_delay_s() for _ in range(50)]
-    assert delays[0] <= 0.1
-    assert all(0.05 <= d <= 0.5 for d in delays)
+# -- 9: backoff: tests/test_reconnect_schedule.py ------------------------------------------
 
 
 # -- a connect that outlives connect_timeout_s -----------------------------------------------

@@ -313,8 +313,11 @@ def test_what_the_socket_cannot_take_at_once_waits_for_it_to_be_writable(
 
 # ---------------------------------------------------------------------- buffered socket I/O
 def test_paho_still_reads_and_writes_through_the_overridden_methods() -> None:
-    assert {"_sock_recv", "_sock_close", "_packet_write", "_packet_read"} <= set(vars(paho.Client))
+    assert {"_sock_recv", "_sock_send", "_sock_close", "_packet_write", "_packet_read"} <= set(
+        vars(paho.Client)
+    )
     assert inspect.getsource(paho.Client._packet_read).count("self._sock_recv(") >= 3
+    assert "self._sock_send(" in inspect.getsource(paho.Client._packet_write)
     assert "self._packet_write()" in inspect.getsource(paho.Client.loop_write)
     assert "self._sock_close()" in inspect.getsource(paho.Client._reset_sockets)
 

@@ -51,7 +51,14 @@ from edge_node.escalation.cache import CloudVerdict, VerdictCache, input_key
 from edge_node.escalation.config import EscalationConfig, PolicyConfig
 from edge_node.escalation.journal import Journal, JournalError
 from edge_node.escalation.policy import assess, edge_verdict, probabilities, with_thresholds
-from mqtt_session import Conflict, Inbound, MqttConfig, MqttSession, PublishProperties
+from mqtt_session import (
+    Conflict,
+    Inbound,
+    MqttConfig,
+    MqttSession,
+    PublishProperties,
+    max_packet_for,
+)
 from mqtt_session.properties import expiry_interval_s
 from outbox import AsyncOutbox, Forwarder, OutboxConfig, OutboxError, Record
 from schemas import (
@@ -233,6 +240,7 @@ class Escalator:
             persistent=False,
             keep_properties=True,
             conflict=conflict,
+            max_packet_bytes=max_packet_for(config.max_reply_bytes),  # replies, presence
         )
         self.owns_outbox = outbox is None
         self.hard_examples = (

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from edge_node.updates.errors import StepFailed
 from edge_node.updates.files import fsync_dir, write_atomic
-from mqtt_session import Conflict, Inbound, MqttConfig, MqttSession
+from mqtt_session import Conflict, Inbound, MqttConfig, MqttSession, max_packet_for
 from releases import Manifest, Reason
 from schemas import Topics
 
@@ -85,6 +85,7 @@ class ChunkDownload:
             manual_ack=False,
             persistent=False,
             conflict=self._conflict,
+            max_packet_bytes=max_packet_for(m.chunk_bytes),  # nothing larger than a chunk
         ) as session:
             session.subscribe(f"{self._prefix}+", qos=1)
             while len(have) < m.chunks:

@@ -67,7 +67,14 @@ from edge_node.updates.state import (
     Step,
 )
 from edge_node.updates.validate import validate
-from mqtt_session import Conflict, ConnectInfo, Inbound, MqttConfig, MqttSession
+from mqtt_session import (
+    Conflict,
+    ConnectInfo,
+    Inbound,
+    MqttConfig,
+    MqttSession,
+    max_packet_for,
+)
 from releases import (
     TRUST_DEPENDENT,
     Command,
@@ -85,6 +92,7 @@ from releases import (
     verify_manifest,
 )
 from releases.events import EventKind
+from releases.wire import MAX_ENVELOPE_BYTES
 from schemas import Topics, log_text, new_id
 
 log = logging.getLogger(__name__)
@@ -208,6 +216,9 @@ class UpdateManager:
             persistent=config.command_session_expiry_s > 0,
             resubscribe=True,  # the class, model or topics may have changed since
             conflict=conflict,
+            # Signed envelopes (manifests, key sets, commands): larger ones are refused and
+            # counted up to the overhead beyond; the broker drops what is larger still.
+            max_packet_bytes=max_packet_for(MAX_ENVELOPE_BYTES),
         )
         self.stats = UpdateStats()
         self.state_changes: list[str] = []
