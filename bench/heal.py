@@ -9,9 +9,12 @@ broker's return (p95 over repeated runs). Run from the repo root::
 Set-up: one Mosquitto (the project's tuning, persistence on, as the compose brokers run), and
 ``--nodes`` real ``edgewise node`` processes with the default reconnect settings (``--schedule
 old`` instead makes the waits grow to 30 s as before ADR 0077, for comparison). A paho sensor
-publishes a frame (``ts`` = its wall clock) every ``1 / --rate`` s to ``sensors/bench-heal/digits``,
-which every node takes; a paho consumer with a persistent session reads every node's results.
-Both reconnect every 50 ms after a loss, so what is measured is the nodes' healing.
+publishes a frame (``ts`` = its wall clock, QoS 0, dropped while it is disconnected: no backlog
+to flush afterwards) every ``1 / --rate`` s to ``sensors/bench-heal/digits``, which every node
+takes; a paho consumer with a persistent session reads every node's results. Both reconnect
+every 50 ms after a loss, so what is measured is the nodes' healing. Before each outage the
+nodes run normally for ``--settle-s`` (15 s): a connection up for less than
+``mqtt.reconnect_reset_after_s`` (10 s) goes on with the schedule of the outage before it.
 
 Each round, for each outage length in ``--outages``:
 
@@ -48,7 +51,12 @@ from typing import Any, cast
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from bench.node_throughput import NodeProcess, machine_info, write_markdown
+from bench.node_throughput import (
+    NodeProcess,
+    _sigterm_as_interrupt,
+    machine_info,
+    write_markdown,
+)
 from edgewise.frames import load_holdout
 from local_broker import MosquittoProcess, TcpProxy
 from schemas import ContractError, Frame, decode_results, decode_status, encode_frame
@@ -56,10 +64,12 @@ from schemas import ContractError, Frame, decode_results, decode_status, encode_
 TOPIC = "sensors/bench-heal/digits"
 MARKER = "<!-- bench:heal:{label}:{end} -->"
 OLD_SCHEDULE = {
-    "EDGEWISE_MQTT__RECONNECT_FAST_CAP_S": "30",
-    "EDGEWISE_MQTT__RECONNECT_CAP_S": "30",
-    "EDGEWISE_MQTT__RECONNECT_FAST_FOR_S": "3600",
+    f"EDGEWISE_{conn}__RECONNECT_{key}": value
+    for conn in ("MQTT", "UPLINK")
+    for key, value in (("FAST_CAP_S", "30"), ("CAP_S", "30"), ("FAST_FOR_S", "3600"))
 }
+"""The waits before ADR 0077, nearly: 0.5 s doubling to 30 s (drawn from [ceiling / 2, ceiling]
+where it was [0.25 s, ceiling]), on both of a node's connections."""
 
 
 def log(msg: str) -> None:
@@ -79,8 +89,8 @@ def _client(client_id: str, *, persistent: bool) -> mqtt.Client:
 
 
 class Sensor:
-    """Publishes a frame every ``period_s`` from its own thread, whatever the connection does
-    (paho queues while disconnected, and reconnects every 50 ms)."""
+    """Publishes a frame (QoS 0) every ``period_s`` from its own thread; while disconnected the
+    frames are dropped (no backlog to flush after the outage), and it reconnects every 50 ms."""
 
     def __init__(self, host: str, port: int, period_s: float) -> None:
         self.client = _client(f"bench-heal-sensor-{uuid.uuid4().hex[:6]}", persistent=False)
@@ -98,7 +108,7 @@ class Sensor:
             seq += 1
             frame = Frame(seq=seq, ts=time.time(), tensor=self._image)
             with contextlib.suppress(Exception):
-                self.client.publish(TOPIC, encode_frame(frame), qos=1)
+                self.client.publish(TOPIC, encode_frame(frame), qos=0)
 
     def close(self) -> None:
         self._stop.set()
@@ -183,8 +193,12 @@ def _heals(
 
 def run(args: argparse.Namespace) -> tuple[list[Sample], dict[str, str]]:
     samples: list[Sample] = []
-    with tempfile.TemporaryDirectory(prefix="edgewise-bench-heal-") as tmp:
-        work = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        if args.workdir is not None:
+            work = args.workdir
+            work.mkdir(parents=True, exist_ok=True)
+        else:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edgewise-heal-")))
         state = work / "broker-state"
         state.mkdir()
         broker = MosquittoProcess(
@@ -218,6 +232,10 @@ def run(args: argparse.Namespace) -> tuple[list[Sample], dict[str, str]]:
             for rnd in range(args.rounds):
                 for kind in args.kinds:
                     for outage in args.outages:
+                        # Healthy for a while first: a connection up for less than
+                        # mqtt.reconnect_reset_after_s (10 s) would go on with the schedule of
+                        # the outage before it (ADR 0077), as a flapping one should.
+                        time.sleep(args.settle_s)
                         start = time.time()
                         _wait(
                             lambda t=start: all(consumer.first_fresh(n.node_id, t) for n in nodes),
@@ -313,7 +331,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rate", type=float, default=20.0, help="sensor frames per second")
     p.add_argument("--schedule", choices=["default", "old"], default="default")
     p.add_argument("--give-up-s", type=float, default=60.0)
+    p.add_argument(
+        "--settle-s", type=float, default=15.0, help="normal operation before each outage"
+    )
     p.add_argument("--write", type=Path, help="write the block into this markdown file")
+    p.add_argument("--workdir", type=Path, help="keep the nodes' logs and state here")
     p.add_argument("--label", default="", help="block label (default: the schedule)")
     return p.parse_args(argv)
 
@@ -321,7 +343,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     load_before = _load()
-    samples, machine = run(args)
+    with _sigterm_as_interrupt():  # the nodes and the broker are stopped on SIGTERM too
+        samples, machine = run(args)
     body = markdown(args, samples, machine, load_before, _load())
     print(body)
     if args.write is not None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from edgewise.frames import LabelledFrames, load_holdout
-from mqtt_session import MqttConfig, MqttError, MqttSession, PublishRejected
+from mqtt_session import MqttConfig, MqttError, MqttSession, PublishFailed, PublishRejected
 from schemas import Frame, Topics, encode_frame, encode_frames
 
 
@@ -77,6 +77,8 @@ async def simulate(
         exc = f.exception()
         if exc is None:
             stats.acked += n
+        elif isinstance(exc, PublishFailed) and not exc.transient:
+            pass  # e.g. over the broker's maximum packet size: sending again cannot help (failed)
         elif not isinstance(exc, PublishRejected):  # the connection dropped: send it again
             unacked.append((n, payload))
 

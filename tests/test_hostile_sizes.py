@@ -2,9 +2,10 @@
 
 A real ``edgewise node`` process, a real Mosquitto, and sensors that try to publish 20 frames of
 10 MB each at once (raw sockets: one PUBLISH per connection, nothing resent). What must hold: the
-node's RSS stays ≤ 150 MB (README; its peak too), it still answers genuine frames, and the bytes never reached
-it: the node's own count of bytes received from the broker (telemetry ``bytes_received``) stays
-far below one such frame, and the broker's log says why each was stopped.
+node's RSS stays ≤ 150 MB (README; its peak too), it still answers genuine frames, and the bytes
+never reached it: the node's own count of bytes received from the broker (telemetry
+``bytes_received``) stays far below one such frame, and the broker's log says why each was
+stopped.
 
 - Shipped broker config (``max_packet_size`` 1 MiB + 64 KiB): the broker refuses each PUBLISH
   before reading it ("disconnected due to oversize packet"), for a node on MQTT 5 and on
@@ -17,6 +18,7 @@ far below one such frame, and the broker's log says why each was stopped.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -33,6 +35,8 @@ import pytest
 
 from edgewise.frames import load_holdout
 from local_broker import BrokerInfo, Message, MosquittoProcess, MqttProbe
+from mqtt_session import MqttConfig, MqttSession, PublishFailed, PublishProperties
+from mqtt_session.session import packet_size
 from schemas import decode_results, decode_status, decode_telemetry
 from tests.nodeharness import frame_bytes
 
@@ -216,3 +220,48 @@ def test_control_a_node_on_mqtt311_behind_a_permissive_broker_does_receive_them(
     run = _hostile_run(tmp_path, protocol="3.1.1", extra_config=OLD_CONFIG)
     assert run.received >= ATTEMPTS * FRAME_BYTES
     assert run.rejected.get("payload_too_large", 0) == ATTEMPTS
+
+
+def test_a_publish_over_the_brokers_maximum_packet_size_is_refused_here_for_good(
+    tmp_path: Path,
+) -> None:
+    """The broker names its limit in the CONNACK (MQTT 5): a packet of exactly that size goes
+    out and is acknowledged, one byte more is refused before it is sent (a permanent
+    ``PublishFailed``: the outbox drops it rather than resending it on every connection), and
+    the connection stays up; the broker never saw an oversize packet."""
+    limit = 4096
+    broker = MosquittoProcess(tmp_path / "broker", extra_config=f"max_packet_size {limit}")
+    info = broker.start()
+    topic = "test/limit/x"
+    props = PublishProperties(response_topic="test/limit/reply", correlation_data=b"c" * 9)
+
+    async def scenario() -> tuple[list[str], int]:
+        config = MqttConfig(host=info.host, port=info.port)
+        outcomes: list[str] = []
+        async with MqttSession(config, client_id=f"limit-{uuid.uuid4().hex[:6]}") as s:
+            await s.wait_connected(10)
+            assert s.broker_max_packet_bytes == limit
+            for qos, properties in ((1, None), (0, None), (1, props)):
+                packed = b"\x00" if properties is None else properties.pack()
+                fits = limit - packet_size(topic, b"", qos, packed)
+                while packet_size(topic, b"x" * fits, qos, packed) > limit:
+                    fits -= 1  # the remaining length takes one more byte past 127
+                assert packet_size(topic, b"x" * fits, qos, packed) == limit
+                for payload in (b"x" * fits, b"x" * (fits + 1)):
+                    try:
+                        await s.publish(topic, payload, qos=qos, properties=properties)
+                        outcomes.append("sent")
+                    except PublishFailed as exc:
+                        permanent = not exc.transient and "maximum packet size" in str(exc)
+                        outcomes.append("refused" if permanent else f"failed: {exc}")
+            await s.publish(topic, b"still up")
+            return outcomes, s.stats.connects
+
+    try:
+        outcomes, connects = asyncio.run(asyncio.wait_for(scenario(), 30))
+        log = broker.log_text()
+    finally:
+        broker.kill()
+    assert outcomes == ["sent", "refused"] * 3
+    assert connects == 1
+    assert "oversize" not in log
