@@ -28,7 +28,7 @@ Layout and policies (the measurements behind the constants are in their comments
   running total is kept in memory and recomputed with ``SUM`` at open.
 * The on-disk bound: ``max_bytes`` bounds the db file + its WAL at every instant (at rest, and
   while a transaction writes its pages to the WAL and a checkpoint copies them into the file),
-  within 5 % for bounds of 1 MiB and more (ADR 0075). The bound is split three ways: the WAL
+  within 5 % for bounds of 256 KiB and more (ADR 0075). The bound is split three ways: the WAL
   allowance, the free-page allowance, and the page limit (what is left) for live pages. Two
   layers keep live pages within the page limit. (1) The accounted budget, ``(page limit -
   fixed schema pages) * FILL_FACTOR``: before writing, an append evicts until its batch fits
@@ -44,15 +44,21 @@ Layout and policies (the measurements behind the constants are in their comments
   it finds plus that estimate would pass the WAL limit, the WAL is checkpointed and truncated
   (``TRUNCATE``) first. The WAL limit is the WAL allowance (1/16 of the bound, at least 40
   frames, at most a quarter of the bound and 4 MiB), and never more than half of what the
-  volume has free (plus the WAL itself), so that the WAL cannot fill a volume smaller than the
-  bound. :class:`outbox.AsyncOutbox` keeps each group commit within :func:`txn_bytes`, so one
+  volume has free beyond its reserve (plus the WAL itself), so that the WAL cannot fill a volume
+  smaller than the bound and a checkpoint always has room to grow the file.
+  :class:`outbox.AsyncOutbox` keeps each group commit within :func:`txn_bytes`, so one
   transaction fits the allowance. After a commit, a WAL at or past the limit is checkpointed
-  too, and :meth:`Outbox.close` does the same: at rest the WAL is below the allowance.
-* A full disk (SQLITE_FULL, ENOSPC): the transaction is rolled back, the WAL is checkpointed and
-  truncated at once (the space it held goes back to the volume, often enough for the
+  too, and :meth:`Outbox.close` does the same: at rest the WAL is below the allowance. Freed
+  pages are not zeroed into the WAL (``secure_delete = FAST``; Debian builds SQLite with
+  ``SECURE_DELETE``, which made deleting 1 MiB of records write 1 MiB of WAL).
+* A full volume (SQLITE_FULL, ENOSPC): the transaction is rolled back, the WAL is checkpointed
+  and truncated at once (the space it held goes back to the volume, often enough for the
   transaction), and the transaction is tried once more; if it fails again, :class:`StorageFull`
-  is raised and the next transaction checkpoints first. So the outbox works again as soon as
-  space is freed, whatever the bound.
+  is raised and the next transaction checkpoints first. An append that would leave less than
+  :data:`VOLUME_RESERVE` (at most 1/16 of the volume) free is refused the same way before it
+  writes, so that deletes (deliveries) and checkpoints always find room, and the answered keys
+  take at most 1/8 of what the volume can give the outbox. So the outbox works again as soon
+  as deliveries or anything else free space, whatever the bound.
 * Vacuum: ``auto_vacuum=INCREMENTAL`` is set at creation; after a transaction that deleted rows,
   free pages beyond the free-page allowance (1/32 of the bound, 2 pages .. 4 MiB) are returned
   to the file system with ``incremental_vacuum`` in the same transaction, down to half the
@@ -236,7 +242,7 @@ def budget_for(max_bytes: int) -> int:
 
     From the bound: the empty schema's pages, the WAL allowance and the free-page allowance are
     taken off, and the rest is scaled by ``FILL_FACTOR`` for partly filled B-tree pages. At
-    1 MiB the budget is 0.66 MiB (66 %); at 256 MiB, 196 MiB (77 %).
+    1 MiB the budget is 0.70 MiB (70 %); at 4 MiB, 81 %; at 256 MiB, 223 MiB (87 %).
     """
     room = page_limit(max_bytes) - FIXED_PAGES * PAGE_SIZE
     return max(int(room * FILL_FACTOR), PAGE_SIZE)
