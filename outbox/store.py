@@ -319,13 +319,18 @@ class _FrameEstimate:
 
     def __init__(self) -> None:
         self._seen: dict[str, deque[int]] = {}
+        self._max: dict[str, int] = {}
 
     def frames(self, what: str) -> int:
-        seen = self._seen.get(what)
-        return max(seen) if seen else _FIRST_ESTIMATE_FRAMES
+        return self._max.get(what, _FIRST_ESTIMATE_FRAMES)
 
     def learn(self, what: str, frames: int) -> None:
-        self._seen.setdefault(what, deque(maxlen=64)).append(max(0, frames))
+        seen = self._seen.setdefault(what, deque(maxlen=64))
+        frames = max(0, frames)
+        dropped = seen[0] if len(seen) == seen.maxlen else None
+        seen.append(frames)
+        top = self._max.get(what, -1)
+        self._max[what] = max(seen) if dropped == top and frames < top else max(top, frames)
 
 
 class _Unusable(Exception):
@@ -391,6 +396,10 @@ class Outbox:
         self._db_path = str(config.path)
         self._wal_path = self._db_path + "-wal"
         self._dir = str(config.path.parent)
+        # Sizes on disk: the WAL changes at each commit and checkpoint, the file (WAL mode) only
+        # at checkpoints; kept here so that a transaction costs one stat().
+        self._db_bytes = _file_size(self._db_path)
+        self._wal_bytes = _file_size(self._wal_path)
         self.recovered_from: Path | None = recovered_from
         self._kinds = frozenset(config.eviction_order)
         self._budget = budget_for(config.max_bytes)
@@ -626,7 +635,7 @@ class Outbox:
         return OutboxStats(
             rows=sum(st.rows.values()),
             bytes=st.record_bytes + st.answered_bytes,
-            file_bytes=_file_size(self._db_path) + _file_size(self._wal_path),
+            file_bytes=self._db_bytes + self._wal_bytes,
             appended=dict(st.appended),
             deleted=dict(st.deleted),
             evicted=dict(st.evicted),
@@ -677,10 +686,9 @@ class Outbox:
         if self._closed:
             raise OutboxError(f"outbox {self._db_path} is closed")
 
-    def _wal_limit(self, wal: int) -> int:
+    def _wal_limit(self, wal: int, volume: tuple[int, int] | None) -> int:
         """The WAL allowance, or, if less, half of what the volume has free besides its reserve
         (the WAL's own space included): a checkpoint may grow the file by up to the WAL."""
-        volume = _volume(self._dir)
         if volume is None:
             return self._wal_allowance
         free, reserve = volume
@@ -721,18 +729,19 @@ class Outbox:
         conn = self._conn
         data = _data_frames(data_bytes)
         estimate = data + self._estimate.frames(what)
-        wal = _file_size(self._wal_path)
-        limit = self._wal_limit(wal)
+        wal = self._wal_bytes
+        volume = _volume(self._dir)
+        limit = self._wal_limit(wal, volume)
         if wal > WAL_HEADER and (self._full or wal + estimate * WAL_FRAME > limit):
             self._checkpoint(what)
-            wal = _file_size(self._wal_path)
-        db = _file_size(self._db_path)
+            wal = self._wal_bytes
+            volume = _volume(self._dir)
+        db = self._db_bytes
         state = self._state.copy()
         self._vacuum_steps = 0
         if data:
             # On a volume smaller than the bound, the answered keys (a cache) take at most an
             # eighth of what the volume can give the outbox, as they do of the budget.
-            volume = _volume(self._dir)
             room = self._answered_cap * 8 if volume is None else db + wal + volume[0] - volume[1]
             self._answered_limit = max(0, min(self._answered_cap, room // 8))
         if self._evicted_topics is not None:
@@ -740,8 +749,8 @@ class Outbox:
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                if data:
-                    self._check_volume(data, estimate)
+                if data and volume is not None:
+                    self._check_volume(data, estimate, volume)
                 result = work(state)
                 self._write_counters(state)
                 if vacuum:
@@ -754,7 +763,8 @@ class Outbox:
                         conn.execute("ROLLBACK")
                 raise
         except (sqlite3.Error, OSError) as exc:
-            self._peak = max(self._peak, db + _file_size(self._wal_path))
+            self._wal_bytes = _file_size(self._wal_path)  # what the failed one wrote stays
+            self._peak = max(self._peak, db + self._wal_bytes)
             raise translate(exc, what) from exc
         finally:
             topics, self._txn_topics = self._txn_topics, None
@@ -763,15 +773,19 @@ class Outbox:
         if topics and self._evicted_topics is not None:
             self._evicted_topics.update(topics)
         # The WAL now holds every frame of the transaction and the file is not written yet.
-        after = _file_size(self._wal_path)
+        after = self._wal_bytes = _file_size(self._wal_path)
         self._peak = max(self._peak, db + after)
         written = (after - max(wal, WAL_HEADER)) // WAL_FRAME
         self._estimate.learn(what, written - data - self._vacuum_steps)
-        if after >= self._wal_limit(after):
+        if volume is not None:  # what the WAL took is no longer free
+            volume = (volume[0] - max(0, after - wal), volume[1])
+        if after >= self._wal_limit(after, volume):
             self._checkpoint(what)
         return result
 
-    def _check_volume(self, data_frames: int, estimate_frames: int) -> None:
+    def _check_volume(
+        self, data_frames: int, estimate_frames: int, volume: tuple[int, int]
+    ) -> None:
         """Refuse a write the volume cannot take whole, or that would leave less than its
         reserve free: that room is what deletes and checkpoints need, so that the outbox can
         always give space back (deliveries delete records; on a full volume even that fails).
@@ -779,9 +793,6 @@ class Outbox:
         The write needs its WAL frames and, once they are checkpointed with the WAL still
         there, the pages the file grows by (those its free pages cannot take).
         """
-        volume = _volume(self._dir)
-        if volume is None:
-            return
         free, reserve = volume
         wal = estimate_frames * WAL_FRAME
         if free > 2 * wal + reserve + data_frames * PAGE_SIZE:
@@ -800,8 +811,7 @@ class Outbox:
         Failure (a full disk) is logged (once until one works again), never raised: what the
         WAL holds is durable there.
         """
-        wal = _file_size(self._wal_path)
-        before = _file_size(self._db_path)
+        wal, before = self._wal_bytes, self._db_bytes
         try:
             busy, _, _ = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         except sqlite3.Error as exc:
@@ -810,8 +820,10 @@ class Outbox:
             self._checkpoint_failing = True
             return False
         finally:
+            self._db_bytes = _file_size(self._db_path)
+            self._wal_bytes = _file_size(self._wal_path)
             # While the checkpoint ran, the file grew (if it did) with the WAL still whole.
-            self._peak = max(self._peak, max(before, _file_size(self._db_path)) + wal)
+            self._peak = max(self._peak, max(before, self._db_bytes) + wal)
         self._checkpoints += 1
         if self._checkpoint_failing and not busy:
             log.info("outbox %s: WAL checkpoints work again", self._db_path)
@@ -820,10 +832,10 @@ class Outbox:
 
     def _release_wal(self) -> bool:
         """The disk is full: give the WAL's space back to the volume. True if it shrank."""
-        wal = _file_size(self._wal_path)
+        wal = self._wal_bytes
         if wal <= WAL_HEADER:
             return False
-        return self._checkpoint("disk full") and _file_size(self._wal_path) < wal
+        return self._checkpoint("disk full") and self._wal_bytes < wal
 
     def _write_counters(self, state: _State) -> None:
         old = self._state
@@ -873,8 +885,7 @@ class Outbox:
         for _ in range(rounds):
             if not self._vacuum_owed:
                 return
-            wal = _file_size(self._wal_path)
-            if wal > WAL_HEADER and not self._checkpoint("vacuum"):
+            if self._wal_bytes > WAL_HEADER and not self._checkpoint("vacuum"):
                 return
             try:
                 self._attempt("vacuum", lambda st: None, 0, True)
