@@ -406,6 +406,9 @@ class Outbox:
         self._answered_cap = self._budget // 8
         self._answered_limit = self._answered_cap  # lower while the volume is tight
         self._wal_allowance = wal_allowance(config.max_bytes)
+        self._plenty = 16 * (self._wal_allowance + VOLUME_RESERVE)
+        self._volume_seen: tuple[int, int] | None = None
+        self._volume_at = 0.0
         self._free_allowance = free_allowance(config.max_bytes)
         self._page_limit = page_limit(config.max_bytes)
         # The db file's own share of the bound: the page limit and the free-page allowance.
@@ -686,6 +689,18 @@ class Outbox:
         if self._closed:
             raise OutboxError(f"outbox {self._db_path} is closed")
 
+    def _volume(self) -> tuple[int, int] | None:
+        """:func:`_volume` of the outbox's directory. A volume with plenty free (16 times what
+        the WAL and the reserve need) is looked at again only after a second: no transaction
+        gets near its free space meanwhile (another program filling it that fast meets the
+        full-disk path)."""
+        now = time.monotonic()
+        seen = self._volume_seen
+        if seen is not None and seen[0] > self._plenty and now - self._volume_at < 1.0:
+            return seen
+        self._volume_seen, self._volume_at = _volume(self._dir), now
+        return self._volume_seen
+
     def _wal_limit(self, wal: int, volume: tuple[int, int] | None) -> int:
         """The WAL allowance, or, if less, half of what the volume has free besides its reserve
         (the WAL's own space included): a checkpoint may grow the file by up to the WAL."""
@@ -694,9 +709,7 @@ class Outbox:
         free, reserve = volume
         return min(self._wal_allowance, max(0, free + wal - reserve) // 2)
 
-    def _transaction(
-        self, what: str, work: Callable[[_State], T], data_bytes: int = 0, *, vacuum: bool = True
-    ) -> T:
+    def _transaction(self, what: str, work: Callable[[_State], T], data_bytes: int = 0) -> T:
         """Run ``work`` in one IMMEDIATE transaction on a copy of the state; swap in on commit.
 
         ``data_bytes`` (the accounted bytes it writes) sizes its WAL frames: when the WAL plus
@@ -705,7 +718,7 @@ class Outbox:
         """
         for attempt in (1, 2):
             try:
-                result = self._attempt(what, work, data_bytes, vacuum)
+                result = self._attempt(what, work, data_bytes)
             except StorageFull as exc:
                 self._full_seen += 1
                 released = self._release_wal()
@@ -720,22 +733,22 @@ class Outbox:
             if self._full:
                 log.info("outbox %s: writes work again", self._db_path)
                 self._full = False
-            if self._vacuum_owed and vacuum:
+            if self._vacuum_owed:
                 self._vacuum_rounds(_VACUUM_ROUNDS)
             return result
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _attempt(self, what: str, work: Callable[[_State], T], data_bytes: int, vacuum: bool) -> T:
+    def _attempt(self, what: str, work: Callable[[_State], T], data_bytes: int) -> T:
         conn = self._conn
         data = _data_frames(data_bytes)
         estimate = data + self._estimate.frames(what)
         wal = self._wal_bytes
-        volume = _volume(self._dir)
+        volume = self._volume()
         limit = self._wal_limit(wal, volume)
         if wal > WAL_HEADER and (self._full or wal + estimate * WAL_FRAME > limit):
             self._checkpoint(what)
             wal = self._wal_bytes
-            volume = _volume(self._dir)
+            volume = self._volume()
         db = self._db_bytes
         state = self._state.copy()
         self._vacuum_steps = 0
@@ -753,9 +766,7 @@ class Outbox:
                     self._check_volume(data, estimate, volume)
                 result = work(state)
                 self._write_counters(state)
-                if vacuum:
-                    room = (limit - max(wal, WAL_HEADER)) // WAL_FRAME - estimate
-                    self._vacuum_if_needed(room)
+                self._vacuum_if_needed((limit - max(wal, WAL_HEADER)) // WAL_FRAME - estimate)
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -888,7 +899,7 @@ class Outbox:
             if self._wal_bytes > WAL_HEADER and not self._checkpoint("vacuum"):
                 return
             try:
-                self._attempt("vacuum", lambda st: None, 0, True)
+                self._attempt("vacuum", lambda st: None, 0)
             except OutboxError as exc:
                 log.warning("outbox %s: vacuum failed: %s", self._db_path, exc)
                 return
