@@ -55,7 +55,7 @@ class _GroupCommitter(Generic[P, R]):
         owner: AsyncOutbox,
         work: Callable[[list[P]], tuple[list[R], OutboxStats]],
         max_group: int,
-        max_bytes: int,
+        max_bytes: Callable[[], int],
     ) -> None:
         self._owner = owner
         self._work = work
@@ -80,11 +80,12 @@ class _GroupCommitter(Generic[P, R]):
     def _take(self) -> list[_Request[P, R]]:
         group: list[_Request[P, R]] = []
         size = nbytes = 0
+        max_bytes = self._max_bytes()
         while self._queue and (
             not group
             or (
                 size + self._queue[0].size <= self._max_group
-                and nbytes + self._queue[0].nbytes <= self._max_bytes
+                and nbytes + self._queue[0].nbytes <= max_bytes
             )
         ):
             request = self._queue.popleft()
@@ -143,10 +144,9 @@ class AsyncOutbox:
     """An :class:`Outbox` for asyncio code: ``async with AsyncOutbox(config) as outbox: …``.
 
     ``max_group`` caps how many records (or ids) one coalesced transaction takes, and
-    :attr:`max_txn_bytes` (:func:`outbox.store.txn_bytes` of the bound) how many bytes of
-    records, so that one transaction's WAL frames fit the WAL allowance; a single larger call
-    still goes in one transaction of its own (split it with :attr:`max_txn_bytes` where
-    atomicity is not needed).
+    :attr:`max_txn_bytes` how many bytes of records, so that one transaction's WAL frames fit
+    the WAL allowance; a single larger call still goes in one transaction of its own (split it
+    with :attr:`max_txn_bytes` where atomicity is not needed).
     """
 
     def __init__(
@@ -163,12 +163,12 @@ class AsyncOutbox:
         self._stats: OutboxStats | None = None
         self._inflight: set[asyncio.Future[Any]] = set()
         self._closed = False
-        self.max_txn_bytes = txn_bytes(config.max_bytes)
+        self._txn_bytes = txn_bytes(config.max_bytes)
         self._appender: _GroupCommitter[_AppendItem, list[int]] = _GroupCommitter(
-            self, self._append_group, max_group, self.max_txn_bytes
+            self, self._append_group, max_group, lambda: self.max_txn_bytes
         )
         self._deleter: _GroupCommitter[list[int], int] = _GroupCommitter(
-            self, self._delete_group, max_group, 1 << 62
+            self, self._delete_group, max_group, lambda: 1 << 62
         )
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -232,6 +232,14 @@ class AsyncOutbox:
         if len(self._protectors) == 1:
             return self._protectors[0]()
         return frozenset().union(*(p() for p in self._protectors))
+
+    @property
+    def max_txn_bytes(self) -> int:
+        """Bytes of records one transaction should take: :func:`outbox.store.txn_bytes` of the
+        bound, less on a volume with little free space (ADR 0075)."""
+        if self._outbox is None:
+            return self._txn_bytes
+        return self._outbox.txn_bytes_now
 
     @property
     def recovered_from(self) -> Path | None:

@@ -407,6 +407,10 @@ class Outbox:
         self._answered_limit = self._answered_cap  # lower while the volume is tight
         self._wal_allowance = wal_allowance(config.max_bytes)
         self._plenty = 16 * (self._wal_allowance + VOLUME_RESERVE)
+        self._txn_bytes = txn_bytes(config.max_bytes)
+        #: Bytes one transaction should take now: :func:`txn_bytes` of the bound, or less on a
+        #: volume with little free (a quarter of what is free beyond the reserve).
+        self.txn_bytes_now = self._txn_bytes
         self._volume_seen: tuple[int, int] | None = None
         self._volume_at = 0.0
         self._free_allowance = free_allowance(config.max_bytes)
@@ -790,6 +794,8 @@ class Outbox:
         self._estimate.learn(what, written - data - self._vacuum_steps)
         if volume is not None:  # what the WAL took is no longer free
             volume = (volume[0] - max(0, after - wal), volume[1])
+            room = (volume[0] + after - volume[1]) // 4
+            self.txn_bytes_now = max(PAGE_SIZE, min(self._txn_bytes, room))
         if after >= self._wal_limit(after, volume):
             self._checkpoint(what)
         return result
