@@ -897,15 +897,15 @@ class EdgeNode:
                 # At most one outbox transaction's worth of bytes: the WAL stays within its
                 # share of the outbox's bound at every instant (ADR 0075).
                 size, max_size = 0, self.outbox.max_txn_bytes
-                while self._to_store and (
-                    not results
-                    or (
-                        len(results) + len(self._to_store[0][0]) <= self._max_results_per_message
-                        and size + _store_bytes(self._to_store[0]) <= max_size
-                    )
-                ):
+                while self._to_store:
+                    entry = _store_bytes(self._to_store[0])
+                    if results and (
+                        len(results) + len(self._to_store[0][0]) > self._max_results_per_message
+                        or size + entry > max_size
+                    ):
+                        break
                     r, a, p = self._to_store.popleft()
-                    size += _store_bytes((r, a, p))
+                    size += entry
                     results += r
                     answered += a
                     served += p
