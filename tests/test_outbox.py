@@ -262,6 +262,21 @@ def test_a_batch_bigger_than_the_whole_bound_keeps_its_newest_highest_priority_r
     assert file_bytes(cfg.path) <= cfg.max_bytes
 
 
+def test_evicted_topics_are_counted_when_asked_and_match_the_eviction_counts(
+    tmp_path: Path,
+) -> None:
+    with Outbox.open(config(tmp_path / "o.db", max_bytes=256 * KiB)) as box:
+        box.append([rec("result", b"r" * 400, topic="a/1") for _ in range(100)])
+        assert box.take_evicted_topics() == Counter()  # not asked for: nothing counted
+        box.count_evicted_topics()
+        for i in range(600):
+            box.append([rec("result", b"r" * 400, topic=f"b/{i % 3}")])
+        taken = box.take_evicted_topics()
+        assert taken["a/1"] == 100  # the oldest went first, all of them
+        assert taken.total() == box.stats().evicted["result"]  # every eviction, by topic
+        assert box.take_evicted_topics() == Counter()  # taken: counted afresh
+
+
 def test_eviction_counts_survive_reopen(tmp_path: Path) -> None:
     cfg = config(tmp_path / "o.db", max_bytes=128 * KiB)
     with Outbox.open(cfg) as box:
