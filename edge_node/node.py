@@ -48,6 +48,7 @@ from mqtt_session import (
     Will,
 )
 from outbox import AsyncOutbox, Forwarder, OutboxError, Record, StorageFull
+from outbox.store import answered_cost
 from schemas import (
     ContractError,
     DeadLetterReason,
@@ -80,6 +81,16 @@ class _Pending:
     """What identifies the frame across redeliveries: where it came from and its seq/ts."""
     finished: bool = False
     """Its part of the ticket is done: finishing it again must not count another part."""
+
+
+#: Bytes one result takes in a results message, at most (MessagePack ~150, JSON ~280).
+_RESULT_BYTES_MAX = 300
+
+
+def _store_bytes(entry: tuple[list[Result], list[tuple[str, str]], list[_Pending]]) -> int:
+    """What one entry of results waiting to be stored costs the outbox's transaction."""
+    results, answered, _ = entry
+    return len(results) * _RESULT_BYTES_MAX + sum(answered_cost(k, r) for k, r in answered)
 
 
 def _frame_key(topic: str, frame: Frame, digest: str, index: int | None = None) -> str:
@@ -966,11 +977,18 @@ class EdgeNode:
                 results: list[Result] = []
                 answered: list[tuple[str, str]] = []
                 served: list[_Pending] = []
-                while self._to_store and (
-                    not results
-                    or len(results) + len(self._to_store[0][0]) <= self._max_results_per_message
-                ):
+                # At most one outbox transaction's worth of bytes: the WAL stays within its
+                # share of the outbox's bound at every instant (ADR 0075).
+                size, max_size = 0, self.outbox.max_txn_bytes
+                while self._to_store:
+                    entry = _store_bytes(self._to_store[0])
+                    if results and (
+                        len(results) + len(self._to_store[0][0]) > self._max_results_per_message
+                        or size + entry > max_size
+                    ):
+                        break
                     r, a, p = self._to_store.popleft()
+                    size += entry
                     results += r
                     answered += a
                     served += p

@@ -276,6 +276,10 @@ class Forwarder:
                 await asyncio.sleep(self._retry_s)
                 continue
             self._abandon_in_flight()
+            # The link is gone: what the broker acknowledged leaves the outbox now, not at the
+            # next connection, so that a crash during the outage resends only what was in
+            # flight when it began (at most the window), never records known to have arrived.
+            await self._flush_deletes()
 
     async def _serve(self, connection: int) -> None:
         # A new connection resends everything still stored, oldest first, as backlog; what was
@@ -291,12 +295,19 @@ class Forwarder:
             fresh_from = self._fresh_from  # no failed attempt since: they may be live
         self._fresh_since, self._fresh_from = None, 0
         self._serving = connection
+        # Wakes the loop the moment the link drops, even with nothing in flight to fail.
+        watcher = asyncio.get_running_loop().create_task(self._wake_on_loss())
         try:
             if fresh_from and self._live_first:
                 await self._queue_fresh(fresh_from)
             await self._serve_loop(connection)
         finally:
             self._serving = 0
+            watcher.cancel()
+
+    async def _wake_on_loss(self) -> None:
+        await self._session.wait_disconnected()
+        self._wake.set()
 
     async def _queue_fresh(self, first_id: int) -> None:
         """Queue the records stored from ``first_id`` on (at most one window) as live: sent
