@@ -198,6 +198,10 @@ def test_a_60_s_flood_at_keepalive_5_s_saturates_the_node_without_a_disconnect_o
             assert [seq for seq, got in ids.items() if len(got) != 1] == []
             assert len(_results(h)) == total
             assert node.stats.frames_in == total
+            print(
+                f"{total} frames, reading paused {node.session.stats.read_pauses} times,"
+                f" statuses {[(s.state, s.reasons) for s in statuses]}"
+            )
 
     asyncio.run(scenario())
     assert _keepalive_timeouts(fresh_mosquitto) == []
