@@ -69,10 +69,10 @@ def frame_bytes(seq: int, image: np.ndarray, *, as_json: bool = False) -> bytes:
 
 @contextlib.asynccontextmanager
 async def running_node(
-    broker: BrokerInfo, *, model: ServedModel | None = None, **overrides: Any
+    broker: BrokerInfo, *, served_model: ServedModel | None = None, **overrides: Any
 ) -> AsyncIterator[Harness]:
-    """``overrides`` are NodeConfig keys (``mqtt`` replaces the broker's defaults); ``model``
-    stands in for the configured one."""
+    """``overrides`` are NodeConfig keys (``mqtt`` replaces the broker's defaults);
+    ``served_model`` stands in for the configured model."""
     node_id = overrides.pop("node_id", f"gw-{uuid.uuid4().hex[:8]}")
     mqtt = mqtt_for(broker)
     node_mqtt = overrides.pop("mqtt", mqtt)
@@ -82,7 +82,7 @@ async def running_node(
             state = stack.enter_context(tempfile.TemporaryDirectory(prefix="edgewise-test-"))
             overrides["storage"] = {"state_dir": state}
         cfg = NodeConfig.load(node_id=node_id, mqtt=node_mqtt, **overrides)
-        async with _node_and_probes(cfg, mqtt, seen, model) as h:
+        async with _node_and_probes(cfg, mqtt, seen, served_model) as h:
             yield h
 
 

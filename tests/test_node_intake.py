@@ -176,7 +176,7 @@ def test_a_60_s_flood_at_keepalive_5_s_saturates_the_node_without_a_disconnect_o
     stop = threading.Event()
 
     async def scenario() -> None:
-        async with running_node(info, mqtt=mqtt, model=_slow_digits(PER_BATCH_S)) as h:
+        async with running_node(info, mqtt=mqtt, served_model=_slow_digits(PER_BATCH_S)) as h:
             flood = threading.Thread(target=_flood, args=(info, sent, stop), daemon=True)
             flood.start()
             try:
