@@ -104,6 +104,8 @@ class SessionStats:
     connect_failures: int = 0
     handler_errors: int = 0
     read_pauses: int = 0
+    paused_keepalives: int = 0
+    """seconds of paused reading in which the keep-alive was kept (bytes waited unread)"""
     read_wakeups: int = 0
     """readable events served (each reads every packet buffered, up to READS_PER_WAKEUP calls)"""
     takeovers: int = 0
@@ -133,7 +135,10 @@ class MqttSession:
 
     :meth:`pause_reading` stops reading from the socket until :meth:`resume_reading`: the
     kernel's buffers fill and TCP makes the broker wait. That bounds what an application holds
-    even where the broker does not honour our Receive Maximum (Mosquitto before 2.0.13).
+    even where the broker does not honour our Receive Maximum (Mosquitto before 2.0.13). Writing
+    goes on, and so does the keep-alive (:meth:`_keepalive_while_paused`); but whatever the
+    broker sends on this connection (PUBACKs of our publishes, SUBACKs) waits unread behind what
+    is held back: an application that must not wait for those publishes on another connection.
 
     ``client_id`` is the connection's base id; :meth:`MqttConfig.client_id_for` makes the id
     used (``{username}:{base}`` with a username). A connection another one with the same id
@@ -714,7 +719,32 @@ class MqttSession:
             await asyncio.sleep(1.0)
             client = self._client
             if client is not None:
+                if self._reading_paused:
+                    self._keepalive_while_paused(client)
                 client.loop_misc()
+
+    def _keepalive_while_paused(self, client: paho.Client) -> None:
+        """Keep the keep-alive of a connection whose reading is paused (ADR 0076).
+
+        paho pings when nothing was written for a keep-alive, and only while no PINGRESP is
+        awaited; it closes the connection a keep-alive after a PINGREQ whose PINGRESP it has not
+        read. Paused, we read nothing: the PINGRESP waits behind the messages we hold back, so
+        paho would ping once, stop pinging (the broker then drops us after 1.5 keep-alives of
+        silence, if we have nothing else to send) and close the connection itself. While bytes
+        wait unread (in the socket or read ahead), the broker has been heard from: paho is told
+        so, and no PINGRESP is awaited any more, so it pings on schedule and keeps the
+        connection. A silent socket gets no such credit: paho's own check applies to it.
+        """
+        sock = client.socket()
+        if sock is None:
+            return
+        waiting = isinstance(client, DirectClient) and client.buffered() > 0
+        if not (waiting or self._readable(sock)):
+            return
+        with client._msgtime_mutex:
+            client._last_bytes_received = paho.time_func()
+        client._ping_t = 0
+        self.stats.paused_keepalives += 1
 
     def _close_client(self) -> None:
         client = self._client
