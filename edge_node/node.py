@@ -217,7 +217,7 @@ class EdgeNode:
             will=None if shared else will,
             on_takeover=self._taken_over,
             conflict=self.conflict,
-            announce_conflict=not shared,  # its on_connect publishes the status only then
+            announce_conflict=True,  # its on_connect publishes the status (always in conflict)
         )
         self._sessions = [self.session, self.uplink]
         self._status_sessions = [self.session] if shared else [self.session, self.uplink]
@@ -486,7 +486,7 @@ class EdgeNode:
     async def _on_uplink_connect(self, info: ConnectInfo) -> None:
         self._uplink_up()
         self._sync_conflict()
-        if self.uplink in self._status_sessions:
+        if self.uplink in self._status_sessions or "client_id_conflict" in self.reasons:
             await self.uplink.publish(
                 self.topics.status(self.node_id),
                 self._status_payload(self.state, self.reasons),
@@ -548,6 +548,9 @@ class EdgeNode:
             log.info("recovered: %s", reason)
         for session in self._status_sessions:
             self._publish_status(session)
+        if reason == "client_id_conflict" and self.uplink not in self._status_sessions:
+            # Said on every connection that can: the frames' one may be the one taken over.
+            self._publish_status(self.uplink)
 
     def _cloud_changed(self, available: bool) -> None:
         """The escalator's verdict on the cloud workers (docs/adr/0074-cloud-availability.md)."""

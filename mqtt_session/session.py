@@ -321,7 +321,10 @@ class MqttSession:
         raise ConnectFailed(str(exc) or type(exc).__name__, reason_code=code) from exc
 
     async def wait_disconnected(self) -> None:
-        while self._connected.is_set():
+        """Return once the connection in hand is lost (at once if there is none). Lost is
+        lost: ``_run`` clears ``connected`` only when its turn comes, and waiting on ``_lost``
+        while it stays set would never yield (an asyncio.Event that is set does not)."""
+        if self._connected.is_set() and not self._lost.is_set():
             await self._lost.wait()
 
     def subscribe(
@@ -509,6 +512,14 @@ class MqttSession:
             self._farewell = self._announce_conflict and not self._stopping
             return
         log.info("client id %r gives way to the other connection", self.client_id)
+        if self._announce_conflict and self._on_takeover is not None and not self._lost.is_set():
+            # The session that speaks for the service says why first: what its hook publishes
+            # is queued before the DISCONNECT and written with it (another connection's
+            # takeover may have been the last straw, so its hook has not run here yet).
+            try:
+                self._on_takeover(self._connection)
+            except Exception:
+                log.exception("takeover hook failed")
         self._taken_over.add(self._connection)  # what it holds goes to the other process
         client.disconnect()
         with contextlib.suppress(Exception):
