@@ -114,7 +114,8 @@ class Bridge:
                 synchronous=cfg.queue.synchronous,
                 eviction_order=EVICTION_ORDER,
                 answered_keep=0,
-            )
+            ),
+            count_evicted_topics=True,  # evictions are logged per rule
         )
         try:
             await self._stack.enter_async_context(outbox)
@@ -250,6 +251,8 @@ class Bridge:
         for lane in (self.up, self.down):
             if lane.storage_error is not None and lane.storage_error not in out:
                 out.append(lane.storage_error)
+        if self.up.evicting or self.down.evicting:
+            out.append("evicting")
         if side == "site" and not self.cloud.connected:
             out.append("uplink_down")
         if side == "cloud" and not self.site.connected:
@@ -299,6 +302,8 @@ class Bridge:
                 async with asyncio.timeout(0.5):
                     await self._status_changed.wait()
             self._status_changed.clear()
+            for lane in (self.up, self.down):
+                lane.check_evicting()
             if self._said_offline:
                 continue
             for side, session in (("site", self.site), ("cloud", self.cloud)):

@@ -3,6 +3,11 @@
 A received message is acknowledged to its source broker only after the transaction holding it
 has committed (group commit: everything received while one transaction runs goes into the next);
 it leaves the queue only after the far broker's PUBACK (:class:`outbox.Forwarder`).
+
+When the queue is full it evicts (oldest first, messages before retained state) and says so:
+:attr:`Lane.evicting` (the bridge's ``degraded: evicting``) from the first eviction until the
+queue holds less than :data:`EVICTING_CLEARS_BELOW` of its budget again, and a log line with
+what was evicted per rule, at most every :data:`EVICTION_LOG_INTERVAL_S`.
 """
 
 from __future__ import annotations
@@ -10,11 +15,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 
 from broker_bridge.echo import EchoLedger
-from broker_bridge.rules import CompiledRule, Direction, first_match
+from broker_bridge.rules import CompiledRule, Direction, first_match, maker
 from mqtt_session import Inbound, MqttSession
 from outbox import AsyncOutbox, Forwarder, OutboxError, Record, StorageFull
 
@@ -24,6 +29,13 @@ log = logging.getLogger(__name__)
 KIND_MESSAGE = "message"
 KIND_RETAINED = "retained"
 EVICTION_ORDER = (KIND_MESSAGE, KIND_RETAINED)
+#: ``evicting`` clears once the queue holds less than this share of its budget: room for new
+#: messages again, with some hysteresis so that a queue at its bound does not flap.
+EVICTING_CLEARS_BELOW = 0.9
+#: Seconds between two log lines about evictions (the first one of an episode comes at once).
+EVICTION_LOG_INTERVAL_S = 10.0
+#: How logs name records whose topic no rule gives (the rules changed since they were queued).
+NO_RULE = "(no rule)"
 
 _TOPIC_MAX_BYTES = 65_535
 """The longest topic MQTT carries (a two-byte length), UTF-8 encoded."""
@@ -64,6 +76,11 @@ class Lane:
         self.outbox = outbox
         self.stats = DirectionStats()
         self.storage_error: str | None = None  # why the last append failed, until one works
+        self.evicting = False  # since an eviction, until the queue is below its bound again
+        self.evicted_by_rule: Counter[str] = Counter()  # since start, by rule label
+        self._unlogged: Counter[str] = Counter()  # evicted since the last log line
+        self._episode: Counter[str] = Counter()  # evicted since evicting began
+        self._logged_at = 0.0
         self._max_payload = max_payload_bytes
         self._max_batch = max_batch
         self._max_pending = max_pending
@@ -214,14 +231,17 @@ class Lane:
         fault) drops what it held, counted in ``failed``; the batch is acknowledged all the
         same, so the source broker's in-flight window never fills with messages we hold."""
         records = self._classify(batch)
-        if records:
+        # In transactions of at most the queue's transaction size, so that the WAL stays within
+        # its share of the bound at every instant (the messages of a batch need not be atomic:
+        # they are acknowledged once all are stored).
+        for chunk in _chunks(records, self.outbox.max_txn_bytes):
             try:
-                ids = await self._append(records)
+                ids = await self._append(chunk)
             except Exception as exc:
-                self._failed(len(records), "store", exc)
+                self._failed(len(chunk), "store", exc)
             else:
-                self.stats.queued += len(records)
-                self._offer(records, ids)
+                self.stats.queued += len(chunk)
+                self._offer(chunk, ids)
         source = self.source
         if source is not None:
             for message in batch:
@@ -264,7 +284,78 @@ class Lane:
                 self.storage_error = None
             # An append that evicted may have evicted some of its own records: never send
             # those from memory (what was evicted must be exactly what is missing downstream).
-            return ids if self._evicted() == before else None
+            if self._evicted() == before:
+                return ids
+            await self._note_evictions()
+            return None
 
     def _evicted(self) -> int:
         return self.outbox.stats().evicted_total
+
+    # -- evictions -----------------------------------------------------------------------------
+
+    async def _note_evictions(self) -> None:
+        """Count what the queue evicted per rule; say ``evicting``; log (rate-limited)."""
+        by_rule: Counter[str] = Counter()
+        for topic, n in (await self.outbox.take_evicted_topics()).items():
+            rule = maker(self.rules, topic)
+            by_rule[NO_RULE if rule is None else rule.label] += n
+        if not by_rule:
+            return
+        self.evicted_by_rule.update(by_rule)
+        self._unlogged.update(by_rule)
+        self._episode.update(by_rule)
+        now = time.monotonic()
+        if not self.evicting or now - self._logged_at >= EVICTION_LOG_INTERVAL_S:
+            stats = self.outbox.stats()
+            log.warning(
+                "%s queue full (%d records, %d of %d bytes): %s %d (%s); %d since start",
+                self.direction,
+                stats.rows,
+                stats.bytes,
+                stats.budget_bytes,
+                "evicted" if not self.evicting else "still evicting, evicted",
+                self._unlogged.total(),
+                _per_rule(self._unlogged),
+                self.evicted_by_rule.total(),
+            )
+            self._unlogged.clear()
+            self._logged_at = now
+        self.evicting = True
+
+    def check_evicting(self) -> bool:
+        """Clear :attr:`evicting` once the queue is below its bound again; the current value."""
+        if not self.evicting:
+            return False
+        stats = self.outbox.stats()
+        if stats.bytes >= EVICTING_CLEARS_BELOW * stats.budget_bytes:
+            return True
+        log.warning(
+            "%s queue below its bound again (%d of %d bytes) after evicting %d (%s)",
+            self.direction,
+            stats.bytes,
+            stats.budget_bytes,
+            self._episode.total(),
+            _per_rule(self._episode),
+        )
+        self._unlogged.clear()
+        self._episode.clear()
+        self.evicting = False
+        return False
+
+
+def _chunks(records: list[Record], max_bytes: int) -> list[list[Record]]:
+    chunks: list[list[Record]] = []
+    size = 0
+    for record in records:
+        n = len(record.topic) + len(record.payload)
+        if not chunks or size + n > max_bytes:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(record)
+        size += n
+    return chunks
+
+
+def _per_rule(counts: Counter[str]) -> str:
+    return ", ".join(f"{rule}: {n}" for rule, n in counts.most_common())

@@ -30,23 +30,16 @@ class CompiledRule:
 
     def match(self, topic: str) -> list[str] | None:
         """The levels the wildcards matched (a ``#`` capture is one '/'-joined item), or None."""
-        levels = topic.split("/")
-        captured: list[str] = []
-        for i, want in enumerate(self._filter_levels):
-            if want == "#":
-                if i == 0 and topic.startswith("$"):
-                    return None
-                captured.append("/".join(levels[i:]))
-                return captured
-            if i >= len(levels):
-                return None
-            if want == "+":
-                if i == 0 and levels[0].startswith("$"):
-                    return None
-                captured.append(levels[i])
-            elif want != levels[i]:
-                return None
-        return captured if len(levels) == len(self._filter_levels) else None
+        return _capture(self._filter_levels, topic)
+
+    def made(self, topic: str) -> bool:
+        """Whether ``topic`` is one this rule can give (its template read as a filter)."""
+        return _capture(self._template_levels, topic) is not None
+
+    @property
+    def label(self) -> str:
+        """How logs name the rule: ``filter -> template`` (the filter alone if they agree)."""
+        return self.filter if self.filter == self.template else f"{self.filter} -> {self.template}"
 
     def render(self, captured: Sequence[str]) -> str:
         """The destination topic for what :meth:`match` returned."""
@@ -66,6 +59,26 @@ class CompiledRule:
     def translate(self, topic: str) -> str | None:
         captured = self.match(topic)
         return None if captured is None else self.render(captured)
+
+
+def _capture(pattern: Sequence[str], topic: str) -> list[str] | None:
+    levels = topic.split("/")
+    captured: list[str] = []
+    for i, want in enumerate(pattern):
+        if want == "#":
+            if i == 0 and topic.startswith("$"):
+                return None
+            captured.append("/".join(levels[i:]))
+            return captured
+        if i >= len(levels):
+            return None
+        if want == "+":
+            if i == 0 and levels[0].startswith("$"):
+                return None
+            captured.append(levels[i])
+        elif want != levels[i]:
+            return None
+    return captured if len(levels) == len(pattern) else None
 
 
 def wildcards(levels: Sequence[str]) -> list[str]:
@@ -106,6 +119,15 @@ def compile_rule(
     if "#" in t_levels and t_levels[-1] != "#":
         raise ValueError(f"template {rendered!r}: '#' must be the last level")
     return CompiledRule(direction, filter, rendered, qos, retain, f_levels, t_levels)
+
+
+def maker(rules: Sequence[CompiledRule], topic: str) -> CompiledRule | None:
+    """The first rule that can give the destination ``topic``: the rule a queued record came
+    from (unless the templates of two rules overlap, when the first is named)."""
+    for rule in rules:
+        if rule.made(topic):
+            return rule
+    return None
 
 
 def first_match(rules: Sequence[CompiledRule], topic: str) -> tuple[CompiledRule, str] | None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +30,7 @@ from typing import Any, Generic, Self, TypeVar
 from outbox.config import OutboxConfig
 from outbox.errors import OutboxError
 from outbox.record import Record, Stored
-from outbox.store import Outbox, OutboxStats
+from outbox.store import ROW_OVERHEAD, Outbox, OutboxStats, txn_bytes
 
 P = TypeVar("P")
 R = TypeVar("R")
@@ -43,6 +43,7 @@ _AppendItem = tuple[list[Record], list[tuple[str, str]]]
 class _Request(Generic[P, R]):
     item: P
     size: int
+    nbytes: int
     future: asyncio.Future[R]
 
 
@@ -54,18 +55,20 @@ class _GroupCommitter(Generic[P, R]):
         owner: AsyncOutbox,
         work: Callable[[list[P]], tuple[list[R], OutboxStats]],
         max_group: int,
+        max_bytes: Callable[[], int],
     ) -> None:
         self._owner = owner
         self._work = work
         self._max_group = max_group
+        self._max_bytes = max_bytes
         self._queue: deque[_Request[P, R]] = deque()
         self._task: asyncio.Task[None] | None = None
         self.groups = 0  # transactions started by this committer
 
-    async def submit(self, item: P, size: int) -> R:
+    async def submit(self, item: P, size: int, nbytes: int = 0) -> R:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[R] = loop.create_future()
-        self._queue.append(_Request(item, size, future))
+        self._queue.append(_Request(item, size, nbytes, future))
         if self._task is None or self._task.done():
             self._task = loop.create_task(self._run())
         return await future
@@ -76,13 +79,21 @@ class _GroupCommitter(Generic[P, R]):
 
     def _take(self) -> list[_Request[P, R]]:
         group: list[_Request[P, R]] = []
-        size = 0
-        while self._queue and (not group or size + self._queue[0].size <= self._max_group):
+        size = nbytes = 0
+        max_bytes = self._max_bytes()
+        while self._queue and (
+            not group
+            or (
+                size + self._queue[0].size <= self._max_group
+                and nbytes + self._queue[0].nbytes <= max_bytes
+            )
+        ):
             request = self._queue.popleft()
             if request.future.done():  # its caller was cancelled before it was taken
                 continue
             group.append(request)
             size += request.size
+            nbytes += request.nbytes
         return group
 
     async def _run(self) -> None:
@@ -132,14 +143,19 @@ class _GroupCommitter(Generic[P, R]):
 class AsyncOutbox:
     """An :class:`Outbox` for asyncio code: ``async with AsyncOutbox(config) as outbox: …``.
 
-    ``max_group`` caps how many records (or ids) one coalesced transaction takes (a single
-    larger call still goes in one transaction of its own).
+    ``max_group`` caps how many records (or ids) one coalesced transaction takes, and
+    :attr:`max_txn_bytes` how many bytes of records, so that one transaction's WAL frames fit
+    the WAL allowance; a single larger call still goes in one transaction of its own (split it
+    with :attr:`max_txn_bytes` where atomicity is not needed).
     """
 
-    def __init__(self, config: OutboxConfig, *, max_group: int = 4096) -> None:
+    def __init__(
+        self, config: OutboxConfig, *, max_group: int = 4096, count_evicted_topics: bool = False
+    ) -> None:
         if max_group < 1:
             raise ValueError("max_group must be >= 1")
         self._config = config
+        self._count_topics = count_evicted_topics
         self._kinds = frozenset(config.eviction_order)
         self._executor: ThreadPoolExecutor | None = None
         self._outbox: Outbox | None = None
@@ -147,11 +163,12 @@ class AsyncOutbox:
         self._stats: OutboxStats | None = None
         self._inflight: set[asyncio.Future[Any]] = set()
         self._closed = False
+        self._txn_bytes = txn_bytes(config.max_bytes)
         self._appender: _GroupCommitter[_AppendItem, list[int]] = _GroupCommitter(
-            self, self._append_group, max_group
+            self, self._append_group, max_group, lambda: self.max_txn_bytes
         )
         self._deleter: _GroupCommitter[list[int], int] = _GroupCommitter(
-            self, self._delete_group, max_group
+            self, self._delete_group, max_group, lambda: 1 << 62
         )
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -176,6 +193,8 @@ class AsyncOutbox:
         try:
             self._outbox = await self._submit(Outbox.open, self._config)
             self._outbox.protect(self._protected)
+            if self._count_topics:
+                self._outbox.count_evicted_topics()
             self._stats = await self._submit(self._outbox.stats)
         except BaseException:
             self._closed = True
@@ -215,6 +234,14 @@ class AsyncOutbox:
         return frozenset().union(*(p() for p in self._protectors))
 
     @property
+    def max_txn_bytes(self) -> int:
+        """Bytes of records one transaction should take: :func:`outbox.store.txn_bytes` of the
+        bound, less on a volume with little free space (ADR 0075)."""
+        if self._outbox is None:
+            return self._txn_bytes
+        return self._outbox.txn_bytes_now
+
+    @property
     def recovered_from(self) -> Path | None:
         return None if self._outbox is None else self._outbox.recovered_from
 
@@ -231,7 +258,10 @@ class AsyncOutbox:
                     f"{self._config.eviction_order}"
                 )
         pairs = list(answered)
-        return await self._appender.submit((batch, pairs), max(len(batch), len(pairs), 1))
+        # What the records cost in the WAL, roughly (the outbox's own accounting is exact).
+        nbytes = sum(len(r.topic) + len(r.payload) + ROW_OVERHEAD for r in batch)
+        nbytes += sum(len(k) + len(v) for k, v in pairs) * 2
+        return await self._appender.submit((batch, pairs), max(len(batch), len(pairs), 1), nbytes)
 
     async def delete(self, ids: Iterable[int]) -> int:
         """Delete these ids (coalesced with concurrent deletes); returns how many existed."""
@@ -254,9 +284,23 @@ class AsyncOutbox:
             functools.partial(outbox.pending, kinds=kinds, exclude=exclude), limit, after_id
         )
 
+    async def take_evicted_topics(self) -> Counter[str]:
+        """Evicted records per topic since the last call (needs ``count_evicted_topics``)."""
+        outbox = self._check_open()
+        return await self._submit(outbox.take_evicted_topics)
+
     async def answered(self, frame_key: str) -> str | None:
         outbox = self._check_open()
         return await self._submit(outbox.answered, frame_key)
+
+    async def answered_many(self, frame_keys: Sequence[str]) -> dict[str, str]:
+        """One look-up for many keys: the result ids of those already answered."""
+        outbox = self._check_open()
+        return await self._submit(outbox.answered_many, list(frame_keys))
+
+    async def answered_keys(self) -> list[str]:
+        outbox = self._check_open()
+        return await self._submit(outbox.answered_keys)
 
     def stats(self) -> OutboxStats:
         """The snapshot taken after the last operation (no thread hop)."""

@@ -23,7 +23,7 @@ import functools
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mqtt_session import Disconnected, MqttSession, PublishFailed, PublishRejected
 from outbox.async_outbox import AsyncOutbox
@@ -41,6 +41,8 @@ class ForwarderStats:
     """Of those, records offered while the connection was up, sent ahead of any backlog."""
     delivered: int = 0
     """Records the broker acknowledged (each is then deleted from the outbox)."""
+    delivered_items: dict[str, int] = field(default_factory=dict)
+    """What those records carried (``Record.items``: e.g. results), per kind."""
     refused: int = 0
     """Records the broker or the client refused for good (e.g. an ACL); deleted and logged."""
     fresh: int = 0
@@ -276,6 +278,10 @@ class Forwarder:
                 await asyncio.sleep(self._retry_s)
                 continue
             self._abandon_in_flight()
+            # The link is gone: what the broker acknowledged leaves the outbox now, not at the
+            # next connection, so that a crash during the outage resends only what was in
+            # flight when it began (at most the window), never records known to have arrived.
+            await self._flush_deletes()
 
     async def _serve(self, connection: int) -> None:
         # A new connection resends everything still stored, oldest first, as backlog; what was
@@ -291,12 +297,19 @@ class Forwarder:
             fresh_from = self._fresh_from  # no failed attempt since: they may be live
         self._fresh_since, self._fresh_from = None, 0
         self._serving = connection
+        # Wakes the loop the moment the link drops, even with nothing in flight to fail.
+        watcher = asyncio.get_running_loop().create_task(self._wake_on_loss())
         try:
             if fresh_from and self._live_first:
                 await self._queue_fresh(fresh_from)
             await self._serve_loop(connection)
         finally:
             self._serving = 0
+            watcher.cancel()
+
+    async def _wake_on_loss(self) -> None:
+        await self._session.wait_disconnected()
+        self._wake.set()
 
     async def _queue_fresh(self, first_id: int) -> None:
         """Queue the records stored from ``first_id`` on (at most one window) as live: sent
@@ -431,6 +444,8 @@ class Forwarder:
         exc = fut.exception()
         if exc is None:
             self.stats.delivered += 1
+            items = self.stats.delivered_items
+            items[record.kind] = items.get(record.kind, 0) + record.items
             self._mark_done(record_id)
         elif isinstance(exc, PublishRejected) or (
             isinstance(exc, PublishFailed) and not exc.transient

@@ -26,21 +26,49 @@ Layout and policies (the measurements behind the constants are in their comments
   rounded up the way SQLite stores it (whole overflow pages; a leaf page holds only whole
   cells): :func:`record_cost`. It matches dbstat within 1-6 % from 10 B to 9 KiB payloads. The
   running total is kept in memory and recomputed with ``SUM`` at open.
-* The on-disk bound: ``max_bytes`` bounds the db file + its WAL at rest. Two layers enforce it.
-  (1) The accounted budget, ``(page limit - fixed schema pages) * FILL_FACTOR``, where the page
-  limit is ``max_bytes`` minus the WAL and free-page allowances: before writing, an append
-  evicts until its batch fits the budget (:func:`budget_for`). (2) A page-level safety net:
-  before committing, if the live pages (``page_count - freelist_count``) exceed the page limit,
-  the append evicts more, by the same priority, until they fit. The first layer does the work
-  for ordinary traffic; the second catches what accounting cannot see (pages left part-full by
-  evictions), so the bound holds for any mix of sizes.
-* Checkpoints: SQLite's automatic checkpoint is off; after every write transaction, a WAL file
-  larger than the WAL allowance (1/16 of the bound, 2 pages .. 4 MiB) is checkpointed with
-  ``TRUNCATE``, and :meth:`Outbox.close` does the same. So at rest the WAL is below the allowance.
+* The on-disk bound: ``max_bytes`` bounds the db file + its WAL at every instant (at rest, and
+  while a transaction writes its pages to the WAL and a checkpoint copies them into the file),
+  within 5 % for bounds of 256 KiB and more (ADR 0075). The bound is split three ways: the WAL
+  allowance, the free-page allowance, and the page limit (what is left) for live pages. Two
+  layers keep live pages within the page limit. (1) The accounted budget, ``(page limit -
+  fixed schema pages) * FILL_FACTOR``: before writing, an append evicts until its batch fits
+  the budget (:func:`budget_for`). (2) A page-level safety net: before committing, if the live
+  pages (``page_count - freelist_count``) exceed the page limit, the append evicts more, by the
+  same priority, until they fit. The first layer does the work for ordinary traffic; the second
+  catches what accounting cannot see (pages left part-full by evictions), so the bound holds for
+  any mix of sizes. The db file never holds more than the page limit plus the free-page
+  allowance, so db + WAL stays within the bound as long as the WAL stays within its allowance.
+* The WAL, bounded at every instant: SQLite's automatic checkpoint is off. Every transaction
+  first estimates the WAL frames it will write (its records' bytes plus the pages any
+  transaction touches, learned from the last transactions: :class:`_FrameEstimate`); if the WAL
+  it finds plus that estimate would pass the WAL limit, the WAL is checkpointed and truncated
+  (``TRUNCATE``) first. The WAL limit is the WAL allowance (1/16 of the bound, at least 40
+  frames, at most a quarter of the bound and 4 MiB), and never more than half of what the
+  volume has free beyond its reserve (plus the WAL itself), so that the WAL cannot fill a volume
+  smaller than the bound and a checkpoint always has room to grow the file.
+  :class:`outbox.AsyncOutbox` keeps each group commit within :func:`txn_bytes`, so one
+  transaction fits the allowance. After a commit, a WAL at or past the limit is checkpointed
+  too, and :meth:`Outbox.close` does the same: at rest the WAL is below the allowance. Freed
+  pages are not zeroed into the WAL (``secure_delete = FAST``; Debian builds SQLite with
+  ``SECURE_DELETE``, which made deleting 1 MiB of records write 1 MiB of WAL).
+* A full volume (SQLITE_FULL, ENOSPC): the transaction is rolled back, the WAL is checkpointed
+  and truncated at once (the space it held goes back to the volume, often enough for the
+  transaction), and the transaction is tried once more; if it fails again, :class:`StorageFull`
+  is raised and the next transaction checkpoints first. An append that would leave less than
+  :data:`VOLUME_RESERVE` (at most 1/16 of the volume) free is refused the same way before it
+  writes, so that deletes (deliveries) and checkpoints always find room, and the answered keys
+  take at most 1/8 of what the volume can give the outbox. So the outbox works again as soon
+  as deliveries or anything else free space, whatever the bound.
 * Vacuum: ``auto_vacuum=INCREMENTAL`` is set at creation; after a transaction that deleted rows,
   free pages beyond the free-page allowance (1/32 of the bound, 2 pages .. 4 MiB) are returned
   to the file system with ``incremental_vacuum`` in the same transaction, down to half the
-  allowance (hysteresis: pages that the next appends would reuse are kept).
+  allowance (hysteresis: pages that the next appends would reuse are kept), as far as the WAL
+  limit allows (a page moved is a page written to the WAL); what is left is vacuumed in small
+  transactions of its own right after, each after a checkpoint. Free pages never make the file
+  grow (SQLite reuses them first), so vacuum that waits costs space only in the file as it is.
+* Peak: :attr:`OutboxStats.peak_file_bytes` is the largest db + WAL seen since opening, taken
+  where the sum peaks: at the end of each transaction (the WAL holds all its frames, the file
+  is not written yet) and during each checkpoint (the file grows while the WAL is still full).
 """
 
 from __future__ import annotations
@@ -52,7 +80,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence, Set
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -93,6 +121,26 @@ FIXED_PAGES = 9
 #: 0.85 on 0 % for result-only traffic and up to 31 % for mixes with mid-size rows (where leaf
 #: pages end up ~70 % full); 0.9 is the compromise. Either way the file stayed under the bound.
 FILL_FACTOR = 0.90
+
+#: Bytes of one WAL frame (a page and its 24-byte header) and of the WAL file's header.
+WAL_FRAME = PAGE_SIZE + 24
+WAL_HEADER = 32
+#: WAL frames one write transaction writes besides its rows' own pages. Measured with the WAL's
+#: frame headers: an append of one record that evicts the oldest one and prunes an answered key
+#: writes 16 frames (page 1, the pointer map, sqlite_sequence, counters, both ends of records,
+#: of its index, of answered and its index, the freelist trunk); 16-22 under churn. The
+#: starting estimate, replaced by what the last transactions really wrote.
+TXN_FIXED_FRAMES = 24
+#: The estimate of a kind of transaction before one is seen: an append that evicts nothing
+#: writes 8-10 frames besides its rows.
+_FIRST_ESTIMATE_FRAMES = 12
+#: Smallest WAL allowance, in frames: one transaction's fixed frames and room for its rows.
+MIN_WAL_FRAMES = 40
+#: Bytes a write that grows the outbox leaves free on its volume: what deletes (a few frames
+#: each) and checkpoints need, so that delivering records can always give space back.
+VOLUME_RESERVE = 32 * WAL_FRAME
+#: Follow-up vacuum transactions run after one operation at most (the rest waits for the next).
+_VACUUM_ROUNDS = 8
 
 _APPLICATION_ID = 0x45445742  # "EDWB": marks a file as an edgewise outbox
 _SCHEMA_VERSION = 2
@@ -164,8 +212,18 @@ def answered_cost(frame_key: str, result_id: str) -> int:
 
 
 def wal_allowance(max_bytes: int) -> int:
-    """Largest WAL file left at rest: 1/16 of the bound, at least 2 pages, at most 4 MiB."""
-    return min(max(max_bytes // 16, 2 * PAGE_SIZE), 4 * 1024 * 1024)
+    """Largest WAL file, at any instant: 1/16 of the bound, at least :data:`MIN_WAL_FRAMES`
+    frames (~161 KiB: one transaction's own pages) but at most a quarter of the bound, and at
+    most 4 MiB."""
+    return min(max(max_bytes // 16, MIN_WAL_FRAMES * WAL_FRAME), max_bytes // 4, 4 * 1024 * 1024)
+
+
+def txn_bytes(max_bytes: int) -> int:
+    """Accounted bytes one group commit may take (a single larger call still goes alone): half
+    of what the WAL allowance leaves besides a transaction's own pages, so that about two
+    transactions fit between checkpoints. 32 KiB at a 1 MiB bound, ~2 MiB at the default."""
+    frames = wal_allowance(max_bytes) // WAL_FRAME - TXN_FIXED_FRAMES
+    return max(PAGE_SIZE, frames * PAGE_SIZE // 2)
 
 
 def free_allowance(max_bytes: int) -> int:
@@ -184,7 +242,7 @@ def budget_for(max_bytes: int) -> int:
 
     From the bound: the empty schema's pages, the WAL allowance and the free-page allowance are
     taken off, and the rest is scaled by ``FILL_FACTOR`` for partly filled B-tree pages. At
-    1 MiB the budget is 0.66 MiB (66 %); at 256 MiB, 196 MiB (77 %).
+    1 MiB the budget is 0.70 MiB (70 %); at 4 MiB, 81 %; at 256 MiB, 223 MiB (87 %).
     """
     room = page_limit(max_bytes) - FIXED_PAGES * PAGE_SIZE
     return max(int(room * FILL_FACTOR), PAGE_SIZE)
@@ -209,6 +267,11 @@ class OutboxStats:
     answered_keys: int
     answered_bytes: int
     commits: int  # write transactions committed by this Outbox object since it was opened
+    # Since this Outbox object was opened (not persisted):
+    appended_bytes: int = 0  # accounted bytes of the records appended (evicted ones included)
+    peak_file_bytes: int = 0  # largest db + WAL on disk, at a commit or during a checkpoint
+    checkpoints: int = 0  # WAL checkpoints (each truncates the WAL)
+    storage_full: int = 0  # transactions that found the disk full (retries included)
 
     @property
     def evicted_total(self) -> int:
@@ -250,6 +313,26 @@ class _State:
         return sum(self.bytes.values())
 
 
+class _FrameEstimate:
+    """WAL frames a transaction writes besides its rows' own pages, per kind of transaction:
+    the most the last 64 of that kind wrote (:data:`_FIRST_ESTIMATE_FRAMES` until one is seen)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, deque[int]] = {}
+        self._max: dict[str, int] = {}
+
+    def frames(self, what: str) -> int:
+        return self._max.get(what, _FIRST_ESTIMATE_FRAMES)
+
+    def learn(self, what: str, frames: int) -> None:
+        seen = self._seen.setdefault(what, deque(maxlen=64))
+        frames = max(0, frames)
+        dropped = seen[0] if len(seen) == seen.maxlen else None
+        seen.append(frames)
+        top = self._max.get(what, -1)
+        self._max[what] = max(seen) if dropped == top and frames < top else max(top, frames)
+
+
 class _Unusable(Exception):
     """The file is corrupt or not a database: move it aside."""
 
@@ -283,6 +366,21 @@ def _file_size(path: str) -> int:
         return 0
 
 
+def _volume(directory: str) -> tuple[int, int] | None:
+    """Bytes an unprivileged writer may still use on the volume holding ``directory``, and the
+    reserve kept free there (:data:`VOLUME_RESERVE`, at most 1/16 of the volume)."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize, min(VOLUME_RESERVE, st.f_blocks * st.f_frsize // 16)
+
+
+def _data_frames(data_bytes: int) -> int:
+    """WAL frames for this many accounted bytes (the accounting already counts whole pages)."""
+    return -(-data_bytes // PAGE_SIZE)
+
+
 class Outbox:
     """A durable, byte-bounded queue of :class:`Record` in one SQLite file.
 
@@ -297,16 +395,43 @@ class Outbox:
         self._config = config
         self._db_path = str(config.path)
         self._wal_path = self._db_path + "-wal"
+        self._dir = str(config.path.parent)
+        # Sizes on disk: the WAL changes at each commit and checkpoint, the file (WAL mode) only
+        # at checkpoints; kept here so that a transaction costs one stat().
+        self._db_bytes = _file_size(self._db_path)
+        self._wal_bytes = _file_size(self._wal_path)
         self.recovered_from: Path | None = recovered_from
         self._kinds = frozenset(config.eviction_order)
         self._budget = budget_for(config.max_bytes)
         self._answered_cap = self._budget // 8
+        self._answered_limit = self._answered_cap  # lower while the volume is tight
         self._wal_allowance = wal_allowance(config.max_bytes)
+        self._plenty = 16 * (self._wal_allowance + VOLUME_RESERVE)
+        self._txn_bytes = txn_bytes(config.max_bytes)
+        #: Bytes one transaction should take now: :func:`txn_bytes` of the bound, or less on a
+        #: volume with little free (a quarter of what is free beyond the reserve).
+        self.txn_bytes_now = self._txn_bytes
+        self._volume_seen: tuple[int, int] | None = None
+        self._volume_at = 0.0
         self._free_allowance = free_allowance(config.max_bytes)
         self._page_limit = page_limit(config.max_bytes)
+        # The db file's own share of the bound: the page limit and the free-page allowance.
+        self._max_db_pages = (config.max_bytes - self._wal_allowance) // PAGE_SIZE
         self.page_trims = 0  # times the page-level safety net had to evict (not persisted)
         self._protected: Callable[[], Set[int]] | None = None
         self._commits = 0
+        self._checkpoints = 0
+        self._appended_bytes = 0
+        self._peak = 0
+        self._full_seen = 0
+        self._full = False  # the last transaction found the disk full: checkpoint first
+        self._checkpoint_failing = False
+        self._estimate = _FrameEstimate()
+        self._vacuum_steps = 0  # incremental_vacuum steps of the running transaction
+        self._vacuum_owed = False  # free pages beyond the allowance wait for a vacuum
+        # Topics of evicted records, counted when asked for (take_evicted_topics).
+        self._evicted_topics: Counter[str] | None = None
+        self._txn_topics: Counter[str] | None = None
         self._closed = False
         self._state = self._load_state()
 
@@ -409,6 +534,19 @@ class Outbox:
         """
         self._protected = unsettled
 
+    def count_evicted_topics(self) -> None:
+        """From now on, count the topic of every evicted record (see :meth:`take_evicted_topics`):
+        a bridge tells per rule what it evicted. Costs reading the topics of evicted rows."""
+        if self._evicted_topics is None:
+            self._evicted_topics = Counter()
+
+    def take_evicted_topics(self) -> Counter[str]:
+        """Evicted records per topic since the last call (committed evictions only)."""
+        taken = self._evicted_topics if self._evicted_topics is not None else Counter()
+        if self._evicted_topics is not None:
+            self._evicted_topics = Counter()
+        return taken
+
     def append(
         self, records: Sequence[Record], answered: Sequence[tuple[str, str]] = ()
     ) -> list[int]:
@@ -434,9 +572,14 @@ class Outbox:
             return []
         now = time.time()
         costs = [record_cost(r.topic, len(r.payload)) for r in records]
-        return self._transaction(
-            "append", lambda st: self._append(st, records, costs, answered, now)
+        size = sum(costs)
+        ids = self._transaction(
+            "append",
+            lambda st: self._append(st, records, costs, answered, now),
+            size + sum(answered_cost(k, r) for k, r in answered),
         )
+        self._appended_bytes += size
+        return ids
 
     def pending(
         self,
@@ -493,13 +636,39 @@ class Outbox:
             raise translate(exc, "reading answered keys") from exc
         return None if row is None else str(row[0])
 
+    def answered_many(self, frame_keys: Sequence[str]) -> dict[str, str]:
+        """The result ids stored for those of ``frame_keys`` that were already answered."""
+        self._check_open()
+        found: dict[str, str] = {}
+        try:
+            for start in range(0, len(frame_keys), _MAX_VARIABLES):
+                chunk = list(frame_keys[start : start + _MAX_VARIABLES])
+                marks = ",".join("?" * len(chunk))
+                rows = self._conn.execute(
+                    f"SELECT frame_key, result_id FROM answered WHERE frame_key IN ({marks})",
+                    chunk,
+                )
+                found.update((str(k), str(r)) for k, r in rows)
+        except sqlite3.Error as exc:
+            raise translate(exc, "reading answered keys") from exc
+        return found
+
+    def answered_keys(self) -> list[str]:
+        """Every frame key remembered, oldest first (to rebuild an index of them at start)."""
+        self._check_open()
+        try:
+            rows = self._conn.execute("SELECT frame_key FROM answered ORDER BY n").fetchall()
+        except sqlite3.Error as exc:
+            raise translate(exc, "reading answered keys") from exc
+        return [str(k) for (k,) in rows]
+
     def stats(self) -> OutboxStats:
         """A snapshot from memory plus two ``stat()`` calls: cheap enough for every operation."""
         st = self._state
         return OutboxStats(
             rows=sum(st.rows.values()),
             bytes=st.record_bytes + st.answered_bytes,
-            file_bytes=_file_size(self._db_path) + _file_size(self._wal_path),
+            file_bytes=self._db_bytes + self._wal_bytes,
             appended=dict(st.appended),
             deleted=dict(st.deleted),
             evicted=dict(st.evicted),
@@ -509,6 +678,10 @@ class Outbox:
             answered_keys=st.answered_rows,
             answered_bytes=st.answered_bytes,
             commits=self._commits,
+            appended_bytes=self._appended_bytes,
+            peak_file_bytes=self._peak,
+            checkpoints=self._checkpoints,
+            storage_full=self._full_seen,
         )
 
     def integrity_check(self) -> list[str]:
@@ -520,19 +693,21 @@ class Outbox:
             raise translate(exc, "integrity check") from exc
 
     def close(self) -> None:
-        """Checkpoint the WAL into the database (TRUNCATE) and close. Idempotent.
+        """Vacuum what is owed, checkpoint the WAL into the database (TRUNCATE) and close.
+        Idempotent.
 
-        A checkpoint that fails (e.g. the disk is full) is logged, not raised: the records are
-        already durable in the WAL and the next open recovers them.
+        A vacuum or checkpoint that fails (e.g. the disk is full) is logged, not raised: the
+        records are already durable in the WAL and the next open recovers them.
         """
         if self._closed:
             return
-        self._closed = True
         try:
-            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-        except sqlite3.Error as exc:
-            log.warning("outbox %s: checkpoint at close failed: %s", self._db_path, exc)
+            if self._vacuum_owed:
+                with contextlib.suppress(OutboxError):
+                    self._vacuum_rounds(10**9)
+            self._checkpoint("close")
         finally:
+            self._closed = True
             self._conn.close()
 
     # -- transactions ------------------------------------------------------------------------
@@ -544,16 +719,84 @@ class Outbox:
         if self._closed:
             raise OutboxError(f"outbox {self._db_path} is closed")
 
-    def _transaction(self, what: str, work: Callable[[_State], T]) -> T:
-        """Run ``work`` in one IMMEDIATE transaction on a copy of the state; swap in on commit."""
+    def _volume(self) -> tuple[int, int] | None:
+        """:func:`_volume` of the outbox's directory. A volume with plenty free (16 times what
+        the WAL and the reserve need) is looked at again only after a second: no transaction
+        gets near its free space meanwhile (another program filling it that fast meets the
+        full-disk path)."""
+        now = time.monotonic()
+        seen = self._volume_seen
+        if seen is not None and seen[0] > self._plenty and now - self._volume_at < 1.0:
+            return seen
+        self._volume_seen, self._volume_at = _volume(self._dir), now
+        return self._volume_seen
+
+    def _wal_limit(self, wal: int, volume: tuple[int, int] | None) -> int:
+        """The WAL allowance, or, if less, half of what the volume has free besides its reserve
+        (the WAL's own space included): a checkpoint may grow the file by up to the WAL."""
+        if volume is None:
+            return self._wal_allowance
+        free, reserve = volume
+        return min(self._wal_allowance, max(0, free + wal - reserve) // 2)
+
+    def _transaction(self, what: str, work: Callable[[_State], T], data_bytes: int = 0) -> T:
+        """Run ``work`` in one IMMEDIATE transaction on a copy of the state; swap in on commit.
+
+        ``data_bytes`` (the accounted bytes it writes) sizes its WAL frames: when the WAL plus
+        them would pass the WAL limit, the WAL is checkpointed first. On a full disk the WAL is
+        checkpointed and truncated and the transaction tried once more.
+        """
+        for attempt in (1, 2):
+            try:
+                result = self._attempt(what, work, data_bytes)
+            except StorageFull as exc:
+                self._full_seen += 1
+                released = self._release_wal()
+                if attempt == 1 and released:
+                    continue  # the WAL's space may be what the transaction lacked
+                if not self._full:
+                    log.warning(
+                        "outbox %s: %s; writes are tried again as they come", self._db_path, exc
+                    )
+                self._full = True
+                raise
+            if self._full:
+                log.info("outbox %s: writes work again", self._db_path)
+                self._full = False
+            if self._vacuum_owed:
+                self._vacuum_rounds(_VACUUM_ROUNDS)
+            return result
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _attempt(self, what: str, work: Callable[[_State], T], data_bytes: int) -> T:
         conn = self._conn
+        data = _data_frames(data_bytes)
+        estimate = data + self._estimate.frames(what)
+        wal = self._wal_bytes
+        volume = self._volume()
+        limit = self._wal_limit(wal, volume)
+        if wal > WAL_HEADER and (self._full or wal + estimate * WAL_FRAME > limit):
+            self._checkpoint(what)
+            wal = self._wal_bytes
+            volume = self._volume()
+        db = self._db_bytes
         state = self._state.copy()
+        self._vacuum_steps = 0
+        if data:
+            # On a volume smaller than the bound, the answered keys (a cache) take at most an
+            # eighth of what the volume can give the outbox, as they do of the budget.
+            room = self._answered_cap * 8 if volume is None else db + wal + volume[0] - volume[1]
+            self._answered_limit = max(0, min(self._answered_cap, room // 8))
+        if self._evicted_topics is not None:
+            self._txn_topics = Counter()
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
+                if data and volume is not None:
+                    self._check_volume(data, estimate, volume)
                 result = work(state)
                 self._write_counters(state)
-                self._vacuum_if_needed()
+                self._vacuum_if_needed((limit - max(wal, WAL_HEADER)) // WAL_FRAME - estimate)
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -561,11 +804,81 @@ class Outbox:
                         conn.execute("ROLLBACK")
                 raise
         except (sqlite3.Error, OSError) as exc:
+            self._wal_bytes = _file_size(self._wal_path)  # what the failed one wrote stays
+            self._peak = max(self._peak, db + self._wal_bytes)
             raise translate(exc, what) from exc
+        finally:
+            topics, self._txn_topics = self._txn_topics, None
         self._state = state
         self._commits += 1
-        self._checkpoint_if_needed()
+        if topics and self._evicted_topics is not None:
+            self._evicted_topics.update(topics)
+        # The WAL now holds every frame of the transaction and the file is not written yet.
+        after = self._wal_bytes = _file_size(self._wal_path)
+        self._peak = max(self._peak, db + after)
+        written = (after - max(wal, WAL_HEADER)) // WAL_FRAME
+        self._estimate.learn(what, written - data - self._vacuum_steps)
+        if volume is not None:  # what the WAL took is no longer free
+            volume = (volume[0] - max(0, after - wal), volume[1])
+            room = (volume[0] + after - volume[1]) // 4
+            self.txn_bytes_now = max(PAGE_SIZE, min(self._txn_bytes, room))
+        if after >= self._wal_limit(after, volume):
+            self._checkpoint(what)
         return result
+
+    def _check_volume(
+        self, data_frames: int, estimate_frames: int, volume: tuple[int, int]
+    ) -> None:
+        """Refuse a write the volume cannot take whole, or that would leave less than its
+        reserve free: that room is what deletes and checkpoints need, so that the outbox can
+        always give space back (deliveries delete records; on a full volume even that fails).
+
+        The write needs its WAL frames and, once they are checkpointed with the WAL still
+        there, the pages the file grows by (those its free pages cannot take).
+        """
+        free, reserve = volume
+        wal = estimate_frames * WAL_FRAME
+        if free > 2 * wal + reserve + data_frames * PAGE_SIZE:
+            return  # the common case: no page count needed
+        reusable = self._conn.execute("PRAGMA freelist_count").fetchone()[0]
+        growth = max(0, data_frames - reusable) * PAGE_SIZE
+        if free < max(wal + growth, growth + reserve):
+            raise StorageFull(
+                f"volume of {self._db_path} nearly full: {free} bytes free, this write needs "
+                f"about {wal + growth} and {reserve} stay free for deletes and checkpoints"
+            )
+
+    def _checkpoint(self, what: str) -> bool:
+        """Copy the WAL into the database and truncate it; True if that worked.
+
+        Failure (a full disk) is logged (once until one works again), never raised: what the
+        WAL holds is durable there.
+        """
+        wal, before = self._wal_bytes, self._db_bytes
+        try:
+            busy, _, _ = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.Error as exc:
+            if not self._checkpoint_failing:
+                log.warning("outbox %s: WAL checkpoint (%s) failed: %s", self._db_path, what, exc)
+            self._checkpoint_failing = True
+            return False
+        finally:
+            self._db_bytes = _file_size(self._db_path)
+            self._wal_bytes = _file_size(self._wal_path)
+            # While the checkpoint ran, the file grew (if it did) with the WAL still whole.
+            self._peak = max(self._peak, max(before, self._db_bytes) + wal)
+        self._checkpoints += 1
+        if self._checkpoint_failing and not busy:
+            log.info("outbox %s: WAL checkpoints work again", self._db_path)
+            self._checkpoint_failing = False
+        return not busy
+
+    def _release_wal(self) -> bool:
+        """The disk is full: give the WAL's space back to the volume. True if it shrank."""
+        wal = self._wal_bytes
+        if wal <= WAL_HEADER:
+            return False
+        return self._checkpoint("disk full") and self._wal_bytes < wal
 
     def _write_counters(self, state: _State) -> None:
         old = self._state
@@ -587,28 +900,43 @@ class Outbox:
                 rows,
             )
 
-    def _vacuum_if_needed(self) -> None:
-        """Return free pages beyond the allowance to the file system, in this transaction."""
-        free = self._conn.execute("PRAGMA freelist_count").fetchone()[0]
+    def _vacuum_if_needed(self, room_frames: int) -> None:
+        """Return free pages beyond the allowance to the file system, in this transaction.
+
+        Each step removes the file's last page, moving it into a free slot if it is in use (a
+        page written to the WAL): at most ``room_frames`` steps, but always enough to bring the
+        file back within its share of the bound. What is left is owed (:meth:`_vacuum_rounds`).
+        """
+        conn = self._conn
+        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
         if free * PAGE_SIZE <= self._free_allowance:
+            self._vacuum_owed = False
             return
         keep = self._free_allowance // 2 // PAGE_SIZE
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        steps = min(free - keep, max(room_frames, pages - self._max_db_pages, 0))
         # Python's sqlite3 steps a statement once, and incremental_vacuum frees one page per
         # step: so one execute per page.
-        for _ in range(free - keep):
-            self._conn.execute("PRAGMA incremental_vacuum")
+        for _ in range(steps):
+            conn.execute("PRAGMA incremental_vacuum")
+        self._vacuum_steps = steps
+        self._vacuum_owed = (free - steps) * PAGE_SIZE > self._free_allowance
 
-    def _checkpoint_if_needed(self) -> None:
-        """After a commit: a WAL past its allowance is checkpointed and truncated.
-
-        Failure (a full disk) is logged, never raised: the transaction is already durable.
-        """
-        if _file_size(self._wal_path) < self._wal_allowance:
-            return
-        try:
-            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-        except sqlite3.Error as exc:
-            log.warning("outbox %s: WAL checkpoint failed: %s", self._db_path, exc)
+    def _vacuum_rounds(self, rounds: int) -> None:
+        """Vacuum what is owed in transactions of its own, each after a checkpoint. Failure is
+        logged, never raised: the operation that owed it has committed."""
+        for _ in range(rounds):
+            if not self._vacuum_owed:
+                return
+            if self._wal_bytes > WAL_HEADER and not self._checkpoint("vacuum"):
+                return
+            try:
+                self._attempt("vacuum", lambda st: None, 0)
+            except OutboxError as exc:
+                log.warning("outbox %s: vacuum failed: %s", self._db_path, exc)
+                return
+            if self._vacuum_steps == 0:
+                return  # no room for a single step: the next operations go on
 
     # -- append ------------------------------------------------------------------------------
 
@@ -710,7 +1038,7 @@ class Outbox:
                 (items,) = conn.execute(
                     "SELECT total(items) FROM records WHERE kind = ?", (kind,)
                 ).fetchone()
-                conn.execute("DELETE FROM records WHERE kind = ?", (kind,))
+                self._delete_evicted("kind = ?", (kind,))
                 state.add(state.evicted, kind, state.rows[kind])
                 state.add(state.evicted_items, kind, int(items))
                 state.rows[kind] = state.bytes[kind] = 0
@@ -740,11 +1068,11 @@ class Outbox:
                 finally:
                     cursor.close()
                 if not protected:
-                    conn.execute("DELETE FROM records WHERE kind = ? AND id <= ?", (kind, cut))
+                    self._delete_evicted("kind = ? AND id <= ?", (kind, cut))
                 for start in range(0, len(victims), _MAX_VARIABLES):
                     chunk_ids = victims[start : start + _MAX_VARIABLES]
                     marks = ",".join("?" * len(chunk_ids))
-                    conn.execute(f"DELETE FROM records WHERE id IN ({marks})", chunk_ids)
+                    self._delete_evicted(f"id IN ({marks})", chunk_ids)
                 state.add(state.evicted, kind, count)
                 state.add(state.evicted_items, kind, items)
                 state.add(state.rows, kind, -count)
@@ -755,10 +1083,20 @@ class Outbox:
                     break
                 if record.kind == kind:
                     evicted_batch.add(i)
+                    if self._txn_topics is not None:
+                        self._txn_topics[record.topic] += 1
                     state.add(state.evicted, kind, 1)
                     state.add(state.evicted_items, kind, record.items)
                     excess -= costs[i]
         return evicted_batch
+
+    def _delete_evicted(self, where: str, params: Sequence[object]) -> None:
+        """Delete evicted rows; count their topics if asked to."""
+        if self._txn_topics is None:
+            self._conn.execute(f"DELETE FROM records WHERE {where}", params)
+            return
+        topics = self._conn.execute(f"DELETE FROM records WHERE {where} RETURNING topic", params)
+        self._txn_topics.update(topic for (topic,) in topics)
 
     def _insert_answered(self, state: _State, answered: Sequence[tuple[str, str]]) -> None:
         conn = self._conn
@@ -785,8 +1123,8 @@ class Outbox:
             pruned_bytes = int(pb)
         else:
             cut = first - 1
-        if state.answered_bytes - pruned_bytes > self._answered_cap:
-            over = state.answered_bytes - pruned_bytes - self._answered_cap
+        if state.answered_bytes - pruned_bytes > self._answered_limit:
+            over = state.answered_bytes - pruned_bytes - self._answered_limit
             cursor = conn.execute(
                 "SELECT n, size FROM answered WHERE n > ? AND n < ? ORDER BY n",
                 (cut, state.answered_max),
@@ -844,6 +1182,10 @@ def _connect(path: Path, config: OutboxConfig) -> sqlite3.Connection:
             raise OutboxError(f"{path}: could not switch to WAL (journal_mode is {mode})")
         conn.execute(f"PRAGMA synchronous = {config.synchronous}")
         conn.execute("PRAGMA wal_autocheckpoint = 0")  # checkpoints are ours: see module doc
+        # Debian's SQLite is built with SECURE_DELETE: every freed page would be zeroed, i.e.
+        # written to the WAL, so deleting 1 MiB of records wrote 1 MiB of WAL. FAST zeroes
+        # deleted content only in pages written anyway (ADR 0075).
+        conn.execute("PRAGMA secure_delete = FAST")
         for kind in config.eviction_order:
             conn.execute("INSERT OR IGNORE INTO counters(kind) VALUES (?)", (kind,))
     except sqlite3.Error as exc:

@@ -176,6 +176,7 @@ class Got:
     retain: bool
     qos: int
     at: float = 0.0  # time.monotonic() at arrival
+    dup: bool = False  # the broker sent it again (MQTT DUP flag): not a new publish
 
 
 @dataclass
@@ -234,7 +235,14 @@ class Client:
         with self._cond:
             self.payloads.add(bytes(msg.payload))
             self.messages.append(
-                Got(msg.topic, bytes(msg.payload), bool(msg.retain), msg.qos, time.monotonic())
+                Got(
+                    msg.topic,
+                    bytes(msg.payload),
+                    bool(msg.retain),
+                    msg.qos,
+                    time.monotonic(),
+                    bool(msg.dup),
+                )
             )
             self._cond.notify_all()
 

@@ -292,6 +292,81 @@ def test_queue_bound_evicts_and_counts_exactly_what_is_missing_downstream(
     run(scenario)
 
 
+def test_eviction_says_degraded_evicting_logs_counts_per_rule_and_clears_below_the_bound(
+    tmp_path: Path,
+    fresh_mosquitto: MosquittoProcess,
+    persistent_cloud_mosquitto: MosquittoProcess,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    site, cloud = fresh_mosquitto, persistent_cloud_mosquitto
+    up_fleet = Rule("up", "fleet/#")
+    cfg = config(tmp_path, site, cloud, [UP_RESULTS, up_fleet], queue="up_max_bytes = 131072")
+    results_label = "edge/+/results -> sites/s1/edge/+/results"
+    n = 1500  # of each: ~600 KB against a 128 KiB queue
+
+    def last_status(watcher: Client) -> tuple[str, list[str]] | None:
+        for m in reversed(watcher.snapshot()):
+            if m.topic.endswith("/status"):
+                s = decode_status(m.payload)
+                return s.state, list(s.reasons)
+        return None
+
+    async def scenario() -> None:
+        caplog.set_level("INFO", logger="broker_bridge")
+        sub = Client(cloud.info, clean=False, client_id="evicting-sub")
+        sub.connect()
+        sub.subscribe("sites/#")
+        sub.subscribe("fleet/#")
+        watcher = connected(site)
+        watcher.subscribe("bridges/br-test/status")
+        pub = connected(site)
+        async with Bridge(cfg) as bridge:
+            await bridge.wait_ready(10)
+            await asyncio.to_thread(cloud.stop)
+            await bridge.cloud.wait_disconnected()
+            for i in range(n):
+                pub.publish("edge/gw-1/results", b"r%05d" % i + b"x" * 194, wait=False)
+                pub.publish("fleet/a", b"f%05d" % i + b"x" * 194, wait=False)
+            await until(lambda: bridge.up.stats.queued >= 2 * n, 30, f"{2 * n} queued")
+            await asyncio.to_thread(
+                watcher.wait,
+                lambda: (last_status(watcher) or ("", []))[1] == ["evicting", "uplink_down"],
+                10,
+                "degraded: evicting",
+            )
+            evicted = bridge.up.outbox.stats().evicted_total
+            assert evicted > 0
+            assert bridge.up.evicted_by_rule.total() == evicted
+            assert set(bridge.up.evicted_by_rule) == {results_label, "fleet/#"}
+            started = [r.getMessage() for r in caplog.records if "queue full" in r.getMessage()]
+            assert started, "no log line about the evictions"
+            assert results_label in started[0] and "fleet/#: " in started[0]
+            assert len(started) <= 2  # rate-limited: one line, then at most one per 10 s
+
+            await asyncio.to_thread(cloud.start)  # the queue drains below its bound
+            await until(lambda: bridge.up.outbox.stats().rows == 0, 30, "queue drained")
+            await asyncio.to_thread(
+                watcher.wait, lambda: last_status(watcher) == ("online", []), 15, "online again"
+            )
+            assert not bridge.up.evicting
+            pub.publish("edge/gw-1/results", b"control")
+            await asyncio.to_thread(sub.wait_payload, b"control", 20)
+        cleared = [r.getMessage() for r in caplog.records if "below its bound" in r.getMessage()]
+        assert len(cleared) == 1 and f"after evicting {evicted} (" in cleared[0]
+        # What each rule's count says is missing is exactly what never arrived.
+        got = {m.payload[:6] for m in sub.snapshot()}
+        missing_results = n - sum(1 for i in range(n) if b"r%05d" % i in got)
+        missing_fleet = n - sum(1 for i in range(n) if b"f%05d" % i in got)
+        assert bridge.up.evicted_by_rule == {
+            results_label: missing_results,
+            "fleet/#": missing_fleet,
+        }
+        for c in (sub, watcher, pub):
+            c.close()
+
+    run(scenario, 90)
+
+
 def test_remote_receive_maximum_is_honoured(
     tmp_path: Path, fresh_mosquitto: MosquittoProcess, tmp_path_factory: pytest.TempPathFactory
 ) -> None:

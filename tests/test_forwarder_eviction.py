@@ -160,3 +160,32 @@ def test_a_retained_record_never_overtakes_an_older_stored_one(
     asyncio.run(scenario())
     state = retained_state(broker, "ev/#", "ev/zz")
     assert state.get("ev/state") == b"new"
+
+
+def test_what_the_broker_acknowledged_is_deleted_when_the_link_drops_not_at_the_next_one(
+    fresh_mosquitto: MosquittoProcess, tmp_path: Path
+) -> None:
+    """A crash during an outage then resends only what was in flight when it began."""
+    broker = fresh_mosquitto.info
+
+    async def scenario() -> None:
+        with TcpProxy(broker.host, broker.port) as proxy:
+            mqtt = MqttConfig(
+                host=proxy.host, port=proxy.port, reconnect_first_s=0.1, reconnect_cap_s=0.5
+            )
+            async with _outbox(tmp_path) as outbox, MqttSession(mqtt, client_id="ev-cut") as s:
+                # Deletes wait (batched) for an hour: only the link drop can flush them.
+                forwarder = Forwarder(outbox, s, window=64, delete_linger_s=3600)
+                task = asyncio.create_task(forwarder.run())
+                await s.wait_connected(10)
+                await outbox.append(_records(0, 200))
+                forwarder.kick()
+                await _until(lambda: forwarder.stats.delivered == 200, "200 delivered")
+                assert outbox.stats().rows == 200  # acknowledged, not deleted yet
+                proxy.cut()  # and it stays cut: no next connection
+                await _until(lambda: not s.connected, "the link to drop")
+                await _until(lambda: outbox.stats().rows == 0, "the deletes at the drop")
+                assert outbox.stats().deleted["result"] == 200
+                task.cancel()
+
+    asyncio.run(scenario())

@@ -7,6 +7,7 @@ mocked except, in one test, the rename that moves a corrupt file aside.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import re
@@ -261,6 +262,21 @@ def test_a_batch_bigger_than_the_whole_bound_keeps_its_newest_highest_priority_r
     assert file_bytes(cfg.path) <= cfg.max_bytes
 
 
+def test_evicted_topics_are_counted_when_asked_and_match_the_eviction_counts(
+    tmp_path: Path,
+) -> None:
+    with Outbox.open(config(tmp_path / "o.db", max_bytes=256 * KiB)) as box:
+        box.append([rec("result", b"r" * 400, topic="a/1") for _ in range(100)])
+        assert box.take_evicted_topics() == Counter()  # not asked for: nothing counted
+        box.count_evicted_topics()
+        for i in range(600):
+            box.append([rec("result", b"r" * 400, topic=f"b/{i % 3}")])
+        taken = box.take_evicted_topics()
+        assert taken["a/1"] == 100  # the oldest went first, all of them
+        assert taken.total() == box.stats().evicted["result"]  # every eviction, by topic
+        assert box.take_evicted_topics() == Counter()  # taken: counted afresh
+
+
 def test_eviction_counts_survive_reopen(tmp_path: Path) -> None:
     cfg = config(tmp_path / "o.db", max_bytes=128 * KiB)
     with Outbox.open(cfg) as box:
@@ -379,6 +395,100 @@ def test_draining_the_outbox_gives_the_space_back_to_the_file_system(tmp_path: P
     # Empty: the schema, at most half the free-page allowance, a truncated WAL.
     assert file_bytes(cfg.path) <= 9 * 4096 + 4 * MiB // 64 + 8192
     assert integrity(cfg.path) == ["ok"]
+
+
+class Sampler:
+    """db + WAL size on disk every millisecond, on its own thread (independent of the outbox)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.largest = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(FileNotFoundError):  # between a stat and a truncation
+                self.largest = max(self.largest, file_bytes(self.path))
+            self.samples += 1
+            time.sleep(0.001)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@pytest.mark.parametrize(
+    ("max_bytes", "payload"),
+    [(MiB, 600), (MiB, 6000), (MiB, 20_000), (4 * MiB, 9000)],
+    ids=["1MiB-600B", "1MiB-6KB", "1MiB-20KB", "4MiB-9KB"],
+)
+def test_db_and_wal_stay_within_105_percent_at_every_commit_and_checkpoint(
+    tmp_path: Path, max_bytes: int, payload: int
+) -> None:
+    """Many callers (group commits) through an outage of 4x the bound, then a drain (deletes,
+    vacuum). Before ADR 0075 the WAL of one large group commit came on top of a full file:
+    115 % with 600-byte records, 141 % with 6 KB ones (freed pages zeroed into the WAL)."""
+    cfg = config(tmp_path / "o.db", max_bytes=max_bytes, synchronous="OFF")
+    rng = random.Random(payload)
+
+    async def main() -> None:
+        async with AsyncOutbox(cfg) as box:
+            frame = 0
+
+            async def caller() -> None:
+                nonlocal frame
+                while box.stats().appended_bytes < 4 * max_bytes:
+                    frame += 1
+                    size = rng.randint(payload // 2, payload * 3 // 2)
+                    await box.append(
+                        [rec(payload=rng.randbytes(size))], [(f"k{frame}", f"r{frame}")]
+                    )
+
+            with Sampler(cfg.path) as sampler:
+                await asyncio.gather(*(caller() for _ in range(128)))
+                assert box.stats().evicted_total > 0
+                while batch := await box.pending(256):
+                    await asyncio.gather(*(box.delete([s.id]) for s in batch))
+            peak = box.stats().peak_file_bytes
+        assert sampler.samples > 0
+        # The outbox's own peak, taken where the sum peaks, sees at least what a sampler sees.
+        assert sampler.largest <= peak <= 1.05 * max_bytes
+        assert peak > 0.75 * max_bytes  # the bound was used
+
+    run(main())
+
+
+def test_deleting_records_writes_a_few_wal_frames_not_the_deleted_bytes(tmp_path: Path) -> None:
+    """Debian's SQLite zeroes every freed page (SECURE_DELETE): deleting 600 KB of records
+    wrote 600 KB of WAL. ``secure_delete = FAST`` zeroes only pages written anyway."""
+    cfg = config(tmp_path / "o.db", max_bytes=64 * MiB)
+    with Outbox.open(cfg) as box:
+        ids = box.append([rec(payload=b"x" * 6000) for _ in range(100)])
+        box._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        assert box.delete(ids) == 100
+        wal = Path(f"{cfg.path}-wal").stat().st_size
+    frames = (wal - 32) // (4096 + 24)
+    assert 0 < frames <= 16, f"{frames} WAL frames to delete 100 records of 6 KB"
+
+
+def test_group_commits_take_at_most_one_transactions_bytes(tmp_path: Path) -> None:
+    cfg = config(tmp_path / "o.db", max_bytes=MiB)
+
+    async def main() -> None:
+        async with AsyncOutbox(cfg) as box:
+            assert box.max_txn_bytes == outbox.store.txn_bytes(MiB) == 32 * KiB
+            await asyncio.gather(*(box.append([rec(payload=b"x" * 4000)]) for _ in range(64)))
+            # 64 records of ~4 KB: 8 per transaction at most, all queued at once.
+            assert box.append_groups >= 8
+            assert box.stats().rows + box.stats().evicted_total == 64
+
+    run(main())
 
 
 # -- deduplication table ---------------------------------------------------------------------
@@ -646,8 +756,8 @@ def test_storage_full_on_a_real_full_filesystem_writes_nothing_and_recovers(
         assert box.answered(f"frame-{failed}") is None
         assert box.answered(f"frame-{failed - 1}") == f"result-{failed - 1}"
         assert box.integrity_check() == ["ok"]
-        with pytest.raises(StorageFull):
-            box.append([rec("result", b"x" * 7000)])
+        with pytest.raises(StorageFull):  # the same write again: still no room
+            box.append([rec("result", b"x" * 7000), rec("event", b"e" * 3000)])
         filler.unlink()  # space comes back …
         committed += box.append([rec("result", b"y" * 7000)], answered=[("late", "r-late")])
         assert [s.id for s in box.pending(10**6)] == committed
@@ -683,6 +793,88 @@ def test_storage_full_from_the_page_limit_rolls_back_and_deleting_frees_room(
         assert [s.id for s in box.pending(100)] == ids[20:] + more
         assert box.answered("k") == "r"
         assert box.integrity_check() == ["ok"]
+
+
+def fill_volume(path: Path) -> None:
+    """Take every free byte of the file system (the last write or the close fails)."""
+    with contextlib.suppress(OSError), path.open("ab") as f:
+        while True:
+            f.write(b"\0" * 4096)
+            f.flush()
+
+
+def test_on_a_volume_smaller_than_the_bound_the_outbox_never_fills_it_itself(
+    small_filesystem: Callable[[str], Path],
+) -> None:
+    """The default bound (its WAL allowance alone is 4 MiB) on a 2 MiB volume, 1 MiB of it
+    another file's: 20 MiB of records and answered keys go through, delivered as they go.
+    Before ADR 0075 the WAL grew until the volume was full and stayed so."""
+    volume = small_filesystem("2m")
+    (volume / "other").write_bytes(b"\0" * MiB)
+    rng = random.Random(2)
+    with Outbox.open(config(volume / "o.db", synchronous="FULL")) as box:
+        frame = 0
+        while box.stats().appended_bytes < 20 * MiB:
+            for _ in range(4):
+                frame += 1
+                size = rng.randint(200, 3000)
+                box.append([rec(payload=rng.randbytes(size))], [(f"cam-1/{frame}", f"r{frame}")])
+            box.delete(s.id for s in box.pending(100))
+        st = box.stats()
+        assert st.storage_full == 0
+        assert st.answered_keys < frame  # the cache of answered keys fits the volume too
+        assert box.integrity_check() == ["ok"]
+
+
+def test_a_volume_the_outbox_filled_still_takes_deletes_and_recovers_once_space_is_freed(
+    small_filesystem: Callable[[str], Path],
+) -> None:
+    """The uplink is down: records fill a 2 MiB volume (the bound is 256 MiB). Deliveries must
+    still be able to delete (deletes need WAL space too), and once another file goes, appends
+    work again, in the pages the deliveries freed."""
+    volume = small_filesystem("2m")
+    other = volume / "other"
+    other.write_bytes(b"\0" * 512 * KiB)
+    cfg = config(volume / "o.db", synchronous="FULL")
+    with Outbox.open(cfg) as box:
+        stored: list[int] = []
+        for i in range(10_000):
+            try:
+                stored += box.append([rec(payload=bytes([i % 256]) * 2000)], [(f"f{i}", "r")])
+            except StorageFull:
+                break
+        else:
+            pytest.fail("a 2 MiB volume never filled up")
+        assert len(stored) > 300  # the volume, not the outbox's bound, was the limit
+        assert box.stats().rows == len(stored)
+        assert box.delete(stored[:200]) == 200  # a delivery: works on the full volume
+        size = cfg.path.stat().st_size
+        other.unlink()
+        more = box.append([rec(payload=b"n" * 2000) for _ in range(50)])
+        assert cfg.path.stat().st_size == size  # in the pages the deliveries freed
+        assert [s.id for s in box.pending(10**6)] == stored[200:] + more
+        assert box.integrity_check() == ["ok"]
+        assert_counts_balance(box)
+
+
+def test_on_a_full_volume_the_outbox_gives_back_its_wal_space_and_writes(
+    small_filesystem: Callable[[str], Path],
+) -> None:
+    volume = small_filesystem("2m")
+    cfg = config(volume / "o.db", max_bytes=64 * MiB, synchronous="FULL")
+    wal = Path(f"{cfg.path}-wal")
+    with Outbox.open(cfg) as box:
+        box.delete(box.append([rec(payload=b"x" * 3000) for _ in range(40)]))
+        box._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        # A WAL of pages the file already has (so a checkpoint needs no room), 300+ KB of it.
+        while wal.stat().st_size < 300 * KiB:
+            box.delete(box.append([rec(payload=b"x" * 3000) for _ in range(20)]))
+        before = wal.stat().st_size
+        fill_volume(volume / "other")  # another program takes everything left
+        assert shutil.disk_usage(volume).free < 4096
+        box.append([rec(payload=b"y" * 500)])
+        assert wal.stat().st_size < before  # it gave its WAL's space back, then wrote
+        assert [s.payload for s in box.pending(10)] == [b"y" * 500]
 
 
 def test_errors_from_sqlite_never_leak_sqlite3_types(tmp_path: Path) -> None:

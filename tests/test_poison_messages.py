@@ -379,7 +379,7 @@ def _node_fault(stage: str, h: Harness, mp: pytest.MonkeyPatch) -> Injected:
         return f, lambda: node.stats.results_stored
     if stage == "publish":
         f.when = lambda topic, *a, **kw: topic.endswith("/results")
-        f.into(mp, node.session, "publish_nowait")
+        f.into(mp, node.uplink, "publish_nowait")  # results go out on the uplink connection
         return f, lambda: node.forwarder.stats.refused
     assert stage == "ack"
     f.into(mp, node.session, "ack")
