@@ -19,7 +19,11 @@ publishers and consumers, each in its own process (see :mod:`bench.workers`):
    subscriber and for the node's results (``frame_ts``);
 4. memory: the node's RSS once it has taken ``--memory-frames`` frames in all;
 5. memory without a backlog: a fresh node's RSS (and latency) after ``--steady-frames`` frames
-   at a steady ``--steady-rate``.
+   at a steady ``--steady-rate``;
+6. the look-up every frame pays (is it answered already? docs/adr/0076-intake-bounds.md),
+   in-process on this machine: the in-memory filter for a new frame, the outbox query for a
+   batch of "maybe"s, and the rebuild of the filter at start, with ``--lookup-keys`` answered
+   keys (``storage.answered_keep``).
 
 Before all that it checks whether the broker honours a subscriber's Receive Maximum
 (:mod:`bench.broker_quota`), on which the node's memory under a flood depends.
@@ -75,8 +79,10 @@ from bench.workers import (
     publish_paced,
     subscribe,
 )
+from edge_node.answered import AnsweredFilter
 from edgewise.frames import load_holdout
 from local_broker import MosquittoProcess, mosquitto_path
+from outbox import Outbox, OutboxConfig, Record
 from schemas import ContractError, Frame, decode_results, decode_status, encode_frame
 
 MARKER = "<!-- bench:node_throughput:{label}:{end} -->"
@@ -204,6 +210,8 @@ class Figures(RunInfo):
     steady_peak_mb: float = 0.0
     broker_max_unacked: int = 0
     """bench.broker_quota: most messages a Receive Maximum 10 subscriber held (10 = honoured)"""
+    lookup: dict[str, float] = field(default_factory=dict)
+    """the per-frame look-up's cost (see lookup_cost); empty when skipped"""
     elapsed_s: float = 0.0
 
     # -- summaries ---------------------------------------------------------------------
@@ -656,6 +664,59 @@ class Bench:
         figures.rss_mb.append((after, self.frames_to_node, round(self.node.rss_mb(), 1)))
 
 
+# ---------------------------------------------------------------------------- look-up cost
+def _keys(n: int, start: int = 0, device: str = "cam") -> list[str]:
+    """Frame keys as the node makes them (edge_node.node._frame_key): topic, seq, ts, digest."""
+    return [
+        f"sensors/{device}-{i % 50}/digits\x00{i}\x00{1766400000.0 + i / 1000!r}"
+        f"\x00{i * 2654435761 % 2**64:016x}"
+        for i in range(start, start + n)
+    ]
+
+
+def lookup_cost(keep: int, workdir: Path, batch: int = 64) -> dict[str, float]:
+    """What the node's "answered already?" look-up costs here, with ``keep`` keys remembered:
+    ns per new frame in the filter (fresh key strings: the hash is paid too), share of new
+    frames the filter calls "maybe" (each then asked of the outbox), ns per key added, µs per
+    outbox query for a batch of ``batch`` keys, ms to rebuild the filter at start."""
+    remembered = _keys(keep)
+    f = AnsweredFilter(keep)
+    t0 = time.perf_counter()
+    for k in remembered:
+        f.add(k)
+    add_ns = (time.perf_counter() - t0) / keep * 1e9
+    fresh = _keys(200_000, start=10 * keep, device="new")
+    t0 = time.perf_counter()
+    maybes = sum(1 for k in fresh if k in f)
+    in_ns = (time.perf_counter() - t0) / len(fresh) * 1e9
+    config = OutboxConfig(path=workdir / "lookup.outbox.db", max_bytes=256 * MB, answered_keep=keep)
+    with Outbox.open(config) as outbox:
+        for i in range(0, keep, 1024):
+            pairs = [(k, f"id-{j}") for j, k in enumerate(remembered[i : i + 1024], i)]
+            outbox.append([Record("result", "edge/bench/results", b"x" * 64)], pairs)
+        rounds = 200
+        asked = [remembered[(i * 7919) % keep : (i * 7919) % keep + batch] for i in range(rounds)]
+        t0 = time.perf_counter()
+        for keys in asked:
+            outbox.answered_many(keys)
+        query_us = (time.perf_counter() - t0) / rounds * 1e6
+        t0 = time.perf_counter()
+        rebuilt = AnsweredFilter(keep)
+        for k in outbox.answered_keys():
+            rebuilt.add(k)
+        rebuild_ms = (time.perf_counter() - t0) * 1e3
+    return {
+        "keep": float(keep),
+        "filter_bytes": float(f.nbytes),
+        "in_ns": in_ns,
+        "maybe_share": maybes / len(fresh),
+        "add_ns": add_ns,
+        "batch": float(batch),
+        "query_us": query_us,
+        "rebuild_ms": rebuild_ms,
+    }
+
+
 # ---------------------------------------------------------------------------- main flow
 def run(args: argparse.Namespace, command: str) -> Figures:
     t_start = time.monotonic()
@@ -677,6 +738,7 @@ def run(args: argparse.Namespace, command: str) -> Figures:
             "max_batch_size": args.max_batch_size or "default (64)",
             "max_wait_ms": args.max_wait_ms if args.max_wait_ms is not None else "default (0.0)",
             "synchronous": args.synchronous or "default (FULL)",
+            "lookup_keys": args.lookup_keys,
         },
     )
     figures.busy_before = psutil.cpu_percent(interval=1.0)
@@ -686,6 +748,14 @@ def run(args: argparse.Namespace, command: str) -> Figures:
             f": other work will disturb the figures[/]"
         )
     workdir = Path(tempfile.mkdtemp(prefix="edgewise-bench-"))
+    if args.lookup_keys > 0:  # 6. first, while nothing else of the benchmark runs
+        figures.lookup = lookup_cost(args.lookup_keys, workdir)
+        lk = figures.lookup
+        log(
+            f"look-up with {args.lookup_keys:,} keys: filter {lk['in_ns']:.0f} ns per new frame"
+            f" ({lk['maybe_share']:.2%} maybe), outbox {lk['query_us']:.0f} µs per batch of"
+            f" {lk['batch']:.0f}, rebuild {lk['rebuild_ms']:.0f} ms"
+        )
     broker = MosquittoProcess(workdir / "broker")
     broker.start()
     log(f"Mosquitto on {broker.info.url} (pid {broker.pid}); workdir {workdir}")
@@ -1012,6 +1082,17 @@ def markdown(f: Figures) -> str:
     out.append("")
     issues = len(f.node_log_issues)
     out.append(f"Node stop: {f.node_exit}; {issues} warning/error lines in its log.\n")
+    if f.lookup:
+        lk = f.lookup
+        out.append(
+            f"The look-up every frame pays (is it answered already?), in-process with"
+            f" {lk['keep']:,.0f} answered keys remembered: {lk['in_ns']:.0f} ns per new frame in"
+            f" the filter ({lk['filter_bytes'] / MB:.1f} MiB; {lk['maybe_share']:.2%} of new"
+            f' frames are a "maybe" and asked of the outbox), {lk["add_ns"]:.0f} ns per key'
+            f" added; the outbox answers a batch of {lk['batch']:.0f} keys in"
+            f" {lk['query_us']:.0f} µs (on its own thread); rebuilding the filter at start takes"
+            f" {lk['rebuild_ms']:.0f} ms.\n"
+        )
     honoured = "honours it" if f.broker_max_unacked <= 10 else "does **not** honour it"
     out.append(
         f"Broker flow control (`bench.broker_quota`): a subscriber declaring Receive Maximum 10 "
@@ -1073,6 +1154,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["OFF", "NORMAL", "FULL", "EXTRA"],
         default=None,
         help="node's EDGEWISE_STORAGE__SYNCHRONOUS (default: the node's own, FULL)",
+    )
+    p.add_argument(
+        "--lookup-keys",
+        type=int,
+        default=100_000,
+        help="answered keys remembered for the look-up cost (default 100000; 0: skip)",
     )
     p.add_argument("--write", type=Path, default=None, help="update this Markdown file")
     p.add_argument("--label", default="default", help="which generated block of --write to replace")

@@ -27,10 +27,13 @@ class Ticket:
         self.parts = parts
         self.done = False
 
-    def finish_part(self) -> None:
+    def finish_part(self) -> bool:
+        """One part is done; True if that made the whole message done (once only)."""
         self.parts -= 1
-        if self.parts <= 0:
+        if self.parts <= 0 and not self.done:
             self.done = True
+            return True
+        return False
 
 
 class InOrderAcker:
@@ -39,22 +42,28 @@ class InOrderAcker:
         self._queue: deque[Ticket] = deque()
         self.acked = 0
         self.ack_errors = 0
+        self.held_bytes = 0
+        """Payload bytes of the messages tracked and not yet let go of: QoS 1 ones until they
+        are acknowledged (or dropped with their connection), QoS 0 ones until finished."""
 
     def track(self, message: Inbound) -> Ticket:
         ticket = Ticket(message)
+        self.held_bytes += len(message.payload)
         if message.qos > 0:
             self._queue.append(ticket)
         return ticket
 
     def finish(self, ticket: Ticket) -> None:
         """One part of ``ticket`` is done (for a single frame: the whole message)."""
-        ticket.finish_part()
+        if ticket.finish_part() and ticket.message.qos == 0:
+            self.held_bytes -= len(ticket.message.payload)
         self._flush()
 
     def finish_all(self, tickets: list[Ticket]) -> None:
         """One part of each (a ticket listed twice: two parts)."""
         for t in tickets:
-            t.finish_part()
+            if t.finish_part() and t.message.qos == 0:
+                self.held_bytes -= len(t.message.payload)
         self._flush()
 
     @property
@@ -71,6 +80,7 @@ class InOrderAcker:
         current = self._session.connection
         while q and (q[0].done or q[0].message.connection != current):
             t = q.popleft()
+            self.held_bytes -= len(t.message.payload)
             if t.message.connection == current:
                 try:
                     self._session.ack(t.message)

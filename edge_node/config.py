@@ -115,8 +115,15 @@ class BatchingConfig(BaseModel):
         2_000,
         ge=1,
         description="frames held (received, not yet acknowledged: waiting for inference or"
-        " for their results to be stored) before the node stops reading from the broker (TCP"
-        " backpressure) until half of them are done",
+        " for their results to be stored) before the node stops reading frames from the broker"
+        " (TCP backpressure) until half of them are done",
+    )
+    max_pending_bytes: int = Field(
+        16 * 1_048_576,
+        ge=128,
+        description="payload bytes of the frames held (as max_pending_frames) before the node"
+        " stops reading frames until half of them are done; at least twice"
+        " limits.max_payload_bytes",
     )
 
 
@@ -360,6 +367,17 @@ class NodeConfig(BaseSettings):
     @classmethod
     def _node_id(cls, v: str) -> str:
         return _level(v)
+
+    @model_validator(mode="after")
+    def _pending_bytes_hold_two_messages(self) -> NodeConfig:
+        # Reading resumes once half the bound is free: a message bigger than half would never
+        # fit, and the node would never read again.
+        if self.batching.max_pending_bytes < 2 * self.limits.max_payload_bytes:
+            raise ValueError(
+                f"batching.max_pending_bytes ({self.batching.max_pending_bytes}) must be at least"
+                f" twice limits.max_payload_bytes ({self.limits.max_payload_bytes})"
+            )
+        return self
 
     @classmethod
     def settings_customise_sources(

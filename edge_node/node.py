@@ -7,8 +7,11 @@ only once its result is durable; the forwarder then publishes the outbox to the 
 deletes each record after its PUBACK. Anything that breaks the contract is dead-lettered and
 acknowledged at once; nothing from the network can stop the node.
 
-A frame the broker redelivers (DUP flag, after a reconnect or a crash) whose result is already
-in the outbox is acknowledged without a second inference, so each frame gets one result id.
+Every copy of a frame whose result is already in the outbox (the newest
+``storage.answered_keep`` frames) is acknowledged without a second inference, whatever brought
+it again: a broker's redelivery (DUP flag, after a reconnect or a crash), a sensor that re-sends
+on a clean session, a broker restarted from an older save. So each frame gets one result id
+(:mod:`edge_node.answered`: the look-up every frame pays).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import msgspec
 import numpy as np
 
 from edge_node.acks import InOrderAcker, Ticket
+from edge_node.answered import AnsweredFilter
 from edge_node.batcher import MicroBatcher
 from edge_node.config import NodeConfig
 from edge_node.deadletter import DeadLetters
@@ -82,6 +86,8 @@ class _Pending:
     frame: Frame
     key: str
     """What identifies the frame across redeliveries: where it came from and its seq/ts."""
+    check: bool = False
+    """It may have been answered already: look it up before answering it."""
     finished: bool = False
     """Its part of the ticket is done: finishing it again must not count another part."""
 
@@ -105,6 +111,11 @@ def _message_id_of(record: Stored) -> str:
     return message_id(decode_results(record.payload))
 
 
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """``1 record``, ``0 records``, ``2 records``."""
+    return f"{n} {word if n == 1 else (words or word + 's')}"
+
+
 def _frame_key(topic: str, frame: Frame, digest: str, index: int | None = None) -> str:
     # seq and ts alone repeat when a sensor without a clock restarts its counter; the payload's
     # digest keeps such a new frame from being taken for an answered one. A frame of a batch
@@ -125,6 +136,8 @@ class NodeStats:
     results_out: int = 0
     results_stored: int = 0
     results_acked: int = 0
+    """Results the broker acknowledged on the degraded path (published without a durable copy);
+    the forwarder counts those it delivers from the outbox (EdgeNode.results_delivered)."""
     result_messages: int = 0
     publish_failures: int = 0
     inference_errors: int = 0
@@ -176,8 +189,12 @@ class EdgeNode:
         self._to_store: deque[tuple[list[Result], list[tuple[str, str]], list[_Pending]]] = deque()
         self._store_task: asyncio.Task[None] | None = None
         self._max_results_per_message = config.batching.max_results_per_message
-        # Frames being answered, by key -> redelivered copies waiting to be acknowledged with them.
+        # Frames being answered, by key -> copies that came meanwhile, acknowledged with them.
         self._in_progress: dict[str, list[Ticket]] = {}
+        # Answered frames whose result is not in the outbox's answered table yet (sent to the
+        # cloud, acknowledged once journaled), by key -> result id.
+        self._answering: dict[str, str] = {}
+        self._answered = AnsweredFilter(config.storage.answered_keep)
         self._results_in_flight: set[asyncio.Future[None]] = set()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._inference: AdaptiveRunner[np.ndarray, Prediction] | None = None
@@ -199,25 +216,29 @@ class EdgeNode:
             conflict=self.conflict,
             announce_conflict=True,  # its on_connect publishes the status
         )
-        # Everything the node publishes goes to the uplink: the sensors' broker unless a
-        # separate one is configured (sensors on a site broker, results straight to the cloud).
-        self.uplink = (
-            self.session
-            if config.uplink is None
-            else MqttSession(
-                config.uplink,
-                client_id=f"edgewise-node-{self.node_id}-uplink",
-                on_connect=self._on_uplink_connect,
-                on_message=self._on_uplink_message,
-                will=will,
-                on_takeover=self._taken_over,
-                conflict=self.conflict,
-                announce_conflict=True,
-            )
+        # Everything the node publishes goes out on a connection of its own, the uplink: to a
+        # separate broker if one is configured (sensors on a site broker, results straight to
+        # the cloud), else to the sensors' broker. The frames' connection stops reading while
+        # the node holds as many frames as it may; the PUBACKs of results must never wait behind
+        # frames held back there (docs/adr/0076-intake-bounds.md). On the sensors' broker the
+        # status (and the will) stays with the frames' connection, whose subscription it vouches
+        # for; a separate uplink broker gets it too.
+        shared = config.uplink is None
+        self.uplink = MqttSession(
+            # An explicit mqtt.client_id names the frames' session; the uplink derives its own.
+            config.uplink or config.mqtt.model_copy(update={"client_id": ""}),
+            # "-out" on the sensors' broker, "-uplink" to a separate one (escalator: "-escalation").
+            client_id=f"edgewise-node-{self.node_id}-{'out' if shared else 'uplink'}",
+            on_connect=self._on_uplink_connect,
+            on_message=self._on_uplink_message,  # confirmations (end-to-end mode) come here
+            will=None if shared else will,
+            on_takeover=self._taken_over,
+            conflict=self.conflict,
+            announce_conflict=True,  # its on_connect publishes the status (always in conflict)
         )
-        self._sessions = [self.session]
-        if self.uplink is not self.session:
-            self._sessions.append(self.uplink)
+        self._sessions = [self.session, self.uplink]
+        self._status_sessions = [self.session] if shared else [self.session, self.uplink]
+        self._max_pending_bytes = config.batching.max_pending_bytes
         self._uplink_bad_since: float | None = time.monotonic()
         outbox_config = config.storage.outbox_config(self.node_id)
         self._outbox_path = outbox_config.path
@@ -331,6 +352,8 @@ class EdgeNode:
             await stack.enter_async_context(self.outbox)
             self._outbox_open = True
             self._store_offloop_events()
+            for key in await self.outbox.answered_keys():  # before any frame can come
+                self._answered.add(key)
             stored = self.outbox.stats()
             if self.outbox.recovered_from is not None:
                 # Said in the status until the next start, so that someone looks at the file.
@@ -340,10 +363,11 @@ class EdgeNode:
                     self.outbox.recovered_from,
                 )
             log.info(
-                "outbox %s: %d records (%d bytes) waiting from earlier runs",
+                "outbox %s: %s waiting from earlier runs; %s remembered",
                 self._outbox_path,
-                stored.rows,
-                stored.bytes,
+                plural(stored.rows, "record")
+                + (f" ({stored.bytes - stored.answered_bytes} bytes)" if stored.rows else ""),
+                plural(stored.answered_keys, "answered frame"),
             )
             for session in self._sessions:
                 await stack.enter_async_context(session)
@@ -395,6 +419,7 @@ class EdgeNode:
         """
         self._draining = True
         self.resume_inference({})  # frames held by a pause are in hand: they are finished too
+        self.session.resume_reading()  # frames that come now are left to the broker, unheld
         timeout_s = self.config.drain_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
         finished = True
@@ -416,9 +441,9 @@ class EdgeNode:
                         await forwarder.flush()
         left = self.outbox.stats().rows
         if left:
-            log.info("%d records stay in the outbox for the next start", left)
+            log.info("%s stay in the outbox for the next start", plural(left, "record"))
         offline = self._status_payload("offline", ["shutdown"])
-        for session in self._sessions:
+        for session in self._status_sessions:
             if session.connected:
                 with contextlib.suppress(MqttError, TimeoutError):
                     async with asyncio.timeout(2.0):
@@ -437,6 +462,23 @@ class EdgeNode:
                 *list(self._storing), *list(self._results_in_flight), return_exceptions=True
             )
 
+    @property
+    def results_delivered(self) -> int:
+        """Results the broker has acknowledged (from the outbox, or published directly)."""
+        delivered = self.results_forwarder.stats.delivered_items.get(RESULT, 0)
+        return delivered + self.stats.results_acked
+
+    def summary(self) -> str:
+        """What the node did since it started, for its stop line."""
+        s = self.stats
+        left = self.outbox.stats().rows_by_kind.get("result", 0) if self._outbox_open else 0
+        return (
+            f"{plural(s.frames_in, 'frame')} in ({s.frames_already_answered} answered already,"
+            f" {s.rejected} rejected); {plural(s.results_out, 'result')} made,"
+            f" {self.results_delivered} acknowledged by the broker;"
+            f" {plural(left, 'results record')} left in the outbox"
+        )
+
     def describe(self) -> dict[str, object]:
         """Where the node's work stands (logged on SIGUSR1, for an operator chasing a stall)."""
         head = self._acker.head
@@ -446,6 +488,8 @@ class EdgeNode:
             "uplink_connected": self.uplink.connected,
             "uplink_oldest_unacked_s": round(self._oldest_in_flight_s(), 3),
             "reading_paused": self.session.reading_paused,
+            "held_frames": self._held(),
+            "held_bytes": self._acker.held_bytes,
             "waiting_for_inference": len(self._batcher),
             "storing": len(self._storing),
             "unacknowledged_frames": self._acker.outstanding,
@@ -457,6 +501,7 @@ class EdgeNode:
             "outbox_rows": self.outbox.stats().rows,
             "frames_in": self.stats.frames_in,
             "results_stored": self.stats.results_stored,
+            "results_delivered": self.results_delivered,
             "already_answered": self.stats.frames_already_answered,
         }
 
@@ -479,8 +524,6 @@ class EdgeNode:
         )
 
     async def _on_connect(self, info: ConnectInfo) -> None:
-        if self.uplink is self.session:
-            self._uplink_up()
         self._sync_conflict()
         await self.session.publish(
             self.topics.status(self.node_id),
@@ -491,11 +534,12 @@ class EdgeNode:
     async def _on_uplink_connect(self, info: ConnectInfo) -> None:
         self._uplink_up()
         self._sync_conflict()
-        await self.uplink.publish(
-            self.topics.status(self.node_id),
-            self._status_payload(self.state, self.reasons),
-            retain=True,
-        )
+        if self.uplink in self._status_sessions or "client_id_conflict" in self.reasons:
+            await self.uplink.publish(
+                self.topics.status(self.node_id),
+                self._status_payload(self.state, self.reasons),
+                retain=True,
+            )
 
     # ------------------------------------------------------------------ duplicate identity
     def _all_sessions(self) -> list[MqttSession]:
@@ -534,10 +578,11 @@ class EdgeNode:
     def _uplink_up(self) -> None:
         self._uplink_bad_since = None
         if "uplink_down" in self.reasons:
-            self.reasons.remove("uplink_down")  # the caller publishes the status
+            self.reasons.remove("uplink_down")  # the caller publishes it on the uplink
             log.info("recovered: uplink_down")
-            if self.uplink is not self.session:
-                self._publish_status(self.session)
+            for session in self._status_sessions:
+                if session is not self.uplink:
+                    self._publish_status(session)
 
     def _set_reason(self, reason: str, present: bool) -> None:
         """Add or clear a degradation reason; say so on the retained status when it changes."""
@@ -549,8 +594,11 @@ class EdgeNode:
         else:
             self.reasons.remove(reason)
             log.info("recovered: %s", reason)
-        for session in self._sessions:
+        for session in self._status_sessions:
             self._publish_status(session)
+        if reason == "client_id_conflict" and self.uplink not in self._status_sessions:
+            # Said on every connection that can: the frames' one may be the one taken over.
+            self._publish_status(self.uplink)
 
     def _cloud_changed(self, available: bool) -> None:
         """The escalator's verdict on the cloud workers (docs/adr/0074-cloud-availability.md)."""
@@ -763,7 +811,7 @@ class EdgeNode:
             new.path, new.runtime.name, new.runtime.provider
         )
         if missing == ("accelerator_unavailable" in self.reasons):
-            for session in self._sessions:  # the release changed, the reasons did not
+            for session in self._status_sessions:  # the release changed, the reasons did not
                 self._publish_status(session)
         self._check_accelerator(new)
         return old
@@ -835,7 +883,7 @@ class EdgeNode:
 
     # ------------------------------------------------------------------ hot path
     def _on_uplink_message(self, msg: Inbound) -> None:
-        """A message on the uplink's own connection: only confirmations subscribe there."""
+        """A message on the uplink's connection: only confirmations are subscribed there."""
         try:
             if msg.topic == self._acks_topic:
                 self._on_acks(msg)
@@ -855,14 +903,6 @@ class EdgeNode:
         self.results_forwarder.confirm(acks.ids)
 
     def _on_message(self, msg: Inbound) -> None:
-        if msg.topic == self._acks_topic and self._e2e.enabled:
-            # The uplink is this connection: confirmations come with the frames.
-            ticket = self._acker.track(msg)
-            try:
-                self._on_acks(msg)
-            finally:
-                self._acker.finish(ticket)
-            return
         if self._draining:
             self.stats.frames_ignored_draining += 1
             return
@@ -893,8 +933,10 @@ class EdgeNode:
             for i, frame in enumerate(frames):
                 key = _frame_key(msg.topic, frame, digest, i)
                 self._take(msg, ticket, device, sensor, frame, key, index=i)
-        if self._held() >= self._max_pending:
-            # Backpressure that does not rely on the broker honouring our Receive Maximum.
+        if self._held() >= self._max_pending or self._acker.held_bytes >= self._max_pending_bytes:
+            # The last resort (ADR 0076): Mosquitto before 2.0.13 lets one PUBACK release a
+            # whole Receive Maximum of messages, so the broker's window bounds nothing there.
+            # Only this connection waits: it carries frames and their acknowledgements out.
             self.session.pause_reading()
 
     def _take(
@@ -921,12 +963,13 @@ class EdgeNode:
             self._acker.finish(ticket)
             return
         waiting = self._in_progress.get(key)
-        if waiting is not None and msg.dup:
-            # The first copy is still being answered: acknowledge this one with it.
+        if waiting is not None:
+            # A copy of a frame still being answered (DUP flag or not): acknowledged with it.
             waiting.append(ticket)
             return
-        self._in_progress.setdefault(key, [])
-        self._batcher.add(_Pending(ticket, device, sensor, frame, key))
+        self._in_progress[key] = []
+        check = msg.dup or key in self._answered or key in self._answering
+        self._batcher.add(_Pending(ticket, device, sensor, frame, key, check))
 
     def _held(self) -> int:
         """Frames the node holds in memory: received and not yet acknowledged, whether they
@@ -936,7 +979,11 @@ class EdgeNode:
         return max(len(self._in_progress), self._acker.outstanding)
 
     def _resume_if_drained(self) -> None:
-        if self.session.reading_paused and self._held() <= self._max_pending // 2:
+        if (
+            self.session.reading_paused
+            and self._held() <= self._max_pending // 2
+            and self._acker.held_bytes <= self._max_pending_bytes // 2
+        ):
             self.session.resume_reading()
 
     def _reject(self, msg: Inbound, reason: DeadLetterReason, detail: str) -> None:
@@ -981,7 +1028,7 @@ class EdgeNode:
             self._forget(lost)
             if not batch:
                 return
-        if any(p.ticket.message.dup for p in batch):
+        if any(p.check for p in batch):
             batch = await self._skip_answered(batch)
             if not batch:
                 return
@@ -1123,22 +1170,21 @@ class EdgeNode:
             self._window.observe_latency(latency_ms)
 
     async def _skip_answered(self, batch: list[_Pending]) -> list[_Pending]:
-        """Acknowledge redelivered frames whose result is already stored; return the rest."""
-        dups = [p.key for p in batch if p.ticket.message.dup]
-        try:
-            found = await asyncio.gather(*(self.outbox.answered(k) for k in dups))
-        except OutboxError as exc:
-            log.warning("cannot look up redelivered frames (%s): answering them again", exc)
-            return batch
-        known = {k for k, result_id in zip(dups, found, strict=True) if result_id is not None}
-        if self.escalator is not None:  # answered already, the final result still to come
-            known |= {k for k in dups if self.escalator.pending_result_id(k) is not None}
+        """Acknowledge the frames answered already (their first result id stands); return the
+        rest. Only those marked ``check`` are looked up, in one query."""
+        known = {p.key for p in batch if p.check and p.key in self._answering}
+        ask = [p.key for p in batch if p.check and p.key not in known]
+        if ask:
+            try:
+                known.update(await self.outbox.answered_many(ask))
+            except OutboxError as exc:
+                log.warning("cannot look up %d frames (%s): answering them again", len(ask), exc)
         if not known:
             return batch
         fresh: list[_Pending] = []
         done: list[_Pending] = []
         for p in batch:
-            if p.ticket.message.dup and p.key in known:
+            if p.check and p.key in known:
                 done.append(p)
             else:
                 fresh.append(p)
@@ -1175,6 +1221,9 @@ class EdgeNode:
         now = {f.frame_key for f in decided}
         waiting = [p for p in escalated if p.key not in now]
         if waiting:
+            ids = {c.frame_key: c.result.id for c in cases}
+            for p in waiting:  # answered: a copy that comes before the final result is stored
+                self._answering[p.key] = ids[p.key]
             self._finish(waiting)
         if decided:
             results = [f.result for f in decided]
@@ -1202,6 +1251,9 @@ class EdgeNode:
         (record_id,) = await self.outbox.append(
             [record], [(f.frame_key, f.result.id) for f in finals]
         )
+        for f in finals:
+            self._answered.add(f.frame_key)
+            self._answering.pop(f.frame_key, None)
         self.stats.results_out += len(finals)
         self.stats.result_messages += 1
         self.stats.results_stored += len(finals)
@@ -1222,6 +1274,8 @@ class EdgeNode:
             return
         self._set_reason("storage_full", False)
         self._set_reason("storage_error", False)
+        for key, _ in answered:  # before _finish lets go of them: no copy slips between
+            self._answered.add(key)
         self.stats.results_stored += len(served)
         self._finish(served)
         self.results_forwarder.offer([record.stored(record_id, time.time())])

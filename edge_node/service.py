@@ -29,12 +29,5 @@ async def run_node(config: NodeConfig, *, stop: asyncio.Event | None = None) -> 
         await stop.wait()
         log.info("stopping: draining in-flight frames (up to %.0f s)", config.drain_timeout_s)
         finished = await node.drain()
-        s = node.stats
-        log.info(
-            "stopped: %d frames in, %d results acknowledged, %d rejected%s",
-            s.frames_in,
-            s.results_acked,
-            s.rejected,
-            "" if finished else " (drain timed out)",
-        )
+        log.info("stopped: %s%s", node.summary(), "" if finished else " (drain timed out)")
     return 0

@@ -104,6 +104,8 @@ class SessionStats:
     connect_failures: int = 0
     handler_errors: int = 0
     read_pauses: int = 0
+    paused_keepalives: int = 0
+    """seconds of paused reading in which the keep-alive was kept (bytes waited unread)"""
     read_wakeups: int = 0
     """readable events served (each reads every packet buffered, up to READS_PER_WAKEUP calls)"""
     takeovers: int = 0
@@ -133,7 +135,10 @@ class MqttSession:
 
     :meth:`pause_reading` stops reading from the socket until :meth:`resume_reading`: the
     kernel's buffers fill and TCP makes the broker wait. That bounds what an application holds
-    even where the broker does not honour our Receive Maximum (Mosquitto before 2.0.13).
+    even where the broker does not honour our Receive Maximum (Mosquitto before 2.0.13). Writing
+    goes on, and so does the keep-alive (:meth:`_keepalive_while_paused`); but whatever the
+    broker sends on this connection (PUBACKs of our publishes, SUBACKs) waits unread behind what
+    is held back: an application that must not wait for those publishes on another connection.
 
     ``client_id`` is the connection's base id; :meth:`MqttConfig.client_id_for` makes the id
     used (``{username}:{base}`` with a username). A connection another one with the same id
@@ -316,7 +321,10 @@ class MqttSession:
         raise ConnectFailed(str(exc) or type(exc).__name__, reason_code=code) from exc
 
     async def wait_disconnected(self) -> None:
-        while self._connected.is_set():
+        """Return once the connection in hand is lost (at once if there is none). Lost is
+        lost: ``_run`` clears ``connected`` only when its turn comes, and waiting on ``_lost``
+        while it stays set would never yield (an asyncio.Event that is set does not)."""
+        if self._connected.is_set() and not self._lost.is_set():
             await self._lost.wait()
 
     def subscribe(
@@ -504,6 +512,14 @@ class MqttSession:
             self._farewell = self._announce_conflict and not self._stopping
             return
         log.info("client id %r gives way to the other connection", self.client_id)
+        if self._announce_conflict and self._on_takeover is not None and not self._lost.is_set():
+            # The session that speaks for the service says why first: what its hook publishes
+            # is queued before the DISCONNECT and written with it (another connection's
+            # takeover may have been the last straw, so its hook has not run here yet).
+            try:
+                self._on_takeover(self._connection)
+            except Exception:
+                log.exception("takeover hook failed")
         self._taken_over.add(self._connection)  # what it holds goes to the other process
         client.disconnect()
         with contextlib.suppress(Exception):
@@ -714,7 +730,32 @@ class MqttSession:
             await asyncio.sleep(1.0)
             client = self._client
             if client is not None:
+                if self._reading_paused:
+                    self._keepalive_while_paused(client)
                 client.loop_misc()
+
+    def _keepalive_while_paused(self, client: paho.Client) -> None:
+        """Keep the keep-alive of a connection whose reading is paused (ADR 0076).
+
+        paho pings when nothing was written for a keep-alive, and only while no PINGRESP is
+        awaited; it closes the connection a keep-alive after a PINGREQ whose PINGRESP it has not
+        read. Paused, we read nothing: the PINGRESP waits behind the messages we hold back, so
+        paho would ping once, stop pinging (the broker then drops us after 1.5 keep-alives of
+        silence, if we have nothing else to send) and close the connection itself. While bytes
+        wait unread (in the socket or read ahead), the broker has been heard from: paho is told
+        so, and no PINGRESP is awaited any more, so it pings on schedule and keeps the
+        connection. A silent socket gets no such credit: paho's own check applies to it.
+        """
+        sock = client.socket()
+        if sock is None:
+            return
+        waiting = isinstance(client, DirectClient) and client.buffered() > 0
+        if not (waiting or self._readable(sock)):
+            return
+        with client._msgtime_mutex:
+            client._last_bytes_received = paho.time_func()
+        client._ping_t = 0
+        self.stats.paused_keepalives += 1
 
     def _close_client(self) -> None:
         client = self._client

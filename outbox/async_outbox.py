@@ -298,6 +298,15 @@ class AsyncOutbox:
         outbox = self._check_open()
         return await self._submit(outbox.answered, frame_key)
 
+    async def answered_many(self, frame_keys: Sequence[str]) -> dict[str, str]:
+        """One look-up for many keys: the result ids of those already answered."""
+        outbox = self._check_open()
+        return await self._submit(outbox.answered_many, list(frame_keys))
+
+    async def answered_keys(self) -> list[str]:
+        outbox = self._check_open()
+        return await self._submit(outbox.answered_keys)
+
     def stats(self) -> OutboxStats:
         """The snapshot taken after the last operation (no thread hop)."""
         if self._stats is None:

@@ -33,7 +33,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mqtt_session import Disconnected, MqttSession, PublishFailed, PublishRejected
 from outbox.async_outbox import AsyncOutbox
@@ -51,6 +51,8 @@ class ForwarderStats:
     """Of those, records offered while the connection was up, sent ahead of any backlog."""
     delivered: int = 0
     """Records the broker acknowledged (each is then deleted from the outbox)."""
+    delivered_items: dict[str, int] = field(default_factory=dict)
+    """What those records carried (``Record.items``: e.g. results), per kind."""
     refused: int = 0
     """Records the broker or the client refused for good (e.g. an ACL); deleted and logged."""
     fresh: int = 0
@@ -588,6 +590,8 @@ class Forwarder:
         exc = fut.exception()
         if exc is None:
             self.stats.delivered += 1
+            items = self.stats.delivered_items
+            items[record.kind] = items.get(record.kind, 0) + record.items
             if self._confirmed_in_flight and record_id in self._confirmed_in_flight:
                 self._confirmed_in_flight.discard(record_id)  # confirmed first: deleted already
             elif record_id in self._held:

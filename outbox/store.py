@@ -659,6 +659,32 @@ class Outbox:
             raise translate(exc, "reading answered keys") from exc
         return None if row is None else str(row[0])
 
+    def answered_many(self, frame_keys: Sequence[str]) -> dict[str, str]:
+        """The result ids stored for those of ``frame_keys`` that were already answered."""
+        self._check_open()
+        found: dict[str, str] = {}
+        try:
+            for start in range(0, len(frame_keys), _MAX_VARIABLES):
+                chunk = list(frame_keys[start : start + _MAX_VARIABLES])
+                marks = ",".join("?" * len(chunk))
+                rows = self._conn.execute(
+                    f"SELECT frame_key, result_id FROM answered WHERE frame_key IN ({marks})",
+                    chunk,
+                )
+                found.update((str(k), str(r)) for k, r in rows)
+        except sqlite3.Error as exc:
+            raise translate(exc, "reading answered keys") from exc
+        return found
+
+    def answered_keys(self) -> list[str]:
+        """Every frame key remembered, oldest first (to rebuild an index of them at start)."""
+        self._check_open()
+        try:
+            rows = self._conn.execute("SELECT frame_key FROM answered ORDER BY n").fetchall()
+        except sqlite3.Error as exc:
+            raise translate(exc, "reading answered keys") from exc
+        return [str(k) for (k,) in rows]
+
     def stats(self) -> OutboxStats:
         """A snapshot from memory plus two ``stat()`` calls: cheap enough for every operation."""
         st = self._state

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from edge_node.config import NodeConfig
+from edge_node.model import ServedModel
 from edge_node.node import EdgeNode
 from local_broker import BrokerInfo
 from mqtt_session import Inbound, MqttConfig, MqttSession
@@ -67,22 +68,27 @@ def frame_bytes(seq: int, image: np.ndarray, *, as_json: bool = False) -> bytes:
 
 
 @contextlib.asynccontextmanager
-async def running_node(broker: BrokerInfo, **overrides: Any) -> AsyncIterator[Harness]:
+async def running_node(
+    broker: BrokerInfo, *, served_model: ServedModel | None = None, **overrides: Any
+) -> AsyncIterator[Harness]:
+    """``overrides`` are NodeConfig keys (``mqtt`` replaces the broker's defaults);
+    ``served_model`` stands in for the configured model."""
     node_id = overrides.pop("node_id", f"gw-{uuid.uuid4().hex[:8]}")
     mqtt = mqtt_for(broker)
+    node_mqtt = overrides.pop("mqtt", mqtt)
     seen = Recorder()
     with contextlib.ExitStack() as stack:
         if "storage" not in overrides:
             state = stack.enter_context(tempfile.TemporaryDirectory(prefix="edgewise-test-"))
             overrides["storage"] = {"state_dir": state}
-        cfg = NodeConfig.load(node_id=node_id, mqtt=mqtt, **overrides)
-        async with _node_and_probes(cfg, mqtt, seen) as h:
+        cfg = NodeConfig.load(node_id=node_id, mqtt=node_mqtt, **overrides)
+        async with _node_and_probes(cfg, mqtt, seen, served_model) as h:
             yield h
 
 
 @contextlib.asynccontextmanager
 async def _node_and_probes(
-    cfg: NodeConfig, mqtt: MqttConfig, seen: Recorder
+    cfg: NodeConfig, mqtt: MqttConfig, seen: Recorder, model: ServedModel | None = None
 ) -> AsyncIterator[Harness]:
     node_id = cfg.node_id
     async with (
@@ -94,7 +100,7 @@ async def _node_and_probes(
         probe.subscribe(f"edge/{node_id}/#")
         await probe.wait_connected(5)
         await sensor.wait_connected(5)
-        async with EdgeNode(cfg) as node:
+        async with EdgeNode(cfg, model=model) as node:
             h = Harness(node, probe, sensor, seen, node_id)
             # The node publishes its status after subscribing: once we see it, frames will land.
             await seen.wait_for(lambda: bool(h.messages("status")))

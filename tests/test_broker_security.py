@@ -275,7 +275,7 @@ def test_client_id_cannot_take_over_another_principals_session(
     "client_id",
     [
         "gw-1-esc",  # another principal's bare name, of which "gw-1" is a prefix
-        "gw-1-esc:edgewise-node-gw-1-uplink",  # another principal's U:<name> id
+        "gw-1-esc:edgewise-node-gw-1-escalation",  # another principal's U:<name> id
         "gw-1x",
         "gw-2:gw-1",
         ":gw-1",
@@ -288,14 +288,19 @@ def test_client_id_cannot_take_over_another_principals_session(
 def test_an_id_outside_the_principals_namespace_is_refused(
     brokers: Brokers, client_id: str
 ) -> None:
-    uplink = brokers.connected("site", "gw-1-esc", client_id="gw-1-esc:edgewise-node-gw-1-uplink")
+    uplink = brokers.connected(
+        "site", "gw-1-esc", client_id="gw-1-esc:edgewise-node-gw-1-escalation"
+    )
     try:
         rc = connack(brokers, "site", "gw-1", client_id)
         assert not_authorised(rc), rc
         if client_id:
             assert refusal_line(client_id, "gw-1") in brokers.site.log_text()
         still_connected(
-            brokers, "site", {"gw-1-esc:edgewise-node-gw-1-uplink": uplink}, "cloud/escalations/x"
+            brokers,
+            "site",
+            {"gw-1-esc:edgewise-node-gw-1-escalation": uplink},
+            "cloud/escalations/x",
         )
     finally:
         uplink.close()

@@ -68,12 +68,38 @@ def test_node_connections_never_share_an_id_with_an_explicit_client_id() -> None
     )
     node = EdgeNode(config)
     assert node.escalator is not None and node.updates is not None
-    ids = [node.session.client_id, node.escalator.uplink.client_id, node.updates.session.client_id]
+    ids = [
+        node.session.client_id,
+        node.uplink.client_id,
+        node.escalator.uplink.client_id,
+        node.updates.session.client_id,
+    ]
     assert ids == [
         "gw-ids:main",
-        "gw-ids:edgewise-node-gw-ids-uplink",
+        "gw-ids:edgewise-node-gw-ids-out",
+        "gw-ids:edgewise-node-gw-ids-escalation",
         "gw-ids:edgewise-node-gw-ids-updates",
     ]
+
+
+def test_a_node_with_a_separate_uplink_and_escalation_has_distinct_ids() -> None:
+    """Results to a separate uplink broker (``-uplink``) and the escalator's connection, which
+    reuses that broker (``-escalation``), never share a client id."""
+    from edge_node.config import NodeConfig
+    from edge_node.node import EdgeNode
+
+    config = NodeConfig.model_validate(
+        {
+            "node_id": "gw-up",
+            "uplink": {"host": "cloud.example", "username": "gw-up"},
+            "escalation": {"enabled": True},
+        }
+    )
+    node = EdgeNode(config)
+    assert node.escalator is not None
+    assert node.uplink.client_id == "gw-up:edgewise-node-gw-up-uplink"
+    assert node.escalator.uplink.client_id == "gw-up:edgewise-node-gw-up-escalation"
+    assert node.escalator.uplink.config.host == "cloud.example"
 
 
 # -- the guard on its own ----------------------------------------------------------------------

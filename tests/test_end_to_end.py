@@ -89,12 +89,14 @@ async def _send_frames(h: Harness, seqs: range) -> None:
         await h.send(frame_bytes(i, HOLDOUT.images[i % len(HOLDOUT.images)]))
 
 
-@pytest.mark.parametrize("uplink", ["shared", "separate"])
+@pytest.mark.parametrize("uplink", ["sensors-broker", "uplink-config"])
 def test_the_node_keeps_results_until_confirmed_and_deletes_them_then(
     mosquitto: BrokerInfo, uplink: str
 ) -> None:
+    # Confirmations come on the connection results go out on: to the sensors' broker, or to
+    # the broker `uplink` names (here the same one, through a connection of that name).
     overrides: dict[str, Any] = {"end_to_end": _e2e()}
-    if uplink == "separate":  # confirmations come on the uplink's own connection
+    if uplink == "uplink-config":
         overrides["uplink"] = {"host": mosquitto.host, "port": mosquitto.port}
 
     async def scenario() -> None:

@@ -379,7 +379,7 @@ def _node_fault(stage: str, h: Harness, mp: pytest.MonkeyPatch) -> Injected:
         return f, lambda: node.stats.results_stored
     if stage == "publish":
         f.when = lambda topic, *a, **kw: topic.endswith("/results")
-        f.into(mp, node.session, "publish_nowait")
+        f.into(mp, node.uplink, "publish_nowait")  # results go out on the uplink connection
         return f, lambda: node.forwarder.stats.refused
     assert stage == "ack"
     f.into(mp, node.session, "ack")
@@ -520,7 +520,7 @@ def test_a_destination_topic_too_long_for_mqtt_is_dropped_and_counted(tmp_path: 
         Inbound(topic=t, payload=b"p", qos=1, retain=False, mid=i, connection=1, received_at=0.0)
         for i, t in enumerate([long_topic, "edge/ok"])
     ]
-    records = lane._classify(msgs)
+    records = [record for _, record in lane._classify(msgs)]  # (message, record) pairs
     assert [r.topic for r in records] == [f"sites/{'s' * 40}/edge/ok"]
     assert lane.stats.oversize_dropped == 1
     assert isinstance(records[0], Record)

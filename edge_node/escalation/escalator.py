@@ -227,7 +227,7 @@ class Escalator:
         self.uplink = MqttSession(
             # An explicit client id in the node's config names the node's own connection.
             config.uplink or node_mqtt.model_copy(update={"client_id": ""}),
-            client_id=f"edgewise-node-{node_id}-uplink",
+            client_id=f"edgewise-node-{node_id}-escalation",
             on_message=self._on_reply,
             manual_ack=False,
             persistent=False,
