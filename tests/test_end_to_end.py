@@ -123,6 +123,28 @@ def test_the_node_keeps_results_until_confirmed_and_deletes_them_then(
     asyncio.run(scenario())
 
 
+def test_with_the_mode_off_results_leave_at_the_puback_and_confirmations_are_not_read(
+    mosquitto: BrokerInfo,
+) -> None:
+    async def scenario() -> None:
+        async with running_node(mosquitto) as h:
+            assert h.node.results_forwarder is h.node.forwarder  # one forwarder, as before
+            await _send_frames(h, range(10))
+            await h.seen.wait_for(lambda: len(_answered(h)) == 10, 20)
+            await _until(lambda: _result_rows(h) == 0, 10, "results deleted after their PUBACK")
+            ids = _message_ids(h)
+            await h.probe.publish(h.topic("acks"), encode_acks(ResultAcks(ids=ids)))
+            await h.probe.publish(h.topic("acks"), b"garbage")
+            await _send_frames(h, range(10, 11))  # after the confirmations, on the same links
+            await h.seen.wait_for(lambda: len(_answered(h)) == 11, 20)
+            assert h.node.stats.acks_received == h.node.stats.acks_rejected == 0
+            assert h.node.forwarder.stats.confirmed == 0
+            assert h.node.forwarder.unconfirmed == 0
+            assert not h.messages("deadletter")
+
+    asyncio.run(scenario())
+
+
 def _hostile_acks() -> list[bytes]:
     return [
         b"",
