@@ -8,13 +8,14 @@ leaves it only after the far broker's PUBACK. Docs: docs/bridge.md. Exceptions l
 """
 
 from broker_bridge.bridge import Bridge
-from broker_bridge.config import BridgeConfig, ForwardConfig, QueueConfig, RuleConfig
+from broker_bridge.config import AcksConfig, BridgeConfig, ForwardConfig, QueueConfig, RuleConfig
 from broker_bridge.errors import BridgeError, ConfigError, QueueUnusable
 from broker_bridge.rules import CompiledRule, compile_rule
 from broker_bridge.service import run_bridge
 from broker_bridge.wire import BridgeTelemetry, DirectionTelemetry, decode_telemetry
 
 __all__ = [
+    "AcksConfig",
     "Bridge",
     "BridgeConfig",
     "BridgeError",

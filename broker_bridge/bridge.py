@@ -24,14 +24,20 @@ from typing import Any, Self
 
 from paho.mqtt.properties import Properties
 
+from broker_bridge.acks import ResultConfirmer
 from broker_bridge.config import BridgeConfig
 from broker_bridge.direction import EVICTION_ORDER, Lane
 from broker_bridge.echo import EchoLedger
 from broker_bridge.errors import QueueUnusable
-from broker_bridge.wire import BridgeTelemetry, DirectionTelemetry, encode_telemetry
+from broker_bridge.wire import (
+    AckTelemetry,
+    BridgeTelemetry,
+    DirectionTelemetry,
+    encode_telemetry,
+)
 from mqtt_session import Conflict, ConnectInfo, MqttError, MqttSession, Will
 from outbox import AsyncOutbox, Forwarder, OutboxConfig, OutboxError
-from schemas import Status, encode_status
+from schemas import Limits, Status, encode_status
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +186,14 @@ class Bridge:
             down_q, self.site, window=fwd.window, max_rate_per_s=rate, live_first=False
         )
         self.up.attach(self.site, self.cloud, up_fwd, self.site.ledger)
+        if cfg.acks.enabled:  # end-to-end mode: confirm queued results to their nodes
+            self.up.confirmer = ResultConfirmer(
+                self.site,
+                cfg.acks_rule(),
+                by=cfg.bridge_id,
+                max_ids=cfg.acks.max_ids,
+                limits=Limits(max_payload_bytes=cfg.max_payload_bytes),
+            )
         self.down.attach(self.cloud, self.site, down_fwd, self.cloud.ledger)
         self._tasks = asyncio.TaskGroup()
         await self._tasks.__aenter__()
@@ -326,6 +340,18 @@ class Bridge:
             up=self._lane_telemetry(self.up, self.config.queue.up_max_bytes),
             down=self._lane_telemetry(self.down, self.config.queue.down_max_bytes),
             reasons=self.reasons("cloud"),
+            acks=None if self.up.confirmer is None else self._acks_telemetry(self.up.confirmer),
+        )
+
+    @staticmethod
+    def _acks_telemetry(confirmer: ResultConfirmer) -> AckTelemetry:
+        s = confirmer.stats
+        return AckTelemetry(
+            confirmed=s.confirmed,
+            withheld=s.withheld,
+            undecodable=s.undecodable,
+            published=s.published,
+            failed=s.failed,
         )
 
     @staticmethod

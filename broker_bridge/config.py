@@ -25,7 +25,7 @@ from broker_bridge.errors import ConfigError
 from broker_bridge.rules import CompiledRule, Direction, compile_rule
 from mqtt_session import MqttConfig, shown_input
 from outbox.config import MIN_MAX_BYTES
-from schemas import ContractError, validate_filter, validate_level
+from schemas import ACK_IDS_MAX, ContractError, validate_filter, validate_level
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
@@ -90,6 +90,38 @@ class ForwardConfig(BaseModel):
     )
 
 
+class AcksConfig(BaseModel):
+    """End-to-end mode, the bridge's side (docs/adr/0078-end-to-end-acks.md): once a results
+    message of a node is in the up queue, confirm it to the node on the site broker."""
+
+    model_config = _FROZEN
+
+    enabled: bool = Field(
+        False, description="confirm queued results messages to their nodes (end-to-end mode)"
+    )
+    filter: str = Field(
+        "edge/+/results",
+        description="site topics whose messages are results messages to confirm (an up rule"
+        " must take them)",
+    )
+    template: str = Field(
+        "edge/+/acks",
+        description="where the confirmation goes on the site broker; same wildcards as filter",
+    )
+    max_ids: int = Field(
+        ACK_IDS_MAX, ge=1, le=ACK_IDS_MAX, description="message ids per confirmation at most"
+    )
+
+    @field_validator("filter")
+    @classmethod
+    def _filter(cls, v: str) -> str:
+        try:
+            validate_filter(v)
+        except ContractError as exc:
+            raise ValueError(exc.detail) from None
+        return v
+
+
 class BridgeConfig(BaseSettings):
     """Everything a bridge needs; see docs/bridge.md for each key."""
 
@@ -109,6 +141,7 @@ class BridgeConfig(BaseSettings):
     rules: tuple[RuleConfig, ...] = Field(min_length=1)
     queue: QueueConfig = QueueConfig()
     forward: ForwardConfig = ForwardConfig()
+    acks: AcksConfig = AcksConfig()
     status_topic: str = "bridges/{bridge}/status"
     telemetry_topic: str = "bridges/{bridge}/telemetry"
     telemetry_interval_s: float = Field(10.0, gt=0, le=3600)
@@ -143,6 +176,11 @@ class BridgeConfig(BaseSettings):
                 )
             except ValueError as exc:
                 raise ValueError(f"rules[{i}] (filter {rule.filter!r}): {exc}") from None
+        if self.acks.enabled:
+            try:
+                self.acks_rule()
+            except ValueError as exc:
+                raise ValueError(f"acks (filter {self.acks.filter!r}): {exc}") from None
         if self.site_broker.host == self.cloud_broker.host and (
             self.site_broker.port == self.cloud_broker.port
         ):
@@ -163,6 +201,11 @@ class BridgeConfig(BaseSettings):
             for r in self.rules
             if r.direction == direction
         ]
+
+    def acks_rule(self) -> CompiledRule:
+        """The confirmations' topic mapping: a results topic on the site → its ``acks`` topic."""
+        a = self.acks
+        return compile_rule("down", a.filter, a.template, 1, False, self.names)
 
     def own_topic(self, template: str) -> str:
         return template.replace("{bridge}", self.bridge_id).replace("{site}", self.site)

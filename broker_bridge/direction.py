@@ -18,6 +18,7 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass
 
+from broker_bridge.acks import ResultConfirmer
 from broker_bridge.echo import EchoLedger
 from broker_bridge.rules import CompiledRule, Direction, first_match, maker
 from mqtt_session import Inbound, MqttSession
@@ -96,6 +97,8 @@ class Lane:
         self.forwarder: Forwarder | None = None
         # Echo suppression on MQTT 3.1.1: what our publishes on the source broker looked like.
         self.source_ledger: EchoLedger | None = None
+        # End-to-end mode (ADR 0078): told what was queued, to confirm it to its node.
+        self.confirmer: ResultConfirmer | None = None
 
     def attach(
         self,
@@ -158,8 +161,8 @@ class Lane:
                     source.resume_reading()
             self._idle.set()
 
-    def _classify(self, batch: list[Inbound]) -> list[Record]:
-        records: list[Record] = []
+    def _classify(self, batch: list[Inbound]) -> list[tuple[Inbound, Record]]:
+        records: list[tuple[Inbound, Record]] = []
         now = time.monotonic()
         for message in batch:
             try:
@@ -168,7 +171,7 @@ class Lane:
                 self._failed(1, "classify", exc)
                 continue
             if record is not None:
-                records.append(record)
+                records.append((message, record))
         return records
 
     def _failed(self, n: int, stage: str, exc: Exception) -> None:
@@ -230,18 +233,20 @@ class Lane:
         """Queue ``batch`` and acknowledge it. A stage that fails unexpectedly (a bug, a
         fault) drops what it held, counted in ``failed``; the batch is acknowledged all the
         same, so the source broker's in-flight window never fills with messages we hold."""
-        records = self._classify(batch)
+        taken = self._classify(batch)
         # In transactions of at most the queue's transaction size, so that the WAL stays within
         # its share of the bound at every instant (the messages of a batch need not be atomic:
         # they are acknowledged once all are stored).
-        for chunk in _chunks(records, self.outbox.max_txn_bytes):
+        for chunk in _chunks(taken, self.outbox.max_txn_bytes):
+            records = [record for _, record in chunk]
             try:
-                ids = await self._append(chunk)
+                ids = await self._append(records)
             except Exception as exc:
                 self._failed(len(chunk), "store", exc)
             else:
                 self.stats.queued += len(chunk)
-                self._offer(chunk, ids)
+                self._offer(records, ids)
+                self._confirm(chunk, evicted=ids is None)
         source = self.source
         if source is not None:
             for message in batch:
@@ -250,6 +255,20 @@ class Lane:
                 except Exception as exc:  # the broker redelivers it after a reconnect
                     self.stats.ack_failures += 1
                     log.error("%s: acknowledging a message failed: %s", self.direction, exc)
+
+    def _confirm(self, chunk: list[tuple[Inbound, Record]], *, evicted: bool) -> None:
+        """End-to-end mode: tell the nodes what is queued now. Not what an append that evicted
+        queued: it may have evicted those very records (their nodes send them again)."""
+        confirmer = self.confirmer
+        if confirmer is None:
+            return
+        try:
+            if evicted:
+                confirmer.withheld(len(chunk))
+            else:
+                confirmer.queued([message for message, _ in chunk])
+        except Exception as exc:  # queued all the same: the nodes send them again
+            log.error("%s: confirming queued results failed: %s", self.direction, exc)
 
     def _offer(self, records: list[Record], ids: list[int] | None) -> None:
         forwarder = self.forwarder
@@ -344,15 +363,18 @@ class Lane:
         return False
 
 
-def _chunks(records: list[Record], max_bytes: int) -> list[list[Record]]:
-    chunks: list[list[Record]] = []
+def _chunks(
+    taken: list[tuple[Inbound, Record]], max_bytes: int
+) -> list[list[tuple[Inbound, Record]]]:
+    chunks: list[list[tuple[Inbound, Record]]] = []
     size = 0
-    for record in records:
+    for pair in taken:
+        record = pair[1]
         n = len(record.topic) + len(record.payload)
         if not chunks or size + n > max_bytes:
             chunks.append([])
             size = 0
-        chunks[-1].append(record)
+        chunks[-1].append(pair)
         size += n
     return chunks
 

@@ -39,6 +39,19 @@ class DirectionTelemetry(msgspec.Struct, frozen=True, kw_only=True):
     fault): one bad message never holds back the others."""
 
 
+class AckTelemetry(msgspec.Struct, frozen=True, kw_only=True):
+    """End-to-end mode: confirmations of queued results to their nodes, since start."""
+
+    confirmed: int
+    """Results messages named in a confirmation handed to the site broker."""
+    withheld: int
+    """Queued by an append that evicted: not confirmed (their nodes send them again)."""
+    undecodable: int
+    """On a confirmed topic but no valid results message: forwarded, not confirmed."""
+    published: int
+    failed: int
+
+
 class BridgeTelemetry(msgspec.Struct, frozen=True, kw_only=True):
     bridge: str
     site: str
@@ -47,6 +60,8 @@ class BridgeTelemetry(msgspec.Struct, frozen=True, kw_only=True):
     up: DirectionTelemetry
     down: DirectionTelemetry
     reasons: list[str] = []
+    acks: AckTelemetry | None = None
+    """End-to-end mode's confirmations (``[acks] enabled``); None when off."""
     v: int = 1
 
 

@@ -266,6 +266,52 @@ class HealthConfig(BaseModel):
     )
 
 
+class EndToEndConfig(BaseModel):
+    """End-to-end mode (docs/adr/0078-end-to-end-acks.md, docs/durability.md): each results
+    message stays in the outbox after the broker's PUBACK until its consumer confirms it on
+    ``edge/{node}/acks``, so a broker crash loses no result. Off by default."""
+
+    model_config = _FROZEN
+
+    enabled: bool = Field(
+        False,
+        description="keep each results message until its consumer confirms it (the bridge,"
+        " or a sink publishing on edge/{node}/acks); sent again while unconfirmed",
+    )
+    resend_after_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="an unconfirmed results message is sent again this long after the"
+        " broker's PUBACK, the wait doubling each time up to resend_max_s (and at every"
+        " reconnect)",
+    )
+    resend_max_s: float = Field(300.0, gt=0, le=86_400)
+    max_unconfirmed: int = Field(
+        4096,
+        ge=1,
+        le=1_000_000,
+        description="results messages sent and not yet confirmed at most; beyond, new ones"
+        " wait in the outbox (its bound and eviction order apply as always)",
+    )
+    degraded_after_s: float = Field(
+        60.0,
+        gt=0,
+        le=86_400,
+        description="degraded (awaiting_consumer) while a results message the broker"
+        " acknowledged has waited this long for its consumer's confirmation",
+    )
+
+    @model_validator(mode="after")
+    def _max_not_below_first(self) -> EndToEndConfig:
+        if self.resend_max_s < self.resend_after_s:
+            raise ValueError(
+                f"resend_max_s ({self.resend_max_s}) must be >= resend_after_s"
+                f" ({self.resend_after_s})"
+            )
+        return self
+
+
 def _level(v: str) -> str:
     try:
         return validate_level(v)
@@ -303,6 +349,7 @@ class NodeConfig(BaseSettings):
     limits: LimitsConfig = LimitsConfig()
     topics: TopicsConfig = TopicsConfig()
     storage: StorageConfig = StorageConfig()
+    end_to_end: EndToEndConfig = EndToEndConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
     health: HealthConfig = HealthConfig()
     escalation: EscalationConfig = EscalationConfig()

@@ -52,7 +52,7 @@ from mqtt_session import (
     Will,
     max_packet_for,
 )
-from outbox import AsyncOutbox, Forwarder, OutboxError, Record, StorageFull
+from outbox import AsyncOutbox, Confirmation, Forwarder, OutboxError, Record, StorageFull, Stored
 from outbox.store import answered_cost
 from schemas import (
     ContractError,
@@ -63,10 +63,13 @@ from schemas import (
     ResultBatch,
     Status,
     Telemetry,
+    decode_acks,
     decode_frames,
+    decode_results,
     encode_results,
     encode_status,
     encode_telemetry,
+    message_id,
     new_ids,
 )
 from telemetry import TelemetryWindow
@@ -98,6 +101,15 @@ def _store_bytes(entry: tuple[list[Result], list[tuple[str, str]], list[_Pending
     """What one entry of results waiting to be stored costs the outbox's transaction."""
     results, answered, _ = entry
     return len(results) * _RESULT_BYTES_MAX + sum(answered_cost(k, r) for k, r in answered)
+
+
+#: The record kind of results messages (what end-to-end mode holds until confirmed).
+RESULT = "result"
+
+
+def _message_id_of(record: Stored) -> str:
+    """The id a consumer confirms a stored results message by (:func:`schemas.message_id`)."""
+    return message_id(decode_results(record.payload))
 
 
 def plural(n: int, word: str, words: str | None = None) -> str:
@@ -132,6 +144,10 @@ class NodeStats:
     inference_errors: int = 0
     session_recycles: int = 0
     telemetry_windows: int = 0
+    acks_received: int = 0
+    """End-to-end mode: confirmations taken from ``edge/{node}/acks``."""
+    acks_rejected: int = 0
+    """End-to-end mode: confirmations refused (size, encoding, schema): dead-lettered."""
     rejects: Counter[str] = field(default_factory=Counter)
 
     @property
@@ -218,6 +234,7 @@ class EdgeNode:
             # "-out" on the sensors' broker, "-uplink" to a separate one (escalator: "-escalation").
             client_id=f"edgewise-node-{self.node_id}-{'out' if shared else 'uplink'}",
             on_connect=self._on_uplink_connect,
+            on_message=self._on_uplink_message,  # confirmations (end-to-end mode) come here
             will=None if shared else will,
             on_takeover=self._taken_over,
             conflict=self.conflict,
@@ -231,13 +248,36 @@ class EdgeNode:
         outbox_config = config.storage.outbox_config(self.node_id)
         self._outbox_path = outbox_config.path
         self.outbox = AsyncOutbox(outbox_config)
+        # End-to-end mode (docs/adr/0078-end-to-end-acks.md): results go through a forwarder of
+        # their own that holds each until its consumer confirms it on edge/{node}/acks; the
+        # rest (telemetry, events) never waits behind them.
+        self._e2e = config.end_to_end
+        self._acks_topic = self.topics.acks(self.node_id)
+        held = frozenset({RESULT}) if self._e2e.enabled else frozenset()
         self.forwarder = Forwarder(
             self.outbox,
             self.uplink,
             window=config.storage.uplink_window,
             drain_max_per_s=config.storage.drain_max_msgs_per_s,
-            exclude_kinds=frozenset({HARD_EXAMPLE}),  # the escalator's forwarder sends those
+            exclude_kinds=frozenset({HARD_EXAMPLE}) | held,  # the escalator's sends those
         )
+        self.results_forwarder = self.forwarder
+        if self._e2e.enabled:
+            self.results_forwarder = Forwarder(
+                self.outbox,
+                self.uplink,
+                window=config.storage.uplink_window,
+                drain_max_per_s=config.storage.drain_max_msgs_per_s,
+                kinds=held,
+                confirmation=Confirmation(
+                    kinds=held,
+                    key=_message_id_of,
+                    resend_after_s=self._e2e.resend_after_s,
+                    resend_max_s=self._e2e.resend_max_s,
+                    max_unconfirmed=self._e2e.max_unconfirmed,
+                ),
+            )
+        self._forwarders = list(dict.fromkeys([self.forwarder, self.results_forwarder]))
         self._acker = InOrderAcker(self.session)
         # Hybrid inference (docs/adr/0030-escalation.md): unsure verdicts go to cloud workers.
         self.escalator: Escalator | None = None
@@ -340,12 +380,17 @@ class EdgeNode:
                 await stack.enter_async_context(self.escalator)
             for f in self.config.topics.sensor_filters():
                 self.session.subscribe(f, qos=1)
+            if self._e2e.enabled:
+                self.uplink.subscribe(self._acks_topic, qos=1)
             if self.updates is not None:
                 await stack.enter_async_context(self.updates)
             tasks = await stack.enter_async_context(asyncio.TaskGroup())
             loops = [
                 tasks.create_task(self._batcher.run(), name="edge-node-batcher"),
-                tasks.create_task(self.forwarder.run(), name="edge-node-forwarder"),
+                *(
+                    tasks.create_task(f.run(), name=f"edge-node-forwarder-{i}")
+                    for i, f in enumerate(self._forwarders)
+                ),
                 tasks.create_task(self._health_loop(), name="edge-node-health"),
                 tasks.create_task(self._telemetry_loop(), name="edge-node-telemetry"),
             ]
@@ -396,8 +441,9 @@ class EdgeNode:
         if self.uplink.connected:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                    await self.forwarder.wait_idle()
-                    await self.forwarder.flush()
+                    for forwarder in self._forwarders:
+                        await forwarder.wait_idle()
+                        await forwarder.flush()
         left = self.outbox.stats().rows
         if left:
             log.info("%s stay in the outbox for the next start", plural(left, "record"))
@@ -424,7 +470,8 @@ class EdgeNode:
     @property
     def results_delivered(self) -> int:
         """Results the broker has acknowledged (from the outbox, or published directly)."""
-        return self.forwarder.stats.delivered_items.get("result", 0) + self.stats.results_acked
+        delivered = self.results_forwarder.stats.delivered_items.get(RESULT, 0)
+        return delivered + self.stats.results_acked
 
     def summary(self) -> str:
         """What the node did since it started, for its stop line."""
@@ -444,7 +491,7 @@ class EdgeNode:
             "connected": self.session.connected,
             "connection": self.session.connection,
             "uplink_connected": self.uplink.connected,
-            "uplink_oldest_unacked_s": round(self.forwarder.oldest_in_flight_s, 3),
+            "uplink_oldest_unacked_s": round(self._oldest_in_flight_s(), 3),
             "reading_paused": self.session.reading_paused,
             "held_frames": self._held(),
             "held_bytes": self._acker.held_bytes,
@@ -454,7 +501,8 @@ class EdgeNode:
             "oldest_unacknowledged": None
             if head is None
             else f"mid {head.message.mid} conn {head.message.connection} done {head.done}",
-            "uplink_in_flight": self.forwarder.in_flight,
+            "uplink_in_flight": sum(f.in_flight for f in self._forwarders),
+            "results_unconfirmed": self.results_forwarder.unconfirmed,
             "outbox_rows": self.outbox.stats().rows,
             "frames_in": self.stats.frames_in,
             "results_stored": self.stats.results_stored,
@@ -596,10 +644,7 @@ class EdgeNode:
         while True:
             await asyncio.sleep(1.0)
             now = time.monotonic()
-            bad = (
-                not self.uplink.connected
-                or self.forwarder.oldest_in_flight_s > health.uplink_grace_s
-            )
+            bad = not self.uplink.connected or self._oldest_in_flight_s() > health.uplink_grace_s
             if not bad:
                 self._uplink_bad_since = None
                 self._set_reason("uplink_down", False)
@@ -608,9 +653,28 @@ class EdgeNode:
             elif now - self._uplink_bad_since >= health.uplink_grace_s:
                 self._set_reason("uplink_down", True)
             self._sync_conflict()
+            if self._e2e.enabled:  # nobody confirms what the broker took (ADR 0078)
+                waited = self.results_forwarder.oldest_unconfirmed_s
+                self._set_reason("awaiting_consumer", waited > self._e2e.degraded_after_s)
             if recycle_s > 0 and now - loaded_at >= recycle_s and not self._draining:
                 await self.recycle_session()
                 loaded_at = time.monotonic()
+
+    def _oldest_in_flight_s(self) -> float:
+        return max(f.oldest_in_flight_s for f in self._forwarders)
+
+    def _end_to_end_counts(self) -> dict[str, int]:
+        if not self._e2e.enabled:
+            return {}
+        f = self.results_forwarder.stats
+        return {
+            "acks_received": self.stats.acks_received,
+            "acks_rejected": self.stats.acks_rejected,
+            "results_confirmed": f.confirmed,
+            "results_resent": f.resent,
+            "results_unconfirmed_evicted": f.unconfirmed_evicted,
+            "confirmations_unknown": f.confirmations_unknown,
+        }
 
     async def _telemetry_loop(self) -> None:
         window_s = self.config.telemetry.window_s
@@ -677,8 +741,9 @@ class EdgeNode:
                 "frames_left_to_other": stats.frames_left_to_other,
                 **self._update_counts(),
                 "session_recycles": stats.session_recycles,
-                "uplink_published": self.forwarder.stats.published,
-                "uplink_delivered": self.forwarder.stats.delivered,
+                "uplink_published": sum(f.stats.published for f in self._forwarders),
+                "uplink_delivered": sum(f.stats.delivered for f in self._forwarders),
+                **self._end_to_end_counts(),
                 **escalation_counts,
             },
             rejects_total=dict(stats.rejects),
@@ -823,6 +888,26 @@ class EdgeNode:
         return True
 
     # ------------------------------------------------------------------ hot path
+    def _on_uplink_message(self, msg: Inbound) -> None:
+        """A message on the uplink's connection: only confirmations are subscribed there."""
+        try:
+            if msg.topic == self._acks_topic:
+                self._on_acks(msg)
+        finally:
+            self.uplink.ack(msg)
+
+    def _on_acks(self, msg: Inbound) -> None:
+        """Confirmations from the consumer (end-to-end mode): delete what they name. Capped,
+        schema-checked; a bad one is counted and dead-lettered (rate-capped), never raised."""
+        try:
+            acks = decode_acks(msg.payload, self.limits)
+        except ContractError as exc:
+            self.stats.acks_rejected += 1
+            self.deadletters.reject(msg.topic, msg.payload, exc.reason, exc.detail)
+            return
+        self.stats.acks_received += 1
+        self.results_forwarder.confirm(acks.ids)
+
     def _on_message(self, msg: Inbound) -> None:
         if self._draining:
             self.stats.frames_ignored_draining += 1
@@ -1168,7 +1253,7 @@ class EdgeNode:
             ResultBatch(node=self.node_id, results=[f.result for f in finals]),
             as_json=self._results_as_json,
         )
-        record = Record("result", self._results_topic, payload, items=len(finals))
+        record = Record(RESULT, self._results_topic, payload, items=len(finals))
         (record_id,) = await self.outbox.append(
             [record], [(f.frame_key, f.result.id) for f in finals]
         )
@@ -1178,12 +1263,12 @@ class EdgeNode:
         self.stats.results_out += len(finals)
         self.stats.result_messages += 1
         self.stats.results_stored += len(finals)
-        self.forwarder.offer([record.stored(record_id, time.time())])
+        self.results_forwarder.offer([record.stored(record_id, time.time())])
 
     async def _store(
         self, payload: bytes, answered: list[tuple[str, str]], served: list[_Pending]
     ) -> None:
-        record = Record("result", self._results_topic, payload, items=len(served))
+        record = Record(RESULT, self._results_topic, payload, items=len(served))
         try:
             (record_id,) = await self.outbox.append([record], answered)
         except Exception as exc:  # OutboxError, or anything unexpected: degrade, never stall
@@ -1199,7 +1284,7 @@ class EdgeNode:
             self._answered.add(key)
         self.stats.results_stored += len(served)
         self._finish(served)
-        self.forwarder.offer([record.stored(record_id, time.time())])
+        self.results_forwarder.offer([record.stored(record_id, time.time())])
 
     def _publish_direct(self, payload: bytes, served: list[_Pending]) -> None:
         """Degraded path: the frames are acknowledged only once the broker has the results."""

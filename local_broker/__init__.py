@@ -5,7 +5,8 @@
 * :class:`EmbeddedBroker` runs amqtt in-process (MQTT 3.1.1 only) where mosquitto is missing.
 * :func:`parse_broker_url` / :class:`BrokerInfo` describe any broker, including external ones;
   :func:`parse_broker` / :class:`BrokerUrl` also take ``mqtts://`` (TLS).
-* :class:`MqttProbe` is a blocking paho client for tests and smoke checks.
+* :class:`MqttProbe` is a blocking paho client for tests and smoke checks;
+  :class:`ResultSink` one that counts results and confirms them (end-to-end mode).
 * :class:`TcpProxy` sits between a client and a broker and cuts, stalls or flaps the link.
 """
 
@@ -38,6 +39,7 @@ from local_broker.mosquitto import (
 )
 from local_broker.ping import accepts_mqtt, mqtt_ping
 from local_broker.probe import DisconnectEvent, Message, MqttProbe, ProbeError, unique_client_id
+from local_broker.sink import ResultSink, acks_topic_of
 from local_broker.tcpproxy import TcpProxy
 
 __all__ = [
@@ -57,8 +59,10 @@ __all__ = [
     "MosquittoProcess",
     "MqttProbe",
     "ProbeError",
+    "ResultSink",
     "TcpProxy",
     "accepts_mqtt",
+    "acks_topic_of",
     "free_port",
     "live_processes",
     "mosquitto_path",

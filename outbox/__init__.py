@@ -12,13 +12,14 @@ notes: :mod:`outbox.store`, docs/adr/0004-outbox.md. Exceptions live in :mod:`ou
 from outbox.async_outbox import AsyncOutbox
 from outbox.config import OutboxConfig
 from outbox.errors import OutboxCorrupt, OutboxError, StorageFull
-from outbox.forwarder import Forwarder, ForwarderStats
+from outbox.forwarder import Confirmation, Forwarder, ForwarderStats
 from outbox.record import Kind, Record, Stored
 from outbox.store import ROW_OVERHEAD, Outbox, OutboxStats, budget_for, record_cost
 
 __all__ = [
     "ROW_OVERHEAD",
     "AsyncOutbox",
+    "Confirmation",
     "Forwarder",
     "ForwarderStats",
     "Kind",

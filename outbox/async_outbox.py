@@ -284,6 +284,11 @@ class AsyncOutbox:
             functools.partial(outbox.pending, kinds=kinds, exclude=exclude), limit, after_id
         )
 
+    async def records(self, ids: Iterable[int]) -> list[Stored]:
+        """The records with these ids still stored (see :meth:`Outbox.records`)."""
+        outbox = self._check_open()
+        return await self._submit(outbox.records, list(ids))
+
     async def take_evicted_topics(self) -> Counter[str]:
         """Evicted records per topic since the last call (needs ``count_evicted_topics``)."""
         outbox = self._check_open()

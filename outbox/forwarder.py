@@ -13,6 +13,14 @@ long outage does not delay fresh results by the time its backlog takes to drain.
 after the link was last known down (its last failed connect attempt or the loss of the
 connection) count as live on the next connection: they may have been made after the link came
 back, while the next attempt was not yet due, and go out before the backlog (ADR 0007).
+
+End-to-end mode (a :class:`Confirmation`; docs/adr/0078-end-to-end-acks.md): records of the
+confirmed kinds stay in the outbox after the broker's PUBACK until :meth:`Forwarder.confirm`
+names them (a consumer said it has them); unconfirmed, they are sent again ``resend_after_s``
+after the PUBACK (doubling up to ``resend_max_s``) and on every new connection. At most
+``max_unconfirmed`` such records are sent and unconfirmed at once: beyond that, new ones wait in
+the outbox (where eviction works as always: records waiting for a confirmation are not
+protected from it).
 """
 
 from __future__ import annotations
@@ -20,9 +28,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import heapq
 import logging
 import time
 from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from mqtt_session import Disconnected, MqttSession, PublishFailed, PublishRejected
@@ -47,6 +57,56 @@ class ForwarderStats:
     """Records the broker or the client refused for good (e.g. an ACL); deleted and logged."""
     fresh: int = 0
     """Records stored after the link was last known down, sent live on the next connection."""
+    confirmed: int = 0
+    """End-to-end mode: records a consumer confirmed (each is then deleted from the outbox)."""
+    resent: int = 0
+    """End-to-end mode: sends of a record sent before and not confirmed yet (a timeout, a new
+    connection)."""
+    unconfirmed_evicted: int = 0
+    """End-to-end mode: records the outbox evicted while they waited for a confirmation."""
+    confirmations_unknown: int = 0
+    """End-to-end mode: confirmed ids of no record waiting here (a duplicate confirmation, a
+    record confirmed already, or sent by an earlier run and not sent again yet)."""
+    unkeyed: int = 0
+    """End-to-end mode: records of a confirmed kind whose id could not be read (deleted at the
+    PUBACK, as without the mode)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Confirmation:
+    """End-to-end mode: hold records of ``kinds`` after the PUBACK until a consumer confirms
+    them by ``key(record)`` (for results: the id of the first result, :func:`schemas.message_id`).
+    """
+
+    kinds: frozenset[str]
+    key: Callable[[Stored], str]
+    resend_after_s: float = 10.0
+    """An unconfirmed record is sent again this long after its PUBACK ..."""
+    resend_max_s: float = 300.0
+    """... the wait doubling at every resend up to this."""
+    max_unconfirmed: int = 4096
+    """Records sent and not confirmed at most (in memory: ~0.3 KB each); new ones wait."""
+
+    def __post_init__(self) -> None:
+        if not self.kinds:
+            raise ValueError("Confirmation.kinds must name at least one kind")
+        if not 0 < self.resend_after_s <= self.resend_max_s:
+            raise ValueError("need 0 < resend_after_s <= resend_max_s")
+        if self.max_unconfirmed < 1:
+            raise ValueError("max_unconfirmed must be >= 1")
+
+
+@dataclass(slots=True)
+class _Held:
+    """A record of a confirmed kind, sent and not confirmed yet."""
+
+    key: str
+    interval: float
+    """The wait before its next resend (doubles each time)."""
+    since: float | None = None
+    """``time.monotonic()`` of its first PUBACK (None: never acknowledged by the broker)."""
+    due: float = 0.0
+    """When it is sent again, if still waiting then."""
 
 
 class _TokenBucket:
@@ -107,6 +167,7 @@ class Forwarder:
         retry_s: float = 1.0,
         kinds: frozenset[str] | None = None,
         exclude_kinds: frozenset[str] | None = None,
+        confirmation: Confirmation | None = None,
     ) -> None:
         if window < 1 or delete_batch < 1 or live_queue_max < 1:
             raise ValueError("window, delete_batch and live_queue_max must be >= 1")
@@ -155,6 +216,17 @@ class Forwarder:
         self._fresh_from = 0
         # Fresh records waiting in `_live`, protected from eviction until sent (ADR 0063).
         self._guarded: set[int] = set()
+        # End-to-end mode (ADR 0078): records sent and not confirmed, by id; their ids by key;
+        # those acknowledged by the broker (not in flight, not queued to be sent again); a heap
+        # of (due, id) for their resends (stale entries are skipped); ids confirmed while in
+        # flight (deleted already: their PUBACK changes nothing).
+        self._confirm = confirmation
+        self._held: dict[int, _Held] = {}
+        self._by_key: dict[str, list[int]] = {}
+        self._waiting: set[int] = set()
+        self._due: list[tuple[float, int]] = []
+        self._confirmed_in_flight: set[int] = set()
+        self._blocked = False  # the backlog reader waits for room for one more unconfirmed
         self.stats = ForwarderStats()
 
     # ------------------------------------------------------------------ what callers use
@@ -240,6 +312,44 @@ class Forwarder:
         return len(self._in_flight)
 
     @property
+    def unconfirmed(self) -> int:
+        """End-to-end mode: records sent and not confirmed yet (0 without the mode)."""
+        return len(self._held)
+
+    @property
+    def oldest_unconfirmed_s(self) -> float:
+        """End-to-end mode: how long the oldest record the broker acknowledged has waited for
+        its consumer's confirmation (0 if none)."""
+        first = min((h.since for h in self._held.values() if h.since is not None), default=None)
+        return 0.0 if first is None else time.monotonic() - first
+
+    def confirm(self, keys: Iterable[str]) -> int:
+        """A consumer has these records (by their confirmation key): delete them. Returns how
+        many records that confirmed (unknown keys are counted, never an error)."""
+        done: list[int] = []
+        for key in keys:
+            ids = self._by_key.pop(key, None)
+            if ids is None:
+                self.stats.confirmations_unknown += 1
+                continue
+            for rid in ids:
+                self._held.pop(rid, None)
+                self._waiting.discard(rid)
+                if rid in self._in_flight:
+                    self._confirmed_in_flight.add(rid)
+                self._mark_done(rid)
+                done.append(rid)
+        if not done:
+            return 0
+        self.stats.confirmed += len(done)
+        if self._retry:
+            gone = set(done)
+            self._retry = deque(r for r in self._retry if r.id not in gone)
+        self._blocked = False
+        self._wake.set()
+        return len(done)
+
+    @property
     def backlog_in_flight(self) -> int:
         return self._backlog_in_flight
 
@@ -292,6 +402,9 @@ class Forwarder:
         self._unsettled.difference_update(self._guarded)
         self._guarded.clear()
         self._after, self._at_tail = 0, False
+        self._confirmed_in_flight.clear()
+        self._blocked = False
+        self._rewait_held()
         fresh_from = 0
         if self._fresh_since == self._session.known_down_at:
             fresh_from = self._fresh_from  # no failed attempt since: they may be live
@@ -335,15 +448,25 @@ class Forwarder:
             limit, after_id, kinds=self._kinds, exclude=self._exclude_kinds
         )
 
-    def _room(self) -> int:
+    def _window_room(self) -> int:
         return min(self._window, self._session.broker_receive_maximum) - len(self._in_flight)
+
+    def _room(self) -> int:
+        """Room for records not sent before: the window, and in end-to-end mode the bound on
+        unconfirmed records (sending one again needs only the window)."""
+        room = self._window_room()
+        if self._confirm is None:
+            return room
+        return min(room, self._confirm.max_unconfirmed - len(self._held))
 
     async def _serve_loop(self, connection: int) -> None:
         while self._session.connected and self._session.connection == connection:
             self._wake.clear()
+            if self._due and self._due[0][0] <= time.monotonic() and self._window_room() > 0:
+                await self._resend_due()
             sent = self._send_live()
             wait_s: float | None = None
-            if not self._at_tail:
+            if not self._at_tail and not (self._blocked and self._room() <= 0):
                 sent += await self._send_backlog()
                 if not self._at_tail and self._drain.available() < 1:
                     wait_s = self._drain.wait_s()
@@ -362,23 +485,36 @@ class Forwarder:
                 continue
             if sent:
                 continue
-            if not self._in_flight and not self._live and not self._retry and self._at_tail:
+            if (
+                not self._in_flight
+                and not self._retry
+                and (not self._live or self._room() <= 0)
+                and (self._at_tail or self._blocked)
+            ):
+                # Nothing to send now (with no room: until a confirmation makes some).
                 self._idle.set()
             if self._done:
                 wait_s = linger_left if wait_s is None else min(wait_s, linger_left)
+            if self._due and self._window_room() > 0:  # (a full window: a PUBACK wakes it)
+                due_s = max(0.0, self._due[0][0] - time.monotonic())
+                wait_s = due_s if wait_s is None else min(wait_s, due_s)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait_s):
                     await self._wake.wait()
 
     def _send_live(self) -> int:
         sent = 0
-        while (self._retry or self._live) and self._room() > 0 and self._total.available() > 0:
-            self._total.take(1)
-            if self._retry:
+        while self._total.available() > 0:
+            if self._retry and self._window_room() > 0:
                 record = self._retry.popleft()
+                if record.id in self._in_flight:
+                    continue  # the backlog reader sent it meanwhile
                 self._send(record, live=record.id in self._claimed)
-            else:
+            elif self._live and self._room() > 0:
                 self._send(self._live.popleft(), live=True)
+            else:
+                break
+            self._total.take(1)
             sent += 1
         return sent
 
@@ -386,7 +522,7 @@ class Forwarder:
         window = min(self._window, self._session.broker_receive_maximum)
         share = max(1, window // 2) if self._live_first else window
         want = min(
-            self._room(),
+            self._window_room(),
             share - self._backlog_in_flight,
             self._drain.available(),
             self._total.available(),
@@ -399,16 +535,24 @@ class Forwarder:
         for record in read:
             if record.id <= self._after:
                 continue  # a concurrent read already went past it
-            self._after = record.id
             if record.id in self._claimed:
+                self._after = record.id
                 self._claimed.discard(record.id)  # the live path has it
                 continue
             if record.id in self._in_flight:
+                self._after = record.id
                 continue
+            if self._confirm is not None and record.id not in self._held and self._room() <= 0:
+                # A record not sent before, and as many unconfirmed as allowed: it waits (in
+                # the outbox) for a confirmation to make room; the reader stays before it.
+                self._blocked = True
+                return sent
+            self._after = record.id
             self._send(record, live=False)
             self._drain.take(1)
             self._total.take(1)
             sent += 1
+        self._blocked = False
         if len(read) < want and kicks == self._kicks:
             self._at_tail = True
         return sent
@@ -427,6 +571,8 @@ class Forwarder:
         else:
             self._backlog_in_flight += 1
         self._in_flight[record.id] = (fut, record, live)
+        if self._confirm is not None:
+            self._hold(record)
         self._unsettled.add(record.id)
         self._guarded.discard(record.id)  # protected as sent from now on
         self._sent_times[record.id] = time.monotonic()
@@ -446,13 +592,19 @@ class Forwarder:
             self.stats.delivered += 1
             items = self.stats.delivered_items
             items[record.kind] = items.get(record.kind, 0) + record.items
-            self._mark_done(record_id)
+            if self._confirmed_in_flight and record_id in self._confirmed_in_flight:
+                self._confirmed_in_flight.discard(record_id)  # confirmed first: deleted already
+            elif record_id in self._held:
+                self._await_confirmation(record_id)
+            else:
+                self._mark_done(record_id)
         elif isinstance(exc, PublishRejected) or (
             isinstance(exc, PublishFailed) and not exc.transient
         ):
             # Retrying cannot help and would block everything behind it.
             self.stats.refused += 1
             log.error("dropping outbox record %d: %s", record_id, exc)
+            self._forget(record_id)
             self._mark_done(record_id)
         elif self._session.connected and self._serving == self._session.connection:
             # Not sent, yet the link is up (a transient client refusal): send it again.
@@ -463,6 +615,103 @@ class Forwarder:
         if not self._done:
             self._done_since = time.monotonic()
         self._done.append(record_id)
+
+    # ------------------------------------------------------------------ end-to-end mode
+    def _hold(self, record: Stored) -> None:
+        """``record`` is being sent: if of a confirmed kind, it is held until confirmed."""
+        assert self._confirm is not None
+        held = self._held.get(record.id)
+        if held is not None:
+            self.stats.resent += 1
+            self._waiting.discard(record.id)
+            return
+        if record.kind not in self._confirm.kinds:
+            return
+        try:
+            key = self._confirm.key(record)
+        except Exception as exc:  # a record nobody can confirm: delete it at the PUBACK
+            self.stats.unkeyed += 1
+            log.error("outbox record %d has no confirmation id (%s): not held", record.id, exc)
+            return
+        self._held[record.id] = _Held(key, self._confirm.resend_after_s)
+        self._by_key.setdefault(key, []).append(record.id)
+
+    def _await_confirmation(self, record_id: int) -> None:
+        """The broker acknowledged a held record: it waits for its consumer's confirmation, and
+        is sent again when due. Not protected from eviction while it waits (it may wait long;
+        the outbox's bound and priorities apply: ADR 0078)."""
+        assert self._confirm is not None
+        held = self._held[record_id]
+        now = time.monotonic()
+        if held.since is None:
+            held.since = now
+        self._wait(record_id, held, now + held.interval)
+        self._unsettled.discard(record_id)
+
+    def _wait(self, record_id: int, held: _Held, due: float) -> None:
+        held.due = due
+        self._waiting.add(record_id)
+        heapq.heappush(self._due, (due, record_id))
+        if len(self._due) > 4 * len(self._waiting) + 1024:  # drop stale entries
+            self._due = [(self._held[r].due, r) for r in self._waiting]
+            heapq.heapify(self._due)
+
+    def _rewait_held(self) -> None:
+        """A new connection: every held record waits a whole wait again from now (the backlog
+        reader sends them all again, as every stored record, once it reaches them; the timer,
+        if it does not). A wait that ran out while the link was down proves nothing about the
+        consumer: it must not lengthen the next one."""
+        now = time.monotonic()
+        for record_id, held in self._held.items():
+            self._wait(record_id, held, now + held.interval)
+
+    def _forget(self, record_id: int) -> None:
+        held = self._held.pop(record_id, None)
+        self._waiting.discard(record_id)
+        if held is None:
+            return
+        ids = self._by_key.get(held.key)
+        if ids is not None:
+            with contextlib.suppress(ValueError):
+                ids.remove(record_id)
+            if not ids:
+                del self._by_key[held.key]
+
+    async def _resend_due(self) -> None:
+        """Queue the held records whose wait is over to be sent again (at most the window's
+        room); those the outbox no longer has were evicted while they waited: forgotten."""
+        assert self._confirm is not None
+        now = time.monotonic()
+        room = self._window_room()
+        due: list[int] = []
+        while self._due and self._due[0][0] <= now and len(due) < room:
+            at, record_id = heapq.heappop(self._due)
+            held = self._held.get(record_id)
+            if held is None or record_id not in self._waiting or held.due != at:
+                continue  # confirmed, or sent again, since
+            self._waiting.discard(record_id)
+            # Unconfirmed for a whole wait: the next wait is twice as long (a consumer that
+            # lags is not flooded); a resend after a new connection keeps the wait.
+            held.interval = min(held.interval * 2, self._confirm.resend_max_s)
+            due.append(record_id)
+        if not due:
+            return
+        try:
+            found = await self._outbox.records(due)
+        except OutboxError as exc:
+            log.warning("reading records to send again failed (%s); trying later", exc)
+            for record_id in due:
+                if record_id in self._held and record_id not in self._in_flight:
+                    self._wait(record_id, self._held[record_id], now + self._retry_s)
+            return
+        present = {r.id for r in found}
+        for record_id in due:
+            if record_id not in present and record_id in self._held:
+                self.stats.unconfirmed_evicted += 1
+                self._forget(record_id)
+        for record in found:
+            if record.id in self._held and record.id not in self._in_flight:
+                self._retry.append(record)
 
     def _abandon_in_flight(self) -> None:
         for fut, _, _ in self._in_flight.values():

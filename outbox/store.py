@@ -613,6 +613,29 @@ class Outbox:
             for rid, kind, topic, payload, qos, retain, created_at, items in rows
         ]
 
+    def records(self, ids: Iterable[int]) -> list[Stored]:
+        """The records with these ids that are still stored, in ascending id order (those
+        deleted or evicted are simply missing)."""
+        self._check_open()
+        wanted = sorted({int(i) for i in ids})
+        found: list[Stored] = []
+        try:
+            for start in range(0, len(wanted), _MAX_VARIABLES):
+                chunk = wanted[start : start + _MAX_VARIABLES]
+                marks = ",".join("?" * len(chunk))
+                rows = self._conn.execute(
+                    "SELECT id, kind, topic, payload, qos, retain, created_at, items FROM records "
+                    f"WHERE id IN ({marks}) ORDER BY id",
+                    chunk,
+                ).fetchall()
+                found += [
+                    Stored(rid, kind, topic, bytes(payload), qos, bool(retain), created_at, items)
+                    for rid, kind, topic, payload, qos, retain, created_at, items in rows
+                ]
+        except sqlite3.Error as exc:
+            raise translate(exc, "reading records") from exc
+        return found
+
     def delete(self, ids: Iterable[int]) -> int:
         """Delete the records with these ids in one transaction; returns how many existed."""
         return len(self.delete_returning(ids))

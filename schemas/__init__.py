@@ -19,8 +19,9 @@ Messages
     as :class:`Escalation`) and its :class:`ReplyBatch` of :class:`CaseVerdict`
     (``decode_escalations``/``decode_replies``), :class:`Telemetry`
     (``decode_telemetry``/``encode_telemetry``) with its latency sketch :class:`SketchWire`
-    (``decode_sketch``/``encode_sketch``), and ``decode_any`` for displaying payloads of
-    unknown shape.
+    (``decode_sketch``/``encode_sketch``), :class:`ResultAcks` (``decode_acks``/
+    ``encode_acks``: a consumer's confirmations in end-to-end mode, naming results messages by
+    ``message_id``), and ``decode_any`` for displaying payloads of unknown shape.
     Tensors are ``{dtype, shape, data}`` with ``data`` raw little-endian bytes (viewed,
     not copied) or, in JSON, a flat list of numbers; see :mod:`schemas.tensor`.
 
@@ -65,6 +66,7 @@ Topics
     check names, topics and subscription filters.
 """
 
+from .acks import ACK_IDS_MAX, ACK_MAX_BYTES, ResultAcks, decode_acks, encode_acks, message_id
 from .anydecode import decode_any
 from .deadletter import DeadLetter, decode_deadletter, encode_deadletter
 from .errors import (
@@ -104,6 +106,8 @@ from .topics import Topics, validate_filter, validate_level, validate_topic
 from .wire import VERSION
 
 __all__ = [
+    "ACK_IDS_MAX",
+    "ACK_MAX_BYTES",
     "CASES_MAX",
     "COUNT_NAMES",
     "DEADLETTER_REASONS",
@@ -127,6 +131,7 @@ __all__ = [
     "ReasonCode",
     "ReplyBatch",
     "Result",
+    "ResultAcks",
     "ResultBatch",
     "SketchWire",
     "Source",
@@ -134,6 +139,7 @@ __all__ = [
     "Status",
     "Telemetry",
     "Topics",
+    "decode_acks",
     "decode_any",
     "decode_deadletter",
     "decode_escalations",
@@ -144,6 +150,7 @@ __all__ = [
     "decode_sketch",
     "decode_status",
     "decode_telemetry",
+    "encode_acks",
     "encode_deadletter",
     "encode_escalations",
     "encode_frame",
@@ -156,6 +163,7 @@ __all__ = [
     "log_text",
     "make_case",
     "make_escalation_batch",
+    "message_id",
     "new_id",
     "new_ids",
     "tensor_from_wire",

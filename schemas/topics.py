@@ -150,6 +150,11 @@ class Topics:
     def cmd(self, node: str) -> str:
         return self._node(node, "cmd")
 
+    def acks(self, node: str) -> str:
+        """``{edge_root}/{node}/acks``: confirmations of the node's results messages
+        (end-to-end mode, :mod:`schemas.acks`)."""
+        return self._node(node, "acks")
+
     def _node(self, node: str, leaf: str) -> str:
         return f"{self.edge_root}/{validate_level(node)}/{leaf}"
 

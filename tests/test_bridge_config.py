@@ -150,6 +150,9 @@ CLOUD = '[cloud_broker]\nhost = "cloud.example"\n'
         ('[[rules]]\ndirection = "up"\nfilter = "a/+"\ntemplate = "b"\n', "rules[0]"),
         (RULE + 'bridge_id = "a/b"\n', "bridge_id"),
         (RULE + "[cloud_broker]\nport = 1883\n[site_broker]\nport = 1883\n", "same broker"),
+        (RULE + CLOUD + '[acks]\nenabled = true\ntemplate = "edge/acks"\n', "acks"),
+        (RULE + CLOUD + '[acks]\nfilter = "edge/#/x"\n', "acks.filter"),
+        (RULE + CLOUD + "[acks]\nmax_ids = 5000\n", "acks.max_ids"),
     ],
 )
 def test_bad_config_fails_at_start_naming_the_key(tmp_path: Path, text: str, key: str) -> None:
@@ -209,12 +212,12 @@ BRIDGE_MD = (REPO / "docs" / "bridge.md").read_text()
 
 
 def test_every_setting_is_documented() -> None:
-    from broker_bridge import ForwardConfig, QueueConfig, RuleConfig
+    from broker_bridge import AcksConfig, ForwardConfig, QueueConfig, RuleConfig
 
     documented = set(re.findall(r"^\| `([a-z_]+)` \|", BRIDGE_MD, re.M))
-    for model in (BridgeConfig, QueueConfig, ForwardConfig, RuleConfig):
+    for model in (BridgeConfig, QueueConfig, ForwardConfig, RuleConfig, AcksConfig):
         for name in model.model_fields:
-            if name in ("site_broker", "cloud_broker", "queue", "forward"):
+            if name in ("site_broker", "cloud_broker", "queue", "forward", "acks"):
                 assert f"[{name}]" in BRIDGE_MD  # a table: its keys are checked one by one
                 continue
             assert name in documented, f"{model.__name__}.{name} missing from docs/bridge.md"

@@ -520,7 +520,7 @@ def test_a_destination_topic_too_long_for_mqtt_is_dropped_and_counted(tmp_path: 
         Inbound(topic=t, payload=b"p", qos=1, retain=False, mid=i, connection=1, received_at=0.0)
         for i, t in enumerate([long_topic, "edge/ok"])
     ]
-    records = lane._classify(msgs)
+    records = [record for _, record in lane._classify(msgs)]  # (message, record) pairs
     assert [r.topic for r in records] == [f"sites/{'s' * 40}/edge/ok"]
     assert lane.stats.oversize_dropped == 1
     assert isinstance(records[0], Record)
