@@ -214,7 +214,12 @@ class SecureBroker:
                 _copy_as_mounted(secrets / made, root / mounted)
         text = (COMPOSE_MOSQUITTO / role / "mosquitto.conf").read_text()
         assert text.count(f"plugin {PLUGIN_IN_IMAGE}\n") == 1, "the compose config loads the plugin"
-        text = text.replace(PLUGIN_IN_IMAGE, str(clientid_plugin()))
+        plugin = clientid_plugin()
+        if run_as_uid is not None:  # another user must read it, wherever the checkout lies
+            shutil.copyfile(plugin, root / plugin.name)
+            os.chmod(root / plugin.name, 0o755)
+            plugin = root / plugin.name
+        text = text.replace(PLUGIN_IN_IMAGE, str(plugin))
         text = text.replace("/mosquitto/", f"{root}/")
         text, n1 = re.subn(
             r"^listener 1883$", f"listener {self.plain_port} 127.0.0.1", text, flags=re.M

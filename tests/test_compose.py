@@ -336,22 +336,37 @@ def test_make_secrets_refuses_to_leave_files_containers_cannot_read(
     """Not root and not --local: it says what to run, writes nothing, exits 2."""
     if os.geteuid() == 0:
         nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-        out = tmp_path / "s"
-        tmp_path.chmod(0o777)
-        done = subprocess.run(
-            [*nobody, str(MAKE_SECRETS), "--out", str(out)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        # The script and what it reads, where another user can reach them (a checkout may lie
+        # in a directory only root can enter).
+        reach = Path(tempfile.mkdtemp(prefix="edgewise-nobody-"))
+        reach.chmod(0o777)
+        copy = reach / "compose"
+        copy.mkdir()
+        for name in ("make-secrets.sh", "Dockerfile", ".env"):
+            shutil.copy2(COMPOSE / name, copy / name)
+        copy.chmod(0o755)
+        script = copy / "make-secrets.sh"
+        out = reach / "s"
+        try:
+            done = subprocess.run(
+                [*nobody, str(script), "--out", str(out)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            wrote = out.exists()
+        finally:
+            shutil.rmtree(reach)
     else:
+        script = MAKE_SECRETS
         out = tmp_path / "s"
         done = make_secrets(out)
+        wrote = out.exists()
     assert done.returncode == 2, done.stderr
-    assert f"sudo {MAKE_SECRETS} --out {out}" in done.stderr and "--local" in done.stderr
+    assert f"sudo {script} --out {out}" in done.stderr and "--local" in done.stderr
     for uid in set(image_uids(compose).values()):
         assert f"uid {uid} " in done.stderr, uid
-    assert not out.exists()
+    assert not wrote
 
 
 def test_every_broker_config_includes_the_shared_tuning(compose: dict[str, Any]) -> None:

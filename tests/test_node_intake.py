@@ -300,6 +300,8 @@ def test_results_go_out_on_a_connection_of_their_own_that_never_stops_reading(
             assert node.uplink.client_id.endswith(f"edgewise-node-{h.node_id}-out")
             await h.send(_payload(0))
             await h.seen.wait_for(lambda: len(_results(h)) >= 1)
+            # The subscriber may see the result before the node has read its PUBACK.
+            await _until(lambda: node.results_delivered >= 1, 10, "the result's PUBACK")
             node.session.pause_reading()  # as the bound would, with frames waiting
             delivered = node.results_delivered
             await node.close_window()  # a telemetry window: stored, then out on the uplink
