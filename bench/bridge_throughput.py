@@ -53,7 +53,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from local_broker import MosquittoProcess
+from edgewise.local_broker import MosquittoProcess
 
 REPO = Path(__file__).resolve().parents[1]
 PAYLOAD_BYTES = 200
@@ -306,7 +306,7 @@ def rig(kind: str, dir: Path) -> Iterator[Rig]:
     r = Rig(kind, site, cloud, log=log)
     if kind == "edgewise":
         cfg = edgewise_config(dir, site.info.port, cloud.info.port)
-        r.args = [sys.executable, "-m", "edgewise.cli", "bridge", "--config", str(cfg)]
+        r.args = [sys.executable, "-m", "edgewise.cli.app", "bridge", "--config", str(cfg)]
     elif kind in ("paho", "paho311"):
         r.args = [sys.executable, "-m", "bench.bridge_throughput", "--republish"]
         r.args += [str(site.info.port), str(cloud.info.port), "5" if kind == "paho" else "3"]

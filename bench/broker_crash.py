@@ -17,7 +17,8 @@ the node's end-to-end mode off and on (docs/adr/0078-end-to-end-acks.md).
 Topology (loopback, real processes): a *frames* broker (no persistence, never killed) where a
 paced sensor publishes ``--frames`` frames at ``--rate`` per second; the node (``edgewise
 node``) reads them there and publishes everything to its uplink, the *results* broker
-(persistence on, the setting under test), where a :class:`local_broker.ResultSink` (persistent
+(persistence on, the setting under test), where a :class:`edgewise.local_broker.ResultSink`
+(persistent
 session, QoS 1) takes the results and, in end-to-end mode, confirms them on ``edge/{node}/acks``.
 The results broker is killed with SIGKILL ``--kills`` times, when the sink has seen results for
 an evenly spaced share of the frames, and restarted after ``--outage-s``. Frames never cross the
@@ -55,8 +56,8 @@ from pathlib import Path
 import psutil
 
 from bench.node_throughput import NodeProcess, RunInfo, machine_info, write_markdown
-from edgewise.frames import load_holdout
-from local_broker import MosquittoProcess, MqttProbe, ResultSink, accepts_mqtt, read_tuning
+from edgewise.cli.frames import load_holdout
+from edgewise.local_broker import MosquittoProcess, MqttProbe, ResultSink, accepts_mqtt, read_tuning
 from schemas import Frame, decode_telemetry, encode_frame
 
 MARKER = "<!-- bench:broker_crash:{label}:{end} -->"

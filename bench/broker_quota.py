@@ -32,7 +32,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from bench.workers import connect, subscribe
-from local_broker import MosquittoProcess
+from edgewise.local_broker import MosquittoProcess
 
 
 def _pump(clients: list[mqtt.Client], seconds: float) -> None:

@@ -41,9 +41,9 @@ import onnxruntime as ort
 
 from edge_node.config import NodeConfig, bundled_asset
 from edge_node.node import EdgeNode
-from edgewise.frames import load_holdout
-from local_broker import MosquittoProcess
-from mqtt_session import Inbound, MqttConfig, MqttSession
+from edgewise.cli.frames import load_holdout
+from edgewise.local_broker import MosquittoProcess
+from edgewise.mqtt import Inbound, MqttConfig, MqttSession
 from schemas import Frame, decode_results, decode_status, encode_frame
 
 DEADLINE_MS = 2000.0
@@ -69,7 +69,7 @@ def _start_worker(tmp: Path, port: int, worker_id: str, group: str) -> subproces
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEWISE_")}
     log = open(tmp / f"{worker_id}.log", "ab")  # noqa: SIM115 - the process keeps it
     return subprocess.Popen(
-        [sys.executable, "-m", "edgewise.cli", "worker", "--config", str(cfg)],
+        [sys.executable, "-m", "edgewise.cli.app", "worker", "--config", str(cfg)],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,

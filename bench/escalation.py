@@ -39,9 +39,9 @@ import onnxruntime as ort
 
 from edge_node.config import bundled_asset
 from edge_node.escalation import Case, EscalationConfig, Escalator, Final, PolicyConfig
-from edgewise.frames import load_holdout
-from local_broker import BrokerInfo, MosquittoProcess
-from mqtt_session import Inbound, MqttConfig, MqttSession
+from edgewise.cli.frames import load_holdout
+from edgewise.local_broker import BrokerInfo, MosquittoProcess
+from edgewise.mqtt import Inbound, MqttConfig, MqttSession
 from schemas import (
     EdgeVerdict,
     Result,
@@ -69,7 +69,7 @@ def start_worker(
     log = tmp / f"{worker_id}.log"
     with open(log, "wb") as out:
         p = subprocess.Popen(
-            [sys.executable, "-m", "edgewise.cli", "worker", "--config", str(cfg)],
+            [sys.executable, "-m", "edgewise.cli.app", "worker", "--config", str(cfg)],
             stdout=out,
             stderr=subprocess.STDOUT,
         )

@@ -57,8 +57,8 @@ from bench.node_throughput import (
     machine_info,
     write_markdown,
 )
-from edgewise.frames import load_holdout
-from local_broker import MosquittoProcess, TcpProxy
+from edgewise.cli.frames import load_holdout
+from edgewise.local_broker import MosquittoProcess, TcpProxy
 from schemas import ContractError, Frame, decode_results, decode_status, encode_frame
 
 TOPIC = "sensors/bench-heal/digits"

@@ -10,7 +10,7 @@ Run from the repo root, once the models are built (random weights, nothing downl
 One run, one machine, batch 1, 224x224x3 uint8 frames (150,528 bytes):
 
 1. **Bare runtimes.** Per call latency of ONNX Runtime through the node's own backend
-   (``edge_node.runtime.load_runtime``, the session options the node uses) and of LiteRT
+   (``edgewise.serving.runtime.load_runtime``, the session options the node uses) and of LiteRT
    (``ai_edge_litert.interpreter.Interpreter``, called directly: set_tensor, invoke,
    get_tensor; the project has no LiteRT backend on this branch), fp32 and int8, 1 and 2
    threads. The cases take turns in rounds so that load from elsewhere spreads over all of them.
@@ -71,8 +71,8 @@ from bench.node_throughput import (
 from bench.relay import RelaySpec, run_relay
 from bench.stacks import IDLE, Summary, summarize
 from bench.workers import ConsumeReport, PublishReport, random_frames
-from edge_node.runtime import load_runtime
-from local_broker import MosquittoProcess, mosquitto_path
+from edgewise.local_broker import MosquittoProcess, mosquitto_path
+from edgewise.serving.runtime import load_runtime
 
 MARKER = "<!-- bench:mobilenet:{label}:{end} -->"
 MODELS_DIR = Path(__file__).resolve().parent / ".models"

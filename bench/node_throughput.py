@@ -80,9 +80,9 @@ from bench.workers import (
     subscribe,
 )
 from edge_node.answered import AnsweredFilter
-from edgewise.frames import load_holdout
-from local_broker import MosquittoProcess, mosquitto_path
-from outbox import Outbox, OutboxConfig, Record
+from edgewise.cli.frames import load_holdout
+from edgewise.local_broker import MosquittoProcess, mosquitto_path
+from edgewise.outbox import Outbox, OutboxConfig, Record
 from schemas import ContractError, Frame, decode_results, decode_status, encode_frame
 
 MARKER = "<!-- bench:node_throughput:{label}:{end} -->"

@@ -8,7 +8,8 @@ Run from the repo root::
 One run, one fresh Mosquitto (the project's tuning, loopback). The node runs as users run it
 (``.venv/bin/edgewise node``, configured by ``EDGEWISE_*`` variables): it reads frames from the
 broker directly and publishes everything through a separate uplink (``EDGEWISE_UPLINK``) that
-goes through a :class:`local_broker.TcpProxy` the benchmark cuts and restores. Publishers and
+goes through a :class:`edgewise.local_broker.TcpProxy` the benchmark cuts and restores. Publishers
+and
 consumers are plain paho clients, each in its own process (:mod:`bench.workers`).
 
 1. Input baseline: a bare paho subscriber's receive rate for a flood of ``--frames`` QoS 1
@@ -80,7 +81,7 @@ from bench.workers import (
     subscribe,
 )
 from edge_node.config import HealthConfig, StorageConfig
-from local_broker import MosquittoProcess, TcpProxy, mosquitto_path
+from edgewise.local_broker import MosquittoProcess, TcpProxy, mosquitto_path
 from schemas import ContractError, decode_status
 
 MARKER = "<!-- bench:outage:{label}:{end} -->"

@@ -26,10 +26,10 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from outbox.async_outbox import AsyncOutbox
-from outbox.config import OutboxConfig
-from outbox.record import Record
-from outbox.store import Outbox
+from edgewise.outbox.async_outbox import AsyncOutbox
+from edgewise.outbox.config import OutboxConfig
+from edgewise.outbox.record import Record
+from edgewise.outbox.store import Outbox
 
 KiB = 1024
 MiB = 1024 * KiB

@@ -21,8 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from local_broker import MosquittoProcess, TcpProxy
-from mqtt_session import MqttConfig, MqttSession
+from edgewise.local_broker import MosquittoProcess, TcpProxy
+from edgewise.mqtt import MqttConfig, MqttSession
 
 
 async def attempts_after_cut(proxy: TcpProxy, seconds: float) -> tuple[list[float], MqttConfig]:

@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 
 PARTS: tuple[tuple[str, str], ...] = (
     ("inference (onnxruntime)", "onnxruntime/"),
-    ("inference (runtime wrapper)", "edge_node/runtime/"),
+    ("inference (runtime wrapper)", "edgewise/serving/runtime/"),
     ("MQTT (paho)", "paho/"),
     ("outbox (SQLite)", "outbox/"),
     ("frame decode and checks", "schemas/"),
     ("telemetry", "telemetry/"),
-    ("MQTT session", "mqtt_session/"),
+    ("MQTT session", "edgewise/mqtt/"),
     ("node", "edge_node/"),
 )
 """(part, path fragment) rules; a frame belongs to the first rule whose fragment its file has."""
@@ -52,7 +52,8 @@ class Frame:
 
 
 def parse_frame(text: str) -> Frame:
-    """``run (edge_node/runtime/onnx.py:170)`` -> Frame("run", "edge_node/runtime/onnx.py")."""
+    """``run (edgewise/serving/runtime/onnx.py:170)``
+    -> Frame("run", "edgewise/serving/runtime/onnx.py")."""
     m = _FRAME.match(text.strip())
     if m is None:
         return Frame(text.strip(), "")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.escalation import start_worker, stop_workers, throughput
-from local_broker import MosquittoProcess
+from edgewise.local_broker import MosquittoProcess
 
 TICK = os.sysconf("SC_CLK_TCK")
 

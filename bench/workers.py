@@ -30,7 +30,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edgewise.frames import load_holdout
+from edgewise.cli.frames import load_holdout
 from schemas import ContractError, Frame, decode_results, encode_frame, encode_frames
 
 CONNECT_TIMEOUT_S = 10.0

@@ -23,8 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from broker_bridge.rules import CompiledRule
-from mqtt_session import MqttSession
-from mqtt_session.message import Inbound
+from edgewise.mqtt import MqttSession
+from edgewise.mqtt.message import Inbound
 from schemas import ContractError, Limits, ResultAcks, decode_results, encode_acks, message_id
 
 log = logging.getLogger(__name__)

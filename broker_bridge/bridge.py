@@ -35,8 +35,8 @@ from broker_bridge.wire import (
     DirectionTelemetry,
     encode_telemetry,
 )
-from mqtt_session import Conflict, ConnectInfo, MqttError, MqttSession, Will
-from outbox import AsyncOutbox, Forwarder, OutboxConfig, OutboxError
+from edgewise.mqtt import Conflict, ConnectInfo, MqttError, MqttSession, Will
+from edgewise.outbox import AsyncOutbox, Forwarder, OutboxConfig, OutboxError
 from schemas import Limits, Status, encode_status
 
 log = logging.getLogger(__name__)

@@ -23,8 +23,8 @@ from pydantic_settings import (
 
 from broker_bridge.errors import ConfigError
 from broker_bridge.rules import CompiledRule, Direction, compile_rule
-from mqtt_session import MqttConfig, shown_input
-from outbox.config import MIN_MAX_BYTES
+from edgewise.mqtt import MqttConfig, shown_input
+from edgewise.outbox.config import MIN_MAX_BYTES
 from schemas import ACK_IDS_MAX, ContractError, validate_filter, validate_level
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")

@@ -2,7 +2,7 @@
 
 A received message is acknowledged to its source broker only after the transaction holding it
 has committed (group commit: everything received while one transaction runs goes into the next);
-it leaves the queue only after the far broker's PUBACK (:class:`outbox.Forwarder`).
+it leaves the queue only after the far broker's PUBACK (:class:`edgewise.outbox.Forwarder`).
 
 When the queue is full it evicts (oldest first, messages before retained state) and says so:
 :attr:`Lane.evicting` (the bridge's ``degraded: evicting``) from the first eviction until the
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from broker_bridge.acks import ResultConfirmer
 from broker_bridge.echo import EchoLedger
 from broker_bridge.rules import CompiledRule, Direction, first_match, maker
-from mqtt_session import Inbound, MqttSession
-from outbox import AsyncOutbox, Forwarder, OutboxError, Record, StorageFull
+from edgewise.mqtt import Inbound, MqttSession
+from edgewise.outbox import AsyncOutbox, Forwarder, OutboxError, Record, StorageFull
 
 log = logging.getLogger(__name__)
 

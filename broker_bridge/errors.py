@@ -1,6 +1,6 @@
 """Exceptions raised by :mod:`broker_bridge`.
 
-Errors of the parts underneath (``mqtt_session``, ``outbox``) are handled inside the bridge
+Errors of the parts underneath (``edgewise.mqtt``, ``outbox``) are handled inside the bridge
 (reconnects, retries, a degraded status); what reaches a caller is one of these.
 
 Tree::

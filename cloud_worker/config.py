@@ -21,7 +21,7 @@ from pydantic_settings import (
 )
 
 from cloud_worker.errors import ConfigError
-from mqtt_session import MqttConfig, shown_input
+from edgewise.mqtt import MqttConfig, shown_input
 from schemas import ContractError, Limits, Topics, validate_level
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")

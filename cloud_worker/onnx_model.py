@@ -7,8 +7,8 @@ import numpy as np
 from cloud_worker.config import ModelConfig
 from cloud_worker.errors import ConfigError
 from cloud_worker.handler import Batch, Handler, Verdicts
-from edge_node.errors import ModelLoadError
-from edge_node.model import ServedModel
+from edgewise.serving.errors import ModelLoadError
+from edgewise.serving.model import ServedModel
 
 
 def onnx_handler(name: str, cfg: ModelConfig) -> tuple[Handler, ServedModel]:

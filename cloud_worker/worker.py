@@ -50,10 +50,7 @@ from cloud_worker.errors import HandlerError, StoreError
 from cloud_worker.handler import Batch, Handler, HandlerFn, Verdict, Verdicts
 from cloud_worker.onnx_model import onnx_handler
 from cloud_worker.store import Answer, HardExampleStore, Row, example_row
-from edge_node.acks import InOrderAcker, Ticket
-from edge_node.batcher import MicroBatcher
-from edge_node.model import ServedModel
-from mqtt_session import (
+from edgewise.mqtt import (
     ConnectInfo,
     Inbound,
     MqttError,
@@ -62,7 +59,10 @@ from mqtt_session import (
     Will,
     max_packet_for,
 )
-from mqtt_session.properties import expiry_interval_s
+from edgewise.mqtt.properties import expiry_interval_s
+from edgewise.serving.acks import InOrderAcker, Ticket
+from edgewise.serving.batcher import MicroBatcher
+from edgewise.serving.model import ServedModel
 from schemas import (
     DTYPES,
     CaseVerdict,

@@ -33,9 +33,9 @@ from edge_node.errors import ConfigError
 from edge_node.escalation.config import EscalationConfig
 from edge_node.hardware import NodeHardware, load_classes, resolve, shipped_classes_file
 from edge_node.updates.config import UpdatesConfig
-from mqtt_session import MqttConfig, shown_input
-from outbox import OutboxConfig
-from outbox.config import MIN_MAX_BYTES
+from edgewise.mqtt import MqttConfig, shown_input
+from edgewise.outbox import OutboxConfig
+from edgewise.outbox.config import MIN_MAX_BYTES
 from schemas import ContractError, Limits, Topics, validate_filter, validate_level
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")

@@ -12,6 +12,8 @@ Tree::
 
 from __future__ import annotations
 
+from edgewise.serving.errors import ModelLoadError as _ServingModelLoadError
+
 
 class EdgeNodeError(Exception):
     """Base class of every error raised by edge_node."""
@@ -21,13 +23,13 @@ class ConfigError(EdgeNodeError):
     """A setting is missing or invalid."""
 
 
-class ModelLoadError(EdgeNodeError):
-    """The model could not be loaded."""
+class ModelLoadError(EdgeNodeError, _ServingModelLoadError):
+    """The model could not be loaded (also an :class:`edgewise.serving.errors.ModelLoadError`)."""
 
 
 class ModelRefused(ModelLoadError):
     """The node's hardware class cannot run the model: ``reason`` is ``unsupported_format``,
-    ``model_too_large`` or ``input_too_large`` (the codes of :class:`releases.Reason`)."""
+    ``model_too_large`` or ``input_too_large`` (the codes of :class:`edgewise.releases.Reason`)."""
 
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")

@@ -32,18 +32,15 @@ from typing import Any, Literal, Self
 import msgspec
 import numpy as np
 
-from edge_node.acks import InOrderAcker, Ticket
 from edge_node.answered import AnsweredFilter
-from edge_node.batcher import MicroBatcher
 from edge_node.config import NodeConfig
 from edge_node.deadletter import DeadLetters
 from edge_node.errors import ConfigError
 from edge_node.escalation import HARD_EXAMPLE, Case, Escalator, Final
 from edge_node.hardware import load_model
 from edge_node.inference import AdaptiveRunner
-from edge_node.model import Prediction, ServedModel
 from edge_node.updates import UpdateManager
-from mqtt_session import (
+from edgewise.mqtt import (
     Conflict,
     ConnectInfo,
     Inbound,
@@ -52,8 +49,20 @@ from mqtt_session import (
     Will,
     max_packet_for,
 )
-from outbox import AsyncOutbox, Confirmation, Forwarder, OutboxError, Record, StorageFull, Stored
-from outbox.store import answered_cost
+from edgewise.outbox import (
+    AsyncOutbox,
+    Confirmation,
+    Forwarder,
+    OutboxError,
+    Record,
+    StorageFull,
+    Stored,
+)
+from edgewise.outbox.store import answered_cost
+from edgewise.serving.acks import InOrderAcker, Ticket
+from edgewise.serving.batcher import MicroBatcher
+from edgewise.serving.model import Prediction, ServedModel
+from edgewise.telemetry import TelemetryWindow
 from schemas import (
     ContractError,
     DeadLetterReason,
@@ -72,7 +81,6 @@ from schemas import (
     message_id,
     new_ids,
 )
-from telemetry import TelemetryWindow
 
 log = logging.getLogger(__name__)
 

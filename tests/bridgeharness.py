@@ -24,8 +24,8 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from local_broker import BrokerInfo
-from local_broker.probe import unique_client_id
+from edgewise.local_broker import BrokerInfo
+from edgewise.local_broker.probe import unique_client_id
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,7 +120,7 @@ class BridgeProcess:
             out.write(f"--- start {self.starts + 1} ---\n".encode())
             out.flush()
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "edgewise.cli", "bridge", "--config", str(self.config)],
+                [sys.executable, "-m", "edgewise.cli.app", "bridge", "--config", str(self.config)],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from local_broker import (
+from edgewise.local_broker import (
     BrokerInfo,
     EmbeddedBrokerThread,
     Message,

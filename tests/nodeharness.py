@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 
 from edge_node.config import NodeConfig
-from edge_node.model import ServedModel
 from edge_node.node import EdgeNode
-from local_broker import BrokerInfo
-from mqtt_session import Inbound, MqttConfig, MqttSession
+from edgewise.local_broker import BrokerInfo
+from edgewise.mqtt import Inbound, MqttConfig, MqttSession
+from edgewise.serving.model import ServedModel
 from schemas import Frame, encode_frame
 
 

@@ -8,7 +8,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from local_broker import BrokerInfo, Message
+from edgewise.local_broker import BrokerInfo, Message
 from schemas import decode_results, decode_status
 
 
@@ -46,7 +46,7 @@ class NodeProcesses:
         env.update(self.extra_env)
         log = open(self.state_dir / f"node-{len(self.procs)}.log", "wb")  # noqa: SIM115
         proc = subprocess.Popen(
-            [sys.executable, "-m", "edgewise.cli", "node"], env=env, stdout=log, stderr=log
+            [sys.executable, "-m", "edgewise.cli.app", "node"], env=env, stdout=log, stderr=log
         )
         self.procs.append(proc)
         return proc

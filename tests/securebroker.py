@@ -28,8 +28,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from local_broker import BrokerInfo, mosquitto_path
-from local_broker.info import free_port
+from edgewise.local_broker import BrokerInfo, mosquitto_path
+from edgewise.local_broker.info import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_MOSQUITTO = REPO / "compose" / "mosquitto"

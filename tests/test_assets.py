@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 import edgewise.assets
-from edge_node.runtime import TensorSpec
-from edge_node.runtime.onnx import OnnxRuntime
+from edgewise.serving.runtime import TensorSpec
+from edgewise.serving.runtime.onnx import OnnxRuntime
 
 ASSETS = Path(edgewise.assets.__file__).parent
 REPO = ASSETS.parents[1]

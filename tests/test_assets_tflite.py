@@ -13,8 +13,8 @@ import pytest
 from ai_edge_litert.interpreter import Interpreter
 
 import edgewise.assets
-from edge_node.runtime.litert import LiteRtRuntime
-from edge_node.runtime.onnx import OnnxRuntime
+from edgewise.serving.runtime.litert import LiteRtRuntime
+from edgewise.serving.runtime.onnx import OnnxRuntime
 
 ASSETS = Path(edgewise.assets.__file__).parent
 REPO = ASSETS.parents[1]

@@ -8,9 +8,9 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from edge_node.batcher import MicroBatcher
 from edge_node.deadletter import DeadLetters
 from edge_node.inference import AdaptiveRunner
+from edgewise.serving.batcher import MicroBatcher
 from schemas import decode_deadletter
 
 

@@ -16,22 +16,22 @@ from bench.mobilenet import FRAME_BYTES, FRAME_SHAPE, Stats, node_env, overhead_
 from bench.stacks import IDLE, OTHER, parse_frame, summarize
 from bench.workers import random_frames
 from edge_node.config import NodeConfig
-from local_broker import BrokerInfo, MqttProbe
+from edgewise.local_broker import BrokerInfo, MqttProbe
 from schemas import ContractError, Frame, decode_frame, encode_frame
 
 RAW = """\
-<module> (edgewise/cli.py:10);main (edge_node/service.py:20);_answer (edge_node/node.py:650);\
-_infer (edge_node/node.py:205);run (edge_node/runtime/onnx.py:170);\
+<module> (edgewise/cli/app.py:10);main (edge_node/service.py:20);_answer (edge_node/node.py:650);\
+_infer (edge_node/node.py:205);run (edgewise/serving/runtime/onnx.py:170);\
 Session.run (onnxruntime/capi/onnxruntime_inference_collection.py:266) 40
-<module> (edgewise/cli.py:10);_on_message (edge_node/node.py:600);\
+<module> (edgewise/cli/app.py:10);_on_message (edge_node/node.py:600);\
 decode_frame (schemas/frame.py:80) 7
-<module> (edgewise/cli.py:10);_store (edge_node/node.py:840);append (outbox/store.py:200);\
-_send (paho/mqtt/client.py:900) 3
-<module> (edgewise/cli.py:10);_on_message (edge_node/node.py:600) 5
+<module> (edgewise/cli/app.py:10);_store (edge_node/node.py:840);\
+append (edgewise/outbox/store.py:200);_send (paho/mqtt/client.py:900) 3
+<module> (edgewise/cli/app.py:10);_on_message (edge_node/node.py:600) 5
 _bootstrap (threading.py:1002);_worker (concurrent/futures/thread.py:81) 90
-<module> (edgewise/cli.py:10);run_forever (asyncio/base_events.py:600);\
+<module> (edgewise/cli/app.py:10);run_forever (asyncio/base_events.py:600);\
 EpollSelector.select (selectors.py:468) 10
-<module> (edgewise/cli.py:10);helper (somewhere/else.py:1) 2
+<module> (edgewise/cli/app.py:10);helper (somewhere/else.py:1) 2
 not a stack line
 """
 
@@ -121,7 +121,7 @@ def test_the_bare_relay_answers_each_frame_in_the_nodes_results_format(
 
     from bench.relay import RelaySpec, run_relay
     from edge_node.config import bundled_asset
-    from edgewise.frames import load_holdout
+    from edgewise.cli.frames import load_holdout
     from schemas import decode_results
 
     relay_id = f"relay-test-{time.monotonic_ns()}"

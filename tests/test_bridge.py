@@ -16,7 +16,7 @@ import pytest
 from paho.mqtt.enums import MQTTProtocolVersion
 
 from broker_bridge import Bridge, BridgeConfig, decode_telemetry
-from local_broker import MosquittoProcess
+from edgewise.local_broker import MosquittoProcess
 from schemas import decode_status
 from tests.bridgeharness import Client, Rule, retained_state, write_bridge_config
 

@@ -184,7 +184,7 @@ def test_config_is_frozen(tmp_path: Path) -> None:
 def test_cli_exits_2_and_names_the_key(tmp_path: Path) -> None:
     path = write(tmp_path, RULE + "[forward]\nmax_rate_per_s = -1\n")
     done = subprocess.run(
-        [sys.executable, "-m", "edgewise.cli", "bridge", "--config", str(path)],
+        [sys.executable, "-m", "edgewise.cli.app", "bridge", "--config", str(path)],
         capture_output=True,
         cwd=REPO,
         env={k: v for k, v in os.environ.items() if not k.startswith("EDGEWISE_")},
@@ -196,7 +196,7 @@ def test_cli_exits_2_and_names_the_key(tmp_path: Path) -> None:
 
 def test_cli_help_answers() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "edgewise.cli", "bridge", "--help"],
+        [sys.executable, "-m", "edgewise.cli.app", "bridge", "--help"],
         capture_output=True,
         cwd=REPO,
         timeout=60,

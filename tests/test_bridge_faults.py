@@ -18,7 +18,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from local_broker import MosquittoProcess
+from edgewise.local_broker import MosquittoProcess
 from schemas import decode_status
 from tests.bridgeharness import BridgeProcess, Client, Rule, write_bridge_config
 

@@ -1,4 +1,5 @@
-"""The drain-rate cap the bridge added to :class:`outbox.Forwarder` (``max_rate_per_s``), against
+"""The drain-rate cap the bridge added to :class:`edgewise.outbox.Forwarder` (``max_rate_per_s``),
+against
 a real Mosquitto: a backlog drains no faster than the cap, and without a cap as before."""
 
 from __future__ import annotations
@@ -8,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from local_broker import MosquittoProcess
-from mqtt_session import MqttConfig, MqttSession
-from outbox import AsyncOutbox, Forwarder, OutboxConfig, Record
+from edgewise.local_broker import MosquittoProcess
+from edgewise.mqtt import MqttConfig, MqttSession
+from edgewise.outbox import AsyncOutbox, Forwarder, OutboxConfig, Record
 from tests.bridgeharness import Client
 
 

@@ -32,8 +32,8 @@ from typing import Any, cast
 import pytest
 from paho.mqtt.enums import MQTTProtocolVersion
 
-from local_broker.probe import unique_client_id
-from mqtt_session import MqttConfig, MqttSession, PublishRejected
+from edgewise.local_broker.probe import unique_client_id
+from edgewise.mqtt import MqttConfig, MqttSession, PublishRejected
 from tests import broker_rights
 from tests.bridgeharness import REPO, Client
 from tests.securebroker import Pki, SecureBroker, make_ca, make_pki
@@ -737,7 +737,7 @@ def test_bridge_forwards_over_tls_with_credentials_from_file_and_env_never_logge
     op = brokers.connected("cloud", "operator")  # a second connection of the operator
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "edgewise.cli", "bridge", "--config", str(path)],
+            [sys.executable, "-m", "edgewise.cli.app", "bridge", "--config", str(path)],
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=REPO,
@@ -771,7 +771,7 @@ def test_bridge_config_error_never_echoes_a_password(tmp_path: Path) -> None:
     path = tmp_path / "bridge.toml"
     path.write_text('[[rules]]\ndirection = "up"\nfilter = "a/#"\n[cloud_broker]\npassword = 5\n')
     done = subprocess.run(
-        [sys.executable, "-m", "edgewise.cli", "bridge", "--config", str(path)],
+        [sys.executable, "-m", "edgewise.cli.app", "bridge", "--config", str(path)],
         capture_output=True,
         cwd=REPO,
         env={**os.environ, "EDGEWISE_SITE_BROKER__PORT": "x"},
@@ -874,7 +874,7 @@ def test_sensor_simulate_takes_its_credentials_from_the_environment(
             [
                 sys.executable,
                 "-m",
-                "edgewise.cli",
+                "edgewise.cli.app",
                 "sensor",
                 "simulate",
                 "--broker",
@@ -911,7 +911,7 @@ def _operator_env(brokers: Brokers, side: str, tmp_path: Path) -> dict[str, str]
 
 def _edgewise(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
-        [sys.executable, "-m", "edgewise.cli", *args],
+        [sys.executable, "-m", "edgewise.cli.app", *args],
         capture_output=True,
         cwd=REPO,
         env=env,
@@ -924,7 +924,7 @@ def test_operator_publishes_a_model_with_credentials_from_the_environment(
 ) -> None:
     """The one principal allowed to publish fleet/# and models/# on the cloud can do so with
     the operator's own tool: `edgewise model publish` reads its credentials like the services."""
-    from releases import Manifest, decode_document, decode_envelope
+    from edgewise.releases import Manifest, decode_document, decode_envelope
     from tests.updatekit import EDGE_MODEL
 
     env = _operator_env(brokers, "cloud", tmp_path)
@@ -982,7 +982,7 @@ def test_a_config_error_never_echoes_a_password_even_a_mistyped_one(
         args += ["--config", str(path)]
     clean = {k: v for k, v in os.environ.items() if not k.startswith("EDGEWISE_")}
     done = subprocess.run(
-        [sys.executable, "-m", "edgewise.cli", *args],
+        [sys.executable, "-m", "edgewise.cli.app", *args],
         capture_output=True,
         cwd=tmp_path,
         env={**clean, **env},
@@ -998,7 +998,7 @@ def test_mqtt5_publish_refused_by_the_acl_fails_with_the_brokers_reason(
     brokers: Brokers, tmp_path: Path
 ) -> None:
     """An MQTT 5 PUBACK carrying a refusal (longer than the two bytes of a success, so paho
-    decodes it, mqtt_session/client.py) fails that publish only."""
+    decodes it, edgewise/mqtt/client.py) fails that publish only."""
     pw = tmp_path / "gw-1.password"
     pw.write_text(brokers.site_pw["gw-1"] + "\n")
     cfg = MqttConfig(

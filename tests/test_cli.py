@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
-from local_broker import BrokerInfo, MqttProbe
+from edgewise.local_broker import BrokerInfo, MqttProbe
 from schemas import Limits, Status, decode_frame, decode_frames, encode_status
 
 ProbeFactory = Callable[..., MqttProbe]
@@ -17,7 +17,7 @@ ProbeFactory = Callable[..., MqttProbe]
 
 def edgewise(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "edgewise.cli", *args],
+        [sys.executable, "-m", "edgewise.cli.app", *args],
         capture_output=True,
         text=True,
         timeout=timeout_s,

@@ -27,10 +27,16 @@ from pathlib import Path
 
 import pytest
 
-from local_broker import free_port
-from local_broker.probe import unique_client_id
-from releases import Command, decode_document, decode_envelope, verify_key_set, verify_manifest
-from releases.signing import load_public, raw_public
+from edgewise.local_broker import free_port
+from edgewise.local_broker.probe import unique_client_id
+from edgewise.releases import (
+    Command,
+    decode_document,
+    decode_envelope,
+    verify_key_set,
+    verify_manifest,
+)
+from edgewise.releases.signing import load_public, raw_public
 from schemas import Status, encode_status
 from tests.bridgeharness import REPO, Client
 from tests.securebroker import Pki, SecureBroker, make_ca, make_pki
@@ -98,7 +104,7 @@ def edgewise(
 ) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("EDGEWISE_")}
     return subprocess.run(
-        [sys.executable, "-m", "edgewise.cli", *args],
+        [sys.executable, "-m", "edgewise.cli.app", *args],
         capture_output=True,
         text=True,
         timeout=timeout_s,
@@ -445,7 +451,7 @@ class _RefusingBroker:
         asyncio.run(main())
 
     def __enter__(self) -> _RefusingBroker:
-        from local_broker import quiet_amqtt_logging
+        from edgewise.local_broker import quiet_amqtt_logging
 
         quiet_amqtt_logging()
         self._thread.start()
@@ -468,7 +474,7 @@ def test_a_refused_subscription_is_one_line_and_exit_2() -> None:
         clean = {k: v for k, v in os.environ.items() if not k.startswith("EDGEWISE_")}
         runs = {
             name: subprocess.Popen(
-                [sys.executable, "-m", "edgewise.cli", *args, "--broker", url],
+                [sys.executable, "-m", "edgewise.cli.app", *args, "--broker", url],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                 env={**clean, "COLUMNS": "200"},
             )
@@ -513,7 +519,7 @@ def test_worker_started_before_its_broker_becomes_ready_when_the_broker_comes(
             "worker-1", "--password-file", str(secret), "--tls-ca", str(pki.ca_cert)]  # fmt: skip
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "edgewise.cli", *args],
+            [sys.executable, "-m", "edgewise.cli.app", *args],
             stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, env={**env, "COLUMNS": "200"},
         )  # fmt: skip
 
@@ -548,7 +554,7 @@ def test_worker_stopped_while_waiting_for_its_broker_exits_cleanly(tmp_path: Pat
     env = {**clean, "EDGEWISE_WORKER_STORE__PATH": str(tmp_path / "hard.db"), "COLUMNS": "200"}
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "edgewise.cli", "worker", "--broker",
+            [sys.executable, "-m", "edgewise.cli.app", "worker", "--broker",
              f"mqtt://127.0.0.1:{free_port()}"],
             stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, env=env,
         )  # fmt: skip

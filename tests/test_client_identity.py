@@ -2,7 +2,7 @@
 config or VM image) detected, backing off and giving way instead of fighting for ever.
 
 The fights run against a real Mosquitto (2.0.11 closes the old connection without an MQTT 5
-DISCONNECT, for both protocol versions: the suspect-streak path of mqtt_session.takeover); the
+DISCONNECT, for both protocol versions: the suspect-streak path of edgewise.mqtt.takeover); the
 MQTT 5 "Session taken over" reason code (EMQX) is checked on the guard itself.
 """
 
@@ -17,9 +17,9 @@ import uuid
 
 import pytest
 
-from local_broker import MosquittoProcess
-from mqtt_session import Conflict, MqttConfig, MqttSession
-from mqtt_session.takeover import (
+from edgewise.local_broker import MosquittoProcess
+from edgewise.mqtt import Conflict, MqttConfig, MqttSession
+from edgewise.mqtt.takeover import (
     ARMED_FOR_CONFLICT,
     PAUSE_S,
     SESSION_TAKEN_OVER,
@@ -183,7 +183,7 @@ def test_two_connections_with_one_client_id_stop_fighting(
         reconnect_cap_s=0.2,
         takeover_backoff_first_s=0.05,
     )
-    caplog.set_level(logging.WARNING, logger="mqtt_session.takeover")
+    caplog.set_level(logging.WARNING, logger="edgewise.mqtt.takeover")
 
     async def run() -> tuple[list[int], list[bool], list[bool]]:
         taken = asyncio.Event()

@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from cloud_worker import Worker
-from edgewise.frames import load_holdout
-from local_broker import BrokerInfo, MosquittoProcess
+from edgewise.cli.frames import load_holdout
+from edgewise.local_broker import BrokerInfo, MosquittoProcess
 from schemas import decode_status, decode_telemetry
 from tests.nodeharness import running_node
 from tests.test_escalation import Finals, _case, _escalator, eventually

@@ -16,8 +16,8 @@ import pytest
 
 from edge_node.updates.journal import CommandJournal
 from edge_node.updates.rejects import ControlRejects, Rejection
-from local_broker import BrokerInfo
-from releases import Command, Reason, Target, generate, sign
+from edgewise.local_broker import BrokerInfo
+from edgewise.releases import Command, Reason, Target, generate, sign
 from schemas import log_text
 from tests.test_updates import running_updater, wait_until
 from tests.updatekit import CLOUD_MODEL, NOW, Fleet, manifest, run_async

@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 
-from local_broker import BrokerInfo, Message, MqttProbe
-from releases import Command, Target, decode_event, generate, sign
-from releases.signing import key_id, public_pem, raw_public
-from releases.wire import Envelope, Signature, encode
+from edgewise.local_broker import BrokerInfo, Message, MqttProbe
+from edgewise.releases import Command, Target, decode_event, generate, sign
+from edgewise.releases.signing import key_id, public_pem, raw_public
+from edgewise.releases.wire import Envelope, Signature, encode
 from schemas import decode_status, decode_telemetry
 from tests.updatekit import Fleet, now
 
@@ -62,7 +62,7 @@ def enrolled(
         )
         log = open(tmp_path / f"node-{len(procs)}.log", "wb")  # noqa: SIM115 - closed with the process
         p = subprocess.Popen(
-            [sys.executable, "-m", "edgewise.cli", "node"], env=env, stdout=log, stderr=log
+            [sys.executable, "-m", "edgewise.cli.app", "node"], env=env, stdout=log, stderr=log
         )
         procs.append(p)
         return p
@@ -161,7 +161,7 @@ def test_kill_9_between_receipt_and_execution_runs_the_command_once_after_restar
 def _bad_signature(node_id: str, fleet: Fleet) -> bytes:
     """A command naming the trusted release key, with a signature that does not match."""
     signed = sign(_command(node_id), generate())
-    from releases.wire import decode_envelope
+    from edgewise.releases.wire import decode_envelope
 
     env = decode_envelope(signed)
     trusted = key_id(raw_public(fleet.release))

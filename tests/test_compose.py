@@ -25,8 +25,8 @@ from pydantic import BaseModel
 from typer.testing import CliRunner
 
 from broker_bridge import BridgeConfig
-from edgewise.cli import app
-from releases.signing import public_pem
+from edgewise.cli.app import app
+from edgewise.releases.signing import public_pem
 from tests.bridgeharness import Client
 from tests.securebroker import SecureBroker, mounted_secrets
 
@@ -502,7 +502,7 @@ def test_every_environment_variable_a_service_sets_is_a_setting_it_reads(
     from cloud_worker.config import ENV_PREFIX as WORKER_PREFIX
     from cloud_worker.config import WorkerConfig
     from edge_node.config import NodeConfig
-    from edgewise.credentials import _ENV as SENSOR_ENV
+    from edgewise.cli.credentials import _ENV as SENSOR_ENV
 
     readers: dict[tuple[str, ...], Any] = {
         ("node",): lambda n: _setting_read(NodeConfig, "EDGEWISE_", n),

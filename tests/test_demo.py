@@ -11,9 +11,9 @@ import uuid
 import pytest
 from rich.console import Console
 
-import edgewise.demo
-from edgewise.demo import run_demo
-from local_broker import BrokerInfo
+import edgewise.cli.demo
+from edgewise.cli.demo import run_demo
+from edgewise.local_broker import BrokerInfo
 from tests.conftest import ProbeFactory
 
 
@@ -25,7 +25,7 @@ def _figure(output: str, row: str) -> int:
 
 def test_demo_command_starts_mosquitto_and_answers_every_frame() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "edgewise.cli", "demo", "--duration", "2", "--rate", "100"],
+        [sys.executable, "-m", "edgewise.cli.app", "demo", "--duration", "2", "--rate", "100"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -45,7 +45,7 @@ def test_demo_command_starts_mosquitto_and_answers_every_frame() -> None:
 def test_demo_without_mosquitto_runs_the_embedded_broker_and_says_so(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(edgewise.demo, "mosquitto_path", lambda: None)
+    monkeypatch.setattr(edgewise.cli.demo, "mosquitto_path", lambda: None)
     console = Console(record=True, width=120)
     report = asyncio.run(run_demo(duration_s=1.5, rate_hz=100, console=console, live=False))
     text = console.export_text()

@@ -24,8 +24,8 @@ import msgspec
 import pytest
 
 from broker_bridge import Bridge, BridgeConfig
-from edgewise.frames import load_holdout
-from local_broker import BrokerInfo, MosquittoProcess, MqttProbe, ResultSink
+from edgewise.cli.frames import load_holdout
+from edgewise.local_broker import BrokerInfo, MosquittoProcess, MqttProbe, ResultSink
 from schemas import (
     ACK_IDS_MAX,
     ACK_MAX_BYTES,

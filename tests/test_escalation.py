@@ -30,9 +30,9 @@ from edge_node.escalation import (
     VerdictCache,
     assess,
 )
-from edgewise.frames import load_holdout
-from local_broker import BrokerInfo, MosquittoProcess
-from mqtt_session import Inbound, MqttSession
+from edgewise.cli.frames import load_holdout
+from edgewise.local_broker import BrokerInfo, MosquittoProcess
+from edgewise.mqtt import Inbound, MqttSession
 from schemas import (
     CaseVerdict,
     EdgeVerdict,

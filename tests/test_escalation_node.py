@@ -21,9 +21,9 @@ import onnxruntime as ort
 import pytest
 
 from edge_node.config import bundled_asset
-from edgewise.frames import load_holdout
-from local_broker import BrokerInfo, MosquittoProcess, free_port
-from mqtt_session import MqttSession
+from edgewise.cli.frames import load_holdout
+from edgewise.local_broker import BrokerInfo, MosquittoProcess, free_port
+from edgewise.mqtt import MqttSession
 from schemas import (
     Frame,
     Result,
@@ -393,7 +393,7 @@ def _check_offline(h: Harness, unsure: set[int], sure: set[int]) -> list[Result]
 def test_demo_summary_shows_the_hybrid_gain(mosquitto: BrokerInfo) -> None:
     from rich.console import Console
 
-    from edgewise.demo import run_demo
+    from edgewise.cli.demo import run_demo
 
     console = Console(record=True, width=120)
     report = asyncio.run(

@@ -17,10 +17,10 @@ import msgspec
 import numpy as np
 import pytest
 
-from edgewise.fleet_view import FleetView, newer_window
-from local_broker import BrokerInfo, MosquittoProcess, MqttProbe, free_port
+from edgewise.cli.fleet_view import FleetView, newer_window
+from edgewise.local_broker import BrokerInfo, MosquittoProcess, MqttProbe, free_port
+from edgewise.telemetry import HostMetrics, LatencySketch, TelemetryWindow, merged
 from schemas import Status, Telemetry, encode_status, encode_telemetry
-from telemetry import HostMetrics, LatencySketch, TelemetryWindow, merged
 
 ProbeFactory = Callable[..., MqttProbe]
 NOW = time.time()
@@ -28,7 +28,7 @@ NOW = time.time()
 
 def edgewise(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "edgewise.cli", *args],
+        [sys.executable, "-m", "edgewise.cli.app", *args],
         capture_output=True,
         text=True,
         timeout=timeout_s,

@@ -13,9 +13,9 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-from local_broker import MosquittoProcess, TcpProxy
-from mqtt_session import MqttConfig, MqttSession
-from outbox import AsyncOutbox, Confirmation, Forwarder, OutboxConfig, Record, Stored
+from edgewise.local_broker import MosquittoProcess, TcpProxy
+from edgewise.mqtt import MqttConfig, MqttSession
+from edgewise.outbox import AsyncOutbox, Confirmation, Forwarder, OutboxConfig, Record, Stored
 from tests.bridgeharness import Client
 
 TOPIC = "e2e/results"

@@ -10,9 +10,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from local_broker import MosquittoProcess, TcpProxy
-from mqtt_session import MqttConfig, MqttSession
-from outbox import AsyncOutbox, Forwarder, OutboxConfig, Record
+from edgewise.local_broker import MosquittoProcess, TcpProxy
+from edgewise.mqtt import MqttConfig, MqttSession
+from edgewise.outbox import AsyncOutbox, Forwarder, OutboxConfig, Record
 from tests.bridgeharness import Client, retained_state
 
 TOPIC = "ev/results"

@@ -9,9 +9,9 @@ import asyncio
 import time
 from pathlib import Path
 
-from local_broker import MosquittoProcess, TcpProxy
-from mqtt_session import MqttConfig, MqttSession
-from outbox import AsyncOutbox, Forwarder, OutboxConfig, Record
+from edgewise.local_broker import MosquittoProcess, TcpProxy
+from edgewise.mqtt import MqttConfig, MqttSession
+from edgewise.outbox import AsyncOutbox, Forwarder, OutboxConfig, Record
 from tests.bridgeharness import Client
 
 

@@ -196,7 +196,7 @@ def test_unknown_class_lists_the_known_ones(tmp_path: Path) -> None:
 
 
 def test_node_cli_refuses_an_unknown_class_at_start(tmp_path: Path) -> None:
-    from edgewise.cli import app
+    from edgewise.cli.app import app
 
     config = tmp_path / "node.toml"
     config.write_text('hardware_class = "jetson-nano"\n', encoding="utf-8")
@@ -276,7 +276,7 @@ def test_accelerator_is_the_first_provider_for_the_model_s_format() -> None:
 
 
 def test_release_envelope_checks() -> None:
-    from edge_node.runtime import SUPPORTED_SUFFIXES
+    from edgewise.serving.runtime import SUPPORTED_SUFFIXES
 
     hw = NodeConfig(hardware_class="rpi5-coral").hardware()
     ok_shape = [-1, 320, 320, 3]

@@ -15,10 +15,10 @@ import pytest
 
 from edge_node.config import NodeConfig, bundled_asset
 from edge_node.errors import ConfigError, ModelRefused
-from edge_node.model import ServedModel
 from edge_node.node import EdgeNode
-from edge_node.runtime import Runtime
-from local_broker import BrokerInfo
+from edgewise.local_broker import BrokerInfo
+from edgewise.serving.model import ServedModel
+from edgewise.serving.runtime import Runtime
 from schemas import Status, decode_results, decode_status, decode_telemetry
 from tests.nodeharness import Harness, frame_bytes, running_node
 from tests.updatekit import HOLDOUT

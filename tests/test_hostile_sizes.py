@@ -33,10 +33,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from edgewise.frames import load_holdout
-from local_broker import BrokerInfo, Message, MosquittoProcess, MqttProbe
-from mqtt_session import MqttConfig, MqttSession, PublishFailed, PublishProperties
-from mqtt_session.session import packet_size
+from edgewise.cli.frames import load_holdout
+from edgewise.local_broker import BrokerInfo, Message, MosquittoProcess, MqttProbe
+from edgewise.mqtt import MqttConfig, MqttSession, PublishFailed, PublishProperties
+from edgewise.mqtt.session import packet_size
 from schemas import decode_results, decode_status, decode_telemetry
 from tests.nodeharness import frame_bytes
 
@@ -140,7 +140,7 @@ def _hostile_run(tmp_path: Path, *, protocol: str, extra_config: str = "") -> Ru
         probe.connect()
         probe.subscribe(f"edge/{node_id}/#")
         node = subprocess.Popen(
-            [sys.executable, "-m", "edgewise.cli", "node"],
+            [sys.executable, "-m", "edgewise.cli.app", "node"],
             env=_node_env(info, node_id, tmp_path, protocol),
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -1,4 +1,5 @@
-"""local_broker: real Mosquitto from the repo config, the embedded amqtt broker, broker URLs."""
+"""edgewise.local_broker: real Mosquitto from the repo config, the embedded amqtt broker, broker
+URLs."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 from paho.mqtt.enums import MQTTProtocolVersion
 
-from local_broker import (
+from edgewise.local_broker import (
     MQTT5_CONNACK_RETURN_CODE,
     TUNING_CONF,
     BrokerInfo,
@@ -237,7 +238,7 @@ def test_port_lost_between_check_and_bind_is_detected(
 ) -> None:
     """Even when the pre-start check misses the clash, the other broker's CONNACK is not taken
     for ours: start() waits for its own broker's "running" line and sees it exit instead."""
-    import local_broker.mosquitto as mosq
+    import edgewise.local_broker.mosquitto as mosq
 
     monkeypatch.setattr(mosq, "_port_answers", lambda port: False)
     clash = MosquittoProcess(tmp_path / "clash", port=fresh_mosquitto.info.port)
@@ -248,7 +249,7 @@ def test_port_lost_between_check_and_bind_is_detected(
 
 
 def test_auto_port_retries_when_taken(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import local_broker.mosquitto as mosq
+    import edgewise.local_broker.mosquitto as mosq
 
     with socket.socket() as blocker:
         blocker.bind(("127.0.0.1", 0))
@@ -429,7 +430,7 @@ def test_a_cut_refuses_a_connection_whose_upstream_was_still_being_opened(
     import asyncio
     import threading
 
-    from local_broker import TcpProxy, tcpproxy
+    from edgewise.local_broker import TcpProxy, tcpproxy
 
     started, go = threading.Event(), threading.Event()
     real_open = asyncio.open_connection

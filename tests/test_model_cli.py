@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from edgewise.cli import app
-from local_broker import BrokerInfo, MqttProbe
-from releases import (
+from edgewise.cli.app import app
+from edgewise.local_broker import BrokerInfo, MqttProbe
+from edgewise.releases import (
     Command,
     KeySet,
     Manifest,
@@ -27,7 +27,7 @@ from releases import (
     verify_key_set,
     verify_manifest,
 )
-from releases.signing import load_public, raw_public
+from edgewise.releases.signing import load_public, raw_public
 from tests.updatekit import CLOUD_MODEL, EDGE_MODEL, HOLDOUT, now
 
 runner = CliRunner()

@@ -1,4 +1,4 @@
-"""MQTT 5 PUBLISH properties without paho's per-instance work (mqtt_session/properties.py).
+"""MQTT 5 PUBLISH properties without paho's per-instance work (edgewise/mqtt/properties.py).
 
 Sending: `PublishProperties` packs exactly what paho's own `Properties` packs for the same
 values, reads back the same way, and cannot be changed once made; a real Mosquitto passes each
@@ -20,10 +20,10 @@ from paho.mqtt.enums import MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties, VariableByteIntegers
 
-from local_broker import BrokerInfo
-from mqtt_session import Inbound, MqttError, PublishProperties
-from mqtt_session.client import read_publish_v5
-from mqtt_session.properties import read_publish_properties
+from edgewise.local_broker import BrokerInfo
+from edgewise.mqtt import Inbound, MqttError, PublishProperties
+from edgewise.mqtt.client import read_publish_v5
+from edgewise.mqtt.properties import read_publish_properties
 from tests.test_mqtt_session_client import subscribed_pair
 
 TIMEOUT_S = 20

@@ -1,4 +1,4 @@
-"""mqtt_session.MqttSession against real brokers: protocol choice, publish acknowledgements,
+"""edgewise.mqtt.MqttSession against real brokers: protocol choice, publish acknowledgements,
 broker crashes and restarts, persistent sessions with manual ack, Receive Maximum, TCP_NODELAY,
 and the reconnect backoff.
 
@@ -27,15 +27,15 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from local_broker import BrokerInfo, MosquittoProcess, MqttProbe, ProbeError
-from mqtt_session import (
+from edgewise.local_broker import BrokerInfo, MosquittoProcess, MqttProbe, ProbeError
+from edgewise.mqtt import (
     ConnectInfo,
     Disconnected,
     Inbound,
     MqttConfig,
     MqttSession,
 )
-from mqtt_session.session import READS_PER_WAKEUP
+from edgewise.mqtt.session import READS_PER_WAKEUP
 
 ProbeFactory = Callable[..., MqttProbe]
 
@@ -222,7 +222,7 @@ def test_silent_server_keeps_mqtt5_after_a_failed_311_trial(
 ) -> None:
     """A server that accepts TCP and never answers: the MQTT 3.1.1 try after the MQTT 5 silence
     fails too, so the session goes back to MQTT 5 (it keeps 3.1.1 only when 3.1.1 works)."""
-    caplog.set_level(logging.WARNING, logger="mqtt_session.session")
+    caplog.set_level(logging.WARNING, logger="edgewise.mqtt.session")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:
         server.bind(("127.0.0.1", 0))
         server.listen(16)  # the kernel completes handshakes; nobody ever reads
@@ -743,7 +743,7 @@ def test_reading_a_burst_stops_at_pause_and_at_the_wakeup_cap(
     wakeup makes at most READS_PER_WAKEUP reads, so other tasks get their turn."""
     topic = _topic("burst-stop")
     n = 40
-    monkeypatch.setattr("mqtt_session.session.READS_PER_WAKEUP", 8)
+    monkeypatch.setattr("edgewise.mqtt.session.READS_PER_WAKEUP", 8)
 
     async def scenario() -> None:
         got: list[Inbound] = []

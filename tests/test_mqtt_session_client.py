@@ -1,4 +1,4 @@
-"""`DirectClient` skips paho's per-topic callback look-up (mqtt_session/client.py). These tests
+"""`DirectClient` skips paho's per-topic callback look-up (edgewise/mqtt/client.py). These tests
 fail if a paho upgrade stops routing received messages through the overridden method, and show
 that messages and handler errors still go where they did, against a real Mosquitto."""
 
@@ -21,9 +21,9 @@ from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from local_broker import BrokerInfo
-from mqtt_session import ConnectInfo, Inbound, MqttConfig, MqttSession, PublishProperties
-from mqtt_session.client import DirectClient
+from edgewise.local_broker import BrokerInfo
+from edgewise.mqtt import ConnectInfo, Inbound, MqttConfig, MqttSession, PublishProperties
+from edgewise.mqtt.client import DirectClient
 from tests.test_escalation import eventually
 
 TIMEOUT_S = 20

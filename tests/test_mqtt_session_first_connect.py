@@ -1,4 +1,4 @@
-"""What a command needs from mqtt_session: the reason of a failed first connect at once
+"""What a command needs from edgewise.mqtt: the reason of a failed first connect at once
 (``wait_connected_or_failed``) instead of retries, and the broker's answer to a subscription
 (``subscribe_confirmed``), against real brokers (Mosquitto; amqtt for a refused SUBSCRIBE, as
 Mosquitto's ACL file never refuses one)."""
@@ -10,8 +10,8 @@ import uuid
 
 import pytest
 
-from local_broker import BrokerInfo, free_port, quiet_amqtt_logging
-from mqtt_session import ConnectFailed, MqttConfig, MqttSession, SubscribeRefused
+from edgewise.local_broker import BrokerInfo, free_port, quiet_amqtt_logging
+from edgewise.mqtt import ConnectFailed, MqttConfig, MqttSession, SubscribeRefused
 
 
 def test_a_failed_first_connect_raises_its_reason_instead_of_retrying() -> None:

@@ -12,9 +12,9 @@ import msgspec
 import numpy as np
 import pytest
 
-from edge_node.model import Prediction
-from edgewise.frames import load_holdout
-from local_broker import BrokerInfo, MosquittoProcess
+from edgewise.cli.frames import load_holdout
+from edgewise.local_broker import BrokerInfo, MosquittoProcess
+from edgewise.serving.model import Prediction
 from schemas import Frame, decode_deadletter, decode_results, decode_status, encode_frames
 from tests.nodeharness import Harness, frame_bytes, running_node
 

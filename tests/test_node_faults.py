@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from edgewise.frames import load_holdout
-from local_broker import BrokerInfo, Message, MosquittoProcess, MqttProbe
+from edgewise.cli.frames import load_holdout
+from edgewise.local_broker import BrokerInfo, Message, MosquittoProcess, MqttProbe
 from schemas import Frame, decode_status, encode_frames
 from tests.nodeharness import frame_bytes
 from tests.nodeprocs import NodeProcesses, ResultLedger, online

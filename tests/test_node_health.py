@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edgewise.frames import load_holdout
-from local_broker import BrokerInfo, TcpProxy
+from edgewise.cli.frames import load_holdout
+from edgewise.local_broker import BrokerInfo, TcpProxy
+from edgewise.telemetry import LatencySketch, merged
 from schemas import Telemetry, decode_results, decode_status, decode_telemetry
-from telemetry import LatencySketch, merged
 from tests.nodeharness import Harness, frame_bytes, running_node
 
 HOLDOUT = load_holdout()
@@ -269,7 +269,7 @@ def test_fleet_status_lists_two_real_nodes_and_merges_their_sketches(
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "edgewise.cli",
+                "edgewise.cli.app",
                 "fleet",
                 "status",
                 "--broker",

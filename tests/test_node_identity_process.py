@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from edgewise.frames import load_holdout
-from local_broker import Message, MosquittoProcess, MqttProbe
-from releases.signing import public_pem
+from edgewise.cli.frames import load_holdout
+from edgewise.local_broker import Message, MosquittoProcess, MqttProbe
+from edgewise.releases.signing import public_pem
 from schemas import decode_results, decode_status
 from tests.nodeharness import frame_bytes
 from tests.nodeprocs import NodeProcesses

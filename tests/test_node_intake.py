@@ -28,12 +28,12 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edge_node.answered import AnsweredFilter
 from edge_node.config import NodeConfig, bundled_asset
 from edge_node.errors import ConfigError
-from edge_node.model import ServedModel
-from edge_node.runtime import Runtime
-from edgewise.frames import load_holdout
-from local_broker import BrokerInfo, Message, MosquittoProcess, MqttProbe
-from mqtt_session import MqttConfig, MqttSession
-from outbox import Outbox, OutboxConfig, Record
+from edgewise.cli.frames import load_holdout
+from edgewise.local_broker import BrokerInfo, Message, MosquittoProcess, MqttProbe
+from edgewise.mqtt import MqttConfig, MqttSession
+from edgewise.outbox import Outbox, OutboxConfig, Record
+from edgewise.serving.model import ServedModel
+from edgewise.serving.runtime import Runtime
 from schemas import Frame, decode_results, decode_status, encode_frames
 from tests.nodeharness import Harness, frame_bytes, mqtt_for, running_node
 from tests.nodeprocs import NodeProcesses, ResultLedger, online

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 import edgewise.assets
-from edge_node.runtime.litert import LiteRtRuntime
-from edgewise.frames import load_holdout
-from local_broker import BrokerInfo
+from edgewise.cli.frames import load_holdout
+from edgewise.local_broker import BrokerInfo
+from edgewise.serving.runtime.litert import LiteRtRuntime
 from schemas import decode_deadletter, decode_results, decode_status, decode_telemetry
 from tests.nodeharness import Harness, frame_bytes, running_node
 
@@ -139,7 +139,7 @@ def test_edgewise_node_refuses_an_edgetpu_compiled_model_without_the_delegate(
         EDGEWISE_HARDWARE_CLASS="rpi5-coral",
     )
     done = subprocess.run(
-        [sys.executable, "-m", "edgewise.cli", "node"],
+        [sys.executable, "-m", "edgewise.cli.app", "node"],
         env=env,
         capture_output=True,
         text=True,

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from edgewise.frames import load_holdout
-from local_broker import BrokerInfo, Message, MqttProbe
+from edgewise.cli.frames import load_holdout
+from edgewise.local_broker import BrokerInfo, Message, MqttProbe
 from schemas import decode_results, decode_status
 from tests.nodeharness import frame_bytes
 
@@ -51,7 +51,7 @@ def node_process(
         node_id = node_id or f"proc-{uuid.uuid4().hex[:8]}"
         log = open(tmp_path / f"{node_id}-{len(procs)}.log", "wb")  # noqa: SIM115 - closed with the process
         p = subprocess.Popen(
-            [sys.executable, "-m", "edgewise.cli", "node", *args],
+            [sys.executable, "-m", "edgewise.cli.app", "node", *args],
             env=_node_env(mosquitto, node_id, tmp_path, **env),
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -139,7 +139,7 @@ def test_bad_config_fails_at_start_naming_the_key(tmp_path: Path, mosquitto: Bro
     cfg = tmp_path / "node.toml"
     cfg.write_text("[batching]\nmax_batch_size = -3\n", encoding="utf-8")
     out = subprocess.run(
-        [sys.executable, "-m", "edgewise.cli", "node", "--config", str(cfg)],
+        [sys.executable, "-m", "edgewise.cli.app", "node", "--config", str(cfg)],
         env=_node_env(mosquitto, "bad-config", tmp_path),
         capture_output=True,
         text=True,

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from edge_node.node import EdgeNode
-from edgewise.frames import load_holdout
-from local_broker import BrokerInfo, MqttProbe, TcpProxy
+from edgewise.cli.frames import load_holdout
+from edgewise.local_broker import BrokerInfo, MqttProbe, TcpProxy
 from tests.nodeharness import Harness, frame_bytes, running_node
 
 HOLDOUT = load_holdout()

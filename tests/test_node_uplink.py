@@ -19,8 +19,8 @@ import numpy as np
 import psutil
 import pytest
 
-from edgewise.frames import load_holdout
-from local_broker import BrokerInfo, Message, MqttProbe, TcpProxy
+from edgewise.cli.frames import load_holdout
+from edgewise.local_broker import BrokerInfo, Message, MqttProbe, TcpProxy
 from schemas import decode_results, decode_status
 from tests.nodeharness import Harness, frame_bytes, running_node
 from tests.nodeprocs import NodeProcesses, ResultLedger, online

@@ -27,8 +27,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-import outbox
-from outbox import (
+from edgewise import outbox
+from edgewise.outbox import (
     AsyncOutbox,
     Outbox,
     OutboxConfig,
@@ -607,7 +607,7 @@ def test_a_corrupt_file_that_cannot_be_moved_aside_raises_outbox_corrupt(
     def refuse(src: object, dst: object) -> None:
         raise PermissionError(13, "read-only", str(src))
 
-    monkeypatch.setattr("outbox.store.os.replace", refuse)
+    monkeypatch.setattr("edgewise.outbox.store.os.replace", refuse)
     with pytest.raises(OutboxCorrupt, match="could not be moved aside"):
         Outbox.open(config(path))
     assert path.read_bytes() == b"garbage" * 1000
@@ -630,7 +630,7 @@ CHILD = textwrap.dedent(
     """
     import random, sys
     from pathlib import Path
-    from outbox import Outbox, OutboxConfig, Record
+    from edgewise.outbox import Outbox, OutboxConfig, Record
 
     path, seed = sys.argv[1], int(sys.argv[2])
     rng = random.Random(seed)
@@ -655,7 +655,7 @@ def test_kill_9_mid_append_leaves_a_database_that_passes_integrity_check(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "o.db"
-    env = {**os.environ, "PYTHONPATH": str(Path(outbox.__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(outbox.__file__).resolve().parents[2])}
     rng = random.Random()
     seed = rng.randrange(1 << 30)
     rng.seed(seed)

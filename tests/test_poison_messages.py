@@ -32,13 +32,13 @@ from broker_bridge.rules import compile_rule
 from cloud_worker import Worker
 from cloud_worker.handler import Handler
 from cloud_worker.store import HardExampleStore
-from edge_node.batcher import MicroBatcher
-from edge_node.model import ServedModel
-from edgewise.frames import load_holdout
-from local_broker import BrokerInfo, MosquittoProcess
-from mqtt_session import Inbound, MqttSession
-from mqtt_session.properties import EXPIRY_MAX_S, PublishProperties, expiry_interval_s
-from outbox import Record
+from edgewise.cli.frames import load_holdout
+from edgewise.local_broker import BrokerInfo, MosquittoProcess
+from edgewise.mqtt import Inbound, MqttSession
+from edgewise.mqtt.properties import EXPIRY_MAX_S, PublishProperties, expiry_interval_s
+from edgewise.outbox import Record
+from edgewise.serving.batcher import MicroBatcher
+from edgewise.serving.model import ServedModel
 from schemas import (
     ContractError,
     Frame,

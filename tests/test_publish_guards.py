@@ -17,9 +17,9 @@ import pytest
 from typer.testing import CliRunner
 
 from edge_node.hardware import shipped_classes_file
-from edgewise.cli import app
-from local_broker import BrokerInfo, MqttProbe
-from releases import KeySet, Manifest, decode_document, decode_envelope
+from edgewise.cli.app import app
+from edgewise.local_broker import BrokerInfo, MqttProbe
+from edgewise.releases import KeySet, Manifest, decode_document, decode_envelope
 from tests.updatekit import CLOUD_MODEL, EDGE_MODEL
 
 runner = CliRunner()

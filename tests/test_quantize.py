@@ -21,11 +21,11 @@ import pytest
 from typer.testing import CliRunner
 
 from edge_node.config import bundled_asset
-from edge_node.runtime import TensorSpec, load_runtime
-from edgewise.cli import app
+from edgewise.cli.app import app
 from edgewise.compress import QuantizeError, SampleFileError
 from edgewise.compress.quantize import choose_mode, quantize_model
 from edgewise.compress.samples import read_samples
+from edgewise.serving.runtime import TensorSpec, load_runtime
 
 REPO = Path(__file__).resolve().parent.parent
 EDGE = bundled_asset("digits_edge.onnx")

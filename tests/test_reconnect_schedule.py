@@ -24,8 +24,8 @@ from typing import Any
 import paho.mqtt.client as paho
 import pytest
 
-from local_broker import BrokerInfo, MosquittoProcess, TcpProxy, free_port
-from mqtt_session import Backoff, MqttConfig, MqttSession
+from edgewise.local_broker import BrokerInfo, MosquittoProcess, TcpProxy, free_port
+from edgewise.mqtt import Backoff, MqttConfig, MqttSession
 
 SCENARIO_TIMEOUT_S = 60.0
 
@@ -444,7 +444,7 @@ def test_the_log_line_says_why_a_connection_ended(
 ) -> None:
     """A cut link (a reset): network error; a stalled link: keep-alive timeout; a broker
     killed: the broker closed the connection."""
-    caplog.set_level(logging.WARNING, logger="mqtt_session.session")
+    caplog.set_level(logging.WARNING, logger="edgewise.mqtt.session")
     broker = MosquittoProcess(tmp_path / "broker")
     info = broker.start()
 
@@ -483,7 +483,7 @@ def test_the_log_line_names_the_reason_code_of_a_brokers_disconnect(
 ) -> None:
     """An MQTT 5 broker that ends the connection with a DISCONNECT (here a minimal one, as
     EMQX does when it shuts down: 0x8B): the line names the reason and its code."""
-    caplog.set_level(logging.WARNING, logger="mqtt_session.session")
+    caplog.set_level(logging.WARNING, logger="edgewise.mqtt.session")
 
     async def packet(reader: asyncio.StreamReader) -> int:
         """Read one MQTT packet; its type (0 at the end of the stream)."""

@@ -15,9 +15,15 @@ import numpy as np
 import pytest
 
 import edgewise.assets
-from edge_node.runtime import Runtime, RuntimeLoadError, RuntimeRunError, TensorSpec, load_runtime
-from edge_node.runtime.edgetpu import EDGETPU_CUSTOM_OP
-from edge_node.runtime.litert import (
+from edgewise.serving.runtime import (
+    Runtime,
+    RuntimeLoadError,
+    RuntimeRunError,
+    TensorSpec,
+    load_runtime,
+)
+from edgewise.serving.runtime.edgetpu import EDGETPU_CUSTOM_OP
+from edgewise.serving.runtime.litert import (
     CPU,
     EDGETPU,
     LiteRtRuntime,
@@ -25,7 +31,7 @@ from edge_node.runtime.litert import (
     interpreter_module,
     select_providers,
 )
-from edge_node.runtime.onnx import OnnxRuntime
+from edgewise.serving.runtime.onnx import OnnxRuntime
 
 ASSETS = Path(edgewise.assets.__file__).parent
 FLOAT = ASSETS / "digits_edge.tflite"
@@ -218,7 +224,7 @@ def test_select_providers_keeps_known_names_in_order_and_ends_with_cpu(
     assert select_providers([EDGETPU, CPU, EDGETPU]) == [EDGETPU, CPU]
     assert select_providers([CPU, EDGETPU]) == [CPU, EDGETPU]
     assert select_providers([]) == [CPU]
-    with caplog.at_level(logging.WARNING, logger="edge_node.runtime.litert"):
+    with caplog.at_level(logging.WARNING, logger="edgewise.serving.runtime.litert"):
         got = select_providers(["CPUExecutionProvider", "gpu", "CPUExecutionProvider", EDGETPU])
     assert got == [EDGETPU, CPU]
     warnings = [r.getMessage() for r in caplog.records]
@@ -229,7 +235,7 @@ def test_select_providers_keeps_known_names_in_order_and_ends_with_cpu(
 def test_onnx_provider_names_are_skipped_and_the_cpu_serves(
     caplog: pytest.LogCaptureFixture, images: np.ndarray
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="edge_node.runtime.litert"):
+    with caplog.at_level(logging.WARNING, logger="edgewise.serving.runtime.litert"):
         rt = load_runtime(FLOAT, providers=("CPUExecutionProvider",))
     with rt:
         assert rt.provider == CPU

@@ -1,5 +1,5 @@
 """Both runtime backends refuse a model path that is not a file before loading anything, with a
-message naming the path (the checks live once, in ``edge_node.runtime.base.model_file``)."""
+message naming the path (the checks live once, in ``edgewise.serving.runtime.base.model_file``)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from edge_node.runtime.base import RuntimeLoadError
-from edge_node.runtime.litert import LiteRtRuntime
-from edge_node.runtime.onnx import OnnxRuntime
+from edgewise.serving.runtime.base import RuntimeLoadError
+from edgewise.serving.runtime.litert import LiteRtRuntime
+from edgewise.serving.runtime.onnx import OnnxRuntime
 
 BACKENDS = [(OnnxRuntime, "onnx"), (LiteRtRuntime, "tflite")]
 

@@ -13,8 +13,14 @@ import onnxruntime as ort
 import pytest
 
 import edgewise.assets
-from edge_node.runtime import Runtime, RuntimeLoadError, RuntimeRunError, TensorSpec, load_runtime
-from edge_node.runtime.onnx import CPU, OnnxRuntime, select_providers, serving_provider
+from edgewise.serving.runtime import (
+    Runtime,
+    RuntimeLoadError,
+    RuntimeRunError,
+    TensorSpec,
+    load_runtime,
+)
+from edgewise.serving.runtime.onnx import CPU, OnnxRuntime, select_providers, serving_provider
 
 ASSETS = Path(edgewise.assets.__file__).parent
 EDGE = ASSETS / "digits_edge.onnx"
@@ -115,7 +121,7 @@ def test_run_after_close_raises_and_close_is_idempotent(images: np.ndarray) -> N
 # ---------------------------------------------------------------------------- providers
 def test_unavailable_provider_falls_back_to_cpu(caplog: pytest.LogCaptureFixture) -> None:
     missing = _unavailable_provider()
-    with caplog.at_level(logging.WARNING, logger="edge_node.runtime.onnx"):
+    with caplog.at_level(logging.WARNING, logger="edgewise.serving.runtime.onnx"):
         rt = OnnxRuntime.load(EDGE, providers=(missing, CPU))
     assert rt.provider == CPU
     assert rt.providers == (CPU,)

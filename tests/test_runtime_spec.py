@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from edge_node.runtime import TensorSpec, format_shape
+from edgewise.serving.runtime import TensorSpec, format_shape
 
 IMAGE = TensorSpec("image", np.dtype(np.float32), (None, 8, 8))
 

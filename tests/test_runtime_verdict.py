@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 
-from edge_node.verdict import finite_rows, verdicts
+from edgewise.serving.verdict import finite_rows, verdicts
 
 
 def _softmax_reference(x: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""`edgewise sensor simulate` (edgewise/sensor.py) publishes at least once: frames whose
+"""`edgewise sensor simulate` (edgewise/cli/sensor.py) publishes at least once: frames whose
 connection dropped before the broker acknowledged them are published again once connected."""
 
 from __future__ import annotations
@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from local_broker import BrokerInfo
-from local_broker.tcpproxy import TcpProxy
-from mqtt_session import Inbound, MqttConfig
+from edgewise.local_broker import BrokerInfo
+from edgewise.local_broker.tcpproxy import TcpProxy
+from edgewise.mqtt import Inbound, MqttConfig
 from schemas import decode_frame
 from tests.test_mqtt_session_client import subscribed_pair
 
@@ -26,7 +26,7 @@ def test_frames_lost_with_a_dropped_connection_are_published_again(mosquitto: Br
             all_seen.set()
 
     async def scenario() -> tuple[int, int, int]:
-        from edgewise.sensor import simulate
+        from edgewise.cli.sensor import simulate
 
         with TcpProxy(mosquitto.host, mosquitto.port) as proxy:
             loop = asyncio.get_running_loop()

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from edgewise.telemetry import LatencySketch
 from schemas import (
     ContractError,
     Limits,
@@ -24,7 +25,6 @@ from schemas import (
 from schemas.errors import ReasonCode
 from schemas.fields import EPOCH_MAX
 from schemas.telemetry import COUNTER_KEYS_MAX
-from telemetry import LatencySketch
 
 levels = st.text(
     st.characters(blacklist_categories=("Cc", "Cs"), blacklist_characters="/+#$"),

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from edgewise.telemetry import BadSketch, LatencySketch, merged
+from edgewise.telemetry.sketch import RELATIVE_ACCURACY
 from schemas import SKETCH_BINS_MAX, SketchWire, encode_sketch
-from telemetry import BadSketch, LatencySketch, merged
-from telemetry.sketch import RELATIVE_ACCURACY
 
 QUANTILES = (0.0, 0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999, 1.0)
 

@@ -9,9 +9,9 @@ from typing import Any
 import psutil
 import pytest
 
+from edgewise.telemetry import HostMetrics, LatencySketch, TelemetryWindow, deltas, host_metrics
+from edgewise.telemetry.host import cpu_temp_c, zone_temp_c
 from schemas import decode_telemetry, encode_telemetry
-from telemetry import HostMetrics, LatencySketch, TelemetryWindow, deltas, host_metrics
-from telemetry.host import cpu_temp_c, zone_temp_c
 
 HOST = HostMetrics(rss_bytes=123, cpu_temp_c=51.5, uptime_s=7.0)
 

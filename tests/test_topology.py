@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from releases import decode_event
+from edgewise.releases import decode_event
 from schemas import decode_replies, decode_results, decode_status
 from tests.bridgeharness import REPO, Client, Got
 from tests.securebroker import SecureBroker
@@ -115,7 +115,7 @@ class Services:
     def start(self, name: str, args: list[str], env: dict[str, str]) -> None:
         with (self.dir / f"{name}.log").open("wb") as log:
             self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "edgewise.cli", *args],
+                [sys.executable, "-m", "edgewise.cli.app", *args],
                 env={**_cli_env(), **env},
                 cwd=self.dir,
                 stdout=log,
@@ -161,7 +161,7 @@ def _operator(stack: Stack, args: list[str], timeout_s: float = 120) -> str:
     """Run an operator command against the cloud broker over TLS with the operator's own
     credentials; return what it printed."""
     done = subprocess.run(
-        [sys.executable, "-m", "edgewise.cli", *args,
+        [sys.executable, "-m", "edgewise.cli.app", *args,
          "--broker", f"mqtts://localhost:{stack.cloud.tls_port}",
          "--username", "operator",
          "--password-file", str(stack.password_file("operator")),

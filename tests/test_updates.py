@@ -19,13 +19,13 @@ import pytest
 
 from edge_node.config import bundled_asset
 from edge_node.hardware import NodeHardware
-from edge_node.model import ServedModel
 from edge_node.updates import UpdateManager, UpdatesConfig
-from local_broker import BrokerInfo, MosquittoProcess
-from mqtt_session import MqttSession
-from releases import Command, Manifest, Target, UpdateEvent, decode_event, generate, sign
-from releases.cohort import cohort_point
-from releases.signing import public_pem
+from edgewise.local_broker import BrokerInfo, MosquittoProcess
+from edgewise.mqtt import MqttSession
+from edgewise.releases import Command, Manifest, Target, UpdateEvent, decode_event, generate, sign
+from edgewise.releases.cohort import cohort_point
+from edgewise.releases.signing import public_pem
+from edgewise.serving.model import ServedModel
 from schemas import Topics
 from tests.nodeharness import Recorder, mqtt_for
 from tests.updatekit import (
@@ -293,8 +293,8 @@ def _signed(f: Fleet, m: Manifest, key: Any = None) -> bytes:
 
 
 def _other_bytes(f: Fleet) -> bytes:
-    from releases import decode_envelope, encode
-    from releases.wire import Envelope
+    from edgewise.releases import decode_envelope, encode
+    from edgewise.releases.wire import Envelope
 
     good = decode_envelope(_signed(f, manifest(CLOUD_MODEL, release=2)))
     other = decode_envelope(_signed(f, manifest(CLOUD_MODEL, release=7)))
@@ -304,7 +304,7 @@ def _other_bytes(f: Fleet) -> bytes:
 def _truncated(f: Fleet) -> bytes:
     import msgspec
 
-    from releases import decode_envelope
+    from edgewise.releases import decode_envelope
 
     env = decode_envelope(_signed(f, manifest(CLOUD_MODEL)))
     return msgspec.msgpack.encode(
@@ -823,7 +823,7 @@ async def test_format_the_class_cannot_run_rejected_before_download(
 
 def test_stored_artifacts_keep_the_suffix_their_runtime_is_picked_by(tmp_path: Path) -> None:
     from edge_node.updates.state import StateStore
-    from releases import MODEL_FORMATS, format_of
+    from edgewise.releases import MODEL_FORMATS, format_of
 
     store = StateStore(tmp_path)
     sha = "ab" * 32

@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from local_broker import BrokerInfo
-from releases import decode_event, sign
-from releases.signing import public_pem
+from edgewise.local_broker import BrokerInfo
+from edgewise.releases import decode_event, sign
+from edgewise.releases.signing import public_pem
 from schemas import decode_results, decode_status
 from tests.nodeharness import Harness, frame_bytes, running_node
 from tests.updatekit import (
@@ -157,7 +157,7 @@ def _edge_confidence() -> np.ndarray:
 async def test_manifest_thresholds_and_set_threshold_command_steer_escalation(
     mosquitto: BrokerInfo, tmp_path: Path
 ) -> None:
-    from releases import Command, Target
+    from edgewise.releases import Command, Target
 
     conf = _edge_confidence()
     # Unsure under the node's own policy (< 0.95), confident under the release's (< 0.5).
@@ -214,7 +214,7 @@ async def test_manifest_thresholds_and_set_threshold_command_steer_escalation(
 async def test_pause_inference_holds_frames_and_resume_answers_each_once(
     mosquitto: BrokerInfo, tmp_path: Path
 ) -> None:
-    from releases import Command, Target
+    from edgewise.releases import Command, Target
 
     fleet = Fleet()
     async with running_node(mosquitto, **_settings(tmp_path, fleet)) as h:

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from local_broker import BrokerInfo, Message, MqttProbe
-from releases import decode_event, sign
-from releases.signing import public_pem
+from edgewise.local_broker import BrokerInfo, Message, MqttProbe
+from edgewise.releases import decode_event, sign
+from edgewise.releases.signing import public_pem
 from schemas import decode_results, decode_status
 from tests.nodeharness import frame_bytes
 from tests.updatekit import CLOUD_MODEL, HOLDOUT, Fleet, chunks, manifest, now
@@ -55,7 +55,7 @@ def start_node(
         )
         log = open(tmp_path / f"{node_id}-{len(procs)}.log", "wb")  # noqa: SIM115 - closed with the process
         p = subprocess.Popen(
-            [sys.executable, "-m", "edgewise.cli", "node"],
+            [sys.executable, "-m", "edgewise.cli.app", "node"],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -256,7 +256,7 @@ def test_kill_9_inside_the_swap(
 
 def _cli(*args: str, cwd: Path) -> str:
     out = subprocess.run(
-        [sys.executable, "-m", "edgewise.cli", *args],
+        [sys.executable, "-m", "edgewise.cli.app", *args],
         cwd=cwd,
         capture_output=True,
         text=True,

@@ -25,8 +25,8 @@ import pytest
 from cloud_worker import Batch, ConfigError, HardExampleStore, Verdict, Worker, WorkerConfig
 from cloud_worker.export import export
 from cloud_worker.service import GC_THRESHOLDS, fewer_gc_passes
-from edgewise.frames import load_holdout
-from local_broker import BrokerInfo
+from edgewise.cli.frames import load_holdout
+from edgewise.local_broker import BrokerInfo
 from tests.test_escalation import eventually
 from tests.test_worker_harness import (
     Replies,
@@ -239,7 +239,7 @@ def test_export_parquet_and_csv(mosquitto: BrokerInfo, tmp_path: Path) -> None:
     assert (row["node"], row["edge_label"], row["cloud_model"]) == (node, 1, "digits_cloud-1")
     # The command, with its CSV format.
     out = subprocess.run(
-        [sys.executable, "-m", "edgewise.cli", "worker", "export", str(tmp_path / "o.csv"),
+        [sys.executable, "-m", "edgewise.cli.app", "worker", "export", str(tmp_path / "o.csv"),
          "--format", "csv", "--store", str(cfg.store.path)],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
@@ -249,7 +249,7 @@ def test_export_parquet_and_csv(mosquitto: BrokerInfo, tmp_path: Path) -> None:
         rows = list(csv.DictReader(f))
     assert len(rows) == 25 and bytes.fromhex(rows[0]["input"]) == row["input"]
     missing = subprocess.run(
-        [sys.executable, "-m", "edgewise.cli", "worker", "export", str(tmp_path / "z.csv"),
+        [sys.executable, "-m", "edgewise.cli.app", "worker", "export", str(tmp_path / "z.csv"),
          "--store", str(tmp_path / "nope.db")],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
@@ -265,7 +265,7 @@ def test_bad_worker_config_names_the_key(tmp_path: Path) -> None:
     assert "group" in str(err.value) and "batching.max_batch_size" in str(err.value)
     assert "EDGEWISE_WORKER_BATCHING__MAX_BATCH_SIZE" in str(err.value)
     out = subprocess.run(
-        [sys.executable, "-m", "edgewise.cli", "worker", "--config", str(bad)],
+        [sys.executable, "-m", "edgewise.cli.app", "worker", "--config", str(bad)],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert out.returncode == 2 and "batching.max_batch_size" in out.stderr

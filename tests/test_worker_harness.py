@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from cloud_worker import WorkerConfig
-from local_broker import BrokerInfo
-from mqtt_session import Inbound, MqttConfig, MqttSession
+from edgewise.local_broker import BrokerInfo
+from edgewise.mqtt import Inbound, MqttConfig, MqttSession
 from schemas import (
     EdgeVerdict,
     EscalationCase,
@@ -174,7 +174,7 @@ def start_worker_process(
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEWISE_")}
     with open(log_path, "wb") as log:
         p = subprocess.Popen(
-            [sys.executable, "-m", "edgewise.cli", "worker", "--config", str(cfg)],
+            [sys.executable, "-m", "edgewise.cli.app", "worker", "--config", str(cfg)],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

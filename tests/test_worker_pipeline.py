@@ -18,8 +18,8 @@ from cloud_worker.errors import StoreError
 from cloud_worker.handler import Handler
 from cloud_worker.store import COLUMNS, Answer
 from cloud_worker.worker import QUEUED_BATCHES_MAX
-from edgewise.frames import load_holdout
-from local_broker import BrokerInfo
+from edgewise.cli.frames import load_holdout
+from edgewise.local_broker import BrokerInfo
 from tests.test_escalation import eventually
 from tests.test_worker_harness import (
     Replies,

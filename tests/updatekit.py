@@ -22,9 +22,9 @@ from edge_node.hardware import (
     resolve,
     shipped_classes_file,
 )
-from edgewise.frames import load_holdout
-from releases import Golden, KeySet, Manifest, TensorDecl, generate, public_entry, sign
-from releases.signing import raw_public
+from edgewise.cli.frames import load_holdout
+from edgewise.releases import Golden, KeySet, Manifest, TensorDecl, generate, public_entry, sign
+from edgewise.releases.signing import raw_public
 
 HOLDOUT = load_holdout()
 EDGE_MODEL = bundled_asset("digits_edge.onnx").read_bytes()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from mqtt_session import MqttConfig
+from edgewise.mqtt import MqttConfig
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 

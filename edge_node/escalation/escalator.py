@@ -51,7 +51,7 @@ from edge_node.escalation.cache import CloudVerdict, VerdictCache, input_key
 from edge_node.escalation.config import EscalationConfig, PolicyConfig
 from edge_node.escalation.journal import Journal, JournalError
 from edge_node.escalation.policy import assess, edge_verdict, probabilities, with_thresholds
-from mqtt_session import (
+from edgewise.mqtt import (
     Conflict,
     Inbound,
     MqttConfig,
@@ -59,8 +59,8 @@ from mqtt_session import (
     PublishProperties,
     max_packet_for,
 )
-from mqtt_session.properties import expiry_interval_s
-from outbox import AsyncOutbox, Forwarder, OutboxConfig, OutboxError, Record
+from edgewise.mqtt.properties import expiry_interval_s
+from edgewise.outbox import AsyncOutbox, Forwarder, OutboxConfig, OutboxError, Record
 from schemas import (
     CASES_MAX,
     CaseVerdict,

@@ -22,7 +22,7 @@ from pydantic import (
 )
 
 from edge_node.errors import ConfigError
-from releases.formats import ModelFormat
+from edgewise.releases.formats import ModelFormat
 from schemas import ContractError, validate_level
 
 RuntimeName = Literal["onnxruntime", "litert"]
@@ -36,7 +36,7 @@ CPU_PROVIDER: Final[dict[str, str]] = {
 }
 """What serves a format on a class whose accelerator belongs to another runtime."""
 LITERT_PROVIDERS: Final = ("edgetpu", "cpu")
-"""Delegates the LiteRT backend knows (``edge_node/runtime/litert.py``)."""
+"""Delegates the LiteRT backend knows (``edgewise/serving/runtime/litert.py``)."""
 
 
 def shipped_classes_file() -> Path:

@@ -22,8 +22,8 @@ from edge_node.hardware.classes import (
     HardwareClass,
     check_providers,
 )
-from edge_node.runtime import SUPPORTED_SUFFIXES
-from releases.formats import MODEL_FORMATS, ModelFormat, format_of, suffix_of
+from edgewise.releases.formats import MODEL_FORMATS, ModelFormat, format_of, suffix_of
+from edgewise.serving.runtime import SUPPORTED_SUFFIXES
 
 RefusalReason = Literal["unsupported_format", "model_too_large", "input_too_large"]
 

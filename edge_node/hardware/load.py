@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from edge_node.errors import ModelRefused
+from edge_node.errors import ModelLoadError, ModelRefused
 from edge_node.hardware.fit import NodeHardware
-from edge_node.model import ServedModel
-from releases.formats import format_of
+from edgewise.releases.formats import format_of
+from edgewise.serving.errors import ModelLoadError as ServingLoadError
+from edgewise.serving.model import ServedModel
 
 
 def load_model(
@@ -32,15 +33,18 @@ def load_model(
     fmt = format_of(file)
     assert fmt is not None, "refuse_file refuses any other suffix"
     settings = hardware.settings_for(fmt)
-    served = ServedModel.load(
-        str(file),
-        name=name,
-        release=release,
-        output=output,
-        providers=settings.providers,
-        intra_op_threads=settings.intra_op_threads,
-        inter_op_threads=settings.inter_op_threads,
-    )
+    try:
+        served = ServedModel.load(
+            str(file),
+            name=name,
+            release=release,
+            output=output,
+            providers=settings.providers,
+            intra_op_threads=settings.intra_op_threads,
+            inter_op_threads=settings.inter_op_threads,
+        )
+    except ServingLoadError as exc:  # the serving layer's error, as the node's (one boundary)
+        raise ModelLoadError(str(exc)) from exc.__cause__
     refusal = hardware.refuse_input(served.runtime.input_spec.sample_shape, f"model {file}")
     if refusal is not None:
         served.close()

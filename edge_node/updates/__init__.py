@@ -1,4 +1,4 @@
-"""Signed model updates on the node: the I/O around the pure verifier in :mod:`releases`.
+"""Signed model updates on the node: the I/O around the pure verifier in :mod:`edgewise.releases`.
 
 * :mod:`.manager`    :class:`UpdateManager`, the async context manager the node runs
 * :mod:`.state`      the persisted state directory and its update state machine

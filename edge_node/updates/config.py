@@ -13,8 +13,8 @@ def read_root_key(text: str) -> bytes:
 
     A path that names an existing file is a file even when it is 64 characters long.
     """
-    from releases.errors import BadKey
-    from releases.signing import load_public, raw_public
+    from edgewise.releases.errors import BadKey
+    from edgewise.releases.signing import load_public, raw_public
 
     text = text.strip()
     try:

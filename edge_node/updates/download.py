@@ -21,8 +21,8 @@ from pathlib import Path
 
 from edge_node.updates.errors import StepFailed
 from edge_node.updates.files import fsync_dir, write_atomic
-from mqtt_session import Conflict, Inbound, MqttConfig, MqttSession, max_packet_for
-from releases import Manifest, Reason
+from edgewise.mqtt import Conflict, Inbound, MqttConfig, MqttSession, max_packet_for
+from edgewise.releases import Manifest, Reason
 from schemas import Topics
 
 log = logging.getLogger(__name__)

@@ -4,13 +4,13 @@ Tree::
 
     UpdateError
     ├── StepFailed    one step of an update (download, validation, swap) refused the release;
-    │                 ``reason`` is a :class:`releases.Reason`
+    │                 ``reason`` is a :class:`edgewise.releases.Reason`
     └── StateError    the update state directory cannot be read or written
 """
 
 from __future__ import annotations
 
-from releases import Reason
+from edgewise.releases import Reason
 
 
 class UpdateError(Exception):

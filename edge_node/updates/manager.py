@@ -48,7 +48,6 @@ from typing import Self
 
 from edge_node.errors import ModelLoadError, ModelRefused
 from edge_node.hardware import NodeHardware, load_model
-from edge_node.model import Prediction, ServedModel
 from edge_node.updates.config import UpdatesConfig
 from edge_node.updates.crashpoints import crashpoint
 from edge_node.updates.download import ChunkDownload
@@ -67,7 +66,7 @@ from edge_node.updates.state import (
     Step,
 )
 from edge_node.updates.validate import validate
-from mqtt_session import (
+from edgewise.mqtt import (
     Conflict,
     ConnectInfo,
     Inbound,
@@ -75,7 +74,7 @@ from mqtt_session import (
     MqttSession,
     max_packet_for,
 )
-from releases import (
+from edgewise.releases import (
     TRUST_DEPENDENT,
     Command,
     KeySet,
@@ -91,8 +90,9 @@ from releases import (
     verify_key_set,
     verify_manifest,
 )
-from releases.events import EventKind
-from releases.wire import MAX_ENVELOPE_BYTES
+from edgewise.releases.events import EventKind
+from edgewise.releases.wire import MAX_ENVELOPE_BYTES
+from edgewise.serving.model import Prediction, ServedModel
 from schemas import Topics, log_text, new_id
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from releases import Reason
+from edgewise.releases import Reason
 from schemas import log_text
 
 log = logging.getLogger(__name__)

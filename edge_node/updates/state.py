@@ -28,7 +28,7 @@ import msgspec
 
 from edge_node.updates.errors import StateError
 from edge_node.updates.files import remove, write_atomic
-from releases.formats import suffix_of
+from edgewise.releases.formats import suffix_of
 
 Step = Literal["downloading", "verified", "validating", "swapping"]
 

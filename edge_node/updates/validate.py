@@ -12,10 +12,10 @@ import numpy as np
 
 from edge_node.errors import ModelLoadError, ModelRefused
 from edge_node.hardware import NodeHardware, load_model
-from edge_node.model import ServedModel
-from edge_node.runtime import TensorSpec
 from edge_node.updates.errors import StepFailed
-from releases import Manifest, Reason, TensorDecl
+from edgewise.releases import Manifest, Reason, TensorDecl
+from edgewise.serving.model import ServedModel
+from edgewise.serving.runtime import TensorSpec
 
 GOLDEN_BATCH = 256
 

@@ -3,7 +3,7 @@
 what it cost (:mod:`edgewise.compress.check`), on sample files described in
 :mod:`edgewise.compress.samples`. Guide: docs/compression.md; design: ADR 0060.
 
-The CLI is ``edgewise model quantize`` and ``edgewise model check`` (edgewise/quantize_cmd.py).
+The CLI is ``edgewise model quantize`` and ``edgewise model check`` (edgewise/cli/quantize_cmd.py).
 ``quantize`` needs the ``onnx`` package (``pip install 'edgewise[quantize]'``); ``check`` needs
 only the node's runtimes.
 """

@@ -1,7 +1,7 @@
 """What a model costs and what it gets right: size on disk, accuracy on a labelled set, label
 agreement with a reference model, and latency at batch 1 and batch 32.
 
-Models are loaded with the node's runtime layer (:func:`edge_node.runtime.load_runtime`), so
+Models are loaded with the node's runtime layer (:func:`edgewise.serving.runtime.load_runtime`), so
 every backend a node has can be checked, on the same thread settings a node uses by default.
 Latency is the wall time of one ``run`` call (``time.perf_counter_ns``) after a short warm-up,
 p50 and p99 over repeated runs of the same batch of labelled inputs.
@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from edge_node.runtime import Runtime, RuntimeLoadError, RuntimeRunError, load_runtime
 from edgewise.compress.errors import CheckError
 from edgewise.compress.predict import batches, predict
 from edgewise.compress.samples import read_samples
+from edgewise.serving.runtime import Runtime, RuntimeLoadError, RuntimeRunError, load_runtime
 
 LATENCY_BATCHES: tuple[int, ...] = (1, 32)
 DEFAULT_RUNS = 200

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from edge_node.runtime import Runtime, RuntimeRunError
+from edgewise.serving.runtime import Runtime, RuntimeRunError
 
 DEFAULT_BATCH = 32
 

@@ -28,11 +28,11 @@ from typing import Any, Literal
 
 import numpy.typing as npt
 
-from edge_node.runtime import Runtime, RuntimeLoadError, RuntimeRunError, load_runtime
 from edgewise.compress.errors import QuantizeError
 from edgewise.compress.files import same_file, write_atomic
 from edgewise.compress.predict import DEFAULT_BATCH, batch_size, batches, predict
 from edgewise.compress.samples import read_samples
+from edgewise.serving.runtime import Runtime, RuntimeLoadError, RuntimeRunError, load_runtime
 
 Mode = Literal["auto", "static", "dynamic"]
 MODES: tuple[str, ...] = ("auto", "static", "dynamic")

@@ -29,8 +29,8 @@ from typing import IO, Any
 import numpy as np
 import numpy.typing as npt
 
-from edge_node.runtime import TensorSpec, format_shape
 from edgewise.compress.errors import SampleFileError
+from edgewise.serving.runtime import TensorSpec, format_shape
 
 X_KEYS: tuple[str, ...] = ("x", "images", "inputs")
 Y_KEYS: tuple[str, ...] = ("y", "labels")
