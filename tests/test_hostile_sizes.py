@@ -2,8 +2,8 @@
 
 A real ``edgewise node`` process, a real Mosquitto, and sensors that try to publish 20 frames of
 10 MB each at once (raw sockets: one PUBLISH per connection, nothing resent). What must hold: the
-node's RSS stays ≤ 150 MB (README; its peak too), it still answers genuine frames, and the bytes
-never reached it: the node's own count of bytes received from the broker (telemetry
+node's RSS stays ≤ 150 MB (docs/benchmarks.md; its peak too), it still answers genuine frames,
+and the bytes never reached it: the node's own count of bytes received from the broker (telemetry
 ``bytes_received``) stays far below one such frame, and the broker's log says why each was
 stopped.
 

@@ -155,7 +155,8 @@ def test_mosquitto_pub_json_frame_and_mosquitto_sub_result(
     mqtt_probe: Callable[..., MqttProbe],
     mosquitto: BrokerInfo,
 ) -> None:
-    """The README's plain-tools example, run with the real mosquitto_pub and mosquitto_sub."""
+    """The plain-tools example of docs/getting-started.md, run with the real mosquitto_pub and
+    mosquitto_sub."""
     pub, sub = shutil.which("mosquitto_pub"), shutil.which("mosquitto_sub")
     assert pub and sub, "mosquitto-clients must be installed (./dev.sh test installs them)"
     _, node_id = node_process(EDGEWISE_RESULTS_ENCODING="json")
