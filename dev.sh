@@ -5,7 +5,8 @@
 # Set-up is automatic and idempotent: a virtualenv in .venv with the project installed, and for
 # the tests the Mosquitto broker and clients (from Debian's packages when running as root) and
 # the edgewise_clientid Mosquitto plugin the secured broker configs load, built from C
-# (compose/mosquitto/plugin) into $VENV/lib/edgewise-mosquitto/, where the tests find it.
+# (compose/mosquitto/plugin) into $VENV/lib/edgewise-mosquitto/, where the tests find it, and
+# Prometheus (Debian's package), which scrapes `edgewise fleet exporter` in its test.
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV="${EDGEWISE_VENV:-.venv}"
@@ -66,6 +67,13 @@ ensure_mosquitto() {
     die "the tests need Mosquitto: run 'sudo apt-get install mosquitto mosquitto-clients'"
 }
 
+# The exporter's test scrapes it with a real Prometheus (docs/observability.md).
+ensure_prometheus() {
+  command -v prometheus >/dev/null 2>&1 && return 0
+  apt_install --no-install-recommends prometheus ||
+    die "the tests need Prometheus: run 'sudo apt-get install --no-install-recommends prometheus'"
+}
+
 # The plugin compose/mosquitto/{site,cloud}/mosquitto.conf load (docs/security.md, "Connection
 # identity"): compiled against Mosquitto's plugin headers, rebuilt only when its source changes.
 PLUGIN_DIR="$VENV/lib/edgewise-mosquitto"
@@ -90,6 +98,7 @@ case "$cmd" in
     ensure_venv "test"
     ensure_mosquitto
     ensure_clientid_plugin
+    ensure_prometheus
     export PATH="$PATH:/usr/sbin"
     "$VENV/bin/ruff" check .
     "$VENV/bin/ruff" format --check .

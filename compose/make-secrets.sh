@@ -11,6 +11,7 @@
 #     user (MOSQUITTO_UID in compose/.env);
 #   * emqx-users.csv, emqx-server.key, emqx-dashboard.password, emqx-cookie (profile "emqx"):
 #     EMQX's user (EMQX_UID in compose/.env);
+#   * grafana-admin.password (profile "observability"): Grafana's user (GRAFANA_UID in .env);
 #   * certs/: a CA and a server certificate for site-broker, cloud, localhost (openssl). The two
 #     certificates are public (0644); the keys stay root's (0400; the brokers get copies above).
 # Only root can give files to other users:
@@ -40,12 +41,15 @@ EDGEWISE_UID=$(sed -n 's/.*useradd .*--uid \([0-9][0-9]*\).*/\1/p' Dockerfile)
 env_uid() { sed -n "s/^$1=\([0-9][0-9]*\)[[:space:]]*\$/\1/p" .env; }
 MOSQUITTO_UID=$(env_uid MOSQUITTO_UID)
 EMQX_UID=$(env_uid EMQX_UID)
+GRAFANA_UID=$(env_uid GRAFANA_UID)
 [ -n "$EDGEWISE_UID" ] || die "compose/Dockerfile has no 'useradd ... --uid N'"
 [ -n "$MOSQUITTO_UID" ] || die "compose/.env has no MOSQUITTO_UID=N"
 [ -n "$EMQX_UID" ] || die "compose/.env has no EMQX_UID=N"
+[ -n "$GRAFANA_UID" ] || die "compose/.env has no GRAFANA_UID=N"
 if [ "$LOCAL" = 0 ] && [ "$(id -u)" -ne 0 ]; then
   die "the containers read these files as uid $EDGEWISE_UID (edgewise), uid $MOSQUITTO_UID" \
-      "(mosquitto) and uid $EMQX_UID (emqx), and only root can give a file to another user:" \
+      "(mosquitto), uid $EMQX_UID (emqx) and uid $GRAFANA_UID (grafana), and only root can give" \
+      "a file to another user:" \
       "nothing was written." \
       "Run: sudo $0${ARGS:+ $ARGS}   (or add --local for services you run as local processes" \
       "yourself)"
@@ -56,7 +60,7 @@ mkdir -p "$OUT/certs"
 S=$(cd "$OUT" && pwd)
 chmod 0700 "$S" "$S/certs"
 
-SITE_USERS=(cam-1 cam-2 gw-1 gw-2 gw-1-esc gw-2-esc bridge-s1 operator)
+SITE_USERS=(cam-1 cam-2 gw-1 gw-2 gw-1-esc gw-2-esc bridge-s1 monitor operator)
 CLOUD_USERS=(bridge-s1 worker-1 worker-2 operator)
 BRIDGE=bridge-s1 # its two passwords: bridge_site_password, bridge_cloud_password
 
@@ -70,13 +74,14 @@ random() { # random [length]: letters and digits, at least one of each
 password() { # password <file>: make it once
   [ -s "$1" ] || random > "$1"
 }
-for u in cam-1 cam-2 gw-1 gw-2 gw-1-esc gw-2-esc worker-1 worker-2 operator; do
+for u in cam-1 cam-2 gw-1 gw-2 gw-1-esc gw-2-esc worker-1 worker-2 monitor operator; do
   password "$S/${u}_password"
 done
 password "$S/bridge_site_password"
 password "$S/bridge_cloud_password"
 password "$S/emqx-dashboard.password"
 password "$S/emqx-cookie"
+password "$S/grafana-admin.password"
 
 pw_of() { # pw_of <side> <user>
   if [ "$2" = "$BRIDGE" ]; then cat "$S/bridge_$1_password"; else cat "$S/$2_password"; fi
@@ -143,6 +148,7 @@ own "${SUDO_UID:-$(id -u)}" "$S/operator_password" # the operator's, on the host
 own "$MOSQUITTO_UID" "$S/site.passwd" "$S/cloud.passwd" "$S/mosquitto-server.key"
 own "$EMQX_UID" "$S/emqx-users.csv" "$S/emqx-server.key" "$S/emqx-dashboard.password" \
   "$S/emqx-cookie"
+own "$GRAFANA_UID" "$S/grafana-admin.password"
 own "$(id -u)" "$C/ca.key" "$C/server.key" "$C"/*.srl # the CA and the master key: never mounted
 # The fleet's keys are the operator's (the user who ran sudo): private keys 0600 as `keys init`
 # made them; root.pub (0644) is mounted into the nodes.

@@ -194,3 +194,168 @@ def status(
         typer.echo(json.dumps(report, indent=2))
     else:
         render(report, Console())
+
+
+@fleet_app.command("exporter")
+def exporter(
+    broker: BrokerOpt = DEFAULT_BROKER,
+    username: UsernameOpt = None,
+    password_file: PasswordFileOpt = None,
+    tls_ca: TlsCaOpt = None,
+    listen: Annotated[
+        str,
+        typer.Option(
+            "--listen",
+            help="HOST:PORT of the /metrics endpoint Prometheus scrapes (port 0: any free one).",
+        ),
+    ] = "0.0.0.0:9873",
+    edge_root: Annotated[
+        str, typer.Option("--edge-root", help="Topic root of the nodes (edge/{node}/...).")
+    ] = "edge",
+    cloud_root: Annotated[
+        str,
+        typer.Option("--cloud-root", help="Topic root of the workers (cloud/workers/{id}/...)."),
+    ] = "cloud",
+    bridge_root: Annotated[
+        str,
+        typer.Option("--bridge-root", help="Topic root of the bridges (bridges/{bridge}/...)."),
+    ] = "bridges",
+    max_age: Annotated[
+        float,
+        typer.Option(
+            "--max-age",
+            min=1.0,
+            help="The latency quantiles (per node and fleet-wide) cover the telemetry windows "
+            "received in the last this many seconds.",
+        ),
+    ] = 60.0,
+    client_id: Annotated[
+        str,
+        typer.Option(
+            "--client-id",
+            help="The exporter's MQTT client id (prefixed USERNAME: when it logs in); give "
+            "each exporter of one broker its own.",
+        ),
+    ] = "edgewise-exporter",
+) -> None:
+    """Serve the fleet as Prometheus metrics: every node's, worker's and bridge's status,
+    telemetry and update events, from the broker, on http://HOST:PORT/metrics.
+
+    Counters are the sums of the nodes' telemetry windows (each window counted once);
+    quantiles come from merged latency sketches, so the fleet p99 is right. Metric names and
+    labels: docs/observability.md. Runs until Ctrl-C or SIGTERM; while the broker is away it
+    keeps retrying and serves edgewise_exporter_connected 0.
+    """
+    from edgewise.cli.exporter import FleetMetrics
+    from schemas import ContractError, Topics
+
+    conn = broker_settings(broker, username, password_file, tls_ca)
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not port_text.isdigit() or int(port_text) > 65535:
+        fail(f"--listen: {listen!r} is not HOST:PORT (e.g. 0.0.0.0:9873)")
+    try:
+        fleet = FleetMetrics(
+            topics=Topics(edge_root=edge_root, cloud_root=cloud_root), max_age_s=max_age
+        )
+        from schemas import validate_topic
+
+        fleet.bridge_root = validate_topic(bridge_root)
+    except ContractError as exc:
+        fail(f"topic roots: {exc}")
+    run(_serve(conn, fleet, host or "0.0.0.0", int(port_text), client_id))
+
+
+async def _serve(conn: Broker, fleet: Any, host: str, port: int, client_id: str) -> None:
+    import signal
+
+    from edgewise.cli.exporter.service import Exporter
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        exp = Exporter(conn.mqtt, host=host, port=port, fleet=fleet, client_id=client_id)
+        async with exp:
+            _err.print(
+                f"serving http://{host}:{exp.port}/metrics for the fleet on {conn.who} "
+                f"(client id {exp.client_id}); Ctrl-C stops",
+                soft_wrap=True,
+                markup=False,
+                highlight=False,
+            )
+            await stop.wait()
+    except OSError as exc:
+        fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+
+
+@fleet_app.command("forget")
+def forget(
+    names: Annotated[list[str], typer.Argument(help="Node ids (or worker / bridge ids).")],
+    broker: BrokerOpt = DEFAULT_BROKER,
+    username: UsernameOpt = None,
+    password_file: PasswordFileOpt = None,
+    tls_ca: TlsCaOpt = None,
+    kind: Annotated[
+        str,
+        typer.Option("--kind", help="What NAMES are: node, worker or bridge."),
+    ] = "node",
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Forget a source whose retained status says it is still running."
+        ),
+    ] = False,
+    edge_root: Annotated[
+        str, typer.Option("--edge-root", help="Topic root of the nodes (edge/{node}/...).")
+    ] = "edge",
+    cloud_root: Annotated[
+        str,
+        typer.Option("--cloud-root", help="Topic root of the workers (cloud/workers/{id}/...)."),
+    ] = "cloud",
+    bridge_root: Annotated[
+        str,
+        typer.Option("--bridge-root", help="Topic root of the bridges (bridges/{bridge}/...)."),
+    ] = "bridges",
+) -> None:
+    """Remove decommissioned nodes (or workers, bridges) from the fleet: clear every retained
+    message under their topics (status, update events), so `fleet status` and the exporter
+    drop them.
+
+    Refuses a source whose retained status says online or degraded (it would publish again),
+    unless --force.
+    """
+    from edgewise.cli.keys_cmd import collect_retained, publish_retained
+    from schemas import ContractError, decode_status, validate_level
+
+    roots = {"node": edge_root, "worker": f"{cloud_root}/workers", "bridge": bridge_root}
+    if kind not in roots:
+        fail(f"--kind: {kind!r} is not one of node, worker, bridge")
+    try:
+        for name in names:
+            validate_level(name)
+    except ContractError as exc:
+        fail(f"{kind} id: {exc}")
+    conn = broker_settings(broker, username, password_file, tls_ca)
+    filters = [f"{roots[kind]}/{name}/#" for name in names]
+    retained = collect_retained(conn, filters, settle_s=1.0)
+    for name in names:
+        status = retained.get(f"{roots[kind]}/{name}/status")
+        if status is None or force:
+            continue
+        try:
+            state = decode_status(status).state
+        except ContractError:
+            continue  # unreadable: nothing says it runs
+        if state != "offline":
+            fail(
+                f"{kind} {name} says it is {state}: stop it first (it would publish its status "
+                "again), or use --force"
+            )
+    if not retained:
+        fail(f"nothing retained under {', '.join(filters)} on {conn.who}: no such {kind}?", 1)
+    publish_retained(conn, [(topic, b"") for topic in sorted(retained)])
+    typer.echo(
+        f"forgot {len(names)} {kind}{'' if len(names) == 1 else 's'}: cleared "
+        f"{len(retained)} retained message{'' if len(retained) == 1 else 's'}"
+    )
