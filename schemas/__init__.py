@@ -79,16 +79,12 @@ from .errors import (
 )
 from .escalation import (
     CASES_MAX,
-    CaseVerdict,
     EdgeVerdict,
     Escalation,
     EscalationBatch,
     EscalationCase,
-    ReplyBatch,
     decode_escalations,
-    decode_replies,
     encode_escalations,
-    encode_replies,
     make_case,
     make_escalation_batch,
 )
@@ -97,6 +93,7 @@ from .frames import decode_frames, encode_frames
 from .ids import new_id, new_ids
 from .limits import DEFAULT_LIMITS, Limits
 from .logtext import log_text
+from .replies import CaseVerdict, ReplyBatch, decode_replies, encode_replies
 from .results import Result, ResultBatch, Source, decode_results, encode_results
 from .sketch import SKETCH_BINS_MAX, SKETCH_MAX_BYTES, SketchWire, decode_sketch, encode_sketch
 from .status import State, Status, decode_status, encode_status

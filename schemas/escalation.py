@@ -1,6 +1,7 @@
 """Escalations (edge node -> cloud worker) and their replies (cloud worker -> edge node), both
 always a batch: one message carries 1..:data:`CASES_MAX` cases, one reply 1..:data:`CASES_MAX`
-verdicts, each naming its case.
+verdicts, each naming its case. The replies are :mod:`schemas.replies`; the checks that depend
+on :class:`~schemas.limits.Limits` are :mod:`schemas.escalation_checks`.
 
 An escalation message (:class:`EscalationBatch`) carries everything a worker needs, also on an
 MQTT 3.1.1 broker: per case the input tensor, the edge model's verdict with a summary of its
@@ -30,18 +31,17 @@ types are closed (unknown fields refused at the key, every list capped from its 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
-from typing import Annotated, Any, Final
+from typing import Annotated, Final
 
 import msgspec
 import numpy as np
 from msgspec import Meta
 
-from .errors import ContractError
-from .fields import LEVEL_PATTERN, Epoch, Fraction, Int64, Level, Name, Seq, Text, check_names
+from .escalation_checks import check_batch
+from .fields import Epoch, Fraction, Int64, Level, Name, Seq, Text
 from .limits import DEFAULT_LIMITS, Limits
-from .tensor import check_header, tensor_from_wire, wire_parts
+from .tensor import tensor_from_wire, wire_parts
 from .topics import validate_topic
 from .wire import decode_msgpack, decode_msgpack_canonical, run_decoder
 
@@ -53,10 +53,6 @@ CORR_MAX_BYTES: Final = 64
 
 CASES_MAX: Final = 256
 """At most this many cases in one escalation message, and verdicts in one reply."""
-
-_LEVEL: Final = re.compile(LEVEL_PATTERN)
-"""What a :data:`~schemas.fields.Level` must match (cases' ``device`` and ``sensor`` are checked
-against it once per distinct value of a message)."""
 
 Corr = Annotated[str, Meta(min_length=1, max_length=CORR_MAX_BYTES)]
 Probability = Fraction
@@ -175,33 +171,6 @@ class Escalation(msgspec.Struct, frozen=True):
         return self.deadline is not None and now > self.deadline
 
 
-class CaseVerdict(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """The cloud's answer to one case (built with its fields in this order, or by keyword:
-    a worker makes one per case, positionally)."""
-
-    id: Name
-    """The case this answers."""
-    corr: Corr
-    """The case's ``corr``."""
-    label: Int64
-    confidence: Fraction
-    model: Name
-    """The cloud model (name and version) that decided."""
-
-
-class ReplyBatch(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """One reply message: verdicts for some or all cases of one escalation message."""
-
-    node: Level
-    """The node that asked (a node refuses replies naming another node)."""
-    corr: Corr
-    """The escalation message's ``corr``."""
-    worker: Name
-    ts: Epoch
-    verdicts: Annotated[list[CaseVerdict], Meta(min_length=1, max_length=CASES_MAX)]
-    v: int = 1
-
-
 class _LooseVerdict(EdgeVerdict, frozen=True, forbid_unknown_fields=False):
     """:class:`EdgeVerdict` that skips unknown fields (only after the pre-scan)."""
 
@@ -214,29 +183,14 @@ class _LooseBatch(EscalationBatch, frozen=True, forbid_unknown_fields=False):
     cases: Annotated[list[_LooseCase], Meta(min_length=1, max_length=CASES_MAX)]  # type: ignore[assignment]
 
 
-class _LooseCaseVerdict(CaseVerdict, frozen=True, forbid_unknown_fields=False):
-    """:class:`CaseVerdict` that skips unknown fields (only after the pre-scan)."""
-
-
-class _LooseReply(ReplyBatch, frozen=True, forbid_unknown_fields=False):
-    verdicts: Annotated[list[_LooseCaseVerdict], Meta(min_length=1, max_length=CASES_MAX)]  # type: ignore[assignment]
-
-
 SCHEMA_DEPTH: Final = 5
 """Containers nested in an escalation message at most (message, cases, case, edge, top_*)."""
 
-REPLY_SCHEMA_DEPTH: Final = 3
-"""Containers nested in a reply message at most (message, verdicts, verdict)."""
-
 _ESC_DECODER: Final = msgspec.msgpack.Decoder(EscalationBatch)
 _LOOSE_DECODER: Final = msgspec.msgpack.Decoder(_LooseBatch)
-_REPLY_DECODER: Final = msgspec.msgpack.Decoder(ReplyBatch)
-_LOOSE_REPLY_DECODER: Final = msgspec.msgpack.Decoder(_LooseReply)
 _BATCH_FIELDS: Final = 9
 _CASE_FIELDS: Final = 11
 _VERDICT_FIELDS: Final = 6
-_REPLY_FIELDS: Final = 6
-_CASE_VERDICT_FIELDS: Final = 5
 
 
 def make_case(
@@ -315,7 +269,7 @@ def decode_escalations(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> Escal
         limits=limits,
         depth=SCHEMA_DEPTH,
     )
-    _check_batch(batch, limits)
+    check_batch(batch, limits)
     return batch
 
 
@@ -333,137 +287,3 @@ def _budget(limits: Limits) -> int:
     ``limits.max_extra_items`` for fields this version does not know."""
     per_case = 1 + 2 * _CASE_FIELDS + 8 + 1 + 2 * _VERDICT_FIELDS + 2 * TOP_MAX
     return 1 + 2 * _BATCH_FIELDS + CASES_MAX * per_case + limits.max_extra_items
-
-
-def _check_batch(batch: EscalationBatch, limits: Limits) -> None:
-    check_names(limits, "escalation", (batch.node, batch.model))
-    if (batch.reply_to is None) != (batch.corr is None):
-        raise ContractError("bad_schema", "escalation: reply_to and corr go together")
-    if batch.reply_to is not None:
-        validate_topic(batch.reply_to)
-    if not _cases_look_right(batch, limits):
-        _find_bad_case(batch, limits)
-    _check_tensors(batch.cases, limits)
-
-
-def _cases_look_right(batch: EscalationBatch, limits: Limits) -> bool:
-    """True when every case passes :func:`_find_bad_case` (one pass, no error detail)."""
-    cases = batch.cases
-    cap = limits.max_str_len
-    no_corr = batch.corr is None
-    if len({c.id for c in cases}) != len(cases) or not all(
-        len(c.id) <= cap
-        and len(c.device) <= cap
-        and len(c.sensor) <= cap
-        and len(c.edge.top_labels) == len(c.edge.top_probs)
-        and (c.corr is None) == no_corr
-        for c in cases
-    ):
-        return False
-    levels = {c.device for c in cases}
-    levels.update([c.sensor for c in cases])
-    return all(_LEVEL.search(level) for level in levels)
-
-
-def _find_bad_case(batch: EscalationBatch, limits: Limits) -> None:
-    """Raise for the first case (in order) that breaks a rule."""
-    ids: set[str] = set()
-    for c in batch.cases:
-        check_names(limits, "escalation case", (c.id, c.device, c.sensor))
-        if c.id in ids:
-            raise ContractError("bad_schema", f"escalation: case {c.id[:40]!r} twice")
-        ids.add(c.id)
-        if len(c.edge.top_labels) != len(c.edge.top_probs):
-            raise ContractError(
-                "bad_schema", "escalation: top_labels and top_probs differ in length"
-            )
-        if (c.corr is None) != (batch.corr is None):
-            raise ContractError(
-                "bad_schema", "escalation: every case has a corr when the message wants a reply"
-            )
-        for what, level in (("device", c.device), ("sensor", c.sensor)):
-            if not _LEVEL.search(level):
-                raise ContractError(
-                    "bad_schema",
-                    f"escalation case {c.id[:40]!r}: {what} {level[:64]!r} is not a topic level"
-                    " (no '/', '+', '#', control characters or leading '$')",
-                )
-
-
-def _check_tensors(cases: list[EscalationCase], limits: Limits) -> None:
-    """Every case's tensor, as :func:`~schemas.tensor.tensor_from_wire` checks one (dtype,
-    shape, element count, data length, finite floats), each header once per message and the
-    float data of cases that share a header in one pass."""
-    first = cases[0]
-    dtype, shape = first.dtype, first.shape
-    if all(c.dtype == dtype and c.shape == shape for c in cases):  # the usual message
-        dt, _, count = check_header(dtype, shape, limits)
-        nbytes = count * dt.itemsize
-        if all(len(c.data) == nbytes for c in cases):
-            if dt.kind == "f":
-                values = np.frombuffer(b"".join([c.data for c in cases]), dtype=dt)
-                if not np.isfinite(values).all():
-                    raise ContractError("non_finite", f"{dt.name} data holds NaN or infinity")
-            return
-    headers: dict[tuple[str, tuple[int, ...]], tuple[np.dtype[Any], int]] = {}
-    floats: dict[tuple[str, tuple[int, ...]], list[bytes]] = {}
-    for c in cases:
-        key = (c.dtype, tuple(c.shape))
-        known = headers.get(key)
-        if known is None:
-            dt, _, count = check_header(c.dtype, c.shape, limits)
-            known = headers[key] = (dt, count * dt.itemsize)
-        dt, nbytes = known
-        if len(c.data) != nbytes:
-            raise ContractError(
-                "bad_shape",
-                f"data is {len(c.data)} bytes, shape {list(c.shape)} of {dt.name} needs {nbytes}",
-            )
-        if dt.kind == "f":
-            floats.setdefault(key, []).append(c.data)
-    for key, chunks in floats.items():
-        values = np.frombuffer(b"".join(chunks), dtype=headers[key][0])
-        if not np.isfinite(values).all():
-            raise ContractError("non_finite", f"{values.dtype.name} data holds NaN or infinity")
-
-
-def encode_replies(reply: ReplyBatch) -> bytes:
-    """MessagePack of ``reply``. Encoding does not validate; decoding does."""
-    return msgspec.msgpack.encode(reply)
-
-
-def decode_replies(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> ReplyBatch:
-    """Decode and validate a reply message; raises only :class:`~schemas.errors.ContractError`.
-
-    Like :func:`decode_escalations`, a reply exactly as msgspec encodes a :class:`ReplyBatch`
-    (what workers send) is decoded once by the closed schema, any other through the pre-scan.
-    """
-    reply = decode_msgpack_canonical(
-        payload,
-        _REPLY_DECODER.decode,
-        lambda p: _decode_reply_scanned(p, limits),
-        limits=limits,
-        depth=REPLY_SCHEMA_DEPTH,
-    )
-    _check_reply(reply, limits)
-    return reply
-
-
-def _check_reply(reply: ReplyBatch, limits: Limits) -> None:
-    check_names(limits, "reply", (reply.node, reply.worker))
-    for v in reply.verdicts:
-        check_names(limits, "reply verdict", (v.id, v.model))
-
-
-def _reply_budget(limits: Limits) -> int:
-    budget = 1 + 2 * _REPLY_FIELDS + CASES_MAX * (1 + 2 * _CASE_VERDICT_FIELDS)
-    return budget + limits.max_extra_items
-
-
-def _decode_reply_scanned(payload: bytes, limits: Limits) -> ReplyBatch:
-    """The full pipeline (pre-scan, version, tolerant decode), then the closed types."""
-    loose = decode_msgpack(
-        payload, _LOOSE_REPLY_DECODER.decode, what="reply", limits=limits,
-        budget=_reply_budget(limits),
-    )  # fmt: skip
-    return run_decoder(_REPLY_DECODER.decode, encode_replies(loose), "reply")

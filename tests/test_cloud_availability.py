@@ -57,7 +57,7 @@ def test_k_unanswered_cases_make_the_cloud_unavailable_then_a_probe_reply_clears
             unavailable_after_unanswered=3,
             probe_interval_s=0.2,
         ) as esc:
-            esc._on_cloud_change = changes
+            esc.availability.on_cloud_change = changes
             assert await esc.escalate([_case(i) for i in range(3)]) == []  # nobody answers
             await finals.wait_for(3)
             assert {f.result.source for f in finals.got} == {"edge_fallback"}
@@ -104,7 +104,7 @@ def test_the_last_workers_presence_going_offline_decides_pending_cases_at_once(
             finals = Finals()
             changes = Changes()
             async with _escalator(broker, finals, deadline_ms=60_000, cache_entries=0) as esc:
-                esc._on_cloud_change = changes
+                esc.availability.on_cloud_change = changes
                 await eventually(lambda: esc.workers_online == 1)
                 proc.send_signal(signal.SIGSTOP)  # it cannot answer what comes now
                 assert await esc.escalate([_case(i) for i in range(4)]) == []

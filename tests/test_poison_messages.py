@@ -335,7 +335,7 @@ def _node_settled(h: Harness) -> bool:
     return (
         node._acker.outstanding == 0
         and not node._in_progress
-        and (esc is None or (esc.pending == 0 and not esc._finals))
+        and (esc is None or (esc.pending == 0 and not esc.cases.finals))
     )
 
 
@@ -375,7 +375,7 @@ def _node_fault(stage: str, h: Harness, mp: pytest.MonkeyPatch) -> Injected:
         f.into(mp, node.outbox, "append")
         return f, lambda: node.stats.results_acked  # sent without a durable copy
     if stage == "deliver":
-        f.into(mp, esc, "_deliver")
+        f.into(mp, esc.cases, "_deliver")
         return f, lambda: node.stats.results_stored
     if stage == "publish":
         f.when = lambda topic, *a, **kw: topic.endswith("/results")

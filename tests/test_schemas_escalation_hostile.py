@@ -35,15 +35,13 @@ from schemas import (
 from schemas.errors import ReasonCode
 from schemas.escalation import (
     _ESC_DECODER,
-    _REPLY_DECODER,
     SCHEMA_DEPTH,
     TOP_MAX,
     _budget,
-    _check_batch,
-    _check_reply,
-    _decode_reply_scanned,
     _decode_scanned,
 )
+from schemas.escalation_checks import check_batch as _check_batch
+from schemas.replies import _REPLY_DECODER, _check_reply, _decode_reply_scanned
 from schemas.scan_msgpack import scan_msgpack
 from tests.hostile_bytes import DEEP, HUGE_CLAIM, MILLION, mutate, with_raw_field
 

@@ -202,7 +202,7 @@ async def running_updater(
             await u.publish_keys(fleet.signed_key_set())
         async with manager:
             if publish_keys:
-                await u.wait_kind("keys_updated") if manager._keys is None else None
+                await u.wait_kind("keys_updated") if manager.held.keys is None else None
             yield u
     for m in served:
         m.close()
