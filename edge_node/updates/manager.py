@@ -38,7 +38,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -52,7 +51,7 @@ from edge_node.updates.config import UpdatesConfig
 from edge_node.updates.crashpoints import crashpoint
 from edge_node.updates.download import ChunkDownload
 from edge_node.updates.errors import StateError, StepFailed
-from edge_node.updates.files import fsync_dir, sha256_file
+from edge_node.updates.files import sha256_file
 from edge_node.updates.journal import CommandJournal, Entry
 from edge_node.updates.probation import ProbationWindow
 from edge_node.updates.rejects import ControlRejects, Kind, Rejection
@@ -66,6 +65,7 @@ from edge_node.updates.state import (
     Step,
 )
 from edge_node.updates.validate import validate
+from edgewise.files import replace_durably
 from edgewise.mqtt import (
     Conflict,
     ConnectInfo,
@@ -880,5 +880,4 @@ class UpdateManager:
 
 
 def _move(src: Path, dst: Path) -> None:
-    os.replace(src, dst)
-    fsync_dir(dst.parent)
+    replace_durably(src, dst)
