@@ -11,7 +11,7 @@ import socket
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, PrivateAttr, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from cloud_worker.errors import ConfigError
@@ -20,12 +20,6 @@ from edgewise.settings import FROZEN, FileAndEnvSettings, empty_is_unset, load_s
 from schemas import ContractError, Limits, Topics
 
 ENV_PREFIX = "EDGEWISE_WORKER_"
-
-
-def bundled_cloud_model() -> Path:
-    import edgewise.assets as assets
-
-    return Path(assets.__file__).parent / "digits_cloud.onnx"
 
 
 class ModelConfig(BaseModel):
@@ -39,10 +33,25 @@ class ModelConfig(BaseModel):
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     intra_op_threads: int = Field(1, ge=1, le=64)
 
+    _default_path: Path | None = PrivateAttr(None)  # given by WorkerConfig.load
+
     _empty_path_is_bundled = field_validator("path", mode="before")(empty_is_unset)
 
-    def resolved_path(self) -> Path:
-        return self.path if self.path is not None else bundled_cloud_model()
+    def resolved_path(self, name: str = "NAME") -> Path:
+        """``path``, else the default model the command line passed to
+        :meth:`WorkerConfig.load` (the bundled digits cloud model)."""
+        path = self.path if self.path is not None else self._default_path
+        if path is None:
+            env = f"{ENV_PREFIX}MODELS__{name.upper()}__PATH"
+            raise ConfigError(
+                f"models.{name}.path: no model file given (set it in the file or with {env})"
+            )
+        return path
+
+    def with_default_path(self, default: Path | None) -> ModelConfig:
+        copy = self.model_copy()
+        copy._default_path = default
+        return copy
 
 
 class BatchingConfig(BaseModel):
@@ -121,6 +130,16 @@ class WorkerConfig(FileAndEnvSettings):
         )
 
     @classmethod
-    def load(cls, path: Path | str | None = None, **overrides: Any) -> WorkerConfig:
-        """Read settings; raise :class:`ConfigError` naming the bad key."""
-        return load_settings(cls, path, overrides, error=ConfigError, what="worker configuration")
+    def load(
+        cls,
+        path: Path | str | None = None,
+        *,
+        default_model_path: Path | None = None,
+        **overrides: Any,
+    ) -> WorkerConfig:
+        """Read settings; raise :class:`ConfigError` naming the bad key. ``default_model_path``
+        is served by each model whose ``path`` is unset (the command line passes the bundled
+        cloud model)."""
+        cfg = load_settings(cls, path, overrides, error=ConfigError, what="worker configuration")
+        models = {n: m.with_default_path(default_model_path) for n, m in cfg.models.items()}
+        return cfg.model_copy(update={"models": models})

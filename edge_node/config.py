@@ -12,7 +12,7 @@ import socket
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, field_validator, model_validator
 from pydantic_settings import BaseSettings
 
 from edge_node.errors import ConfigError
@@ -22,22 +22,9 @@ from edge_node.updates.config import UpdatesConfig
 from edgewise.mqtt import MqttConfig
 from edgewise.outbox import OutboxConfig
 from edgewise.outbox.config import MIN_MAX_BYTES
-from edgewise.settings import (
-    FROZEN,
-    FileAndEnvSettings,
-    empty_is_unset,
-    load_settings,
-    topic_level,
-)
+from edgewise.settings import FROZEN, FileAndEnvSettings, empty_is_unset, load_settings, topic_level
 from edgewise.settings import unknown_env_names as _unknown_env_names
 from schemas import ContractError, Limits, Topics, validate_filter
-
-
-def bundled_asset(name: str) -> Path:
-    """Path of a file shipped in ``edgewise/assets`` (the demo model and held-out frames)."""
-    import edgewise.assets as assets
-
-    return Path(assets.__file__).parent / name
 
 
 class ModelConfig(BaseModel):
@@ -70,11 +57,25 @@ class ModelConfig(BaseModel):
         " on long runs); frames keep being served during the reload; 0 = never",
     )
 
+    _default_path: Path | None = PrivateAttr(None)  # given by NodeConfig.load
+
     _empty_path_is_bundled = field_validator("path", mode="before")(empty_is_unset)
     _name_is_topic_level = field_validator("name")(topic_level)
 
     def resolved_path(self) -> Path:
-        return self.path if self.path is not None else bundled_asset("digits_edge.onnx")
+        """``path``, else the default model the command line passed to :meth:`NodeConfig.load`
+        (the bundled digits model)."""
+        path = self.path if self.path is not None else self._default_path
+        if path is None:
+            raise ConfigError(
+                "model.path: no model file given (set it in the file or with EDGEWISE_MODEL__PATH)"
+            )
+        return path
+
+    def with_default_path(self, default: Path | None) -> ModelConfig:
+        copy = self.model_copy()
+        copy._default_path = default
+        return copy
 
 
 class BatchingConfig(BaseModel):
@@ -369,9 +370,17 @@ class NodeConfig(FileAndEnvSettings):
         )
 
     @classmethod
-    def load(cls, path: Path | str | None = None, **overrides: Any) -> NodeConfig:
-        """Read settings; raise :class:`ConfigError` naming the bad key."""
-        return load_settings(cls, path, overrides, error=ConfigError)
+    def load(
+        cls,
+        path: Path | str | None = None,
+        *,
+        default_model_path: Path | None = None,
+        **overrides: Any,
+    ) -> NodeConfig:
+        """Read settings; raise :class:`ConfigError` naming the bad key. ``default_model_path``
+        is served when ``model.path`` is unset (the command line passes the bundled model)."""
+        cfg = load_settings(cls, path, overrides, error=ConfigError)
+        return cfg.model_copy(update={"model": cfg.model.with_default_path(default_model_path)})
 
 
 OTHER_COMMANDS_ENV = frozenset({"EDGEWISE_BROKER", "EDGEWISE_VENV", "EDGEWISE_CRASHPOINT"})
