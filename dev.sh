@@ -103,6 +103,8 @@ case "$cmd" in
     "$VENV/bin/ruff" check .
     "$VENV/bin/ruff" format --check .
     "$VENV/bin/mypy"
+    # The layers of docs/adr/0001-layout.md ([tool.importlinter] in pyproject.toml).
+    "$VENV/bin/lint-imports" --no-cache
     exec "$VENV/bin/python" -m pytest "$@"
     ;;
   *)

@@ -39,8 +39,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from edge_node.config import NodeConfig, bundled_asset
+from edge_node.config import NodeConfig
 from edge_node.node import EdgeNode
+from edgewise.assets import bundled_asset
 from edgewise.cli.frames import load_holdout
 from edgewise.local_broker import MosquittoProcess
 from edgewise.mqtt import Inbound, MqttConfig, MqttSession
@@ -114,6 +115,7 @@ async def run_once(args: argparse.Namespace, *, detect: bool) -> Run:
                 }
             mqtt = MqttConfig(host="127.0.0.1", port=broker.info.port, connect_timeout_s=5)
             cfg = NodeConfig.load(
+                default_model_path=bundled_asset("digits_edge.onnx"),
                 node_id="bench-node",
                 mqtt=mqtt,
                 storage={"state_dir": str(tmp / "state")},

@@ -37,8 +37,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from edge_node.config import bundled_asset
 from edge_node.escalation import Case, EscalationConfig, Escalator, Final, PolicyConfig
+from edgewise.assets import bundled_asset
 from edgewise.cli.frames import load_holdout
 from edgewise.local_broker import BrokerInfo, MosquittoProcess
 from edgewise.mqtt import Inbound, MqttConfig, MqttSession

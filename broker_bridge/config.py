@@ -12,35 +12,28 @@ import socket
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-    SettingsError,
-    TomlConfigSettingsSource,
-)
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from broker_bridge.errors import ConfigError
 from broker_bridge.rules import CompiledRule, Direction, compile_rule
-from edgewise.mqtt import MqttConfig, shown_input
+from edgewise.mqtt import MqttConfig
 from edgewise.outbox.config import MIN_MAX_BYTES
-from schemas import ACK_IDS_MAX, ContractError, validate_filter, validate_level
-
-_FROZEN = ConfigDict(frozen=True, extra="forbid")
-
-
-def _level(v: str) -> str:
-    try:
-        return validate_level(v)
-    except ContractError as exc:
-        raise ValueError(exc.detail) from None
+from edgewise.settings import (
+    FROZEN,
+    FileAndEnvSettings,
+    env_name,
+    env_prefix,
+    load_settings,
+    settings_source,
+    topic_level,
+)
+from schemas import ACK_IDS_MAX, ContractError, validate_filter
 
 
 class RuleConfig(BaseModel):
     """One forwarding rule: ``filter`` on the source side, ``template`` on the other."""
 
-    model_config = _FROZEN
+    model_config = FROZEN
 
     direction: Direction
     filter: str = Field(description="topic filter subscribed on the source broker")
@@ -65,7 +58,7 @@ class RuleConfig(BaseModel):
 class QueueConfig(BaseModel):
     """Where the two durable queues live and how large each may grow (db + WAL on disk)."""
 
-    model_config = _FROZEN
+    model_config = FROZEN
 
     dir: Path = Path("edgewise-bridge")
     up_max_bytes: int = Field(256 * 1024 * 1024, ge=MIN_MAX_BYTES)
@@ -76,7 +69,7 @@ class QueueConfig(BaseModel):
 class ForwardConfig(BaseModel):
     """How fast and how many at once a queue is drained towards its far broker."""
 
-    model_config = _FROZEN
+    model_config = FROZEN
 
     window: int = Field(
         256, ge=1, le=65535, description="publishes in flight (also capped by Receive Maximum)"
@@ -94,7 +87,7 @@ class AcksConfig(BaseModel):
     """End-to-end mode, the bridge's side (docs/adr/0078-end-to-end-acks.md): once a results
     message of a node is in the up queue, confirm it to the node on the site broker."""
 
-    model_config = _FROZEN
+    model_config = FROZEN
 
     enabled: bool = Field(
         False, description="confirm queued results messages to their nodes (end-to-end mode)"
@@ -122,15 +115,8 @@ class AcksConfig(BaseModel):
         return v
 
 
-class BridgeConfig(BaseSettings):
+class BridgeConfig(FileAndEnvSettings):
     """Everything a bridge needs; see docs/bridge.md for each key."""
-
-    model_config = SettingsConfigDict(
-        env_prefix="EDGEWISE_",
-        env_nested_delimiter="__",
-        frozen=True,
-        extra="forbid",
-    )
 
     bridge_id: str = Field(
         default_factory=lambda: "bridge-" + (socket.gethostname().split(".")[0] or "site")
@@ -155,10 +141,7 @@ class BridgeConfig(BaseSettings):
     drain_timeout_s: float = Field(10.0, gt=0, le=600)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
-    @field_validator("bridge_id", "site")
-    @classmethod
-    def _names(cls, v: str) -> str:
-        return _level(v)
+    _names = field_validator("bridge_id", "site")(topic_level)
 
     @field_validator("status_topic", "telemetry_topic")
     @classmethod
@@ -211,51 +194,16 @@ class BridgeConfig(BaseSettings):
         return template.replace("{bridge}", self.bridge_id).replace("{site}", self.site)
 
     @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
-
-    @classmethod
     def load(cls, path: Path | str | None = None, **overrides: Any) -> BridgeConfig:
         """Read settings; raise :class:`ConfigError` naming the bad key."""
-        source = "defaults and EDGEWISE_* variables"
-        target: type[BridgeConfig] = cls
-        if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise ConfigError(f"config file {path} does not exist (pass --config PATH)")
-            source = f"{path} and EDGEWISE_* variables"
-            target = type(
-                cls.__name__, (cls,), {"model_config": {**cls.model_config, "toml_file": path}}
-            )
-        try:
-            config = target(**overrides)
-        except ValidationError as exc:
-            raise ConfigError(_explain(exc, source)) from None
-        except SettingsError as exc:
-            raise ConfigError(f"invalid configuration (from {source}): {exc}") from None
-        except (OSError, ValueError) as exc:  # unreadable or malformed TOML
-            raise ConfigError(f"cannot read config {path}: {exc}") from None
+        config = load_settings(cls, path, overrides, error=ConfigError)
         for side in ("site_broker", "cloud_broker"):
             mqtt: MqttConfig = getattr(config, side)
             if mqtt.password_file is not None and not mqtt.password_file.is_file():
+                env = env_name(env_prefix(cls), (side, "password_file"))
                 raise ConfigError(
-                    f"invalid configuration (from {source}):\n  {side}.password_file: "
-                    f"{mqtt.password_file} does not exist"
+                    f"invalid configuration (from {settings_source(cls, path)}):\n"
+                    f"  {side}.password_file: {mqtt.password_file} does not exist"
+                    f"  [set it in the file or with {env}]"
                 )
         return config
-
-
-def _explain(exc: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration (from {source}):"]
-    for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        shown = shown_input(key, err["type"], err.get("input"))  # never echoes a credential
-        lines.append(f"  {key}: {err['msg']}{shown}")
-    return "\n".join(lines)

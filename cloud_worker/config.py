@@ -11,40 +11,21 @@ import socket
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-    SettingsError,
-    TomlConfigSettingsSource,
-)
+from pydantic import BaseModel, Field, PrivateAttr, field_validator
+from pydantic_settings import SettingsConfigDict
 
 from cloud_worker.errors import ConfigError
-from edgewise.mqtt import MqttConfig, shown_input
-from schemas import ContractError, Limits, Topics, validate_level
+from edgewise.mqtt import MqttConfig
+from edgewise.settings import FROZEN, FileAndEnvSettings, empty_is_unset, load_settings, topic_level
+from schemas import ContractError, Limits, Topics
 
-_FROZEN = ConfigDict(frozen=True, extra="forbid")
 ENV_PREFIX = "EDGEWISE_WORKER_"
-
-
-def _level(v: str) -> str:
-    try:
-        return validate_level(v)
-    except ContractError as exc:
-        raise ValueError(exc.detail) from None
-
-
-def bundled_cloud_model() -> Path:
-    import edgewise.assets as assets
-
-    return Path(assets.__file__).parent / "digits_cloud.onnx"
 
 
 class ModelConfig(BaseModel):
     """One model the worker answers escalations for with ONNX Runtime."""
 
-    model_config = _FROZEN
+    model_config = FROZEN
 
     path: Path | None = Field(None, description="ONNX file; empty = the bundled digits cloud model")
     version: str = Field("digits_cloud-1", min_length=1, max_length=64)
@@ -52,17 +33,29 @@ class ModelConfig(BaseModel):
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     intra_op_threads: int = Field(1, ge=1, le=64)
 
-    @field_validator("path", mode="before")
-    @classmethod
-    def _empty_path_is_bundled(cls, v: object) -> object:
-        return None if v == "" else v
+    _default_path: Path | None = PrivateAttr(None)  # given by WorkerConfig.load
 
-    def resolved_path(self) -> Path:
-        return self.path if self.path is not None else bundled_cloud_model()
+    _empty_path_is_bundled = field_validator("path", mode="before")(empty_is_unset)
+
+    def resolved_path(self, name: str = "NAME") -> Path:
+        """``path``, else the default model the command line passed to
+        :meth:`WorkerConfig.load` (the bundled digits cloud model)."""
+        path = self.path if self.path is not None else self._default_path
+        if path is None:
+            env = f"{ENV_PREFIX}MODELS__{name.upper()}__PATH"
+            raise ConfigError(
+                f"models.{name}.path: no model file given (set it in the file or with {env})"
+            )
+        return path
+
+    def with_default_path(self, default: Path | None) -> ModelConfig:
+        copy = self.model_copy()
+        copy._default_path = default
+        return copy
 
 
 class BatchingConfig(BaseModel):
-    model_config = _FROZEN
+    model_config = FROZEN
 
     max_batch_size: int = Field(64, ge=1, le=4096)
     max_wait_ms: float = Field(
@@ -79,19 +72,17 @@ class BatchingConfig(BaseModel):
 
 
 class StoreConfig(BaseModel):
-    model_config = _FROZEN
+    model_config = FROZEN
 
     path: Path = Field(Path("hard_examples.db"), description="SQLite file of hard examples")
     commit_max_rows: int = Field(512, ge=1, le=100_000)
     commit_interval_ms: float = Field(50.0, gt=0, le=10_000)
 
 
-class WorkerConfig(BaseSettings):
+class WorkerConfig(FileAndEnvSettings):
     """Everything a cloud worker needs; see ``docs/cloud-worker.md`` for each key."""
 
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, env_nested_delimiter="__", frozen=True, extra="forbid"
-    )
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX)
 
     worker_id: str = Field(
         default_factory=lambda: f"worker-{socket.gethostname().split('.')[0] or 'host'}"
@@ -112,16 +103,13 @@ class WorkerConfig(BaseSettings):
     drain_timeout_s: float = Field(10.0, gt=0, le=600)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
-    @field_validator("worker_id", "group")
-    @classmethod
-    def _levels(cls, v: str) -> str:
-        return _level(v)
+    _levels = field_validator("worker_id", "group")(topic_level)
 
     @field_validator("models")
     @classmethod
     def _model_names(cls, v: dict[str, ModelConfig]) -> dict[str, ModelConfig]:
         for name in v:
-            _level(name)
+            topic_level(name)
         return v
 
     @field_validator("cloud_root")
@@ -142,40 +130,16 @@ class WorkerConfig(BaseSettings):
         )
 
     @classmethod
-    def settings_customise_sources(
+    def load(
         cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
-
-    @classmethod
-    def load(cls, path: Path | str | None = None, **overrides: Any) -> WorkerConfig:
-        """Read settings; raise :class:`ConfigError` naming the bad key."""
-        source = f"defaults and {ENV_PREFIX}* variables"
-        target: type[WorkerConfig] = cls
-        if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise ConfigError(f"config file {path} does not exist (pass --config PATH)")
-            source = f"{path} and {ENV_PREFIX}* variables"
-            target = type(
-                cls.__name__, (cls,), {"model_config": {**cls.model_config, "toml_file": path}}
-            )
-        try:
-            return target(**overrides)
-        except ValidationError as exc:
-            lines = [f"invalid worker configuration (from {source}):"]
-            for err in exc.errors():
-                key = ".".join(str(p) for p in err["loc"])
-                env = ENV_PREFIX + "__".join(str(p).upper() for p in err["loc"])
-                shown = shown_input(key, err["type"], err.get("input"))
-                lines.append(f"  {key}: {err['msg']}{shown}  [set it in the file or with {env}]")
-            raise ConfigError("\n".join(lines)) from None
-        except SettingsError as exc:
-            raise ConfigError(f"invalid worker configuration (from {source}): {exc}") from None
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot read config {path}: {exc}") from None
+        path: Path | str | None = None,
+        *,
+        default_model_path: Path | None = None,
+        **overrides: Any,
+    ) -> WorkerConfig:
+        """Read settings; raise :class:`ConfigError` naming the bad key. ``default_model_path``
+        is served by each model whose ``path`` is unset (the command line passes the bundled
+        cloud model)."""
+        cfg = load_settings(cls, path, overrides, error=ConfigError, what="worker configuration")
+        models = {n: m.with_default_path(default_model_path) for n, m in cfg.models.items()}
+        return cfg.model_copy(update={"models": models})

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 from cloud_worker.errors import ExportError
 from cloud_worker.store import COLUMNS, iter_rows
+from edgewise.files import atomic_path
 
 Format = Literal["parquet", "csv"]
 
@@ -25,21 +25,13 @@ def export(
     batch: int = 1000,
 ) -> int:
     """Write every stored example to ``out``; returns how many. Written to a temporary file,
-    fsynced, then renamed: a failed export leaves no half file behind."""
+    fsynced, then renamed and the directory fsynced: a failed export leaves no half file."""
     total, batches = iter_rows(store_path, batch)
     if on_total is not None:
         on_total(total)
-    tmp = out.with_name(out.name + ".part")
     out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        n = (_parquet if fmt == "parquet" else _csv)(tmp, batches, on_rows)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return n
+    with atomic_path(out) as tmp:
+        return (_parquet if fmt == "parquet" else _csv)(tmp, batches, on_rows)
 
 
 def _csv(path: Path, batches: Any, on_rows: Callable[[int], None] | None) -> int:

@@ -15,7 +15,7 @@ def onnx_handler(name: str, cfg: ModelConfig) -> tuple[Handler, ServedModel]:
     """A handler running ``cfg``'s model; close the returned model when done."""
     try:
         model = ServedModel.load(
-            str(cfg.resolved_path()),
+            str(cfg.resolved_path(name)),
             name=name,
             release=0,
             output=cfg.output,

@@ -8,49 +8,27 @@ message naming it.
 
 from __future__ import annotations
 
-import os
 import socket
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
-from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-    SettingsError,
-    TomlConfigSettingsSource,
-)
+from pydantic import BaseModel, Field, PrivateAttr, field_validator, model_validator
+from pydantic_settings import BaseSettings
 
 from edge_node.errors import ConfigError
 from edge_node.escalation.config import EscalationConfig
 from edge_node.hardware import NodeHardware, load_classes, resolve, shipped_classes_file
 from edge_node.updates.config import UpdatesConfig
-from edgewise.mqtt import MqttConfig, shown_input
+from edgewise.mqtt import MqttConfig
 from edgewise.outbox import OutboxConfig
 from edgewise.outbox.config import MIN_MAX_BYTES
-from schemas import ContractError, Limits, Topics, validate_filter, validate_level
-
-_FROZEN = ConfigDict(frozen=True, extra="forbid")
-_S = TypeVar("_S", bound=BaseSettings)
-
-
-def bundled_asset(name: str) -> Path:
-    """Path of a file shipped in ``edgewise/assets`` (the demo model and held-out frames)."""
-    import edgewise.assets as assets
-
-    return Path(assets.__file__).parent / name
+from edgewise.settings import FROZEN, FileAndEnvSettings, empty_is_unset, load_settings, topic_level
+from edgewise.settings import unknown_env_names as _unknown_env_names
+from schemas import ContractError, Limits, Topics, validate_filter
 
 
 class ModelConfig(BaseModel):
-    model_config = _FROZEN
+    model_config = FROZEN
 
     path: Path | None = Field(None, description="model file; empty = the bundled digits model")
     name: str = "digits"
@@ -79,22 +57,29 @@ class ModelConfig(BaseModel):
         " on long runs); frames keep being served during the reload; 0 = never",
     )
 
-    @field_validator("path", mode="before")
-    @classmethod
-    def _empty_path_is_bundled(cls, v: object) -> object:
-        return None if v == "" else v
+    _default_path: Path | None = PrivateAttr(None)  # given by NodeConfig.load
+
+    _empty_path_is_bundled = field_validator("path", mode="before")(empty_is_unset)
+    _name_is_topic_level = field_validator("name")(topic_level)
 
     def resolved_path(self) -> Path:
-        return self.path if self.path is not None else bundled_asset("digits_edge.onnx")
+        """``path``, else the default model the command line passed to :meth:`NodeConfig.load`
+        (the bundled digits model)."""
+        path = self.path if self.path is not None else self._default_path
+        if path is None:
+            raise ConfigError(
+                "model.path: no model file given (set it in the file or with EDGEWISE_MODEL__PATH)"
+            )
+        return path
 
-    @field_validator("name")
-    @classmethod
-    def _name_is_topic_level(cls, v: str) -> str:
-        return _level(v)
+    def with_default_path(self, default: Path | None) -> ModelConfig:
+        copy = self.model_copy()
+        copy._default_path = default
+        return copy
 
 
 class BatchingConfig(BaseModel):
-    model_config = _FROZEN
+    model_config = FROZEN
 
     max_batch_size: int = Field(64, ge=1, le=4096)
     max_wait_ms: float = Field(
@@ -128,7 +113,7 @@ class BatchingConfig(BaseModel):
 
 
 class LimitsConfig(BaseModel):
-    model_config = _FROZEN
+    model_config = FROZEN
 
     max_payload_bytes: int = Field(1_048_576, ge=64, le=64 * 1_048_576)
     max_tensor_elements: int = Field(262_144, ge=1)
@@ -147,7 +132,7 @@ class LimitsConfig(BaseModel):
 
 
 class TopicsConfig(BaseModel):
-    model_config = _FROZEN
+    model_config = FROZEN
 
     sensors_root: str = "sensors"
     edge_root: str = "edge"
@@ -192,7 +177,7 @@ class TopicsConfig(BaseModel):
 class StorageConfig(BaseModel):
     """Where the node keeps what must survive it: the outbox of results waiting for the broker."""
 
-    model_config = _FROZEN
+    model_config = FROZEN
 
     state_dir: Path = Field(
         Path("edgewise-state"),
@@ -241,7 +226,7 @@ class StorageConfig(BaseModel):
 class TelemetryConfig(BaseModel):
     """The node's telemetry windows on ``edge/{node}/telemetry`` (stored and forwarded)."""
 
-    model_config = _FROZEN
+    model_config = FROZEN
 
     window_s: float = Field(10.0, ge=0.1, le=3600, description="length of one telemetry window")
 
@@ -249,7 +234,7 @@ class TelemetryConfig(BaseModel):
 class HealthConfig(BaseModel):
     """When the node calls itself degraded, besides storage and model trouble."""
 
-    model_config = _FROZEN
+    model_config = FROZEN
 
     latency_slo_p99_ms: float | None = Field(
         None,
@@ -271,7 +256,7 @@ class EndToEndConfig(BaseModel):
     message stays in the outbox after the broker's PUBACK until its consumer confirms it on
     ``edge/{node}/acks``, so a broker crash loses no result. Off by default."""
 
-    model_config = _FROZEN
+    model_config = FROZEN
 
     enabled: bool = Field(
         False,
@@ -312,22 +297,8 @@ class EndToEndConfig(BaseModel):
         return self
 
 
-def _level(v: str) -> str:
-    try:
-        return validate_level(v)
-    except ContractError as exc:
-        raise ValueError(exc.detail) from None
-
-
-class NodeConfig(BaseSettings):
+class NodeConfig(FileAndEnvSettings):
     """Everything an edge node needs; see ``docs/configuration.md`` for each key."""
-
-    model_config = SettingsConfigDict(
-        env_prefix="EDGEWISE_",
-        env_nested_delimiter="__",
-        frozen=True,
-        extra="forbid",
-    )
 
     node_id: str = Field(default_factory=lambda: socket.gethostname().split(".")[0] or "node")
     hardware_class: str = Field(
@@ -363,10 +334,8 @@ class NodeConfig(BaseSettings):
     drain_timeout_s: float = Field(10.0, gt=0, le=600)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
-    @field_validator("node_id", "hardware_class")
-    @classmethod
-    def _node_id(cls, v: str) -> str:
-        return _level(v)
+    _node_id = field_validator("node_id", "hardware_class")(topic_level)
+    _empty_file_is_shipped = field_validator("hardware_classes_file", mode="before")(empty_is_unset)
 
     @model_validator(mode="after")
     def _pending_bytes_hold_two_messages(self) -> NodeConfig:
@@ -378,22 +347,6 @@ class NodeConfig(BaseSettings):
                 f" twice limits.max_payload_bytes ({self.limits.max_payload_bytes})"
             )
         return self
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
-
-    @field_validator("hardware_classes_file", mode="before")
-    @classmethod
-    def _empty_file_is_shipped(cls, v: object) -> object:
-        return None if v == "" else v
 
     def hardware(self) -> NodeHardware:
         """The node's hardware class from ``hardware_classes_file`` with this config's overrides
@@ -417,49 +370,17 @@ class NodeConfig(BaseSettings):
         )
 
     @classmethod
-    def load(cls, path: Path | str | None = None, **overrides: Any) -> NodeConfig:
-        """Read settings; raise :class:`ConfigError` naming the bad key."""
-        return load_settings(cls, path, overrides)
-
-
-def load_settings(cls: type[_S], path: Path | str | None, overrides: dict[str, Any]) -> _S:
-    """Instantiate a settings class from an optional TOML file, the environment and overrides."""
-    source = "defaults and EDGEWISE_* variables"
-    target: type[_S] = cls
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist (pass --config PATH)")
-        source = f"{path} and EDGEWISE_* variables"
-        target = type(
-            cls.__name__, (cls,), {"model_config": {**cls.model_config, "toml_file": path}}
-        )
-    try:
-        return target(**overrides)
-    except ValidationError as exc:
-        raise ConfigError(_explain(exc, source)) from None
-    except SettingsError as exc:  # an EDGEWISE_* value that is not valid JSON for a list/dict
-        raise ConfigError(
-            f"invalid configuration (from {source}): {exc}; list and table values in EDGEWISE_*"
-            " variables are JSON, e.g. EDGEWISE_MODEL__PROVIDERS='[\"CPUExecutionProvider\"]'"
-        ) from None
-    except (OSError, ValueError) as exc:  # unreadable or malformed TOML
-        raise ConfigError(f"cannot read config {path}: {exc}") from None
-
-
-def _explain(exc: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration (from {source}):"]
-    for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"])
-        env = "EDGEWISE_" + "__".join(str(p).upper() for p in err["loc"])
-        given = err.get("input")
-        shown = shown_input(key, err["type"], given)
-        lines.append(f"  {key}: {err['msg']}{shown}  [set it in the file or with {env}]")
-        if err["type"] in ("tuple_type", "list_type") and isinstance(given, str):
-            lines.append(
-                f'    list values in EDGEWISE_* variables are JSON, e.g. {env}=\'["a", "b"]\''
-            )
-    return "\n".join(lines)
+    def load(
+        cls,
+        path: Path | str | None = None,
+        *,
+        default_model_path: Path | None = None,
+        **overrides: Any,
+    ) -> NodeConfig:
+        """Read settings; raise :class:`ConfigError` naming the bad key. ``default_model_path``
+        is served when ``model.path`` is unset (the command line passes the bundled model)."""
+        cfg = load_settings(cls, path, overrides, error=ConfigError)
+        return cfg.model_copy(update={"model": cfg.model.with_default_path(default_model_path)})
 
 
 OTHER_COMMANDS_ENV = frozenset({"EDGEWISE_BROKER", "EDGEWISE_VENV", "EDGEWISE_CRASHPOINT"})
@@ -468,12 +389,6 @@ OTHER_COMMANDS_ENV = frozenset({"EDGEWISE_BROKER", "EDGEWISE_VENV", "EDGEWISE_CR
 
 
 def unknown_env_names(cls: type[BaseSettings] = NodeConfig) -> list[str]:
-    """EDGEWISE_* variables set now that no setting reads (typos such as EDGEWISE_NODEID).
-
-    Unknown nested keys (``EDGEWISE_MQTT__HOSTT``) already fail validation; a top-level name
-    that matches no field is silently ignored by pydantic-settings, so the node warns about it.
-    """
-    known = {f"EDGEWISE_{name.upper()}" for name in cls.model_fields} | OTHER_COMMANDS_ENV
-    return sorted(
-        k for k in os.environ if k.startswith("EDGEWISE_") and k.split("__")[0] not in known
-    )
+    """EDGEWISE_* variables set now that no setting reads (typos such as EDGEWISE_NODEID): the
+    node warns about them (:func:`edgewise.settings.unknown_env_names`)."""
+    return _unknown_env_names(cls, OTHER_COMMANDS_ENV)

@@ -15,10 +15,13 @@ import numpy as np
 
 from edge_node.config import NodeConfig
 from edge_node.node import EdgeNode
+from edgewise.assets import bundled_asset
 from edgewise.local_broker import BrokerInfo
 from edgewise.mqtt import Inbound, MqttConfig, MqttSession
 from edgewise.serving.model import ServedModel
 from schemas import Frame, encode_frame
+
+EDGE_MODEL = bundled_asset("digits_edge.onnx")  # what `edgewise node` serves by default
 
 
 @dataclass
@@ -81,7 +84,9 @@ async def running_node(
         if "storage" not in overrides:
             state = stack.enter_context(tempfile.TemporaryDirectory(prefix="edgewise-test-"))
             overrides["storage"] = {"state_dir": state}
-        cfg = NodeConfig.load(node_id=node_id, mqtt=node_mqtt, **overrides)
+        cfg = NodeConfig.load(
+            node_id=node_id, mqtt=node_mqtt, default_model_path=EDGE_MODEL, **overrides
+        )
         async with _node_and_probes(cfg, mqtt, seen, served_model) as h:
             yield h
 

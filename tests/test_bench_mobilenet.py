@@ -120,7 +120,7 @@ def test_the_bare_relay_answers_each_frame_in_the_nodes_results_format(
     import threading
 
     from bench.relay import RelaySpec, run_relay
-    from edge_node.config import bundled_asset
+    from edgewise.assets import bundled_asset
     from edgewise.cli.frames import load_holdout
     from schemas import decode_results
 

@@ -240,3 +240,22 @@ def test_the_example_config_loads(tmp_path: Path) -> None:
     assert example is not None
     cfg = BridgeConfig.model_validate(tomllib.loads(example.group(1)))
     assert cfg.compiled("up")[0].translate("edge/gw-1/results") == "sites/s1/edge/gw-1/results"
+
+
+def test_bad_key_names_the_variable_that_sets_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Like the node's and the worker's: each bad key's line says which variable sets it."""
+    with pytest.raises(ConfigError) as info:
+        BridgeConfig.load(write(tmp_path, RULE + CLOUD + "[forward]\nwindow = 0\n"))
+    assert "forward.window" in str(info.value)
+    assert "[set it in the file or with EDGEWISE_FORWARD__WINDOW]" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        BridgeConfig.load(write(tmp_path, '[[rules]]\ndirection = "sideways"\nfilter = "a"\n'))
+    assert "rules.0.direction" in str(info.value)
+    assert "with EDGEWISE_RULES]" in str(info.value)  # a list item: only the list has a variable
+    monkeypatch.setenv("EDGEWISE_QUEUE__UP_MAX_BYTES", "lots")
+    with pytest.raises(ConfigError) as info:
+        BridgeConfig.load(write(tmp_path, RULE + CLOUD))
+    assert "queue.up_max_bytes" in str(info.value)
+    assert "EDGEWISE_QUEUE__UP_MAX_BYTES" in str(info.value)

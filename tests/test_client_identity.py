@@ -56,6 +56,7 @@ def test_node_connections_never_share_an_id_with_an_explicit_client_id() -> None
     downloader and the escalator derive theirs, so none takes over another."""
     from edge_node.config import NodeConfig
     from edge_node.node import EdgeNode
+    from edgewise.assets import bundled_asset
     from tests.updatekit import Fleet
 
     config = NodeConfig.model_validate(
@@ -64,6 +65,7 @@ def test_node_connections_never_share_an_id_with_an_explicit_client_id() -> None
             "mqtt": {"username": "gw-ids", "client_id": "gw-ids:main"},
             "escalation": {"enabled": True},
             "updates": {"root_key": Fleet().root_public.hex()},
+            "model": {"path": str(bundled_asset("digits_edge.onnx"))},
         }
     )
     node = EdgeNode(config)

@@ -8,6 +8,7 @@ import pytest
 
 from edge_node.config import NodeConfig, unknown_env_names
 from edge_node.errors import ConfigError
+from edgewise.cli.defaults import node_config
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -81,7 +82,7 @@ def test_list_env_value_that_is_not_json_says_how(monkeypatch: pytest.MonkeyPatc
 
 
 def test_empty_model_path_means_the_bundled_model(tmp_path: Path) -> None:
-    cfg = NodeConfig.load(_write(tmp_path, '[model]\npath = ""\n'))
+    cfg = node_config(_write(tmp_path, '[model]\npath = ""\n'))  # as `edgewise node` loads it
     assert cfg.model.path is None
     assert cfg.model.resolved_path().name == "digits_edge.onnx"
 

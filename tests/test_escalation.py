@@ -19,7 +19,6 @@ import onnxruntime as ort
 import pytest
 
 from cloud_worker import Worker
-from edge_node.config import bundled_asset
 from edge_node.escalation import (
     Case,
     CloudVerdict,
@@ -30,6 +29,7 @@ from edge_node.escalation import (
     VerdictCache,
     assess,
 )
+from edgewise.assets import bundled_asset
 from edgewise.cli.frames import load_holdout
 from edgewise.local_broker import BrokerInfo, MosquittoProcess
 from edgewise.mqtt import Inbound, MqttSession

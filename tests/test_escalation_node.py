@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from edge_node.config import bundled_asset
+from edgewise.assets import bundled_asset
 from edgewise.cli.frames import load_holdout
 from edgewise.local_broker import BrokerInfo, MosquittoProcess, free_port
 from edgewise.mqtt import MqttSession

@@ -13,9 +13,10 @@ import numpy.typing as npt
 import onnxruntime as ort
 import pytest
 
-from edge_node.config import NodeConfig, bundled_asset
+from edge_node.config import NodeConfig
 from edge_node.errors import ConfigError, ModelRefused
 from edge_node.node import EdgeNode
+from edgewise.assets import bundled_asset
 from edgewise.local_broker import BrokerInfo
 from edgewise.serving.model import ServedModel
 from edgewise.serving.runtime import Runtime
@@ -198,6 +199,7 @@ def test_model_the_class_cannot_run_is_refused_at_start(
         hardware_class=name,
         hardware_classes_file=file,
         storage={"state_dir": tmp_path / "state"},
+        model={"path": bundled_asset("digits_edge.onnx")},
     )
     with pytest.raises(ModelRefused) as info:
         asyncio.run(_start(config))

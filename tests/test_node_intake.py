@@ -26,8 +26,9 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_node.answered import AnsweredFilter
-from edge_node.config import NodeConfig, bundled_asset
+from edge_node.config import NodeConfig
 from edge_node.errors import ConfigError
+from edgewise.assets import bundled_asset
 from edgewise.cli.frames import load_holdout
 from edgewise.local_broker import BrokerInfo, Message, MosquittoProcess, MqttProbe
 from edgewise.mqtt import MqttConfig, MqttSession

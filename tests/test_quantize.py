@@ -20,7 +20,7 @@ import onnxruntime as ort
 import pytest
 from typer.testing import CliRunner
 
-from edge_node.config import bundled_asset
+from edgewise.assets import bundled_asset
 from edgewise.cli.app import app
 from edgewise.compress import QuantizeError, SampleFileError
 from edgewise.compress.quantize import choose_mode, quantize_model

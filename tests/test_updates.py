@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edge_node.config import bundled_asset
 from edge_node.hardware import NodeHardware
 from edge_node.updates import UpdateManager, UpdatesConfig
+from edgewise.assets import bundled_asset
 from edgewise.local_broker import BrokerInfo, MosquittoProcess
 from edgewise.mqtt import MqttSession
 from edgewise.releases import Command, Manifest, Target, UpdateEvent, decode_event, generate, sign

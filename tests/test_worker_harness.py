@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from cloud_worker import WorkerConfig
+from edgewise.assets import bundled_asset
 from edgewise.local_broker import BrokerInfo
 from edgewise.mqtt import Inbound, MqttConfig, MqttSession
 from schemas import (
@@ -104,7 +105,8 @@ def worker_config(broker: BrokerInfo, tmp_path: Path, **kw: object) -> WorkerCon
     kw.setdefault("group", f"g-{uuid.uuid4().hex[:6]}")
     kw.setdefault("store", {"path": str(tmp_path / f"{kw['worker_id']}.db")})
     kw.setdefault("mqtt", mqtt_for(broker))
-    return WorkerConfig.load(**kw)  # type: ignore[arg-type]
+    bundled = bundled_asset("digits_cloud.onnx")  # what `edgewise worker` serves by default
+    return WorkerConfig.load(default_model_path=bundled, **kw)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

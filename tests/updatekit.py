@@ -14,7 +14,6 @@ import onnx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from onnx import TensorProto, helper, numpy_helper
 
-from edge_node.config import bundled_asset
 from edge_node.hardware import (
     HardwareClass,
     NodeHardware,
@@ -22,6 +21,7 @@ from edge_node.hardware import (
     resolve,
     shipped_classes_file,
 )
+from edgewise.assets import bundled_asset
 from edgewise.cli.frames import load_holdout
 from edgewise.releases import Golden, KeySet, Manifest, TensorDecl, generate, public_entry, sign
 from edgewise.releases.signing import raw_public

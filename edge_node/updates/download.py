@@ -14,13 +14,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 from edge_node.updates.errors import StepFailed
-from edge_node.updates.files import fsync_dir, write_atomic
+from edgewise.files import atomic_file, write_atomic
 from edgewise.mqtt import Conflict, Inbound, MqttConfig, MqttSession, max_packet_for
 from edgewise.releases import Manifest, Reason
 from schemas import Topics
@@ -124,10 +123,9 @@ class ChunkDownload:
 
     def _join(self) -> Path:
         m = self.manifest
-        tmp = self._staged.with_name(f".{self._staged.name}.tmp")
         digest = hashlib.sha256()
         total = 0
-        with open(tmp, "wb") as out:
+        with atomic_file(self._staged) as out:  # renamed into place only if the hash matches
             for i in range(m.chunks):
                 data = (self._dir / str(i)).read_bytes()
                 total += len(data)
@@ -135,18 +133,13 @@ class ChunkDownload:
                     raise StepFailed(Reason.SIZE_EXCEEDED, f"more than {m.size} bytes")
                 digest.update(data)
                 out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        if digest.hexdigest() != m.sha256 or total != m.size:
-            os.unlink(tmp)
-            self.discard()
-            raise StepFailed(
-                Reason.HASH_MISMATCH,
-                f"the chunks hash to {digest.hexdigest()[:16]}…, the manifest says "
-                f"{m.sha256[:16]}…",
-            )
-        os.replace(tmp, self._staged)
-        fsync_dir(self._staged.parent)
+            if digest.hexdigest() != m.sha256 or total != m.size:
+                self.discard()
+                raise StepFailed(
+                    Reason.HASH_MISMATCH,
+                    f"the chunks hash to {digest.hexdigest()[:16]}…, the manifest says "
+                    f"{m.sha256[:16]}…",
+                )
         self.discard()
         return self._staged
 

@@ -15,7 +15,6 @@ rollback) and is closed when the new one commits. A step that fails raises
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +25,7 @@ from edge_node.updates.crashpoints import crashpoint
 from edge_node.updates.download import ChunkDownload
 from edge_node.updates.errors import StepFailed
 from edge_node.updates.events import UpdateEvents
-from edge_node.updates.files import fsync_dir, sha256_file
+from edge_node.updates.files import sha256_file
 from edge_node.updates.held import Held
 from edge_node.updates.probation import ProbationWindow
 from edge_node.updates.rejects import ControlRejects, Rejection
@@ -34,6 +33,7 @@ from edge_node.updates.state import Installed, NodeState, Probation
 from edge_node.updates.stats import UpdateStats
 from edge_node.updates.validate import validate
 from edge_node.updates.verdicts import VerdictMemory
+from edgewise.files import replace_durably
 from edgewise.mqtt import Conflict, MqttConfig
 from edgewise.releases import Manifest, Reason
 from edgewise.serving.model import Prediction, ServedModel
@@ -245,5 +245,4 @@ class Installer:
 
 
 def _move(src: Path, dst: Path) -> None:
-    os.replace(src, dst)
-    fsync_dir(dst.parent)
+    replace_durably(src, dst)

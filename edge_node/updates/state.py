@@ -27,7 +27,8 @@ from typing import Literal
 import msgspec
 
 from edge_node.updates.errors import StateError
-from edge_node.updates.files import remove, write_atomic
+from edge_node.updates.files import remove
+from edgewise.files import write_atomic
 from edgewise.releases.formats import suffix_of
 
 Step = Literal["downloading", "verified", "validating", "swapping"]

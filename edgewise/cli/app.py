@@ -79,15 +79,16 @@ def node(
     `__`, e.g. EDGEWISE_MQTT__HOST), then these flags. SIGTERM drains in-flight frames and exits 0.
     An unreachable broker is retried (with backoff, the reason in the log) until it answers.
     """
-    from edge_node.config import NodeConfig, unknown_env_names
+    from edge_node.config import unknown_env_names
     from edge_node.errors import EdgeNodeError
     from edge_node.service import run_node
+    from edgewise.cli.defaults import node_config
 
     overrides: dict[str, Any] = {}
     if node_id:
         overrides["node_id"] = node_id
     try:
-        cfg = NodeConfig.load(config, **overrides)
+        cfg = node_config(config, **overrides)
         mqtt = service_mqtt(cfg.mqtt, broker, username, password_file, tls_ca)
         if mqtt is not cfg.mqtt:
             cfg = cfg.model_copy(update={"mqtt": mqtt})

@@ -32,10 +32,11 @@ import numpy as np
 from rich.console import Console, Group
 from rich.live import Live
 
-from cloud_worker import Worker, WorkerConfig
-from edge_node.config import NodeConfig, bundled_asset
+from cloud_worker import Worker
 from edge_node.node import EdgeNode
+from edgewise.assets import bundled_asset
 from edgewise.cli.connect import Broker, broker_settings, connected
+from edgewise.cli.defaults import node_config, worker_config
 from edgewise.cli.demo_update import DemoFleet
 from edgewise.cli.demo_view import DemoReport, DemoWatch, table
 from edgewise.cli.frames import load_holdout
@@ -144,7 +145,7 @@ async def run_demo(
             viewer.subscribe(topics.escalations_filter(None))
             viewer.subscribe(topics.reply(node_id))
             worker = Worker(
-                WorkerConfig.load(
+                worker_config(
                     worker_id=f"{node_id}-worker",
                     group=f"{node_id}-workers",
                     mqtt=mqtt,
@@ -157,7 +158,7 @@ async def run_demo(
         await viewer.wait_connected(mqtt.connect_timeout_s)
         node = await stack.enter_async_context(
             EdgeNode(
-                NodeConfig.load(
+                node_config(
                     node_id=node_id,
                     mqtt=mqtt,
                     storage={"state_dir": state_dir},

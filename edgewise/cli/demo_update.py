@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge_node.config import bundled_asset
+from edgewise.assets import bundled_asset
 from edgewise.cli.frames import LabelledFrames
 from edgewise.mqtt import MqttSession
 from edgewise.releases import Golden, KeySet, Manifest, TensorDecl, generate, public_entry, sign

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_node.config import bundled_asset
+from edgewise.assets import bundled_asset
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from edgewise.cli.connect import (
     run,
     session,
 )
+from edgewise.files import create_durably, write_atomic
 from edgewise.releases import KeySet, public_entry, sign
 from edgewise.releases.errors import BadKey
 from edgewise.releases.signing import (
@@ -71,18 +71,15 @@ FleetRootOpt = Annotated[str, typer.Option("--fleet-root", help="Topic root of f
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """Create a private key file readable by its owner only; never overwrite one."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    """Create a private key file readable by its owner only, whole and durably; never
+    overwrite one."""
+    create_durably(path, data, mode=0o600)
 
 
 def write_file(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    """Replace ``path`` durably (the key ring's version counter guards against key-set
+    rollback: a power cut must not bring back an older one, nor leave half a file)."""
+    write_atomic(path, data)
 
 
 # ----------------------------------------------------------------------------- keyring
@@ -219,8 +216,9 @@ def write_out(out_dir: Path, items: list[tuple[str, bytes]], names: list[str]) -
     script = out_dir / "publish.sh"
     write_file(script, ("\n".join(lines) + "\n").encode())
     script.chmod(0o755)
-    (out_dir / "topics.tsv").write_text(
-        "".join(f"{t}\t{n}\n" for (t, _), n in zip(items, names, strict=True)), encoding="utf-8"
+    write_file(
+        out_dir / "topics.tsv",
+        "".join(f"{t}\t{n}\n" for (t, _), n in zip(items, names, strict=True)).encode(),
     )
     return script
 

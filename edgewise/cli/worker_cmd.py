@@ -59,13 +59,14 @@ def worker(
     """
     if ctx.invoked_subcommand is not None:
         return
-    from cloud_worker import Worker, WorkerConfig, WorkerError, run_worker
+    from cloud_worker import Worker, WorkerError, run_worker
+    from edgewise.cli.defaults import worker_config
 
     overrides: dict[str, object] = {}
     if worker_id:
         overrides["worker_id"] = worker_id
     try:
-        cfg = WorkerConfig.load(config, **overrides)
+        cfg = worker_config(config, **overrides)
         mqtt = service_mqtt(cfg.mqtt, broker, username, password_file, tls_ca)
         if mqtt is not cfg.mqtt:
             cfg = cfg.model_copy(update={"mqtt": mqtt})

@@ -29,9 +29,10 @@ from typing import Any, Literal
 import numpy.typing as npt
 
 from edgewise.compress.errors import QuantizeError
-from edgewise.compress.files import same_file, write_atomic
+from edgewise.compress.files import same_file
 from edgewise.compress.predict import DEFAULT_BATCH, batch_size, batches, predict
 from edgewise.compress.samples import read_samples
+from edgewise.files import write_atomic
 from edgewise.serving.runtime import Runtime, RuntimeLoadError, RuntimeRunError, load_runtime
 
 Mode = Literal["auto", "static", "dynamic"]

@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from edgewise.settings import shown_input as shown_input  # re-exported (edgewise.mqtt)
+
 
 class MqttConfig(BaseModel):
     """How a service reaches its broker.
@@ -112,18 +114,3 @@ class MqttConfig(BaseModel):
         if self.password_file is not None:
             return self.password_file.read_text(encoding="utf-8").strip()
         return None
-
-
-#: Setting names whose values a configuration error never quotes.
-_SECRET_WORDS = ("pass", "secret", "token")
-
-
-def shown_input(key: str, error_type: str, given: object) -> str:
-    """`` (got VALUE)`` for a configuration error about ``key``, or ``""`` where VALUE may be a
-    credential: a key that names one (``password``, ``mqtt.passwd`` …), an unknown key (a
-    mistyped ``pasword`` is unknown too), or a table (it may hold either)."""
-    if isinstance(given, dict | list | tuple) or error_type == "extra_forbidden":
-        return ""
-    if any(word in key.lower() for word in _SECRET_WORDS):
-        return ""
-    return f" (got {given!r})"
