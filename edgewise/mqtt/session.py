@@ -66,7 +66,7 @@ class MqttSession:
     Use::
 
         async with MqttSession(config, client_id="gw-1", on_message=handle) as session:
-            session.subscribe("sensors/+/+")
+            session.subscribe("sensors/+/+")  # a future: the granted QoS at the SUBACK
             await session.wait_connected()
             await session.publish("edge/gw-1/results", payload)
 
@@ -191,6 +191,7 @@ class MqttSession:
         self._connected.clear()
         self._lost.set()
         self._acks.fail_all(Disconnected("session closed"))
+        self._subs.fail_waiting(Disconnected("session closed"))
         assert self._tasks is not None
         for task in self._background:
             task.cancel()
@@ -287,13 +288,22 @@ class MqttSession:
         *,
         no_local: bool = False,
         retain_as_published: bool = False,
-    ) -> None:
+    ) -> asyncio.Future[int]:
         """Subscribe now (if connected) and after every reconnect that lost the session (or that
-        came before this subscription's SUBACK)."""
+        came before this subscription's SUBACK).
+
+        The future (awaiting it is optional) tells what the broker answered: the QoS granted
+        (a session the broker kept holds the subscription already: the QoS asked for),
+        :class:`SubscribeRefused` (the subscription is kept, and sent again on the next
+        connection that lost it), or :class:`Disconnected` if the connection the SUBSCRIBE
+        went out on drops first, or the session closes before it went out. Not connected now,
+        it goes out when the next connection comes up, and the future waits for that."""
         sub = Subscription(topic_filter, qos, no_local, retain_as_published)
         self._subs.add(sub)
+        suback = None
         if self._client is not None and self._connected.is_set():
-            self._send_subscribe([sub])
+            suback = self._send_subscribe([sub])
+        return self._subs.answer(self._loop or asyncio.get_running_loop(), sub, suback)
 
     async def subscribe_confirmed(self, topic_filter: str, qos: int = 1) -> int:
         """:meth:`subscribe` and wait for the broker's answer: the QoS granted, or

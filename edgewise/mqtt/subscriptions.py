@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -19,7 +20,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from edgewise.mqtt.errors import SubscribeRefused
+from edgewise.mqtt.errors import Disconnected, MqttError, SubscribeRefused
 from edgewise.mqtt.pending_acks import PendingAcks
 
 
@@ -39,6 +40,11 @@ class Subscriptions:
         self.unconfirmed: dict[str, Subscription] = {}
         """Not yet confirmed by a SUBACK: a session the broker kept (Session Present = 1) may
         lack them, so they are sent again on reconnect."""
+        self.waiting: dict[str, list[asyncio.Future[int]]] = {}
+        """Answers promised by :meth:`answer` to subscriptions not sent yet: each is told by the
+        SUBACK of the next SUBSCRIBE of its filter."""
+        self.answers: dict[str, asyncio.Future[int]] = {}
+        """The answer to the latest :meth:`MqttSession.subscribe` of each filter."""
 
     def add(self, sub: Subscription) -> None:
         self.all[sub.topic_filter] = sub
@@ -55,7 +61,38 @@ class Subscriptions:
             # A session kept from an earlier run holds the service's subscriptions (ADR 0002).
             self.unconfirmed.clear()
         subs = self.unconfirmed if session_present else self.all
+        for topic_filter in [f for f in self.waiting if f not in subs]:
+            # The broker's session holds it: no SUBSCRIBE, so no SUBACK to wait for.
+            sub = self.all.get(topic_filter)
+            for fut in self.waiting.pop(topic_filter):
+                if not fut.done():
+                    fut.set_result(sub.qos if sub is not None else 0)
         return list(subs.values())
+
+    def answer(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sub: Subscription,
+        suback: asyncio.Future[list[int]] | None,
+    ) -> asyncio.Future[int]:
+        """The future :meth:`MqttSession.subscribe` returns: the QoS granted to ``sub``, or
+        :class:`SubscribeRefused`, or :class:`Disconnected` if the connection its SUBSCRIBE went
+        out on drops first. ``suback``: of the SUBSCRIBE just sent; None: not sent yet (it goes
+        out when the next connection comes up)."""
+        fut: asyncio.Future[int] = loop.create_future()
+        self.answers[sub.topic_filter] = fut
+        if suback is None:
+            self.waiting.setdefault(sub.topic_filter, []).append(fut)
+        else:
+            suback.add_done_callback(partial(_settle, fut, sub.topic_filter, 0))
+        return fut
+
+    def fail_waiting(self, exc: MqttError) -> None:
+        """The session closes: what waits for a SUBSCRIBE not sent yet fails."""
+        waiting, self.waiting = self.waiting, {}
+        for futs in waiting.values():
+            for fut in futs:
+                _fail(fut, exc)
 
     def send(
         self,
@@ -87,6 +124,9 @@ class Subscriptions:
             return None
         fut = acks.expect_suback(loop, mid)
         fut.add_done_callback(lambda f: self._confirmed(f, subs))
+        for i, sub in enumerate(subs):
+            for waiter in self.waiting.pop(sub.topic_filter, ()):
+                fut.add_done_callback(partial(_settle, waiter, sub.topic_filter, i))
         return fut
 
     def _confirmed(self, suback: asyncio.Future[list[int]], subs: list[Subscription]) -> None:
@@ -106,3 +146,26 @@ def refusal(topic_filter: str, code: int) -> SubscribeRefused:
         topic_filter=topic_filter,
         reason_code=code,
     )
+
+
+def _fail(fut: asyncio.Future[int], exc: MqttError) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
+        fut.exception()  # mark retrieved: a caller that does not await it must not log noise
+
+
+def _settle(
+    fut: asyncio.Future[int], topic_filter: str, index: int, suback: asyncio.Future[list[int]]
+) -> None:
+    """Tell ``fut`` what the SUBACK said of the ``index``-th filter of its SUBSCRIBE."""
+    if fut.done():
+        return
+    if suback.cancelled():
+        _fail(fut, Disconnected("connection lost before SUBACK"))
+        return
+    codes = suback.result()
+    code = codes[index] if index < len(codes) else 0x80
+    if code < 0x80:
+        fut.set_result(code)
+    else:
+        _fail(fut, refusal(topic_filter, code))
