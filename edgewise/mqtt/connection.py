@@ -22,6 +22,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from edgewise.mqtt import paho_guard
 from edgewise.mqtt.client import DirectClient
 from edgewise.mqtt.errors import ConnectFailed, Disconnected, NoConnack, ProtocolRefused
 from edgewise.mqtt.message import inbound_from
@@ -90,7 +91,9 @@ class Connector:
     def make_client(self) -> paho.Client:
         s = self.s
         v5 = s._protocol == "5"
-        client = DirectClient(
+        # The fast path only where paho's private members checked out (ADR 0079).
+        make = DirectClient if paho_guard.VERDICT.fast else paho.Client
+        client = make(
             CallbackAPIVersion.VERSION2,
             client_id=s.client_id,
             protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
@@ -98,7 +101,8 @@ class Connector:
             manual_ack=s._manual_ack,
             reconnect_on_failure=False,
         )
-        client.keep_properties = s._keep_properties
+        if isinstance(client, DirectClient):
+            client.keep_properties = s._keep_properties
         client.max_inflight_messages_set(s.config.receive_maximum)
         client.max_queued_messages_set(0)
         client.on_connect = self.on_connack
@@ -219,6 +223,7 @@ class Connector:
         if receive_max < s.config.receive_maximum:
             # paho neither honours the broker's Receive Maximum nor lets it be set once connected.
             # This client is fresh, so nothing is in flight yet and lowering its window is safe.
+            # (A paho without the attribute sets it in vain: the guard warned at import.)
             client._max_inflight_messages = receive_max
         fut.set_result(
             ConnectInfo(

@@ -35,7 +35,7 @@ def inbound_from(msg: paho.MQTTMessage, connection: int, *, keep_properties: boo
     try:
         topic = msg.topic
     except UnicodeDecodeError:  # brokers should refuse these; never trust it
-        topic = bytes(msg._topic).decode("utf-8", "replace")
+        topic = bytes(getattr(msg, "_topic", b"")).decode("utf-8", "replace")
     return Inbound(
         topic=topic,
         payload=bytes(msg.payload),

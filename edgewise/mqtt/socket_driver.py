@@ -102,12 +102,14 @@ class SocketDriver:
         silence, if we have nothing else to send) and close the connection itself. While bytes
         wait unread (in the socket or read ahead), the broker has been heard from: paho is told
         so, and no PINGRESP is awaited any more, so it pings on schedule and keeps the
-        connection. A silent socket gets no such credit: paho's own check applies to it.
+        connection. A silent socket gets no such credit: paho's own check applies to it; nor
+        does plain paho (edgewise.mqtt.paho_guard), whose keep-alive bookkeeping may not be
+        what this writes: a connection paused for longer than a keep-alive may then be lost.
         """
         sock = client.socket()
-        if sock is None:
+        if sock is None or not isinstance(client, DirectClient):
             return
-        waiting = isinstance(client, DirectClient) and client.buffered() > 0
+        waiting = client.buffered() > 0
         if not (waiting or self._readable(sock)):
             return
         with client._msgtime_mutex:
