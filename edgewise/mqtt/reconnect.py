@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from edgewise.mqtt.connection import ClosedAfterConnack, ClosedBeforeConnack
 from edgewise.mqtt.errors import ConnectFailed, Disconnected, MqttError, NoConnack, ProtocolRefused
@@ -39,6 +39,30 @@ class Reconnector:
         """Numbers of the connections another connection took over (the last few)."""
         self.up_since = 0.0
         """``time.monotonic()`` when the current (or last) connection came up."""
+        self.failure_waiter: asyncio.Future[BaseException] | None = None
+        """Told of the next failed connect attempt (:meth:`wait_connected_or_failed`)."""
+
+    async def wait_connected_or_failed(self, timeout_s: float | None) -> None:
+        """The session's :meth:`~edgewise.mqtt.session.MqttSession.wait_connected_or_failed`."""
+        s = self.s
+        if s._connected.is_set():
+            return
+        assert s._loop is not None, "use the session inside 'async with'"
+        failed: asyncio.Future[BaseException] = s._loop.create_future()
+        self.failure_waiter = failed
+        connected = asyncio.ensure_future(s._connected.wait())
+        either: list[asyncio.Future[Any]] = [failed, connected]
+        try:
+            async with asyncio.timeout(timeout_s):
+                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            connected.cancel()
+            self.failure_waiter = None
+        if s._connected.is_set():
+            return
+        exc = failed.result()
+        code = exc.reason_code if isinstance(exc, ConnectFailed) else None
+        raise ConnectFailed(str(exc) or type(exc).__name__, reason_code=code) from exc
 
     async def run(self) -> None:
         s = self.s
@@ -208,7 +232,7 @@ class Reconnector:
             s._takeover.connect_failed()  # the broker was away: no takeover streak
         s.stats.connect_failures += 1
         s.last_error = str(exc) or type(exc).__name__
-        waiter = s._failure_waiter
+        waiter = self.failure_waiter
         if waiter is not None and not waiter.done() and not next_try:
             waiter.set_result(exc)
         if taken is not None:

@@ -29,7 +29,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any, Self
+from typing import Self
 
 import paho.mqtt.client as paho
 from paho.mqtt.properties import Properties
@@ -39,7 +39,7 @@ from edgewise.mqtt.config import MqttConfig
 from edgewise.mqtt.connection import ConnectInfo as ConnectInfo
 from edgewise.mqtt.connection import Connector, Protocol
 from edgewise.mqtt.connection import Will as Will
-from edgewise.mqtt.errors import ConnectFailed, Disconnected
+from edgewise.mqtt.errors import Disconnected
 from edgewise.mqtt.limits import MAX_PACKET_LIMIT
 from edgewise.mqtt.limits import PACKET_OVERHEAD_BYTES as PACKET_OVERHEAD_BYTES
 from edgewise.mqtt.limits import max_packet_for as max_packet_for
@@ -153,8 +153,6 @@ class MqttSession:
         """The broker's Maximum Packet Size (MQTT 5 CONNACK); None: it named none."""
         self.broker_receive_maximum = 65535
         self.last_error: str | None = None
-        self._failure_waiter: asyncio.Future[BaseException] | None = None
-        """Told of the next failed connect attempt (:meth:`wait_connected_or_failed`)."""
         self.known_down_at = 0.0
         """``time.monotonic()`` when the broker was last known out of reach: a connection lost
         or a connect attempt failed (0.0: never). What happened after it may have happened
@@ -255,24 +253,7 @@ class MqttSession:
         """Wait for the connection, but raise :class:`ConnectFailed` (the attempt's error as its
         cause) as soon as an attempt fails, instead of waiting through the retries: for a
         command, which says why and exits; a service waits with :meth:`wait_connected`."""
-        if self._connected.is_set():
-            return
-        assert self._loop is not None, "use the session inside 'async with'"
-        failed: asyncio.Future[BaseException] = self._loop.create_future()
-        self._failure_waiter = failed
-        connected = asyncio.ensure_future(self._connected.wait())
-        either: list[asyncio.Future[Any]] = [failed, connected]
-        try:
-            async with asyncio.timeout(timeout_s):
-                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            connected.cancel()
-            self._failure_waiter = None
-        if self._connected.is_set():
-            return
-        exc = failed.result()
-        code = exc.reason_code if isinstance(exc, ConnectFailed) else None
-        raise ConnectFailed(str(exc) or type(exc).__name__, reason_code=code) from exc
+        await self._reconnect.wait_connected_or_failed(timeout_s)
 
     async def wait_disconnected(self) -> None:
         """Return once the connection in hand is lost (at once if there is none). Lost is
