@@ -317,7 +317,8 @@ class NodeProcess:
         if found is None:
             raise SystemExit("edgewise command not found next to this Python nor on PATH")
         self.argv = [found, "node"]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEWISE_")}
+        keep = ("EDGEWISE_PAHO_FAST",)  # not node config: edgewise/mqtt/paho_guard.py
+        env = {k: v for k, v in os.environ.items() if k in keep or not k.startswith("EDGEWISE_")}
         env.update(
             EDGEWISE_NODE_ID=node_id,
             EDGEWISE_MQTT__HOST=host,

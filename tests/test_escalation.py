@@ -125,7 +125,7 @@ async def _escalator(
         )
         async with esc:
             await esc.uplink.wait_connected(5)
-            await asyncio.sleep(0.05)  # let the SUBACK of the reply topic come back
+            await esc.uplink._subs.answers[esc.reply_topic]  # the SUBACK of the reply topic
             yield esc
 
 
@@ -157,10 +157,10 @@ async def _client(broker: BrokerInfo, spy: Spy | None = None) -> AsyncIterator[M
         persistent=False,
         keep_properties=True,
     ) as s:
-        if spy is not None:
-            s.subscribe("cloud/escalations/+")
+        subscribed = s.subscribe("cloud/escalations/+") if spy is not None else None
         await s.wait_connected(5)
-        await asyncio.sleep(0.05)
+        if subscribed is not None:
+            await subscribed  # the spy's SUBACK
         yield s
 
 
@@ -451,9 +451,9 @@ def test_no_uplink_decides_edge_offline_at_once_and_uploads_after_reconnect(
             ) as sub,
             _escalator(mosquitto, finals, uplink=cloud) as esc,
         ):
-            sub.subscribe("cloud/escalations/+")
+            subscribed = sub.subscribe("cloud/escalations/+")
             await sub.wait_connected(5)
-            await asyncio.sleep(0.1)
+            await subscribed  # its SUBACK
             await asyncio.to_thread(persistent_mosquitto.stop)  # the uplink goes away
             await eventually(lambda: not (esc.uplink.connected), 10)
             cases = [_case(i) for i in range(10)]
@@ -544,7 +544,7 @@ def test_batches_round_trip_over_mqtt_3_1_1(mosquitto: BrokerInfo, tmp_path: Pat
             async with esc:
                 assert esc.uplink.protocol == "3.1.1" and worker.session.protocol == "3.1.1"
                 await esc.uplink.wait_connected(5)
-                await asyncio.sleep(0.05)
+                await esc.uplink._subs.answers[esc.reply_topic]  # the SUBACK of the reply topic
                 cases = [_case(i) for i in range(n)]
                 await esc.escalate(cases[:5])
                 await esc.escalate(cases[5:])

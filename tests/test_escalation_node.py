@@ -306,9 +306,9 @@ def test_node_without_uplink_answers_edge_offline_and_uploads_later(
             mqtt_for(cloud), client_id=f"archive-{uuid.uuid4().hex[:6]}", on_message=archive,
             manual_ack=False,
         ) as sub:  # fmt: skip
-            sub.subscribe("cloud/escalations/+")
+            subscribed = sub.subscribe("cloud/escalations/+")
             await sub.wait_connected(5)
-            await asyncio.sleep(0.1)
+            await subscribed  # its SUBACK
             uplink = {"host": cloud.host, "port": cloud.port, "reconnect_cap_s": 1.0}
             async with running_node(mosquitto, escalation=_escalation(uplink=uplink)) as h:
                 esc = h.node.escalator

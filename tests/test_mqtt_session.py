@@ -35,7 +35,7 @@ from edgewise.mqtt import (
     MqttConfig,
     MqttSession,
 )
-from edgewise.mqtt.session import READS_PER_WAKEUP
+from edgewise.mqtt.socket_driver import READS_PER_WAKEUP
 
 ProbeFactory = Callable[..., MqttProbe]
 
@@ -743,7 +743,7 @@ def test_reading_a_burst_stops_at_pause_and_at_the_wakeup_cap(
     wakeup makes at most READS_PER_WAKEUP reads, so other tasks get their turn."""
     topic = _topic("burst-stop")
     n = 40
-    monkeypatch.setattr("edgewise.mqtt.session.READS_PER_WAKEUP", 8)
+    monkeypatch.setattr("edgewise.mqtt.socket_driver.READS_PER_WAKEUP", 8)
 
     async def scenario() -> None:
         got: list[Inbound] = []

@@ -87,7 +87,7 @@ def test_a_refused_subscription_raises_with_the_brokers_reason_and_is_not_kept()
                 granted = await s.subscribe_confirmed("allowed/x")
                 with pytest.raises(SubscribeRefused) as err:
                     await s.subscribe_confirmed("edge/#")
-                kept = list(s._subscriptions)
+                kept = list(s._subs.all)
         finally:
             await broker.shutdown()
         return err.value, granted, kept

@@ -193,10 +193,10 @@ async def running_updater(
         ) as probe,
         MqttSession(mqtt, client_id=f"op-{node_id}", persistent=False) as operator,
     ):
-        probe.subscribe(topics.events(node_id))
+        subscribed = probe.subscribe(topics.events(node_id))
         await probe.wait_connected(5)
         await operator.wait_connected(5)
-        await asyncio.sleep(0.05)  # the probe's SUBACK: the events that follow are seen
+        await subscribed  # the probe's SUBACK: the events that follow are seen
         u = Updater(manager, operator, seen, topics, node_id, served, fleet, state_dir)
         if publish_keys:
             await u.publish_keys(fleet.signed_key_set())

@@ -44,7 +44,10 @@ called by ``Client._packet_read``, ``Client._sock_send``, called by ``Client._pa
 note the first socket error (:attr:`DirectClient.net_error`: why a connection ended) and count
 the bytes received.
 ``tests/test_mqtt_session_client.py`` checks that paho still has them and still calls them,
-so an upgrade that changes either fails there, not silently.
+so an upgrade that changes either fails there, not silently; at run time,
+:mod:`edgewise.mqtt.paho_guard` checks them at import, and a paho whose members are not what
+this class expects (or whose version it was not verified with) gets plain ``paho.Client``
+instead (docs/adr/0079-paho-guard.md).
 """
 
 from __future__ import annotations

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
+
+import paho.mqtt.client as paho
 
 
 @dataclass(slots=True, frozen=True)
@@ -25,3 +28,22 @@ class Inbound:
     received_at: float
     properties: Any = None
     dup: bool = False
+
+
+def inbound_from(msg: paho.MQTTMessage, connection: int, *, keep_properties: bool) -> Inbound:
+    """The :class:`Inbound` of a PUBLISH paho read on connection number ``connection``."""
+    try:
+        topic = msg.topic
+    except UnicodeDecodeError:  # brokers should refuse these; never trust it
+        topic = bytes(getattr(msg, "_topic", b"")).decode("utf-8", "replace")
+    return Inbound(
+        topic=topic,
+        payload=bytes(msg.payload),
+        qos=msg.qos,
+        retain=bool(msg.retain),
+        mid=msg.mid,
+        connection=connection,
+        received_at=time.monotonic(),
+        properties=getattr(msg, "properties", None) if keep_properties else None,
+        dup=bool(msg.dup),
+    )
