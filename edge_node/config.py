@@ -383,12 +383,28 @@ class NodeConfig(FileAndEnvSettings):
         return cfg.model_copy(update={"model": cfg.model.with_default_path(default_model_path)})
 
 
-OTHER_COMMANDS_ENV = frozenset({"EDGEWISE_BROKER", "EDGEWISE_VENV", "EDGEWISE_CRASHPOINT"})
+OTHER_COMMANDS_ENV = frozenset(
+    {
+        "EDGEWISE_BROKER",
+        "EDGEWISE_VENV",
+        "EDGEWISE_CRASHPOINT",
+        "EDGEWISE_PAHO_FAST",
+        "EDGEWISE_KEYS_DIR",
+        "EDGEWISE_CLI",
+    }
+)
 """EDGEWISE_* variables that are not node settings: read by other commands (``watch``,
-``dev.sh``) or by fault tests (``EDGEWISE_CRASHPOINT``, edge_node/updates/crashpoints.py)."""
+``keys``, ``dev.sh``, compose/make-secrets.sh), by the MQTT layer (``EDGEWISE_PAHO_FAST``,
+docs/adr/0079-paho-guard.md) or by fault tests (``EDGEWISE_CRASHPOINT``,
+edge_node/updates/crashpoints.py). The worker's variables (``EDGEWISE_WORKER_*``) are skipped
+as a whole in :func:`unknown_env_names`."""
 
 
 def unknown_env_names(cls: type[BaseSettings] = NodeConfig) -> list[str]:
     """EDGEWISE_* variables set now that no setting reads (typos such as EDGEWISE_NODEID): the
     node warns about them (:func:`edgewise.settings.unknown_env_names`)."""
-    return _unknown_env_names(cls, OTHER_COMMANDS_ENV)
+    return [
+        name
+        for name in _unknown_env_names(cls, OTHER_COMMANDS_ENV)
+        if not name.startswith("EDGEWISE_WORKER_")  # the worker's settings (one host, two services)
+    ]
