@@ -35,11 +35,10 @@ import json
 import logging
 import time
 import uuid
-from collections import Counter, defaultdict, deque
+from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Final, Literal, Self
+from typing import Any, Final, Self
 
 import numpy as np
 
@@ -49,14 +48,16 @@ from cloud_worker.config import WorkerConfig
 from cloud_worker.errors import HandlerError, StoreError
 from cloud_worker.handler import Batch, Handler, HandlerFn, Verdict, Verdicts
 from cloud_worker.onnx_model import onnx_handler
+from cloud_worker.presence import Presence
+from cloud_worker.stats import WorkerStats
 from cloud_worker.store import Answer, HardExampleStore, Row, example_row
+from cloud_worker.telemetry import TelemetryReporter
 from edgewise.mqtt import (
     ConnectInfo,
     Inbound,
     MqttError,
     MqttSession,
     PublishProperties,
-    Will,
     max_packet_for,
 )
 from edgewise.mqtt.properties import expiry_interval_s
@@ -70,10 +71,8 @@ from schemas import (
     Escalation,
     EscalationBatch,
     ReplyBatch,
-    Status,
     decode_escalations,
     encode_replies,
-    encode_status,
     log_text,
     validate_topic,
 )
@@ -84,6 +83,9 @@ BATCHES_IN_FLIGHT = 3
 """Handler batches of one model in hand at once: one in the handler, the others being looked up
 and stacked, or queued on the handler's thread to start the moment the call before returns."""
 
+PRESENCE_CHECK_S = 1.0
+"""How often the presence's reasons are compared with what it last said."""
+
 QUEUED_BATCHES_MAX = 4
 """Intake stops while a model has cases for this many full batches waiting to be batched, and
 goes on as batches are formed: messages received meanwhile wait, undecoded, in arrival order,
@@ -92,46 +94,6 @@ Taking in everything the socket holds would otherwise keep the event loop on int
 as the broker has messages queued (paho reads as many packets per call as replies are in
 flight, a few hundred µs of decoding and bookkeeping each), while the handler idles for want
 of its next batch (docs/adr/0035-worker-model-thread.md)."""
-
-
-@dataclass(slots=True)
-class WorkerStats:
-    received: int = 0
-    """Escalation messages received (each holds one or more cases)."""
-    cases: int = 0
-    """Cases in the messages accepted."""
-    answered: int = 0
-    """Cases answered by a handler (each once)."""
-    replies: int = 0
-    """Reply messages acknowledged by the broker."""
-    verdicts: int = 0
-    """Verdicts in those replies (cases answered again as duplicates included)."""
-    duplicates: int = 0
-    """Cases seen before (answered with the answer given then)."""
-    expired: int = 0
-    """Cases dropped unanswered because their deadline had passed."""
-    uploads: int = 0
-    """Hard-example upload cases (no reply wanted) stored."""
-    batches: int = 0
-    """Handler calls."""
-    handled: int = 0
-    """Inputs in those calls (``handled / batches``: the batch size the worker forms)."""
-    handler_errors: int = 0
-    store_errors: int = 0
-    reply_failures: int = 0
-    ignored_draining: int = 0
-    rejects: Counter[str] = field(default_factory=Counter)
-    """Messages rejected, by reason."""
-    failures: Counter[str] = field(default_factory=Counter)
-    """Unexpected failures (a bug, a fault) by the stage they stopped: ``intake`` (decode or
-    checks: the message is rejected, reason ``internal_error``), ``store`` (its rows: the reply
-    goes all the same), ``answer`` (a batch between intake and the handler: its cases go
-    unanswered), ``reply`` (making or sending it: the cases go unanswered). Each message
-    is settled and acknowledged all the same: one bad message never holds back the others."""
-
-    @property
-    def rejected(self) -> int:
-        return sum(self.rejects.values())
 
 
 class _Message:
@@ -209,18 +171,24 @@ class Worker:
         self.store = HardExampleStore(config.store)
         self.boot_id = uuid.uuid4().hex[:12]
         self.presence_topic = self.topics.worker_status(self.worker_id)
-        """Retained: ``online`` while this worker is connected and taking escalations, else
-        ``offline`` (its will says so if it dies); nodes count who is online
-        (docs/adr/0074-cloud-availability.md)."""
+        """Retained: ``online`` while this worker is connected and taking escalations,
+        ``degraded`` and why while it serves with a fault (``client_id_conflict``), else
+        ``offline`` (its will says so if it dies); nodes count who is not offline
+        (docs/adr/0074-cloud-availability.md, docs/adr/0079-worker-status.md)."""
+        self.presence = Presence(self.presence_topic, self.worker_id, self.boot_id)
         self.session = MqttSession(
             config.mqtt,
             client_id=f"edgewise-worker-{self.worker_id}",
             on_message=self._on_message,
             on_connect=self._say_online,
-            will=Will(self.presence_topic, self._presence("offline", ["connection_lost"])),
+            will=self.presence.will(),
             keep_properties=True,
             # The broker drops what no escalation can be (issue 16 point 8, ADR 0077).
             max_packet_bytes=max_packet_for(config.max_payload_bytes),
+        )
+        self.presence.session = self.session
+        self.telemetry = TelemetryReporter(
+            self.topics.worker_telemetry(self.worker_id), self.stats, self.session, self.presence
         )
         self._acker = InOrderAcker(self.session)
 
@@ -263,6 +231,7 @@ class Worker:
                 loops.append(tasks.create_task(batcher.run(), name=f"worker-batcher-{name}"))
             stack.callback(lambda: [t.cancel() for t in loops])
             await self._subscribe()
+            loops.append(tasks.create_task(self._report(), name="worker-report"))
             self._stack = stack.pop_all()
         log.info(
             "worker %s answering %s on %s",
@@ -313,18 +282,6 @@ class Worker:
             await self._stack.__aexit__(None, None, None)
 
     # ------------------------------------------------------------------ presence
-    def _presence(self, state: Literal["online", "offline"], reasons: list[str]) -> bytes:
-        return encode_status(
-            Status(
-                node=self.worker_id,
-                state=state,
-                ts=time.time(),
-                reasons=reasons,
-                runtime="worker",
-                boot_id=self.boot_id,
-            )
-        )
-
     async def _say_online(self, info: ConnectInfo) -> None:
         if self._subscribed:  # a reconnect (the first connect announces after subscribing)
             self._announce()
@@ -332,30 +289,25 @@ class Worker:
     def _announce(self) -> None:
         if self._draining:
             return
-        # Not awaited: a broker that refuses it (an ACL without the presence topic) must not
-        # keep the worker from serving; nodes then go by replies alone.
-        fut = self.session.publish_nowait(
-            self.presence_topic, self._presence("online", []), qos=1, retain=True
-        )
-        fut.add_done_callback(self._presence_sent)
-
-    def _presence_sent(self, fut: asyncio.Future[None]) -> None:
-        exc = None if fut.cancelled() else fut.exception()
-        if exc is not None:
-            log.warning("presence on %s not published: %s", self.presence_topic, exc)
+        self.presence.announce()
 
     async def _say_offline(self) -> None:
-        """Retained ``offline``: nodes stop waiting for this worker at once (a clean
-        DISCONNECT discards the will, so it is said here)."""
         self._said_offline = True
-        if not self.session.connected:
-            return
-        fut = self.session.publish_nowait(
-            self.presence_topic, self._presence("offline", ["shutdown"]), qos=1, retain=True
-        )
-        with contextlib.suppress(MqttError, TimeoutError):
-            async with asyncio.timeout(2.0):
-                await fut
+        await self.presence.say_offline()
+
+    async def _report(self) -> None:
+        """Say the presence again when its reasons change (the conflict clears on its own,
+        ADR 0073), and publish telemetry every ``telemetry_interval_s`` (0: none)."""
+        interval = self.config.telemetry_interval_s
+        next_window = time.monotonic() + interval
+        while True:
+            await asyncio.sleep(min(PRESENCE_CHECK_S, interval or PRESENCE_CHECK_S))
+            if not self._draining:
+                self.presence.refresh()
+            now = time.monotonic()
+            if interval and now >= next_window:
+                next_window = now + interval
+                self.telemetry.publish()
 
     async def drain(self, timeout_s: float | None = None) -> bool:
         """Stop taking escalations, finish (reply, store, acknowledge) the ones in hand.
