@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from cloud_worker import Worker
 from cloud_worker.presence import Presence
 from edgewise.local_broker import MosquittoProcess
 from edgewise.mqtt.takeover import TAKEOVERS_BEFORE_PAUSE
@@ -26,6 +27,7 @@ from schemas import State, decode_status, decode_worker_telemetry
 from tests.bridgeharness import Client, Got
 from tests.securebroker import SecureBroker, make_pki
 from tests.test_escalation import Finals, _escalator, eventually
+from tests.test_worker_harness import worker_config
 
 pytestmark = pytest.mark.timeout(180)
 TAKEOVER_LINE = "already connected, closing old connection"
@@ -191,3 +193,54 @@ def test_a_node_counts_a_degraded_worker_as_one_that_answers(
         asyncio.run(scenario())
     finally:
         publisher.c.disconnect()
+
+
+def test_the_presence_and_telemetry_follow_the_conflict_as_it_starts_and_clears(
+    fresh_mosquitto: MosquittoProcess, tmp_path: Path
+) -> None:
+    """The reasons are said again when they change, without a reconnect: a conflict counted
+    (as the takeover guard counts it) makes the presence and the next window ``degraded``; once
+    it is over (ADR 0073: 600 s without a takeover) the presence says ``online`` again."""
+    broker = fresh_mosquitto.info
+    cfg = worker_config(broker, tmp_path, telemetry_interval_s=0.5)
+    watcher = Client(broker)
+    watcher.connect()
+    watcher.subscribe(f"cloud/workers/{cfg.worker_id}/#")
+
+    def said(state: str, start: int) -> Callable[[], bool]:
+        def check() -> bool:
+            for m in watcher.messages[start:]:
+                if m.topic.endswith("/status") and decode_status(m.payload).state == state:
+                    return True
+            return False
+
+        return check
+
+    def window_says(reasons: list[str], start: int) -> Callable[[], bool]:
+        return lambda: any(
+            decode_worker_telemetry(m.payload).reasons == reasons
+            for m in watcher.messages[start:]
+            if m.topic.endswith("/telemetry")
+        )
+
+    async def scenario() -> None:
+        async with Worker(cfg) as worker:
+            await asyncio.to_thread(watcher.wait, said("online", 0), 10, "online")
+            conflict = worker.session._takeover.shared  # what the guard counts
+            conflict.takeovers, conflict.last_at = 1, conflict.clock()
+            start = watcher.count()
+            await asyncio.to_thread(watcher.wait, said("degraded", start), 10, "degraded")
+            await asyncio.to_thread(
+                watcher.wait, window_says(["client_id_conflict"], start), 10, "in telemetry"
+            )
+            assert worker.describe()["client_id_conflict"] is True
+            conflict.takeovers = 0  # over (the guard clears it after 600 s without one)
+            start = watcher.count()
+            await asyncio.to_thread(watcher.wait, said("online", start), 10, "online again")
+            await asyncio.to_thread(watcher.wait, window_says([], start), 10, "telemetry clear")
+            assert await worker.drain()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        watcher.c.disconnect()
