@@ -10,8 +10,9 @@ from cloud_worker.config import WorkerConfig
 from cloud_worker.errors import ConfigError, ExportError, HandlerError, StoreError, WorkerError
 from cloud_worker.handler import Batch, Handler, Verdict, Verdicts
 from cloud_worker.service import run_worker
+from cloud_worker.stats import WorkerStats
 from cloud_worker.store import Answer, HardExampleStore
-from cloud_worker.worker import Worker, WorkerStats
+from cloud_worker.worker import Worker
 
 __all__ = [
     "Answer",

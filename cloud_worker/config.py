@@ -101,6 +101,9 @@ class WorkerConfig(FileAndEnvSettings):
     max_payload_bytes: int = Field(1_048_576, ge=64, le=64 * 1_048_576)
     max_tensor_elements: int = Field(262_144, ge=1)
     drain_timeout_s: float = Field(10.0, gt=0, le=600)
+    telemetry_interval_s: float = Field(
+        10.0, ge=0, le=3600, description="telemetry every this many seconds (0: none)"
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     _levels = field_validator("worker_id", "group")(topic_level)

@@ -3,10 +3,10 @@
 One row per escalation id (the primary key; the first answer wins, so a duplicate finds the
 answer it must repeat): the input tensor (the bytes as they arrived), the edge verdict, the
 cloud verdict, the node, both models' versions and the times. The table is made through
-``sqlite-utils``; rows are tuples in :data:`COLUMNS` order, written on one dedicated thread by
-multi-row ``INSERT OR IGNORE`` statements of :data:`ROWS_PER_STATEMENT` rows (the rest by
-``executemany``), one transaction per ``commit_max_rows`` rows or ``commit_interval_ms``, WAL
-mode.
+``sqlite-utils``; rows are tuples in :data:`COLUMNS` order (:mod:`cloud_worker.rows`), written
+on one dedicated thread by multi-row ``INSERT OR IGNORE`` statements of
+:data:`ROWS_PER_STATEMENT` rows (the rest by ``executemany``), one transaction per
+``commit_max_rows`` rows or ``commit_interval_ms``, WAL mode.
 :meth:`HardExampleStore.add_many` (the cases of a handler call) and :meth:`HardExampleStore.add`
 return a future that resolves once the rows are committed. sqlite3 errors become
 :class:`~cloud_worker.errors.StoreError` here and nowhere else.
@@ -16,63 +16,34 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from itertools import chain
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self
 
-import msgspec
 import sqlite_utils
 
 from cloud_worker.config import StoreConfig
 from cloud_worker.errors import StoreError
-from schemas import Escalation
+from cloud_worker.rows import COLUMNS, TABLE, Answer, Row, example_row, iter_rows, row_of
 
-TABLE = "examples"
-COLUMNS: dict[str, Any] = {
-    "id": str,
-    "node": str,
-    "model": str,
-    "edge_release": int,
-    "device": str,
-    "sensor": str,
-    "frame_seq": int,
-    "sent_at": float,
-    "received_at": float,
-    "offline": int,
-    "dtype": str,
-    "shape": str,
-    "input": bytes,
-    "edge_label": int,
-    "edge_confidence": float,
-    "edge_margin": float,
-    "edge_entropy": float,
-    "cloud_label": int,
-    "cloud_confidence": float,
-    "cloud_model": str,
-    "worker": str,
-    "answered_at": float,
-}
-
-
-class Answer(msgspec.Struct, frozen=True, gc=False):
-    """What a worker answered for one escalation id (a struct: one is made per case, and a
-    frozen dataclass takes ~7 x as long to build)."""
-
-    label: int
-    confidence: float
-    model: str
-    worker: str
-
-
-Row = tuple[Any, ...]
-"""One hard example: its values in :data:`COLUMNS` order."""
+__all__ = [
+    "COLUMNS",
+    "ROWS_PER_STATEMENT",
+    "TABLE",
+    "Answer",
+    "HardExampleStore",
+    "Row",
+    "example_row",
+    "iter_rows",
+    "now",
+    "row_of",
+]
 
 _INSERT: Final = (
     f"INSERT OR IGNORE INTO {TABLE} ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
@@ -91,47 +62,6 @@ def _multi_insert(rows: int) -> str:
     return f"INSERT OR IGNORE INTO {TABLE} ({', '.join(COLUMNS)}) VALUES " + ", ".join(
         [values] * rows
     )
-
-
-def example_row(
-    esc: Escalation,
-    answer: Answer,
-    *,
-    received_at: float,
-    answered_at: float,
-    shape_text: str | None = None,
-) -> Row:
-    """The row of one answered case (``shape_text``: ``esc.shape`` as JSON, if known)."""
-    edge = esc.edge
-    return (
-        esc.id,
-        esc.node,
-        esc.model,
-        esc.release,
-        esc.device,
-        esc.sensor,
-        esc.frame_seq,
-        esc.ts,
-        received_at,
-        int(esc.offline),
-        esc.dtype,
-        json.dumps(esc.shape) if shape_text is None else shape_text,
-        esc.data,
-        edge.label,
-        edge.confidence,
-        edge.margin,
-        edge.entropy,
-        answer.label,
-        answer.confidence,
-        answer.model,
-        answer.worker,
-        answered_at,
-    )
-
-
-def row_of(values: dict[str, Any]) -> Row:
-    """A row from a mapping of every column (a KeyError names a missing one)."""
-    return tuple(values[c] for c in COLUMNS)
 
 
 def _open_db(path: Path) -> sqlite_utils.Database:
@@ -384,41 +314,6 @@ class HardExampleStore:
     async def count(self) -> int:
         n: int = await self._run(lambda: self._require()[TABLE].count)
         return n
-
-
-def iter_rows(path: Path, batch: int = 1000) -> tuple[int, Iterator[list[dict[str, Any]]]]:
-    """(row count, iterator of row batches oldest first) of the store at ``path``, read-only."""
-    if not path.is_file():
-        raise StoreError(f"no hard-example store at {path} (see store.path in the worker config)")
-    try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        db = sqlite_utils.Database(conn)
-        if TABLE not in db.table_names():
-            raise StoreError(f"{path} holds no {TABLE!r} table: not a hard-example store")
-        total = db[TABLE].count
-    except sqlite3.Error as exc:
-        raise StoreError(f"cannot read {path}: {exc}") from exc
-
-    def batches() -> Iterator[list[dict[str, Any]]]:
-        try:
-            offset = 0
-            while True:
-                rows = list(
-                    db.query(
-                        f"SELECT * FROM {TABLE} ORDER BY answered_at, id LIMIT ? OFFSET ?",
-                        [batch, offset],
-                    )
-                )
-                if not rows:
-                    return
-                offset += len(rows)
-                yield rows
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot read {path}: {exc}") from exc
-        finally:
-            conn.close()
-
-    return total, batches()
 
 
 def now() -> float:

@@ -19,7 +19,8 @@ Messages
     as :class:`Escalation`) and its :class:`ReplyBatch` of :class:`CaseVerdict`
     (``decode_escalations``/``decode_replies``), :class:`Telemetry`
     (``decode_telemetry``/``encode_telemetry``) with its latency sketch :class:`SketchWire`
-    (``decode_sketch``/``encode_sketch``), :class:`ResultAcks` (``decode_acks``/
+    (``decode_sketch``/``encode_sketch``), a worker's :class:`WorkerTelemetry`
+    (``decode_worker_telemetry``/``encode_worker_telemetry``), :class:`ResultAcks` (``decode_acks``/
     ``encode_acks``: a consumer's confirmations in end-to-end mode, naming results messages by
     ``message_id``), and ``decode_any`` for displaying payloads of unknown shape.
     Tensors are ``{dtype, shape, data}`` with ``data`` raw little-endian bytes (viewed,
@@ -101,6 +102,12 @@ from .telemetry import COUNT_NAMES, Telemetry, decode_telemetry, encode_telemetr
 from .tensor import DTYPES, tensor_from_wire, tensor_to_wire
 from .topics import Topics, validate_filter, validate_level, validate_topic
 from .wire import VERSION
+from .worker_telemetry import (
+    WORKER_COUNT_NAMES,
+    WorkerTelemetry,
+    decode_worker_telemetry,
+    encode_worker_telemetry,
+)
 
 __all__ = [
     "ACK_IDS_MAX",
@@ -114,6 +121,7 @@ __all__ = [
     "SKETCH_BINS_MAX",
     "SKETCH_MAX_BYTES",
     "VERSION",
+    "WORKER_COUNT_NAMES",
     "CaseVerdict",
     "ContractError",
     "DeadLetter",
@@ -136,6 +144,7 @@ __all__ = [
     "Status",
     "Telemetry",
     "Topics",
+    "WorkerTelemetry",
     "decode_acks",
     "decode_any",
     "decode_deadletter",
@@ -147,6 +156,7 @@ __all__ = [
     "decode_sketch",
     "decode_status",
     "decode_telemetry",
+    "decode_worker_telemetry",
     "encode_acks",
     "encode_deadletter",
     "encode_escalations",
@@ -157,6 +167,7 @@ __all__ = [
     "encode_sketch",
     "encode_status",
     "encode_telemetry",
+    "encode_worker_telemetry",
     "log_text",
     "make_case",
     "make_escalation_batch",

@@ -167,6 +167,10 @@ class Topics:
         """``{cloud_root}/workers/{worker}/status``: a worker's retained presence."""
         return f"{self.cloud_root}/workers/{validate_level(worker)}/status"
 
+    def worker_telemetry(self, worker: str) -> str:
+        """``{cloud_root}/workers/{worker}/telemetry``: a worker's telemetry (not retained)."""
+        return f"{self.cloud_root}/workers/{validate_level(worker)}/telemetry"
+
     def worker_status_filter(self) -> str:
         """Every worker's presence."""
         return f"{self.cloud_root}/workers/+/status"

@@ -124,6 +124,8 @@ ROWS: dict[Side, tuple[Row, ...]] = {
         _row("cloud/escalations/digits", "escalations, hard examples", "bridge", "worker"),
         _row("cloud/workers/worker-1/status", "a worker's presence (its own)", "worker", "bridge"),
         _row("cloud/workers/worker-2/status", "another worker's presence", "", "bridge"),
+        _row("cloud/workers/worker-1/telemetry", "a worker's telemetry (its own)", "worker", ""),
+        _row("cloud/workers/worker-2/telemetry", "another worker's telemetry", "", ""),
         _row("edge/gw-1/reply", "a worker's verdicts for a node", "worker", "bridge"),
         _row("edge/gw-9/reply", "verdicts for another site's node", "worker", "bridge"),
         _row("fleet/keys", "the trusted key set (signed, retained)", "", "bridge"),

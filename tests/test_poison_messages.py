@@ -25,11 +25,14 @@ import msgspec
 import pytest
 
 import broker_bridge.direction as direction_mod
-import cloud_worker.worker as worker_mod
+import cloud_worker.intake as intake_mod
+import cloud_worker.reply_topic as reply_topic_mod
+import cloud_worker.settle as settle_mod
 import edge_node.node as node_mod
 from broker_bridge import Bridge, BridgeConfig
 from broker_bridge.rules import compile_rule
 from cloud_worker import Worker
+from cloud_worker.answers import Decider
 from cloud_worker.handler import Handler
 from cloud_worker.store import HardExampleStore
 from edgewise.cli.frames import load_holdout
@@ -174,10 +177,10 @@ def _worker_fault(stage: str, worker: Worker, mp: pytest.MonkeyPatch) -> Injecte
     f = Fault(stage)
     s = worker.stats
     if stage == "decode":
-        f.into(mp, worker_mod, "decode_escalations")
+        f.into(mp, intake_mod, "decode_escalations")
         return f, lambda: s.rejects["internal_error"]
     if stage == "validate":
-        f.into(mp, worker_mod, "_is_reply_topic")
+        f.into(mp, reply_topic_mod, "is_reply_topic")
         return f, lambda: s.rejects["internal_error"]
     if stage == "queue":
         f.into(mp, MicroBatcher, "add_many")
@@ -190,13 +193,13 @@ def _worker_fault(stage: str, worker: Worker, mp: pytest.MonkeyPatch) -> Injecte
         f.into(mp, Handler, "call_blocking")
         return f, lambda: s.handler_errors
     if stage == "verdicts":
-        f.into(mp, Worker, "_answers_of")
+        f.into(mp, Decider, "answers_of")
         return f, lambda: s.handler_errors
     if stage == "store":
         f.into(mp, HardExampleStore, "add_many")
         return f, lambda: s.failures["store"]
     if stage == "encode":
-        f.into(mp, worker_mod, "encode_replies")
+        f.into(mp, settle_mod, "encode_replies")
         return f, lambda: s.failures["reply"]
     if stage == "publish":
         f.when = lambda topic, *a, **kw: topic.endswith("/reply")
