@@ -3,7 +3,7 @@
 The node's :class:`~schemas.Status` schema (``node`` = the worker id, ``runtime = "worker"``):
 ``online`` while connected and taking escalations; ``degraded`` with its reasons while it
 serves but something is wrong (``client_id_conflict``: another process connects with this
-worker's client id, docs/adr/0079-worker-status.md); ``offline`` with reason ``shutdown`` when
+worker's client id, docs/adr/0080-worker-status.md); ``offline`` with reason ``shutdown`` when
 it stops, and, as its MQTT will, ``connection_lost``. Nodes count every state but ``offline``
 as a worker that answers (docs/adr/0074-cloud-availability.md): a degraded worker is alive.
 """

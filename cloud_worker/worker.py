@@ -93,7 +93,7 @@ class Worker:
         """Retained: ``online`` while this worker is connected and taking escalations,
         ``degraded`` and why while it serves with a fault (``client_id_conflict``), else
         ``offline`` (its will says so if it dies); nodes count who is not offline
-        (docs/adr/0074-cloud-availability.md, docs/adr/0079-worker-status.md)."""
+        (docs/adr/0074-cloud-availability.md, docs/adr/0080-worker-status.md)."""
         self.presence = Presence(self.presence_topic, self.worker_id, self.boot_id)
         self.session = MqttSession(
             config.mqtt,

@@ -3,7 +3,7 @@ the project's secured cloud broker (compose/mosquitto/cloud: passwords, ACL, TLS
 plugin): both connect as the same principal with the same client id and take each other over.
 The conflict is said as ``degraded: client_id_conflict`` on the retained presence within 30 s
 and in the worker's telemetry; one of them stops fighting after 5 takeovers; the broker logs
-at most 10 (docs/adr/0073-client-id-conflict.md, docs/adr/0079-worker-status.md)."""
+at most 10 (docs/adr/0073-client-id-conflict.md, docs/adr/0080-worker-status.md)."""
 
 from __future__ import annotations
 
