@@ -17,7 +17,14 @@ from edgewise.cli.exporter import METRICS, FleetMetrics
 from edgewise.cli.exporter.collector import FleetCollector
 from edgewise.releases import UpdateEvent, encode_event
 from edgewise.telemetry import HostMetrics, LatencySketch, TelemetryWindow, merged
-from schemas import Status, Telemetry, encode_status, encode_telemetry
+from schemas import (
+    Status,
+    Telemetry,
+    WorkerTelemetry,
+    encode_status,
+    encode_telemetry,
+    encode_worker_telemetry,
+)
 
 HOST = HostMetrics(rss_bytes=50_000_000, cpu_temp_c=41.5, uptime_s=100.0)
 
@@ -233,3 +240,25 @@ def test_every_exposed_series_is_in_the_catalogue() -> None:
     names = {k[0] for k in scrape(fleet, clock)}
     assert names <= exposed, names - exposed
     assert len(names) > 20
+
+
+def test_worker_telemetry_totals_are_exported_as_its_counters_and_a_new_boot_resets_them() -> None:
+    clock, fleet = Clock(), FleetMetrics()
+
+    def wt(boot: str, seq: int, ts: float, answered: int) -> bytes:
+        t = WorkerTelemetry(
+            worker="w-1", boot_id=boot, seq=seq, ts=ts, window_s=10.0, state="degraded",
+            reasons=["client_id_conflict"], counts={"answered": answered, "takeovers": 2},
+            rejects={"malformed": 1}, uptime_s=100.0,
+        )  # fmt: skip
+        return encode_worker_telemetry(t)
+
+    fleet.ingest("cloud/workers/w-1/telemetry", wt("b1", 1, 20.0, 50), clock.now)
+    fleet.ingest("cloud/workers/w-1/telemetry", wt("b1", 0, 10.0, 30), clock.now)  # older
+    s = scrape(fleet, clock)
+    assert value(s, "edgewise_worker_count_total", worker="w-1", name="answered") == 50
+    assert value(s, "edgewise_worker_count_total", worker="w-1", name="takeovers") == 2
+    assert value(s, "edgewise_worker_rejects_total", worker="w-1", reason="malformed") == 1
+    fleet.ingest("cloud/workers/w-1/telemetry", wt("b2", 0, 30.0, 5), clock.now)  # restarted
+    s = scrape(fleet, clock)
+    assert value(s, "edgewise_worker_count_total", worker="w-1", name="answered") == 5

@@ -163,6 +163,28 @@ WORKER: Final = (
         "1 if the worker's presence says online or degraded.",
     ),
     Metric(
+        "edgewise_worker_count",
+        "counter",
+        ("worker", "name"),
+        "The counts of the worker's telemetry (cases, answered, replies, handler_errors, "
+        "takeovers, ...): its totals since it started.",
+    ),
+    Metric(
+        "edgewise_worker_rejects",
+        "counter",
+        ("worker", "reason"),
+        "Escalation messages the worker refused, by reason, since it started.",
+    ),
+    Metric(
+        "edgewise_worker_failures",
+        "counter",
+        ("worker", "stage"),
+        "Unexpected failures, by the stage they stopped, since the worker started.",
+    ),
+    Metric(
+        "edgewise_worker_uptime_seconds", "gauge", ("worker",), "Seconds since the worker started."
+    ),
+    Metric(
         "edgewise_worker_degraded",
         "gauge",
         ("worker", "reason"),

@@ -23,7 +23,7 @@ from edgewise.cli.exporter.catalogue import BY_NAME, ESCALATION_SOURCES, NODE_CO
 from edgewise.telemetry import merged
 
 if TYPE_CHECKING:
-    from edgewise.cli.exporter.fleet import BridgeMetrics, FleetMetrics, NodeMetrics
+    from edgewise.cli.exporter.fleet import BridgeMetrics, FleetMetrics, NodeMetrics, WorkerMetrics
     from edgewise.telemetry import LatencySketch
 
 
@@ -117,10 +117,8 @@ class FleetCollector(Collector):
         f.summary("edgewise_fleet_latency_seconds", [], whole, whole.count, seconds(whole.sum))
         for state in ("online", "degraded", "offline"):
             f.add("edgewise_fleet_nodes", [state], states[state])
-        for name, status in sorted(fleet.workers.items()):
-            f.add("edgewise_worker_up", [name], status.state != "offline")
-            for r in status.reasons:
-                f.add("edgewise_worker_degraded", [name, r], 1)
+        for name, worker in sorted(fleet.workers.items()):
+            _worker(f, name, worker)
         for name, bridge in sorted(fleet.bridges.items()):
             _bridge(f, name, bridge)
         f.add("edgewise_exporter_connected", [], self.connected())
@@ -184,6 +182,23 @@ def _node(f: _Families, name: str, node: NodeMetrics, sketch: LatencySketch | No
         f.add("edgewise_node_update_state", [name, model, kind], 1)
     for model, release in sorted(node.model_release.items()):
         f.add("edgewise_node_model_release", [name, model], release)
+
+
+def _worker(f: _Families, name: str, worker: WorkerMetrics) -> None:
+    s, t = worker.status, worker.telemetry
+    if s is not None:
+        f.add("edgewise_worker_up", [name], s.state != "offline")
+        for r in s.reasons:
+            f.add("edgewise_worker_degraded", [name, r], 1)
+    if t is None:
+        return
+    for key, n in sorted(t.counts.items()):  # totals since the worker's boot
+        f.add("edgewise_worker_count", [name, key], n)
+    for reason, n in sorted(t.rejects.items()):
+        f.add("edgewise_worker_rejects", [name, reason], n)
+    for stage, n in sorted(t.failures.items()):
+        f.add("edgewise_worker_failures", [name, stage], n)
+    f.add("edgewise_worker_uptime_seconds", [name], t.uptime_s)
 
 
 def _bridge(f: _Families, name: str, bridge: BridgeMetrics) -> None:

@@ -27,8 +27,10 @@ from schemas import (
     Status,
     Telemetry,
     Topics,
+    WorkerTelemetry,
     decode_status,
     decode_telemetry,
+    decode_worker_telemetry,
     validate_level,
 )
 
@@ -86,6 +88,14 @@ class NodeMetrics:
 
 
 @dataclass(slots=True)
+class WorkerMetrics:
+    worker: str
+    status: Status | None = None
+    telemetry: WorkerTelemetry | None = None
+    """The latest window: its counts are totals since the worker's boot."""
+
+
+@dataclass(slots=True)
 class BridgeMetrics:
     bridge: str
     status: Status | None = None
@@ -109,7 +119,7 @@ class FleetMetrics:
     max_age_s: float = 60.0
     """Quantiles are those of the windows received in the last ``max_age_s`` (merged)."""
     nodes: dict[str, NodeMetrics] = field(default_factory=dict)
-    workers: dict[str, Status] = field(default_factory=dict)
+    workers: dict[str, WorkerMetrics] = field(default_factory=dict)
     bridges: dict[str, BridgeMetrics] = field(default_factory=dict)
     messages: Counter[str] = field(default_factory=Counter)
     rejected: Counter[tuple[str, str]] = field(default_factory=Counter)
@@ -126,6 +136,7 @@ class FleetMetrics:
             f"{edge}/+/telemetry",
             f"{edge}/+/events",
             f"{cloud}/workers/+/status",
+            f"{cloud}/workers/+/telemetry",
             f"{self.bridge_root}/+/status",
             f"{self.bridge_root}/+/telemetry",
         ]
@@ -147,6 +158,7 @@ class FleetMetrics:
             "node_telemetry": self._node_telemetry,
             "node_events": self._node_event,
             "worker_status": self._worker_status,
+            "worker_telemetry": self._worker_telemetry,
             "bridge_status": self._bridge_status,
             "bridge_telemetry": self._bridge_telemetry,
         }[kind]
@@ -155,7 +167,7 @@ class FleetMetrics:
     def _route(self, topic: str) -> tuple[str | None, str]:
         for root, prefix, kinds in (
             (self.topics.edge_root, "node", ("status", "telemetry", "events")),
-            (f"{self.topics.cloud_root}/workers", "worker", ("status",)),
+            (f"{self.topics.cloud_root}/workers", "worker", ("status", "telemetry")),
             (self.bridge_root, "bridge", ("status", "telemetry")),
         ):
             if topic.startswith(root + "/"):
@@ -258,9 +270,25 @@ class FleetMetrics:
             return
         if not self._room(self.workers, name, "worker_status"):
             return
-        old = self.workers.get(name)
-        if old is None or status.ts >= old.ts:
-            self.workers[name] = status
+        worker = self.workers.setdefault(name, WorkerMetrics(name))
+        if worker.status is None or status.ts >= worker.status.ts:
+            worker.status = status
+
+    def _worker_telemetry(self, name: str, payload: bytes, now: float) -> None:
+        try:
+            t = decode_worker_telemetry(payload, self.limits)
+        except ContractError as exc:
+            self._reject("worker_telemetry", exc.reason)
+            return
+        if t.worker != name:
+            self._reject("worker_telemetry", "worker_mismatch")
+            return
+        if not self._room(self.workers, name, "worker_telemetry"):
+            return
+        worker = self.workers.setdefault(name, WorkerMetrics(name))
+        old = worker.telemetry
+        if old is None or (t.seq > old.seq if t.boot_id == old.boot_id else t.ts > old.ts):
+            worker.telemetry = t
 
     def _bridge_status(self, name: str, payload: bytes, now: float) -> None:
         if not payload:
