@@ -18,6 +18,7 @@ from cloud_worker.cache import BoundedCache
 from cloud_worker.errors import HandlerError
 from cloud_worker.handler import Handler, Verdict, Verdicts
 from cloud_worker.jobs import Job, Message, Outcome
+from cloud_worker.rows import epoch_of
 from cloud_worker.stats import WorkerStats
 from cloud_worker.store import Answer, HardExampleStore, Row, example_row
 
@@ -103,7 +104,7 @@ class Decider:
         """The hard-example rows of a group's answered cases."""
         rows: list[Row] = []
         shapes: dict[tuple[int, ...], str] = {}  # the JSON of each shape, once
-        now = time.time()
+        now, mono = time.time(), time.monotonic()
         for (esc, parent), answer in zip(group, answers, strict=True):
             key = tuple(esc.shape)
             text = shapes.get(key)
@@ -111,7 +112,8 @@ class Decider:
                 text = shapes[key] = json.dumps(esc.shape)
             rows.append(
                 example_row(
-                    esc, answer, received_at=parent.msg.received_at, answered_at=now,
+                    esc, answer, received_at=epoch_of(parent.msg.received_at, now, mono),
+                    answered_at=now,
                     shape_text=text,
                 )
             )  # fmt: skip

@@ -56,6 +56,17 @@ Row = tuple[Any, ...]
 """One hard example: its values in :data:`COLUMNS` order."""
 
 
+EPOCH_FLOOR = 1e9
+"""Stores written before received_at was epoch seconds hold the receiving process's monotonic
+clock there: always below this (2001-09-09), and read back as unknown (``None``)."""
+
+
+def epoch_of(monotonic_s: float, now: float, mono_now: float) -> float:
+    """Epoch seconds of ``monotonic_s``, a :func:`time.monotonic` reading taken recently, given
+    ``now`` and ``mono_now`` read together."""
+    return now - (mono_now - monotonic_s)
+
+
 def example_row(
     esc: Escalation,
     answer: Answer,
@@ -123,6 +134,10 @@ def iter_rows(path: Path, batch: int = 1000) -> tuple[int, Iterator[list[dict[st
                 if not rows:
                     return
                 offset += len(rows)
+                for row in rows:  # an old store's monotonic reading means nothing outside it
+                    r = row.get("received_at")
+                    if isinstance(r, float | int) and r < EPOCH_FLOOR:
+                        row["received_at"] = None
                 yield rows
         except sqlite3.Error as exc:
             raise StoreError(f"cannot read {path}: {exc}") from exc

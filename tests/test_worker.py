@@ -225,6 +225,7 @@ def test_export_parquet_and_csv(mosquitto: BrokerInfo, tmp_path: Path) -> None:
                 await replies.wait_for(lambda: len(replies.got) >= 25)
             await worker.drain()
 
+    started = time.time()
     asyncio.run(fill())
     seen: list[int] = []
     n = export(cfg.store.path, tmp_path / "out.parquet", "parquet", on_rows=seen.append, batch=10)
@@ -237,6 +238,10 @@ def test_export_parquet_and_csv(mosquitto: BrokerInfo, tmp_path: Path) -> None:
     i = int(ids[0][1:])
     np.testing.assert_array_equal(image, HOLDOUT.images[i])
     assert (row["node"], row["edge_label"], row["cloud_model"]) == (node, 1, "digits_cloud-1")
+    # Times are epoch seconds, all three of them, in order.
+    for r in table.to_pylist():
+        assert r["sent_at"] - 1 <= r["received_at"] <= r["answered_at"] <= time.time()
+        assert r["received_at"] >= started - 1
     # The command, with its CSV format.
     out = subprocess.run(
         [sys.executable, "-m", "edgewise.cli.app", "worker", "export", str(tmp_path / "o.csv"),
@@ -611,3 +616,23 @@ def test_a_serving_worker_collects_garbage_less_often_and_restores_the_threshold
         assert gc.get_threshold() == GC_THRESHOLDS
         assert GC_THRESHOLDS[0] > before[0]
     assert gc.get_threshold() == before
+
+
+def test_an_old_stores_monotonic_received_at_exports_as_unknown(tmp_path: Path) -> None:
+    """Stores written before received_at was epoch seconds hold a monotonic reading: the
+    export writes it as unknown rather than as a date in 1970."""
+    import sqlite_utils
+
+    from cloud_worker.rows import COLUMNS, TABLE
+
+    path = tmp_path / "old.db"
+    row = {c: None for c in COLUMNS}
+    row.update(id="a", node="gw-1", model="digits", sent_at=1.7e9, received_at=5123.25,
+               answered_at=1.7e9 + 1, input=b"\x00")  # fmt: skip
+    new = dict(row, id="b", received_at=1.7e9 + 0.5)
+    sqlite_utils.Database(path)[TABLE].insert_all([row, new], pk="id")
+    n = export(path, tmp_path / "o.csv", "csv")
+    assert n == 2
+    with open(tmp_path / "o.csv", newline="") as f:
+        got = {r["id"]: r["received_at"] for r in csv.DictReader(f)}
+    assert got == {"a": "", "b": str(1.7e9 + 0.5)}
