@@ -462,9 +462,12 @@ def _explain(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-OTHER_COMMANDS_ENV = frozenset({"EDGEWISE_BROKER", "EDGEWISE_VENV", "EDGEWISE_CRASHPOINT"})
+OTHER_COMMANDS_ENV = frozenset(
+    {"EDGEWISE_BROKER", "EDGEWISE_VENV", "EDGEWISE_CRASHPOINT", "EDGEWISE_LOG_FORMAT"}
+)
 """EDGEWISE_* variables that are not node settings: read by other commands (``watch``,
-``dev.sh``) or by fault tests (``EDGEWISE_CRASHPOINT``, edge_node/updates/crashpoints.py)."""
+``dev.sh``), by every command's log set-up (``EDGEWISE_LOG_FORMAT``, edgewise/cli/logs.py) or
+by fault tests (``EDGEWISE_CRASHPOINT``, edge_node/updates/crashpoints.py)."""
 
 
 def unknown_env_names(cls: type[BaseSettings] = NodeConfig) -> list[str]:

@@ -10,9 +10,9 @@ from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
-from rich.logging import RichHandler
 
 from edgewise.cli import bridge_cmd as _bridge_cmd
+from edgewise.cli import logs
 from edgewise.cli.connect import (
     DEFAULT_BROKER,
     BrokerOpt,
@@ -51,14 +51,10 @@ err = Console(stderr=True)
 _fail = fail
 
 
-def _logging(level: str) -> None:
-    logging.basicConfig(
-        level=level,
-        format="%(message)s",
-        datefmt="%H:%M:%S",
-        handlers=[RichHandler(console=err, show_path=False, rich_tracebacks=False)],
-        force=True,
-    )
+def _logging(level: str, service: str, service_id: str | None = None) -> None:
+    """A command's logs (EDGEWISE_LOG_FORMAT picks the format, edgewise/cli/logs.py)."""
+    logs.check_format(None)
+    logs.setup(level, service=service, service_id=service_id)
 
 
 @app.command()
@@ -72,6 +68,7 @@ def node(
     username: ServiceUsernameOpt = None,
     password_file: ServicePasswordFileOpt = None,
     tls_ca: ServiceTlsCaOpt = None,
+    log_format: logs.LogFormatOpt = None,
 ) -> None:
     """Run an edge node: subscribe to sensor frames, infer locally, publish results.
 
@@ -86,12 +83,13 @@ def node(
     overrides: dict[str, Any] = {}
     if node_id:
         overrides["node_id"] = node_id
+    logs.check_format(log_format)
     try:
         cfg = NodeConfig.load(config, **overrides)
         mqtt = service_mqtt(cfg.mqtt, broker, username, password_file, tls_ca)
         if mqtt is not cfg.mqtt:
             cfg = cfg.model_copy(update={"mqtt": mqtt})
-        _logging(cfg.log_level)
+        logs.setup(cfg.log_level, log_format, service="node", service_id=cfg.node_id)
         for name in unknown_env_names():
             logging.getLogger("edgewise").warning(
                 "%s is set but no setting reads it (a typo?); see docs/configuration.md", name
@@ -138,7 +136,7 @@ def demo(
     from edgewise.cli.demo import run_demo
 
     external = broker_settings(broker, username, password_file, tls_ca) if broker else None
-    _logging("WARNING")
+    _logging("WARNING", "demo")
     console = Console()
     report = run(
         run_demo(
@@ -199,7 +197,7 @@ def sensor_simulate(
     if fmt not in ("msgpack", "json"):
         _fail(f"--format must be msgpack or json, not {fmt!r}")
     conn = broker_settings(broker, username, password_file, tls_ca)
-    _logging("WARNING")
+    _logging("WARNING", "sensor")
     kind: Literal["msgpack", "json"] = "json" if fmt == "json" else "msgpack"
 
     async def go() -> SimStats:
@@ -250,7 +248,7 @@ def watch(
     from edgewise.cli.watch import watch as run_watch
 
     conn = broker_settings(broker, username, password_file, tls_ca)
-    _logging("WARNING")
+    _logging("WARNING", "watch")
     seen = run(
         run_watch(
             conn,
