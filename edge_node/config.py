@@ -391,11 +391,13 @@ OTHER_COMMANDS_ENV = frozenset(
         "EDGEWISE_PAHO_FAST",
         "EDGEWISE_KEYS_DIR",
         "EDGEWISE_CLI",
+        "EDGEWISE_LOG_FORMAT",
     }
 )
 """EDGEWISE_* variables that are not node settings: read by other commands (``watch``,
 ``keys``, ``dev.sh``, compose/make-secrets.sh), by the MQTT layer (``EDGEWISE_PAHO_FAST``,
-docs/adr/0079-paho-guard.md) or by fault tests (``EDGEWISE_CRASHPOINT``,
+docs/adr/0079-paho-guard.md), by every command's log set-up (``EDGEWISE_LOG_FORMAT``,
+edgewise/cli/logs.py) or by fault tests (``EDGEWISE_CRASHPOINT``,
 edge_node/updates/crashpoints.py). The worker's variables (``EDGEWISE_WORKER_*``) are skipped
 as a whole in :func:`unknown_env_names`."""
 

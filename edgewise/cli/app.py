@@ -10,9 +10,10 @@ from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
-from rich.logging import RichHandler
 
 from edgewise.cli import bridge_cmd as _bridge_cmd
+from edgewise.cli import helptext as _helptext
+from edgewise.cli import logs
 from edgewise.cli.connect import (
     DEFAULT_BROKER,
     BrokerOpt,
@@ -36,6 +37,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode="rich",
+    # Subcommands inherit the help options from the root's context.
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 sensor_app = typer.Typer(help="Simulated sensors.", no_args_is_help=True)
 app.add_typer(sensor_app, name="sensor")
@@ -51,14 +54,34 @@ err = Console(stderr=True)
 _fail = fail
 
 
-def _logging(level: str) -> None:
-    logging.basicConfig(
-        level=level,
-        format="%(message)s",
-        datefmt="%H:%M:%S",
-        handlers=[RichHandler(console=err, show_path=False, rich_tracebacks=False)],
-        force=True,
-    )
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        Console().print(f"edgewise {version('edgewise')}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    _: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            "-V",
+            callback=_version,
+            is_eager=True,
+            help="Print the version of edgewise and exit.",
+        ),
+    ] = False,
+) -> None:
+    pass  # the help is the Typer's; this callback only carries --version
+
+
+def _logging(level: str, service: str, service_id: str | None = None) -> None:
+    """A command's logs (EDGEWISE_LOG_FORMAT picks the format, edgewise/cli/logs.py)."""
+    logs.check_format(None)
+    logs.setup(level, service=service, service_id=service_id)
 
 
 @app.command()
@@ -72,11 +95,13 @@ def node(
     username: ServiceUsernameOpt = None,
     password_file: ServicePasswordFileOpt = None,
     tls_ca: ServiceTlsCaOpt = None,
+    log_format: logs.LogFormatOpt = None,
 ) -> None:
     """Run an edge node: subscribe to sensor frames, infer locally, publish results.
 
     Settings come from --config, then EDGEWISE_* environment variables (nested keys joined with
-    `__`, e.g. EDGEWISE_MQTT__HOST), then these flags. SIGTERM drains in-flight frames and exits 0.
+    `__`, e.g. EDGEWISE_MQTT__HOST), then these flags (--broker also from EDGEWISE_BROKER).
+    SIGTERM drains in-flight frames and exits 0.
     An unreachable broker is retried (with backoff, the reason in the log) until it answers.
     """
     from edge_node.config import unknown_env_names
@@ -87,12 +112,13 @@ def node(
     overrides: dict[str, Any] = {}
     if node_id:
         overrides["node_id"] = node_id
+    logs.check_format(log_format)
     try:
         cfg = node_config(config, **overrides)
         mqtt = service_mqtt(cfg.mqtt, broker, username, password_file, tls_ca)
         if mqtt is not cfg.mqtt:
             cfg = cfg.model_copy(update={"mqtt": mqtt})
-        _logging(cfg.log_level)
+        logs.setup(cfg.log_level, log_format, service="node", service_id=cfg.node_id)
         for name in unknown_env_names():
             logging.getLogger("edgewise").warning(
                 "%s is set but no setting reads it (a typo?); see docs/configuration.md", name
@@ -114,7 +140,6 @@ def demo(
         broker_option(
             "Use this broker (mqtt://HOST[:PORT] or mqtts://HOST[:PORT]) instead of starting one;"
             " --username, --password-file and --tls-ca apply to it.",
-            envvar=None,
         ),
     ] = None,
     username: UsernameOpt = None,
@@ -135,22 +160,41 @@ def demo(
     MQTT 3.1.1 broker. Exits 0 when every frame got its result (and, with --update, the signed
     update was committed); 2 with one line saying why if --broker cannot be reached.
     """
+    import signal
+
     from edgewise.cli.connect import run
     from edgewise.cli.demo import run_demo
+    from edgewise.cli.demo_view import DemoReport
 
     external = broker_settings(broker, username, password_file, tls_ca) if broker else None
-    _logging("WARNING")
+    _logging("WARNING", "demo")
     console = Console()
-    report = run(
-        run_demo(
-            duration_s=duration,
-            rate_hz=rate,
-            broker=external,
-            console=console,
-            live=console.is_terminal,
-            update=update,
-        )
-    )
+
+    async def go() -> DemoReport:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def on_sigint() -> None:  # stop the sensor, wait for what is in flight, summarise
+            stop.set()
+            loop.remove_signal_handler(signal.SIGINT)  # a second Ctrl-C stops at once
+
+        loop.add_signal_handler(signal.SIGINT, on_sigint)
+        try:
+            return await run_demo(
+                duration_s=duration,
+                rate_hz=rate,
+                broker=external,
+                console=console,
+                live=console.is_terminal,
+                update=update,
+                stop=stop,
+            )
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)
+
+    report = run(go())
+    if report.interrupted:
+        raise typer.Exit(130)
     if report.sent == 0 or report.results < report.sent:
         _fail(
             f"{report.sent - report.results} of {report.sent} frames got no result "
@@ -192,38 +236,68 @@ def sensor_simulate(
 ) -> None:
     """Publish the bundled held-out digits frames to sensors/DEVICE/SENSOR at a steady rate.
 
-    Exits 2 with one line saying why if the broker cannot be reached or refuses the credentials;
-    a connection lost later is re-made and unacknowledged frames are sent again."""
+    Names the broker at start; prints what it sent (acknowledged, failed) at the end, and on
+    Ctrl-C (after waiting up to 10 s for the acknowledgements in flight; exit 130). Exits 2 with
+    one line saying why if the broker cannot be reached or refuses the credentials; a connection
+    lost later is re-made and unacknowledged frames are sent again."""
+    import signal
+
     from edgewise.cli.connect import run, session
     from edgewise.cli.sensor import SimStats, sensor_client_id, simulate
+    from schemas import Topics
 
     if fmt not in ("msgpack", "json"):
         _fail(f"--format must be msgpack or json, not {fmt!r}")
     conn = broker_settings(broker, username, password_file, tls_ca)
-    _logging("WARNING")
+    _logging("WARNING", "sensor")
     kind: Literal["msgpack", "json"] = "json" if fmt == "json" else "msgpack"
+    interrupted = False
 
     async def go() -> SimStats:
+        nonlocal interrupted
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def on_sigint() -> None:
+            nonlocal interrupted
+            interrupted = True
+            stop.set()
+            loop.remove_signal_handler(signal.SIGINT)  # a second Ctrl-C stops at once
+
         client_id = sensor_client_id(device, sensor)
         async with session(conn, purpose="sensor", client_id=client_id) as s:
-            return await simulate(
-                s,
-                device=device,
-                sensor=sensor,
-                rate_hz=rate,
-                count=count,
-                duration_s=duration,
-                qos=qos,
-                fmt=kind,
-                per_message=per_message,
+            err.print(
+                f"publishing to {Topics().sensor(device, sensor)} on {conn.who}"
+                f" at {rate:g} frames/s (Ctrl-C stops)",
+                soft_wrap=True,
+                highlight=False,
+                markup=False,
             )
+            loop.add_signal_handler(signal.SIGINT, on_sigint)
+            try:
+                return await simulate(
+                    s,
+                    device=device,
+                    sensor=sensor,
+                    rate_hz=rate,
+                    count=count,
+                    duration_s=duration,
+                    qos=qos,
+                    fmt=kind,
+                    per_message=per_message,
+                    stop=stop,
+                )
+            finally:
+                loop.remove_signal_handler(signal.SIGINT)
 
     stats = run(go())
     Console().print(
         f"sent {stats.sent} frames in {stats.elapsed_s:.1f} s "
         f"({stats.acked} acknowledged, {stats.failed} failed)"
+        + (" — interrupted" if interrupted else ""),
+        highlight=False,
     )
-    raise typer.Exit(0 if stats.failed == 0 else 1)
+    raise typer.Exit(130 if interrupted else 0 if stats.failed == 0 else 1)
 
 
 @app.command()
@@ -241,17 +315,40 @@ def watch(
     timeout: Annotated[
         float | None, typer.Option("--timeout", "-t", min=0.1, help="Exit after S seconds.")
     ] = None,
-    raw: Annotated[bool, typer.Option("--raw", help="Show raw bytes instead of decoding.")] = False,
+    raw: Annotated[
+        bool,
+        typer.Option(
+            "--raw", help="Show raw bytes instead of decoding (with --json: payload_base64)."
+        ),
+    ] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="One JSON object per message and line (ts, topic, qos, retain, size_bytes,"
+            " payload; binary as base64), nothing truncated.",
+        ),
+    ] = False,
+    rate: Annotated[
+        bool,
+        typer.Option(
+            "--rate",
+            help="Instead of the messages, print messages/s and bytes/s per topic filter every"
+            " second (for busy topics; JSON lines with --json).",
+        ),
+    ] = False,
 ) -> None:
-    """Subscribe and pretty-print decoded MessagePack/JSON messages (results, status, ...).
+    """Subscribe and print decoded MessagePack/JSON messages (results, status, ...).
 
-    Exits 2 with one line saying why if the broker cannot be reached or refuses the credentials
-    or a subscription."""
+    Exits 0 (1 if --count was given and fewer came); 2 with one line saying why if the broker
+    cannot be reached or refuses the credentials or a subscription."""
     from edgewise.cli.connect import run
+    from edgewise.cli.watch import Mode
     from edgewise.cli.watch import watch as run_watch
 
     conn = broker_settings(broker, username, password_file, tls_ca)
-    _logging("WARNING")
+    _logging("WARNING", "watch")
+    mode: Mode = "rate" if rate else "json" if as_json else "pretty"
     seen = run(
         run_watch(
             conn,
@@ -259,7 +356,9 @@ def watch(
             count=count,
             timeout_s=timeout,
             raw=raw,
-            console=Console(),
+            console=Console(soft_wrap=True) if as_json else Console(),
+            mode=mode,
+            as_json=as_json,
         )
     )
     raise typer.Exit(0 if count is None or seen >= count else 1)
@@ -277,6 +376,7 @@ model_app.command("check")(_model_check)
 app.add_typer(keys_app, name="keys")
 app.add_typer(model_app, name="model")
 app.add_typer(cmd_app, name="cmd")
+_helptext.reflow(app)
 
 
 def main() -> None:

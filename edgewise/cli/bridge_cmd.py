@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.markup import escape
+
+from edgewise.cli import logs
 
 err = Console(stderr=True)
 
@@ -24,6 +24,7 @@ def bridge(
             help="Bridge config (TOML): brokers, rules, queues. See docs/bridge.md.",
         ),
     ],
+    log_format: logs.LogFormatOpt = None,
 ) -> None:
     """Run the site-to-cloud bridge: durable queues both ways, retained state kept, no echoes.
 
@@ -33,18 +34,13 @@ def bridge(
     """
     from broker_bridge import BridgeConfig, BridgeError, run_bridge
 
+    logs.check_format(log_format)
     try:
         cfg = BridgeConfig.load(config)
     except BridgeError as exc:
         err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
-    logging.basicConfig(
-        level=cfg.log_level,
-        format="%(message)s",
-        datefmt="%H:%M:%S",
-        handlers=[RichHandler(console=err, show_path=False, rich_tracebacks=False)],
-        force=True,
-    )
+    logs.setup(cfg.log_level, log_format, service="bridge", service_id=cfg.bridge_id)
     try:
         code = asyncio.run(run_bridge(cfg))
     except BridgeError as exc:

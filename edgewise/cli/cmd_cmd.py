@@ -46,8 +46,12 @@ def send(
     out_file: Annotated[
         Path | None, typer.Option("--out", help="Write the signed command to FILE instead.")
     ] = None,
-    edge_root: Annotated[str, typer.Option("--edge-root")] = "edge",
-    fleet_root: Annotated[str, typer.Option("--fleet-root")] = "fleet",
+    edge_root: Annotated[
+        str, typer.Option("--edge-root", help="Topic root of node topics (edge/{node}/cmd).")
+    ] = "edge",
+    fleet_root: Annotated[
+        str, typer.Option("--fleet-root", help="Topic root of fleet topics (fleet/{class}/cmd).")
+    ] = "fleet",
 ) -> None:
     """Sign a command (unique id, issued-at, expiry) and send it on `edge/{node}/cmd` or
     `fleet/{class}/cmd`. The node reports the outcome on `edge/{node}/events`.

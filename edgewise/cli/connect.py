@@ -12,7 +12,9 @@ The options (each command that connects takes them all; a flag wins over its var
                                                         chain to; it turns TLS on (mqtts://
                                                         without it: the system's CAs)
 
-The variables are the ones the node's ``[mqtt]`` section reads. There is no password flag: a
+The variables are the ones the node's ``[mqtt]`` section reads. Every command that connects reads
+``EDGEWISE_BROKER``, the services (``node``, ``worker``) and ``demo`` too: a flag wins over the
+variable, which wins over a service's ``[mqtt]`` settings. There is no password flag: a
 command line is visible to every user of the machine (docs/security.md).
 
 Ordinary trouble (the broker unreachable, TLS refused, the credentials or a subscription
@@ -86,13 +88,13 @@ PasswordFileOpt = Annotated[Path | None, password_file_option()]
 TlsCaOpt = Annotated[Path | None, tls_ca_option()]
 
 # For the services (node, worker): flags laid over their [mqtt] settings (service_mqtt), which
-# read the environment themselves.
+# read the environment themselves. The broker: --broker, else EDGEWISE_BROKER, else [mqtt] (the
+# config file and its EDGEWISE_*MQTT__* variables), as for every other command.
 ServiceBrokerOpt = Annotated[
     str | None,
     broker_option(
         "Override mqtt.host/port (and mqtt.tls): mqtt://HOST[:PORT], or mqtts://HOST[:PORT]"
-        " (TLS, port 8883).",
-        envvar=None,
+        " (TLS, port 8883). Precedence: this flag, EDGEWISE_BROKER, then \\[mqtt].",
     ),
 ]
 ServiceUsernameOpt = Annotated[str | None, username_option("Override mqtt.username.", envvar=None)]

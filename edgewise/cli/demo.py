@@ -97,12 +97,16 @@ async def run_demo(
     cloud: bool = True,
     update: bool = True,
     update_at_s: float | None = None,
+    stop: asyncio.Event | None = None,
 ) -> DemoReport:
     """Run the demo for ``duration_s``; with ``update``, publish a signed release of the edge
     model ``update_at_s`` after the sensor starts (default: a quarter of the run).
 
     ``broker`` (or ``broker_url``, without credentials): an existing broker instead of one
-    started here; :class:`~edgewise.cli.connect.BrokerTrouble` if it cannot be reached."""
+    started here; :class:`~edgewise.cli.connect.BrokerTrouble` if it cannot be reached.
+    ``stop`` set (Ctrl-C): the sensor stops, the results of the frames sent are awaited and the
+    summary is of the run so far (``interrupted``)."""
+    stop = stop or asyncio.Event()
     console = console or Console()
     report = DemoReport(cloud=cloud, update=update)
     frames = load_holdout()
@@ -193,6 +197,7 @@ async def run_demo(
                 duration_s=duration_s,
                 frames=frames,
                 on_sent=watch.on_sent,
+                stop=stop,
             )
         )
 
@@ -218,13 +223,18 @@ async def run_demo(
             def waiting() -> bool:
                 if report.results < report.sent:
                     return True
-                return update and report.update_outcome.split(":")[0] not in _UPDATE_ENDS
+                ended = report.update_outcome.split(":")[0] in _UPDATE_ENDS
+                return update and not stop.is_set() and not ended
 
             while waiting() and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
                 lv.update(view())
+        report.interrupted = stop.is_set()
         if publisher is not None:
-            await publisher
+            if stop.is_set():
+                publisher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await publisher
             report.update_topics = list(fleet.retained)
             await fleet.clear(viewer)  # leave no retained release behind on the broker
         report.elapsed_s = time.monotonic() - start
@@ -232,9 +242,8 @@ async def run_demo(
         await node.drain()
         report.rejected = node.stats.rejected
         report.batches = node._batcher.batches
-    console.print(
-        table(report, title="edgewise demo: summary", elapsed_s=report.elapsed_s, start=start)
-    )
+    title = "edgewise demo: summary" + (" (interrupted)" if report.interrupted else "")
+    console.print(table(report, title=title, elapsed_s=report.elapsed_s, start=start))
     return report
 
 

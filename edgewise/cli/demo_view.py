@@ -56,6 +56,8 @@ class DemoReport:
     inference_errors: int = 0
     update_topics: list[str] = field(default_factory=list)
     """Where the update was published retained (cleared again at the end of the run)."""
+    interrupted: bool = False
+    """Stopped early (Ctrl-C, ``stop``): the summary is of the run so far."""
 
     @property
     def results(self) -> int:

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from edgewise.cli import logs
 from edgewise.cli.connect import (
     ServiceBrokerOpt,
     ServicePasswordFileOpt,
@@ -49,6 +48,7 @@ def worker(
     username: ServiceUsernameOpt = None,
     password_file: ServicePasswordFileOpt = None,
     tls_ca: ServiceTlsCaOpt = None,
+    log_format: logs.LogFormatOpt = None,
 ) -> None:
     """Run a cloud worker: shared subscription to escalations, batched inference, replies.
 
@@ -62,6 +62,7 @@ def worker(
     from cloud_worker import Worker, WorkerError, run_worker
     from edgewise.cli.defaults import worker_config
 
+    logs.check_format(log_format)
     overrides: dict[str, object] = {}
     if worker_id:
         overrides["worker_id"] = worker_id
@@ -70,12 +71,7 @@ def worker(
         mqtt = service_mqtt(cfg.mqtt, broker, username, password_file, tls_ca)
         if mqtt is not cfg.mqtt:
             cfg = cfg.model_copy(update={"mqtt": mqtt})
-        logging.basicConfig(
-            level=cfg.log_level,
-            format="%(message)s",
-            handlers=[RichHandler(console=err, show_path=False)],
-            force=True,
-        )
+        logs.setup(cfg.log_level, log_format, service="worker", service_id=cfg.worker_id)
         code = asyncio.run(run_worker(Worker(cfg)))
     except WorkerError as exc:
         raise _fail(str(exc)) from None

@@ -246,6 +246,9 @@ class MosquittoProcess:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 cwd=self._workdir,
+                # Its own process group: a Ctrl-C at the terminal stops the command that started
+                # it (which then stops the broker), not the broker under the command's feet.
+                process_group=0,
             )
         self._proc = proc
         _LIVE.add(self)
