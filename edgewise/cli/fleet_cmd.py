@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from edgewise.cli import logs
 from edgewise.cli.connect import (
     DEFAULT_BROKER,
     Broker,
@@ -237,6 +238,7 @@ def exporter(
             "each exporter of one broker its own.",
         ),
     ] = "edgewise-exporter",
+    log_format: logs.LogFormatOpt = None,
 ) -> None:
     """Serve the fleet as Prometheus metrics: every node's, worker's and bridge's status,
     telemetry and update events, from the broker, on http://HOST:PORT/metrics.
@@ -249,6 +251,7 @@ def exporter(
     from edgewise.cli.exporter import FleetMetrics
     from schemas import ContractError, Topics
 
+    logs.check_format(log_format)
     conn = broker_settings(broker, username, password_file, tls_ca)
     host, sep, port_text = listen.rpartition(":")
     if not sep or not port_text.isdigit() or int(port_text) > 65535:
@@ -262,6 +265,7 @@ def exporter(
         fleet.bridge_root = validate_topic(bridge_root)
     except ContractError as exc:
         fail(f"topic roots: {exc}")
+    logs.setup("INFO", log_format, service="exporter", service_id=client_id)
     run(_serve(conn, fleet, host or "0.0.0.0", int(port_text), client_id))
 
 
