@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -97,6 +98,26 @@ def test_watch_decodes_messagepack(mosquitto: BrokerInfo, mqtt_probe: ProbeFacto
     assert "retained" in out.stdout
     assert "accelerator_unavailable" in out.stdout
     assert "degraded" in out.stdout
+
+
+def test_watch_shows_payloads_as_json_not_python_reprs(
+    mosquitto: BrokerInfo, mqtt_probe: ProbeFactory
+) -> None:
+    node = f"watch-{time.monotonic_ns()}"
+    status = Status(node=node, state="online", ts=1.5, reasons=["a" * 40] * 8)
+    probe = mqtt_probe()
+    probe.publish(f"edge/{node}/status", encode_status(status), qos=1, retain=True)
+    probe.publish(f"edge/{node}/blob", b"\x00\x01\nline" * 1000, qos=1, retain=True)
+    out = edgewise(
+        "watch", f"edge/{node}/#", "--broker", mosquitto.url, "-n", "2", "-t", "20", "--raw"
+    )
+    assert out.returncode == 0, out.stderr
+    assert "b'" not in out.stdout and "\\x00\\x01\\nline" in out.stdout  # escaped, one line
+    out = edgewise("watch", f"edge/{node}/status", "--broker", mosquitto.url, "-n", "1", "-t", "20")
+    assert out.returncode == 0, out.stderr
+    body = out.stdout.splitlines()[1].strip()
+    assert json.loads(body)["reasons"] == ["a" * 40] * 8  # all of them: nothing cut at 16 items
+    assert "'" not in body
 
 
 def test_watch_says_when_nothing_came(mosquitto: BrokerInfo) -> None:

@@ -21,7 +21,6 @@ import msgspec
 from paho.mqtt.client import topic_matches_sub
 from rich.console import Console
 from rich.markup import escape
-from rich.pretty import Pretty
 
 from edgewise.cli.connect import Broker, session
 from edgewise.mqtt import Inbound
@@ -68,18 +67,35 @@ def render(msg: Inbound, console: Console, *, limits: Limits, raw: bool = False)
         f" {len(msg.payload)} B"
     )
     if raw:
-        console.print(repr(msg.payload[:512]))
+        console.print(_shown(msg.payload[:512].decode("utf-8", "backslashreplace")), markup=False)
         return
     if not msg.payload:
         console.print("  [dim](empty payload)[/]")
         return
     try:
-        console.print(Pretty(decode_any(msg.payload, limits), max_length=16, max_string=120))
+        text = _JSON.encode(decode_any(msg.payload, limits)).decode("utf-8")  # bytes: base64
     except ContractError as exc:
+        head = msg.payload[:64].decode("utf-8", "backslashreplace")
         console.print(
-            f"  [red]not decodable ({exc.reason}: {escape(exc.detail)})[/]"
-            f" {escape(repr(msg.payload[:64]))}"
+            f"  [red]not decodable ({exc.reason}: {escape(exc.detail)})[/] {escape(_shown(head))}"
         )
+        return
+    console.print(f"  {escape(_shown(text))}", soft_wrap=True)
+
+
+PRETTY_MAX_CHARS = 2000
+"""What the human-readable mode prints of one payload; ``--json`` prints everything."""
+
+
+def _shown(text: str) -> str:
+    """``text`` with control characters escaped, cut at :data:`PRETTY_MAX_CHARS` (saying so)."""
+    from edgewise.cli.logs import escape as escape_controls
+
+    text = escape_controls(text)
+    if len(text) <= PRETTY_MAX_CHARS:
+        return text
+    more = len(text) - PRETTY_MAX_CHARS
+    return f"{text[:PRETTY_MAX_CHARS]} … ({more:,} more characters; --json prints everything)"
 
 
 @dataclass
