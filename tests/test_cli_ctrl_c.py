@@ -85,3 +85,25 @@ def test_demo_stops_cleanly_on_ctrl_c_with_the_summary_so_far(mqtt_probe: ProbeF
     assert "Aborted" not in stdout + stderr
     sent, got = (_figure(stdout, row) for row in ("frames sent", "results received"))
     assert sent > 0 and got == sent  # the frames in flight were answered before the summary
+
+
+def test_watch_stops_quietly_on_ctrl_c(mosquitto: BrokerInfo, mqtt_probe: ProbeFactory) -> None:
+    topic = f"ctrlc/{time.monotonic_ns()}"
+    mqtt_probe().publish(topic, b'{"n": 1}', retain=True)  # shown once watch has subscribed
+    proc = _start("watch", topic, "--broker", mosquitto.url, "-t", "120")
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if topic in line:
+                break
+        assert proc.stderr is not None
+        said = proc.stderr.readline()  # once subscribed, it says what it watches where
+        os.killpg(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 130, stderr
+    assert "Aborted" not in stderr and "Traceback" not in stderr
+    assert f"watching {topic} on {mosquitto.url} (Ctrl-C stops)" in said

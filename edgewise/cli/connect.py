@@ -379,8 +379,11 @@ async def publish(
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:
-    """``asyncio.run(main)``; :class:`BrokerTrouble` ends the command with its line, exit 2."""
+    """``asyncio.run(main)``; :class:`BrokerTrouble` ends the command with its line, exit 2;
+    Ctrl-C ends it quietly with exit 130 (the shell's convention), not click's "Aborted!"."""
     try:
         return asyncio.run(main)
     except BrokerTrouble as exc:
         fail(str(exc))
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None

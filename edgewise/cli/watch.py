@@ -22,7 +22,7 @@ from paho.mqtt.client import topic_matches_sub
 from rich.console import Console
 from rich.markup import escape
 
-from edgewise.cli.connect import Broker, session
+from edgewise.cli.connect import Broker, err, session
 from edgewise.mqtt import Inbound
 from schemas import ContractError, Limits, decode_any
 
@@ -209,6 +209,12 @@ async def watch(
             _print_rates(rates.report(time.monotonic()), console, as_json=as_json)
 
     async with session(broker, purpose="watch", on_message=on_message, filters=filters):
+        err.print(
+            f"watching {', '.join(filters)} on {broker.who} (Ctrl-C stops)",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
         reporter = asyncio.create_task(report_rates()) if mode == "rate" else None
         try:
             async with asyncio.timeout(timeout_s):
