@@ -22,32 +22,33 @@ import hashlib
 import logging
 import time
 import uuid
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Self
 
 import msgspec
 import numpy as np
 
 from edge_node.answered import AnsweredFilter
 from edge_node.config import NodeConfig
+from edge_node.connections import Handlers, connect_node
 from edge_node.deadletter import DeadLetters
 from edge_node.errors import ConfigError
 from edge_node.escalation import HARD_EXAMPLE, Case, Escalator, Final
 from edge_node.hardware import load_model
+from edge_node.health import Health
 from edge_node.inference import AdaptiveRunner
+from edge_node.stats import NodeStats
+from edge_node.status import NodeStatus, State
 from edge_node.updates import UpdateManager
 from edgewise.mqtt import (
     Conflict,
     ConnectInfo,
     Inbound,
-    MqttError,
     MqttSession,
-    Will,
-    max_packet_for,
 )
 from edgewise.outbox import (
     AsyncOutbox,
@@ -70,21 +71,17 @@ from schemas import (
     Frame,
     Result,
     ResultBatch,
-    Status,
     Telemetry,
     decode_acks,
     decode_frames,
     decode_results,
     encode_results,
-    encode_status,
     encode_telemetry,
     message_id,
     new_ids,
 )
 
 log = logging.getLogger(__name__)
-
-State = Literal["online", "offline", "degraded"]
 
 
 @dataclass(slots=True)
@@ -133,36 +130,6 @@ def _frame_key(topic: str, frame: Frame, digest: str, index: int | None = None) 
     return key if index is None else f"{key}\x00{index}"
 
 
-@dataclass(slots=True)
-class NodeStats:
-    """Counters since start; a snapshot is cheap to take."""
-
-    frames_in: int = 0
-    frames_ignored_draining: int = 0
-    frames_already_answered: int = 0
-    frames_left_to_other: int = 0
-    """Frames not answered: another process took their connection over (client id conflict)."""
-    results_out: int = 0
-    results_stored: int = 0
-    results_acked: int = 0
-    """Results the broker acknowledged on the degraded path (published without a durable copy);
-    the forwarder counts those it delivers from the outbox (EdgeNode.results_delivered)."""
-    result_messages: int = 0
-    publish_failures: int = 0
-    inference_errors: int = 0
-    session_recycles: int = 0
-    telemetry_windows: int = 0
-    acks_received: int = 0
-    """End-to-end mode: confirmations taken from ``edge/{node}/acks``."""
-    acks_rejected: int = 0
-    """End-to-end mode: confirmations refused (size, encoding, schema): dead-lettered."""
-    rejects: Counter[str] = field(default_factory=Counter)
-
-    @property
-    def rejected(self) -> int:
-        return sum(self.rejects.values())
-
-
 class EdgeNode:
     """An edge node bound to one broker; use as ``async with EdgeNode(config) as node``."""
 
@@ -180,7 +147,6 @@ class EdgeNode:
             node=self.node_id, boot_id=self.boot_id, started_at=time.time()
         )
         self._telemetry_topic = self.topics.telemetry(self.node_id)
-        self.reasons: list[str] = []
         self._seq = 0
         self._results_as_json = config.results_encoding == "json"
         self._max_pending = config.batching.max_pending_frames
@@ -205,54 +171,34 @@ class EdgeNode:
         self._answering: dict[str, str] = {}
         self._answered = AnsweredFilter(config.storage.answered_keep)
         self._results_in_flight: set[asyncio.Future[None]] = set()
+        self.status = NodeStatus(
+            node_id=self.node_id,
+            topic=self.topics.status(self.node_id),
+            boot_id=self.boot_id,
+            hardware_class=self.hardware.name,
+            model=lambda: self._model,
+            configured_model=(config.model.name, config.model.release),
+        )
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._inference: AdaptiveRunner[np.ndarray, Prediction] | None = None
         self._stack: contextlib.AsyncExitStack | None = None
-        will = Will(
-            self.topics.status(self.node_id),
-            self._status_payload("offline", ["connection_lost"]),
-        )
         # One count of takeovers for all the node's connections: a duplicate of the node gives
         # way after 5 in all, not 5 per connection (docs/adr/0073-client-id-conflict.md).
         self.conflict = Conflict()
-        # The broker sends nothing larger than a frame can be (issue 16 point 8, ADR 0077).
-        max_packet = max_packet_for(config.limits.max_payload_bytes)
-        self.session = MqttSession(
-            config.mqtt,
-            client_id=f"edgewise-node-{self.node_id}",
-            on_message=self._on_message,
-            on_connect=self._on_connect,
-            will=will,
-            on_takeover=self._taken_over,
-            conflict=self.conflict,
-            announce_conflict=True,  # its on_connect publishes the status
-            max_packet_bytes=max_packet,
-        )
-        # Everything the node publishes goes out on a connection of its own, the uplink: to a
-        # separate broker if one is configured (sensors on a site broker, results straight to
-        # the cloud), else to the sensors' broker. The frames' connection stops reading while
-        # the node holds as many frames as it may; the PUBACKs of results must never wait behind
-        # frames held back there (docs/adr/0076-intake-bounds.md). On the sensors' broker the
-        # status (and the will) stays with the frames' connection, whose subscription it vouches
-        # for; a separate uplink broker gets it too.
-        shared = config.uplink is None
-        self.uplink = MqttSession(
-            # An explicit mqtt.client_id names the frames' session; the uplink derives its own.
-            config.uplink or config.mqtt.model_copy(update={"client_id": ""}),
-            # "-out" on the sensors' broker, "-uplink" to a separate one (escalator: "-escalation").
-            client_id=f"edgewise-node-{self.node_id}-{'out' if shared else 'uplink'}",
-            on_connect=self._on_uplink_connect,
-            on_message=self._on_uplink_message,  # confirmations (end-to-end mode) come here
-            will=None if shared else will,
-            on_takeover=self._taken_over,
-            conflict=self.conflict,
-            announce_conflict=True,  # its on_connect publishes the status (always in conflict)
-            max_packet_bytes=max_packet,
+        self.session, self.uplink = connect_node(
+            config,
+            self.status,
+            self.conflict,
+            Handlers(
+                frames=self._on_message,
+                frames_connected=self._on_connect,
+                uplink_message=self._on_uplink_message,
+                uplink_connected=self._on_uplink_connect,
+                taken_over=self._taken_over,
+            ),
         )
         self._sessions = [self.session, self.uplink]
-        self._status_sessions = [self.session] if shared else [self.session, self.uplink]
         self._max_pending_bytes = config.batching.max_pending_bytes
-        self._uplink_bad_since: float | None = time.monotonic()
         outbox_config = config.storage.outbox_config(self.node_id)
         self._outbox_path = outbox_config.path
         self.outbox = AsyncOutbox(outbox_config)
@@ -287,6 +233,19 @@ class EdgeNode:
             )
         self._forwarders = list(dict.fromkeys([self.forwarder, self.results_forwarder]))
         self._acker = InOrderAcker(self.session)
+        self.health = Health(
+            config.health,
+            self.status,
+            self.hardware,
+            uplink=self.uplink,
+            forwarders=self._forwarders,
+            results_to_uplink=self.results_forwarder,
+            end_to_end=self._e2e,
+            connections=self._all_sessions,
+            recycle_s=config.model.recycle_session_h * 3600.0,
+            recycle=lambda: self.recycle_session(),
+            draining=lambda: self._draining,
+        )
         # Hybrid inference (docs/adr/0030-escalation.md): unsure verdicts go to cloud workers.
         self.escalator: Escalator | None = None
         if config.escalation.enabled:
@@ -299,7 +258,7 @@ class EdgeNode:
                 deliver=self._store_finals,
                 synchronous=config.storage.synchronous,
                 outbox=self.outbox,  # one outbox for everything the node sends (ADR 0069)
-                on_cloud_change=self._cloud_changed,
+                on_cloud_change=self.health.cloud_changed,
                 conflict=self.conflict,
             )
         self._batcher: MicroBatcher[_Pending] = MicroBatcher(
@@ -326,8 +285,12 @@ class EdgeNode:
         return self._model
 
     @property
+    def reasons(self) -> list[str]:
+        return self.status.reasons
+
+    @property
     def state(self) -> State:
-        return "degraded" if self.reasons else "online"
+        return self.status.state
 
     async def __aenter__(self) -> Self:
         self._loop = asyncio.get_running_loop()
@@ -354,7 +317,7 @@ class EdgeNode:
             self.model.runtime.name,
             self.model.runtime.provider,
         )
-        self._check_accelerator(self.model)
+        self.health.check_accelerator(self.model)
         try:
             self._outbox_path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -399,7 +362,7 @@ class EdgeNode:
                     tasks.create_task(f.run(), name=f"edge-node-forwarder-{i}")
                     for i, f in enumerate(self._forwarders)
                 ),
-                tasks.create_task(self._health_loop(), name="edge-node-health"),
+                tasks.create_task(self.health.run(), name="edge-node-health"),
                 tasks.create_task(self._telemetry_loop(), name="edge-node-telemetry"),
             ]
             stack.callback(lambda: [t.cancel() for t in loops])
@@ -455,14 +418,7 @@ class EdgeNode:
         left = self.outbox.stats().rows
         if left:
             log.info("%s stay in the outbox for the next start", plural(left, "record"))
-        offline = self._status_payload("offline", ["shutdown"])
-        for session in self._status_sessions:
-            if session.connected:
-                with contextlib.suppress(MqttError, TimeoutError):
-                    async with asyncio.timeout(2.0):
-                        await session.publish(
-                            self.topics.status(self.node_id), offline, retain=True
-                        )
+        await self.status.say_offline("shutdown")
         return finished
 
     async def _finish_in_flight(self) -> None:
@@ -499,7 +455,7 @@ class EdgeNode:
             "connected": self.session.connected,
             "connection": self.session.connection,
             "uplink_connected": self.uplink.connected,
-            "uplink_oldest_unacked_s": round(self._oldest_in_flight_s(), 3),
+            "uplink_oldest_unacked_s": round(self.health.oldest_in_flight_s(), 3),
             "reading_paused": self.session.reading_paused,
             "held_frames": self._held(),
             "held_bytes": self._acker.held_bytes,
@@ -518,43 +474,19 @@ class EdgeNode:
             "already_answered": self.stats.frames_already_answered,
         }
 
-    # ------------------------------------------------------------------ status
-    def _status_payload(self, state: State, reasons: list[str]) -> bytes:
-        m = self._model
-        return encode_status(
-            Status(
-                node=self.node_id,
-                state=state,
-                ts=time.time(),
-                reasons=reasons,
-                model=m.name if m else self.config.model.name,
-                release=m.release if m else self.config.model.release,
-                runtime=m.runtime.name if m else None,
-                provider=m.runtime.provider if m else None,
-                hardware_class=self.hardware.name,
-                boot_id=self.boot_id,
-            )
-        )
-
+    # ------------------------------------------------------------------ connections
     async def _on_connect(self, info: ConnectInfo) -> None:
-        self._sync_conflict()
-        await self.session.publish(
-            self.topics.status(self.node_id),
-            self._status_payload(self.state, self.reasons),
-            retain=True,
-        )
+        self.health.sync_conflict()
+        await self.status.connected(self.session)
 
     async def _on_uplink_connect(self, info: ConnectInfo) -> None:
-        self._uplink_up()
-        self._sync_conflict()
-        if self.uplink in self._status_sessions or "client_id_conflict" in self.reasons:
-            await self.uplink.publish(
-                self.topics.status(self.node_id),
-                self._status_payload(self.state, self.reasons),
-                retain=True,
-            )
+        self.health.uplink_up()
+        self.health.sync_conflict()
+        await self.status.connected(self.uplink)
 
-    # ------------------------------------------------------------------ duplicate identity
+    def _taken_over(self, connection: int) -> None:
+        self.health.sync_conflict()
+
     def _all_sessions(self) -> list[MqttSession]:
         """Every long-lived connection of the node (the downloader's comes and goes)."""
         sessions = list(self._sessions)
@@ -563,15 +495,6 @@ class EdgeNode:
         if self.escalator is not None:
             sessions.append(self.escalator.uplink)
         return sessions
-
-    def _sync_conflict(self) -> None:
-        """``degraded: client_id_conflict`` while another process takes one of the node's
-        connections over: it runs with this node's id (docs/adr/0073-client-id-conflict.md)."""
-        conflict = any(s.client_id_conflict for s in self._all_sessions())
-        self._set_reason("client_id_conflict", conflict)
-
-    def _taken_over(self, connection: int) -> None:
-        self._sync_conflict()
 
     def _frames_taken_over(self, batch: list[_Pending]) -> tuple[list[_Pending], list[_Pending]]:
         """Split off the QoS 1 frames whose connection another process took over with our
@@ -587,89 +510,6 @@ class EdgeNode:
             (lost if m.qos and session.lost_to_takeover(m.connection) else kept).append(p)
         self.stats.frames_left_to_other += len(lost)
         return kept, lost
-
-    def _uplink_up(self) -> None:
-        self._uplink_bad_since = None
-        if "uplink_down" in self.reasons:
-            self.reasons.remove("uplink_down")  # the caller publishes it on the uplink
-            log.info("recovered: uplink_down")
-            for session in self._status_sessions:
-                if session is not self.uplink:
-                    self._publish_status(session)
-
-    def _set_reason(self, reason: str, present: bool) -> None:
-        """Add or clear a degradation reason; say so on the retained status when it changes."""
-        if (reason in self.reasons) == present:
-            return
-        if present:
-            self.reasons.append(reason)
-            log.warning("degraded: %s", reason)
-        else:
-            self.reasons.remove(reason)
-            log.info("recovered: %s", reason)
-        for session in self._status_sessions:
-            self._publish_status(session)
-        if reason == "client_id_conflict" and self.uplink not in self._status_sessions:
-            # Said on every connection that can: the frames' one may be the one taken over.
-            self._publish_status(self.uplink)
-
-    def _cloud_changed(self, available: bool) -> None:
-        """The escalator's verdict on the cloud workers (docs/adr/0074-cloud-availability.md)."""
-        self._set_reason("cloud_unavailable", not available)
-
-    def _check_accelerator(self, served: ServedModel) -> None:
-        """``degraded: accelerator_unavailable`` while the model serves on a provider other
-        than the one the node prefers (its class's first); it keeps serving on the fallback."""
-        rt = served.runtime
-        missing = self.hardware.accelerator_missing(served.path, rt.name, rt.provider)
-        if missing and "accelerator_unavailable" not in self.reasons:
-            log.warning(
-                "%s serves on %s, not on %s (hardware class %s): the accelerator is missing or"
-                " failed",
-                rt.name,
-                rt.provider,
-                self.hardware.preferred_for(served.path, rt.name),
-                self.hardware.name,
-            )
-        self._set_reason("accelerator_unavailable", missing)
-
-    def _publish_status(self, session: MqttSession) -> None:
-        if not session.connected:
-            return  # said on the next connect
-        fut = session.publish_nowait(
-            self.topics.status(self.node_id),
-            self._status_payload(self.state, self.reasons),
-            retain=True,
-        )
-        fut.add_done_callback(lambda f: f.exception())
-
-    # ------------------------------------------------------------------ background checks
-    async def _health_loop(self) -> None:
-        """Once a second: is the uplink down or stalled; is the session due for a recycle."""
-        health = self.config.health
-        recycle_s = self.config.model.recycle_session_h * 3600.0
-        loaded_at = time.monotonic()
-        while True:
-            await asyncio.sleep(1.0)
-            now = time.monotonic()
-            bad = not self.uplink.connected or self._oldest_in_flight_s() > health.uplink_grace_s
-            if not bad:
-                self._uplink_bad_since = None
-                self._set_reason("uplink_down", False)
-            elif self._uplink_bad_since is None:
-                self._uplink_bad_since = now
-            elif now - self._uplink_bad_since >= health.uplink_grace_s:
-                self._set_reason("uplink_down", True)
-            self._sync_conflict()
-            if self._e2e.enabled:  # nobody confirms what the broker took (ADR 0078)
-                waited = self.results_forwarder.oldest_unconfirmed_s
-                self._set_reason("awaiting_consumer", waited > self._e2e.degraded_after_s)
-            if recycle_s > 0 and now - loaded_at >= recycle_s and not self._draining:
-                await self.recycle_session()
-                loaded_at = time.monotonic()
-
-    def _oldest_in_flight_s(self) -> float:
-        return max(f.oldest_in_flight_s for f in self._forwarders)
 
     def _end_to_end_counts(self) -> dict[str, int]:
         if not self._e2e.enabled:
@@ -699,16 +539,16 @@ class EdgeNode:
         slo_ms = self.hardware.latency_slo_p99_ms
         if slo_ms > 0:
             p99 = self._window.sketch.quantile(0.99)
-            self._set_reason("latency_slo", p99 is not None and p99 > slo_ms)
+            self.status.set("latency_slo", p99 is not None and p99 > slo_ms)
         payload = encode_telemetry(self._telemetry_message())
         self.stats.telemetry_windows += 1
         failed = await self._via_outbox(Record("telemetry", self._telemetry_topic, payload))
         if failed is not None:  # a full disk shows here even when no frame comes
             reason = "storage_full" if isinstance(failed, StorageFull) else "storage_error"
-            self._set_reason(reason, True)
+            self.status.set(reason, True)
             return
-        self._set_reason("storage_full", False)
-        self._set_reason("storage_error", False)
+        self.status.set("storage_full", False)
+        self.status.set("storage_error", False)
 
     def _telemetry_message(self) -> Telemetry:
         stats = self.stats
@@ -821,13 +661,7 @@ class EdgeNode:
             new.runtime.name,
             new.runtime.provider,
         )
-        missing = self.hardware.accelerator_missing(
-            new.path, new.runtime.name, new.runtime.provider
-        )
-        if missing == ("accelerator_unavailable" in self.reasons):
-            for session in self._status_sessions:  # the release changed, the reasons did not
-                self._publish_status(session)
-        self._check_accelerator(new)
+        self.health.model_changed(new)
         return old
 
     def set_threshold(self, args: Mapping[str, str]) -> str:
@@ -852,7 +686,7 @@ class EdgeNode:
         if self.inference_paused:
             return "inference was paused already"
         self._serving.clear()
-        self._set_reason("inference_paused", True)
+        self.status.set("inference_paused", True)
         return "inference paused; frames wait unacknowledged until resume_inference"
 
     def resume_inference(self, args: Mapping[str, str]) -> str:
@@ -860,7 +694,7 @@ class EdgeNode:
         if not self.inference_paused:
             return "inference was not paused"
         self._serving.set()
-        self._set_reason("inference_paused", False)
+        self.status.set("inference_paused", False)
         return f"inference resumed; {len(self._batcher)} frames were waiting"
 
     async def recycle_session(self) -> bool:
@@ -892,7 +726,7 @@ class EdgeNode:
         # The pool runs one call at a time in order: this runs after every call given to `old`.
         self._pool.submit(old.close)
         log.info("inference session recycled (%d so far)", self.stats.session_recycles)
-        self._check_accelerator(new)
+        self.health.check_accelerator(new)
         return True
 
     # ------------------------------------------------------------------ hot path
@@ -1055,12 +889,12 @@ class EdgeNode:
                 self.updates.observe(None, count=len(batch), latency_s=0.0)
             self.stats.inference_errors += 1
             log.exception("inference failed on a batch of %d", len(batch))
-            self._set_reason("model_unavailable", True)  # until a batch is served again
+            self.status.set("model_unavailable", True)  # until a batch is served again
             for p in batch:
                 self._reject(p.ticket.message, "inference_failed", f"{type(exc).__name__}: {exc}")
             self._finish(batch)
             return
-        self._set_reason("model_unavailable", False)
+        self.status.set("model_unavailable", False)
         now = time.monotonic()
         if self.updates is not None:
             oldest = min(p.ticket.message.received_at for p in batch)
@@ -1283,11 +1117,11 @@ class EdgeNode:
             reason = "storage_full" if isinstance(exc, StorageFull) else "storage_error"
             if reason not in self.reasons:  # once per episode, not once per batch
                 log.error("outbox write failed (%s): results go out without a durable copy", exc)
-            self._set_reason(reason, True)
+            self.status.set(reason, True)
             self._publish_direct(payload, served)
             return
-        self._set_reason("storage_full", False)
-        self._set_reason("storage_error", False)
+        self.status.set("storage_full", False)
+        self.status.set("storage_error", False)
         for key, _ in answered:  # before _finish lets go of them: no copy slips between
             self._answered.add(key)
         self.stats.results_stored += len(served)
