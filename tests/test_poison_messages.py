@@ -26,7 +26,8 @@ import pytest
 
 import broker_bridge.direction as direction_mod
 import cloud_worker.worker as worker_mod
-import edge_node.node as node_mod
+import edge_node.intake as intake_mod
+import edge_node.results as results_mod
 from broker_bridge import Bridge, BridgeConfig
 from broker_bridge.rules import compile_rule
 from cloud_worker import Worker
@@ -334,7 +335,7 @@ def _node_settled(h: Harness) -> bool:
     esc = node.escalator
     return (
         node._acker.outstanding == 0
-        and not node._in_progress
+        and not node.frames.in_progress
         and (esc is None or (esc.pending == 0 and not esc._finals))
     )
 
@@ -350,13 +351,13 @@ def _node_fault(stage: str, h: Harness, mp: pytest.MonkeyPatch) -> Injected:
         f.into(mp, Topics, "parse_sensor")
         return f, lambda: rejects["internal_error"]
     if stage == "decode":
-        f.into(mp, node_mod, "decode_frames")
+        f.into(mp, intake_mod, "decode_frames")
         return f, lambda: rejects["internal_error"]
     if stage == "check":
         f.into(mp, ServedModel, "check")
         return f, lambda: rejects["internal_error"]
     if stage == "infer":
-        f.into(mp, node, "_infer")
+        f.into(mp, node.served, "infer")
         return f, lambda: rejects["inference_failed"]
     if stage == "triage":
         f.into(mp, esc, "triage")
@@ -368,7 +369,7 @@ def _node_fault(stage: str, h: Harness, mp: pytest.MonkeyPatch) -> Injected:
         f.into(mp, esc.journal, "add_nowait")
         return f, lambda: node.stats.results_stored
     if stage == "encode":
-        f.into(mp, node_mod, "encode_results")
+        f.into(mp, results_mod, "encode_results")
         return f, lambda: rejects["internal_error"]
     if stage == "store":
         f.when = lambda records, *a, **kw: records[0].kind == "result"
