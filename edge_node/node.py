@@ -19,8 +19,9 @@ from receipt to the PUBACK that deletes its result:
 
 Anything that breaks the contract is dead-lettered and acknowledged at once; nothing from the
 network can stop the node. Beside the path: :class:`~edge_node.status.NodeStatus` (the retained
-status on every connection that can say it) and :class:`~edge_node.health.Health` (the checks that
-degrade it); the telemetry window and the operator controls are still here.
+status on every connection that can say it), :class:`~edge_node.health.Health` (the checks that
+degrade it), :class:`~edge_node.telemetry.TelemetryReport` (the telemetry window) and
+:class:`~edge_node.controls.OperatorControls` (pause, resume, thresholds, recycle, swap).
 """
 
 from __future__ import annotations
@@ -37,33 +38,28 @@ from typing import Self
 from edge_node.answering import Answerer
 from edge_node.config import NodeConfig
 from edge_node.connections import Handlers, connect_node
+from edge_node.controls import OperatorControls
 from edge_node.deadletter import DeadLetters
-from edge_node.errors import ConfigError
 from edge_node.escalation import Escalator
 from edge_node.health import Health
 from edge_node.intake import FramesInHand, Intake, Pending
 from edge_node.outbound import RESULT, Confirmations, Outbound, Tasks
 from edge_node.results import ResultPath
 from edge_node.served import ServedSlot
-from edge_node.stats import NodeStats
+from edge_node.stats import NodeStats, plural
 from edge_node.status import NodeStatus, State
+from edge_node.telemetry import TelemetryReport
 from edge_node.updates import UpdateManager
 from edgewise.mqtt import Conflict, ConnectInfo, Inbound, MqttSession
-from edgewise.outbox import AsyncOutbox, Record, StorageFull
+from edgewise.outbox import AsyncOutbox
 from edgewise.serving.acks import InOrderAcker
 from edgewise.serving.batcher import MicroBatcher
 from edgewise.serving.model import ServedModel
 from edgewise.telemetry import TelemetryWindow
-from schemas import Telemetry, encode_telemetry
 
 __all__ = ["RESULT", "EdgeNode", "NodeStats", "State", "plural"]
 
 log = logging.getLogger(__name__)
-
-
-def plural(n: int, word: str, words: str | None = None) -> str:
-    """``1 record``, ``0 records``, ``2 records``."""
-    return f"{n} {word if n == 1 else (words or word + 's')}"
 
 
 class EdgeNode:
@@ -147,7 +143,7 @@ class EdgeNode:
             end_to_end=e2e,
             connections=self._all_sessions,
             recycle_s=config.model.recycle_session_h * 3600.0,
-            recycle=lambda: self.recycle_session(),
+            recycle=lambda: self.controls.recycle_session(),
             draining=lambda: self.intake.draining,
         )
         # Hybrid inference (docs/adr/0030-escalation.md): unsure verdicts go to cloud workers.
@@ -179,12 +175,36 @@ class EdgeNode:
             as_json=config.results_encoding == "json",
             max_results_per_message=batching.max_results_per_message,
         )
-        self._serving = asyncio.Event()
-        """Clear while an operator has paused inference (docs/adr/0065-pause-inference.md)."""
-        self._serving.set()
-        self._window = TelemetryWindow(node=node_id, boot_id=self.boot_id, started_at=time.time())
-        self._telemetry_topic = topics.telemetry(node_id)
+        self.controls = OperatorControls(
+            self.served,
+            self.hardware,
+            status=self.status,
+            health=self.health,
+            stats=self.stats,
+            escalator=self.escalator,
+            waiting=lambda: len(self._batcher),
+        )
         self.updates = self._updater()
+        self.telemetry = TelemetryReport(
+            TelemetryWindow(node=node_id, boot_id=self.boot_id, started_at=time.time()),
+            topics.telemetry(node_id),
+            window_s=config.telemetry.window_s,
+            hardware=self.hardware,
+            hardware_class=config.hardware_class,
+            served=self.served,
+            status=self.status,
+            stats=self.stats,
+            outbound=self.outbound,
+            sessions=self._sessions,
+            connections=self._all_sessions,
+            forwarders=self._forwarders,
+            results_to_uplink=self.results_forwarder,
+            end_to_end=e2e.enabled,
+            deadletters=self.deadletters,
+            escalator=self.escalator,
+            updates=self.updates,
+            draining=lambda: self.intake.draining,
+        )
         self.answerer = Answerer(
             self.served,
             frames=self.frames,
@@ -192,10 +212,10 @@ class EdgeNode:
             status=self.status,
             stats=self.stats,
             tasks=self._tasks,
-            serving=self._serving,
+            serving=self.controls.serving,
             escalator=self.escalator,
             updates=self.updates,
-            observe_latency_ms=self._window.observe_latency,
+            observe_latency_ms=self.telemetry.window.observe_latency,
         )
         self._batcher: MicroBatcher[Pending] = MicroBatcher(
             self.answerer.process,
@@ -231,13 +251,7 @@ class EdgeNode:
             model_release=c.model.release,
             model_path=c.model.resolved_path(),
             swap=self.swap_model,
-            commands={
-                "recycle_session": lambda args: self.recycle_session(),
-                "publish_telemetry": lambda args: self.close_window(),
-                "set_threshold": self.set_threshold,
-                "pause_inference": self.pause_inference,
-                "resume_inference": self.resume_inference,
-            },
+            commands=self.controls.commands(lambda: self.close_window()),
             publish_event=lambda topic, payload: self.outbound.store_event(
                 topic, payload, retain=True
             ),
@@ -275,31 +289,9 @@ class EdgeNode:
             model.runtime.provider,
         )
         self.health.check_accelerator(model)
-        try:
-            self._outbox_path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(
-                f"storage.state_dir {self._outbox_path.parent} cannot be created: {exc}"
-            ) from None
         async with contextlib.AsyncExitStack() as stack:
-            await stack.enter_async_context(self.outbox)
-            self.outbound.opened()
+            await self.outbound.open(stack, self.status, self._outbox_path)
             await self.results.remember_answered()  # before any frame can come
-            stored = self.outbox.stats()
-            if self.outbox.recovered_from is not None:
-                # Said in the status until the next start, so that someone looks at the file.
-                self.reasons.append("outbox_corrupt")
-                log.error(
-                    "the outbox was unreadable: kept it as %s and started a fresh one",
-                    self.outbox.recovered_from,
-                )
-            log.info(
-                "outbox %s: %s waiting from earlier runs; %s remembered",
-                self._outbox_path,
-                plural(stored.rows, "record")
-                + (f" ({stored.bytes - stored.answered_bytes} bytes)" if stored.rows else ""),
-                plural(stored.answered_keys, "answered frame"),
-            )
             for session in self._sessions:
                 await stack.enter_async_context(session)
             if self.escalator is not None:
@@ -318,7 +310,7 @@ class EdgeNode:
                     for i, f in enumerate(self._forwarders)
                 ),
                 tasks.create_task(self.health.run(), name="edge-node-health"),
-                tasks.create_task(self._telemetry_loop(), name="edge-node-telemetry"),
+                tasks.create_task(self.telemetry.run(), name="edge-node-telemetry"),
             ]
             stack.callback(lambda: [t.cancel() for t in loops])
             self._stack = stack.pop_all()
@@ -387,7 +379,7 @@ class EdgeNode:
     def summary(self) -> str:
         """What the node did since it started, for its stop line."""
         s = self.stats
-        left = self.outbox.stats().rows_by_kind.get("result", 0) if self.outbound.open else 0
+        left = self.outbox.stats().rows_by_kind.get("result", 0) if self.outbound.is_open else 0
         return (
             f"{plural(s.frames_in, 'frame')} in ({s.frames_already_answered} answered already,"
             f" {s.rejected} rejected); {plural(s.results_out, 'result')} made,"
@@ -449,174 +441,26 @@ class EdgeNode:
             sessions.append(self.escalator.uplink)
         return sessions
 
-    # ------------------------------------------------------------------ telemetry
-    def _end_to_end_counts(self) -> dict[str, int]:
-        if not self._e2e.enabled:
-            return {}
-        f = self.results_forwarder.stats
-        return {
-            "acks_received": self.stats.acks_received,
-            "acks_rejected": self.stats.acks_rejected,
-            "results_confirmed": f.confirmed,
-            "results_resent": f.resent,
-            "results_unconfirmed_evicted": f.unconfirmed_evicted,
-            "confirmations_unknown": f.confirmations_unknown,
-        }
-
-    async def _telemetry_loop(self) -> None:
-        window_s = self.config.telemetry.window_s
-        next_at = time.monotonic() + window_s
-        while True:
-            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-            next_at += window_s
-            if not self.intake.draining:
-                await self.close_window()
-
-    async def close_window(self) -> None:
-        """End the current telemetry window: check the latency SLO, store the window's message
-        in the outbox (kind ``telemetry``) and hand it to the forwarder."""
-        slo_ms = self.hardware.latency_slo_p99_ms
-        if slo_ms > 0:
-            p99 = self._window.sketch.quantile(0.99)
-            self.status.set("latency_slo", p99 is not None and p99 > slo_ms)
-        payload = encode_telemetry(self._telemetry_message())
-        self.stats.telemetry_windows += 1
-        failed = await self.outbound.send(Record("telemetry", self._telemetry_topic, payload))
-        if failed is not None:  # a full disk shows here even when no frame comes
-            reason = "storage_full" if isinstance(failed, StorageFull) else "storage_error"
-            self.status.set(reason, True)
-            return
-        self.status.set("storage_full", False)
-        self.status.set("storage_error", False)
-
-    def _telemetry_message(self) -> Telemetry:
-        stats = self.stats
-        st = self.outbox.stats()
-        reconnects = sum(s.stats.reconnects for s in self._sessions)
-        esc = self.escalator.stats if self.escalator is not None else None
-        escalation_counts = (
-            {}
-            if esc is None
-            else {
-                "escalations": esc.escalated,
-                "cloud": esc.cloud,
-                "cloud_cached": esc.cached,
-                "edge_fallback": esc.fallback,
-                "edge_offline": esc.offline,
-                "late_replies": esc.late_replies,
-                "edge_fallback_cloud_unavailable": esc.unavailable_fallback,
-                "cloud_unavailable_episodes": esc.unavailable_episodes,
-                "cloud_probes": esc.probes,
-            }
-        )
-        m = self.model
-        return self._window.build(
-            time.time(),
-            counts_total={
-                "frames": stats.frames_in,
-                "results": stats.results_out,
-                "results_stored": stats.results_stored,
-                "rejected": stats.rejected,
-                "already_answered": stats.frames_already_answered,
-                "deadletters": self.deadletters.published,
-                "deadletters_suppressed": self.deadletters.suppressed,
-                "inference_errors": stats.inference_errors,
-                "publish_failures": stats.publish_failures,
-                "reconnects": reconnects,
-                "takeovers": sum(s.stats.takeovers for s in self._all_sessions()),
-                "bytes_received": sum(s.bytes_received for s in self._all_sessions()),
-                "frames_left_to_other": stats.frames_left_to_other,
-                **self._update_counts(),
-                "session_recycles": stats.session_recycles,
-                "uplink_published": sum(f.stats.published for f in self._forwarders),
-                "uplink_delivered": sum(f.stats.delivered for f in self._forwarders),
-                **self._end_to_end_counts(),
-                **escalation_counts,
-            },
-            rejects_total=dict(stats.rejects),
-            evictions=dict(st.evicted_items),  # hard examples included (ADR 0069)
-            outbox_rows=st.rows,
-            outbox_bytes=st.file_bytes,
-            state=self.state,
-            reasons=self.reasons,
-            model=m.name,
-            release=m.release,
-            runtime=m.runtime.name,
-            provider=m.runtime.provider,
-            hardware_class=self.config.hardware_class,
-        )
-
-    def _update_counts(self) -> dict[str, int]:
-        u = self.updates
-        if u is None:
-            return {}
-        return {
-            "control_rejects": u.rejects.total,
-            "control_rejects_unreported": u.rejects.suppressed,
-            "commands_run": u.stats.commands_run,
-        }
-
     # ------------------------------------------------------------------ operator controls
+    async def close_window(self) -> None:
+        """End the current telemetry window and send it (:class:`TelemetryReport`)."""
+        await self.telemetry.close_window()
+
     def swap_model(self, new: ServedModel) -> ServedModel:
-        """Serve ``new`` from the next batch on; return the old model (the caller closes it)."""
-        old = self.model
-        self.served.serve(new)
-        if self.escalator is not None:  # a release's thresholds go with it (and back on rollback)
-            self.escalator.use_manifest_thresholds(new.name, new.thresholds)
-        log.info(
-            "now serving %s release %d on %s (%s)",
-            new.name,
-            new.release,
-            new.runtime.name,
-            new.runtime.provider,
-        )
-        self.health.model_changed(new)
-        return old
+        return self.controls.swap_model(new)
 
     def set_threshold(self, args: Mapping[str, str]) -> str:
-        """The ``set_threshold`` command: escalation thresholds for the served model (names in
-        ``edge_node.escalation.policy.THRESHOLD_NAMES``) until the node restarts."""
-        if self.escalator is None:
-            raise ValueError("escalation is off on this node (escalation.enabled = false)")
-        if not args:
-            raise ValueError("give at least one threshold, e.g. escalate_below=0.8")
-        policy = self.escalator.set_thresholds(self.model.name, args)
-        shown = policy.model_dump(exclude_none=True)
-        return f"{self.model.name}: " + ", ".join(f"{k}={v:g}" for k, v in shown.items())
+        return self.controls.set_threshold(args)
 
     @property
     def inference_paused(self) -> bool:
-        return not self._serving.is_set()
+        return self.controls.inference_paused
 
     def pause_inference(self, args: Mapping[str, str]) -> str:
-        """The ``pause_inference`` command: stop running the model. Frames keep arriving and
-        wait unacknowledged (the broker holds the rest beyond the session's receive maximum);
-        nothing is lost; status says ``degraded: inference_paused`` until resumed or restarted."""
-        if self.inference_paused:
-            return "inference was paused already"
-        self._serving.clear()
-        self.status.set("inference_paused", True)
-        return "inference paused; frames wait unacknowledged until resume_inference"
+        return self.controls.pause_inference(args)
 
     def resume_inference(self, args: Mapping[str, str]) -> str:
-        """The ``resume_inference`` command: serve the frames that waited, then go on."""
-        if not self.inference_paused:
-            return "inference was not paused"
-        self._serving.set()
-        self.status.set("inference_paused", False)
-        return f"inference resumed; {len(self._batcher)} frames were waiting"
+        return self.controls.resume_inference(args)
 
     async def recycle_session(self) -> bool:
-        """Load the model into a fresh inference session and swap it in between two batches.
-
-        Frames keep being served by the old session while the new one loads; the old one is
-        closed once the calls already handed to it have finished. False if the reload failed
-        (the old session then goes on serving).
-        """
-        new = await self.served.reload(self.hardware)
-        if new is None:
-            return False
-        self.stats.session_recycles += 1
-        log.info("inference session recycled (%d so far)", self.stats.session_recycles)
-        self.health.check_accelerator(new)
-        return True
+        return await self.controls.recycle_session()

@@ -13,18 +13,25 @@ cannot take one, it is published directly, without a durable copy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 from edge_node.config import EndToEndConfig, StorageConfig
 from edge_node.deadletter import DeadLetters
+from edge_node.errors import ConfigError
 from edge_node.escalation import HARD_EXAMPLE
-from edge_node.stats import NodeStats
+from edge_node.stats import NodeStats, plural
+from edge_node.status import NodeStatus
 from edgewise.mqtt import Inbound, MqttSession
 from edgewise.outbox import AsyncOutbox, Confirmation, Forwarder, Record, Stored
 from schemas import ContractError, Limits, decode_acks, decode_results, message_id
+
+log = logging.getLogger(__name__)
 
 #: The record kind of results messages (what end-to-end mode holds until confirmed).
 RESULT = "result"
@@ -106,7 +113,7 @@ class Outbound:
         # outbox is open): stored from the loop once it can (deque: thread-safe append/pop).
         self._offloop_events: deque[Record] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.open = False
+        self.is_open = False
 
     async def store_and_offer(
         self,
@@ -139,10 +146,34 @@ class Outbound:
             fut.add_done_callback(lambda f: f.exception())
         return failed
 
-    def opened(self) -> None:
-        """The outbox is open: store the events made off the loop so far, and from now on."""
+    async def open(self, stack: contextlib.AsyncExitStack, status: NodeStatus, path: Path) -> None:
+        """Open the outbox at ``path`` (closed with ``stack``), say what it holds from earlier
+        runs, and store the events made off the loop so far, and from now on."""
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"storage.state_dir {path.parent} cannot be created: {exc}") from None
+        await stack.enter_async_context(self.outbox)
+        self._opened()
+        stored = self.outbox.stats()
+        if self.outbox.recovered_from is not None:
+            # Said in the status until the next start, so that someone looks at the file.
+            status.reasons.append("outbox_corrupt")
+            log.error(
+                "the outbox was unreadable: kept it as %s and started a fresh one",
+                self.outbox.recovered_from,
+            )
+        log.info(
+            "outbox %s: %s waiting from earlier runs; %s remembered",
+            path,
+            plural(stored.rows, "record")
+            + (f" ({stored.bytes - stored.answered_bytes} bytes)" if stored.rows else ""),
+            plural(stored.answered_keys, "answered frame"),
+        )
+
+    def _opened(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self.open = True
+        self.is_open = True
         self._store_offloop_events()
 
     def store_event(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
@@ -152,7 +183,7 @@ class Outbound:
             asyncio.get_running_loop()
         except RuntimeError:  # another thread: the updater's boot, before the outbox is open
             self._offloop_events.append(record)
-            if self._loop is not None and self.open:
+            if self._loop is not None and self.is_open:
                 self._loop.call_soon_threadsafe(self._store_offloop_events)
             return
         # Storage trouble is reported by the results and telemetry paths; send it anyway.

@@ -1,4 +1,5 @@
-"""What the edge node counts since it started: read by telemetry, the stop line and tests."""
+"""What the edge node counts since it started (telemetry, the stop line, tests), and how it
+says a count in its log lines."""
 
 from __future__ import annotations
 
@@ -34,3 +35,8 @@ class NodeStats:
     @property
     def rejected(self) -> int:
         return sum(self.rejects.values())
+
+
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """``1 record``, ``0 records``, ``2 records``."""
+    return f"{n} {word if n == 1 else (words or word + 's')}"
