@@ -667,7 +667,7 @@ class Bench:
 
 # ---------------------------------------------------------------------------- look-up cost
 def _keys(n: int, start: int = 0, device: str = "cam") -> list[str]:
-    """Frame keys as the node makes them (edge_node.node._frame_key): topic, seq, ts, digest."""
+    """Frame keys as the node makes them (edge_node.intake.frame_key): topic, seq, ts, digest."""
     return [
         f"sensors/{device}-{i % 50}/digits\x00{i}\x00{1766400000.0 + i / 1000!r}"
         f"\x00{i * 2654435761 % 2**64:016x}"

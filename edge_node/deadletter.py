@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
+from edge_node.token_bucket import TokenBucket
 from schemas import DeadLetter, encode_deadletter, log_text, new_id
 
 log = logging.getLogger(__name__)
@@ -31,12 +32,9 @@ class DeadLetters:
         self._node = node
         self._topic = topic
         self._publish = publish
-        self._rate = max_per_s
-        # A bucket holds at least one token, so a rate below 1/s still lets letters through.
-        self._capacity = max(1.0, max_per_s) if max_per_s > 0 else 0.0
-        self._tokens = self._capacity
         self._clock = clock
-        self._last_refill = clock()
+        # A bucket holds at least one token, so a rate below 1/s still lets letters through.
+        self._bucket = TokenBucket(max_per_s, max(1.0, max_per_s), clock())
         self._log_interval_s = log_interval_s
         self._last_log: dict[str, float] = {}
         self._unlogged: Counter[str] = Counter()
@@ -53,12 +51,9 @@ class DeadLetters:
         self.by_reason[reason] += 1
         now = self._clock()
         self._log(reason, topic, detail, now)
-        self._tokens = min(self._capacity, self._tokens + (now - self._last_refill) * self._rate)
-        self._last_refill = now
-        if self._tokens < 1.0:
+        if not self._bucket.take(now):
             self.suppressed += 1
             return
-        self._tokens -= 1.0
         self._seq += 1
         letter = DeadLetter(
             node=self._node,

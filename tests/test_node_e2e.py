@@ -220,7 +220,7 @@ def test_frames_waiting_for_a_slow_commit_count_towards_the_bound(
                     while not node.session.reading_paused:  # noqa: ASYNC110 - no event for it
                         await asyncio.sleep(0.01)
                 assert node.stats.frames_in - taken < flood  # the rest wait at the broker
-                assert bound <= node._held() < 2 * bound
+                assert bound <= node.frames.held() < 2 * bound
             finally:
                 blocker.execute("ROLLBACK")
                 blocker.close()
@@ -306,14 +306,14 @@ def test_a_copy_redelivered_while_the_first_is_being_answered_gets_no_second_res
             # Hold inference until the link has dropped, come back, and the broker has
             # redelivered the frames (DUP) while their first copies are still being answered.
             gate, entered = asyncio.Event(), asyncio.Event()
-            infer = h.node._infer
+            infer = h.node.served.infer
 
             async def gated(inputs: np.ndarray) -> Prediction:
                 entered.set()
                 await gate.wait()
                 return await infer(inputs)
 
-            h.node._infer = gated  # type: ignore[method-assign]
+            h.node.served.infer = gated  # type: ignore[method-assign]
             for i in range(3):
                 await h.send(frame_bytes(i, HOLDOUT.images[i]))
             await asyncio.wait_for(entered.wait(), 10)
@@ -395,7 +395,7 @@ def test_a_batch_is_not_acked_until_its_last_frame_is_stored(mosquitto: BrokerIn
         batching = {"max_batch_size": 2, "max_results_per_message": 2}
         async with running_node(mosquitto, batching=batching) as h:
             gate, held = asyncio.Event(), asyncio.Event()
-            store = h.node._store
+            store = h.node.results.store
 
             async def gated(payload: bytes, answered: list, served: list) -> None:  # type: ignore[type-arg]
                 if any(p.frame.seq >= 2 for p in served):
@@ -403,7 +403,7 @@ def test_a_batch_is_not_acked_until_its_last_frame_is_stored(mosquitto: BrokerIn
                     await gate.wait()
                 await store(payload, answered, served)
 
-            h.node._store = gated  # type: ignore[method-assign]
+            h.node.results.store = gated  # type: ignore[method-assign]
             acked = h.node._acker.acked
             await h.send(_batch(0, 4))
             await asyncio.wait_for(held.wait(), 10)

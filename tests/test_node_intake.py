@@ -264,7 +264,7 @@ def test_large_messages_stop_reading_at_the_byte_bound_before_the_frame_bound(
             for m in range(messages):
                 await h.send(_batch(m * per, per))
             await _until(lambda: node.session.reading_paused, 10, "reading paused")
-            held = node._held()
+            held = node.frames.held()
             assert held < node.config.batching.max_pending_frames
             assert node._acker.held_bytes >= 131_072
             assert node.stats.frames_in < messages * per

@@ -25,10 +25,11 @@ import msgspec
 import pytest
 
 import broker_bridge.direction as direction_mod
-import cloud_worker.intake as intake_mod
+import cloud_worker.intake as worker_intake_mod
 import cloud_worker.reply_topic as reply_topic_mod
 import cloud_worker.settle as settle_mod
-import edge_node.node as node_mod
+import edge_node.intake as node_intake_mod
+import edge_node.results as results_mod
 from broker_bridge import Bridge, BridgeConfig
 from broker_bridge.rules import compile_rule
 from cloud_worker import Worker
@@ -177,7 +178,7 @@ def _worker_fault(stage: str, worker: Worker, mp: pytest.MonkeyPatch) -> Injecte
     f = Fault(stage)
     s = worker.stats
     if stage == "decode":
-        f.into(mp, intake_mod, "decode_escalations")
+        f.into(mp, worker_intake_mod, "decode_escalations")
         return f, lambda: s.rejects["internal_error"]
     if stage == "validate":
         f.into(mp, reply_topic_mod, "is_reply_topic")
@@ -337,7 +338,7 @@ def _node_settled(h: Harness) -> bool:
     esc = node.escalator
     return (
         node._acker.outstanding == 0
-        and not node._in_progress
+        and not node.frames.in_progress
         and (esc is None or (esc.pending == 0 and not esc.cases.finals))
     )
 
@@ -353,13 +354,13 @@ def _node_fault(stage: str, h: Harness, mp: pytest.MonkeyPatch) -> Injected:
         f.into(mp, Topics, "parse_sensor")
         return f, lambda: rejects["internal_error"]
     if stage == "decode":
-        f.into(mp, node_mod, "decode_frames")
+        f.into(mp, node_intake_mod, "decode_frames")
         return f, lambda: rejects["internal_error"]
     if stage == "check":
         f.into(mp, ServedModel, "check")
         return f, lambda: rejects["internal_error"]
     if stage == "infer":
-        f.into(mp, node, "_infer")
+        f.into(mp, node.served, "infer")
         return f, lambda: rejects["inference_failed"]
     if stage == "triage":
         f.into(mp, esc, "triage")
@@ -371,7 +372,7 @@ def _node_fault(stage: str, h: Harness, mp: pytest.MonkeyPatch) -> Injected:
         f.into(mp, esc.journal, "add_nowait")
         return f, lambda: node.stats.results_stored
     if stage == "encode":
-        f.into(mp, node_mod, "encode_results")
+        f.into(mp, results_mod, "encode_results")
         return f, lambda: rejects["internal_error"]
     if stage == "store":
         f.when = lambda records, *a, **kw: records[0].kind == "result"

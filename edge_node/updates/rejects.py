@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from edge_node.token_bucket import TokenBucket
 from edgewise.releases import Reason
 from schemas import log_text
 
@@ -39,14 +40,6 @@ class Rejection:
     release: int | None = None
 
 
-class _Bucket:
-    __slots__ = ("at", "tokens")
-
-    def __init__(self, tokens: float, at: float) -> None:
-        self.tokens = tokens
-        self.at = at
-
-
 class ControlRejects:
     def __init__(
         self,
@@ -59,10 +52,10 @@ class ControlRejects:
     ) -> None:
         self._report = report
         self._rate = events_per_s
-        self._burst = float(burst) if events_per_s > 0 else 0.0
+        self._burst = float(burst)
         self._log_interval_s = log_interval_s
         self._clock = clock
-        self._buckets: dict[tuple[Kind, Reason], _Bucket] = {}
+        self._buckets: dict[tuple[Kind, Reason], TokenBucket] = {}
         self._last_log: dict[tuple[Kind, Reason], float] = {}
         self._unlogged: Counter[tuple[Kind, Reason]] = Counter()
         self.counts: Counter[str] = Counter()
@@ -83,13 +76,10 @@ class ControlRejects:
         self._log(key, r, now)
         bucket = self._buckets.get(key)
         if bucket is None:
-            bucket = self._buckets[key] = _Bucket(self._burst, now)
-        bucket.tokens = min(self._burst, bucket.tokens + (now - bucket.at) * self._rate)
-        bucket.at = now
-        if bucket.tokens < 1.0:
+            bucket = self._buckets[key] = TokenBucket(self._rate, self._burst, now)
+        if not bucket.take(now):
             self.suppressed += 1
             return False
-        bucket.tokens -= 1.0
         self.reported += 1
         self._report(r)
         return True
