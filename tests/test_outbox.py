@@ -607,7 +607,7 @@ def test_a_corrupt_file_that_cannot_be_moved_aside_raises_outbox_corrupt(
     def refuse(src: object, dst: object) -> None:
         raise PermissionError(13, "read-only", str(src))
 
-    monkeypatch.setattr("edgewise.outbox.store.os.replace", refuse)
+    monkeypatch.setattr("edgewise.outbox.quarantine.os.replace", refuse)
     with pytest.raises(OutboxCorrupt, match="could not be moved aside"):
         Outbox.open(config(path))
     assert path.read_bytes() == b"garbage" * 1000

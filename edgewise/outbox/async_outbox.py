@@ -28,9 +28,11 @@ from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
 
 from edgewise.outbox.config import OutboxConfig
+from edgewise.outbox.counters import OutboxStats
 from edgewise.outbox.errors import OutboxError
 from edgewise.outbox.record import Record, Stored
-from edgewise.outbox.store import ROW_OVERHEAD, Outbox, OutboxStats, txn_bytes
+from edgewise.outbox.sizing import ROW_OVERHEAD, txn_bytes
+from edgewise.outbox.store import Outbox
 
 P = TypeVar("P")
 R = TypeVar("R")
@@ -235,9 +237,8 @@ class AsyncOutbox:
 
     @property
     def max_txn_bytes(self) -> int:
-        """Bytes of records one transaction should take: :func:`edgewise.outbox.store.txn_bytes` of
-        the
-        bound, less on a volume with little free space (ADR 0075)."""
+        """Bytes of records one transaction should take: :func:`edgewise.outbox.sizing.txn_bytes`
+        of the bound, less on a volume with little free space (ADR 0075)."""
         if self._outbox is None:
             return self._txn_bytes
         return self._outbox.txn_bytes_now

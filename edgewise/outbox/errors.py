@@ -17,6 +17,13 @@ Tree::
 
 from __future__ import annotations
 
+import errno
+import sqlite3
+
+_SQLITE_CORRUPT = 11
+_SQLITE_FULL = 13
+_SQLITE_NOTADB = 26
+
 
 class OutboxError(Exception):
     """Base class of every error raised by outbox."""
@@ -28,3 +35,30 @@ class StorageFull(OutboxError):
 
 class OutboxCorrupt(OutboxError):
     """The database is corrupt or unreadable and moving it aside failed."""
+
+
+class Unusable(Exception):
+    """The file is corrupt or not a database: move it aside (never leaves the package: the
+    opening path catches it and quarantines the file, :mod:`edgewise.outbox.quarantine`)."""
+
+
+def translate(exc: BaseException, what: str) -> OutboxError:
+    """The one boundary where sqlite3 and OS errors become :class:`OutboxError`."""
+    if isinstance(exc, OutboxError):
+        return exc
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)
+        name = getattr(exc, "sqlite_errorname", type(exc).__name__)
+        if (code is not None and code & 0xFF == _SQLITE_FULL) or "disk is full" in str(exc):
+            return StorageFull(f"{what}: {name}: {exc}")
+        return OutboxError(f"{what}: {name}: {exc}")
+    if isinstance(exc, OSError):
+        if exc.errno == errno.ENOSPC:
+            return StorageFull(f"{what}: {exc}")
+        return OutboxError(f"{what}: {exc}")
+    return OutboxError(f"{what}: {exc!r}")
+
+
+def is_unusable(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
