@@ -613,6 +613,29 @@ def test_a_corrupt_file_that_cannot_be_moved_aside_raises_outbox_corrupt(
     assert path.read_bytes() == b"garbage" * 1000
 
 
+def test_moving_a_corrupt_file_aside_is_durable_before_the_fresh_file_is_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The renames are made durable (the directory fsynced) before the fresh database is
+    created: after a power cut the corrupt file is never back under the outbox's name."""
+    import edgewise.outbox.quarantine as quarantine
+
+    path = tmp_path / "o.db"
+    path.write_bytes(b"garbage" * 1000)
+    synced: list[tuple[Path, bool]] = []
+    real = quarantine.fsync_dir
+
+    def record(d: Path) -> None:
+        synced.append((d, path.exists()))  # whether the fresh file was already there
+        real(d)
+
+    monkeypatch.setattr(quarantine, "fsync_dir", record)
+    box = Outbox.open(config(path))
+    box.close()
+    assert synced == [(tmp_path, False)]
+    assert [p.name for p in tmp_path.glob("o.db.corrupt-*")]
+
+
 def test_another_applications_database_is_refused_not_moved(tmp_path: Path) -> None:
     path = tmp_path / "other.db"
     conn = sqlite3.connect(path)

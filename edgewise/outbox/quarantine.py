@@ -13,6 +13,7 @@ import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
 
+from edgewise.files import fsync_dir
 from edgewise.outbox.config import OutboxConfig
 from edgewise.outbox.errors import OutboxCorrupt, Unusable
 from edgewise.outbox.schema import connect
@@ -51,10 +52,14 @@ def move_aside(path: Path) -> Path:
         n += 1
         target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
     try:
+        moved = False
         for suffix in ("-wal", "-shm", ""):
             source = Path(f"{path}{suffix}")
             if source.exists():
                 os.replace(source, Path(f"{target}{suffix}"))
+                moved = True
+        if moved:  # the renames survive a power cut before the fresh file is written
+            fsync_dir(path.parent)
     except OSError as exc:
         raise OutboxCorrupt(f"{path} is corrupt and could not be moved aside: {exc}") from exc
     log.error("outbox %s was corrupt: moved aside to %s", path, target)
