@@ -32,6 +32,16 @@ if TYPE_CHECKING:  # imported when the command runs: `edgewise --help` stays qui
     from edgewise.mqtt import Inbound
     from schemas import Limits, Topics
 
+EdgeRootOpt = Annotated[
+    str, typer.Option("--edge-root", help="Topic root of the nodes (edge/{node}/...).")
+]
+CloudRootOpt = Annotated[
+    str, typer.Option("--cloud-root", help="Topic root of the workers (cloud/workers/{id}/...).")
+]
+BridgeRootOpt = Annotated[
+    str, typer.Option("--bridge-root", help="Topic root of the bridges (bridges/{bridge}/...).")
+]
+
 fleet_app = typer.Typer(help="The fleet: what every node reports.", no_args_is_help=True)
 
 _err = Console(stderr=True)
@@ -169,9 +179,7 @@ def status(
             help="Seconds to listen: a bit more than the nodes' telemetry window (10 s).",
         ),
     ] = 12.0,
-    edge_root: Annotated[
-        str, typer.Option("--edge-root", help="Topic root of the nodes (edge/{node}/...).")
-    ] = "edge",
+    edge_root: EdgeRootOpt = "edge",
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Listen to every node's status and telemetry, then print a table of nodes (status,
@@ -210,17 +218,9 @@ def exporter(
             help="HOST:PORT of the /metrics endpoint Prometheus scrapes (port 0: any free one).",
         ),
     ] = "0.0.0.0:9873",
-    edge_root: Annotated[
-        str, typer.Option("--edge-root", help="Topic root of the nodes (edge/{node}/...).")
-    ] = "edge",
-    cloud_root: Annotated[
-        str,
-        typer.Option("--cloud-root", help="Topic root of the workers (cloud/workers/{id}/...)."),
-    ] = "cloud",
-    bridge_root: Annotated[
-        str,
-        typer.Option("--bridge-root", help="Topic root of the bridges (bridges/{bridge}/...)."),
-    ] = "bridges",
+    edge_root: EdgeRootOpt = "edge",
+    cloud_root: CloudRootOpt = "cloud",
+    bridge_root: BridgeRootOpt = "bridges",
     max_age: Annotated[
         float,
         typer.Option(
@@ -310,17 +310,9 @@ def forget(
             "--force", help="Forget a source whose retained status says it is still running."
         ),
     ] = False,
-    edge_root: Annotated[
-        str, typer.Option("--edge-root", help="Topic root of the nodes (edge/{node}/...).")
-    ] = "edge",
-    cloud_root: Annotated[
-        str,
-        typer.Option("--cloud-root", help="Topic root of the workers (cloud/workers/{id}/...)."),
-    ] = "cloud",
-    bridge_root: Annotated[
-        str,
-        typer.Option("--bridge-root", help="Topic root of the bridges (bridges/{bridge}/...)."),
-    ] = "bridges",
+    edge_root: EdgeRootOpt = "edge",
+    cloud_root: CloudRootOpt = "cloud",
+    bridge_root: BridgeRootOpt = "bridges",
 ) -> None:
     """Remove decommissioned nodes (or workers, bridges) from the fleet: clear every retained
     message under their topics (status, update events), so `fleet status` and the exporter

@@ -19,6 +19,7 @@ from typing import Final
 
 from broker_bridge.wire import BridgeTelemetry
 from broker_bridge.wire import decode_telemetry as decode_bridge_telemetry
+from edgewise.cli.fleet_view import newer_window
 from edgewise.releases import decode_event
 from edgewise.telemetry import BadSketch, LatencySketch, merged
 from schemas import (
@@ -100,14 +101,6 @@ class BridgeMetrics:
     bridge: str
     status: Status | None = None
     telemetry: BridgeTelemetry | None = None
-
-
-def _newer(new: Telemetry, old: Telemetry | None) -> bool:
-    if old is None:
-        return True
-    if new.boot_id == old.boot_id:
-        return new.seq > old.seq
-    return new.ts > old.ts
 
 
 @dataclass
@@ -227,7 +220,7 @@ class FleetMetrics:
         node.latency_count += window.latency_count
         node.latency_sum_ms += sketch.sum
         node.recent.append((now, sketch))
-        if _newer(window, node.window):
+        if newer_window(window, node.window):
             node.window = window
 
     def _node_event(self, name: str, payload: bytes, now: float) -> None:
