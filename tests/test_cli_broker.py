@@ -41,6 +41,7 @@ from schemas import Status, encode_status
 from tests.bridgeharness import REPO, Client
 from tests.securebroker import Pki, SecureBroker, make_ca, make_pki
 from tests.updatekit import CLOUD_MODEL, EDGE_MODEL, now
+from tests.waiting import eventually_sync
 
 USERS = ("operator", "gw-1", "cam-1")
 
@@ -524,11 +525,18 @@ def test_worker_started_before_its_broker_becomes_ready_when_the_broker_comes(
         )  # fmt: skip
 
     def wait_log(text: str, timeout_s: float = 60) -> None:
-        deadline = time.monotonic() + timeout_s
-        while text not in log.read_text(errors="replace"):
+        def logged() -> bool:  # a log file has no event to wait on
+            if text in log.read_text(errors="replace"):
+                return True
             assert proc.poll() is None, f"worker exited {proc.returncode}:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"no {text!r}:\n{log.read_text()[-3000:]}"
-            time.sleep(0.05)  # a log file has no event to wait on
+            return False
+
+        eventually_sync(
+            logged,
+            f"the worker to log {text!r}",
+            timeout_s=timeout_s,
+            detail=lambda: log.read_text()[-3000:],
+        )
 
     try:
         wait_log("Connection refused")  # it tried, and says why
@@ -559,11 +567,14 @@ def test_worker_stopped_while_waiting_for_its_broker_exits_cleanly(tmp_path: Pat
             stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, env=env,
         )  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        while "cannot connect" not in log.read_text(errors="replace"):
+
+        def said_so() -> bool:
+            if "cannot connect" in log.read_text(errors="replace"):
+                return True
             assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
+            return False
+
+        eventually_sync(said_so, "'cannot connect' in the log", timeout_s=60, detail=log.read_text)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, log.read_text()
     finally:

@@ -19,8 +19,9 @@ from edge_node.updates.rejects import ControlRejects, Rejection
 from edgewise.local_broker import BrokerInfo
 from edgewise.releases import Command, Reason, Target, generate, sign
 from schemas import log_text
-from tests.test_updates import running_updater, wait_until
+from tests.test_updates import running_updater
 from tests.updatekit import CLOUD_MODEL, NOW, Fleet, manifest, run_async
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -114,7 +115,9 @@ async def test_garbage_never_crowds_out_genuine_commands(
                 await u.send_command(sign(genuine[i // 200], fleet.release))
             await u.operator.publish_nowait(u.topics.cmd(u.node_id), g)
         await u.wait_kind("command_done", count=3)
-        await wait_until(lambda: u.manager.rejects.total >= 600)  # no message says so
+        await eventually(
+            lambda: u.manager.rejects.total >= 600, "u.manager.rejects.total >= 600", timeout_s=20
+        )  # no message says so
         elapsed = loop.time() - started
         counts = dict(u.manager.rejects.counts)
         events = [e for e in u.events() if e.kind == "command_rejected"]

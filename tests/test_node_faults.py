@@ -22,8 +22,10 @@ import pytest
 from edgewise.cli.frames import load_holdout
 from edgewise.local_broker import BrokerInfo, Message, MosquittoProcess, MqttProbe
 from schemas import Frame, decode_status, encode_frames
+from tests.conftest import BrokerFactory
 from tests.nodeharness import frame_bytes
 from tests.nodeprocs import NodeProcesses, ResultLedger, online
+from tests.waiting import eventually_sync
 
 HOLDOUT = load_holdout()
 ProbeFactory = Callable[..., MqttProbe]
@@ -150,18 +152,14 @@ def test_results_made_while_the_broker_is_away_wait_on_disk_and_arrive_later(
 
 @pytest.mark.slow
 def test_kill_9_of_the_broker_twice_loses_no_result_the_node_made(
-    tmp_path: Path, mqtt_probe: ProbeFactory
+    tmp_path: Path, start_mosquitto: BrokerFactory, mqtt_probe: ProbeFactory
 ) -> None:
     # Mosquitto keeps nothing durable between autosaves: a frame or result that only lived in
     # its memory at the kill is the broker's loss, not the node's, and is reported below. What
     # the node promises is checked exactly: every result it made reaches the consumer (its seq
     # runs 1..N without a gap), none twice under two ids, and its inference never stopped.
-    workdir = tmp_path / "broker"
-    broker = MosquittoProcess(
-        workdir,
-        extra_config=f"persistence true\npersistence_location {workdir}/\nautosave_interval 1\n",
-    )
-    info = broker.start()
+    broker = start_mosquitto("broker", persistent=True, autosave_interval_s=1)
+    info = broker.info
     state = tmp_path / "node"
     state.mkdir()
     total = 10_000
@@ -200,10 +198,12 @@ def test_kill_9_of_the_broker_twice_loses_no_result_the_node_made(
         publisher.start()
         answered_while_away: list[int] = []
         for at in (3_000, 6_500):
-            deadline = time.monotonic() + 60
-            while feed() < at:
-                assert time.monotonic() < deadline, f"{len(ledger.ids)} results before kill"
-                time.sleep(0.05)
+            eventually_sync(
+                lambda at=at: feed() >= at,
+                f"{at} results before the kill",
+                timeout_s=60,
+                detail=lambda: f"{len(ledger.ids)} results before kill",
+            )
             before = _answered(state / f"{n.node_id}.outbox.db")
             broker.kill()
             consumer.wait_disconnected(10)

@@ -24,6 +24,7 @@ from edgewise.local_broker import BrokerInfo, Message, MqttProbe, TcpProxy
 from schemas import decode_results, decode_status
 from tests.nodeharness import Harness, frame_bytes, running_node
 from tests.nodeprocs import NodeProcesses, ResultLedger, online
+from tests.waiting import eventually
 
 HOLDOUT = load_holdout()
 ProbeFactory = Callable[..., MqttProbe]
@@ -38,15 +39,6 @@ def _uplink(proxy: TcpProxy) -> dict[str, object]:
         "reconnect_first_s": 0.1,
         "reconnect_cap_s": 0.5,
     }
-
-
-async def _until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
-    """Await a condition on the in-process node's state (checked every 20 ms)."""
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def _statuses(h: Harness) -> list[tuple[str, list[str]]]:
@@ -108,15 +100,17 @@ def test_a_stalled_then_flapping_uplink_says_uplink_down_and_loses_no_result(
                     proxy.cut()
                     await _send_range(h, sent, sent + 100)
                     sent += 100
-                    await _until(
-                        lambda n=sent: h.node.stats.results_stored >= n, 20, "results stored"
+                    await eventually(
+                        lambda n=sent: h.node.stats.results_stored >= n,
+                        "results stored",
+                        timeout_s=20,
                     )
                     # The cut lasts until the node has knocked and been refused (not a fixed
                     # time: on a loaded machine its backoff may not have come round yet).
-                    await _until(
+                    await eventually(
                         lambda r=proxy.connections_refused: proxy.connections_refused > r,
-                        20,
                         "a refused reconnect",
+                        timeout_s=20,
                     )
                     proxy.restore()
                     await _send_range(h, sent, sent + 100)
@@ -322,14 +316,18 @@ def test_a_full_outbox_evicts_and_the_count_equals_what_is_missing_downstream(
                 proxy.cut()
                 # Frames once the node knows (records in flight at a cut are covered by
                 # tests/test_forwarder_eviction.py, ADR 0063).
-                await _until(lambda: "uplink_down" in node.reasons, 20, "uplink_down")
+                await eventually(lambda: "uplink_down" in node.reasons, "uplink_down", timeout_s=20)
                 total = 5_000
                 await _send_range(h, 0, total)
-                await _until(lambda: node.stats.results_stored >= total, 60, "results stored")
+                await eventually(
+                    lambda: node.stats.results_stored >= total, "results stored", timeout_s=60
+                )
                 evicted = node.outbox.stats().evicted_items.get("result", 0)
                 assert evicted > 0, "the outbox never filled up"
                 proxy.restore()
-                await _until(lambda: node.outbox.stats().rows == 0, 60, "the outbox to drain")
+                await eventually(
+                    lambda: node.outbox.stats().rows == 0, "the outbox to drain", timeout_s=60
+                )
                 await h.seen.wait_for(lambda: ledger.update() >= total - evicted, 30)
                 missing = total - ledger.update()
                 assert missing == evicted == node.outbox.stats().evicted_items["result"]

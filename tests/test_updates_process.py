@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ from edgewise.releases.signing import public_pem
 from schemas import decode_results, decode_status
 from tests.nodeharness import frame_bytes
 from tests.updatekit import CLOUD_MODEL, HOLDOUT, Fleet, chunks, manifest, now
+from tests.waiting import eventually_sync
 
 pytestmark = pytest.mark.timeout(120)
 Start = Callable[..., subprocess.Popen[bytes]]
@@ -148,10 +148,12 @@ def test_kill_9_at_each_update_step(
     probe.wait_for(_is_event(step), 30)
     if step == "downloading":
         partial = tmp_path / "state" / f"{node_id}.updates" / "partial" / m.sha256
-        deadline = time.monotonic() + 10
-        while not (partial.exists() and any(partial.iterdir())):  # no message says so: poll
-            assert time.monotonic() < deadline, "the first chunk never reached the disk"
-            time.sleep(0.02)
+        eventually_sync(  # no message says so: poll
+            lambda: partial.exists() and any(partial.iterdir()),
+            "the first chunk to reach the disk",
+            timeout_s=10,
+            every_s=0.02,
+        )
     proc.kill()  # SIGKILL
     proc.wait(10)
     probe.clear()

@@ -27,6 +27,7 @@ from schemas import (
     make_case,
     make_escalation_batch,
 )
+from tests.waiting import eventually_sync
 
 VERDICT = EdgeVerdict(
     label=1, confidence=0.4, margin=0.1, entropy=1.2, top_labels=[1, 7], top_probs=[0.4, 0.3]
@@ -183,14 +184,16 @@ def start_worker_process(
 
 
 def wait_ready(p: subprocess.Popen[bytes], log_path: Path, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def ready() -> bool:
         if "ready on" in log_path.read_text(errors="replace"):
-            return
+            return True
         if p.poll() is not None:
             raise AssertionError(f"worker exited {p.returncode}: {log_path.read_text()}")
-        time.sleep(0.05)
-    raise AssertionError(f"worker not ready in {timeout_s} s: {log_path.read_text()}")
+        return False
+
+    eventually_sync(
+        ready, "the worker to log 'ready on'", timeout_s=timeout_s, detail=log_path.read_text
+    )
 
 
 @contextlib.asynccontextmanager
