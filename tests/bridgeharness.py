@@ -351,6 +351,22 @@ class Client:
         self.c.loop_stop()
 
 
+def one_crosses(
+    sender: Client, receiver: Client, topic: str, tag: bytes, attempts: int = 40
+) -> bool:
+    """Publish ``<tag>-<n>`` on ``topic`` until ``receiver`` gets one within 0.5 s (a bridge's
+    subscription may still be on its way), at most ``attempts`` times; whether one crossed."""
+    for attempt in range(attempts):
+        payload = b"%s-%d" % (tag, attempt)
+        sender.publish(topic, payload)
+        try:
+            receiver.wait_payload(payload, 0.5)
+            return True
+        except AssertionError:
+            continue
+    return False
+
+
 def retained_state(
     broker: BrokerInfo, topic_filter: str, marker_topic: str, timeout_s: float = 10.0
 ) -> dict[str, bytes]:

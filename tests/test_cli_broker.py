@@ -41,7 +41,7 @@ from schemas import Status, encode_status
 from tests.bridgeharness import REPO, Client
 from tests.securebroker import Pki, SecureBroker, make_ca, make_pki
 from tests.updatekit import CLOUD_MODEL, EDGE_MODEL, now
-from tests.waiting import eventually_sync
+from tests.waiting import eventually_logged
 
 USERS = ("operator", "gw-1", "cam-1")
 
@@ -525,17 +525,8 @@ def test_worker_started_before_its_broker_becomes_ready_when_the_broker_comes(
         )  # fmt: skip
 
     def wait_log(text: str, timeout_s: float = 60) -> None:
-        def logged() -> bool:  # a log file has no event to wait on
-            if text in log.read_text(errors="replace"):
-                return True
-            assert proc.poll() is None, f"worker exited {proc.returncode}:\n{log.read_text()}"
-            return False
-
-        eventually_sync(
-            logged,
-            f"the worker to log {text!r}",
-            timeout_s=timeout_s,
-            detail=lambda: log.read_text()[-3000:],
+        eventually_logged(
+            text, lambda: log.read_text(errors="replace"), proc, "worker", timeout_s=timeout_s
         )
 
     try:
@@ -567,14 +558,7 @@ def test_worker_stopped_while_waiting_for_its_broker_exits_cleanly(tmp_path: Pat
             stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, env=env,
         )  # fmt: skip
     try:
-
-        def said_so() -> bool:
-            if "cannot connect" in log.read_text(errors="replace"):
-                return True
-            assert proc.poll() is None, log.read_text()
-            return False
-
-        eventually_sync(said_so, "'cannot connect' in the log", timeout_s=60, detail=log.read_text)
+        eventually_logged("cannot connect", lambda: log.read_text(errors="replace"), proc, "worker")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, log.read_text()
     finally:

@@ -24,7 +24,7 @@ from edgewise.local_broker import BrokerInfo, Message, MosquittoProcess, MqttPro
 from schemas import Frame, decode_status, encode_frames
 from tests.conftest import BrokerFactory
 from tests.nodeharness import frame_bytes
-from tests.nodeprocs import NodeProcesses, ResultLedger, online
+from tests.nodeprocs import NodeProcesses, ResultLedger, frames_answered, online, start_watched
 from tests.waiting import eventually_sync
 
 HOLDOUT = load_holdout()
@@ -165,10 +165,7 @@ def test_kill_9_of_the_broker_twice_loses_no_result_the_node_made(
     total = 10_000
     n = NodeProcesses(info, state, f"bkill-{uuid.uuid4().hex[:8]}")
     try:
-        consumer = mqtt_probe(info, f"consumer-{n.node_id}", clean_session=False)
-        consumer.subscribe(f"edge/{n.node_id}/#")
-        n.start()
-        consumer.wait_for(online, 20)
+        consumer = start_watched(n, mqtt_probe)
         sensor = mqtt_probe(info, f"sensor-{n.node_id}", clean_session=False)
         ledger = ResultLedger()
         fed = 0
@@ -204,18 +201,18 @@ def test_kill_9_of_the_broker_twice_loses_no_result_the_node_made(
                 timeout_s=60,
                 detail=lambda: f"{len(ledger.ids)} results before kill",
             )
-            before = _answered(state / f"{n.node_id}.outbox.db")
+            before = frames_answered(state / f"{n.node_id}.outbox.db")
             broker.kill()
             consumer.wait_disconnected(10)
             time.sleep(1.0)  # the broker stays away for a second: the outage itself
-            answered_while_away.append(_answered(state / f"{n.node_id}.outbox.db") - before)
+            answered_while_away.append(frames_answered(state / f"{n.node_id}.outbox.db") - before)
             broker.start()
         publisher.join(60)
         assert not publisher.is_alive()
         db = state / f"{n.node_id}.outbox.db"
         deadline = time.monotonic() + 60
         while True:
-            made = _answered(db)
+            made = frames_answered(db)
             feed()
             if ledger.node_seqs and max(ledger.node_seqs) >= made and _outbox_rows(db) == 0:
                 break
@@ -273,14 +270,6 @@ def test_a_corrupt_outbox_is_kept_aside_reported_and_the_node_serves(
     consumer.wait_for(answered, 20)
     log = (nodes.state_dir / "node-0.log").read_text()
     assert "kept it as" in log
-
-
-def _answered(db: Path) -> int:
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
-            return int(conn.execute("SELECT count(*) FROM answered").fetchone()[0])
-    except sqlite3.OperationalError:
-        return 0
 
 
 def _outbox_rows(db: Path) -> int:

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import re
 import signal
-import sqlite3
 import threading
 import time
 import uuid
@@ -37,7 +36,7 @@ from edgewise.serving.runtime import Runtime
 from schemas import Frame, decode_results, decode_status, encode_frames
 from tests.conftest import BrokerFactory
 from tests.nodeharness import Harness, frame_bytes, mqtt_for, running_node
-from tests.nodeprocs import NodeProcesses, ResultLedger, online
+from tests.nodeprocs import NodeProcesses, ResultLedger, frames_answered, start_watched
 from tests.waiting import eventually
 
 HOLDOUT = load_holdout()
@@ -581,10 +580,7 @@ def test_two_broker_kills_and_a_clean_session_resender_lose_no_frame_and_add_no_
     total = 10_000
     nodes = NodeProcesses(info, state, f"resend-{uuid.uuid4().hex[:8]}")
     try:
-        consumer = mqtt_probe(info, f"consumer-{nodes.node_id}", clean_session=False)
-        consumer.subscribe(f"edge/{nodes.node_id}/#")
-        nodes.start()
-        consumer.wait_for(online, 20)
+        consumer = start_watched(nodes, mqtt_probe)
         restarts: list[threading.Thread] = []
         restart_errors: list[BaseException] = []
 
@@ -624,7 +620,7 @@ def test_two_broker_kills_and_a_clean_session_resender_lose_no_frame_and_add_no_
             print(
                 f"{sensor.resent} frames re-sent over {sensor.connections} connections;"
                 f" {len(missing)} frames without a result, {len(twice)} with two ids;"
-                f" node answered {_answered(state / f'{nodes.node_id}.outbox.db')} frames"
+                f" node answered {frames_answered(state / f'{nodes.node_id}.outbox.db')} frames"
             )
         assert missing == []
         assert twice == {}
@@ -639,11 +635,3 @@ def test_two_broker_kills_and_a_clean_session_resender_lose_no_frame_and_add_no_
     finally:
         nodes.stop_all()
         broker.stop()
-
-
-def _answered(db: Path) -> int:
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
-            return int(conn.execute("SELECT count(*) FROM answered").fetchone()[0])
-    except sqlite3.OperationalError:
-        return 0

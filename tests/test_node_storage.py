@@ -20,23 +20,12 @@ import pytest
 from edge_node.node import EdgeNode
 from edgewise.cli.frames import load_holdout
 from edgewise.local_broker import BrokerInfo, MqttProbe, TcpProxy
-from tests.nodeharness import Harness, frame_bytes, running_node
+from tests.nodeharness import Harness, frame_bytes, running_node, uplink_through
 from tests.waiting import eventually
 
 HOLDOUT = load_holdout()
 MiB = 1024 * 1024
 ProbeFactory = Callable[..., MqttProbe]
-
-
-def _uplink(proxy: TcpProxy) -> dict[str, object]:
-    return {
-        "host": proxy.host,
-        "port": proxy.port,
-        "connect_timeout_s": 2,
-        "keepalive_s": 5,
-        "reconnect_first_s": 0.1,
-        "reconnect_cap_s": 0.5,
-    }
 
 
 def _outbox_path(node: EdgeNode) -> Path:
@@ -97,7 +86,7 @@ def test_db_and_wal_never_pass_105_percent_of_a_1mib_bound_through_a_4mib_outage
         with TcpProxy(mosquitto.host, mosquitto.port) as proxy:
             async with running_node(
                 mosquitto,
-                uplink=_uplink(proxy),
+                uplink=uplink_through(proxy),
                 storage={"outbox_max_bytes": bound, "synchronous": "NORMAL"},
                 health={"uplink_grace_s": 0.3},
             ) as h:
@@ -160,7 +149,7 @@ def test_a_2mib_volume_with_the_default_bound_is_never_filled_by_the_wal_and_rec
         with TcpProxy(mosquitto.host, mosquitto.port) as proxy:
             async with running_node(
                 mosquitto,
-                uplink=_uplink(proxy),
+                uplink=uplink_through(proxy),
                 storage={"state_dir": str(state)},
                 health={"uplink_grace_s": 0.3},
             ) as h:

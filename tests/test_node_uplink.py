@@ -22,23 +22,12 @@ import pytest
 from edgewise.cli.frames import load_holdout
 from edgewise.local_broker import BrokerInfo, Message, MqttProbe, TcpProxy
 from schemas import decode_results, decode_status
-from tests.nodeharness import Harness, frame_bytes, running_node
-from tests.nodeprocs import NodeProcesses, ResultLedger, online
-from tests.waiting import eventually
+from tests.nodeharness import Harness, frame_bytes, running_node, uplink_through
+from tests.nodeprocs import NodeProcesses, ResultLedger, frames_answered, online
+from tests.waiting import eventually, eventually_sync
 
 HOLDOUT = load_holdout()
 ProbeFactory = Callable[..., MqttProbe]
-
-
-def _uplink(proxy: TcpProxy) -> dict[str, object]:
-    return {
-        "host": proxy.host,
-        "port": proxy.port,
-        "connect_timeout_s": 2,
-        "keepalive_s": 5,
-        "reconnect_first_s": 0.1,
-        "reconnect_cap_s": 0.5,
-    }
 
 
 def _statuses(h: Harness) -> list[tuple[str, list[str]]]:
@@ -79,7 +68,7 @@ def test_a_stalled_then_flapping_uplink_says_uplink_down_and_loses_no_result(
     async def scenario() -> None:
         with TcpProxy(mosquitto.host, mosquitto.port) as proxy:
             async with running_node(
-                mosquitto, uplink=_uplink(proxy), health={"uplink_grace_s": 0.5}
+                mosquitto, uplink=uplink_through(proxy), health={"uplink_grace_s": 0.5}
             ) as h:
                 ledger = _Ledger(h)
                 await _send_range(h, 0, 50)
@@ -123,15 +112,6 @@ def test_a_stalled_then_flapping_uplink_says_uplink_down_and_loses_no_result(
                 await h.seen.wait_for(lambda: _statuses(h)[-1] == ("online", []), 20)
 
     asyncio.run(scenario())
-
-
-def _answered(db: Path) -> int:
-    """Frames the node has answered (durably), read from its outbox like any SQLite reader."""
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
-            return int(conn.execute("SELECT count(*) FROM answered").fetchone()[0])
-    except sqlite3.OperationalError:
-        return 0
 
 
 def _last_status_online_payload(payload: bytes) -> bool:
@@ -236,11 +216,20 @@ def test_a_100k_result_outage_waits_on_disk_and_drains_behind_live_results(
                 sensor.publish_many(
                     "sensors/cam-1/digits", frames[chunk : chunk + 20_000], timeout_s=60
                 )
-            deadline = time.monotonic() + 120
-            while _answered(db) < warm + backlog:
-                assert time.monotonic() < deadline, f"only {_answered(db)} frames answered"
+
+            def all_answered() -> bool:
+                if frames_answered(db) >= warm + backlog:
+                    return True
                 assert proc.poll() is None
-                time.sleep(0.2)
+                return False
+
+            eventually_sync(
+                all_answered,
+                f"{warm + backlog} frames answered",
+                timeout_s=120,
+                every_s=0.2,
+                detail=lambda: f"only {frames_answered(db)} frames answered",
+            )
             sampler.stop.set()
             sampler.join()
             with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
@@ -307,7 +296,7 @@ def test_a_full_outbox_evicts_and_the_count_equals_what_is_missing_downstream(
         with TcpProxy(mosquitto.host, mosquitto.port) as proxy:
             async with running_node(
                 mosquitto,
-                uplink=_uplink(proxy),
+                uplink=uplink_through(proxy),
                 storage={"outbox_max_bytes": 256 * 1024, "synchronous": "NORMAL"},
                 health={"uplink_grace_s": 0.3},
             ) as h:

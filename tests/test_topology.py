@@ -31,7 +31,7 @@ from edgewise.releases import decode_event
 from schemas import decode_replies, decode_results, decode_status
 from tests.bridgeharness import REPO, Client, Got
 from tests.securebroker import SecureBroker
-from tests.waiting import eventually_sync
+from tests.waiting import eventually_logged
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -126,19 +126,7 @@ class Services:
         return (self.dir / f"{name}.log").read_text(errors="replace")
 
     def wait_log(self, name: str, text: str, timeout_s: float = 60.0) -> None:
-        def logged() -> bool:
-            if text in self.log(name):
-                return True
-            proc = self.procs[name]
-            assert proc.poll() is None, f"{name} exited {proc.returncode}:\n{self.log(name)}"
-            return False
-
-        eventually_sync(
-            logged,
-            f"{name} to log {text!r}",
-            timeout_s=timeout_s,
-            detail=lambda: self.log(name)[-3000:],
-        )
+        eventually_logged(text, lambda: self.log(name), self.procs[name], name, timeout_s=timeout_s)
 
     def stop_all(self) -> None:
         for proc in self.procs.values():

@@ -27,7 +27,7 @@ from schemas import (
     make_case,
     make_escalation_batch,
 )
-from tests.waiting import eventually_sync
+from tests.waiting import eventually_logged
 
 VERDICT = EdgeVerdict(
     label=1, confidence=0.4, margin=0.1, entropy=1.2, top_labels=[1, 7], top_probs=[0.4, 0.3]
@@ -184,15 +184,8 @@ def start_worker_process(
 
 
 def wait_ready(p: subprocess.Popen[bytes], log_path: Path, timeout_s: float = 30.0) -> None:
-    def ready() -> bool:
-        if "ready on" in log_path.read_text(errors="replace"):
-            return True
-        if p.poll() is not None:
-            raise AssertionError(f"worker exited {p.returncode}: {log_path.read_text()}")
-        return False
-
-    eventually_sync(
-        ready, "the worker to log 'ready on'", timeout_s=timeout_s, detail=log_path.read_text
+    eventually_logged(
+        "ready on", lambda: log_path.read_text(errors="replace"), p, "worker", timeout_s=timeout_s
     )
 
 

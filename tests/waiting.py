@@ -10,10 +10,11 @@ every ``every_s`` (``0`` only yields to the event loop), and fail with an ``Asse
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 from collections.abc import Callable
 
-__all__ = ["eventually", "eventually_sync"]
+__all__ = ["eventually", "eventually_logged", "eventually_sync"]
 
 
 def _timed_out(what: str, timeout_s: float, detail: Callable[[], str] | None) -> AssertionError:
@@ -54,3 +55,25 @@ def eventually_sync(
         if time.monotonic() > deadline:
             raise _timed_out(what, timeout_s, detail)
         time.sleep(every_s)
+
+
+def eventually_logged(
+    text: str,
+    read_log: Callable[[], str],
+    proc: subprocess.Popen[bytes],
+    who: str,
+    *,
+    timeout_s: float = 60.0,
+) -> None:
+    """Until ``read_log()`` holds ``text`` (a log file has no event to wait on); fails at once,
+    with the log, when ``who``'s process ``proc`` exits first."""
+
+    def logged() -> bool:
+        if text in read_log():
+            return True
+        assert proc.poll() is None, f"{who} exited {proc.returncode}:\n{read_log()}"
+        return False
+
+    eventually_sync(
+        logged, f"{who} to log {text!r}", timeout_s=timeout_s, detail=lambda: read_log()[-3000:]
+    )
