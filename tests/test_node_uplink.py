@@ -15,7 +15,6 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import psutil
 import pytest
 
@@ -263,11 +262,14 @@ def test_a_100k_result_outage_waits_on_disk_and_drains_behind_live_results(
             assert sorted(ledger.ids) == list(range(total))
             assert sorted(ledger.node_seqs) == list(range(1, total + 1))
             arrived: dict[int, float] = {}
+            backlog_done = 0.0  # when the backlog's last result arrived
             for m in consumer.messages:
                 if m.topic.endswith("/results"):
                     for r in decode_results(m.payload).results:
                         if r.frame_seq in live_sent:
                             arrived.setdefault(r.frame_seq, m.received_at)
+                        elif r.frame_seq >= warm:
+                            backlog_done = max(backlog_done, m.received_at)
             # Live means sent while the uplink is up: frames sent between the restore and the
             # node's reconnect were answered during the outage and drain with its backlog.
             back_up = min(
@@ -279,12 +281,18 @@ def test_a_100k_result_outage_waits_on_disk_and_drains_behind_live_results(
             )
             latencies = [arrived[i] - t for i, t in live_sent.items() if t >= back_up]
             assert len(latencies) >= 10, "the drain was over before live traffic started"
-            p95 = float(np.percentile(latencies, 95))
-            assert p95 <= 2.0, f"live p95 {p95:.2f} s during the drain"
-            deadline = time.monotonic() + 20
-            while not _last_status_online(consumer):
-                assert time.monotonic() < deadline, "the status did not return to online"
-                time.sleep(0.1)
+            # Behind live results: they overtake the backlog rather than wait for all of it (an
+            # order; their latency during the drain is a figure: python -m bench.outage).
+            overtook = [
+                i for i, t in live_sent.items() if t >= back_up and arrived[i] < backlog_done
+            ]
+            assert overtook, "every live result waited behind the whole backlog"
+            eventually_sync(
+                lambda: _last_status_online(consumer),
+                "the status to return to online",
+                timeout_s=20,
+                every_s=0.1,
+            )
         finally:
             nodes.stop_all()
 
