@@ -120,8 +120,10 @@ def test_retained_state_converges_up_including_a_clear_made_while_cloud_was_down
             pub.publish("edge/n1/status", b"n1-online", retain=True)
             pub.publish("edge/n2/status", b"n2-online", retain=True)
             await eventually(
-                lambda: bridge.up.forwarder.stats.delivered >= 2, "2 delivered", timeout_s=10
-            )  # type: ignore[union-attr]
+                lambda: bridge.up.forwarder.stats.delivered >= 2,  # type: ignore[union-attr]
+                "2 delivered",
+                timeout_s=10,
+            )
             state = await asyncio.to_thread(
                 retained_state, cloud.info, "sites/s1/edge/+/status", "sites/s1/edge/zz/status"
             )
@@ -138,8 +140,10 @@ def test_retained_state_converges_up_including_a_clear_made_while_cloud_was_down
             await asyncio.to_thread(cloud.start)
             await bridge.cloud.wait_connected(20)
             await eventually(
-                lambda: bridge.up.forwarder.stats.delivered >= 5, "5 delivered", timeout_s=20
-            )  # type: ignore[union-attr]
+                lambda: bridge.up.forwarder.stats.delivered >= 5,  # type: ignore[union-attr]
+                "5 delivered",
+                timeout_s=20,
+            )
             site_state = await asyncio.to_thread(
                 retained_state, site.info, "edge/+/status", "edge/zz/status"
             )
@@ -170,8 +174,10 @@ def test_retained_state_converges_down_including_a_clear_made_while_site_was_dow
             op.publish("fleet/cam/models/digits", b"manifest-3", retain=True)
             op.publish("fleet/cam/models/old", b"manifest-1", retain=True)
             await eventually(
-                lambda: bridge.down.forwarder.stats.delivered >= 2, "2 delivered", timeout_s=10
-            )  # type: ignore[union-attr]
+                lambda: bridge.down.forwarder.stats.delivered >= 2,  # type: ignore[union-attr]
+                "2 delivered",
+                timeout_s=10,
+            )
             await asyncio.to_thread(site.stop)
             await bridge.site.wait_disconnected()
             op.publish("fleet/cam/models/old", b"", retain=True)  # retire a model: a clear
@@ -180,8 +186,10 @@ def test_retained_state_converges_down_including_a_clear_made_while_site_was_dow
             await asyncio.to_thread(site.start)
             await bridge.site.wait_connected(20)
             await eventually(
-                lambda: bridge.down.forwarder.stats.delivered >= 4, "4 delivered", timeout_s=20
-            )  # type: ignore[union-attr]
+                lambda: bridge.down.forwarder.stats.delivered >= 4,  # type: ignore[union-attr]
+                "4 delivered",
+                timeout_s=20,
+            )
             cloud_state = await asyncio.to_thread(retained_state, cloud.info, "fleet/#", "fleet/zz")
             site_state = await asyncio.to_thread(retained_state, site.info, "fleet/#", "fleet/zz")
         op.close()
@@ -273,7 +281,7 @@ def test_queue_bound_evicts_and_counts_exactly_what_is_missing_downstream(
             assert stats.file_bytes <= 131072
             await asyncio.to_thread(cloud.start)
             await eventually(
-                lambda: bridge.up.outbox.stats().rows == 0 and bridge.up.forwarder.in_flight == 0,
+                lambda: bridge.up.outbox.stats().rows == 0 and bridge.up.forwarder.in_flight == 0,  # type: ignore[union-attr]
                 "queue drained",
                 timeout_s=30,
             )
