@@ -8,6 +8,10 @@
   autosave_interval_s=None, extra_config="", port=None)`` returning a started
   :class:`MosquittoProcess` of the test's own (own port, own dir), free to
   ``kill()``/``restart()``; every broker it started is stopped after the test.
+* ``secure_broker`` (function) -> factory ``secure_broker(role, root=None, passwords=None,
+  pki=None, *, secrets=None, run_as_uid=None, start=True)`` returning a
+  :class:`tests.securebroker.SecureBroker` of the shipped compose config (TLS, passwords, ACL),
+  started unless ``start=False``; every one is stopped after the test.
 * ``fresh_mosquitto`` / ``persistent_mosquitto`` (function) -> one such broker (plain, or keeping
   sessions across restarts); ``cloud_mosquitto`` / ``persistent_cloud_mosquitto`` -> a second
   one: the bridge tests' far side.
@@ -28,7 +32,7 @@ import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -42,6 +46,9 @@ from edgewise.local_broker import (
     mosquitto_path,
 )
 
+if TYPE_CHECKING:
+    from tests.securebroker import SecureBroker
+
 __all__ = ["Message", "MqttProbe"]
 
 INSTALL_HINT = (
@@ -51,6 +58,7 @@ INSTALL_HINT = (
 
 ProbeFactory = Callable[..., MqttProbe]
 BrokerFactory = Callable[..., MosquittoProcess]
+SecureBrokerFactory = Callable[..., "SecureBroker"]
 
 
 def _require_mosquitto() -> None:
@@ -121,6 +129,35 @@ def start_mosquitto(tmp_path: Path) -> Iterator[BrokerFactory]:
                 proc.stop()
             else:
                 proc.kill()
+
+
+@pytest.fixture
+def secure_broker(tmp_path: Path) -> Iterator[SecureBrokerFactory]:
+    """``secure_broker(role, root=None, passwords=None, pki=None, *, secrets=None,
+    run_as_uid=None, start=True)`` -> a :class:`tests.securebroker.SecureBroker`: the shipped
+    compose config of ``role`` (``site`` or ``cloud``: TLS, passwords, ACL, the client-id
+    plugin) in ``root`` (default ``tmp_path / role``), started unless ``start=False``. Each is
+    stopped after the test."""
+    from tests.securebroker import SecureBroker
+
+    _require_mosquitto()
+    made: list[SecureBroker] = []
+
+    def make(
+        role: str, root: Path | None = None, *args: Any, start: bool = True, **kwargs: Any
+    ) -> SecureBroker:
+        where = root if root is not None else tmp_path / role
+        broker = SecureBroker(role, where, *args, **kwargs)
+        made.append(broker)
+        if start:
+            broker.start()
+        return broker
+
+    try:
+        yield make
+    finally:
+        for broker in reversed(made):
+            broker.stop()
 
 
 @pytest.fixture
