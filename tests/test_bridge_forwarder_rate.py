@@ -5,6 +5,8 @@ forwarder's own clock, which the test moves), and without a cap as before."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -16,31 +18,49 @@ from edgewise.outbox import forwarder as forwarder_module
 from tests.bridgeharness import Client
 
 
-def drain(broker: MosquittoProcess, tmp_path: Path, n: int, rate: float | None) -> list[float]:
-    """Append ``n`` records, forward them, return the subscriber's arrival times."""
+@contextlib.asynccontextmanager
+async def forwarding(
+    broker: MosquittoProcess, tmp_path: Path, n: int, rate: float | None
+) -> AsyncIterator[Forwarder]:
+    """A forwarder running over a backlog of ``n`` records (on topics ``rate/#``)."""
+    cfg = OutboxConfig(path=tmp_path / "q.db", eviction_order=("result",), synchronous="OFF")
+    async with AsyncOutbox(cfg) as outbox:
+        await outbox.append([Record("result", f"rate/{i % 3}", b"%d" % i) for i in range(n)])
+        mqtt = MqttConfig(host=broker.info.host, port=broker.info.port)
+        async with MqttSession(mqtt, client_id="rate-forwarder") as session:
+            forwarder = Forwarder(outbox, session, window=100, max_rate_per_s=rate)
+            task = asyncio.create_task(forwarder.run())
+            try:
+                yield forwarder
+            finally:
+                task.cancel()
+
+
+def with_subscriber(
+    broker: MosquittoProcess, scenario: Callable[[Client], Awaitable[None]]
+) -> Client:
+    """Run ``scenario`` with a subscriber to ``rate/#``; return the subscriber (closed)."""
     sub = Client(broker.info)
     sub.connect()
     sub.subscribe("rate/#")
-
-    async def scenario() -> None:
-        cfg = OutboxConfig(path=tmp_path / "q.db", eviction_order=("result",), synchronous="OFF")
-        async with AsyncOutbox(cfg) as outbox:
-            await outbox.append([Record("result", f"rate/{i % 3}", b"%d" % i) for i in range(n)])
-            mqtt = MqttConfig(host=broker.info.host, port=broker.info.port)
-            async with MqttSession(mqtt, client_id="rate-forwarder") as session:
-                forwarder = Forwarder(outbox, session, window=100, max_rate_per_s=rate)
-                task = asyncio.create_task(forwarder.run())
-                async with asyncio.timeout(30):
-                    await asyncio.to_thread(sub.wait_count, n, 30)
-                    await forwarder.wait_idle()
-                task.cancel()
-                assert forwarder.stats.delivered == n
-
     try:
-        asyncio.run(scenario())
+        asyncio.run(scenario(sub))
     finally:
         sub.close()
-    return [m.at for m in sub.snapshot()]
+    return sub
+
+
+def drain(broker: MosquittoProcess, tmp_path: Path, n: int, rate: float | None) -> list[float]:
+    """Append ``n`` records, forward them, return the subscriber's arrival times."""
+
+    async def scenario(sub: Client) -> None:
+        async with forwarding(broker, tmp_path, n, rate) as forwarder:
+            async with asyncio.timeout(30):
+                await asyncio.to_thread(sub.wait_count, n, 30)
+                await forwarder.wait_idle()
+            assert forwarder.stats.delivered == n
+
+    return [m.at for m in with_subscriber(broker, scenario).snapshot()]
 
 
 class StoppedClock:
@@ -66,40 +86,26 @@ def test_a_backlog_drains_no_faster_than_the_cap(
     rate, burst = 320.0, 32  # rate / 10
     step_s, per_step, steps = 1 / 16, 20, 8  # rate * step_s, exact in binary floating point
     n = burst + steps * per_step + burst
-    sub = Client(fresh_mosquitto.info)
-    sub.connect()
-    sub.subscribe("rate/#")
 
-    async def scenario() -> None:
-        cfg = OutboxConfig(path=tmp_path / "q.db", eviction_order=("result",), synchronous="OFF")
-        async with AsyncOutbox(cfg) as outbox:
-            await outbox.append([Record("result", f"rate/{i % 3}", b"%d" % i) for i in range(n)])
-            info = fresh_mosquitto.info
-            mqtt = MqttConfig(host=info.host, port=info.port)
-            async with MqttSession(mqtt, client_id="rate-forwarder") as session:
-                forwarder = Forwarder(outbox, session, window=100, max_rate_per_s=rate)
+    async def scenario(sub: Client) -> None:
+        async with forwarding(fresh_mosquitto, tmp_path, n, rate) as forwarder:
 
-                async def sent_exactly(expected: int) -> None:
-                    await asyncio.to_thread(sub.wait_count, expected, 30)
-                    assert forwarder.stats.published == expected
+            async def sent_exactly(expected: int) -> None:
+                await asyncio.to_thread(sub.wait_count, expected, 30)
+                assert forwarder.stats.published == expected
 
-                task = asyncio.create_task(forwarder.run())
-                await sent_exactly(burst)
-                for k in range(1, steps + 1):
-                    clock.now += step_s
-                    await sent_exactly(burst + k * per_step)
-                clock.now += 10.0  # a long pause: one burst
-                await sent_exactly(n)
-                clock.now += 10.0  # tokens again, to read past the backlog's end: nothing left
-                async with asyncio.timeout(30):
-                    await forwarder.wait_idle()
-                task.cancel()
-                assert forwarder.stats.delivered == n
+            await sent_exactly(burst)
+            for k in range(1, steps + 1):
+                clock.now += step_s
+                await sent_exactly(burst + k * per_step)
+            clock.now += 10.0  # a long pause: one burst
+            await sent_exactly(n)
+            clock.now += 10.0  # tokens again, to read past the backlog's end: nothing left
+            async with asyncio.timeout(30):
+                await forwarder.wait_idle()
+            assert forwarder.stats.delivered == n
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        sub.close()
+    with_subscriber(fresh_mosquitto, scenario)
 
 
 def test_without_a_cap_the_backlog_goes_in_windows(
