@@ -210,17 +210,21 @@ def test_kill_9_of_the_broker_twice_loses_no_result_the_node_made(
         publisher.join(60)
         assert not publisher.is_alive()
         db = state / f"{n.node_id}.outbox.db"
-        deadline = time.monotonic() + 60
-        while True:
+        made = 0
+
+        def all_made_arrived() -> bool:
+            nonlocal made
             made = frames_answered(db)
             feed()
-            if ledger.node_seqs and max(ledger.node_seqs) >= made and _outbox_rows(db) == 0:
-                break
-            left = _outbox_rows(db)
-            assert time.monotonic() < deadline, (
-                f"{len(ledger.node_seqs)}/{made} arrived, {left} left"
-            )
-            time.sleep(0.1)
+            return bool(ledger.node_seqs) and max(ledger.node_seqs) >= made and not _outbox_rows(db)
+
+        eventually_sync(
+            all_made_arrived,
+            "every result the node made at the consumer",
+            timeout_s=60,
+            every_s=0.1,
+            detail=lambda: f"{len(ledger.node_seqs)}/{made} arrived, {_outbox_rows(db)} left",
+        )
         assert sorted(ledger.node_seqs) == list(range(1, made + 1)), (
             "a result the node made is missing"
         )

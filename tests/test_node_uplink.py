@@ -174,19 +174,20 @@ def test_a_100k_result_outage_waits_on_disk_and_drains_behind_live_results(
             def results_at_least(n: int, timeout_s: float) -> None:
                 # Polled, not probe.wait_for: its predicate runs under the lock the probe's
                 # network thread needs, which would delay (and mis-time) arrivals in a flood.
-                nonlocal fed
-                deadline = time.monotonic() + timeout_s
-                while True:
+                def fed_enough() -> bool:
+                    nonlocal fed
                     msgs = consumer.messages
                     for m in msgs[fed:]:
                         ledger.feed(m)
                     fed = len(msgs)
-                    if len(ledger.ids) >= n:
-                        return
-                    assert time.monotonic() < deadline, (
-                        f"{len(ledger.ids)}/{n} results ({stored_records} records)"
-                    )
-                    time.sleep(0.05)
+                    return len(ledger.ids) >= n
+
+                eventually_sync(
+                    fed_enough,
+                    f"{n} results",
+                    timeout_s=timeout_s,
+                    detail=lambda: f"{len(ledger.ids)}/{n} results ({stored_records} records)",
+                )
 
             sensor = mqtt_probe()
             sensor.publish_many(
