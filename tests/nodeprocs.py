@@ -15,6 +15,28 @@ from edgewise.releases import decode_event
 from schemas import decode_results, decode_status
 
 
+def spawn_node(settings: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """``edgewise node`` configured by ``settings`` (``EDGEWISE_*`` variables: none is taken
+    from this process's environment), its output in ``log_path``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEWISE_")}
+    env.update(settings)
+    log = open(log_path, "wb")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(
+        [sys.executable, "-m", "edgewise.cli.app", "node"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def kill_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGKILL every process still running, and reap it."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
 class NodeProcesses:
     """Start ``edgewise node`` processes that share one node id and one state directory."""
 
@@ -35,30 +57,23 @@ class NodeProcesses:
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def start(self) -> subprocess.Popen[bytes]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEWISE_")}
-        env.update(
-            EDGEWISE_NODE_ID=self.node_id,
-            EDGEWISE_MQTT__HOST=self.broker.host,
-            EDGEWISE_MQTT__PORT=str(self.broker.port),
-            EDGEWISE_MQTT__RECONNECT_FIRST_S="0.1",
-            EDGEWISE_MQTT__RECONNECT_CAP_S="0.5",
-            EDGEWISE_STORAGE__STATE_DIR=str(self.state_dir),
-            EDGEWISE_LOG_LEVEL="INFO",
-            EDGEWISE_BATCHING__MAX_BATCH_SIZE=str(self.max_batch_size),
-        )
-        env.update(self.extra_env)
-        log = open(self.state_dir / f"node-{len(self.procs)}.log", "wb")  # noqa: SIM115
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "edgewise.cli.app", "node"], env=env, stdout=log, stderr=log
-        )
+        settings = {
+            "EDGEWISE_NODE_ID": self.node_id,
+            "EDGEWISE_MQTT__HOST": self.broker.host,
+            "EDGEWISE_MQTT__PORT": str(self.broker.port),
+            "EDGEWISE_MQTT__RECONNECT_FIRST_S": "0.1",
+            "EDGEWISE_MQTT__RECONNECT_CAP_S": "0.5",
+            "EDGEWISE_STORAGE__STATE_DIR": str(self.state_dir),
+            "EDGEWISE_LOG_LEVEL": "INFO",
+            "EDGEWISE_BATCHING__MAX_BATCH_SIZE": str(self.max_batch_size),
+            **self.extra_env,
+        }
+        proc = spawn_node(settings, self.state_dir / f"node-{len(self.procs)}.log")
         self.procs.append(proc)
         return proc
 
     def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+        kill_all(self.procs)
 
 
 def start_watched(nodes: NodeProcesses, mqtt_probe: Callable[..., MqttProbe]) -> MqttProbe:
@@ -133,31 +148,21 @@ class EnrolledNodes:
     ) -> subprocess.Popen[bytes]:
         """``extra``: more environment variables; the log is ``log_name`` (default
         ``<node_id>-<n>.log``, n counting the processes started)."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEWISE_")}
-        env.update(
-            EDGEWISE_NODE_ID=node_id,
-            EDGEWISE_HARDWARE_CLASS="generic-cpu",
-            EDGEWISE_MQTT__HOST=self.broker.host,
-            EDGEWISE_MQTT__PORT=str(self.broker.port),
-            EDGEWISE_STORAGE__STATE_DIR=str(self.tmp_path / "state"),
-            EDGEWISE_TOPICS__FLEET_ROOT=self.roots["fleet"],
-            EDGEWISE_TOPICS__MODELS_ROOT=self.roots["models"],
-            EDGEWISE_UPDATES__ROOT_KEY=str(root_pub),
+        settings = {
+            "EDGEWISE_NODE_ID": node_id,
+            "EDGEWISE_HARDWARE_CLASS": "generic-cpu",
+            "EDGEWISE_MQTT__HOST": self.broker.host,
+            "EDGEWISE_MQTT__PORT": str(self.broker.port),
+            "EDGEWISE_STORAGE__STATE_DIR": str(self.tmp_path / "state"),
+            "EDGEWISE_TOPICS__FLEET_ROOT": self.roots["fleet"],
+            "EDGEWISE_TOPICS__MODELS_ROOT": self.roots["models"],
+            "EDGEWISE_UPDATES__ROOT_KEY": str(root_pub),
             **extra,
-        )
+        }
         name = log_name or f"{node_id}-{len(self.procs)}.log"
-        log = open(self.tmp_path / name, "wb")  # noqa: SIM115 - closed with the process
-        p = subprocess.Popen(
-            [sys.executable, "-m", "edgewise.cli.app", "node"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        p = spawn_node(settings, self.tmp_path / name)
         self.procs.append(p)
         return p
 
     def kill_all(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(10)
+        kill_all(self.procs)
