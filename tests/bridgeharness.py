@@ -26,6 +26,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edgewise.local_broker import BrokerInfo
 from edgewise.local_broker.probe import unique_client_id
+from tests.waiting import eventually_sync
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -141,14 +142,19 @@ class BridgeProcess:
     def wait_started(self, timeout_s: float = 20.0) -> None:
         """Until this start's log says the bridge runs (its SIGTERM handler is in place then)."""
         marker = f"--- start {self.starts} ---"
-        deadline = time.monotonic() + timeout_s
-        while self.proc is not None and self.proc.poll() is None:
+
+        def started_or_gone() -> bool:
+            if self.proc is None or self.proc.poll() is not None:
+                return True
             text = self.log_text()
-            if "up rule(s)" in text[text.rfind(marker) :]:
-                return
-            if time.monotonic() > deadline:
-                raise AssertionError("bridge did not start\n" + text[-3000:])
-            time.sleep(0.05)
+            return "up rule(s)" in text[text.rfind(marker) :]
+
+        eventually_sync(
+            started_or_gone,
+            "the bridge to start",
+            timeout_s=timeout_s,
+            detail=lambda: self.log_text()[-3000:],
+        )
 
     def terminate(self, timeout_s: float = 20.0) -> int:
         assert self.proc is not None
@@ -343,6 +349,22 @@ class Client:
         with contextlib.suppress(Exception):
             self.c.disconnect()
         self.c.loop_stop()
+
+
+def one_crosses(
+    sender: Client, receiver: Client, topic: str, tag: bytes, attempts: int = 40
+) -> bool:
+    """Publish ``<tag>-<n>`` on ``topic`` until ``receiver`` gets one within 0.5 s (a bridge's
+    subscription may still be on its way), at most ``attempts`` times; whether one crossed."""
+    for attempt in range(attempts):
+        payload = b"%s-%d" % (tag, attempt)
+        sender.publish(topic, payload)
+        try:
+            receiver.wait_payload(payload, 0.5)
+            return True
+        except AssertionError:
+            continue
+    return False
 
 
 def retained_state(

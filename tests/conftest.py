@@ -4,10 +4,17 @@
   (generated listener + ``compose/mosquitto/conf.d/tuning.conf``) on a free loopback port.
 * ``mosquitto_process`` (session) -> the :class:`MosquittoProcess` behind ``mosquitto``
   (read its log; do not stop it).
-* ``fresh_mosquitto`` (function) -> a started :class:`MosquittoProcess` of the test's own
-  (own port, own dir), free to ``kill()``/``restart()``.
-* ``cloud_mosquitto`` / ``persistent_cloud_mosquitto`` (function) -> a second broker of the
-  test's own (plain, or keeping sessions across restarts): the bridge tests' far side.
+* ``start_mosquitto`` (function) -> factory ``start_mosquitto(name, *, persistent=False,
+  autosave_interval_s=None, extra_config="", port=None)`` returning a started
+  :class:`MosquittoProcess` of the test's own (own port, own dir), free to
+  ``kill()``/``restart()``; every broker it started is stopped after the test.
+* ``secure_broker`` (function) -> factory ``secure_broker(role, root=None, passwords=None,
+  pki=None, *, secrets=None, run_as_uid=None, start=True)`` returning a
+  :class:`tests.securebroker.SecureBroker` of the shipped compose config (TLS, passwords, ACL),
+  started unless ``start=False``; every one is stopped after the test.
+* ``fresh_mosquitto`` / ``persistent_mosquitto`` (function) -> one such broker (plain, or keeping
+  sessions across restarts); ``cloud_mosquitto`` / ``persistent_cloud_mosquitto`` -> a second
+  one: the bridge tests' far side.
 * ``embedded_broker`` (function) -> :class:`BrokerInfo` of an in-process amqtt broker
   (MQTT 3.1.1 only) running on its own thread and loop.
 * ``mqtt_probe`` (function) -> factory ``mqtt_probe(broker=None, **kwargs)`` returning a
@@ -25,7 +32,7 @@ import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -39,6 +46,9 @@ from edgewise.local_broker import (
     mosquitto_path,
 )
 
+if TYPE_CHECKING:
+    from tests.securebroker import SecureBroker
+
 __all__ = ["Message", "MqttProbe"]
 
 INSTALL_HINT = (
@@ -47,6 +57,8 @@ INSTALL_HINT = (
 )
 
 ProbeFactory = Callable[..., MqttProbe]
+BrokerFactory = Callable[..., MosquittoProcess]
+SecureBrokerFactory = Callable[..., "SecureBroker"]
 
 
 def _require_mosquitto() -> None:
@@ -70,57 +82,105 @@ def mosquitto(mosquitto_process: MosquittoProcess) -> BrokerInfo:
     return mosquitto_process.info
 
 
+def persistence_config(workdir: Path, *, autosave_interval_s: int | None = None) -> str:
+    """Mosquitto lines that keep sessions and retained messages in ``workdir`` across restarts."""
+    lines = f"persistence true\npersistence_location {workdir}/\n"
+    if autosave_interval_s is not None:
+        lines += f"autosave_interval {autosave_interval_s}\n"
+    return lines
+
+
 @pytest.fixture
-def fresh_mosquitto(tmp_path: Path) -> Iterator[MosquittoProcess]:
+def start_mosquitto(tmp_path: Path) -> Iterator[BrokerFactory]:
+    """``start_mosquitto(name="mosquitto", *, persistent=False, autosave_interval_s=None,
+    extra_config="", port=None)`` -> a started :class:`MosquittoProcess` of the test's own in
+    ``tmp_path / name``, on its own free port unless ``port`` is given.
+
+    ``persistent`` keeps its sessions and retained messages on disk across ``restart()`` (and
+    ``stop()``/``kill()`` then ``start()``), saving every ``autosave_interval_s`` if given;
+    ``extra_config`` is appended to its configuration. After the test each broker is stopped
+    (``stop()`` when persistent, else ``kill()``), whatever state the test left it in.
+    """
     _require_mosquitto()
-    proc = MosquittoProcess(tmp_path / "mosquitto")
-    try:
+    made: list[tuple[MosquittoProcess, bool]] = []
+
+    def start(
+        name: str = "mosquitto",
+        *,
+        persistent: bool = False,
+        autosave_interval_s: int | None = None,
+        extra_config: str = "",
+        port: int | None = None,
+    ) -> MosquittoProcess:
+        workdir = tmp_path / name
+        config = extra_config
+        if persistent:
+            config = persistence_config(workdir, autosave_interval_s=autosave_interval_s) + config
+        proc = MosquittoProcess(workdir, port=port, extra_config=config)
+        made.append((proc, persistent))
         proc.start()
-        yield proc
+        return proc
+
+    try:
+        yield start
     finally:
-        proc.kill()
+        for proc, persistent in reversed(made):
+            if persistent:
+                proc.stop()
+            else:
+                proc.kill()
 
 
 @pytest.fixture
-def persistent_mosquitto(tmp_path: Path) -> Iterator[MosquittoProcess]:
+def secure_broker(tmp_path: Path) -> Iterator[SecureBrokerFactory]:
+    """``secure_broker(role, root=None, passwords=None, pki=None, *, secrets=None,
+    run_as_uid=None, start=True)`` -> a :class:`tests.securebroker.SecureBroker`: the shipped
+    compose config of ``role`` (``site`` or ``cloud``: TLS, passwords, ACL, the client-id
+    plugin) in ``root`` (default ``tmp_path / role``), started unless ``start=False``. Each is
+    stopped after the test."""
+    from tests.securebroker import SecureBroker
+
+    _require_mosquitto()
+    made: list[SecureBroker] = []
+
+    def make(
+        role: str, root: Path | None = None, *args: Any, start: bool = True, **kwargs: Any
+    ) -> SecureBroker:
+        where = root if root is not None else tmp_path / role
+        broker = SecureBroker(role, where, *args, **kwargs)
+        made.append(broker)
+        if start:
+            broker.start()
+        return broker
+
+    try:
+        yield make
+    finally:
+        for broker in reversed(made):
+            broker.stop()
+
+
+@pytest.fixture
+def fresh_mosquitto(start_mosquitto: BrokerFactory) -> MosquittoProcess:
+    return start_mosquitto("mosquitto")
+
+
+@pytest.fixture
+def persistent_mosquitto(start_mosquitto: BrokerFactory) -> MosquittoProcess:
     """A started Mosquitto of the test's own that keeps sessions across ``restart()``."""
-    _require_mosquitto()
-    workdir = tmp_path / "persistent-mosquitto"
-    proc = MosquittoProcess(
-        workdir, extra_config=f"persistence true\npersistence_location {workdir}/\n"
-    )
-    try:
-        proc.start()
-        yield proc
-    finally:
-        proc.stop()
+    return start_mosquitto("persistent-mosquitto", persistent=True)
 
 
 @pytest.fixture
-def cloud_mosquitto(tmp_path: Path) -> Iterator[MosquittoProcess]:
+def cloud_mosquitto(start_mosquitto: BrokerFactory) -> MosquittoProcess:
     """A second started Mosquitto of the test's own (the bridge tests' far broker)."""
-    _require_mosquitto()
-    proc = MosquittoProcess(tmp_path / "cloud-mosquitto")
-    try:
-        proc.start()
-        yield proc
-    finally:
-        proc.kill()
+    return start_mosquitto("cloud-mosquitto")
 
 
 @pytest.fixture
-def persistent_cloud_mosquitto(tmp_path: Path) -> Iterator[MosquittoProcess]:
+def persistent_cloud_mosquitto(start_mosquitto: BrokerFactory) -> MosquittoProcess:
     """A second Mosquitto of the test's own that keeps sessions across ``stop()``/``start()``."""
-    _require_mosquitto()
-    workdir = tmp_path / "persistent-cloud-mosquitto"
-    proc = MosquittoProcess(
-        workdir, extra_config=f"persistence true\npersistence_location {workdir}/\n"
-    )
-    try:
-        proc.start()
-        yield proc
-    finally:
-        proc.stop()
+    return start_mosquitto("persistent-cloud-mosquitto", persistent=True)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import numpy as np
 from edge_node.config import NodeConfig
 from edge_node.node import EdgeNode
 from edgewise.assets import bundled_asset
-from edgewise.local_broker import BrokerInfo
+from edgewise.local_broker import BrokerInfo, TcpProxy
 from edgewise.mqtt import Inbound, MqttConfig, MqttSession
 from edgewise.serving.model import ServedModel
 from schemas import Frame, encode_frame
@@ -64,6 +64,19 @@ class Harness:
 
 def mqtt_for(broker: BrokerInfo) -> MqttConfig:
     return MqttConfig(host=broker.host, port=broker.port, connect_timeout_s=5)
+
+
+def uplink_through(proxy: TcpProxy) -> dict[str, object]:
+    """The node's ``uplink`` settings for a connection through ``proxy`` (the link a test cuts),
+    quick to notice a loss and to reconnect."""
+    return {
+        "host": proxy.host,
+        "port": proxy.port,
+        "connect_timeout_s": 2,
+        "keepalive_s": 5,
+        "reconnect_first_s": 0.1,
+        "reconnect_cap_s": 0.5,
+    }
 
 
 def frame_bytes(seq: int, image: np.ndarray, *, as_json: bool = False) -> bytes:

@@ -19,6 +19,8 @@ from broker_bridge import Bridge, BridgeConfig, decode_telemetry
 from edgewise.local_broker import MosquittoProcess
 from schemas import decode_status
 from tests.bridgeharness import Client, Rule, retained_state, write_bridge_config
+from tests.conftest import BrokerFactory
+from tests.waiting import eventually
 
 T = TypeVar("T")
 
@@ -45,16 +47,6 @@ def run(scenario: Callable[[], Awaitable[T]], timeout_s: float = 50.0) -> T:
             return await scenario()
 
     return asyncio.run(bounded())
-
-
-async def until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    """Wait for a condition the bridge's own loop makes true (checked every 20 ms)."""
-    try:
-        async with asyncio.timeout(timeout_s):
-            while not predicate():  # noqa: ASYNC110 - the bridge's counters have no event
-                await asyncio.sleep(0.02)
-    except TimeoutError:
-        raise AssertionError(f"timed out after {timeout_s}s waiting for {what}") from None
 
 
 def connected(broker: MosquittoProcess, **kwargs: object) -> Client:
@@ -127,7 +119,11 @@ def test_retained_state_converges_up_including_a_clear_made_while_cloud_was_down
             await bridge.wait_ready(10)
             pub.publish("edge/n1/status", b"n1-online", retain=True)
             pub.publish("edge/n2/status", b"n2-online", retain=True)
-            await until(lambda: bridge.up.forwarder.stats.delivered >= 2, 10, "2 delivered")  # type: ignore[union-attr]
+            await eventually(
+                lambda: bridge.up.forwarder.stats.delivered >= 2,  # type: ignore[union-attr]
+                "2 delivered",
+                timeout_s=10,
+            )
             state = await asyncio.to_thread(
                 retained_state, cloud.info, "sites/s1/edge/+/status", "sites/s1/edge/zz/status"
             )
@@ -140,10 +136,14 @@ def test_retained_state_converges_up_including_a_clear_made_while_cloud_was_down
             pub.publish("edge/n1/status", b"", retain=True)  # the clear
             pub.publish("edge/n2/status", b"n2-degraded", retain=True)
             pub.publish("edge/n3/status", b"n3-online", retain=True)
-            await until(lambda: bridge.up.stats.queued >= 5, 10, "5 queued")
+            await eventually(lambda: bridge.up.stats.queued >= 5, "5 queued", timeout_s=10)
             await asyncio.to_thread(cloud.start)
             await bridge.cloud.wait_connected(20)
-            await until(lambda: bridge.up.forwarder.stats.delivered >= 5, 20, "5 delivered")  # type: ignore[union-attr]
+            await eventually(
+                lambda: bridge.up.forwarder.stats.delivered >= 5,  # type: ignore[union-attr]
+                "5 delivered",
+                timeout_s=20,
+            )
             site_state = await asyncio.to_thread(
                 retained_state, site.info, "edge/+/status", "edge/zz/status"
             )
@@ -173,15 +173,23 @@ def test_retained_state_converges_down_including_a_clear_made_while_site_was_dow
             await bridge.wait_ready(10)
             op.publish("fleet/cam/models/digits", b"manifest-3", retain=True)
             op.publish("fleet/cam/models/old", b"manifest-1", retain=True)
-            await until(lambda: bridge.down.forwarder.stats.delivered >= 2, 10, "2 delivered")  # type: ignore[union-attr]
+            await eventually(
+                lambda: bridge.down.forwarder.stats.delivered >= 2,  # type: ignore[union-attr]
+                "2 delivered",
+                timeout_s=10,
+            )
             await asyncio.to_thread(site.stop)
             await bridge.site.wait_disconnected()
             op.publish("fleet/cam/models/old", b"", retain=True)  # retire a model: a clear
             op.publish("fleet/cam/models/digits", b"manifest-4", retain=True)
-            await until(lambda: bridge.down.stats.queued >= 4, 10, "4 queued")
+            await eventually(lambda: bridge.down.stats.queued >= 4, "4 queued", timeout_s=10)
             await asyncio.to_thread(site.start)
             await bridge.site.wait_connected(20)
-            await until(lambda: bridge.down.forwarder.stats.delivered >= 4, 20, "4 delivered")  # type: ignore[union-attr]
+            await eventually(
+                lambda: bridge.down.forwarder.stats.delivered >= 4,  # type: ignore[union-attr]
+                "4 delivered",
+                timeout_s=20,
+            )
             cloud_state = await asyncio.to_thread(retained_state, cloud.info, "fleet/#", "fleet/zz")
             site_state = await asyncio.to_thread(retained_state, site.info, "fleet/#", "fleet/zz")
         op.close()
@@ -267,15 +275,15 @@ def test_queue_bound_evicts_and_counts_exactly_what_is_missing_downstream(
             await bridge.cloud.wait_disconnected()
             for i in range(n):
                 pub.publish("edge/gw-1/results", b"%06d" % i + b"x" * 194, wait=False)
-            await until(lambda: bridge.up.stats.queued >= n, 30, f"{n} queued")
+            await eventually(lambda: bridge.up.stats.queued >= n, f"{n} queued", timeout_s=30)
             stats = bridge.up.outbox.stats()
             assert stats.evicted_total > 0
             assert stats.file_bytes <= 131072
             await asyncio.to_thread(cloud.start)
-            await until(
+            await eventually(
                 lambda: bridge.up.outbox.stats().rows == 0 and bridge.up.forwarder.in_flight == 0,  # type: ignore[union-attr]
-                30,
                 "queue drained",
+                timeout_s=30,
             )
             # Control: one more after the backlog, so the subscriber has seen everything.
             pub.publish("edge/gw-1/results", b"control")
@@ -327,7 +335,9 @@ def test_eviction_says_degraded_evicting_logs_counts_per_rule_and_clears_below_t
             for i in range(n):
                 pub.publish("edge/gw-1/results", b"r%05d" % i + b"x" * 194, wait=False)
                 pub.publish("fleet/a", b"f%05d" % i + b"x" * 194, wait=False)
-            await until(lambda: bridge.up.stats.queued >= 2 * n, 30, f"{2 * n} queued")
+            await eventually(
+                lambda: bridge.up.stats.queued >= 2 * n, f"{2 * n} queued", timeout_s=30
+            )
             await asyncio.to_thread(
                 watcher.wait,
                 lambda: (last_status(watcher) or ("", []))[1] == ["evicting", "uplink_down"],
@@ -344,7 +354,9 @@ def test_eviction_says_degraded_evicting_logs_counts_per_rule_and_clears_below_t
             assert len(started) <= 2  # rate-limited: one line, then at most one per 10 s
 
             await asyncio.to_thread(cloud.start)  # the queue drains below its bound
-            await until(lambda: bridge.up.outbox.stats().rows == 0, 30, "queue drained")
+            await eventually(
+                lambda: bridge.up.outbox.stats().rows == 0, "queue drained", timeout_s=30
+            )
             await asyncio.to_thread(
                 watcher.wait, lambda: last_status(watcher) == ("online", []), 15, "online again"
             )
@@ -368,12 +380,9 @@ def test_eviction_says_degraded_evicting_logs_counts_per_rule_and_clears_below_t
 
 
 def test_remote_receive_maximum_is_honoured(
-    tmp_path: Path, fresh_mosquitto: MosquittoProcess, tmp_path_factory: pytest.TempPathFactory
+    tmp_path: Path, fresh_mosquitto: MosquittoProcess, start_mosquitto: BrokerFactory
 ) -> None:
-    cloud = MosquittoProcess(
-        tmp_path_factory.mktemp("rm-cloud"), extra_config="max_inflight_messages 5\n"
-    )
-    cloud.start()
+    cloud = start_mosquitto("rm-cloud", extra_config="max_inflight_messages 5\n")
     cfg = config(tmp_path, fresh_mosquitto, cloud, [UP_RESULTS], forward="window = 500")
     n = 2000
 
@@ -469,7 +478,7 @@ def test_status_says_uplink_down_on_the_site_and_telemetry_counts(
                 watcher.wait, status_with("degraded", "uplink_down"), 10, "uplink_down"
             )
             pub.publish("edge/gw-1/results", b"held")
-            await until(lambda: bridge.up.stats.queued >= 1, 10, "queued")
+            await eventually(lambda: bridge.up.stats.queued >= 1, "queued", timeout_s=10)
             await asyncio.to_thread(
                 watcher.wait,
                 lambda: any(

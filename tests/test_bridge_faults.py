@@ -20,7 +20,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edgewise.local_broker import MosquittoProcess
 from schemas import decode_status
-from tests.bridgeharness import BridgeProcess, Client, Rule, write_bridge_config
+from tests.bridgeharness import BridgeProcess, Client, Rule, one_crosses, write_bridge_config
 
 UP = [Rule("up", "edge/+/results", "sites/{site}/edge/+/results")]
 
@@ -135,14 +135,7 @@ def test_long_cloud_outage_with_two_kill9_and_a_site_restart_loses_nothing_in_or
     try:
         bridge.start()
         # The bridge is up once a message crosses (retried: its subscription may be new).
-        for attempt in range(40):
-            warm.publish("edge/warm/results", b"warm-%d" % attempt)
-            try:
-                sub.wait_payload(b"warm-%d" % attempt, 0.5)
-                break
-            except AssertionError:
-                continue
-        else:
+        if not one_crosses(warm, sub, "edge/warm/results", b"warm"):
             raise AssertionError("bridge never forwarded\n" + bridge.log_text()[-3000:])
         publisher.start()
         publisher.wait_sent(200)
@@ -222,14 +215,8 @@ def test_corrupt_queue_is_kept_aside_reported_and_forwarding_resumes(
         pub = Client(site.info)
         pub.connect()
         try:
-            for attempt in range(40):  # the bridge's site subscription may still be on its way
-                pub.publish("edge/gw-1/results", b"after-%d" % attempt)
-                try:
-                    watcher.wait_payload(b"after-%d" % attempt, 0.5)
-                    break
-                except AssertionError:
-                    continue
-            else:
+            # The bridge's site subscription may still be on its way.
+            if not one_crosses(pub, watcher, "edge/gw-1/results", b"after"):
                 raise AssertionError("nothing forwarded after recovery\n" + bridge.log_text())
         finally:
             pub.close()
@@ -255,13 +242,7 @@ def test_sigterm_drains_then_exits_0_and_the_rest_waits_on_disk(
     n = 3000
     try:
         bridge.start()
-        for attempt in range(40):
-            pub.publish("edge/warm/results", b"warm-%d" % attempt)
-            try:
-                sub.wait_payload(b"warm-%d" % attempt, 0.5)
-                break
-            except AssertionError:
-                continue
+        one_crosses(pub, sub, "edge/warm/results", b"warm")
         mids = [pub.publish("edge/gw-1/results", b"m%d" % i, wait=False) for i in range(n)]
         pub.wait_acked(len(set(mids)), 30)
         assert bridge.terminate() == 0
@@ -313,14 +294,7 @@ def test_kill9_during_an_outage_resends_at_most_the_in_flight_window(
     publisher = SteadyPublisher(site, n, rate, 4)
     try:
         bridge.start()
-        for attempt in range(40):
-            warm.publish("edge/warm/results", b"warm-%d" % attempt)
-            try:
-                sub.wait_payload(b"warm-%d" % attempt, 0.5)
-                break
-            except AssertionError:
-                continue
-        else:
+        if not one_crosses(warm, sub, "edge/warm/results", b"warm"):
             raise AssertionError("bridge never forwarded\n" + bridge.log_text()[-3000:])
         publisher.start()
         publisher.wait_sent(300)  # 3 s of steady forwarding

@@ -35,7 +35,7 @@ from paho.mqtt.enums import MQTTProtocolVersion
 from edgewise.local_broker.probe import unique_client_id
 from edgewise.mqtt import MqttConfig, MqttSession, PublishRejected
 from tests import broker_rights
-from tests.bridgeharness import REPO, Client
+from tests.bridgeharness import REPO, Client, one_crosses
 from tests.securebroker import Pki, SecureBroker, make_ca, make_pki
 
 SITE_USERS = (
@@ -750,14 +750,7 @@ def test_bridge_forwards_over_tls_with_credentials_from_file_and_env_never_logge
             env=env,
         )
     try:
-        for attempt in range(60):
-            node.publish("edge/gw-1/results", b"r-%d" % attempt)
-            try:
-                cloud_obs.wait_payload(b"r-%d" % attempt, 0.5)
-                break
-            except AssertionError:
-                continue
-        else:
+        if not one_crosses(node, cloud_obs, "edge/gw-1/results", b"r", attempts=60):
             raise AssertionError("nothing crossed\n" + log.read_text())
         op.publish("fleet/cam/cmd", b"signed-cmd")
         site_obs.wait_payload(b"signed-cmd", 10)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 
@@ -12,18 +11,13 @@ import pytest
 
 from edgewise.local_broker import BrokerInfo, MqttProbe
 from schemas import Limits, Status, decode_frame, decode_frames, encode_status
+from tests import cli_harness
 
 ProbeFactory = Callable[..., MqttProbe]
 
 
 def edgewise(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "edgewise.cli.app", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
-    )
+    return cli_harness.edgewise(*args, timeout_s=timeout_s, columns=200)
 
 
 def test_help_lists_every_subcommand() -> None:

@@ -39,8 +39,10 @@ from edgewise.releases import (
 from edgewise.releases.signing import load_public, raw_public
 from schemas import Status, encode_status
 from tests.bridgeharness import REPO, Client
+from tests.conftest import SecureBrokerFactory
 from tests.securebroker import Pki, SecureBroker, make_ca, make_pki
 from tests.updatekit import CLOUD_MODEL, EDGE_MODEL, now
+from tests.waiting import eventually_logged
 
 USERS = ("operator", "gw-1", "cam-1")
 
@@ -361,13 +363,12 @@ def test_ordinary_trouble_is_one_line_and_exit_2(
 
 
 def test_a_broker_certificate_for_another_name_is_one_line(
-    secured: Secured, tmp_path: Path
+    secured: Secured, tmp_path: Path, secure_broker: SecureBrokerFactory
 ) -> None:
     """The broker's certificate names `localhost` only: connecting to 127.0.0.1 must fail the
     host name check."""
     pki = make_pki(tmp_path / "pki", hosts=("localhost",))
-    broker = SecureBroker("site", tmp_path / "site", secured.passwords, pki)
-    broker.start()
+    broker = secure_broker("site", tmp_path / "site", secured.passwords, pki)
     try:
         url = f"mqtts://127.0.0.1:{broker.tls_port}"
         done = edgewise("watch", "--count", "1", "-t", "5", "--broker", url, "--username",
@@ -497,13 +498,13 @@ def test_a_refused_subscription_is_one_line_and_exit_2() -> None:
 
 
 def test_worker_started_before_its_broker_becomes_ready_when_the_broker_comes(
-    tmp_path: Path,
+    tmp_path: Path, secure_broker: SecureBrokerFactory
 ) -> None:
     """Under systemd or compose a worker may start first: it must wait (saying why) and serve
     once its broker is up, over TLS with its own account, as compose runs it."""
     passwords = {"worker-1": secrets.token_urlsafe(12), "operator": "x"}
     pki = make_pki(tmp_path / "pki")
-    broker = SecureBroker("cloud", tmp_path / "cloud", passwords, pki)  # ports chosen, not started
+    broker = secure_broker("cloud", tmp_path / "cloud", passwords, pki, start=False)  # ports chosen
     secret = tmp_path / "worker-1.password"
     secret.write_text(passwords["worker-1"])
     log = tmp_path / "worker.log"
@@ -524,11 +525,9 @@ def test_worker_started_before_its_broker_becomes_ready_when_the_broker_comes(
         )  # fmt: skip
 
     def wait_log(text: str, timeout_s: float = 60) -> None:
-        deadline = time.monotonic() + timeout_s
-        while text not in log.read_text(errors="replace"):
-            assert proc.poll() is None, f"worker exited {proc.returncode}:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"no {text!r}:\n{log.read_text()[-3000:]}"
-            time.sleep(0.05)  # a log file has no event to wait on
+        eventually_logged(
+            text, lambda: log.read_text(errors="replace"), proc, "worker", timeout_s=timeout_s
+        )
 
     try:
         wait_log("Connection refused")  # it tried, and says why
@@ -559,11 +558,7 @@ def test_worker_stopped_while_waiting_for_its_broker_exits_cleanly(tmp_path: Pat
             stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, env=env,
         )  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        while "cannot connect" not in log.read_text(errors="replace"):
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
+        eventually_logged("cannot connect", lambda: log.read_text(errors="replace"), proc, "worker")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, log.read_text()
     finally:

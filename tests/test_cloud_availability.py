@@ -24,9 +24,10 @@ from edgewise.cli.frames import load_holdout
 from edgewise.local_broker import BrokerInfo, MosquittoProcess
 from schemas import decode_status, decode_telemetry
 from tests.nodeharness import running_node
-from tests.test_escalation import Finals, _case, _escalator, eventually
+from tests.test_escalation import Finals, _case, _escalator
 from tests.test_escalation_node import _check_every_frame_answered_once, _results, _send_mix
 from tests.test_worker_harness import start_worker_process, wait_ready, worker_config
+from tests.waiting import eventually
 
 HOLDOUT = load_holdout()
 
@@ -74,17 +75,19 @@ def test_k_unanswered_cases_make_the_cloud_unavailable_then_a_probe_reply_clears
             assert esc.stats.unavailable_fallback == 10
             # A worker comes: its presence makes the next unsure case a probe; the reply clears.
             async with Worker(worker_config(broker, tmp_path)):
-                await eventually(lambda: esc.workers_online == 1)
+                await eventually(lambda: esc.workers_online == 1, "esc.workers_online == 1")
                 await esc.escalate([_case(7, seq=30)])
-                await eventually(lambda: esc.unavailable is None)
+                await eventually(lambda: esc.unavailable is None, "esc.unavailable is None")
                 assert changes.heard == [False, True]
                 assert esc.stats.probe_replies == 1
                 # Available again: cases wait for the cloud's verdict.
                 assert await esc.escalate([_case(8, seq=40)]) == []
-                await eventually(lambda: esc.stats.cloud == 1)
+                await eventually(lambda: esc.stats.cloud == 1, "esc.stats.cloud == 1")
                 assert esc.stats.unavailable_episodes == 1
             # The worker stops: its presence says offline, the last one online: unavailable.
-            await eventually(lambda: esc.unavailable == "no_workers")
+            await eventually(
+                lambda: esc.unavailable == "no_workers", 'esc.unavailable == "no_workers"'
+            )
             assert changes.heard == [False, True, False]
 
     asyncio.run(scenario())
@@ -105,7 +108,7 @@ def test_the_last_workers_presence_going_offline_decides_pending_cases_at_once(
             changes = Changes()
             async with _escalator(broker, finals, deadline_ms=60_000, cache_entries=0) as esc:
                 esc.availability.on_cloud_change = changes
-                await eventually(lambda: esc.workers_online == 1)
+                await eventually(lambda: esc.workers_online == 1, "esc.workers_online == 1")
                 proc.send_signal(signal.SIGSTOP)  # it cannot answer what comes now
                 assert await esc.escalate([_case(i) for i in range(4)]) == []
                 proc.kill()  # SIGKILL
@@ -136,9 +139,15 @@ def test_a_worker_stopped_cleanly_says_offline_on_its_presence(
         async with _escalator(broker, finals, cache_entries=0) as esc:
             cfg = worker_config(broker, tmp_path)
             async with Worker(cfg) as worker:
-                await eventually(lambda: esc.workers.get(cfg.worker_id) is True)
+                await eventually(
+                    lambda: esc.workers.get(cfg.worker_id) is True,
+                    "esc.workers.get(cfg.worker_id) is True",
+                )
                 assert await worker.drain()
-            await eventually(lambda: esc.workers.get(cfg.worker_id) is False)
+            await eventually(
+                lambda: esc.workers.get(cfg.worker_id) is False,
+                "esc.workers.get(cfg.worker_id) is False",
+            )
             assert esc.unavailable == "no_workers"
 
     asyncio.run(scenario())
@@ -202,7 +211,7 @@ def test_both_workers_kill_9_mid_run_every_frame_one_result_and_cloud_unavailabl
             async with running_node(broker, escalation=escalation) as h:
                 esc = h.node.escalator
                 assert esc is not None
-                await eventually(lambda: esc.workers_online == 2)
+                await eventually(lambda: esc.workers_online == 2, "esc.workers_online == 2")
                 killed: list[int] = []
                 restarted: list[asyncio.Task[list[subprocess.Popen[bytes]]]] = []
 
@@ -228,7 +237,9 @@ def test_both_workers_kill_9_mid_run_every_frame_one_result_and_cloud_unavailabl
                 assert sources["cloud"] + sources["edge_fallback"] == 500
                 assert sources["cloud"] > 0 and sources["edge_fallback"] > 0, sources
                 # The cloud came back and was seen to: cleared, and cases go to it again.
-                await eventually(lambda: esc.unavailable is None, 30)
+                await eventually(
+                    lambda: esc.unavailable is None, "esc.unavailable is None", timeout_s=30
+                )
                 statuses = [decode_status(m.payload) for m in h.messages("status")]
                 said = [i for i, s in enumerate(statuses) if "cloud_unavailable" in s.reasons]
                 assert said, [s.reasons for s in statuses]

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -17,25 +16,17 @@ import pytest
 from edge_node.updates.journal import CommandJournal
 from edge_node.updates.rejects import ControlRejects, Rejection
 from edgewise.local_broker import BrokerInfo
-from edgewise.releases import Command, Reason, Target, generate, sign
+from edgewise.releases import Command, Reason, generate, sign
 from schemas import log_text
-from tests.test_updates import running_updater, wait_until
-from tests.updatekit import CLOUD_MODEL, NOW, Fleet, manifest, run_async
+from tests.test_updates import running_updater
+from tests.updatekit import CLOUD_MODEL, NOW, Fleet, command, manifest, run_async
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.timeout(60)
 
 
 def _command(node_id: str, name: str = "publish_telemetry", **kw: Any) -> Command:
-    args: dict[str, Any] = {
-        "id": uuid.uuid4().hex,
-        "name": name,
-        "args": {},
-        "issued_at": NOW,
-        "expires_at": NOW + 600,
-        "target": Target(node=node_id),
-    }
-    args.update(kw)
-    return Command(**args)
+    return command(node_id, NOW, name, **kw)
 
 
 def _journal_rows(state_dir: Path) -> list[tuple[str, str]]:
@@ -114,7 +105,9 @@ async def test_garbage_never_crowds_out_genuine_commands(
                 await u.send_command(sign(genuine[i // 200], fleet.release))
             await u.operator.publish_nowait(u.topics.cmd(u.node_id), g)
         await u.wait_kind("command_done", count=3)
-        await wait_until(lambda: u.manager.rejects.total >= 600)  # no message says so
+        await eventually(
+            lambda: u.manager.rejects.total >= 600, "u.manager.rejects.total >= 600", timeout_s=20
+        )  # no message says so
         elapsed = loop.time() - started
         counts = dict(u.manager.rejects.counts)
         events = [e for e in u.events() if e.kind == "command_rejected"]

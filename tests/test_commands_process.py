@@ -6,11 +6,9 @@ in the log."""
 
 from __future__ import annotations
 
-import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
@@ -21,11 +19,12 @@ from typing import Any
 import pytest
 
 from edgewise.local_broker import BrokerInfo, Message, MqttProbe
-from edgewise.releases import Command, Target, decode_event, generate, sign
+from edgewise.releases import Command, decode_event, generate, sign
 from edgewise.releases.signing import key_id, public_pem, raw_public
 from edgewise.releases.wire import Envelope, Signature, encode
-from schemas import decode_status, decode_telemetry
-from tests.updatekit import Fleet, now
+from schemas import decode_telemetry
+from tests.nodeprocs import EnrolledNodes, event_kind, is_event, online
+from tests.updatekit import Fleet, command, now
 
 pytestmark = pytest.mark.timeout(150)
 Start = Callable[..., subprocess.Popen[bytes]]
@@ -44,28 +43,11 @@ def enrolled(
     node_id = f"cmd-{tag}"
     root_pub = tmp_path / "root.pub"
     root_pub.write_bytes(public_pem(fleet.root))
-    procs: list[subprocess.Popen[bytes]] = []
+    nodes = EnrolledNodes(mosquitto, tmp_path, f"fleet-{tag}", f"models-{tag}")
 
     def start(**extra: str) -> subprocess.Popen[bytes]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEWISE_")}
-        env.update(
-            COLUMNS="400",  # one log record, one line
-            EDGEWISE_NODE_ID=node_id,
-            EDGEWISE_HARDWARE_CLASS="generic-cpu",
-            EDGEWISE_MQTT__HOST=mosquitto.host,
-            EDGEWISE_MQTT__PORT=str(mosquitto.port),
-            EDGEWISE_STORAGE__STATE_DIR=str(tmp_path / "state"),
-            EDGEWISE_TOPICS__FLEET_ROOT=f"fleet-{tag}",
-            EDGEWISE_TOPICS__MODELS_ROOT=f"models-{tag}",
-            EDGEWISE_UPDATES__ROOT_KEY=str(root_pub),
-            **extra,
-        )
-        log = open(tmp_path / f"node-{len(procs)}.log", "wb")  # noqa: SIM115 - closed with the process
-        p = subprocess.Popen(
-            [sys.executable, "-m", "edgewise.cli.app", "node"], env=env, stdout=log, stderr=log
-        )
-        procs.append(p)
-        return p
+        log_name = f"node-{len(nodes.procs)}.log"
+        return nodes.start(node_id, root_pub, log_name=log_name, COLUMNS="400", **extra)
 
     watcher = mqtt_probe()
     for what in ("status", "events", "telemetry"):  # not the command topic: its flood
@@ -73,46 +55,20 @@ def enrolled(
     operator = mqtt_probe()
     operator.publish(f"fleet-{tag}/keys", fleet.signed_key_set(now=now()), retain=True)
     yield start, fleet, node_id, watcher, operator
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait(10)
-
-
-def _event(m: Message) -> str:
-    e = decode_event(m.payload)
-    return e.kind if e.reason is None else f"{e.kind}:{e.reason}"
-
-
-def _is(kind: str) -> Callable[[Message], bool]:
-    return lambda m: m.topic.endswith("/events") and not m.retain and _event(m) == kind
-
-
-def _online(m: Message) -> bool:
-    return m.topic.endswith("/status") and decode_status(m.payload).state == "online"
+    nodes.kill_all()
 
 
 def _done_refs(watcher: MqttProbe) -> list[str | None]:
-    return [decode_event(m.payload).ref for m in watcher.messages if _is("command_done")(m)]
+    return [decode_event(m.payload).ref for m in watcher.messages if is_event("command_done")(m)]
 
 
 def _command(node_id: str, **kw: Any) -> Command:
-    t = now()
-    args: dict[str, Any] = {
-        "id": uuid.uuid4().hex,
-        "name": "publish_telemetry",
-        "args": {},
-        "issued_at": t,
-        "expires_at": t + 600,
-        "target": Target(node=node_id),
-    }
-    args.update(kw)
-    return Command(**args)
+    return command(node_id, now(), **kw)
 
 
 def _up(start: Start, watcher: MqttProbe, **extra: str) -> subprocess.Popen[bytes]:
     proc = start(**extra)
-    watcher.wait_for(_online, 30)
+    watcher.wait_for(online, 30)
     return proc
 
 
@@ -121,7 +77,7 @@ def test_commands_sent_while_the_node_is_stopped_run_once_in_order_after_it_rest
 ) -> None:
     start, fleet, node_id, watcher, operator = enrolled
     proc = _up(start, watcher)
-    watcher.wait_for(_is("keys_updated"), 30)
+    watcher.wait_for(is_event("keys_updated"), 30)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0
 
@@ -129,12 +85,14 @@ def test_commands_sent_while_the_node_is_stopped_run_once_in_order_after_it_rest
     operator.publish_many(f"edge/{node_id}/cmd", [sign(c, fleet.release) for c in cmds], qos=1)
     watcher.clear()
     _up(start, watcher)
-    watcher.wait_for(_is("command_done"), 60, count=20)
+    watcher.wait_for(is_event("command_done"), 60, count=20)
     operator.publish(f"edge/{node_id}/cmd", sign(cmds[7], fleet.release))  # a copy
-    watcher.wait_for(_is("command_rejected:replayed"), 30)
+    watcher.wait_for(is_event("command_rejected:replayed"), 30)
     marker = _command(node_id)
     operator.publish(f"edge/{node_id}/cmd", sign(marker, fleet.release))
-    watcher.wait_for(lambda m: _is("command_done")(m) and decode_event(m.payload).ref == marker.id)
+    watcher.wait_for(
+        lambda m: is_event("command_done")(m) and decode_event(m.payload).ref == marker.id
+    )
     assert _done_refs(watcher) == [c.id for c in cmds] + [marker.id]
 
 
@@ -143,7 +101,7 @@ def test_kill_9_between_receipt_and_execution_runs_the_command_once_after_restar
 ) -> None:
     start, fleet, node_id, watcher, operator = enrolled
     proc = _up(start, watcher, EDGEWISE_CRASHPOINT="updates.command.before_run")
-    watcher.wait_for(_is("keys_updated"), 30)
+    watcher.wait_for(is_event("keys_updated"), 30)
     cmd = _command(node_id)
     operator.publish(f"edge/{node_id}/cmd", sign(cmd, fleet.release))
     assert proc.wait(30) == -signal.SIGKILL  # recorded and acknowledged, then killed
@@ -154,7 +112,9 @@ def test_kill_9_between_receipt_and_execution_runs_the_command_once_after_restar
     _up(start, watcher)
     marker = _command(node_id)
     operator.publish(f"edge/{node_id}/cmd", sign(marker, fleet.release))
-    watcher.wait_for(lambda m: _is("command_done")(m) and decode_event(m.payload).ref == marker.id)
+    watcher.wait_for(
+        lambda m: is_event("command_done")(m) and decode_event(m.payload).ref == marker.id
+    )
     assert _done_refs(watcher) == [cmd.id, marker.id]
 
 
@@ -175,7 +135,7 @@ def test_a_garbage_flood_on_the_command_topic_costs_no_genuine_command(
 ) -> None:
     start, fleet, node_id, watcher, operator = enrolled
     _up(start, watcher, EDGEWISE_TELEMETRY__WINDOW_S="0.5")
-    watcher.wait_for(_is("keys_updated"), 30)
+    watcher.wait_for(is_event("keys_updated"), 30)
     stranger = generate()
     evil_id = "\x1b[2J\rFORGED\nLINE\x07\x00" + uuid.uuid4().hex[:8]
     genuine = [_command(node_id) for _ in range(5)] + [_command(node_id, id=evil_id)]
@@ -197,11 +157,11 @@ def test_a_garbage_flood_on_the_command_topic_costs_no_genuine_command(
 
     started = time.monotonic()
     operator.publish_many(f"edge/{node_id}/cmd", payloads, qos=1, timeout_s=60)
-    watcher.wait_for(_is("command_done"), 60, count=len(genuine))
+    watcher.wait_for(is_event("command_done"), 60, count=len(genuine))
     # Once it ran, a copy of the command whose id holds control characters is a replay: the
     # refusal quotes the id.
     operator.publish(f"edge/{node_id}/cmd", sign(genuine[-1], fleet.release))
-    watcher.wait_for(_is("command_rejected:replayed"), 30)
+    watcher.wait_for(is_event("command_rejected:replayed"), 30)
     sent = len(garbage) + 1
 
     windows: dict[int, int] = {}  # telemetry messages seen -> control_rejects in each
@@ -225,7 +185,7 @@ def test_a_garbage_flood_on_the_command_topic_costs_no_genuine_command(
     reported = [
         m
         for m in watcher.messages
-        if m.topic.endswith("/events") and not m.retain and _event(m).startswith("command_rej")
+        if m.topic.endswith("/events") and not m.retain and event_kind(m).startswith("command_rej")
     ]
     assert len(reported) <= len(by_reason) * (10 + elapsed), (len(reported), elapsed)
     print(

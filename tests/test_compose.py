@@ -28,7 +28,8 @@ from broker_bridge import BridgeConfig
 from edgewise.cli.app import app
 from edgewise.releases.signing import public_pem
 from tests.bridgeharness import Client
-from tests.securebroker import SecureBroker, mounted_secrets
+from tests.conftest import SecureBrokerFactory
+from tests.securebroker import mounted_secrets
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "compose"
@@ -278,7 +279,7 @@ def test_each_secret_is_readable_by_exactly_the_container_user_that_reads_it(
 
 @pytest.mark.parametrize("role", ["site", "cloud"])
 def test_mosquitto_as_its_image_user_reads_its_secrets_and_another_user_cannot(
-    compose: dict[str, Any], tmp_path: Path, role: str
+    compose: dict[str, Any], tmp_path: Path, role: str, secure_broker: SecureBrokerFactory
 ) -> None:
     """The broker's config, with the files make-secrets.sh made mounted as compose mounts them
     (owner and mode kept), run as the uid of eclipse-mosquitto:2's user: it reads its password
@@ -301,8 +302,7 @@ def test_mosquitto_as_its_image_user_reads_its_secrets_and_another_user_cannot(
     view = Path(tempfile.mkdtemp(prefix="edgewise-mounts-"))  # a path other users can traverse
     try:
         view.chmod(0o755)
-        broker = SecureBroker(role, view / "ok", secrets=out, run_as_uid=uids[service])
-        broker.start()
+        broker = secure_broker(role, view / "ok", secrets=out, run_as_uid=uids[service])
         try:
             client = Client(
                 broker.tls,
@@ -315,7 +315,9 @@ def test_mosquitto_as_its_image_user_reads_its_secrets_and_another_user_cannot(
             client.close()
         finally:
             broker.stop()
-        other = SecureBroker(role, view / "other", secrets=out, run_as_uid=uids["node-1"])
+        other = secure_broker(
+            role, view / "other", secrets=out, run_as_uid=uids["node-1"], start=False
+        )
         with pytest.raises(RuntimeError, match=r"Permission denied|Unable to open"):
             other.start()
         other.stop()

@@ -16,7 +16,6 @@ import functools
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,20 +43,12 @@ from schemas import (
     new_ids,
 )
 from tests.bridgeharness import BridgeProcess, Client, Rule, write_bridge_config
+from tests.conftest import BrokerFactory
 from tests.nodeharness import Harness, frame_bytes, running_node
 from tests.nodeprocs import NodeProcesses
+from tests.waiting import eventually
 
 HOLDOUT = load_holdout()
-
-
-async def _until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
-    """Await a condition on in-process state (checked every 20 ms)."""
-    try:
-        async with asyncio.timeout(timeout_s):
-            while not check():  # noqa: ASYNC110 - the node's counters have no event
-                await asyncio.sleep(0.02)
-    except TimeoutError:
-        raise AssertionError(f"timed out after {timeout_s} s waiting for {what}") from None
 
 
 def _e2e(**kwargs: object) -> dict[str, object]:
@@ -104,17 +95,19 @@ def test_the_node_keeps_results_until_confirmed_and_deletes_them_then(
             await _send_frames(h, range(20))
             await h.seen.wait_for(lambda: len(_answered(h)) == 20, 20)
             forwarder = h.node.results_forwarder
-            await _until(
-                lambda: forwarder.stats.delivered >= len(h.messages("results")), 10, "PUBACKs"
+            await eventually(
+                lambda: forwarder.stats.delivered >= len(h.messages("results")),
+                "PUBACKs",
+                timeout_s=10,
             )
             await forwarder.flush()
             ids = _message_ids(h)
             assert _result_rows(h) == len(ids)  # acknowledged by the broker, kept
             assert forwarder.unconfirmed == len(ids)
             await h.probe.publish(h.topic("acks"), encode_acks(ResultAcks(ids=ids[:-1], by="t")))
-            await _until(lambda: _result_rows(h) == 1, 10, "all but one deleted")
+            await eventually(lambda: _result_rows(h) == 1, "all but one deleted", timeout_s=10)
             await h.probe.publish(h.topic("acks"), encode_acks(ResultAcks(ids=ids, by="t")))
-            await _until(lambda: _result_rows(h) == 0, 10, "the last one deleted")
+            await eventually(lambda: _result_rows(h) == 0, "the last one deleted", timeout_s=10)
             assert h.node.stats.acks_received == 2
             assert forwarder.stats.confirmed == len(ids)
             assert forwarder.stats.confirmations_unknown == len(ids) - 1  # confirmed twice
@@ -131,7 +124,9 @@ def test_with_the_mode_off_results_leave_at_the_puback_and_confirmations_are_not
             assert h.node.results_forwarder is h.node.forwarder  # one forwarder, as before
             await _send_frames(h, range(10))
             await h.seen.wait_for(lambda: len(_answered(h)) == 10, 20)
-            await _until(lambda: _result_rows(h) == 0, 10, "results deleted after their PUBACK")
+            await eventually(
+                lambda: _result_rows(h) == 0, "results deleted after their PUBACK", timeout_s=10
+            )
             ids = _message_ids(h)
             await h.probe.publish(h.topic("acks"), encode_acks(ResultAcks(ids=ids)))
             await h.probe.publish(h.topic("acks"), b"garbage")
@@ -172,17 +167,23 @@ def test_hostile_confirmations_are_refused_counted_and_the_node_serves_on(
             await h.seen.wait_for(lambda: len(_answered(h)) == 5, 20)
             for payload in hostile:
                 await h.probe.publish(h.topic("acks"), payload)
-            await _until(lambda: h.node.stats.acks_rejected == len(hostile), 10, "all refused")
+            await eventually(
+                lambda: h.node.stats.acks_rejected == len(hostile), "all refused", timeout_s=10
+            )
             # Still serving, still confirming: the hostile ones deleted nothing.
             forwarder = h.node.results_forwarder
-            await _until(
-                lambda: forwarder.stats.delivered >= len(h.messages("results")), 10, "PUBACKs"
+            await eventually(
+                lambda: forwarder.stats.delivered >= len(h.messages("results")),
+                "PUBACKs",
+                timeout_s=10,
             )
             assert forwarder.stats.confirmed == 0
             await _send_frames(h, range(5, 10))
             await h.seen.wait_for(lambda: len(_answered(h)) == 10, 20)
             await h.probe.publish(h.topic("acks"), encode_acks(ResultAcks(ids=_message_ids(h))))
-            await _until(lambda: _result_rows(h) == 0, 10, "confirmed results deleted")
+            await eventually(
+                lambda: _result_rows(h) == 0, "confirmed results deleted", timeout_s=10
+            )
             await h.seen.wait_for(lambda: len(h.messages("deadletter")) == len(hostile), 10)
             letters = [decode_deadletter(m.payload) for m in h.messages("deadletter")]
             assert {d.topic for d in letters} == {h.topic("acks")}
@@ -217,7 +218,9 @@ def test_nobody_confirming_says_awaiting_consumer_and_telemetry_still_flows(
                 )
 
             await h.seen.wait_for(degraded, 20)
-            await _until(lambda: h.node.stats.results_stored == 6, 20, "6 results stored")
+            await eventually(
+                lambda: h.node.stats.results_stored == 6, "6 results stored", timeout_s=20
+            )
             waiting = _result_rows(h) - 1
             assert waiting >= 1
             seen = len(h.messages("telemetry"))
@@ -228,12 +231,12 @@ def test_nobody_confirming_says_awaiting_consumer_and_telemetry_still_flows(
                 n = len(h.messages("results"))
                 ids = _message_ids(h)
                 await h.probe.publish(h.topic("acks"), encode_acks(ResultAcks(ids=ids)))
-                await _until(
+                await eventually(
                     functools.partial(_next_or_none, h, n),
-                    20,
                     "the next results message, or none left",
+                    timeout_s=20,
                 )
-            await _until(lambda: _result_rows(h) == 0, 20, "all confirmed")
+            await eventually(lambda: _result_rows(h) == 0, "all confirmed", timeout_s=20)
             assert forwarder.stats.confirmed == waiting + 1 == len(h.messages("results"))
             assert _answered(h) == set(range(6))
 
@@ -306,8 +309,10 @@ def test_the_bridge_confirms_what_it_queued_and_nothing_else(
             )
             confirmer = bridge.up.confirmer
             assert confirmer is not None
-            await _until(
-                lambda: confirmer.stats.published == len(site.snapshot()), 10, "acks acked"
+            await eventually(
+                lambda: confirmer.stats.published == len(site.snapshot()),
+                "acks acked",
+                timeout_s=10,
             )
             assert confirmer.stats.confirmed == 3
             assert confirmer.stats.undecodable == 1
@@ -331,14 +336,6 @@ def _ids_in(client: Client) -> int:
 
 
 # ---------------------------------------------------------------------- as processes
-def _crash_broker(workdir: Path, autosave: str) -> MosquittoProcess:
-    """A broker with persistence on and the shipped autosave settings (the shared tuning), or
-    ``autosave`` instead."""
-    return MosquittoProcess(
-        workdir, extra_config=f"persistence true\npersistence_location {workdir}/\n{autosave}\n"
-    )
-
-
 def _pace(probe: MqttProbe, total: int, rate: float) -> threading.Thread:
     def run() -> None:
         t0 = time.monotonic()
@@ -361,7 +358,7 @@ def _pace(probe: MqttProbe, total: int, rate: float) -> threading.Thread:
     ids=["bridge-shipped-autosave", "sink-autosave-30s"],
 )
 def test_end_to_end_mode_loses_no_result_in_two_broker_kills(
-    tmp_path: Path, consumer: str, autosave: str
+    tmp_path: Path, start_mosquitto: BrokerFactory, consumer: str, autosave: str
 ) -> None:
     """Issue 16's must-pass check: end-to-end mode on, the broker carrying the results killed
     with SIGKILL twice in 10,000 frames (restarted 3 s later, persistence on, the shipped
@@ -375,9 +372,10 @@ def test_end_to_end_mode_loses_no_result_in_two_broker_kills(
     bench/broker_crash.py without the mode), so the node must send them again, and does.
     """
     total, rate = 10_000, 500.0
-    frames_broker = MosquittoProcess(tmp_path / "frames")
-    results_broker = _crash_broker(tmp_path / "results", autosave)
-    fi, ri = frames_broker.start(), results_broker.start()
+    frames_broker = start_mosquitto("frames")
+    # Persistence on and the shipped autosave settings (the shared tuning), or ``autosave``.
+    results_broker = start_mosquitto("results", persistent=True, extra_config=f"{autosave}\n")
+    fi, ri = frames_broker.info, results_broker.info
     state = tmp_path / "node"
     state.mkdir()
     node_id = f"e2e-{uuid.uuid4().hex[:8]}"

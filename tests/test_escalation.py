@@ -9,7 +9,7 @@ import re
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +45,7 @@ from schemas import (
     new_id,
 )
 from tests.test_worker_harness import mqtt_for, worker_config
+from tests.waiting import eventually
 
 HOLDOUT = load_holdout()
 VERDICT = EdgeVerdict(label=1, confidence=0.4, margin=0.1, entropy=1.2)
@@ -164,15 +165,6 @@ async def _client(broker: BrokerInfo, spy: Spy | None = None) -> AsyncIterator[M
         yield s
 
 
-async def eventually(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    """Wait (polling) until ``predicate()`` holds; TimeoutError after ``timeout_s``."""
-    async with asyncio.timeout(timeout_s):
-        while True:
-            if predicate():
-                return
-            await asyncio.sleep(0.01)
-
-
 # ---------------------------------------------------------------------- pure parts
 def test_policy_each_test_and_their_combination() -> None:
     probs = np.array(
@@ -284,7 +276,11 @@ def test_no_answer_falls_back_at_the_deadline_once_and_late_reply_is_ignored(
             late = _reply(esc_msg, label=7)
             await client.publish(esc_msg.reply_to, encode_replies(late))
             await client.publish(esc_msg.reply_to, encode_replies(late))
-            await eventually(lambda: not (esc.stats.late_replies < 10), 5)
+            await eventually(
+                lambda: not (esc.stats.late_replies < 10),
+                "not (esc.stats.late_replies < 10)",
+                timeout_s=5,
+            )
             assert len(finals.got) == 5
             assert esc.stats.replies_rejected == 0
             # The reply address twice: MQTT 5 response topic and correlation data, and the same
@@ -351,7 +347,11 @@ def test_hostile_replies_are_rejected_and_counted(mosquitto: BrokerInfo) -> None
             ]
             for payload in hostile:
                 await client.publish(topic, payload)
-            await eventually(lambda: not (esc.stats.replies_rejected < len(hostile)), 5)
+            await eventually(
+                lambda: not (esc.stats.replies_rejected < len(hostile)),
+                "not (esc.stats.replies_rejected < len(hostile))",
+                timeout_s=5,
+            )
             assert dict(esc.stats.reply_rejects) == {
                 "malformed": 1,
                 "payload_too_large": 1,
@@ -365,7 +365,11 @@ def test_hostile_replies_are_rejected_and_counted(mosquitto: BrokerInfo) -> None
             await finals.wait_for(1)
             assert (finals.got[0].result.source, finals.got[0].result.label) == ("cloud", 4)
             await client.publish(topic, encode_replies(good))  # duplicate
-            await eventually(lambda: not (esc.stats.late_replies < 1), 5)
+            await eventually(
+                lambda: not (esc.stats.late_replies < 1),
+                "not (esc.stats.late_replies < 1)",
+                timeout_s=5,
+            )
             assert len(finals.got) == 1
 
     asyncio.run(scenario())
@@ -455,7 +459,9 @@ def test_no_uplink_decides_edge_offline_at_once_and_uploads_after_reconnect(
             await sub.wait_connected(5)
             await subscribed  # its SUBACK
             await asyncio.to_thread(persistent_mosquitto.stop)  # the uplink goes away
-            await eventually(lambda: not (esc.uplink.connected), 10)
+            await eventually(
+                lambda: not (esc.uplink.connected), "not (esc.uplink.connected)", timeout_s=10
+            )
             cases = [_case(i) for i in range(10)]
             decided = await esc.escalate(cases)
             assert [f.result.source for f in decided] == ["edge_offline"] * 10
@@ -465,7 +471,11 @@ def test_no_uplink_decides_edge_offline_at_once_and_uploads_after_reconnect(
             assert esc.hard_examples.stats().rows == 1  # ten cases in one upload message
             await asyncio.to_thread(persistent_mosquitto.restart)
             await archive.wait_for(1, timeout_s=30)  # the ten cases in one message
-            await eventually(lambda: not (esc.hard_examples.stats().rows), 10)
+            await eventually(
+                lambda: not (esc.hard_examples.stats().rows),
+                "not (esc.hard_examples.stats().rows)",
+                timeout_s=10,
+            )
         got = {e.id: e for m in archive.seen for e in decode_escalations(m.payload).cases_view()}
         assert set(got) == {c.result.id for c in cases}
         assert all(e.offline and not e.wants_reply and e.deadline is None for e in got.values())

@@ -35,6 +35,7 @@ from schemas import (
 )
 from tests.nodeharness import Harness, mqtt_for, running_node
 from tests.test_worker_harness import start_worker_process, wait_ready
+from tests.waiting import eventually
 
 HOLDOUT = load_holdout()
 
@@ -353,10 +354,13 @@ def test_hard_examples_share_the_node_outbox_and_are_evicted_before_results(
             for seq in range(n):
                 await h.send(_frame(seq, HOLDOUT.images[UNSURE[seq % len(UNSURE)]]))
             await h.seen.wait_for(lambda: len({r.frame_seq for r in _results(h)}) >= n, 60)
-            deadline = time.monotonic() + 30  # stored after the result is handed over
-            while esc.stats.hard_examples_stored < n:
-                assert time.monotonic() < deadline, f"{esc.stats.hard_examples_stored} stored"
-                await asyncio.sleep(0.05)
+            await eventually(  # stored after the result is handed over
+                lambda: esc.stats.hard_examples_stored >= n,
+                f"{n} hard examples stored",
+                timeout_s=30,
+                every_s=0.05,
+                detail=lambda: f"{esc.stats.hard_examples_stored} stored",
+            )
             stats = h.node.outbox.stats()
             evicted = stats.evicted_items.get("hard_example", 0)
             assert evicted > 0, "the outbox never filled up"

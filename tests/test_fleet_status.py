@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,19 +20,14 @@ from edgewise.cli.fleet_view import FleetView, newer_window
 from edgewise.local_broker import BrokerInfo, MosquittoProcess, MqttProbe, free_port
 from edgewise.telemetry import HostMetrics, LatencySketch, TelemetryWindow, merged
 from schemas import Status, Telemetry, encode_status, encode_telemetry
+from tests import cli_harness
 
 ProbeFactory = Callable[..., MqttProbe]
 NOW = time.time()
 
 
 def edgewise(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "edgewise.cli.app", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        env={"COLUMNS": "250", "PATH": "/usr/bin:/bin"},
-    )
+    return cli_harness.edgewise(*args, timeout_s=timeout_s, columns=250)
 
 
 @dataclass

@@ -10,13 +10,14 @@ import asyncio
 import contextlib
 import functools
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from edgewise.local_broker import MosquittoProcess, TcpProxy
 from edgewise.mqtt import MqttConfig, MqttSession
 from edgewise.outbox import AsyncOutbox, Confirmation, Forwarder, OutboxConfig, Record, Stored
 from tests.bridgeharness import Client
+from tests.waiting import eventually
 
 TOPIC = "e2e/results"
 OTHER = "e2e/telemetry"
@@ -34,15 +35,6 @@ def _confirmation(**kwargs: float) -> Confirmation:
     args: dict[str, object] = {"resend_after_s": 60.0, "resend_max_s": 60.0}
     args.update(kwargs)
     return Confirmation(kinds=frozenset({"result"}), key=_key, **args)  # type: ignore[arg-type]
-
-
-async def _until(check: Callable[[], bool], what: str, timeout_s: float = 20.0) -> None:
-    try:
-        async with asyncio.timeout(timeout_s):
-            while not check():  # noqa: ASYNC110 - the forwarder's counters have no event
-                await asyncio.sleep(0.02)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 def _outbox(tmp_path: Path, max_bytes: int = 4 * 1024 * 1024) -> AsyncOutbox:
@@ -104,14 +96,16 @@ def test_a_record_leaves_the_outbox_at_its_confirmation_not_at_its_puback(
         ):
             await _append(outbox, forwarder, [_result(i) for i in range(5)])
             await _append(outbox, forwarder, [Record("telemetry", OTHER, b"t0000000")])
-            await _until(lambda: forwarder.stats.delivered == 6, "6 PUBACKs")
+            await eventually(lambda: forwarder.stats.delivered == 6, "6 PUBACKs", timeout_s=20)
             await forwarder.flush()
             # The telemetry record (not a confirmed kind) went at its PUBACK; results wait.
             assert outbox.stats().rows_by_kind == {"telemetry": 0, "result": 5}
             assert forwarder.unconfirmed == 5
             assert forwarder.confirm(["r0000001", "r0000003", "r0000004"]) == 3
             assert forwarder.confirm(["r0000003", "nobody00"]) == 0  # again, and unknown
-            await _until(lambda: outbox.stats().rows_by_kind["result"] == 2, "3 deleted")
+            await eventually(
+                lambda: outbox.stats().rows_by_kind["result"] == 2, "3 deleted", timeout_s=20
+            )
             assert forwarder.stats.confirmed == 3
             assert forwarder.stats.confirmations_unknown == 2
             assert forwarder.unconfirmed == 2
@@ -138,12 +132,14 @@ def test_an_unconfirmed_record_is_sent_again_until_confirmed(
             _,
         ):
             await _append(outbox, forwarder, [_result(1), _result(2)])
-            await _until(lambda: forwarder.stats.delivered >= 2, "2 PUBACKs")
+            await eventually(lambda: forwarder.stats.delivered >= 2, "2 PUBACKs", timeout_s=20)
             forwarder.confirm(["r0000002"])
-            await _until(lambda: _received(sub)[b"r0000001"] >= 4, "r1 sent 4 times")
+            await eventually(
+                lambda: _received(sub)[b"r0000001"] >= 4, "r1 sent 4 times", timeout_s=20
+            )
             assert forwarder.stats.resent >= 3
             forwarder.confirm(["r0000001"])
-            await _until(lambda: outbox.stats().rows == 0, "both deleted")
+            await eventually(lambda: outbox.stats().rows == 0, "both deleted", timeout_s=20)
             assert forwarder.unconfirmed == 0
 
     asyncio.run(scenario())
@@ -172,7 +168,9 @@ def test_no_more_than_max_unconfirmed_records_are_out_until_confirmations_make_r
             out: list[bytes] = []
             for step in range(4):
                 want = min(3 * (step + 1), 10)
-                await _until(functools.partial(_out, sub, want), f"{want} records out")
+                await eventually(
+                    functools.partial(_out, sub, want), f"{want} records out", timeout_s=20
+                )
                 async with asyncio.timeout(20):
                     await forwarder.wait_idle()  # nothing more it may send now
                 marker = b"mark%04d" % step
@@ -184,7 +182,9 @@ def test_no_more_than_max_unconfirmed_records_are_out_until_confirmations_make_r
                 new = sorted(set(got) - set(out))
                 out += new
                 forwarder.confirm([k.decode() for k in new])
-            await _until(lambda: outbox.stats().rows == 0, "all confirmed and deleted")
+            await eventually(
+                lambda: outbox.stats().rows == 0, "all confirmed and deleted", timeout_s=20
+            )
 
     asyncio.run(scenario())
     assert _received(sub) == {b"r%07d" % i: 1 for i in range(10)}  # in order, each once
@@ -206,16 +206,20 @@ def test_every_unconfirmed_record_is_sent_again_on_a_new_connection(
                 session,
             ):
                 await _append(outbox, forwarder, [_result(i) for i in range(6)])
-                await _until(lambda: forwarder.stats.delivered == 6, "6 PUBACKs")
+                await eventually(lambda: forwarder.stats.delivered == 6, "6 PUBACKs", timeout_s=20)
                 forwarder.confirm(["r0000000", "r0000001"])
                 connection = session.connection
                 proxy.cut()
-                await _until(lambda: not session.connected, "the link down")
+                await eventually(lambda: not session.connected, "the link down", timeout_s=20)
                 proxy.restore()
-                await _until(
-                    lambda: session.connected and session.connection != connection, "reconnect"
+                await eventually(
+                    lambda: session.connected and session.connection != connection,
+                    "reconnect",
+                    timeout_s=20,
                 )
-                await _until(lambda: forwarder.stats.delivered == 10, "4 sent again")
+                await eventually(
+                    lambda: forwarder.stats.delivered == 10, "4 sent again", timeout_s=20
+                )
                 assert forwarder.stats.resent == 4
                 assert outbox.stats().rows == 4
                 assert forwarder.unconfirmed == 4
@@ -241,7 +245,7 @@ def test_a_record_evicted_while_it_waits_is_forgotten_and_counted(
             tmp_path, fresh_mosquitto.info.port, confirmation, max_bytes=256 * 1024
         ) as (outbox, forwarder, _):
             await _append(outbox, forwarder, [_result(i, pad=1000) for i in range(5)])
-            await _until(lambda: forwarder.stats.delivered >= 5, "5 PUBACKs")
+            await eventually(lambda: forwarder.stats.delivered >= 5, "5 PUBACKs", timeout_s=20)
             # Appended without offering: the forwarder reads them, but may not send them (5
             # are out). Enough to evict the oldest many times over.
             for start in range(5, 1005, 100):
@@ -249,9 +253,11 @@ def test_a_record_evicted_while_it_waits_is_forgotten_and_counted(
             forwarder.kick()
             evicted = outbox.stats().evicted["result"]
             assert evicted > 5
-            await _until(lambda: forwarder.stats.unconfirmed_evicted == 5, "5 forgotten")
+            await eventually(
+                lambda: forwarder.stats.unconfirmed_evicted == 5, "5 forgotten", timeout_s=20
+            )
             # Room again: the oldest records still stored go out (and wait in their turn).
-            await _until(lambda: forwarder.unconfirmed == 5, "5 newer ones out")
+            await eventually(lambda: forwarder.unconfirmed == 5, "5 newer ones out", timeout_s=20)
             pending = {_key(r) for r in await outbox.pending(10_000)}
             assert not {f"r{i:07d}" for i in range(5)} & pending
 

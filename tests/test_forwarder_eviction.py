@@ -7,26 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from edgewise.local_broker import MosquittoProcess, TcpProxy
 from edgewise.mqtt import MqttConfig, MqttSession
 from edgewise.outbox import AsyncOutbox, Forwarder, OutboxConfig, Record
 from tests.bridgeharness import Client, retained_state
+from tests.waiting import eventually
 
 TOPIC = "ev/results"
 
 
 def _records(start: int, stop: int) -> list[Record]:
     return [Record("result", TOPIC, b"%06d" % i + b"x" * 194) for i in range(start, stop)]
-
-
-async def _until(check: Callable[[], bool], what: str, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 def _outbox(tmp_path: Path) -> AsyncOutbox:
@@ -71,7 +64,9 @@ def test_records_acknowledged_but_not_yet_deleted_are_not_evicted(
             await session.wait_connected(10)
             await outbox.append(_records(0, first))
             forwarder.kick()
-            await _until(lambda: forwarder.stats.delivered == first, f"{first} delivered")
+            await eventually(
+                lambda: forwarder.stats.delivered == first, f"{first} delivered", timeout_s=20
+            )
             assert outbox.stats().rows == first  # delivered, not deleted yet
             await outbox.append(_records(first, first + more))  # far past the bound
             evicted = outbox.stats().evicted_items["result"]
@@ -109,7 +104,9 @@ def test_records_in_flight_when_the_link_broke_are_not_evicted(
                 await session.wait_connected(10)
                 await outbox.append(_records(0, first))
                 forwarder.kick()
-                await _until(lambda: forwarder.stats.delivered == first, f"{first} delivered")
+                await eventually(
+                    lambda: forwarder.stats.delivered == first, f"{first} delivered", timeout_s=20
+                )
                 await forwarder.flush()
                 # The broker gets the next records and delivers them; their PUBACKs are held,
                 # and the link breaks: the forwarder cannot know they arrived.
@@ -180,11 +177,15 @@ def test_what_the_broker_acknowledged_is_deleted_when_the_link_drops_not_at_the_
                 await s.wait_connected(10)
                 await outbox.append(_records(0, 200))
                 forwarder.kick()
-                await _until(lambda: forwarder.stats.delivered == 200, "200 delivered")
+                await eventually(
+                    lambda: forwarder.stats.delivered == 200, "200 delivered", timeout_s=20
+                )
                 assert outbox.stats().rows == 200  # acknowledged, not deleted yet
                 proxy.cut()  # and it stays cut: no next connection
-                await _until(lambda: not s.connected, "the link to drop")
-                await _until(lambda: outbox.stats().rows == 0, "the deletes at the drop")
+                await eventually(lambda: not s.connected, "the link to drop", timeout_s=20)
+                await eventually(
+                    lambda: outbox.stats().rows == 0, "the deletes at the drop", timeout_s=20
+                )
                 assert outbox.stats().deleted["result"] == 200
                 task.cancel()
 

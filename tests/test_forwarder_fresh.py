@@ -13,6 +13,7 @@ from edgewise.local_broker import MosquittoProcess, TcpProxy
 from edgewise.mqtt import MqttConfig, MqttSession
 from edgewise.outbox import AsyncOutbox, Forwarder, OutboxConfig, Record
 from tests.bridgeharness import Client
+from tests.waiting import eventually
 
 
 def _records(topic: str, start: int, stop: int) -> list[Record]:
@@ -57,9 +58,9 @@ def test_records_stored_after_the_last_failed_attempt_go_before_the_backlog(
                 # Stored during the outage, then an attempt fails: these are backlog.
                 await _store(outbox, forwarder, _records("fr/r", 0, backlog))
                 await _store(outbox, forwarder, [Record("event", "fr/state", b"s1", retain=True)])
-                async with asyncio.timeout(20):
-                    while not _attempts_failed(session, 1):  # noqa: ASYNC110 - no event
-                        await asyncio.sleep(0.01)
+                await eventually(
+                    lambda: _attempts_failed(session, 1), "a failed attempt", timeout_s=20
+                )
                 # Stored after it (the link may be back, the next attempt not yet due).
                 await _store(outbox, forwarder, _records("fr/r", backlog, backlog + fresh))
                 await _store(outbox, forwarder, [Record("event", "fr/state", b"s2", retain=True)])

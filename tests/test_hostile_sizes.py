@@ -38,6 +38,7 @@ from edgewise.local_broker import BrokerInfo, Message, MosquittoProcess, MqttPro
 from edgewise.mqtt import MqttConfig, MqttSession, PublishFailed, PublishProperties
 from edgewise.mqtt.session import packet_size
 from schemas import decode_results, decode_status, decode_telemetry
+from tests.conftest import BrokerFactory
 from tests.nodeharness import frame_bytes
 
 HOLDOUT = load_holdout()
@@ -223,15 +224,15 @@ def test_control_a_node_on_mqtt311_behind_a_permissive_broker_does_receive_them(
 
 
 def test_a_publish_over_the_brokers_maximum_packet_size_is_refused_here_for_good(
-    tmp_path: Path,
+    start_mosquitto: BrokerFactory,
 ) -> None:
     """The broker names its limit in the CONNACK (MQTT 5): a packet of exactly that size goes
     out and is acknowledged, one byte more is refused before it is sent (a permanent
     ``PublishFailed``: the outbox drops it rather than resending it on every connection), and
     the connection stays up; the broker never saw an oversize packet."""
     limit = 4096
-    broker = MosquittoProcess(tmp_path / "broker", extra_config=f"max_packet_size {limit}")
-    info = broker.start()
+    broker = start_mosquitto("broker", extra_config=f"max_packet_size {limit}")
+    info = broker.info
     topic = "test/limit/x"
     props = PublishProperties(response_topic="test/limit/reply", correlation_data=b"c" * 9)
 

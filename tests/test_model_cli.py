@@ -11,9 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from edgewise.cli.app import app
 from edgewise.local_broker import BrokerInfo, MqttProbe
 from edgewise.releases import (
     Command,
@@ -28,23 +26,15 @@ from edgewise.releases import (
     verify_manifest,
 )
 from edgewise.releases.signing import load_public, raw_public
+from tests.cli_harness import init_keys, run
 from tests.updatekit import CLOUD_MODEL, EDGE_MODEL, HOLDOUT, now
 
-runner = CliRunner()
 ProbeFactory = Callable[..., MqttProbe]
-
-
-def run(*args: str, code: int = 0) -> str:
-    result = runner.invoke(app, list(args), env={"COLUMNS": "200"})
-    assert result.exit_code == code, result.output
-    return result.output
 
 
 @pytest.fixture
 def keys(tmp_path: Path) -> Path:
-    out = tmp_path / "keys"
-    run("keys", "init", "--out-dir", str(out))
-    return out
+    return init_keys(tmp_path / "keys")
 
 
 @pytest.fixture

@@ -36,6 +36,8 @@ from edgewise.mqtt import (
     MqttSession,
 )
 from edgewise.mqtt.socket_driver import READS_PER_WAKEUP
+from tests.conftest import BrokerFactory
+from tests.waiting import eventually
 
 ProbeFactory = Callable[..., MqttProbe]
 
@@ -114,16 +116,6 @@ class Connects:
             self._changed.clear()
             await self._changed.wait()
         return self.infos[n - 1]
-
-
-async def _eventually(condition: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
-    """Poll ``condition`` (for state no event announces, e.g. failed connects) until it holds."""
-    try:
-        async with asyncio.timeout(timeout_s):
-            while not condition():  # noqa: ASYNC110 - no event announces this state
-                await asyncio.sleep(0.01)
-    except TimeoutError:
-        raise AssertionError(f"timed out after {timeout_s:g}s waiting for {what}") from None
 
 
 async def _round_trip(session: MqttSession) -> None:
@@ -232,11 +224,11 @@ def test_silent_server_keeps_mqtt5_after_a_failed_311_trial(
             config = _config(broker, connect_timeout_s=0.3)
             async with asyncio.timeout(SCENARIO_TIMEOUT_S):
                 async with MqttSession(config, client_id=_client_id("silent")) as session:
-                    await _eventually(lambda: session._client is not None, "a connect attempt")
+                    await eventually(lambda: session._client is not None, "a connect attempt")
                     # CONNECT sent, no CONNACK: not connected, so a publish fails at once.
                     fut = session.publish_nowait(_topic("silent"), b"too-early")
                     assert fut.done() and isinstance(fut.exception(), Disconnected)
-                    await _eventually(lambda: session.stats.connect_failures >= 2, "2 failures")
+                    await eventually(lambda: session.stats.connect_failures >= 2, "2 failures")
                     assert not session.connected
                     assert session.protocol == "5"
                     assert session.last_error is not None
@@ -287,11 +279,11 @@ def test_connection_closed_before_connack_does_not_downgrade_for_good(tmp_path: 
         config = _config(broker, connect_timeout_s=1.0)
         async with asyncio.timeout(SCENARIO_TIMEOUT_S):
             async with MqttSession(config, client_id=_client_id("hangup")) as session:
-                await _eventually(lambda: session.stats.connect_failures >= 2, "2 failures")
+                await eventually(lambda: session.stats.connect_failures >= 2, "2 failures")
                 await asyncio.to_thread(server.close)
                 failures = session.stats.connect_failures
                 # One more failure (a refused connect): no MQTT 3.1.1 try is under way any more.
-                await _eventually(
+                await eventually(
                     lambda: session.stats.connect_failures > failures, "a refused connect"
                 )
                 assert session.protocol == "5"
@@ -699,7 +691,7 @@ async def _burst_in_socket(
         fcntl.ioctl(sock.fileno(), termios.FIONREAD, buf)
         return int.from_bytes(buf, "little")
 
-    await _eventually(lambda: buffered() >= want, f"{want} bytes in the socket")
+    await eventually(lambda: buffered() >= want, f"{want} bytes in the socket")
     return payloads
 
 
@@ -822,15 +814,10 @@ def _advertised_receive_maximum(broker: BrokerInfo) -> int | None:
 
 
 @pytest.fixture
-def small_window_mosquitto(tmp_path: Path) -> Iterator[MosquittoProcess]:
+def small_window_mosquitto(start_mosquitto: BrokerFactory) -> MosquittoProcess:
     """Mosquitto whose MQTT 5 CONNACK advertises Receive Maximum 5 (``extra`` comes after the
     tuning file's ``max_inflight_messages 1000``, so it wins)."""
-    proc = MosquittoProcess(tmp_path / "small-window", extra_config="max_inflight_messages 5")
-    try:
-        proc.start()
-        yield proc
-    finally:
-        proc.kill()
+    return start_mosquitto("small-window", extra_config="max_inflight_messages 5")
 
 
 def test_broker_receive_maximum_lowers_the_inflight_window(
@@ -926,7 +913,7 @@ def test_connect_finishing_after_its_timeout_leaves_no_socket_behind(
                 assert client is not session._client
                 sock = client.socket()
                 assert isinstance(sock, socket.socket)
-                await _eventually(lambda: sock.fileno() == -1, "the stale socket to close")
+                await eventually(lambda: sock.fileno() == -1, "the stale socket to close")
                 assert session.connected
                 await session.publish(_topic("slowconn"), b"still-fine")
 

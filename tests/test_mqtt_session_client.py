@@ -24,7 +24,7 @@ from paho.mqtt.properties import Properties
 from edgewise.local_broker import BrokerInfo
 from edgewise.mqtt import ConnectInfo, Inbound, MqttConfig, MqttSession, PublishProperties
 from edgewise.mqtt.client import DirectClient
-from tests.test_escalation import eventually
+from tests.waiting import eventually
 
 TIMEOUT_S = 20
 
@@ -416,7 +416,7 @@ def test_messages_read_ahead_while_reading_is_paused_arrive_once_it_resumes(
                 assert isinstance(client, DirectClient)
                 sock = client.socket()
                 assert isinstance(sock, socket.socket)
-                await eventually(lambda: pending(sock) >= expected)
+                await eventually(lambda: pending(sock) >= expected, "pending(sock) >= expected")
                 sub.resume_reading()
                 await done.wait()
 

@@ -17,6 +17,7 @@ from edgewise.local_broker import BrokerInfo, MosquittoProcess
 from edgewise.serving.model import Prediction
 from schemas import Frame, decode_deadletter, decode_results, decode_status, encode_frames
 from tests.nodeharness import Harness, frame_bytes, running_node
+from tests.waiting import eventually
 
 HOLDOUT = load_holdout()
 
@@ -318,9 +319,7 @@ def test_a_copy_redelivered_while_the_first_is_being_answered_gets_no_second_res
                 await h.send(frame_bytes(i, HOLDOUT.images[i]))
             await asyncio.wait_for(entered.wait(), 10)
             await asyncio.to_thread(broker.restart)
-            async with asyncio.timeout(20):
-                while h.node.stats.frames_in < 6:  # noqa: ASYNC110 - no event to await in the node
-                    await asyncio.sleep(0.01)
+            await eventually(lambda: h.node.stats.frames_in >= 6, "6 frames in", timeout_s=20)
             # Results go out once the gate opens: the probe must be subscribed again by then.
             await h.seen.wait_for(lambda: _online_count(h) >= 2, 20)
             gate.set()

@@ -22,8 +22,10 @@ import pytest
 from edgewise.cli.frames import load_holdout
 from edgewise.local_broker import BrokerInfo, Message, MosquittoProcess, MqttProbe
 from schemas import Frame, decode_status, encode_frames
+from tests.conftest import BrokerFactory
 from tests.nodeharness import frame_bytes
-from tests.nodeprocs import NodeProcesses, ResultLedger, online
+from tests.nodeprocs import NodeProcesses, ResultLedger, frames_answered, online, start_watched
+from tests.waiting import eventually_sync
 
 HOLDOUT = load_holdout()
 ProbeFactory = Callable[..., MqttProbe]
@@ -150,27 +152,20 @@ def test_results_made_while_the_broker_is_away_wait_on_disk_and_arrive_later(
 
 @pytest.mark.slow
 def test_kill_9_of_the_broker_twice_loses_no_result_the_node_made(
-    tmp_path: Path, mqtt_probe: ProbeFactory
+    tmp_path: Path, start_mosquitto: BrokerFactory, mqtt_probe: ProbeFactory
 ) -> None:
     # Mosquitto keeps nothing durable between autosaves: a frame or result that only lived in
     # its memory at the kill is the broker's loss, not the node's, and is reported below. What
     # the node promises is checked exactly: every result it made reaches the consumer (its seq
     # runs 1..N without a gap), none twice under two ids, and its inference never stopped.
-    workdir = tmp_path / "broker"
-    broker = MosquittoProcess(
-        workdir,
-        extra_config=f"persistence true\npersistence_location {workdir}/\nautosave_interval 1\n",
-    )
-    info = broker.start()
+    broker = start_mosquitto("broker", persistent=True, autosave_interval_s=1)
+    info = broker.info
     state = tmp_path / "node"
     state.mkdir()
     total = 10_000
     n = NodeProcesses(info, state, f"bkill-{uuid.uuid4().hex[:8]}")
     try:
-        consumer = mqtt_probe(info, f"consumer-{n.node_id}", clean_session=False)
-        consumer.subscribe(f"edge/{n.node_id}/#")
-        n.start()
-        consumer.wait_for(online, 20)
+        consumer = start_watched(n, mqtt_probe)
         sensor = mqtt_probe(info, f"sensor-{n.node_id}", clean_session=False)
         ledger = ResultLedger()
         fed = 0
@@ -200,30 +195,36 @@ def test_kill_9_of_the_broker_twice_loses_no_result_the_node_made(
         publisher.start()
         answered_while_away: list[int] = []
         for at in (3_000, 6_500):
-            deadline = time.monotonic() + 60
-            while feed() < at:
-                assert time.monotonic() < deadline, f"{len(ledger.ids)} results before kill"
-                time.sleep(0.05)
-            before = _answered(state / f"{n.node_id}.outbox.db")
+            eventually_sync(
+                lambda at=at: feed() >= at,
+                f"{at} results before the kill",
+                timeout_s=60,
+                detail=lambda: f"{len(ledger.ids)} results before kill",
+            )
+            before = frames_answered(state / f"{n.node_id}.outbox.db")
             broker.kill()
             consumer.wait_disconnected(10)
             time.sleep(1.0)  # the broker stays away for a second: the outage itself
-            answered_while_away.append(_answered(state / f"{n.node_id}.outbox.db") - before)
+            answered_while_away.append(frames_answered(state / f"{n.node_id}.outbox.db") - before)
             broker.start()
         publisher.join(60)
         assert not publisher.is_alive()
         db = state / f"{n.node_id}.outbox.db"
-        deadline = time.monotonic() + 60
-        while True:
-            made = _answered(db)
+        made = 0
+
+        def all_made_arrived() -> bool:
+            nonlocal made
+            made = frames_answered(db)
             feed()
-            if ledger.node_seqs and max(ledger.node_seqs) >= made and _outbox_rows(db) == 0:
-                break
-            left = _outbox_rows(db)
-            assert time.monotonic() < deadline, (
-                f"{len(ledger.node_seqs)}/{made} arrived, {left} left"
-            )
-            time.sleep(0.1)
+            return bool(ledger.node_seqs) and max(ledger.node_seqs) >= made and not _outbox_rows(db)
+
+        eventually_sync(
+            all_made_arrived,
+            "every result the node made at the consumer",
+            timeout_s=60,
+            every_s=0.1,
+            detail=lambda: f"{len(ledger.node_seqs)}/{made} arrived, {_outbox_rows(db)} left",
+        )
         assert sorted(ledger.node_seqs) == list(range(1, made + 1)), (
             "a result the node made is missing"
         )
@@ -273,14 +274,6 @@ def test_a_corrupt_outbox_is_kept_aside_reported_and_the_node_serves(
     consumer.wait_for(answered, 20)
     log = (nodes.state_dir / "node-0.log").read_text()
     assert "kept it as" in log
-
-
-def _answered(db: Path) -> int:
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
-            return int(conn.execute("SELECT count(*) FROM answered").fetchone()[0])
-    except sqlite3.OperationalError:
-        return 0
 
 
 def _outbox_rows(db: Path) -> int:

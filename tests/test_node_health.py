@@ -16,6 +16,7 @@ from edgewise.local_broker import BrokerInfo, TcpProxy
 from edgewise.telemetry import LatencySketch, merged
 from schemas import Telemetry, decode_results, decode_status, decode_telemetry
 from tests.nodeharness import Harness, frame_bytes, running_node
+from tests.waiting import eventually
 
 HOLDOUT = load_holdout()
 
@@ -45,15 +46,6 @@ def test_the_inference_session_is_recycled_while_frames_keep_being_served(
             assert h.node.model is not first_model  # a fresh session serves now
 
     asyncio.run(scenario())
-
-
-async def _until(check: Callable[[], bool], timeout_s: float) -> None:
-    """Await a condition on the in-process node's own state (checked every 20 ms)."""
-    async with asyncio.timeout(timeout_s):
-        while True:
-            if check():
-                return
-            await asyncio.sleep(0.02)
 
 
 def _windows(h: Harness) -> list[Telemetry]:
@@ -208,9 +200,17 @@ def test_telemetry_made_while_the_uplink_is_cut_is_stored_and_arrives_later(
             ) as h:
                 await h.seen.wait_for(lambda: len(_windows(h)) >= 1, 10)
                 proxy.cut()
-                await _until(lambda: "uplink_down" in h.node.reasons, 10)
+                await eventually(
+                    lambda: "uplink_down" in h.node.reasons,
+                    '"uplink_down" in h.node.reasons',
+                    timeout_s=10,
+                )
                 said_at = h.node.stats.telemetry_windows
-                await _until(lambda: h.node.stats.telemetry_windows >= said_at + 2, 10)
+                await eventually(
+                    lambda: h.node.stats.telemetry_windows >= said_at + 2,
+                    "h.node.stats.telemetry_windows >= said_at + 2",
+                    timeout_s=10,
+                )
                 seen_during_cut = {t.seq for t in _windows(h)}
                 proxy.restore()
                 made = h.node.stats.telemetry_windows

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import re
 import signal
-import sqlite3
 import threading
 import time
 import uuid
@@ -36,8 +35,10 @@ from edgewise.outbox import Outbox, OutboxConfig, Record
 from edgewise.serving.model import ServedModel
 from edgewise.serving.runtime import Runtime
 from schemas import Frame, decode_results, decode_status, encode_frames
+from tests.conftest import BrokerFactory
 from tests.nodeharness import Harness, frame_bytes, mqtt_for, running_node
-from tests.nodeprocs import NodeProcesses, ResultLedger, online
+from tests.nodeprocs import NodeProcesses, ResultLedger, frames_answered, start_watched
+from tests.waiting import eventually
 
 HOLDOUT = load_holdout()
 SENSOR_TOPIC = "sensors/cam-1/digits"
@@ -116,16 +117,6 @@ def _batch(first: int, n: int) -> bytes:
         for i in range(first, first + n)
     ]
     return encode_frames(frames)
-
-
-async def _until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    """Poll a condition of the node that has no event of its own."""
-    try:
-        async with asyncio.timeout(timeout_s):
-            while not predicate():  # noqa: ASYNC110 - the node exposes no event for these
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"not within {timeout_s:g} s: {what}") from None
 
 
 def _keepalive_timeouts(broker: MosquittoProcess) -> list[str]:
@@ -226,7 +217,9 @@ def test_a_node_that_stops_reading_keeps_its_connection_through_many_keepalives(
             node.pause_inference({})
             for i in range(total):
                 await h.send(_payload(i))
-            await _until(lambda: node.session.reading_paused, 10, "reading paused")
+            await eventually(
+                lambda: node.session.reading_paused, "reading paused", timeout_s=10, every_s=0.05
+            )
             # Four keep-alives and more: the scenario's length, cut short if the link drops.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(22):
@@ -263,7 +256,9 @@ def test_large_messages_stop_reading_at_the_byte_bound_before_the_frame_bound(
             node.pause_inference({})
             for m in range(messages):
                 await h.send(_batch(m * per, per))
-            await _until(lambda: node.session.reading_paused, 10, "reading paused")
+            await eventually(
+                lambda: node.session.reading_paused, "reading paused", timeout_s=10, every_s=0.05
+            )
             held = node.frames.held()
             assert held < node.config.batching.max_pending_frames
             assert node._acker.held_bytes >= 131_072
@@ -302,12 +297,19 @@ def test_results_go_out_on_a_connection_of_their_own_that_never_stops_reading(
             await h.send(_payload(0))
             await h.seen.wait_for(lambda: len(_results(h)) >= 1)
             # The subscriber may see the result before the node has read its PUBACK.
-            await _until(lambda: node.results_delivered >= 1, 10, "the result's PUBACK")
+            await eventually(
+                lambda: node.results_delivered >= 1,
+                "the result's PUBACK",
+                timeout_s=10,
+                every_s=0.05,
+            )
             node.session.pause_reading()  # as the bound would, with frames waiting
             delivered = node.results_delivered
             await node.close_window()  # a telemetry window: stored, then out on the uplink
             await h.seen.wait_for(lambda: len(h.messages("telemetry")) >= 1)
-            await _until(lambda: node.forwarder.in_flight == 0, 10, "the PUBACK read")
+            await eventually(
+                lambda: node.forwarder.in_flight == 0, "the PUBACK read", timeout_s=10, every_s=0.05
+            )
             assert node.session.reading_paused
             assert node.results_delivered == delivered == 1
             node.session.resume_reading()
@@ -416,7 +418,12 @@ def test_the_summary_counts_what_the_broker_acknowledged_with_plurals(
         async with running_node(mosquitto) as h:
             await h.send(_payload(0))
             await h.seen.wait_for(lambda: len(_results(h)) >= 1)
-            await _until(lambda: h.node.results_delivered == 1, 10, "PUBACK of the result")
+            await eventually(
+                lambda: h.node.results_delivered == 1,
+                "PUBACK of the result",
+                timeout_s=10,
+                every_s=0.05,
+            )
             await h.node.forwarder.flush()  # deletes wait up to 0.5 s to go in one transaction
             assert h.node.summary() == (
                 "1 frame in (0 answered already, 0 rejected); 1 result made,"
@@ -426,8 +433,18 @@ def test_the_summary_counts_what_the_broker_acknowledged_with_plurals(
                 await h.send(_payload(i))
             await h.send(_payload(0))  # again: answered already
             await h.seen.wait_for(lambda: len(_results(h)) >= 5)
-            await _until(lambda: h.node.results_delivered == 5, 10, "PUBACKs of the results")
-            await _until(lambda: h.node.stats.frames_already_answered == 1, 10, "the copy")
+            await eventually(
+                lambda: h.node.results_delivered == 5,
+                "PUBACKs of the results",
+                timeout_s=10,
+                every_s=0.05,
+            )
+            await eventually(
+                lambda: h.node.stats.frames_already_answered == 1,
+                "the copy",
+                timeout_s=10,
+                every_s=0.05,
+            )
             assert h.node.summary().startswith(
                 "6 frames in (1 answered already, 0 rejected); 5 results made,"
                 " 5 acknowledged by the broker;"
@@ -550,28 +567,21 @@ class _ResendingSensor:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_two_broker_kills_and_a_clean_session_resender_lose_no_frame_and_add_no_second_id(
-    tmp_path: Path, mqtt_probe: ProbeFactory
+    tmp_path: Path, start_mosquitto: BrokerFactory, mqtt_probe: ProbeFactory
 ) -> None:
     """10,000 frames; the broker (persistence on, saving every second) is killed at 3,000 and
     7,000 frames sent and started again 3 s later. The sensor re-sends what the broker had not
     acknowledged on a clean session (no DUP flag); the broker, back from its last save, sends
     the node queued frames it had delivered already, afresh. Every frame gets one result, under
     one id."""
-    workdir = tmp_path / "broker"
-    broker = MosquittoProcess(
-        workdir,
-        extra_config=f"persistence true\npersistence_location {workdir}/\nautosave_interval 1\n",
-    )
-    info = broker.start()
+    broker = start_mosquitto("broker", persistent=True, autosave_interval_s=1)
+    info = broker.info
     state = tmp_path / "node"
     state.mkdir()
     total = 10_000
     nodes = NodeProcesses(info, state, f"resend-{uuid.uuid4().hex[:8]}")
     try:
-        consumer = mqtt_probe(info, f"consumer-{nodes.node_id}", clean_session=False)
-        consumer.subscribe(f"edge/{nodes.node_id}/#")
-        nodes.start()
-        consumer.wait_for(online, 20)
+        consumer = start_watched(nodes, mqtt_probe)
         restarts: list[threading.Thread] = []
         restart_errors: list[BaseException] = []
 
@@ -611,7 +621,7 @@ def test_two_broker_kills_and_a_clean_session_resender_lose_no_frame_and_add_no_
             print(
                 f"{sensor.resent} frames re-sent over {sensor.connections} connections;"
                 f" {len(missing)} frames without a result, {len(twice)} with two ids;"
-                f" node answered {_answered(state / f'{nodes.node_id}.outbox.db')} frames"
+                f" node answered {frames_answered(state / f'{nodes.node_id}.outbox.db')} frames"
             )
         assert missing == []
         assert twice == {}
@@ -626,11 +636,3 @@ def test_two_broker_kills_and_a_clean_session_resender_lose_no_frame_and_add_no_
     finally:
         nodes.stop_all()
         broker.stop()
-
-
-def _answered(db: Path) -> int:
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
-            return int(conn.execute("SELECT count(*) FROM answered").fetchone()[0])
-    except sqlite3.OperationalError:
-        return 0

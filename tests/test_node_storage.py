@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import os
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,31 +20,12 @@ import pytest
 from edge_node.node import EdgeNode
 from edgewise.cli.frames import load_holdout
 from edgewise.local_broker import BrokerInfo, MqttProbe, TcpProxy
-from tests.nodeharness import Harness, frame_bytes, running_node
+from tests.nodeharness import Harness, frame_bytes, running_node, uplink_through
+from tests.waiting import eventually
 
 HOLDOUT = load_holdout()
 MiB = 1024 * 1024
 ProbeFactory = Callable[..., MqttProbe]
-
-
-def _uplink(proxy: TcpProxy) -> dict[str, object]:
-    return {
-        "host": proxy.host,
-        "port": proxy.port,
-        "connect_timeout_s": 2,
-        "keepalive_s": 5,
-        "reconnect_first_s": 0.1,
-        "reconnect_cap_s": 0.5,
-    }
-
-
-async def _until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
-    """Await a condition on the in-process node's state (checked every 20 ms)."""
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def _outbox_path(node: EdgeNode) -> Path:
@@ -86,7 +66,7 @@ class SizeSampler:
 
 
 async def _at_least(count: Callable[[], int], n: int, what: str) -> None:
-    await _until(lambda: count() >= n, 60, f"{n} {what}")
+    await eventually(lambda: count() >= n, f"{n} {what}", timeout_s=60)
 
 
 async def _feed(sensor: MqttProbe, start: int, n: int) -> None:
@@ -106,7 +86,7 @@ def test_db_and_wal_never_pass_105_percent_of_a_1mib_bound_through_a_4mib_outage
         with TcpProxy(mosquitto.host, mosquitto.port) as proxy:
             async with running_node(
                 mosquitto,
-                uplink=_uplink(proxy),
+                uplink=uplink_through(proxy),
                 storage={"outbox_max_bytes": bound, "synchronous": "NORMAL"},
                 health={"uplink_grace_s": 0.3},
             ) as h:
@@ -114,7 +94,9 @@ def test_db_and_wal_never_pass_105_percent_of_a_1mib_bound_through_a_4mib_outage
                 sensor = mqtt_probe()
                 with SizeSampler(_outbox_path(node)) as sampler:
                     proxy.cut()
-                    await _until(lambda: "uplink_down" in node.reasons, 20, "uplink_down")
+                    await eventually(
+                        lambda: "uplink_down" in node.reasons, "uplink_down", timeout_s=20
+                    )
                     sent = 0
                     while node.outbox.stats().appended_bytes < 4 * bound:  # 4 MiB produced
                         await _feed(sensor, sent, 1000)
@@ -122,7 +104,9 @@ def test_db_and_wal_never_pass_105_percent_of_a_1mib_bound_through_a_4mib_outage
                         await _at_least(lambda: node.stats.results_stored, sent, "stored")
                     assert node.outbox.stats().evicted_total > 0  # the bound was reached
                     proxy.restore()  # the drain deletes and vacuums: sampled too
-                    await _until(lambda: node.outbox.stats().rows == 0, 60, "the drain")
+                    await eventually(
+                        lambda: node.outbox.stats().rows == 0, "the drain", timeout_s=60
+                    )
                 peak = node.outbox.stats().peak_file_bytes
         assert sampler.samples >= 40
         assert sampler.largest <= 1.05 * bound, f"{sampler.largest} > 105 % of {bound}"
@@ -165,7 +149,7 @@ def test_a_2mib_volume_with_the_default_bound_is_never_filled_by_the_wal_and_rec
         with TcpProxy(mosquitto.host, mosquitto.port) as proxy:
             async with running_node(
                 mosquitto,
-                uplink=_uplink(proxy),
+                uplink=uplink_through(proxy),
                 storage={"state_dir": str(state)},
                 health={"uplink_grace_s": 0.3},
             ) as h:
@@ -184,7 +168,7 @@ def test_a_2mib_volume_with_the_default_bound_is_never_filled_by_the_wal_and_rec
 
                 # 2. Uplink down: the results wait on the volume until it is full.
                 proxy.cut()
-                await _until(lambda: "uplink_down" in node.reasons, 20, "uplink_down")
+                await eventually(lambda: "uplink_down" in node.reasons, "uplink_down", timeout_s=20)
                 while "storage_full" not in _reasons(h):
                     before = node.stats.results_out
                     await _feed(sensor, sent, 200)
@@ -197,12 +181,16 @@ def test_a_2mib_volume_with_the_default_bound_is_never_filled_by_the_wal_and_rec
                 filler.unlink()
                 await _feed(sensor, sent, 10)
                 sent += 10
-                await _until(lambda: "storage_full" not in _reasons(h), 60, "storage_full to clear")
-                await _until(lambda: node.stats.results_stored > stored, 60, "results stored")
+                await eventually(
+                    lambda: "storage_full" not in _reasons(h), "storage_full to clear", timeout_s=60
+                )
+                await eventually(
+                    lambda: node.stats.results_stored > stored, "results stored", timeout_s=60
+                )
 
                 # 4. The uplink is back: what waited is delivered and the outbox empties.
                 proxy.restore()
-                await _until(lambda: node.outbox.stats().rows == 0, 60, "the drain")
+                await eventually(lambda: node.outbox.stats().rows == 0, "the drain", timeout_s=60)
                 assert _reasons(h) == []
 
     asyncio.run(scenario())

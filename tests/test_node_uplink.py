@@ -15,38 +15,18 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import psutil
 import pytest
 
 from edgewise.cli.frames import load_holdout
 from edgewise.local_broker import BrokerInfo, Message, MqttProbe, TcpProxy
 from schemas import decode_results, decode_status
-from tests.nodeharness import Harness, frame_bytes, running_node
-from tests.nodeprocs import NodeProcesses, ResultLedger, online
+from tests.nodeharness import Harness, frame_bytes, running_node, uplink_through
+from tests.nodeprocs import NodeProcesses, ResultLedger, frames_answered, online
+from tests.waiting import eventually, eventually_sync
 
 HOLDOUT = load_holdout()
 ProbeFactory = Callable[..., MqttProbe]
-
-
-def _uplink(proxy: TcpProxy) -> dict[str, object]:
-    return {
-        "host": proxy.host,
-        "port": proxy.port,
-        "connect_timeout_s": 2,
-        "keepalive_s": 5,
-        "reconnect_first_s": 0.1,
-        "reconnect_cap_s": 0.5,
-    }
-
-
-async def _until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
-    """Await a condition on the in-process node's state (checked every 20 ms)."""
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def _statuses(h: Harness) -> list[tuple[str, list[str]]]:
@@ -87,7 +67,7 @@ def test_a_stalled_then_flapping_uplink_says_uplink_down_and_loses_no_result(
     async def scenario() -> None:
         with TcpProxy(mosquitto.host, mosquitto.port) as proxy:
             async with running_node(
-                mosquitto, uplink=_uplink(proxy), health={"uplink_grace_s": 0.5}
+                mosquitto, uplink=uplink_through(proxy), health={"uplink_grace_s": 0.5}
             ) as h:
                 ledger = _Ledger(h)
                 await _send_range(h, 0, 50)
@@ -108,15 +88,17 @@ def test_a_stalled_then_flapping_uplink_says_uplink_down_and_loses_no_result(
                     proxy.cut()
                     await _send_range(h, sent, sent + 100)
                     sent += 100
-                    await _until(
-                        lambda n=sent: h.node.stats.results_stored >= n, 20, "results stored"
+                    await eventually(
+                        lambda n=sent: h.node.stats.results_stored >= n,
+                        "results stored",
+                        timeout_s=20,
                     )
                     # The cut lasts until the node has knocked and been refused (not a fixed
                     # time: on a loaded machine its backoff may not have come round yet).
-                    await _until(
+                    await eventually(
                         lambda r=proxy.connections_refused: proxy.connections_refused > r,
-                        20,
                         "a refused reconnect",
+                        timeout_s=20,
                     )
                     proxy.restore()
                     await _send_range(h, sent, sent + 100)
@@ -129,15 +111,6 @@ def test_a_stalled_then_flapping_uplink_says_uplink_down_and_loses_no_result(
                 await h.seen.wait_for(lambda: _statuses(h)[-1] == ("online", []), 20)
 
     asyncio.run(scenario())
-
-
-def _answered(db: Path) -> int:
-    """Frames the node has answered (durably), read from its outbox like any SQLite reader."""
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
-            return int(conn.execute("SELECT count(*) FROM answered").fetchone()[0])
-    except sqlite3.OperationalError:
-        return 0
 
 
 def _last_status_online_payload(payload: bytes) -> bool:
@@ -201,19 +174,20 @@ def test_a_100k_result_outage_waits_on_disk_and_drains_behind_live_results(
             def results_at_least(n: int, timeout_s: float) -> None:
                 # Polled, not probe.wait_for: its predicate runs under the lock the probe's
                 # network thread needs, which would delay (and mis-time) arrivals in a flood.
-                nonlocal fed
-                deadline = time.monotonic() + timeout_s
-                while True:
+                def fed_enough() -> bool:
+                    nonlocal fed
                     msgs = consumer.messages
                     for m in msgs[fed:]:
                         ledger.feed(m)
                     fed = len(msgs)
-                    if len(ledger.ids) >= n:
-                        return
-                    assert time.monotonic() < deadline, (
-                        f"{len(ledger.ids)}/{n} results ({stored_records} records)"
-                    )
-                    time.sleep(0.05)
+                    return len(ledger.ids) >= n
+
+                eventually_sync(
+                    fed_enough,
+                    f"{n} results",
+                    timeout_s=timeout_s,
+                    detail=lambda: f"{len(ledger.ids)}/{n} results ({stored_records} records)",
+                )
 
             sensor = mqtt_probe()
             sensor.publish_many(
@@ -242,11 +216,20 @@ def test_a_100k_result_outage_waits_on_disk_and_drains_behind_live_results(
                 sensor.publish_many(
                     "sensors/cam-1/digits", frames[chunk : chunk + 20_000], timeout_s=60
                 )
-            deadline = time.monotonic() + 120
-            while _answered(db) < warm + backlog:
-                assert time.monotonic() < deadline, f"only {_answered(db)} frames answered"
+
+            def all_answered() -> bool:
+                if frames_answered(db) >= warm + backlog:
+                    return True
                 assert proc.poll() is None
-                time.sleep(0.2)
+                return False
+
+            eventually_sync(
+                all_answered,
+                f"{warm + backlog} frames answered",
+                timeout_s=120,
+                every_s=0.2,
+                detail=lambda: f"only {frames_answered(db)} frames answered",
+            )
             sampler.stop.set()
             sampler.join()
             with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
@@ -280,11 +263,14 @@ def test_a_100k_result_outage_waits_on_disk_and_drains_behind_live_results(
             assert sorted(ledger.ids) == list(range(total))
             assert sorted(ledger.node_seqs) == list(range(1, total + 1))
             arrived: dict[int, float] = {}
+            backlog_done = 0.0  # when the backlog's last result arrived
             for m in consumer.messages:
                 if m.topic.endswith("/results"):
                     for r in decode_results(m.payload).results:
                         if r.frame_seq in live_sent:
                             arrived.setdefault(r.frame_seq, m.received_at)
+                        elif r.frame_seq >= warm:
+                            backlog_done = max(backlog_done, m.received_at)
             # Live means sent while the uplink is up: frames sent between the restore and the
             # node's reconnect were answered during the outage and drain with its backlog.
             back_up = min(
@@ -296,12 +282,18 @@ def test_a_100k_result_outage_waits_on_disk_and_drains_behind_live_results(
             )
             latencies = [arrived[i] - t for i, t in live_sent.items() if t >= back_up]
             assert len(latencies) >= 10, "the drain was over before live traffic started"
-            p95 = float(np.percentile(latencies, 95))
-            assert p95 <= 2.0, f"live p95 {p95:.2f} s during the drain"
-            deadline = time.monotonic() + 20
-            while not _last_status_online(consumer):
-                assert time.monotonic() < deadline, "the status did not return to online"
-                time.sleep(0.1)
+            # Behind live results: they overtake the backlog rather than wait for all of it (an
+            # order; their latency during the drain is a figure: python -m bench.outage).
+            overtook = [
+                i for i, t in live_sent.items() if t >= back_up and arrived[i] < backlog_done
+            ]
+            assert overtook, "every live result waited behind the whole backlog"
+            eventually_sync(
+                lambda: _last_status_online(consumer),
+                "the status to return to online",
+                timeout_s=20,
+                every_s=0.1,
+            )
         finally:
             nodes.stop_all()
 
@@ -313,7 +305,7 @@ def test_a_full_outbox_evicts_and_the_count_equals_what_is_missing_downstream(
         with TcpProxy(mosquitto.host, mosquitto.port) as proxy:
             async with running_node(
                 mosquitto,
-                uplink=_uplink(proxy),
+                uplink=uplink_through(proxy),
                 storage={"outbox_max_bytes": 256 * 1024, "synchronous": "NORMAL"},
                 health={"uplink_grace_s": 0.3},
             ) as h:
@@ -322,14 +314,18 @@ def test_a_full_outbox_evicts_and_the_count_equals_what_is_missing_downstream(
                 proxy.cut()
                 # Frames once the node knows (records in flight at a cut are covered by
                 # tests/test_forwarder_eviction.py, ADR 0063).
-                await _until(lambda: "uplink_down" in node.reasons, 20, "uplink_down")
+                await eventually(lambda: "uplink_down" in node.reasons, "uplink_down", timeout_s=20)
                 total = 5_000
                 await _send_range(h, 0, total)
-                await _until(lambda: node.stats.results_stored >= total, 60, "results stored")
+                await eventually(
+                    lambda: node.stats.results_stored >= total, "results stored", timeout_s=60
+                )
                 evicted = node.outbox.stats().evicted_items.get("result", 0)
                 assert evicted > 0, "the outbox never filled up"
                 proxy.restore()
-                await _until(lambda: node.outbox.stats().rows == 0, 60, "the outbox to drain")
+                await eventually(
+                    lambda: node.outbox.stats().rows == 0, "the outbox to drain", timeout_s=60
+                )
                 await h.seen.wait_for(lambda: ledger.update() >= total - evicted, 30)
                 missing = total - ledger.update()
                 assert missing == evicted == node.outbox.stats().evicted_items["result"]

@@ -39,6 +39,7 @@ from edgewise.outbox import (
     budget_for,
     record_cost,
 )
+from tests.waiting import eventually
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -915,15 +916,6 @@ def test_errors_from_sqlite_never_leak_sqlite3_types(tmp_path: Path) -> None:
 # -- AsyncOutbox -----------------------------------------------------------------------------
 
 
-async def until(condition: Callable[[], bool]) -> None:
-    """Yield to the event loop until ``condition`` holds (no timers involved)."""
-    for _ in range(10_000):
-        if condition():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError("condition never became true")
-
-
 def block_outbox_thread(box: AsyncOutbox) -> tuple[threading.Event, threading.Event]:
     """Occupy the outbox's only thread until the returned gate is set."""
     entered, gate = threading.Event(), threading.Event()
@@ -979,9 +971,15 @@ def test_async_appends_arriving_during_a_commit_go_into_the_next_single_transact
             _, gate = block_outbox_thread(box)
             try:
                 first = asyncio.create_task(box.append([rec()]))
-                await until(lambda: box.append_groups == 1)  # taken, waiting for the thread
+                await eventually(
+                    lambda: box.append_groups == 1, "box.append_groups == 1", every_s=0
+                )  # taken, waiting for the thread
                 rest = [asyncio.create_task(box.append([rec(), rec()])) for _ in range(20)]
-                await until(lambda: len(box._appender._queue) == 20)
+                await eventually(
+                    lambda: len(box._appender._queue) == 20,
+                    "len(box._appender._queue) == 20",
+                    every_s=0,
+                )
             finally:
                 gate.set()
             ids = [await first, *[await t for t in rest]]
@@ -1016,10 +1014,16 @@ def test_async_deletes_are_batched_and_each_caller_gets_its_own_count(tmp_path: 
             _, gate = block_outbox_thread(box)
             try:
                 tasks = [asyncio.create_task(box.delete(ids[0:3]))]
-                await until(lambda: box.delete_groups == 1)  # taken, waiting for the thread
+                await eventually(
+                    lambda: box.delete_groups == 1, "box.delete_groups == 1", every_s=0
+                )  # taken, waiting for the thread
                 tasks += [asyncio.create_task(box.delete(ids[i : i + 3])) for i in range(3, 30, 3)]
                 tasks.append(asyncio.create_task(box.delete([10_000, ids[3]])))
-                await until(lambda: len(box._deleter._queue) == 10)
+                await eventually(
+                    lambda: len(box._deleter._queue) == 10,
+                    "len(box._deleter._queue) == 10",
+                    every_s=0,
+                )
             finally:
                 gate.set()
             counts = [await t for t in tasks]
@@ -1042,12 +1046,16 @@ def test_async_commit_in_progress_is_not_cancelled_half_way(tmp_path: Path) -> N
         try:
             caller = asyncio.create_task(box.append([rec(payload=b"a")]))
             other = asyncio.create_task(box.append([rec(payload=b"b")]))
-            await until(lambda: box.append_groups == 1)
+            await eventually(lambda: box.append_groups == 1, "box.append_groups == 1", every_s=0)
             caller.cancel()  # e.g. SIGTERM cancels the task that was waiting for its ids
             committer = box._appender._task
             assert committer is not None
             committer.cancel()  # … and the group-commit task itself (loop shutdown)
-            await until(lambda: caller.done() and committer.done())
+            await eventually(
+                lambda: caller.done() and committer.done(),
+                "caller.done() and committer.done()",
+                every_s=0,
+            )
         finally:
             gate.set()
         assert await other == [2]

@@ -58,7 +58,6 @@ from schemas.fields import EPOCH_MAX
 from tests.bridgeharness import Client, Rule, write_bridge_config
 from tests.faults import Fault
 from tests.nodeharness import Harness, running_node
-from tests.test_escalation import eventually
 from tests.test_escalation_node import SURE, UNSURE
 from tests.test_worker_harness import (
     VERDICT,
@@ -69,6 +68,7 @@ from tests.test_worker_harness import (
     wait_ready,
     worker_config,
 )
+from tests.waiting import eventually
 
 HOLDOUT = load_holdout()
 ESCALATIONS = "cloud/escalations/digits"
@@ -236,11 +236,15 @@ def test_worker_settles_a_message_that_fails_at_each_stage_and_answers_the_next_
                 while not answered("warm"):
                     await client.publish(ESCALATIONS, escalation_bytes("warm", image, node=node))
                     await asyncio.sleep(0.2)
-            await eventually(lambda: _worker_settled(worker))
+            await eventually(lambda: _worker_settled(worker), "_worker_settled(worker)")
             if stage is not None:
                 fault, shown = _worker_fault(stage, worker, monkeypatch)
                 await client.publish(ESCALATIONS, escalation_bytes("victim", image, node=node))
-                await eventually(lambda: fault.fired == 1 and _worker_settled(worker), 20)
+                await eventually(
+                    lambda: fault.fired == 1 and _worker_settled(worker),
+                    "fault.fired == 1 and _worker_settled(worker)",
+                    timeout_s=20,
+                )
                 assert shown() == 1, (stage, worker.stats)
             rejected = worker.stats.rejected
             await client.publish(ESCALATIONS, poison_escalation(node))
@@ -248,14 +252,20 @@ def test_worker_settles_a_message_that_fails_at_each_stage_and_answers_the_next_
             valid = [escalation_bytes(f"ok{i}", image, node=node) for i in range(3)]
             await publish_all(client, ESCALATIONS, valid)
             await replies.wait_for(lambda: len(answered("ok")) == 3, 30)
-            await eventually(lambda: worker.stats.rejected - rejected == GARBAGE + 1, 20)
+            await eventually(
+                lambda: worker.stats.rejected - rejected == GARBAGE + 1,
+                "worker.stats.rejected - rejected == GARBAGE + 1",
+                timeout_s=20,
+            )
             assert worker.stats.rejects["bad_schema"] >= 1  # the poison, among others
             await publish_all(
                 client, ESCALATIONS,
                 [escalation_bytes(f"n{i}", image, node=node) for i in range(FLOW)],
             )  # fmt: skip
             await replies.wait_for(lambda: len(answered("n")) == FLOW, 60)
-            await eventually(lambda: _worker_settled(worker), 20)
+            await eventually(
+                lambda: _worker_settled(worker), "_worker_settled(worker)", timeout_s=20
+            )
         # Answered when only its rows or its acknowledgement failed; else left out of the reply.
         assert answered("victim") == ({"victim"} if stage in ("store", "ack") else set())
         assert answered("poison") == set()
@@ -415,8 +425,12 @@ def test_node_settles_a_frame_that_fails_at_each_stage_and_answers_the_next_1000
             pick = UNSURE if stage in UNSURE_VICTIM else SURE
             victim = encode_frame(Frame(seq=1, ts=time.time(), tensor=HOLDOUT.images[pick[0]]))
             await h.send(victim)
-            await eventually(lambda: fault.fired == 1 and _node_settled(h), 20)
-            await eventually(lambda: shown() > before, 20)
+            await eventually(
+                lambda: fault.fired == 1 and _node_settled(h),
+                "fault.fired == 1 and _node_settled(h)",
+                timeout_s=20,
+            )
+            await eventually(lambda: shown() > before, "shown() > before", timeout_s=20)
             frames = [
                 encode_frame(
                     Frame(
@@ -430,7 +444,7 @@ def test_node_settles_a_frame_that_fails_at_each_stage_and_answers_the_next_1000
             await publish_all(h.sensor, "sensors/cam-1/digits", frames)
             want = set(range(2, 2 + FLOW))
             await h.seen.wait_for(lambda: want <= set(seen.update()), 60)
-            await eventually(lambda: _node_settled(h), 20)
+            await eventually(lambda: _node_settled(h), "_node_settled(h)", timeout_s=20)
             ids = seen.update()
             assert all(len(ids[s]) == 1 for s in want)
             assert h.node.stats.frames_in == FLOW + 2
@@ -493,9 +507,9 @@ def test_bridge_settles_a_message_that_fails_at_each_stage_and_forwards_the_next
                 fault, shown = _bridge_fault(stage, bridge, monkeypatch)
                 before = shown()
                 site_pub.publish("edge/gw-1/results", b"victim")
-                await eventually(lambda: fault.fired == 1, 20)
+                await eventually(lambda: fault.fired == 1, "fault.fired == 1", timeout_s=20)
                 await bridge.up.wait_drained()
-                await eventually(lambda: shown() > before, 20)
+                await eventually(lambda: shown() > before, "shown() > before", timeout_s=20)
                 for i in range(FLOW):
                     site_pub.publish("edge/gw-1/results", f"m{i}".encode(), wait=False)
                 site_pub.wait_acked(FLOW + 2, 30)
@@ -504,7 +518,7 @@ def test_bridge_settles_a_message_that_fails_at_each_stage_and_forwards_the_next
                     return {m.payload for m in cloud_sub.snapshot() if m.payload[:1] == b"m"}
 
                 want = {f"m{i}".encode() for i in range(FLOW)}
-                await eventually(lambda: want <= forwarded(), 60)
+                await eventually(lambda: want <= forwarded(), "want <= forwarded()", timeout_s=60)
                 assert bridge.up.stats.received == FLOW + 2
         finally:
             cloud_sub.close()

@@ -14,29 +14,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from edge_node.hardware import shipped_classes_file
-from edgewise.cli.app import app
 from edgewise.local_broker import BrokerInfo, MqttProbe
 from edgewise.releases import KeySet, Manifest, decode_document, decode_envelope
+from tests.cli_harness import init_keys, run
 from tests.updatekit import CLOUD_MODEL, EDGE_MODEL
 
-runner = CliRunner()
 ProbeFactory = Callable[..., MqttProbe]
-
-
-def run(*args: str, code: int = 0) -> str:
-    result = runner.invoke(app, list(args), env={"COLUMNS": "200"})
-    assert result.exit_code == code, result.output
-    return result.output
 
 
 @pytest.fixture
 def keys(tmp_path: Path) -> Path:
-    out = tmp_path / "keys"
-    run("keys", "init", "--out-dir", str(out))
-    return out
+    return init_keys(tmp_path / "keys")
 
 
 @pytest.fixture

@@ -18,14 +18,15 @@ import statistics
 import threading
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
 
-from edgewise.local_broker import BrokerInfo, MosquittoProcess, TcpProxy, free_port
+from edgewise.local_broker import BrokerInfo, TcpProxy, free_port
 from edgewise.mqtt import Backoff, MqttConfig, MqttSession
+from tests.conftest import BrokerFactory
+from tests.waiting import eventually
 
 SCENARIO_TIMEOUT_S = 60.0
 
@@ -178,15 +179,6 @@ def _client_id(name: str) -> str:
     return f"test-schedule-{name}-{uuid.uuid4().hex[:8]}"
 
 
-async def _until(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
-    try:
-        async with asyncio.timeout(timeout_s):
-            while not condition():  # noqa: ASYNC110 - no event announces failed connects
-                await asyncio.sleep(0.01)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
-
-
 class _RecordingBackoff(Backoff):
     """The session's schedule, noting every delay it draws."""
 
@@ -229,7 +221,9 @@ def test_a_refused_tcp_connect_costs_one_connect_and_no_protocol_fallback(
     async def scenario() -> tuple[list[str], int]:
         async with MqttSession(_quick(free_port()), client_id=_client_id("refused")) as s:
             attempts = Attempts(s, monkeypatch)
-            await _until(lambda: s.stats.connect_failures >= 10, "10 failed attempts")
+            await eventually(
+                lambda: s.stats.connect_failures >= 10, "10 failed attempts", timeout_s=30
+            )
             return list(attempts.protocols), s.stats.connect_failures
 
     protocols, failures = asyncio.run(scenario())
@@ -250,9 +244,13 @@ def test_a_link_that_resets_every_connect_costs_one_tcp_connect_per_attempt(
             await s.wait_connected(10)
             attempts = Attempts(s, monkeypatch)
             await asyncio.to_thread(proxy.cut)
-            await _until(lambda: s._backoff.ceiling_s() == config.reconnect_cap_s, "polite")
+            await eventually(
+                lambda: s._backoff.ceiling_s() == config.reconnect_cap_s, "polite", timeout_s=30
+            )
             polite_from = len(attempts.delays)
-            await _until(lambda: len(attempts.delays) >= polite_from + 6, "6 polite delays")
+            await eventually(
+                lambda: len(attempts.delays) >= polite_from + 6, "6 polite delays", timeout_s=30
+            )
             failures, refused = s.stats.connect_failures, proxy.connections_refused
             await asyncio.to_thread(proxy.restore)
             await s.wait_connected(10)
@@ -369,7 +367,9 @@ def test_a_close_after_the_mqtt5_connect_tries_311_once_an_outage_at_its_ordinar
     async def scenario(gate: _MqttGate) -> tuple[list[str], int, int]:
         async with MqttSession(_quick(gate.port), client_id=_client_id("close")) as s:
             attempts = Attempts(s, monkeypatch)
-            await _until(lambda: s.stats.connect_failures >= 10, "10 failed attempts")
+            await eventually(
+                lambda: s.stats.connect_failures >= 10, "10 failed attempts", timeout_s=30
+            )
             return list(attempts.protocols), s.stats.connect_failures, len(gate.levels)
 
     with _MqttGate() as gate:
@@ -415,12 +415,16 @@ def test_a_flapping_connection_goes_on_with_its_outage_and_a_lasting_one_starts_
                 await s.wait_connected(10)
                 attempts = Attempts(s, monkeypatch)
                 await asyncio.to_thread(proxy.cut)
-                await _until(lambda: s._backoff.ceiling_s() == config.reconnect_cap_s, "polite")
+                await eventually(
+                    lambda: s._backoff.ceiling_s() == config.reconnect_cap_s, "polite", timeout_s=30
+                )
                 await asyncio.to_thread(proxy.restore)
                 await s.wait_connected(10)
                 drawn = len(attempts.delays)
                 await asyncio.to_thread(proxy.cut)
-                await _until(lambda: len(attempts.delays) > drawn, "the wait after the loss")
+                await eventually(
+                    lambda: len(attempts.delays) > drawn, "the wait after the loss", timeout_s=30
+                )
                 return attempts.delays[drawn]
 
     async def scenario() -> tuple[float, float]:
@@ -440,17 +444,17 @@ def _ended(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 
 def test_the_log_line_says_why_a_connection_ended(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    start_mosquitto: BrokerFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A cut link (a reset): network error; a stalled link: keep-alive timeout; a broker
     killed: the broker closed the connection."""
     caplog.set_level(logging.WARNING, logger="edgewise.mqtt.session")
-    broker = MosquittoProcess(tmp_path / "broker")
-    info = broker.start()
+    broker = start_mosquitto("broker")
+    info = broker.info
 
     async def lose(s: MqttSession, cause: Callable[[], None], n: int) -> str:
         await asyncio.to_thread(cause)
-        await _until(lambda: len(_ended(caplog)) >= n, f"loss {n}", timeout_s=30)
+        await eventually(lambda: len(_ended(caplog)) >= n, f"loss {n}", timeout_s=30)
         return _ended(caplog)[n - 1]
 
     async def scenario(proxy: TcpProxy) -> list[str]:
@@ -516,7 +520,7 @@ def test_the_log_line_names_the_reason_code_of_a_brokers_disconnect(
         async with server, MqttSession(_quick(port), client_id=_client_id("dis")) as s:
             await s.wait_connected(10)
             s.publish_nowait("t/x", b"x", qos=0)
-            await _until(lambda: bool(_ended(caplog)), "the DISCONNECT")
+            await eventually(lambda: bool(_ended(caplog)), "the DISCONNECT", timeout_s=30)
             return _ended(caplog)[0]
 
     line = asyncio.run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT_S))

@@ -20,9 +20,8 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from edgewise.releases import decode_event
 from schemas import decode_replies, decode_results, decode_status
 from tests.bridgeharness import REPO, Client, Got
 from tests.securebroker import SecureBroker
+from tests.waiting import eventually_logged
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -126,12 +126,7 @@ class Services:
         return (self.dir / f"{name}.log").read_text(errors="replace")
 
     def wait_log(self, name: str, text: str, timeout_s: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while text not in self.log(name):
-            proc = self.procs[name]
-            assert proc.poll() is None, f"{name} exited {proc.returncode}:\n{self.log(name)}"
-            assert time.monotonic() < deadline, f"{name}: no {text!r}:\n{self.log(name)[-3000:]}"
-            time.sleep(0.05)
+        eventually_logged(text, lambda: self.log(name), self.procs[name], name, timeout_s=timeout_s)
 
     def stop_all(self) -> None:
         for proc in self.procs.values():
@@ -206,10 +201,6 @@ def _results(observer: Client, node: str) -> Counter[tuple[str, int]]:
     return seen
 
 
-def _wait(observer: Client, check: Callable[[], bool], timeout_s: float, what: str) -> None:
-    observer.wait(check, timeout_s, what)
-
-
 def test_the_secured_compose_topology_runs_end_to_end(stack: Stack, tmp_path: Path) -> None:
     keys = stack.secrets / "fleet-keys"
     assert (keys / "root.pub").is_file(), "make-secrets.sh makes the fleet's keys"
@@ -256,8 +247,7 @@ def test_the_secured_compose_topology_runs_end_to_end(stack: Stack, tmp_path: Pa
         for worker in WORKERS:
             s.wait_log(worker, "ready on")
         s.wait_log("bridge", "connected to")
-        _wait(
-            site_watch,
+        site_watch.wait(
             lambda: all("online" in _statuses(site_watch, n) for n in NODES),
             60,
             "both nodes online",
@@ -284,14 +274,12 @@ def test_the_secured_compose_topology_runs_end_to_end(stack: Stack, tmp_path: Pa
             assert s.procs[f"sensor-{sensor}"].wait(90) == 0, s.log(f"sensor-{sensor}")
         every_frame = {(d, i) for d in SENSORS for i in range(FRAMES)}
         for node in NODES:
-            _wait(
-                cloud_watch,
+            cloud_watch.wait(
                 lambda n=node: set(_results(cloud_watch, n)) >= every_frame,
                 90,
                 f"every frame's result from {node} at the cloud",
             )
-            _wait(
-                cloud_watch,
+            cloud_watch.wait(
                 lambda n=node: any(k == "committed" for k, _, _ in _events(cloud_watch, n)),
                 90,
                 f"{node} commits release 2",
@@ -302,8 +290,7 @@ def test_the_secured_compose_topology_runs_end_to_end(stack: Stack, tmp_path: Pa
             "cmd", "send", "--node", "gw-1", "--edge-root", "sites/s1/edge",
             "--keys-dir", str(keys), "publish_telemetry",
         ])  # fmt: skip
-        _wait(
-            cloud_watch,
+        cloud_watch.wait(
             lambda: any(k == "command_done" for k, _, _ in _events(cloud_watch, "gw-1")),
             60,
             "gw-1 runs the command",

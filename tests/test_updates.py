@@ -45,6 +45,7 @@ from tests.updatekit import (
     unloadable_model,
     wrong_input_model,
 )
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.timeout(60)
 CONFIG_MODEL = bundled_asset("digits_edge.onnx")
@@ -58,13 +59,6 @@ def state_digest(state_dir: Path) -> dict[str, str]:
         if path.exists():
             out[str(path.relative_to(state_dir))] = hashlib.sha256(path.read_bytes()).hexdigest()
     return out
-
-
-async def wait_until(predicate: Callable[[], bool], timeout_s: float = 20.0) -> None:
-    """For conditions on disk, which no message announces: check every 20 ms until true."""
-    async with asyncio.timeout(timeout_s):
-        while not predicate():  # noqa: ASYNC110 - nothing announces a change on disk
-            await asyncio.sleep(0.02)
 
 
 @dataclass
@@ -481,7 +475,11 @@ async def test_download_resumes_after_broker_restart(
         await u.publish_manifest(sign(m, fleet.release))
         await u.wait_kind("downloading")
         partial = u.state_dir / "partial" / m.sha256
-        await wait_until(lambda: partial.exists() and len(list(partial.iterdir())) >= 2)
+        await eventually(
+            lambda: partial.exists() and len(list(partial.iterdir())) >= 2,
+            "partial.exists() and len(list(partial.iterdir())) >= 2",
+            timeout_s=20,
+        )
         persistent_mosquitto.restart()
         async with asyncio.timeout(10):
             await u.operator.wait_disconnected()
@@ -532,7 +530,11 @@ async def test_rejected_manifest_not_retried_or_reported_on_reconnect(
         mosquitto, tmp_path, fleet, topics=topics, node_id=node_id, publish_keys=False
     ) as u:
         # The retained manifest arrives again and is looked at, then skipped.
-        await wait_until(lambda: u.manager.stats.manifests_skipped >= 1)
+        await eventually(
+            lambda: u.manager.stats.manifests_skipped >= 1,
+            "u.manager.stats.manifests_skipped >= 1",
+            timeout_s=20,
+        )
         # A marker event after it: anything the manifest caused would have come before.
         cmd = Command(id=uuid.uuid4().hex, name="recycle_session", issued_at=NOW,
                       expires_at=NOW + 60, target=Target(node=node_id))  # fmt: skip
@@ -773,7 +775,11 @@ async def _refused_before_download(
     assert state_digest(u.state_dir) == before
     assert _release_of(u) == 1
     await u.publish_manifest(signed)  # the same retained manifest again (as on a reconnect)
-    await wait_until(lambda: u.manager.stats.manifests_skipped >= 1)
+    await eventually(
+        lambda: u.manager.stats.manifests_skipped >= 1,
+        "u.manager.stats.manifests_skipped >= 1",
+        timeout_s=20,
+    )
     assert u.kinds().count(f"rejected:{reason}") == 1
     assert u.manager.stats.downloads == 0
     return event

@@ -29,6 +29,7 @@ from tests.updatekit import (
     retagged,
     run_async,
 )
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -241,9 +242,9 @@ async def test_pause_inference_holds_frames_and_resume_answers_each_once(
         for seq in range(40):
             await h.send(frame_bytes(seq, HOLDOUT.images[seq]))
         # Nothing announces a frame taken in: poll the node's count.
-        async with asyncio.timeout(20):
-            while h.node.stats.frames_in < frames_before + 40:  # noqa: ASYNC110
-                await asyncio.sleep(0.02)
+        await eventually(
+            lambda: h.node.stats.frames_in >= frames_before + 40, "40 frames in", timeout_s=20
+        )
         assert _results(h) == []  # held, not answered
         assert h.node.inference_paused
         await command("resume_inference")

@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,11 +17,13 @@ from pathlib import Path
 import pytest
 
 from edgewise.local_broker import BrokerInfo, Message, MqttProbe
-from edgewise.releases import decode_event, sign
+from edgewise.releases import sign
 from edgewise.releases.signing import public_pem
 from schemas import decode_results, decode_status
 from tests.nodeharness import frame_bytes
+from tests.nodeprocs import EnrolledNodes, event_kind, is_event, online
 from tests.updatekit import CLOUD_MODEL, HOLDOUT, Fleet, chunks, manifest, now
+from tests.waiting import eventually_sync
 
 pytestmark = pytest.mark.timeout(120)
 Start = Callable[..., subprocess.Popen[bytes]]
@@ -38,49 +39,9 @@ def roots() -> dict[str, str]:
 def start_node(
     mosquitto: BrokerInfo, tmp_path: Path, roots: dict[str, str]
 ) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start(node_id: str, root_pub: Path, **extra: str) -> subprocess.Popen[bytes]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEWISE_")}
-        env.update(
-            EDGEWISE_NODE_ID=node_id,
-            EDGEWISE_HARDWARE_CLASS="generic-cpu",
-            EDGEWISE_MQTT__HOST=mosquitto.host,
-            EDGEWISE_MQTT__PORT=str(mosquitto.port),
-            EDGEWISE_STORAGE__STATE_DIR=str(tmp_path / "state"),
-            EDGEWISE_TOPICS__FLEET_ROOT=roots["fleet"],
-            EDGEWISE_TOPICS__MODELS_ROOT=roots["models"],
-            EDGEWISE_UPDATES__ROOT_KEY=str(root_pub),
-            **extra,
-        )
-        log = open(tmp_path / f"{node_id}-{len(procs)}.log", "wb")  # noqa: SIM115 - closed with the process
-        p = subprocess.Popen(
-            [sys.executable, "-m", "edgewise.cli.app", "node"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        procs.append(p)
-        return p
-
-    yield start
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait(10)
-
-
-def _event_kind(m: Message) -> str:
-    e = decode_event(m.payload)
-    return e.kind if e.reason is None else f"{e.kind}:{e.reason}"
-
-
-def _is_event(kind: str) -> Callable[[Message], bool]:
-    return lambda m: m.topic.endswith("/events") and not m.retain and _event_kind(m) == kind
-
-
-def _online(m: Message) -> bool:
-    return m.topic.endswith("/status") and decode_status(m.payload).state == "online"
+    nodes = EnrolledNodes(mosquitto, tmp_path, roots["fleet"], roots["models"])
+    yield nodes.start
+    nodes.kill_all()
 
 
 def _check_one_complete_model(state_dir: Path) -> int:
@@ -134,7 +95,7 @@ def test_kill_9_at_each_update_step(
     probe.subscribe(f"edge/{node_id}/#")
     operator = mqtt_probe()
     proc = start_node(node_id, root_pub, **settings)
-    probe.wait_for(_online, 30)
+    probe.wait_for(online, 30)
 
     m = manifest(CLOUD_MODEL, release=2, now=now(), hw_classes=("generic-cpu",))
     parts = chunks(CLOUD_MODEL, m.chunk_bytes)
@@ -145,36 +106,38 @@ def test_kill_9_at_each_update_step(
     operator.publish(
         f"{roots['fleet']}/generic-cpu/models/digits", sign(m, fleet.release), retain=True
     )
-    probe.wait_for(_is_event(step), 30)
+    probe.wait_for(is_event(step), 30)
     if step == "downloading":
         partial = tmp_path / "state" / f"{node_id}.updates" / "partial" / m.sha256
-        deadline = time.monotonic() + 10
-        while not (partial.exists() and any(partial.iterdir())):  # no message says so: poll
-            assert time.monotonic() < deadline, "the first chunk never reached the disk"
-            time.sleep(0.02)
+        eventually_sync(  # no message says so: poll
+            lambda: partial.exists() and any(partial.iterdir()),
+            "the first chunk to reach the disk",
+            timeout_s=10,
+            every_s=0.02,
+        )
     proc.kill()  # SIGKILL
     proc.wait(10)
     probe.clear()
 
     again = start_node(node_id, root_pub, **settings)
-    probe.wait_for(_online, 30)
+    probe.wait_for(online, 30)
     if step == "downloading":
-        probe.wait_for(_is_event("abandoned"), 20)
+        probe.wait_for(is_event("abandoned"), 20)
         for i in range(first, len(parts)):
             operator.publish(f"{roots['models']}/{m.sha256}/{i}", parts[i], retain=True)
     if in_probation:
-        probe.wait_for(_is_event("rolled_back:crashed_in_probation"), 20)
+        probe.wait_for(is_event("rolled_back:crashed_in_probation"), 20)
         expected = 1
     else:
         # Wherever the kill landed before activation the update was abandoned and restarts
         # from the retained manifest; had it landed after, probation would have rolled it back.
         probe.wait_for(
-            lambda m: _is_event("committed")(m) or _is_event("rolled_back:crashed_in_probation")(m),
+            lambda m: is_event("committed")(m) or is_event("rolled_back:crashed_in_probation")(m),
             40,
         )
-        expected = 2 if any(_is_event("committed")(x) for x in probe.messages) else 1
+        expected = 2 if any(is_event("committed")(x) for x in probe.messages) else 1
     reports = [
-        _event_kind(x) for x in probe.messages if x.topic.endswith("/events") and not x.retain
+        event_kind(x) for x in probe.messages if x.topic.endswith("/events") and not x.retain
     ]
     assert {"abandoned", "rolled_back:crashed_in_probation"} & set(reports), reports
     state_dir = tmp_path / "state" / f"{node_id}.updates"
@@ -224,7 +187,7 @@ def test_kill_9_inside_the_swap(
     probe.subscribe(f"edge/{node_id}/#")
     operator = mqtt_probe()
     doomed = start_node(node_id, root_pub, EDGEWISE_CRASHPOINT=point, **settings)
-    probe.wait_for(_online, 30)
+    probe.wait_for(online, 30)
     m = manifest(CLOUD_MODEL, release=2, now=now(), hw_classes=("generic-cpu",))
     operator.publish(f"{roots['fleet']}/keys", fleet.signed_key_set(now=now()), retain=True)
     for i, part in enumerate(chunks(CLOUD_MODEL, m.chunk_bytes)):
@@ -233,18 +196,18 @@ def test_kill_9_inside_the_swap(
         f"{roots['fleet']}/generic-cpu/models/digits", sign(m, fleet.release), retain=True
     )
     assert doomed.wait(60) == -signal.SIGKILL
-    assert not any(_is_event("activated")(x) for x in probe.messages)
+    assert not any(is_event("activated")(x) for x in probe.messages)
     probe.clear()
 
     again = start_node(node_id, root_pub, **settings)
-    probe.wait_for(_online, 30)
+    probe.wait_for(online, 30)
     if expected is None:
-        probe.wait_for(_is_event("committed"), 40)
+        probe.wait_for(is_event("committed"), 40)
         expected = 2
     else:
-        probe.wait_for(_is_event("rolled_back:crashed_in_probation"), 20)
+        probe.wait_for(is_event("rolled_back:crashed_in_probation"), 20)
     reports = [
-        _event_kind(x) for x in probe.messages if x.topic.endswith("/events") and not x.retain
+        event_kind(x) for x in probe.messages if x.topic.endswith("/events") and not x.retain
     ]
     assert {"abandoned", "rolled_back:crashed_in_probation"} & set(reports), reports
     state_dir = tmp_path / "state" / f"{node_id}.updates"
@@ -299,7 +262,7 @@ def test_mosquitto_pub_from_out_files_end_to_end(
     probe.subscribe(f"edge/{node_id}/#")
     start_node(node_id, keys / "root.pub", EDGEWISE_UPDATES__PROBATION_S="0.2",
                EDGEWISE_UPDATES__PROBATION_MIN_INFERENCES="0")  # fmt: skip
-    probe.wait_for(_online, 30)
+    probe.wait_for(online, 30)
     host, port = mosquitto.host, str(mosquitto.port)
 
     def mosquitto_pub(topic: str, path: Path) -> None:
@@ -312,7 +275,7 @@ def test_mosquitto_pub_from_out_files_end_to_end(
     assert script.count("mosquitto_pub") == 4 + 1 and " -r " in script
     subprocess.run(["sh", "publish.sh"], cwd=out_dir, check=True, timeout=30,
                    env={**os.environ, "MQTT_HOST": host, "MQTT_PORT": port})  # fmt: skip
-    probe.wait_for(_is_event("committed"), 40)
+    probe.wait_for(is_event("committed"), 40)
     sensor = mqtt_probe()
     assert _serves(probe, sensor, node_id, 5) == 2
     # A signed command from `cmd send --out`, published by hand, runs once; its outcome is an
@@ -321,7 +284,7 @@ def test_mosquitto_pub_from_out_files_end_to_end(
          str(keys), "--out", str(tmp_path / "cmd.bin"), cwd=tmp_path)  # fmt: skip
     subprocess.run([pub, "-h", host, "-p", port, "-q", "1", "-t", f"edge/{node_id}/cmd", "-f",
                     str(tmp_path / "cmd.bin")], check=True, timeout=10)  # fmt: skip
-    probe.wait_for(_is_event("command_done"), 20)
+    probe.wait_for(is_event("command_done"), 20)
     subprocess.run([pub, "-h", host, "-p", port, "-q", "1", "-t", f"edge/{node_id}/cmd", "-f",
                     str(tmp_path / "cmd.bin")], check=True, timeout=10)  # fmt: skip
-    probe.wait_for(_is_event("command_rejected:replayed"), 20)
+    probe.wait_for(is_event("command_rejected:replayed"), 20)

@@ -27,7 +27,6 @@ from cloud_worker.export import export
 from cloud_worker.service import GC_THRESHOLDS, fewer_gc_passes
 from edgewise.cli.frames import load_holdout
 from edgewise.local_broker import BrokerInfo
-from tests.test_escalation import eventually
 from tests.test_worker_harness import (
     Replies,
     batch_bytes,
@@ -38,6 +37,7 @@ from tests.test_worker_harness import (
     wait_ready,
     worker_config,
 )
+from tests.waiting import eventually
 
 HOLDOUT = load_holdout()
 REPO = Path(__file__).resolve().parent.parent
@@ -476,13 +476,17 @@ def test_an_idle_model_takes_a_case_at_once_and_cases_gather_while_it_is_busy(
             await client.publish(
                 "cloud/escalations/digits", escalation_bytes("i0", HOLDOUT.images[0], node=node)
             )
-            await eventually(lambda: len(calls) == 1)  # in the handler, without a wait
+            await eventually(
+                lambda: len(calls) == 1, "len(calls) == 1"
+            )  # in the handler, without a wait
             for i in (1, 2, 3):
                 await client.publish(
                     "cloud/escalations/digits",
                     escalation_bytes(f"i{i}", HOLDOUT.images[i], node=node),
                 )
-            await eventually(lambda: worker.stats.cases == 4)  # all taken in, waiting
+            await eventually(
+                lambda: worker.stats.cases == 4, "worker.stats.cases == 4"
+            )  # all taken in, waiting
             assert len(calls) == 1
             release.set()
             await replies.wait_for(lambda: len(replies.got) >= 4)

@@ -28,6 +28,7 @@ from schemas import (
     make_case,
     make_escalation_batch,
 )
+from tests.waiting import eventually_logged
 
 VERDICT = EdgeVerdict(
     label=1, confidence=0.4, margin=0.1, entropy=1.2, top_labels=[1, 7], top_probs=[0.4, 0.3]
@@ -185,14 +186,9 @@ def start_worker_process(
 
 
 def wait_ready(p: subprocess.Popen[bytes], log_path: Path, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if "ready on" in log_path.read_text(errors="replace"):
-            return
-        if p.poll() is not None:
-            raise AssertionError(f"worker exited {p.returncode}: {log_path.read_text()}")
-        time.sleep(0.05)
-    raise AssertionError(f"worker not ready in {timeout_s} s: {log_path.read_text()}")
+    eventually_logged(
+        "ready on", lambda: log_path.read_text(errors="replace"), p, "worker", timeout_s=timeout_s
+    )
 
 
 @contextlib.asynccontextmanager

@@ -20,7 +20,6 @@ from cloud_worker.store import COLUMNS, Answer
 from cloud_worker.worker import QUEUED_BATCHES_MAX
 from edgewise.cli.frames import load_holdout
 from edgewise.local_broker import BrokerInfo
-from tests.test_escalation import eventually
 from tests.test_worker_harness import (
     Replies,
     batch_bytes,
@@ -29,6 +28,7 @@ from tests.test_worker_harness import (
     one_case,
     worker_config,
 )
+from tests.waiting import eventually
 
 HOLDOUT = load_holdout()
 
@@ -184,7 +184,10 @@ def test_intake_is_held_back_while_the_model_is_saturated_and_nothing_is_lost(
                     cases = [one_case(f"q{m:02d}-{k}", HOLDOUT.images[k]) for k in range(size)]
                     payload = batch_bytes(cases, node=node, corr=f"m{m}")
                     await client.publish("cloud/escalations/digits", payload)
-                await eventually(lambda: worker.describe()["held_back_messages"] != 0)
+                await eventually(
+                    lambda: worker.describe()["held_back_messages"] != 0,
+                    'worker.describe()["held_back_messages"] != 0',
+                )
                 assert worker.session.reading_paused
                 waiting = worker.describe()["waiting_for_a_batch"]
                 assert waiting == {"digits": QUEUED_BATCHES_MAX * size}
@@ -326,10 +329,14 @@ def test_an_answer_stored_earlier_is_found_ahead_while_the_model_is_busy(
             worker.store.lookup_ahead = spied  # type: ignore[assignment,method-assign]
             topic = "cloud/escalations/digits"
             await client.publish(topic, escalation_bytes("first", HOLDOUT.images[0], node=node))
-            await eventually(lambda: handled == ["first"])  # the handler is now busy
+            await eventually(
+                lambda: handled == ["first"], 'handled == ["first"]'
+            )  # the handler is now busy
             cases = [one_case(i, HOLDOUT.images[k]) for k, i in enumerate(("known", "fresh"))]
             await client.publish(topic, batch_bytes(cases, node=node))
-            await eventually(lambda: any("known" in ids for ids in ahead))
+            await eventually(
+                lambda: any("known" in ids for ids in ahead), 'any("known" in ids for ids in ahead)'
+            )
             release.set()
             await replies.wait_for(lambda: len(replies.got) >= 3)
             assert await worker.drain()
@@ -366,7 +373,10 @@ def test_rows_the_store_cannot_commit_are_counted_and_the_escalation_still_ackno
                 "cloud/escalations/digits", escalation_bytes("gone", HOLDOUT.images[0], node=node)
             )
             await replies.wait_for(lambda: len(replies.got) >= 1)
-            await eventually(lambda: worker.describe()["unacknowledged"] == 0)
+            await eventually(
+                lambda: worker.describe()["unacknowledged"] == 0,
+                'worker.describe()["unacknowledged"] == 0',
+            )
             assert await worker.drain()
             assert worker.stats.store_errors == 1 and worker.stats.replies == 1
             assert worker.describe()["replying"] == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,17 @@ from edge_node.hardware import (
 )
 from edgewise.assets import bundled_asset
 from edgewise.cli.frames import load_holdout
-from edgewise.releases import Golden, KeySet, Manifest, TensorDecl, generate, public_entry, sign
+from edgewise.releases import (
+    Command,
+    Golden,
+    KeySet,
+    Manifest,
+    Target,
+    TensorDecl,
+    generate,
+    public_entry,
+    sign,
+)
 from edgewise.releases.signing import raw_public
 
 HOLDOUT = load_holdout()
@@ -105,6 +116,21 @@ def manifest(
         golden=golden() if with_golden else None,
         **kw,
     )
+
+
+def command(node_id: str, issued_at: float, name: str = "publish_telemetry", **kw: Any) -> Command:
+    """An operator command for ``node_id``, issued at ``issued_at`` and good for 600 s; ``kw``
+    replaces any of its fields (unsigned: sign it with ``edgewise.releases.sign``)."""
+    args: dict[str, Any] = {
+        "id": uuid.uuid4().hex,
+        "name": name,
+        "args": {},
+        "issued_at": issued_at,
+        "expires_at": issued_at + 600,
+        "target": Target(node=node_id),
+    }
+    args.update(kw)
+    return Command(**args)
 
 
 def chunks(artifact: bytes, chunk_bytes: int = 64 * 1024) -> list[bytes]:
