@@ -18,7 +18,8 @@ from edgewise.cli.connect import (
     broker_settings,
     fail,
 )
-from edgewise.cli.keys_cmd import Keyring, KeysDirOpt, out, write_file
+from edgewise.cli.keys_cmd import Keyring, KeysDirOpt, out
+from edgewise.cli.retained import write_file
 from edgewise.releases import Command, Target, sign
 from edgewise.releases.wire import CommandName
 from schemas import ContractError, Topics, validate_level

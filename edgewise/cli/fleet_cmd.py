@@ -321,7 +321,7 @@ def forget(
     Refuses a source whose retained status says online or degraded (it would publish again),
     unless --force.
     """
-    from edgewise.cli.keys_cmd import collect_retained, publish_retained
+    from edgewise.cli.retained import collect_retained, publish_retained
     from schemas import ContractError, decode_status, validate_level
 
     roots = {"node": edge_root, "worker": f"{cloud_root}/workers", "bridge": bridge_root}

@@ -24,15 +24,7 @@ from edgewise.cli.connect import (
     UsernameOpt,
     fail,
 )
-from edgewise.cli.keys_cmd import (
-    Keyring,
-    KeysDirOpt,
-    Target,
-    collect_retained,
-    out,
-    publish_retained,
-    write_out,
-)
+from edgewise.cli.keys_cmd import Keyring, KeysDirOpt, Target, out
 from edgewise.cli.model_releases import (
     DAY,
     EdgeRootOpt,
@@ -48,6 +40,7 @@ from edgewise.cli.model_releases import (
     read_history,
     record_release,
 )
+from edgewise.cli.retained import collect_retained, publish_retained, write_out
 from edgewise.releases import Manifest, Rejected, decode_document, decode_envelope, decode_event
 from schemas import ContractError, Topics, decode_status
 

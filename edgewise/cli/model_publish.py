@@ -22,7 +22,7 @@ from edgewise.cli.connect import (
     UsernameOpt,
     fail,
 )
-from edgewise.cli.keys_cmd import Keyring, KeysDirOpt, Target, err, out, publish_retained, write_out
+from edgewise.cli.keys_cmd import Keyring, KeysDirOpt, Target, err, out
 from edgewise.cli.model_releases import (
     DAY,
     ExpiresOpt,
@@ -35,6 +35,7 @@ from edgewise.cli.model_releases import (
     payloads,
     record_release,
 )
+from edgewise.cli.retained import publish_retained, write_out
 from edgewise.releases import DEFAULT_CHUNK_BYTES, Golden, Manifest, TensorDecl
 from edgewise.releases.formats import MODEL_FORMATS, format_of, suffix_of
 from edgewise.releases.wire import MAX_GOLDEN_BYTES

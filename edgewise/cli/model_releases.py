@@ -17,7 +17,7 @@ import msgspec
 import typer
 
 from edgewise.cli.connect import Broker
-from edgewise.cli.keys_cmd import collect_retained
+from edgewise.cli.retained import collect_retained
 from edgewise.releases import Manifest, Rejected, decode_document, decode_envelope, encode, sign
 from schemas import Topics
 
