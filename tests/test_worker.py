@@ -289,10 +289,13 @@ def test_sigterm_finishes_in_hand_and_hands_back_the_rest(
     wid = f"w-{uuid.uuid4().hex[:6]}"
     total = 300
 
+    procs: list[subprocess.Popen[bytes]] = []
+
     async def scenario() -> None:
         replies = Replies()
         async with node_client(mosquitto, replies, node) as client:
             p, log = start_worker_process(tmp_path, mosquitto, wid)
+            procs.append(p)
             await asyncio.to_thread(wait_ready, p, log)
             for i in range(total):
                 img = HOLDOUT.images[i % len(HOLDOUT)]
@@ -309,8 +312,9 @@ def test_sigterm_finishes_in_hand_and_hands_back_the_rest(
             first_run = {r.id for r in replies.got}
             # The second run picks up the persistent session and answers the rest.
             p2, log2 = start_worker_process(tmp_path, mosquitto, wid)
+            procs.append(p2)
             await asyncio.to_thread(wait_ready, p2, log2)
-            await replies.wait_for(lambda: len({r.id for r in replies.got}) >= total, 40)
+            await replies.wait_for(lambda: len({r.id for r in replies.got}) >= total, 90)
             p2.send_signal(signal.SIGTERM)
             assert await asyncio.to_thread(p2.wait, 30) == 0
         assert {r.id for r in replies.got} == {f"s{i}" for i in range(total)}
@@ -320,7 +324,13 @@ def test_sigterm_finishes_in_hand_and_hands_back_the_rest(
         ) as store:
             assert await store.count() == total
 
-    asyncio.run(scenario())
+    try:
+        asyncio.run(scenario())
+    finally:  # a worker left running would answer the next tests' escalations
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
 
 
 def test_readme_worker_example_runs(mosquitto: BrokerInfo, tmp_path: Path) -> None:
@@ -333,7 +343,9 @@ def test_readme_worker_example_runs(mosquitto: BrokerInfo, tmp_path: Path) -> No
     script.write_text(code, encoding="utf-8")
     node = f"gw-{uuid.uuid4().hex[:6]}"
     env_cfg = tmp_path / "worker.toml"
+    # A share group of its own: a worker another test left on this broker must not answer.
     env_cfg.write_text(
+        f'group = "g-{uuid.uuid4().hex[:6]}"\n'
         f'[mqtt]\nhost = "{mosquitto.host}"\nport = {mosquitto.port}\n'
         f'[store]\npath = "{tmp_path / "readme.db"}"\n',
         encoding="utf-8",

@@ -176,7 +176,7 @@ def handler(
         from rich.logging import RichHandler
 
         rich = RichHandler(
-            console=Console(file=out),
+            console=Console(file=stream) if stream is not None else Console(stderr=True),
             show_path=False,
             rich_tracebacks=False,
             log_time_format="%H:%M:%S",
@@ -184,9 +184,25 @@ def handler(
         )
         rich.setFormatter(_EscapedMessage())
         return rich
-    plain = logging.StreamHandler(out)
+    plain: logging.Handler = logging.StreamHandler(out) if stream is not None else _Stderr()
     plain.setFormatter(TextFormatter() if kind == "text" else JsonFormatter(service, service_id))
     return plain
+
+
+class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is when a record comes, not what it was at set-up (a
+    command run in-process, as the tests' CliRunner does, swaps and closes it between runs)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:
+        pass  # always sys.stderr
 
 
 def setup(
