@@ -181,12 +181,12 @@ def test_a_node_counts_a_degraded_worker_as_one_that_answers(
         async with _escalator(fresh_mosquitto.info, Finals(), cache_entries=0) as esc:
             for w in ids:  # one publisher: in order, so worker-2 seen means worker-1 seen
                 say(w, "degraded", ["client_id_conflict"])
-            await eventually(lambda: len(esc.workers) == 2)
+            await eventually(lambda: len(esc.workers) == 2, "both workers' presence seen")
             assert esc.workers_online == 2 and esc.stats.presence_rejects == 0
             assert esc.unavailable is None
             for w in ids:
                 say(w, "offline", ["shutdown"])
-            await eventually(lambda: esc.workers_online == 0)
+            await eventually(lambda: esc.workers_online == 0, "no worker online")
             assert esc.unavailable == "no_workers"  # a drop from two live workers to none
 
     try:
